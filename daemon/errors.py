@@ -1,0 +1,65 @@
+"""The one exception hierarchy of pgbridge.
+
+Driver errors (psycopg, asyncssh, OS) are translated where they enter the program, with the
+original kept as ``__cause__`` and the SQLSTATE or OS error number kept on the new exception::
+
+    BridgeError                   root; ``exit_code`` is what the CLI exits with
+    ├── ConfigError               bad or missing setting (names the variable)      exit 2
+    ├── DatabaseError             PostgreSQL refused or failed (keeps ``sqlstate``) exit 1
+    │   └── SchemaError           schema missing, outdated or tampered with        exit 1
+    └── TunnelError               the SSH tunnel could not be opened               exit 3
+
+Every message is one line that says what is wrong and what to do about it; the CLI prints it
+without a traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_DATABASE = 1
+EXIT_USAGE = 2
+EXIT_TUNNEL = 3
+
+
+class BridgeError(Exception):
+    """Root of every error pgbridge raises on purpose."""
+
+    exit_code: int = EXIT_DATABASE
+
+
+class ConfigError(BridgeError):
+    """A setting is missing or malformed. The message names the environment variable."""
+
+    exit_code = EXIT_USAGE
+
+
+class DatabaseError(BridgeError):
+    """PostgreSQL refused or failed an operation.
+
+    ``sqlstate`` is the five-character SQLSTATE when the server sent one, else ``None``
+    (connection refused, host not found).
+    """
+
+    exit_code = EXIT_DATABASE
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class SchemaError(DatabaseError):
+    """The pgbridge schema is missing, outdated, or an applied migration was changed."""
+
+
+class TunnelError(BridgeError):
+    """The SSH tunnel could not be opened or was refused (host key, auth, network).
+
+    ``reason`` is a short machine-readable tag (``refused``, ``not_found``, ``key_missing``,
+    ``auth_failed``, ``host_key_unknown``, ``host_key_changed``, ``error``).
+    """
+
+    exit_code = EXIT_TUNNEL
+
+    def __init__(self, message: str, *, reason: str = "error") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -1,0 +1,240 @@
+"""Settings from the environment, ``.env`` and ``.env.local``.
+
+Precedence (highest first): the process environment, ``.env.local``, ``.env`` (python-dotenv,
+files read from the working directory). Names follow spec 003 (``POSTGRES_*``, ``SSH_*``) and
+DESIGN.md (``DATABASE_URL``, ``PGBRIDGE_*``). Every parse error is a :class:`ConfigError` whose
+message names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from .errors import ConfigError
+
+__all__ = [
+    "DaemonSettings",
+    "DatabaseSettings",
+    "SSHSettings",
+    "load_environment",
+]
+
+_DATABASE_VARIABLES = (
+    "DATABASE_URL", "POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB", "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+)
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def load_environment(directory: Path | None = None) -> dict[str, str]:
+    """Return the merged environment: ``.env`` < ``.env.local`` < process environment.
+
+    ``directory`` is where the files are looked for (default: the working directory). Missing
+    files are ignored. Nothing is written to ``os.environ``.
+    """
+    base = directory or Path.cwd()
+    merged: dict[str, str] = {}
+    for name in (".env", ".env.local"):
+        path = base / name
+        if path.is_file():
+            merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    merged.update(os.environ)
+    return merged
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0,
+         maximum: int | None = None) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and at most {maximum}" if maximum is not None else ""
+        raise ConfigError(f"{name}={value} must be at least {minimum}{upper}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """Parse a duration: plain seconds (``2.5``) or with a unit (``500ms``, ``30s``, ``12h``, ``7d``)."""
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", raw.lower())
+    if not match:
+        raise ConfigError(f"{name}={raw!r} is not a duration (examples: 2.5, 500ms, 30s, 12h, 7d)")
+    scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} must be yes or no")
+
+
+def schema_name(value: str, *, variable: str = "PGBRIDGE_SCHEMA") -> str:
+    """Validate a schema name (lower-case SQL identifier); raise :class:`ConfigError` if not."""
+    if not _IDENTIFIER.match(value):
+        raise ConfigError(
+            f"{variable}={value!r} is not a valid schema name (lower-case letters, digits, _)"
+        )
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatabaseSettings:
+    """Where PostgreSQL is.
+
+    ``url`` comes from ``DATABASE_URL``; otherwise the spec's ``POSTGRES_HOST`` (localhost),
+    ``POSTGRES_PORT`` (5432), ``POSTGRES_DB``, ``POSTGRES_USER``, ``POSTGRES_PASSWORD`` are used.
+    ``embedded`` is true when none of them is set: an embedded server in ``data_dir``
+    (``PGBRIDGE_DATA_DIR``, default ``.pgbridge``; the cluster lives in ``data_dir/pgdata``).
+    """
+
+    url: str | None = field(default=None, repr=False)
+    host: str = "localhost"
+    port: int = 5432
+    dbname: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    data_dir: Path = Path(".pgbridge")
+
+    embedded: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> DatabaseSettings:
+        return cls(
+            url=_get(env, "DATABASE_URL"),
+            host=_get(env, "POSTGRES_HOST") or "localhost",
+            port=_int(env, "POSTGRES_PORT", 5432, minimum=1, maximum=65535),
+            dbname=_get(env, "POSTGRES_DB"),
+            user=_get(env, "POSTGRES_USER"),
+            password=_get(env, "POSTGRES_PASSWORD"),
+            data_dir=Path(_get(env, "PGBRIDGE_DATA_DIR") or ".pgbridge").expanduser(),
+            embedded=not any(_get(env, name) for name in _DATABASE_VARIABLES),
+        )
+
+    def conninfo_parts(self) -> dict[str, str | int]:
+        """Keyword connection parameters for psycopg (no URL); empty values left out."""
+        parts: dict[str, str | int] = {"host": self.host, "port": self.port}
+        if self.dbname:
+            parts["dbname"] = self.dbname
+        if self.user:
+            parts["user"] = self.user
+        if self.password:
+            parts["password"] = self.password
+        return parts
+
+
+@dataclass(frozen=True, kw_only=True)
+class SSHSettings:
+    """The SSH tunnel (spec 003, "SSH tunnel"); on when ``SSH_HOST`` is set.
+
+    ``SSH_PORT`` (22), ``SSH_USER``, ``SSH_KEY_PATH`` (``~`` expanded), ``SSH_KEY_PASSPHRASE``,
+    ``SSH_KNOWN_HOSTS`` (``~/.ssh/known_hosts``), ``SSH_STRICT_HOST_KEY_CHECKING`` (yes; ``no``
+    disables host key checks with a warning), ``SSH_MAX_RETRIES`` (3 attempts after the first
+    failure) and ``SSH_RETRY_DELAY`` (1 second, multiplied by the attempt number).
+    """
+
+    host: str
+    port: int = 22
+    user: str | None = None
+    key_path: Path | None = None
+    key_passphrase: str | None = None
+    known_hosts: Path = Path("~/.ssh/known_hosts").expanduser()
+    strict_host_key_checking: bool = True
+    max_retries: int = 3
+    retry_delay: float = 1.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> SSHSettings | None:
+        """Return the tunnel settings, or ``None`` when ``SSH_HOST`` is not set."""
+        host = _get(env, "SSH_HOST")
+        if host is None:
+            return None
+        key = _get(env, "SSH_KEY_PATH")
+        return cls(
+            host=host,
+            port=_int(env, "SSH_PORT", 22, minimum=1, maximum=65535),
+            user=_get(env, "SSH_USER"),
+            key_path=Path(key).expanduser() if key else None,
+            key_passphrase=_get(env, "SSH_KEY_PASSPHRASE"),
+            known_hosts=Path(_get(env, "SSH_KNOWN_HOSTS") or "~/.ssh/known_hosts").expanduser(),
+            strict_host_key_checking=_bool(env, "SSH_STRICT_HOST_KEY_CHECKING", True),
+            max_retries=_int(env, "SSH_MAX_RETRIES", 3, maximum=100),
+            retry_delay=_seconds(env, "SSH_RETRY_DELAY", 1.0),
+        )
+
+    def __repr__(self) -> str:  # never print the passphrase
+        return (f"SSHSettings(host={self.host!r}, port={self.port}, user={self.user!r}, "
+                f"key_path={self.key_path!r})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonSettings:
+    """The daemon's own settings (``PGBRIDGE_*``); durations in seconds.
+
+    ``jwt_secret`` may be ``None`` here: the composition root requires it when a database is
+    configured, and generates a development secret for the embedded server.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    jwt_secret: str | None = None
+    schema: str = "public"
+    queue_size: int = 1000
+    max_subscriptions: int = 100
+    rate_limit: float = 50.0
+    rate_burst: int = 100
+    max_frame_bytes: int = 64 * 1024
+    heartbeat: float = 20.0
+    retention: float = 7 * 86400.0
+    prune_interval: float = 300.0
+    ack_flush_interval: float = 1.0
+    probe_interval: float = 10.0
+    pool_size: int = 10
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> DaemonSettings:
+        level = (_get(env, "PGBRIDGE_LOG_LEVEL") or "INFO").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"PGBRIDGE_LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR")
+        return cls(
+            host=_get(env, "PGBRIDGE_HOST") or "127.0.0.1",
+            port=_int(env, "PGBRIDGE_PORT", 8080, maximum=65535),
+            jwt_secret=_get(env, "PGBRIDGE_JWT_SECRET"),
+            schema=schema_name(_get(env, "PGBRIDGE_SCHEMA") or "public"),
+            queue_size=_int(env, "PGBRIDGE_QUEUE_SIZE", 1000, minimum=1),
+            max_subscriptions=_int(env, "PGBRIDGE_MAX_SUBSCRIPTIONS", 100, minimum=1),
+            rate_limit=float(_int(env, "PGBRIDGE_RATE_LIMIT", 50, minimum=1)),
+            rate_burst=_int(env, "PGBRIDGE_RATE_BURST", 100, minimum=1),
+            heartbeat=_seconds(env, "PGBRIDGE_HEARTBEAT", 20.0),
+            retention=_seconds(env, "PGBRIDGE_RETENTION", 7 * 86400.0),
+            prune_interval=_seconds(env, "PGBRIDGE_PRUNE_INTERVAL", 300.0),
+            ack_flush_interval=_seconds(env, "PGBRIDGE_ACK_FLUSH_INTERVAL", 1.0),
+            probe_interval=_seconds(env, "PGBRIDGE_PROBE_INTERVAL", 10.0),
+            pool_size=_int(env, "PGBRIDGE_POOL_SIZE", 10, minimum=2),
+            log_level=level,
+        )

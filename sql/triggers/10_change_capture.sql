@@ -1,0 +1,135 @@
+-- Change capture: every row change of a published table becomes one change_events row with the
+-- room's next seq, written in the writer's own transaction, and one NOTIFY (the doorbell).
+--
+-- NOTIFY channel: 'pgbridge' for the public schema, 'pgbridge_<schema>' for any other (so a
+-- --test schema in the same database never rings the production daemon). Payload: the whole
+-- protocol `event` frame when it fits in NOTIFY_MAX bytes, else {"room": ..., "seq": ...} and the
+-- daemon reads the event from change_events. NOTIFY is delivered at commit, in commit order; a
+-- rolled-back transaction notifies nothing and gives its seq back.
+--
+-- The functions run with the search_path they were created with (SET search_path FROM CURRENT),
+-- so they work in whichever schema setup_db.py applied them to.
+
+-- The protocol's `event` frame (PROTOCOL.md), as text. Used for NOTIFY payloads and by the
+-- daemon when it replays from the log, so both paths produce the same bytes.
+CREATE OR REPLACE FUNCTION pgbridge_event_frame(
+    p_room text, p_seq bigint, p_table text, p_op text, p_id text, p_data jsonb, p_ts timestamptz
+) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT json_build_object(
+        'type', 'event', 'room', p_room, 'seq', p_seq, 'table', p_table, 'op', p_op,
+        'id', p_id, 'data', p_data,
+        'ts', to_char(p_ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
+    )::text
+$$;
+
+-- Append one event to the room's log and ring the doorbell. Returns the event's seq.
+CREATE OR REPLACE FUNCTION pgbridge_emit(
+    p_room text, p_table text, p_op text, p_id text, p_data jsonb, p_channel text
+) RETURNS bigint
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    notify_max CONSTANT int := 7000;  -- NOTIFY payloads must stay under 8000 bytes
+    v_seq bigint;
+    v_ts timestamptz := clock_timestamp();
+    v_frame text;
+BEGIN
+    INSERT INTO change_sequences AS s (room_id, last_seq) VALUES (p_room, 1)
+        ON CONFLICT (room_id) DO UPDATE SET last_seq = s.last_seq + 1
+        RETURNING s.last_seq INTO v_seq;
+    INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, created_at)
+        VALUES (p_room, v_seq, p_table, p_op, p_id, p_data, v_ts);
+    v_frame := pgbridge_event_frame(p_room, v_seq, p_table, p_op, p_id, p_data, v_ts);
+    IF octet_length(v_frame) > notify_max THEN
+        v_frame := json_build_object('room', p_room, 'seq', v_seq)::text;
+    END IF;
+    PERFORM pg_notify(p_channel, v_frame);
+    RETURN v_seq;
+END
+$$;
+
+-- Room of a row: TG_ARGV[0] says how to find it.
+--   'self'       the row is the room (channels)
+--   'channel_id' the row's channel_id column (messages, channel_members)
+--   'message_id' the channel of the row's message (reactions, files, message_reads); a row
+--                without a message, or one removed by the cascade of its message's deletion,
+--                has no room left and is not published (the message's DELETE announces it).
+CREATE OR REPLACE FUNCTION pgbridge_room_of(p_how text, p_row jsonb) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path FROM CURRENT AS $$
+DECLARE
+    v_room text;
+BEGIN
+    IF p_how = 'self' THEN
+        RETURN p_row->>'id';
+    ELSIF p_how = 'channel_id' THEN
+        RETURN p_row->>'channel_id';
+    END IF;
+    SELECT m.channel_id INTO v_room FROM messages m WHERE m.id = p_row->>'message_id';
+    RETURN v_room;
+END
+$$;
+
+-- The row trigger. The event's id is the row's id, or 'a:b' for the two-column keys of
+-- channel_members (channel_id:user_id) and message_reads (message_id:user_id). An UPDATE that
+-- moves a row to another room is published as DELETE (old row) in the old room and UPDATE in the
+-- new one.
+CREATE OR REPLACE FUNCTION pgbridge_capture() RETURNS trigger
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    v_how text := TG_ARGV[0];
+    v_channel text := CASE WHEN TG_TABLE_SCHEMA = 'public' THEN 'pgbridge'
+                           ELSE 'pgbridge_' || TG_TABLE_SCHEMA END;
+    v_row jsonb;
+    v_old jsonb;
+    v_room text;
+    v_old_room text;
+    v_id text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        v_row := to_jsonb(OLD);
+    ELSE
+        v_row := to_jsonb(NEW);
+    END IF;
+    v_id := CASE TG_TABLE_NAME
+        WHEN 'channel_members' THEN concat(v_row->>'channel_id', ':', v_row->>'user_id')
+        WHEN 'message_reads' THEN concat(v_row->>'message_id', ':', v_row->>'user_id')
+        ELSE v_row->>'id' END;
+    v_room := pgbridge_room_of(v_how, v_row);
+
+    IF TG_OP = 'UPDATE' AND v_how <> 'self' THEN
+        v_old := to_jsonb(OLD);
+        IF v_old->>v_how IS DISTINCT FROM v_row->>v_how THEN
+            v_old_room := pgbridge_room_of(v_how, v_old);
+            IF v_old_room IS DISTINCT FROM v_room AND v_old_room IS NOT NULL THEN
+                PERFORM pgbridge_emit(v_old_room, TG_TABLE_NAME, 'DELETE', v_id, v_old, v_channel);
+            END IF;
+        END IF;
+    END IF;
+
+    IF v_room IS NOT NULL THEN
+        PERFORM pgbridge_emit(v_room, TG_TABLE_NAME, TG_OP, v_id, v_row, v_channel);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Published tables. users, user_settings, user_status and sync_state are never published: they
+-- hold personal data and belong to no room.
+CREATE OR REPLACE TRIGGER channels_capture
+    AFTER INSERT OR UPDATE OR DELETE ON channels
+    FOR EACH ROW EXECUTE FUNCTION pgbridge_capture('self');
+CREATE OR REPLACE TRIGGER messages_capture
+    AFTER INSERT OR UPDATE OR DELETE ON messages
+    FOR EACH ROW EXECUTE FUNCTION pgbridge_capture('channel_id');
+CREATE OR REPLACE TRIGGER channel_members_capture
+    AFTER INSERT OR UPDATE OR DELETE ON channel_members
+    FOR EACH ROW EXECUTE FUNCTION pgbridge_capture('channel_id');
+CREATE OR REPLACE TRIGGER reactions_capture
+    AFTER INSERT OR UPDATE OR DELETE ON reactions
+    FOR EACH ROW EXECUTE FUNCTION pgbridge_capture('message_id');
+CREATE OR REPLACE TRIGGER files_capture
+    AFTER INSERT OR UPDATE OR DELETE ON files
+    FOR EACH ROW EXECUTE FUNCTION pgbridge_capture('message_id');
+CREATE OR REPLACE TRIGGER message_reads_capture
+    AFTER INSERT OR UPDATE OR DELETE ON message_reads
+    FOR EACH ROW EXECUTE FUNCTION pgbridge_capture('message_id');

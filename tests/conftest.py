@@ -1,0 +1,91 @@
+"""Shared fixtures: a real PostgreSQL for every test.
+
+The server is ``PGBRIDGE_TEST_DSN`` when set (for example this machine's PostgreSQL 15:
+``postgresql://postgres@127.0.0.1:5432/postgres``), else an embedded PostgreSQL started for the
+session in ``PGBRIDGE_TEST_DATA_DIR`` (default ``$TMPDIR/pgbridge-test``). Tests never touch
+existing databases: each database they use is created here with a unique name and dropped after.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from daemon.embedded import start_embedded
+from daemon.schema import apply_schema_sync
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def pg_server_conninfo() -> Iterator[str]:
+    """Conninfo of a maintenance database on the test server (superuser, trust auth)."""
+    dsn = os.environ.get("PGBRIDGE_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    data_dir = Path(
+        os.environ.get("PGBRIDGE_TEST_DATA_DIR") or Path(tempfile.gettempdir()) / "pgbridge-test"
+    )
+    server = start_embedded(data_dir)
+    yield server.uri
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def create_database(pg_server_conninfo: str) -> Iterator[Callable[[], str]]:
+    """Factory: create an empty database with a unique name, return its conninfo."""
+    created: list[str] = []
+
+    def create() -> str:
+        name = f"pgbridge_t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        created.append(name)
+        return make_conninfo(pg_server_conninfo, dbname=name)
+
+    yield create
+    with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
+        for name in created:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(scope="session")
+def db_url(create_database: Callable[[], str]) -> str:
+    """Conninfo of a database with the pgbridge schema applied in ``public`` (shared by tests:
+    tests isolate themselves by creating their own users and rooms)."""
+    url = create_database()
+    apply_schema_sync(url, schema="public")
+    return url
+
+
+@pytest.fixture
+def fresh_db(create_database: Callable[[], str]) -> str:
+    """Conninfo of a new, empty database for this test only."""
+    return create_database()
+
+
+def conninfo_env(conninfo: str) -> dict[str, str]:
+    """Environment for a subprocess that should use ``conninfo`` (``DATABASE_URL``), with every
+    other database/tunnel variable removed so the machine's settings cannot leak in."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("POSTGRES_", "SSH_", "PGBRIDGE_", "PG")) and k != "DATABASE_URL"
+    }
+    env["DATABASE_URL"] = conninfo
+    return env
+
+
+def dbname_of(conninfo: str) -> str:
+    return str(conninfo_to_dict(conninfo)["dbname"])
