@@ -9,6 +9,14 @@
 -- them on an existing database): they go to sql/migrations/, which also upgrades databases
 -- created from the bare spec.
 
+-- Ledger of sql/migrations/: one row per applied file; checksum is the SHA-256 of its bytes.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
 -- Extensions named by the spec: created when the server has them (contrib installed, enough
 -- privilege), skipped with a notice otherwise. Nothing below depends on them.
 DO $$

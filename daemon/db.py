@@ -1,0 +1,153 @@
+"""Where the database is, and what its errors mean.
+
+:func:`database` resolves the settings to a conninfo string: ``DATABASE_URL`` or the spec's
+``POSTGRES_*``, through the SSH tunnel when ``SSH_HOST`` is set, or the embedded PostgreSQL when
+nothing is configured. :func:`translate` turns a psycopg error into a :class:`DatabaseError`
+whose message is one line naming the SQLSTATE and what to do (spec 003, "Error Handling").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .errors import DatabaseError
+from .settings import DatabaseSettings, SSHSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["database", "describe", "listen_channel", "translate"]
+
+# What the spec's error cases (and a few more we meet) mean for whoever runs pgbridge.
+_SQLSTATE_ADVICE: dict[str, str] = {
+    "28P01": "password authentication failed for {user}: check POSTGRES_PASSWORD or DATABASE_URL",
+    "28000": "the server refused {user} (pg_hba.conf): check POSTGRES_USER and the server's "
+             "pg_hba.conf",
+    "3D000": "database {db} does not exist: create it (createdb {db}) or fix POSTGRES_DB",
+    "42501": "insufficient privilege: {user} needs CREATE on database {db} and its schema "
+             "(GRANT CREATE ON DATABASE ...), or run setup_db.py as the owner",
+    "42P04": "database {db} already exists",
+    "42P07": "an object of the schema already exists with another definition; inspect it or "
+             "apply into another schema with --schema",
+    "53300": "too many connections: the server's max_connections is reached; close idle "
+             "clients, lower PGBRIDGE_POOL_SIZE, or raise max_connections",
+    "57P03": "the server is starting up or shutting down: retry in a moment",
+    "25006": "the server is read-only (a hot standby?): point pgbridge at the primary",
+}
+
+
+# Errors raised while connecting carry no SQLSTATE in libpq; recognise them by their text.
+_CONNECT_ERRORS = (
+    ("password authentication failed", "28P01"),
+    ("no pg_hba.conf entry", "28000"),
+    ("does not exist", "3D000"),
+    ("permission denied for database", "42501"),
+    ("too many clients", "53300"),
+    ("remaining connection slots are reserved", "53300"),
+    ("the database system is starting up", "57P03"),
+    ("the database system is shutting down", "57P03"),
+)
+
+
+def _connect_sqlstate(text: str) -> str | None:
+    if "connection failed" not in text and "FATAL" not in text:
+        return None
+    lowered = text.lower()
+    return next((code for needle, code in _CONNECT_ERRORS if needle in lowered), None)
+
+
+def describe(conninfo: str) -> str:
+    """``user@host:port/dbname`` of a conninfo, for messages and logs (never the password)."""
+    try:
+        parts = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "<invalid conninfo>"
+    host = str(parts.get("host") or "localhost")
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    return f"{user}{host}:{parts.get('port') or 5432}/{parts.get('dbname') or ''}"
+
+
+def translate(exc: psycopg.Error, conninfo: str, *, doing: str = "connecting") -> DatabaseError:
+    """Map a psycopg error to a one-line :class:`DatabaseError` keeping its SQLSTATE.
+
+    ``doing`` says what was being attempted (``"connecting"``, ``"applying the schema"``).
+    """
+    parts = conninfo_to_dict(conninfo) if conninfo else {}
+    fields = {"user": parts.get("user") or "the user", "db": parts.get("dbname") or "?"}
+    target = describe(conninfo)
+    sqlstate = exc.sqlstate or _connect_sqlstate(str(exc))
+    if sqlstate in _SQLSTATE_ADVICE:
+        advice = _SQLSTATE_ADVICE[sqlstate].format(**fields)
+        return DatabaseError(f"{target}: SQLSTATE {sqlstate}: {advice}", sqlstate=sqlstate)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lowered = str(exc).lower()
+    if "connection refused" in lowered:
+        return DatabaseError(
+            f"{target}: connection refused: is PostgreSQL running there? Check POSTGRES_HOST "
+            "and POSTGRES_PORT (or DATABASE_URL)"
+        )
+    if "could not translate host name" in lowered or "name or service not known" in lowered:
+        return DatabaseError(
+            f"{target}: host not found: check POSTGRES_HOST (or DATABASE_URL) and DNS"
+        )
+    if "timeout expired" in lowered or "timed out" in lowered:
+        return DatabaseError(f"{target}: connection timed out: check the network and firewall")
+    if sqlstate:
+        return DatabaseError(f"{target}: SQLSTATE {sqlstate} while {doing}: {text}",
+                             sqlstate=sqlstate)
+    return DatabaseError(f"{target}: error while {doing}: {text}")
+
+
+def listen_channel(schema: str) -> str:
+    """The NOTIFY channel of a schema's capture triggers: ``pgbridge`` for ``public``, else
+    ``pgbridge_<schema>`` (sql/triggers/10_change_capture.sql)."""
+    return "pgbridge" if schema == "public" else f"pgbridge_{schema}"
+
+
+def _base_conninfo(settings: DatabaseSettings) -> str:
+    if settings.url:
+        return settings.url
+    return make_conninfo("", **settings.conninfo_parts())
+
+
+@asynccontextmanager
+async def database(
+    settings: DatabaseSettings, ssh: SSHSettings | None = None, *, keep_embedded: bool = False,
+    supervised_tunnel: bool = False,
+) -> AsyncIterator[str]:
+    """Yield the conninfo to use for as long as the block runs.
+
+    * nothing configured: the embedded PostgreSQL in ``settings.data_dir`` (started or attached;
+      with ``keep_embedded`` it keeps running after this process exits);
+    * ``ssh`` given: a local port forward through the bastion to the configured host and port
+      as seen from the bastion (:mod:`daemon.tunnel`); ``supervised_tunnel`` reopens it when
+      the SSH connection drops (the daemon), else it is a one-shot tunnel (``setup_db.py``);
+    * otherwise the configured conninfo itself.
+
+    Raises :class:`DatabaseError` (embedded server failed) or :class:`TunnelError`.
+    """
+    if settings.embedded:
+        from .embedded import start_embedded
+
+        server = start_embedded(settings.data_dir, keep_running=keep_embedded)
+        yield server.uri
+        return
+    conninfo = _base_conninfo(settings)
+    if ssh is None:
+        yield conninfo
+        return
+    from . import tunnel
+
+    parts = conninfo_to_dict(conninfo)
+    remote_host = str(parts.get("host") or "localhost")
+    remote_port = int(parts.get("port") or 5432)
+    opener = (tunnel.SupervisedTunnel(ssh, remote_host, remote_port) if supervised_tunnel
+              else tunnel.open_tunnel(ssh, remote_host, remote_port))
+    async with opener as (local_host, local_port):
+        log.info("database %s reached through SSH %s:%s", describe(conninfo), ssh.host, ssh.port,
+                 extra={"event": "tunnel_ready"})
+        yield make_conninfo(conninfo, host=local_host, port=local_port)

@@ -1,0 +1,18 @@
+#!/usr/bin/env python3
+"""Apply the pgbridge chat schema, change capture and migrations to PostgreSQL.
+
+    python setup_db.py               # public schema of the configured (or embedded) database
+    python setup_db.py --test        # schema "test", public untouched
+    python setup_db.py --dry-run     # print the SQL, connect to nothing
+    python setup_db.py --verify      # check objects and prove capture end to end
+
+A thin CLI over :mod:`daemon.schema` (same as ``pgbridge setup``); ``--help`` lists the flags,
+settings and exit codes.
+"""
+
+import sys
+
+from daemon.cli import setup_main
+
+if __name__ == "__main__":
+    sys.exit(setup_main())
