@@ -25,29 +25,34 @@ __all__ = ["database", "describe", "listen_channel", "translate"]
 # What the spec's error cases (and a few more we meet) mean for whoever runs pgbridge.
 _SQLSTATE_ADVICE: dict[str, str] = {
     "28P01": "password authentication failed for {user}: check POSTGRES_PASSWORD or DATABASE_URL",
-    "28000": "the server refused {user} (pg_hba.conf): check POSTGRES_USER and the server's "
-             "pg_hba.conf",
+    "28000": "the server refused {user}: check that the role exists and may log in "
+             "(POSTGRES_USER) and the server's pg_hba.conf",
     "3D000": "database {db} does not exist: create it (createdb {db}) or fix POSTGRES_DB",
     "42501": "insufficient privilege: {user} needs CREATE on database {db} and its schema "
              "(GRANT CREATE ON DATABASE ...), or run setup_db.py as the owner",
     "42P04": "database {db} already exists",
     "42P07": "an object of the schema already exists with another definition; inspect it or "
              "apply into another schema with --schema",
-    "53300": "too many connections: the server's max_connections is reached; close idle "
-             "clients, lower PGBRIDGE_POOL_SIZE, or raise max_connections",
+    "53300": "too many connections: the server's max_connections, or the CONNECTION LIMIT of "
+             "{user} or of database {db}, is reached; close idle clients, lower "
+             "PGBRIDGE_POOL_SIZE, or raise the limit",
     "57P03": "the server is starting up or shutting down: retry in a moment",
     "25006": "the server is read-only (a hot standby?): point pgbridge at the primary",
 }
 
 
 # Errors raised while connecting carry no SQLSTATE in libpq; recognise them by their text.
+# Checked in order: 'too many connections for role "x"' is 53300, and 'role "x" does not
+# exist' must not be taken for a missing database.
 _CONNECT_ERRORS = (
     ("password authentication failed", "28P01"),
     ("no pg_hba.conf entry", "28000"),
+    ("too many clients", "53300"),
+    ("too many connections for", "53300"),  # CONNECTION LIMIT of a role or database
+    ("remaining connection slots are reserved", "53300"),
+    ('role "', "28000"),  # role "x" does not exist / is not permitted to log in
     ("does not exist", "3D000"),
     ("permission denied for database", "42501"),
-    ("too many clients", "53300"),
-    ("remaining connection slots are reserved", "53300"),
     ("the database system is starting up", "57P03"),
     ("the database system is shutting down", "57P03"),
 )

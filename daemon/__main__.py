@@ -1,0 +1,8 @@
+"""``python -m daemon``: run the bridge (same as ``pgbridge run``)."""
+
+import sys
+
+from .app import run_main
+
+if __name__ == "__main__":
+    sys.exit(run_main(sys.argv[1:]))

@@ -1,0 +1,255 @@
+"""Composition root: settings, logging, signals, and the supervised tasks of one bridge.
+
+``python -m daemon`` / ``pgbridge run``. Start-up order: settings → database (embedded, tunnel)
+→ schema (applied on the embedded server, checked otherwise) → pool → not a standby → listener
+proven by a NOTIFY round trip → WebSocket server listening → ``READY=1`` to systemd. Any task
+that fails stops the bridge with a non-zero exit (systemd restarts it); SIGTERM/SIGINT stop
+accepting, close clients with 1001, flush acknowledgements and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+from uuid import UUID
+
+import websockets
+from psycopg import sql
+from websockets.asyncio.server import ServerConnection
+
+from . import logs, systemd
+from .acks import AckBuffer, AckWriter
+from .auth import Claims, mint_token, resolve_secret
+from .db import database, describe, listen_channel
+from .errors import BridgeError, DatabaseError
+from .hub import Hub
+from .listener import Listener
+from .metrics import Metrics
+from .server import Client, process_request
+from .settings import DaemonSettings, DatabaseSettings, SSHSettings, load_environment
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Bridge", "run_main"]
+
+READY_TIMEOUT = 15.0  # seconds for the first NOTIFY round trip
+
+
+class Bridge:
+    """One running bridge over ``conninfo``. :meth:`serve` runs it; ``port`` is the bound port
+    once ``started`` is set (``PGBRIDGE_PORT=0`` picks a free one)."""
+
+    def __init__(self, conninfo: str, settings: DaemonSettings, secret: str) -> None:
+        self.conninfo = conninfo
+        self.settings = settings
+        self.secret = secret
+        self.hub = Hub()
+        self.metrics = Metrics()
+        self.store = Store(conninfo, schema=settings.schema, max_size=settings.pool_size)
+        self.listener = Listener(conninfo, listen_channel(settings.schema), self.hub, self.store,
+                                 self.metrics, probe_interval=settings.probe_interval,
+                                 probe_timeout=max(2.0, min(settings.probe_interval, 10.0)))
+        self.acks = AckBuffer()
+        self.ack_writer = AckWriter(self.acks, self.store, self.metrics,
+                                    interval=settings.ack_flush_interval)
+        self.clients: set[Client] = set()
+        self.handshakes: dict[UUID, Claims] = {}
+        self.started = asyncio.Event()
+        self.port = 0
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        claims = self.handshakes.pop(ws.id, None)
+        if claims is None:  # cannot happen: process_request accepted it
+            await ws.close(1011, "internal error")
+            return
+        client = Client(self, ws, claims)
+        self.clients.add(client)
+        self.metrics.connections.inc()
+        try:
+            await client.run()
+        finally:
+            self.clients.discard(client)
+            self.metrics.connections.dec()
+
+    async def _prune_forever(self) -> None:
+        while True:
+            try:
+                deleted = await self.store.prune(self.settings.retention)
+                self.metrics.pruned.inc(deleted)
+                if deleted:
+                    log.info("pruned %d events older than %.0f s", deleted,
+                             self.settings.retention, extra={"event": "pruned"})
+            except BridgeError as exc:
+                log.warning("pruning failed (%s); retrying later", exc, extra={"event": "prune"})
+            await asyncio.sleep(self.settings.prune_interval)
+
+    async def serve(self, stop: asyncio.Event, *,
+                    on_ready: Callable[[Bridge], None] | None = None) -> None:
+        """Run until ``stop`` is set (clean shutdown) or a task fails (its error is raised).
+
+        Raises :class:`DatabaseError` when the database is a hot standby or LISTEN delivers
+        nothing (a transaction-mode pooler), :class:`OSError` when the port is taken.
+        """
+        await self.store.open()
+        tasks: set[asyncio.Task[Any]] = set()
+        server = None
+        try:
+            if await self.store.in_recovery():
+                raise DatabaseError(f"{describe(self.conninfo)} is a hot standby (read-only): "
+                                    "LISTEN/NOTIFY needs the primary; point pgbridge at it")
+            tasks.add(asyncio.create_task(self.listener.run(), name="listener"))
+            await self._wait_ready(tasks)
+            server = await websockets.serve(
+                self._handler, self.settings.host, self.settings.port,
+                process_request=lambda conn, req: process_request(self, conn, req),
+                max_size=self.settings.max_frame_bytes, compression=None,
+                ping_interval=self.settings.heartbeat, ping_timeout=self.settings.heartbeat,
+                server_header="pgbridge",
+            )
+            self.port = server.sockets[0].getsockname()[1]
+            tasks.add(asyncio.create_task(self.ack_writer.run(), name="ack-writer"))
+            tasks.add(asyncio.create_task(self._prune_forever(), name="pruner"))
+            self.started.set()
+            log.info("pgbridge listening on ws://%s:%d/ws (schema %s)", self.settings.host,
+                     self.port, self.settings.schema, extra={"event": "ready"})
+            if on_ready is not None:
+                on_ready(self)
+            stopper = asyncio.create_task(stop.wait(), name="stop")
+            done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            for task in done - {stopper}:
+                task.result()  # raises the failure
+                raise RuntimeError(f"task {task.get_name()} ended unexpectedly")
+            log.info("shutting down: closing %d clients with 1001", len(self.clients),
+                     extra={"event": "shutdown"})
+        finally:
+            if server is not None:
+                server.close()  # stop accepting; close every connection with 1001
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), 10.0)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await self.ack_writer.flush()
+            except BridgeError as exc:
+                log.error("could not save the last acknowledgements: %s", exc,
+                          extra={"event": "ack_flush_failed"})
+            await self.store.close()
+
+    async def _wait_ready(self, tasks: set[asyncio.Task[Any]]) -> None:
+        ready = asyncio.create_task(self.listener.ready.wait())
+        done, _ = await asyncio.wait(tasks | {ready}, timeout=READY_TIMEOUT,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        for task in done - {ready}:
+            task.result()
+        if ready not in done:
+            raise DatabaseError(
+                f"{describe(self.conninfo)}: LISTEN received nothing within {READY_TIMEOUT:g} s "
+                "of its own NOTIFY; LISTEN needs a session connection to the primary (not a "
+                "transaction-mode pooler such as PgBouncer)")
+
+
+async def _ensure_demo(conninfo: str, schema: str) -> tuple[str, str]:
+    """On the embedded database: a demo user and room (created once); returns their ids."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await conn.execute("SELECT set_config('search_path', %s, false)",
+                           [sql.Identifier(schema).as_string(conn)])
+        async with conn.transaction():
+            cur = await conn.execute(
+                "INSERT INTO users (auth0_id, email, username, full_name) "
+                "VALUES ('pgbridge|demo', 'demo@pgbridge.invalid', 'demo', 'Demo User') "
+                "ON CONFLICT (auth0_id) DO UPDATE SET deleted_at = NULL RETURNING id")
+            user = str((await cur.fetchone() or ("",))[0])
+            cur = await conn.execute(
+                "SELECT c.id FROM channels c JOIN channel_members m ON m.channel_id = c.id "
+                "WHERE m.user_id = %s AND c.name = 'general' AND c.deleted_at IS NULL LIMIT 1",
+                [user])
+            row = await cur.fetchone()
+            if row is None:
+                cur = await conn.execute("INSERT INTO channels (name, description) VALUES "
+                                         "('general', 'pgbridge demo room') RETURNING id")
+                row = await cur.fetchone()
+                assert row is not None
+                await conn.execute("INSERT INTO channel_members (channel_id, user_id, role) "
+                                   "VALUES (%s, %s, 'owner')", (row[0], user))
+            return user, str(row[0])
+
+
+def _demo_banner(bridge: Bridge, conninfo: str, user: str, room: str) -> str:
+    token = mint_token(bridge.secret, user, ttl=86400)
+    url = f"ws://{bridge.settings.host}:{bridge.port}/ws"
+    return (
+        "\npgbridge is running on the embedded PostgreSQL (nothing was configured).\n"
+        f"  WebSocket:  {url}?token=<token>\n"
+        f"  demo user:  {user}   room 'general': {room}\n"
+        f"  token (24 h): {token}\n"
+        f"  watch it:   pgbridge tail {room} --url {url} --token {token}\n"
+        f"  write:      psql '{conninfo}' -c \"INSERT INTO messages (channel_id, user_id, content) "
+        f"VALUES ('{room}', '{user}', 'hello')\"\n"
+    )
+
+
+async def _run(env: dict[str, str]) -> int:
+    from .schema import apply_schema, check_schema
+
+    db = DatabaseSettings.from_env(env)
+    ssh = SSHSettings.from_env(env)
+    settings = DaemonSettings.from_env(env)
+    secret = resolve_secret(settings, db)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with database(db, ssh, supervised_tunnel=True) as conninfo:
+        demo: tuple[str, str] | None = None
+        if db.embedded:
+            await apply_schema(conninfo, schema=settings.schema)
+            demo = await _ensure_demo(conninfo, settings.schema)
+        else:
+            await check_schema(conninfo, schema=settings.schema)
+        bridge = Bridge(conninfo, settings, secret)
+
+        def ready(b: Bridge) -> None:
+            systemd.notify(f"READY=1\nSTATUS=listening on {settings.host}:{b.port}")
+            if demo is not None:
+                print(_demo_banner(b, conninfo, *demo), file=sys.stderr, flush=True)
+
+        await bridge.serve(stop, on_ready=ready)
+    systemd.notify("STOPPING=1")
+    return 0
+
+
+def run_main(argv: Sequence[str] = ()) -> int:
+    """``pgbridge run`` / ``python -m daemon``: run the bridge until SIGTERM or SIGINT."""
+    argparse.ArgumentParser(
+        prog="pgbridge run", description="Run the pgbridge daemon: LISTEN for chat changes and "
+        "fan them out to WebSocket clients. Settings come from the environment, .env and "
+        ".env.local (see README).").parse_args(list(argv))
+    try:
+        env = load_environment()
+        settings = DaemonSettings.from_env(env)
+    except BridgeError as exc:
+        print(f"pgbridge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    logs.configure(settings.log_level, json_lines=True)
+    try:
+        return asyncio.run(_run(env))
+    except BridgeError as exc:
+        log.error("%s", exc, extra={"event": "fatal"})
+        print(f"pgbridge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"pgbridge: error: cannot listen on {settings.host}:{settings.port}: "
+              f"{exc.strerror or exc}; set PGBRIDGE_HOST/PGBRIDGE_PORT", file=sys.stderr)
+        return 2

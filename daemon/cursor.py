@@ -1,0 +1,51 @@
+"""Cursor arithmetic: where a subscription starts, and whether a seq is new, old or past a gap.
+
+Pure. Seqs are per room, 1, 2, 3, ... with no holes (sql/triggers/10_change_capture.sql).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from .protocol import ProtocolError
+
+__all__ = ["Arrival", "classify", "resolve_from"]
+
+
+class Arrival(Enum):
+    DUPLICATE = "duplicate"  # already delivered
+    NEXT = "next"  # exactly last + 1
+    GAP = "gap"  # later than next: read the missing range from the log first
+
+
+def classify(last: int, seq: int) -> Arrival:
+    """Compare an arriving ``seq`` with the ``last`` seq delivered for its room."""
+    if seq <= last:
+        return Arrival.DUPLICATE
+    return Arrival.NEXT if seq == last + 1 else Arrival.GAP
+
+
+def resolve_from(*, room: str, since: int | None, acked: int | None, head: int,
+                 retained_from: int, ref: str | None = None) -> int:
+    """The ``from`` of a subscription (PROTOCOL.md, "Ordering and delivery guarantees").
+
+    ``since`` if given, else the user's acknowledged seq (``acked``, from ``sync_state``), else
+    ``head``. ``retained_from`` is the lowest seq still in the log (``head + 1`` when the log of
+    the room is empty). Raises :class:`ProtocolError`: ``bad_request`` for ``since > head``,
+    ``cursor_expired`` when events after the cursor were already pruned.
+    """
+    if since is not None:
+        if since > head:
+            raise ProtocolError("bad_request", f"since {since} is ahead of the room's head {head}",
+                                ref=ref, room=room)
+        start = since
+    elif acked is not None:
+        start = min(acked, head)
+    else:
+        return head
+    if start + 1 < retained_from:
+        raise ProtocolError(
+            "cursor_expired",
+            f"events after {start} are no longer retained (oldest kept: {retained_from}); "
+            f"resync and subscribe with since={head}", ref=ref, room=room)
+    return start

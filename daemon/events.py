@@ -1,0 +1,77 @@
+"""The event model: what a NOTIFY payload or a ``change_events`` row means to the daemon.
+
+Pure. An :class:`Event` carries its protocol frame already encoded (UTF-8 bytes of the JSON
+text built by ``pgbridge_event_frame`` in SQL), so a fan-out to N clients encodes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Event", "Pointer", "Probe", "event_from_row", "parse_notify"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change of a room. ``frame`` is the ``event`` frame as UTF-8 JSON.
+
+    ``revokes`` is the ``users.id`` whose membership this event ends (a ``channel_members``
+    DELETE), ``ends_room`` is true for a room deleted or soft-deleted (``channels`` DELETE, or
+    UPDATE with ``deleted_at`` set).
+    """
+
+    room: str
+    seq: int
+    frame: bytes
+    revokes: str | None = None
+    ends_room: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pointer:
+    """A NOTIFY for an event too large to carry: read ``room``/``seq`` from the log."""
+
+    room: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """The daemon's own round-trip probe (``{"probe": token}``)."""
+
+    token: str
+
+
+def _effects(table: str, op: str, data: dict[str, Any] | None) -> tuple[str | None, bool]:
+    data = data or {}
+    revokes = data.get("user_id") if table == "channel_members" and op == "DELETE" else None
+    ends_room = table == "channels" and (op == "DELETE" or data.get("deleted_at") is not None)
+    return (revokes if isinstance(revokes, str) else None), ends_room
+
+
+def event_from_row(room: str, seq: int, table: str, op: str, data: dict[str, Any] | None,
+                   frame: str) -> Event:
+    """An :class:`Event` from a ``change_events`` row and its frame text."""
+    revokes, ends_room = _effects(table, op, data)
+    return Event(room=room, seq=seq, frame=frame.encode(), revokes=revokes, ends_room=ends_room)
+
+
+def parse_notify(payload: str) -> Event | Pointer | Probe | None:
+    """Interpret a payload of the ``pgbridge`` channel; ``None`` for anything unrecognised."""
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if "probe" in obj:
+        return Probe(str(obj["probe"]))
+    room, seq = obj.get("room"), obj.get("seq")
+    if not isinstance(room, str) or not isinstance(seq, int):
+        return None
+    if obj.get("type") != "event":
+        return Pointer(room, seq)
+    revokes, ends_room = _effects(str(obj.get("table")), str(obj.get("op")), obj.get("data"))
+    return Event(room=room, seq=seq, frame=payload.encode(), revokes=revokes, ends_room=ends_room)

@@ -1,0 +1,177 @@
+"""Subscription routing: which subscriber gets which event, in which order, and when a
+subscription ends.
+
+Pure: the hub never awaits. The listener (:mod:`daemon.listener`) is the only caller of
+:meth:`Hub.track` and :meth:`Hub.publish`, so a room's ``last`` seq moves in one place; clients
+talk to the hub through the :class:`Sink` they own.
+
+A subscription's life (PROTOCOL.md, "Ordering and delivery guarantees"):
+
+1. :meth:`Hub.add` registers it and returns ``L``, the room's last published seq at that
+   instant. From then on every published event (seq > L) is buffered in the subscription.
+2. The caller replays ``(from, L]`` from the log with :meth:`Subscription.replay`.
+3. :meth:`Subscription.go_live` flushes the buffer and delivers directly from then on.
+
+Events at or below ``from`` or already sent are dropped, so the switch from replay to live has
+no gap and no duplicate. Only live events (seq > L) can end the subscription: a membership
+DELETE of the subscriber (``membership_revoked``) or the room's deletion (``room_deleted``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .events import Event
+from .protocol import unsubscribed
+
+__all__ = ["Hub", "Sink", "Subscription"]
+
+
+class Sink(Protocol):
+    """The client side of a subscription (a WebSocket connection)."""
+
+    user: str
+
+    def send(self, frame: bytes | str) -> None:
+        """Queue a frame (bytes: an encoded text frame); never blocks."""
+
+    def overflow(self) -> None:
+        """The client cannot keep up; it must be disconnected (close 4008)."""
+
+    def subscription_ended(self, sub: Subscription) -> None:
+        """The hub ended ``sub`` (revocation, room deleted); forget it."""
+
+
+class Subscription:
+    """One client's subscription to one room."""
+
+    __slots__ = ("ended", "from_seq", "last_sent", "live", "pending", "pending_limit", "room",
+                 "sink")
+
+    def __init__(self, sink: Sink, room: str, *, pending_limit: int) -> None:
+        self.sink = sink
+        self.room = room
+        self.from_seq = 0
+        self.last_sent = 0
+        self.live = False
+        self.ended = False
+        self.pending: list[Event] = []
+        self.pending_limit = pending_limit
+
+    @property
+    def cursor(self) -> int:
+        """Highest seq the client holds or was never meant to get (``max(from, last sent)``)."""
+        return max(self.from_seq, self.last_sent)
+
+    def replay(self, event: Event) -> None:
+        """Send a historical event (seq ≤ L) from the log; no side effects."""
+        if not self.ended and event.seq > self.cursor:
+            self.sink.send(event.frame)
+            self.last_sent = event.seq
+
+    def deliver(self, event: Event) -> bool:
+        """Offer a live event. Returns true if it ended the subscription."""
+        if self.ended:
+            return False
+        if not self.live:
+            self.pending.append(event)
+            if len(self.pending) > self.pending_limit:
+                self.pending.clear()
+                self.sink.overflow()
+            return False
+        return self._emit(event)
+
+    def go_live(self) -> bool:
+        """Flush events buffered during replay; deliver directly from now on. Returns true if
+        a buffered event ended the subscription."""
+        self.live = True
+        pending, self.pending = self.pending, []
+        return any(self._emit(event) for event in pending)
+
+    def end(self, reason: str, ref: str | None = None) -> None:
+        if not self.ended:
+            self.ended = True
+            self.pending.clear()
+            self.sink.send(unsubscribed(self.room, reason, ref))
+
+    def _emit(self, event: Event) -> bool:
+        if self.ended or event.seq <= self.cursor:
+            return False
+        if event.revokes is not None and event.revokes == self.sink.user:
+            self.end("membership_revoked")
+            self.sink.subscription_ended(self)
+            return True
+        self.sink.send(event.frame)
+        self.last_sent = event.seq
+        if event.ends_room:
+            self.end("room_deleted")
+            self.sink.subscription_ended(self)
+            return True
+        return False
+
+
+class _Room:
+    __slots__ = ("last", "subs")
+
+    def __init__(self, last: int) -> None:
+        self.last = last
+        self.subs: set[Subscription] = set()
+
+
+class Hub:
+    """Rooms with subscribers, and the last seq published in each."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, _Room] = {}
+
+    def __contains__(self, room: str) -> bool:
+        return room in self._rooms
+
+    def rooms(self) -> list[str]:
+        return list(self._rooms)
+
+    def last(self, room: str) -> int:
+        """Last seq published in a tracked room (KeyError if not tracked)."""
+        return self._rooms[room].last
+
+    def subscribers(self, room: str) -> int:
+        state = self._rooms.get(room)
+        return len(state.subs) if state else 0
+
+    def track(self, room: str, head: int) -> None:
+        """Start tracking ``room`` whose log currently ends at ``head``."""
+        if room not in self._rooms:
+            self._rooms[room] = _Room(head)
+
+    def add(self, sub: Subscription) -> int:
+        """Register ``sub`` in its (tracked) room; return ``L``, the room's last seq now."""
+        state = self._rooms[sub.room]
+        state.subs.add(sub)
+        return state.last
+
+    def remove(self, sub: Subscription) -> None:
+        """Forget ``sub``; a room left without subscribers is no longer tracked."""
+        state = self._rooms.get(sub.room)
+        if state is None:
+            return
+        state.subs.discard(sub)
+        if not state.subs:
+            del self._rooms[sub.room]
+
+    def publish(self, event: Event) -> int:
+        """Deliver the room's next event (caller guarantees ``event.seq == last + 1``) to every
+        subscriber. Returns how many subscribers it was offered to."""
+        state = self._rooms.get(event.room)
+        if state is None:
+            return 0
+        state.last = event.seq
+        ended = [sub for sub in tuple(state.subs) if sub.deliver(event)]
+        for sub in ended:
+            self.remove(sub)
+        return len(state.subs) + len(ended)
+
+    def skip(self, room: str, seq: int) -> None:
+        """Move a room's last seq forward without events (a range missing from the log)."""
+        state = self._rooms.get(room)
+        if state is not None and seq > state.last:
+            state.last = seq

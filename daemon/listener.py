@@ -1,0 +1,256 @@
+"""The listener: one dedicated autocommit connection that LISTENs, and the one task that moves
+rooms forward in the hub.
+
+Two tasks (DESIGN.md, "Listener reconnect"):
+
+* the **reader** owns the LISTEN connection: connect, ``LISTEN``, queue a catch-up, then queue
+  every notification. On any connection error it reconnects with jittered exponential backoff.
+* the **processor** takes the queue in order and is the only code that advances a room's last
+  seq: a NOTIFY with seq = last + 1 carrying its frame is published as is; anything else (a
+  gap, a payload too large for NOTIFY, a catch-up after reconnect) reads the log first.
+  Subscribing goes through the same queue (:meth:`Listener.add`), so a new subscriber's
+  starting point ``L`` is consistent with what was and will be published.
+
+A probe task sends a NOTIFY of its own through the pool every ``probe_interval`` seconds; when
+it does not come back on the LISTEN connection in time, that connection is deaf and is
+replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from .backoff import Backoff
+from .cursor import Arrival, classify
+from .db import describe
+from .errors import BridgeError, DatabaseError
+from .events import Event, Pointer, Probe, parse_notify
+from .hub import Hub, Subscription
+from .metrics import Metrics
+from .store import READ_PAGE, Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Listener"]
+
+
+@dataclass(slots=True)
+class _Track:
+    sub: Subscription
+    future: asyncio.Future[int]
+
+
+class _CatchUp:
+    pass
+
+
+class Listener:
+    """LISTEN on ``channel`` (see :func:`daemon.db.listen_channel`) and feed ``hub``.
+
+    ``probe_interval`` and ``probe_timeout`` in seconds (``PGBRIDGE_PROBE_INTERVAL``).
+    """
+
+    def __init__(self, conninfo: str, channel: str, hub: Hub, store: Store, metrics: Metrics, *,
+                 probe_interval: float = 10.0, probe_timeout: float = 5.0,
+                 queue_size: int = 10000) -> None:
+        self.conninfo = conninfo
+        self.channel = channel
+        self.hub = hub
+        self.store = store
+        self.metrics = metrics
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.connected = False
+        self.ready = asyncio.Event()  # set once LISTEN is proven to deliver (first probe back)
+        self._queue: asyncio.Queue[str | _Track | _CatchUp] = asyncio.Queue(queue_size)
+        self._probes: dict[str, asyncio.Future[None]] = {}
+        self._session: asyncio.Task[None] | None = None
+
+    # --- public ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run reader, processor and probe until cancelled. Raises :class:`DatabaseError` if
+        the very first LISTEN never delivers (a standby or a transaction-mode pooler)."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._read_forever(), name="listener-reader")
+            tasks.create_task(self._process_forever(), name="listener-processor")
+            tasks.create_task(self._probe_forever(), name="listener-probe")
+
+    async def add(self, sub: Subscription) -> int:
+        """Register ``sub`` (tracking its room if new) and return ``L``: events after ``L`` will
+        be delivered to it live; ``(from, L]`` is the caller's to replay."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Track(sub, future))
+        return await future
+
+    def reconnect(self) -> None:
+        """Drop the LISTEN connection now; the reader reconnects and catches up."""
+        if self._session is not None:
+            self._session.cancel()
+
+    # --- reader ---------------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        backoff = Backoff(base=0.05, cap=10.0)
+        first = True
+        while True:
+            self._session = asyncio.create_task(self._read_session(backoff))
+            try:
+                await self._session
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+                log.warning("listener connection dropped on purpose (deaf); reconnecting",
+                            extra={"event": "listener_deaf"})
+            except (psycopg.Error, OSError) as exc:
+                delay = backoff.next()
+                log.warning("listener connection to %s lost (%s); reconnecting in %.2f s",
+                            describe(self.conninfo), str(exc).strip().splitlines()[0] if str(exc)
+                            else type(exc).__name__, delay, extra={"event": "listener_lost"})
+                if first and not self.ready.is_set() and backoff.failures > 5:
+                    raise DatabaseError(f"{describe(self.conninfo)}: the listener cannot connect: "
+                                        f"{exc}") from exc
+                await asyncio.sleep(delay)
+            finally:
+                if self.connected:
+                    self.metrics.listener_reconnects.inc()
+                self.connected = False
+            first = False
+
+    async def _read_session(self, backoff: Backoff) -> None:
+        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        async with conn:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            self.connected = True
+            backoff.reset()
+            log.info("listening on channel %s at %s", self.channel, describe(self.conninfo),
+                     extra={"event": "listener_connected"})
+            await self._queue.put(_CatchUp())
+            async for note in conn.notifies():
+                if note.payload.startswith('{"probe"'):
+                    self._probe_heard(note.payload)
+                else:
+                    await self._queue.put(note.payload)
+
+    # --- probe ----------------------------------------------------------------------------
+
+    def _probe_heard(self, payload: str) -> None:
+        with contextlib.suppress(ValueError, AttributeError):
+            future = self._probes.get(str(json.loads(payload).get("probe")))
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    async def _probe_once(self) -> bool:
+        token = secrets.token_hex(8)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._probes[token] = future
+        try:
+            await self.store.notify(self.channel, json.dumps({"probe": token}))
+            await asyncio.wait_for(future, self.probe_timeout)
+            return True
+        except (TimeoutError, BridgeError):
+            return False
+        finally:
+            self._probes.pop(token, None)
+
+    async def _probe_forever(self) -> None:
+        while True:
+            if not self.connected:
+                await asyncio.sleep(0.05 if not self.ready.is_set() else self.probe_interval)
+                continue
+            ok = await self._probe_once()
+            if ok:
+                if not self.ready.is_set():
+                    log.info("listener verified: a NOTIFY round trip arrived",
+                             extra={"event": "listener_ready"})
+                self.ready.set()
+            elif self.connected:
+                log.error("listener is connected but a NOTIFY round trip did not arrive within "
+                          "%.1f s; replacing its connection", self.probe_timeout,
+                          extra={"event": "listener_deaf"})
+                self.reconnect()
+                continue
+            await asyncio.sleep(self.probe_interval)
+
+    # --- processor ------------------------------------------------------------------------
+
+    async def _process_forever(self) -> None:
+        while True:
+            item = await self._queue.get()
+            try:
+                if isinstance(item, str):
+                    await self._on_notify(item)
+                elif isinstance(item, _Track):
+                    await self._on_track(item)
+                else:
+                    await self._catch_up()
+            except BridgeError as exc:
+                # The log is still there: the next NOTIFY of the room or the next reconnect
+                # fills whatever this attempt could not.
+                log.warning("could not read the log (%s); will retry on the next event or "
+                            "reconnect", exc, extra={"event": "fill_failed"})
+                if isinstance(item, _Track) and not item.future.done():
+                    item.future.set_exception(exc)
+
+    async def _on_notify(self, payload: str) -> None:
+        note = parse_notify(payload)
+        if note is None or isinstance(note, Probe) or note.room not in self.hub:
+            return
+        arrival = classify(self.hub.last(note.room), note.seq)
+        if arrival is Arrival.DUPLICATE:
+            return
+        if arrival is Arrival.NEXT and isinstance(note, Event):
+            self._publish(note)
+            return
+        assert isinstance(note, Event | Pointer)
+        await self._fill(note.room, upto=note.seq)
+
+    async def _on_track(self, item: _Track) -> None:
+        room = item.sub.room
+        if room not in self.hub:
+            head = await self.store.head(room)
+            if item.future.done():  # the subscriber went away while we read
+                return
+            self.hub.track(room, head)
+        if not item.future.done():
+            item.future.set_result(self.hub.add(item.sub))
+
+    async def _catch_up(self) -> None:
+        for room in self.hub.rooms():
+            await self._fill(room, upto=None)
+
+    async def _fill(self, room: str, *, upto: int | None) -> None:
+        """Publish ``room``'s events after its last seq (up to ``upto``) from the log."""
+        self.metrics.gap_fills.inc()
+        while room in self.hub:
+            last = self.hub.last(room)
+            if upto is not None and last >= upto:
+                return
+            events = await self.store.read_events(room, after=last, upto=upto)
+            for event in events:
+                if room not in self.hub:
+                    return
+                if event.seq != self.hub.last(room) + 1:
+                    log.error("events %s..%s of room %s are missing from change_events "
+                              "(pruned?); subscribers skip them", self.hub.last(room) + 1,
+                              event.seq - 1, room, extra={"event": "log_hole"})
+                self._publish(event)
+            if len(events) < READ_PAGE:
+                if upto is not None and room in self.hub and self.hub.last(room) < upto:
+                    log.error("events %s..%s of room %s are missing from change_events",
+                              self.hub.last(room) + 1, upto, room, extra={"event": "log_hole"})
+                    self.hub.skip(room, upto)
+                return
+
+    def _publish(self, event: Event) -> None:
+        self.metrics.events.inc()
+        self.metrics.deliveries.inc(self.hub.publish(event))

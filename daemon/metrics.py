@@ -1,0 +1,30 @@
+"""Prometheus metrics of one bridge (served at ``GET /metrics``). Each bridge has its own
+registry, so several bridges can live in one process (tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("pgbridge_connections", "Open WebSocket connections", registry=r)
+        self.subscriptions = Gauge("pgbridge_subscriptions", "Live subscriptions", registry=r)
+        self.events = Counter("pgbridge_events", "Events published to the hub", registry=r)
+        self.deliveries = Counter("pgbridge_deliveries", "Event frames queued to clients",
+                                  registry=r)
+        self.gap_fills = Counter("pgbridge_gap_fills", "Reads of the log to fill a gap or catch "
+                                 "up", registry=r)
+        self.listener_reconnects = Counter("pgbridge_listener_reconnects", "Listener "
+                                           "(re)connections after a failure", registry=r)
+        self.slow_closes = Counter("pgbridge_slow_client_closes", "Connections closed with 4008",
+                                   registry=r)
+        self.handshake_refusals = Counter("pgbridge_handshake_refusals", "Upgrades refused "
+                                          "with 401", registry=r)
+        self.acks_saved = Counter("pgbridge_acks_saved", "sync_state rows upserted", registry=r)
+        self.pruned = Counter("pgbridge_pruned_events", "change_events rows pruned", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

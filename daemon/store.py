@@ -1,0 +1,185 @@
+"""Database access of the daemon (everything but LISTEN): a psycopg_pool of autocommit
+connections whose search_path is the bridge's schema (``PGBRIDGE_SCHEMA``).
+
+Every psycopg error leaves this module as :class:`DatabaseError` (SQLSTATE kept).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from .db import translate
+from .events import Event, event_from_row
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RoomCursorInfo", "Store"]
+
+READ_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RoomCursorInfo:
+    """What subscribe needs in one round trip. ``status``: ``ok``, ``not_found`` (no such room),
+    ``forbidden`` (not a member, room or user deleted)."""
+
+    status: str
+    head: int
+    retained_from: int
+    acked: int | None
+
+
+class Store:
+    """Queries of the daemon. ``conninfo`` from :func:`daemon.db.database`; ``schema`` from
+    ``PGBRIDGE_SCHEMA``; ``max_size`` connections at most (``PGBRIDGE_POOL_SIZE``)."""
+
+    def __init__(self, conninfo: str, *, schema: str, max_size: int = 10) -> None:
+        self.conninfo = conninfo
+        self.schema = schema
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
+            conninfo, min_size=1, max_size=max_size, open=False, name="pgbridge",
+            kwargs={"autocommit": True}, configure=self._configure, timeout=10.0,
+        )
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute("SELECT set_config('search_path', %s, false)",
+                           [sql.Identifier(self.schema).as_string(conn)])
+
+    async def open(self) -> None:
+        try:
+            await self.pool.open(wait=True, timeout=15.0)
+        except psycopg.Error as exc:
+            raise translate(exc, self.conninfo) from exc
+        except Exception as exc:  # PoolTimeout: the first connection never came
+            try:
+                await (await psycopg.AsyncConnection.connect(self.conninfo)).close()
+            except psycopg.Error as inner:
+                raise translate(inner, self.conninfo) from exc
+            raise
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def _conn(self, doing: str) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
+        try:
+            async with self.pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise translate(exc, self.conninfo, doing=doing) from exc
+
+    async def _all(self, query: str, params: Sequence[Any] | Mapping[str, Any],
+                   doing: str) -> list[tuple[Any, ...]]:
+        async with self._conn(doing) as conn:
+            cur = await conn.execute(query.encode(), params)
+            return await cur.fetchall()
+
+    async def ping(self) -> bool:
+        """True when a pooled connection answers ``SELECT 1`` (for /healthz)."""
+        try:
+            await self._all("SELECT 1", (), "checking health")
+        except Exception:
+            return False
+        return True
+
+    async def in_recovery(self) -> bool:
+        rows = await self._all("SELECT pg_is_in_recovery()", (), "checking for a standby")
+        return bool(rows[0][0])
+
+    async def notify(self, channel: str, payload: str) -> None:
+        await self._all("SELECT pg_notify(%s, %s)", (channel, payload), "sending a probe")
+
+    async def live_user(self, user_id: str) -> bool:
+        rows = await self._all("SELECT 1 FROM users WHERE id = %s AND deleted_at IS NULL",
+                               (user_id,), "checking a token's user")
+        return bool(rows)
+
+    async def head(self, room: str) -> int:
+        rows = await self._all("SELECT last_seq FROM change_sequences WHERE room_id = %s",
+                               (room,), "reading a room's head")
+        return int(rows[0][0]) if rows else 0
+
+    async def cursor_info(self, user_id: str, room: str) -> RoomCursorInfo:
+        rows = await self._all(
+            """
+            SELECT c.id IS NOT NULL AS room_exists,
+                   c.deleted_at IS NULL AND u.deleted_at IS NULL AND m.user_id IS NOT NULL,
+                   COALESCE((SELECT last_seq FROM change_sequences WHERE room_id = %(room)s), 0),
+                   (SELECT min(seq) FROM change_events WHERE room_id = %(room)s),
+                   (SELECT last_seq FROM sync_state WHERE user_id = %(user)s
+                      AND room_id = %(room)s AND sync_type = 'events')
+            FROM (SELECT 1) AS one
+            LEFT JOIN channels c ON c.id = %(room)s
+            LEFT JOIN users u ON u.id = %(user)s
+            LEFT JOIN channel_members m ON m.channel_id = %(room)s AND m.user_id = %(user)s
+            """, {"room": room, "user": user_id}, "checking a subscription")
+        exists, allowed, head, low, acked = rows[0]
+        status = "ok" if allowed else ("forbidden" if exists else "not_found")
+        head = int(head)
+        return RoomCursorInfo(status=status, head=head,
+                              retained_from=int(low) if low is not None else head + 1,
+                              acked=int(acked) if acked is not None else None)
+
+    async def read_events(self, room: str, *, after: int, upto: int | None = None,
+                          limit: int = READ_PAGE) -> list[Event]:
+        """Events of ``room`` with ``after < seq <= upto`` (no upper bound when ``None``), in
+        seq order, at most ``limit``."""
+        rows = await self._all(
+            """
+            SELECT seq, table_name, op, payload,
+                   pgbridge_event_frame(room_id, seq, table_name, op, row_id, payload, created_at)
+            FROM change_events
+            WHERE room_id = %s AND seq > %s AND seq <= %s
+            ORDER BY seq LIMIT %s
+            """, (room, after, upto if upto is not None else 2**63 - 1, limit), "reading the log")
+        return [event_from_row(room, int(seq), table, op, data, frame)
+                for seq, table, op, data, frame in rows]
+
+    async def save_acks(self, acks: list[tuple[str, str, int]]) -> None:
+        """Upsert ``(user_id, room_id, seq)`` into ``sync_state`` (sync_type ``events``); a seq
+        never moves backwards. One statement for the whole batch."""
+        from ulid import ULID
+
+        if not acks:
+            return
+        users, rooms, seqs = zip(*acks, strict=True)
+        ids = [str(ULID()) for _ in acks]
+        await self._all(
+            """
+            INSERT INTO sync_state (id, user_id, room_id, sync_type, last_seq, last_sync)
+            SELECT id, user_id, room_id, 'events', seq, now()
+            FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[], %s::bigint[])
+                 AS a(id, user_id, room_id, seq)
+            WHERE EXISTS (SELECT 1 FROM channels c WHERE c.id = a.room_id)
+            ON CONFLICT (user_id, room_id, sync_type) DO UPDATE
+               SET last_seq = GREATEST(sync_state.last_seq, EXCLUDED.last_seq),
+                   last_sync = EXCLUDED.last_sync
+            RETURNING 1
+            """, (ids, list(users), list(rooms), list(seqs)), "saving acknowledgements")
+
+    async def prune(self, older_than: float, *, batch: int = 10000) -> int:
+        """Delete ``change_events`` older than ``older_than`` seconds, in batches; returns the
+        number of rows deleted."""
+        total = 0
+        while True:
+            rows = await self._all(
+                """
+                WITH doomed AS (
+                    SELECT room_id, seq FROM change_events
+                    WHERE created_at < now() - make_interval(secs => %s) LIMIT %s)
+                DELETE FROM change_events e USING doomed d
+                WHERE e.room_id = d.room_id AND e.seq = d.seq
+                RETURNING 1
+                """, (older_than, batch), "pruning the log")
+            total += len(rows)
+            if len(rows) < batch:
+                return total

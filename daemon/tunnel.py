@@ -1,0 +1,634 @@
+"""The SSH tunnel to a PostgreSQL server behind a bastion (spec 003, "SSH tunnel").
+
+I/O only: connect to the SSH server with asyncssh, open a local port forward on ``127.0.0.1`` to
+the database host and port *as seen from the SSH host*, and translate every failure into one
+:class:`~daemon.errors.TunnelError` whose one-line message says what to fix.
+
+* :func:`open_tunnel` is a one-shot tunnel (``setup_db.py``): retried on network errors, closed
+  when the ``async with`` block ends.
+* :class:`SupervisedTunnel` is for the long-running daemon: the local address stays the same for
+  its whole life and the SSH connection is reopened, with jittered exponential backoff, whenever
+  it drops. While it is down, new TCP connections to the local port are refused; PostgreSQL
+  clients reconnect.
+
+Security: the SSH server's host key is always checked against ``SSH_KNOWN_HOSTS`` unless
+``SSH_STRICT_HOST_KEY_CHECKING=no``, which is logged as a warning at every open. The key
+passphrase is never logged nor put into a message. ``~/.ssh/config`` is not read: the tunnel is
+configured by the ``SSH_*`` variables only.
+
+Failure reasons (``TunnelError.reason``) and whether a retry is attempted:
+
+=================== ======= ==========================================================
+reason              retried cause
+=================== ======= ==========================================================
+``refused``         yes     nothing listens on SSH_HOST:SSH_PORT
+``not_found``       yes     SSH_HOST does not resolve
+``timeout``         yes     no SSH answer within the connect timeout
+``unreachable``     yes     other network error (no route, reset, ...)
+``disconnected``    yes     the server closed the connection during the handshake
+``forward_failed``  yes     the SSH host could not connect to the database host:port
+``key_missing``     no      SSH_KEY_PATH does not exist
+``key_invalid``     no      SSH_KEY_PATH unreadable, not a key, or wrong passphrase
+``auth_failed``     no      the server rejected the user/key
+``host_key_unknown`` no     no key for the server in SSH_KNOWN_HOSTS
+``host_key_changed`` no     the server's key differs from SSH_KNOWN_HOSTS (possible MITM)
+``forward_refused`` no      the SSH server does not allow the forward (AllowTcpForwarding)
+``error``           no      anything else (protocol error, local port in use, ...)
+=================== ======= ==========================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import logging
+import random
+import shlex
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import asyncssh
+
+from .errors import TunnelError
+from .settings import SSHSettings
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_KEEPALIVE_INTERVAL",
+    "LOCAL_HOST",
+    "SupervisedTunnel",
+    "open_tunnel",
+]
+
+log = logging.getLogger(__name__)
+
+LOCAL_HOST = "127.0.0.1"
+"""The only address the local end of a tunnel listens on."""
+DEFAULT_CONNECT_TIMEOUT = 15.0
+"""Seconds allowed for TCP connect + SSH handshake + authentication of one attempt."""
+DEFAULT_KEEPALIVE_INTERVAL = 15.0
+"""Seconds between SSH keepalives; after 3 unanswered ones the connection counts as dropped."""
+_KEEPALIVE_COUNT_MAX = 3
+
+_RETRYABLE = frozenset(
+    {"refused", "not_found", "timeout", "unreachable", "disconnected", "forward_failed"}
+)
+
+
+def _is_retryable(exc: TunnelError) -> bool:
+    return exc.reason in _RETRYABLE
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    """What the client authenticates with, loaded once per tunnel."""
+
+    keys: Sequence[asyncssh.SSHKeyPair] | None  # None: asyncssh defaults (~/.ssh/id_*, agent)
+    description: str  # for messages; never contains the passphrase
+
+
+async def _load_credentials(settings: SSHSettings) -> _Credentials:
+    """Load ``SSH_KEY_PATH`` (with ``SSH_KEY_PASSPHRASE``), or choose asyncssh's defaults.
+
+    Raises :class:`TunnelError` ``key_missing`` (no such file) or ``key_invalid`` (unreadable,
+    not a private key, encrypted without/with a wrong passphrase), before any connection.
+    """
+    path = settings.key_path
+    if path is None:
+        return _Credentials(None, "the default keys (~/.ssh/id_*) and the SSH agent "
+                                  "(SSH_AUTH_SOCK)")
+    if not path.exists():
+        raise TunnelError(
+            f"SSH key file {path} not found. Check SSH_KEY_PATH.", reason="key_missing"
+        )
+    try:
+        # Decrypting a key may take a noticeable time (bcrypt KDF): keep it off the loop.
+        keys = await asyncio.to_thread(asyncssh.load_keypairs, str(path),
+                                       settings.key_passphrase)
+    except FileNotFoundError as exc:  # removed between the check and the read
+        raise TunnelError(
+            f"SSH key file {path} not found. Check SSH_KEY_PATH.", reason="key_missing"
+        ) from exc
+    except OSError as exc:
+        raise TunnelError(
+            f"SSH key file {path} cannot be read ({exc.strerror}). Check SSH_KEY_PATH and the "
+            "file's permissions.", reason="key_invalid",
+        ) from exc
+    except ValueError as exc:  # KeyImportError, KeyEncryptionError
+        text = str(exc)
+        lower = text.lower()
+        if "incorrect passphrase" in lower or "unable to decrypt" in lower:
+            hint = "wrong passphrase; check SSH_KEY_PASSPHRASE"
+        elif "passphrase must be specified" in lower:
+            hint = "it is encrypted; set SSH_KEY_PASSPHRASE"
+        elif "bcrypt" in text:
+            hint = ("decrypting OpenSSH-format keys needs the bcrypt package; install "
+                    "asyncssh[bcrypt] or use an unencrypted key")
+        else:
+            hint = f"{text}; check SSH_KEY_PATH"
+        raise TunnelError(f"SSH key file {path} cannot be used: {hint}.",
+                          reason="key_invalid") from exc
+    if not keys:
+        raise TunnelError(f"SSH key file {path} holds no private key. Check SSH_KEY_PATH.",
+                          reason="key_invalid")
+    return _Credentials(keys, f"key {path}")
+
+
+# --------------------------------------------------------------------------- host keys
+
+
+def _where(settings: SSHSettings) -> str:
+    return f"{settings.host}:{settings.port}"
+
+
+def _keyscan_hint(settings: SSHSettings) -> str:
+    return (f"ssh-keyscan -p {settings.port} {shlex.quote(settings.host)} >> "
+            f"{shlex.quote(str(settings.known_hosts))}")
+
+
+def _read_known_hosts(settings: SSHSettings) -> asyncssh.SSHKnownHosts:
+    """Read ``SSH_KNOWN_HOSTS``; a missing file means every host key is unknown."""
+    path = settings.known_hosts
+    try:
+        return asyncssh.read_known_hosts(str(path))
+    except FileNotFoundError as exc:
+        raise TunnelError(
+            f"SSH known_hosts file {path} does not exist, so the host key of {_where(settings)} "
+            f"cannot be verified. After checking the fingerprint, add it with: "
+            f"{_keyscan_hint(settings)} (or set SSH_KNOWN_HOSTS).",
+            reason="host_key_unknown",
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise TunnelError(
+            f"SSH known_hosts file {path} cannot be read: {exc}. Check SSH_KNOWN_HOSTS.",
+            reason="error",
+        ) from exc
+
+
+def _matching_lines(path: Path, host: str, addr: str, port: int) -> list[int]:
+    """1-based line numbers of ``path`` holding an entry (key, CA or revocation) for the host."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    lookup_port = port if port != 22 else None
+    found = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        try:
+            matched = asyncssh.import_known_hosts(entry).match(host, addr, lookup_port)
+        except (ValueError, TypeError):
+            continue
+        if any(matched):
+            found.append(number)
+    return found
+
+
+def _known_hosts_name(settings: SSHSettings) -> str:
+    return settings.host if settings.port == 22 else f"[{settings.host}]:{settings.port}"
+
+
+class _RecordingClient(asyncssh.SSHClient):
+    """Remembers the host key the server presented when it was not trusted (for messages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.addr = ""
+        self.presented: asyncssh.SSHKey | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int,
+                                 key: asyncssh.SSHKey) -> bool:
+        self.addr = addr
+        self.presented = key
+        return False
+
+
+def _describe_key(key: asyncssh.SSHKey | None) -> str:
+    if key is None:
+        return ""
+    return f" (server presents {key.get_algorithm()} {key.get_fingerprint()})"
+
+
+def _host_key_error(settings: SSHSettings, client: _RecordingClient) -> TunnelError:
+    lines = _matching_lines(settings.known_hosts, settings.host, client.addr, settings.port)
+    presented = _describe_key(client.presented)
+    if not lines:
+        return TunnelError(
+            f"SSH host key of {_where(settings)} is unknown: it is not in {settings.known_hosts}"
+            f"{presented}. After checking the fingerprint with the server's administrator, add "
+            f"it with: {_keyscan_hint(settings)}",
+            reason="host_key_unknown",
+        )
+    where = ", ".join(str(n) for n in lines)
+    return TunnelError(
+        f"SSH host key of {_where(settings)} has CHANGED{presented} and does not match "
+        f"{settings.known_hosts} line {where}: this may be a man-in-the-middle attack. If the "
+        f"change is expected, remove the old entry (ssh-keygen -R "
+        f"{shlex.quote(_known_hosts_name(settings))} -f "
+        f"{shlex.quote(str(settings.known_hosts))}) and add the verified new key "
+        f"({_keyscan_hint(settings)}).",
+        reason="host_key_changed",
+    )
+
+
+# --------------------------------------------------------------------------- one attempt
+
+
+def _connect_error(settings: SSHSettings, credentials: _Credentials, client: _RecordingClient,
+                   exc: BaseException, connect_timeout: float) -> TunnelError:
+    """Translate an exception of :func:`asyncssh.connect` into one clear TunnelError."""
+    where = _where(settings)
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return _host_key_error(settings, client)
+    if isinstance(exc, asyncssh.PermissionDenied):
+        user = settings.user or getpass.getuser()
+        return TunnelError(
+            f"SSH authentication as {user!r} on {where} failed with {credentials.description}. "
+            f"Check SSH_USER and SSH_KEY_PATH, and that the public key is in {user}'s "
+            "~/.ssh/authorized_keys on the SSH host.",
+            reason="auth_failed",
+        )
+    if isinstance(exc, asyncssh.KeyExchangeFailed):
+        lines = _matching_lines(settings.known_hosts, settings.host, client.addr, settings.port)
+        if lines and "host key" in str(exc).lower():
+            # known_hosts pins key types the server no longer offers: treat as a changed key.
+            return _host_key_error(settings, client)
+        return TunnelError(f"SSH key exchange with {where} failed: {exc.reason}.",
+                           reason="error")
+    if isinstance(exc, asyncssh.DisconnectError):
+        return TunnelError(
+            f"SSH server {where} closed the connection during login ({exc.reason}). Check "
+            "SSH_HOST and SSH_PORT, and the SSH server's logs.",
+            reason="disconnected",
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return TunnelError(f"SSH connection to {where} refused. Check SSH_HOST and SSH_PORT.",
+                           reason="refused")
+    if isinstance(exc, socket.gaierror):
+        return TunnelError(
+            f"SSH host {settings.host!r} not found ({exc.strerror}). Check DNS or SSH_HOST.",
+            reason="not_found",
+        )
+    if isinstance(exc, TimeoutError):
+        return TunnelError(
+            f"SSH connection to {where} timed out after {connect_timeout:g} s. Check SSH_HOST, "
+            "SSH_PORT and firewalls.",
+            reason="timeout",
+        )
+    if isinstance(exc, OSError):
+        return TunnelError(
+            f"SSH connection to {where} failed: {exc.strerror or exc}. Check SSH_HOST, SSH_PORT "
+            "and the network.",
+            reason="unreachable",
+        )
+    return TunnelError(f"SSH connection to {where} failed: {exc}.", reason="error")
+
+
+def _forward_error(settings: SSHSettings, remote_host: str, remote_port: int,
+                   exc: asyncssh.ChannelOpenError) -> TunnelError:
+    target = f"{remote_host}:{remote_port}"
+    if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+        return TunnelError(
+            f"SSH server {_where(settings)} refused to forward to {target} ({exc.reason}). Allow "
+            "TCP forwarding for this user on the SSH host (sshd_config AllowTcpForwarding, "
+            "PermitOpen).",
+            reason="forward_refused",
+        )
+    return TunnelError(
+        f"SSH host {settings.host} could not connect to {target} ({exc.reason}). Check "
+        "POSTGRES_HOST and POSTGRES_PORT (or the host in DATABASE_URL) as seen from the SSH "
+        "host, and that PostgreSQL is running.",
+        reason="forward_failed",
+    )
+
+
+@dataclass
+class _Opened:
+    conn: asyncssh.SSHClientConnection
+    listener: asyncssh.SSHListener
+
+    @property
+    def port(self) -> int:
+        return self.listener.get_port()
+
+    async def close(self) -> None:
+        self.listener.close()
+        self.conn.close()
+        with contextlib.suppress(Exception):
+            await self.listener.wait_closed()
+        with contextlib.suppress(Exception):
+            await self.conn.wait_closed()
+
+
+@dataclass(frozen=True)
+class _Options:
+    connect_timeout: float
+    keepalive_interval: float
+    check_forward: bool
+
+
+async def _open_once(settings: SSHSettings, credentials: _Credentials, remote_host: str,
+                     remote_port: int, local_port: int, options: _Options) -> _Opened:
+    """One attempt: connect, optionally check the forward, listen on 127.0.0.1:local_port."""
+    known_hosts = _read_known_hosts(settings) if settings.strict_host_key_checking else None
+    client = _RecordingClient()
+    try:
+        conn = await asyncssh.connect(
+            settings.host,
+            settings.port,
+            config=None,  # never ~/.ssh/config: the SSH_* variables are the whole configuration
+            username=settings.user if settings.user else (),
+            known_hosts=known_hosts,
+            client_keys=credentials.keys if credentials.keys is not None else (),
+            # an explicit key is the only one offered; without one, asyncssh's defaults apply
+            agent_path=None if credentials.keys is not None else (),
+            passphrase=settings.key_passphrase if credentials.keys is None else None,
+            client_factory=lambda: client,
+            connect_timeout=options.connect_timeout,
+            keepalive_interval=options.keepalive_interval,
+            keepalive_count_max=_KEEPALIVE_COUNT_MAX,
+        )
+    except (OSError, asyncssh.Error) as exc:
+        raise _connect_error(settings, credentials, client, exc,
+                             options.connect_timeout) from exc
+
+    if not settings.strict_host_key_checking:
+        log.warning(
+            "SSH host key of %s NOT verified (SSH_STRICT_HOST_KEY_CHECKING=no)%s: the tunnel "
+            "is open to man-in-the-middle attacks; set SSH_KNOWN_HOSTS and remove this setting",
+            _where(settings), _describe_key(conn.get_server_host_key()),
+            extra={"event": "tunnel_host_key_unchecked", "ssh_host": settings.host,
+                   "ssh_port": settings.port},
+        )
+    try:
+        if options.check_forward:
+            # Open (and close at once, sending nothing) one forwarded connection, so that a
+            # refused forward or an unreachable database fails here, with a clear message,
+            # rather than later as a reset connection inside the PostgreSQL driver.
+            _, writer = await conn.open_connection(remote_host, remote_port)
+            writer.close()
+        listener = await conn.forward_local_port(LOCAL_HOST, local_port, remote_host,
+                                                 remote_port)
+    except BaseException as exc:
+        conn.close()
+        if not isinstance(exc, asyncio.CancelledError):
+            with contextlib.suppress(Exception):
+                await conn.wait_closed()
+        if isinstance(exc, asyncssh.ChannelOpenError):
+            raise _forward_error(settings, remote_host, remote_port, exc) from exc
+        if isinstance(exc, OSError):
+            raise TunnelError(
+                f"Cannot listen on {LOCAL_HOST}:{local_port} for the SSH tunnel: "
+                f"{exc.strerror or exc}. Choose another local port.",
+                reason="error",
+            ) from exc
+        if isinstance(exc, asyncssh.Error):
+            raise TunnelError(
+                f"SSH connection to {_where(settings)} was lost while opening the tunnel: "
+                f"{exc.reason}.",
+                reason="disconnected",
+            ) from exc
+        raise
+    return _Opened(conn, listener)
+
+
+async def _open_with_retries(settings: SSHSettings, credentials: _Credentials, remote_host: str,
+                             remote_port: int, local_port: int, options: _Options) -> _Opened:
+    """Up to ``1 + settings.max_retries`` attempts, sleeping ``retry_delay * n`` after the
+    n-th failed one; errors a retry cannot fix are raised at once."""
+    attempts = settings.max_retries + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return await _open_once(settings, credentials, remote_host, remote_port, local_port,
+                                    options)
+        except TunnelError as exc:
+            if not _is_retryable(exc):
+                raise
+            if attempt == attempts:
+                if attempts == 1:
+                    raise
+                raise TunnelError(
+                    f"{exc} Gave up after {attempts} attempts (SSH_MAX_RETRIES="
+                    f"{settings.max_retries}).",
+                    reason=exc.reason,
+                ) from exc
+            delay = settings.retry_delay * attempt
+            log.warning(
+                "SSH tunnel attempt %d of %d failed: %s Retrying in %.2f s.",
+                attempt, attempts, exc, delay,
+                extra={"event": "tunnel_retry", "attempt": attempt, "attempts": attempts,
+                       "reason": exc.reason, "delay": delay},
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@asynccontextmanager
+async def open_tunnel(
+    settings: SSHSettings,
+    remote_host: str,
+    remote_port: int,
+    *,
+    local_port: int = 0,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+    check_forward: bool = True,
+) -> AsyncIterator[tuple[str, int]]:
+    """Open an SSH tunnel and yield its local end ``("127.0.0.1", port)``.
+
+    Connects to ``settings.host:settings.port`` (``SSH_HOST``, ``SSH_PORT``) as
+    ``settings.user`` (``SSH_USER``; default: the local user) with the key ``settings.key_path``
+    (``SSH_KEY_PATH``, decrypted with ``SSH_KEY_PASSPHRASE``; without it asyncssh's default keys
+    and the SSH agent at ``SSH_AUTH_SOCK`` are used), verifies the server's host key against
+    ``settings.known_hosts`` (``SSH_KNOWN_HOSTS``) unless ``SSH_STRICT_HOST_KEY_CHECKING=no``,
+    and forwards ``127.0.0.1:local_port`` (``0``: a free port chosen by the OS) to
+    ``remote_host:remote_port`` as seen from the SSH host (``POSTGRES_HOST``, ``POSTGRES_PORT``).
+
+    Network failures are retried ``settings.max_retries`` times (``SSH_MAX_RETRIES``), sleeping
+    ``settings.retry_delay * attempt`` seconds (``SSH_RETRY_DELAY``) before attempt
+    ``attempt + 1``; key, authentication and host key failures are not retried.
+
+    ``connect_timeout`` (seconds) bounds each attempt; ``keepalive_interval`` (seconds) is the
+    SSH keepalive period; ``check_forward`` opens one forwarded connection before yielding so
+    that a refused forward or an unreachable database is reported here.
+
+    Raises :class:`~daemon.errors.TunnelError` (see the module docstring for ``reason``).
+    Everything is closed when the block exits.
+    """
+    credentials = await _load_credentials(settings)
+    options = _Options(connect_timeout, keepalive_interval, check_forward)
+    opened = await _open_with_retries(settings, credentials, remote_host, remote_port,
+                                      local_port, options)
+    log.info("SSH tunnel %s:%d -> %s -> %s:%d open", LOCAL_HOST, opened.port, _where(settings),
+             remote_host, remote_port,
+             extra={"event": "tunnel_open", "local_port": opened.port,
+                    "ssh_host": settings.host, "ssh_port": settings.port})
+    try:
+        yield LOCAL_HOST, opened.port
+    finally:
+        await opened.close()
+        log.info("SSH tunnel to %s closed", _where(settings), extra={"event": "tunnel_closed"})
+
+
+class SupervisedTunnel:
+    """An SSH tunnel that reopens itself, on the same local port, when the connection drops.
+
+    ::
+
+        async with SupervisedTunnel(settings, "db.internal", 5432) as (host, port):
+            ...  # connect PostgreSQL clients to host:port for as long as the daemon runs
+
+    The first open follows the rules of :func:`open_tunnel` (same retries, same
+    :class:`~daemon.errors.TunnelError`). Afterwards a background task waits for the SSH
+    connection to close (server restart, network loss detected by keepalives every
+    ``keepalive_interval`` seconds) and reopens it forever, sleeping a jittered exponential
+    backoff starting at ``settings.retry_delay`` (``SSH_RETRY_DELAY``) and capped at
+    ``max_backoff`` seconds between attempts. While it is down, connections to the local port
+    are refused.
+
+    ``reconnects`` counts successful reopens; :meth:`wait_up` / :meth:`wait_down` wait for the
+    state to change; ``is_up`` is the current state.
+    """
+
+    def __init__(
+        self,
+        settings: SSHSettings,
+        remote_host: str,
+        remote_port: int,
+        *,
+        local_port: int = 0,
+        max_backoff: float = 30.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+        check_forward: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.remote_host = remote_host
+        self.remote_port = remote_port
+        self.max_backoff = max_backoff
+        self.reconnects = 0
+        self._local_port = local_port
+        self._options = _Options(connect_timeout, keepalive_interval, check_forward)
+        self._credentials: _Credentials | None = None
+        self._opened: _Opened | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()
+        self._down = asyncio.Event()
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The local end ``("127.0.0.1", port)``; fixed after the first open."""
+        if not self._local_port:
+            raise RuntimeError("the tunnel has not been opened yet")
+        return LOCAL_HOST, self._local_port
+
+    @property
+    def is_up(self) -> bool:
+        return self._up.is_set()
+
+    async def wait_up(self) -> None:
+        """Return once the tunnel is open (at once if it is)."""
+        await self._up.wait()
+
+    async def wait_down(self) -> None:
+        """Return once the SSH connection has dropped (at once if it is down)."""
+        await self._down.wait()
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> tuple[str, int]:
+        self._credentials = await _load_credentials(self.settings)
+        opened = await _open_with_retries(self.settings, self._credentials, self.remote_host,
+                                          self.remote_port, self._local_port, self._options)
+        self._set_up(opened)
+        log.info("SSH tunnel %s:%d -> %s -> %s:%d open (supervised)", LOCAL_HOST, opened.port,
+                 _where(self.settings), self.remote_host, self.remote_port,
+                 extra={"event": "tunnel_open", "local_port": opened.port,
+                        "ssh_host": self.settings.host, "ssh_port": self.settings.port})
+        self._task = asyncio.create_task(self._supervise(), name="ssh-tunnel-supervisor")
+        return self.address
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop supervising and close the tunnel (idempotent)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._opened is not None:
+            opened, self._opened = self._opened, None
+            await opened.close()
+            log.info("SSH tunnel to %s closed", _where(self.settings),
+                     extra={"event": "tunnel_closed"})
+        self._up.clear()
+        self._down.set()
+
+    def _set_up(self, opened: _Opened) -> None:
+        self._opened = opened
+        self._local_port = opened.port
+        self._down.clear()
+        self._up.set()
+
+    def _backoff(self, attempt: int) -> float:
+        base = max(self.settings.retry_delay, 0.001)
+        ceiling = min(self.max_backoff, base * 2 ** min(attempt - 1, 30))
+        return random.uniform(ceiling / 2, ceiling)
+
+    async def _supervise(self) -> None:
+        while True:
+            opened = self._opened
+            assert opened is not None
+            await opened.conn.wait_closed()
+            self._up.clear()
+            self._down.set()
+            log.warning("SSH tunnel to %s dropped; reopening on %s:%d", _where(self.settings),
+                        LOCAL_HOST, self._local_port,
+                        extra={"event": "tunnel_down", "ssh_host": self.settings.host,
+                               "ssh_port": self.settings.port})
+            await opened.close()
+            self._opened = None
+            self._set_up(await self._reopen())
+            self.reconnects += 1
+            log.info("SSH tunnel to %s reopened on %s:%d (reconnect %d)", _where(self.settings),
+                     LOCAL_HOST, self._local_port, self.reconnects,
+                     extra={"event": "tunnel_reopened", "reconnects": self.reconnects,
+                            "local_port": self._local_port})
+
+    async def _reopen(self) -> _Opened:
+        assert self._credentials is not None
+        attempt = 0
+        while True:
+            attempt += 1
+            delay = self._backoff(attempt)
+            await asyncio.sleep(delay)
+            try:
+                return await _open_once(self.settings, self._credentials, self.remote_host,
+                                        self.remote_port, self._local_port, self._options)
+            except TunnelError as exc:
+                level = logging.WARNING if _is_retryable(exc) else logging.ERROR
+                log.log(level, "SSH tunnel reopen attempt %d failed: %s", attempt, exc,
+                        extra={"event": "tunnel_reopen_failed", "attempt": attempt,
+                               "reason": exc.reason})
+            except Exception:  # a bug must not end supervision: log it and keep trying
+                log.exception("SSH tunnel reopen attempt %d failed unexpectedly", attempt,
+                              extra={"event": "tunnel_reopen_failed", "attempt": attempt,
+                                     "reason": "bug"})
