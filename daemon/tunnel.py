@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import getpass
 import logging
 import random
+import re
 import shlex
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -244,6 +246,15 @@ def _host_key_error(settings: SSHSettings, client: _RecordingClient) -> TunnelEr
 # --------------------------------------------------------------------------- one attempt
 
 
+def _all_refused(exc: BaseException) -> bool:
+    """asyncio reports failures on several addresses of one name (IPv6 and IPv4) as a plain
+    ``OSError("Multiple exceptions: [Errno 111] ..., [Errno 111] ...")``."""
+    if not isinstance(exc, OSError) or exc.errno is not None:
+        return False
+    numbers = re.findall(r"\[Errno (\d+)\]", str(exc))
+    return bool(numbers) and all(int(n) == errno.ECONNREFUSED for n in numbers)
+
+
 def _connect_error(settings: SSHSettings, credentials: _Credentials, client: _RecordingClient,
                    exc: BaseException, connect_timeout: float) -> TunnelError:
     """Translate an exception of :func:`asyncssh.connect` into one clear TunnelError."""
@@ -271,7 +282,7 @@ def _connect_error(settings: SSHSettings, credentials: _Credentials, client: _Re
             "SSH_HOST and SSH_PORT, and the SSH server's logs.",
             reason="disconnected",
         )
-    if isinstance(exc, ConnectionRefusedError):
+    if isinstance(exc, ConnectionRefusedError) or _all_refused(exc):
         return TunnelError(f"SSH connection to {where} refused. Check SSH_HOST and SSH_PORT.",
                            reason="refused")
     if isinstance(exc, socket.gaierror):

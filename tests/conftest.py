@@ -8,19 +8,24 @@ existing databases: each database they use is created here with a unique name an
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from daemon.app import Bridge
 from daemon.embedded import start_embedded
 from daemon.schema import apply_schema_sync
+from daemon.settings import DaemonSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,3 +94,40 @@ def conninfo_env(conninfo: str) -> dict[str, str]:
 
 def dbname_of(conninfo: str) -> str:
     return str(conninfo_to_dict(conninfo)["dbname"])
+
+
+@pytest.fixture
+async def conn(db_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """An autocommit connection to ``db_url`` for writing chat rows."""
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as c:
+        yield c
+
+
+@asynccontextmanager
+async def running_bridge(conninfo: str, **overrides: Any) -> AsyncIterator[Bridge]:
+    """A :class:`Bridge` served in this event loop on a free port until the block ends."""
+    from tests.helpers import SECRET
+
+    options: dict[str, Any] = {"port": 0, "jwt_secret": SECRET, "probe_interval": 1.0,
+                               "ack_flush_interval": 0.05, "heartbeat": 5.0}
+    options.update(overrides)
+    bridge = Bridge(conninfo, DaemonSettings(**options), SECRET)
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.serve(stop))
+    started = asyncio.create_task(bridge.started.wait())
+    done, _ = await asyncio.wait({task, started}, timeout=30,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    assert started in done, "bridge did not start within 30 s"
+    try:
+        yield bridge
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def bridge(db_url: str) -> AsyncIterator[Bridge]:
+    async with running_bridge(db_url) as b:
+        yield b

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,24 @@ async def test_unknown_host_key_refused_without_retry(
     assert isinstance(error.__cause__, asyncssh.HostKeyNotVerifiable)
     assert sshd.connections_made == 1 and sshd.logins == 0
     assert not events(tunnel_log, "tunnel_retry")
+
+
+@pytest.mark.skipif(shutil.which("ssh-keyscan") is None, reason="needs OpenSSH's ssh-keyscan")
+async def test_keyscan_hint_makes_the_host_known(sshd: TestSSHServer, pg_server_conninfo: str,
+                                                 tmp_path: Path) -> None:
+    """Running the command the host_key_unknown message suggests is enough to connect."""
+    known_hosts = tmp_path / "hint_known_hosts"
+    error = await open_error(sshd.settings(known_hosts=known_hosts))
+    command = str(error).split("add it with: ")[1].split(" (or set")[0]
+    argv, target = command.split(" >> ")
+    scan = await asyncio.create_subprocess_exec(
+        *shlex.split(argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    output, _ = await scan.communicate()
+    assert scan.returncode == 0 and Path(target) == known_hosts
+    known_hosts.write_bytes(output)
+    async with open_tunnel(sshd.settings(known_hosts=known_hosts), DB_HOST, DB_PORT) as address:
+        assert await select_one(pg_server_conninfo, *address) == 1
 
 
 async def test_missing_known_hosts_file(sshd: TestSSHServer, tmp_path: Path) -> None:

@@ -1,0 +1,90 @@
+"""Test helpers: chat rows through plain SQL, tokens, and a protocol client over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import psycopg
+import websockets
+from ulid import ULID
+from websockets.asyncio.client import ClientConnection
+
+from daemon.auth import mint_token
+
+SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+
+
+async def make_user(conn: psycopg.AsyncConnection[Any], name: str = "user") -> str:
+    uid = str(ULID())
+    await conn.execute(
+        "INSERT INTO users (id, auth0_id, email, username) VALUES (%s, %s, %s, %s)",
+        (uid, f"auth0|{uid}", f"{uid.lower()}@example.test", name))
+    return uid
+
+
+async def make_room(conn: psycopg.AsyncConnection[Any], *members: str, name: str = "room") -> str:
+    room = str(ULID())
+    await conn.execute("INSERT INTO channels (id, name) VALUES (%s, %s)", (room, name))
+    for user in members:
+        await conn.execute("INSERT INTO channel_members (channel_id, user_id) VALUES (%s, %s)",
+                           (room, user))
+    return room
+
+
+async def post(conn: psycopg.AsyncConnection[Any], room: str, user: str,
+               content: str = "hi") -> str:
+    mid = str(ULID())
+    await conn.execute(
+        "INSERT INTO messages (id, channel_id, user_id, content) VALUES (%s, %s, %s, %s)",
+        (mid, room, user, content))
+    return mid
+
+
+async def head(conn: psycopg.AsyncConnection[Any], room: str) -> int:
+    cur = await conn.execute("SELECT last_seq FROM change_sequences WHERE room_id = %s", [room])
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def token(user: str, ttl: float = 3600, secret: str = SECRET) -> str:
+    return mint_token(secret, user, ttl=ttl)
+
+
+async def connect(port: int, user: str, **kwargs: Any) -> ClientConnection:
+    """Open a protocol connection as ``user`` and consume its ``welcome``."""
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?token={token(user)}",
+                                  max_size=2**24, **kwargs)
+    welcome = await recv(ws)
+    assert welcome["type"] == "welcome", welcome
+    return ws
+
+
+async def recv(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:
+    raw = await asyncio.wait_for(ws.recv(), timeout)
+    frame = json.loads(raw)
+    assert isinstance(frame, dict)
+    return frame
+
+
+async def send(ws: ClientConnection, **frame: Any) -> None:
+    await ws.send(json.dumps(frame))
+
+
+async def subscribe(ws: ClientConnection, room: str, **extra: Any) -> dict[str, Any]:
+    """Subscribe and return the ``subscribed`` frame (fails on anything else)."""
+    await send(ws, type="subscribe", room=room, ref="s", **extra)
+    frame = await recv(ws)
+    assert frame["type"] == "subscribed", frame
+    return frame
+
+
+async def events(ws: ClientConnection, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """The next ``n`` frames, which must all be events."""
+    out = []
+    for _ in range(n):
+        frame = await recv(ws, timeout)
+        assert frame["type"] == "event", frame
+        out.append(frame)
+    return out
