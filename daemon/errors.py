@@ -54,8 +54,10 @@ class SchemaError(DatabaseError):
 class TunnelError(BridgeError):
     """The SSH tunnel could not be opened or was refused (host key, auth, network).
 
-    ``reason`` is a short machine-readable tag (``refused``, ``not_found``, ``key_missing``,
-    ``auth_failed``, ``host_key_unknown``, ``host_key_changed``, ``error``).
+    ``reason`` is a short machine-readable tag: retried ones ``refused``, ``not_found``,
+    ``timeout``, ``unreachable``, ``disconnected``, ``forward_failed``; final ones
+    ``key_missing``, ``key_invalid``, ``auth_failed``, ``host_key_unknown``,
+    ``host_key_changed``, ``forward_refused``; ``error`` otherwise.
     """
 
     exit_code = EXIT_TUNNEL
