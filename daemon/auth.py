@@ -70,8 +70,8 @@ def resolve_secret(daemon: DaemonSettings, database: DatabaseSettings) -> str:
     """
     if daemon.jwt_secret:
         if len(daemon.jwt_secret) < 32:
-            raise ConfigError("PGBRIDGE_JWT_SECRET must be at least 32 characters "
-                              "(generate one: python -c 'import secrets; print(secrets.token_urlsafe(48))')")
+            raise ConfigError("PGBRIDGE_JWT_SECRET must be at least 32 characters (generate "
+                              "one: python -c 'import secrets; print(secrets.token_urlsafe(48))')")
         return daemon.jwt_secret
     if not database.embedded:
         raise ConfigError("PGBRIDGE_JWT_SECRET is not set: it is required with a configured "

@@ -21,7 +21,8 @@ from .settings import (
     schema_name,
 )
 
-EXIT_CODES = """exit codes: 0 ok, 1 database error, 2 usage or configuration error, 3 SSH tunnel error
+EXIT_CODES = """exit codes: 0 ok, 1 database error, 2 usage or configuration error, 3 SSH tunnel
+error
 settings: DATABASE_URL or POSTGRES_HOST/PORT/DB/USER/PASSWORD (none set: embedded PostgreSQL in
 PGBRIDGE_DATA_DIR, default .pgbridge); SSH_HOST, SSH_PORT, SSH_USER, SSH_KEY_PATH, SSH_KNOWN_HOSTS
 for a tunnel; read from the environment, .env and .env.local"""

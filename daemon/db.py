@@ -30,9 +30,9 @@ _SQLSTATE_ADVICE: dict[str, str] = {
     "3D000": "database {db} does not exist: create it (createdb {db}) or fix POSTGRES_DB",
     "42501": "insufficient privilege: {user} needs CREATE on database {db} and its schema "
              "(GRANT CREATE ON DATABASE ...), or run setup_db.py as the owner",
-    "42P04": "database {db} already exists",
-    "42P07": "an object of the schema already exists with another definition; inspect it or "
-             "apply into another schema with --schema",
+    "42P04": "the database already exists{detail}",
+    "42P07": "an object of the schema already exists with another definition{detail}; inspect "
+             "it or apply into another schema with --schema",
     "53300": "too many connections: the server's max_connections, or the CONNECTION LIMIT of "
              "{user} or of database {db}, is reached; close idle clients, lower "
              "PGBRIDGE_POOL_SIZE, or raise the limit",
@@ -83,6 +83,9 @@ def translate(exc: psycopg.Error, conninfo: str, *, doing: str = "connecting") -
     """
     parts = conninfo_to_dict(conninfo) if conninfo else {}
     fields = {"user": parts.get("user") or "the user", "db": parts.get("dbname") or "?"}
+    # the object the server complains about (42P04/42P07 name it only there)
+    primary = exc.diag.message_primary
+    fields["detail"] = f" ({primary})" if primary else ""
     target = describe(conninfo)
     sqlstate = exc.sqlstate or _connect_sqlstate(str(exc))
     if sqlstate in _SQLSTATE_ADVICE:

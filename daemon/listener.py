@@ -73,16 +73,22 @@ class Listener:
         self._queue: asyncio.Queue[str | _Track | _CatchUp] = asyncio.Queue(queue_size)
         self._probes: dict[str, asyncio.Future[None]] = {}
         self._session: asyncio.Task[None] | None = None
+        self._retry: asyncio.Task[None] | None = None
+        self.retry_delay = 1.0  # seconds before a failed log read is retried
 
     # --- public ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Run reader, processor and probe until cancelled. Raises :class:`DatabaseError` if
         the very first LISTEN never delivers (a standby or a transaction-mode pooler)."""
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._read_forever(), name="listener-reader")
-            tasks.create_task(self._process_forever(), name="listener-processor")
-            tasks.create_task(self._probe_forever(), name="listener-probe")
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._read_forever(), name="listener-reader")
+                tasks.create_task(self._process_forever(), name="listener-processor")
+                tasks.create_task(self._probe_forever(), name="listener-probe")
+        finally:
+            if self._retry is not None:
+                self._retry.cancel()
 
     async def add(self, sub: Subscription) -> int:
         """Register ``sub`` (tracking its room if new) and return ``L``: events after ``L`` will
@@ -149,15 +155,20 @@ class Listener:
             if future is not None and not future.done():
                 future.set_result(None)
 
-    async def _probe_once(self) -> bool:
+    async def _probe_once(self) -> bool | None:
+        """True: the probe came back; False: it did not (deaf listener); None: it could not be
+        sent (the database or the pool is down: not the listener's fault)."""
         token = secrets.token_hex(8)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._probes[token] = future
         try:
-            await self.store.notify(self.channel, json.dumps({"probe": token}))
+            try:
+                await self.store.notify(self.channel, json.dumps({"probe": token}))
+            except BridgeError:
+                return None
             await asyncio.wait_for(future, self.probe_timeout)
             return True
-        except (TimeoutError, BridgeError):
+        except TimeoutError:
             return False
         finally:
             self._probes.pop(token, None)
@@ -173,7 +184,7 @@ class Listener:
                     log.info("listener verified: a NOTIFY round trip arrived",
                              extra={"event": "listener_ready"})
                 self.ready.set()
-            elif self.connected:
+            elif ok is False and self.connected:
                 log.error("listener is connected but a NOTIFY round trip did not arrive within "
                           "%.1f s; replacing its connection", self.probe_timeout,
                           extra={"event": "listener_deaf"})
@@ -194,12 +205,19 @@ class Listener:
                 else:
                     await self._catch_up()
             except BridgeError as exc:
-                # The log is still there: the next NOTIFY of the room or the next reconnect
-                # fills whatever this attempt could not.
-                log.warning("could not read the log (%s); will retry on the next event or "
-                            "reconnect", exc, extra={"event": "fill_failed"})
-                if isinstance(item, _Track) and not item.future.done():
-                    item.future.set_exception(exc)
+                # The log is still there: a catch-up a moment later fills whatever this attempt
+                # could not (as would the room's next NOTIFY or a reconnect).
+                log.warning("could not read the log (%s); catching up again in %.1f s", exc,
+                            self.retry_delay, extra={"event": "fill_failed"})
+                if isinstance(item, _Track):
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                elif self._retry is None or self._retry.done():
+                    self._retry = asyncio.create_task(self._catch_up_later())
+
+    async def _catch_up_later(self) -> None:
+        await asyncio.sleep(self.retry_delay)
+        await self._queue.put(_CatchUp())
 
     async def _on_notify(self, payload: str) -> None:
         note = parse_notify(payload)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from .db import listen_channel, translate
 from .errors import SchemaError
@@ -139,7 +140,7 @@ def _log_notice(diag: psycopg.errors.Diagnostic) -> None:
         log.debug("%s", diag.message_primary, extra={"event": "schema_notice"})
 
 
-async def _apply(conn: psycopg.AsyncConnection[object], schema: str) -> ApplyReport:
+async def _apply(conn: psycopg.AsyncConnection[TupleRow], schema: str) -> ApplyReport:
     report = ApplyReport(schema=schema)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _LOCK)
@@ -192,7 +193,7 @@ def apply_schema_sync(conninfo: str, *, schema: str = "public") -> ApplyReport:
     return asyncio.run(apply_schema(conninfo, schema=schema))
 
 
-async def _problems(conn: psycopg.AsyncConnection[object], schema: str) -> list[str]:
+async def _problems(conn: psycopg.AsyncConnection[TupleRow], schema: str) -> list[str]:
     problems: list[str] = []
     cur = await conn.execute(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -239,7 +240,8 @@ async def check_schema(conninfo: str, *, schema: str = "public") -> None:
                           f"{more}: run python setup_db.py{flag}")
 
 
-async def verify_schema(conninfo: str, *, schema: str = "public", timeout: float = 10.0) -> list[str]:
+async def verify_schema(conninfo: str, *, schema: str = "public",
+                        timeout: float = 10.0) -> list[str]:
     """Check every table, function, trigger and migration, then prove the capture path end to
     end: a committed message reaches ``change_events`` and a LISTEN connection. The probe rows
     (a user, a room, a message and their log entries) are removed afterwards.
@@ -256,7 +258,7 @@ async def verify_schema(conninfo: str, *, schema: str = "public", timeout: float
         raise translate(exc, conninfo, doing="verifying the schema") from exc
 
 
-async def _probe_capture(conn: psycopg.AsyncConnection[object], conninfo: str, schema: str,
+async def _probe_capture(conn: psycopg.AsyncConnection[TupleRow], conninfo: str, schema: str,
                          timeout: float) -> list[str]:
     from ulid import ULID
 

@@ -253,7 +253,8 @@ class Client:
     async def _subscribe(self, request: Subscribe) -> None:
         room, ref = request.room, request.ref
         if room in self.subs:
-            raise ProtocolError("bad_request", "already subscribed to this room", ref=ref, room=room)
+            raise ProtocolError("bad_request", "already subscribed to this room", ref=ref,
+                                room=room)
         if len(self.subs) >= self.bridge.settings.max_subscriptions:
             raise ProtocolError("rate_limited", f"at most {self.bridge.settings.max_subscriptions} "
                                 "subscriptions per connection", ref=ref, room=room)

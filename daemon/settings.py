@@ -71,7 +71,7 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0,
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    """Parse a duration: plain seconds (``2.5``) or with a unit (``500ms``, ``30s``, ``12h``, ``7d``)."""
+    """Parse a duration: seconds (``2.5``) or with a unit (``500ms``, ``30s``, ``12h``, ``7d``)."""
     raw = _get(env, name)
     if raw is None:
         return default
@@ -162,7 +162,7 @@ class SSHSettings:
     user: str | None = None
     key_path: Path | None = None
     key_passphrase: str | None = None
-    known_hosts: Path = Path("~/.ssh/known_hosts").expanduser()
+    known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
     strict_host_key_checking: bool = True
     max_retries: int = 3
     retry_delay: float = 1.0

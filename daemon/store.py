@@ -7,17 +7,17 @@ Every psycopg error leaves this module as :class:`DatabaseError` (SQLSTATE kept)
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from .db import translate
+from .db import describe, translate
+from .errors import DatabaseError
 from .events import Event, event_from_row
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 __all__ = ["RoomCursorInfo", "Store"]
 
 READ_PAGE = 500
+
+
+def _connection_lost(exc: psycopg.OperationalError) -> bool:
+    """True for errors that mean the connection is gone rather than the statement failed."""
+    return exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,19 +74,27 @@ class Store:
     async def close(self) -> None:
         await self.pool.close()
 
-    @asynccontextmanager
-    async def _conn(self, doing: str) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
-        try:
-            async with self.pool.connection() as conn:
-                yield conn
-        except psycopg.Error as exc:
-            raise translate(exc, self.conninfo, doing=doing) from exc
-
     async def _all(self, query: str, params: Sequence[Any] | Mapping[str, Any],
                    doing: str) -> list[tuple[Any, ...]]:
-        async with self._conn(doing) as conn:
-            cur = await conn.execute(query.encode(), params)
-            return await cur.fetchall()
+        """Run one statement on a pooled connection. Every statement of this module is
+        idempotent, so one that failed because its connection was broken (server restart,
+        ``pg_terminate_backend``) is retried once on a fresh connection."""
+        for attempt in (1, 2):
+            try:
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute(query.encode(), params)
+                    return await cur.fetchall()
+            except psycopg.OperationalError as exc:
+                if attempt == 2 or not _connection_lost(exc):
+                    raise translate(exc, self.conninfo, doing=doing) from exc
+                log.info("pooled connection lost while %s; retrying once", doing,
+                         extra={"event": "pool_retry"})
+            except psycopg.Error as exc:
+                raise translate(exc, self.conninfo, doing=doing) from exc
+            except PoolTimeout as exc:
+                raise DatabaseError(f"{describe(self.conninfo)}: no database connection "
+                                    f"available while {doing}; is the server up?") from exc
+        raise AssertionError("unreachable")
 
     async def ping(self) -> bool:
         """True when a pooled connection answers ``SELECT 1`` (for /healthz)."""

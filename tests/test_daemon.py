@@ -321,7 +321,7 @@ async def test_cursor_expired_after_pruning(db_url: str, conn: Conn) -> None:
         frame = await recv(ws)
         assert (frame["type"], frame["code"], frame["room"]) == ("error", "cursor_expired", room)
         sub = await subscribe(ws, room, since=3)  # the oldest still retained follows 3
-        assert [e["seq"] for e in await events(ws, sub["head"] - 3)][0] == 4
+        assert next(e["seq"] for e in await events(ws, sub["head"] - 3)) == 4
         await ws.close()
 
 
@@ -376,7 +376,7 @@ async def test_healthz_and_metrics(bridge: Bridge) -> None:
     import urllib.request
 
     def get(path: str) -> tuple[int, bytes]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{bridge.port}{path}") as r:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{bridge.port}{path}") as r:
             return r.status, r.read()
 
     status, body = await asyncio.to_thread(get, "/healthz")
