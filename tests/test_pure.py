@@ -1,0 +1,205 @@
+"""The pure modules (protocol, cursor, hub, events, rate limit, settings): no I/O."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daemon.cursor import Arrival, classify, resolve_from
+from daemon.errors import ConfigError
+from daemon.events import Event, Pointer, Probe, event_from_row, parse_notify
+from daemon.hub import Hub, Subscription
+from daemon.protocol import Ack, ProtocolError, Subscribe, parse_frame
+from daemon.ratelimit import TokenBucket
+from daemon.settings import DaemonSettings, DatabaseSettings, SSHSettings
+
+
+class RecordingSink:
+    def __init__(self, user: str = "u1") -> None:
+        self.user = user
+        self.frames: list[bytes | str] = []
+        self.overflowed = False
+        self.ended: list[Subscription] = []
+
+    def send(self, frame: bytes | str) -> None:
+        self.frames.append(frame)
+
+    def overflow(self) -> None:
+        self.overflowed = True
+
+    def subscription_ended(self, sub: Subscription) -> None:
+        self.ended.append(sub)
+
+    def seqs(self) -> list[int]:
+        return [json.loads(f)["seq"] for f in self.frames if isinstance(f, bytes)]
+
+
+def event(seq: int, room: str = "R", **kw: object) -> Event:
+    return Event(room=room, seq=seq, frame=json.dumps({"type": "event", "seq": seq}).encode(),
+                 **kw)  # type: ignore[arg-type]
+
+
+@given(st.data())
+def test_switch_from_replay_to_live_has_no_gap_and_no_duplicate(data: st.DataObject) -> None:
+    """Whatever the interleaving of live events with the replay, a subscriber gets exactly
+    from+1 .. last, in order."""
+    total = data.draw(st.integers(0, 60), label="events in the log")
+    at = data.draw(st.integers(0, total), label="published when the subscriber registers")
+    start = data.draw(st.integers(0, at), label="from")
+    hub = Hub()
+    hub.track("R", 0)
+    keep = Subscription(RecordingSink("other"), "R", pending_limit=1000)
+    hub.add(keep)  # keeps the room tracked throughout
+    for seq in range(1, at + 1):
+        hub.publish(event(seq))
+    sink = RecordingSink()
+    sub = Subscription(sink, "R", pending_limit=1000)
+    live_from = hub.add(sub)
+    assert live_from == at
+    sub.from_seq = start
+    published = at
+    replay = list(range(start + 1, live_from + 1))
+    while replay or published < total:  # replay pages and live events, interleaved at random
+        if replay and (published == total or data.draw(st.booleans())):
+            sub.replay(event(replay.pop(0)))
+        else:
+            published += 1
+            hub.publish(event(published))
+    sub.go_live()
+    for seq in range(total + 1, total + 4):
+        hub.publish(event(seq))
+    assert sink.seqs() == list(range(start + 1, total + 4))
+
+
+def test_revocation_ends_subscription_before_later_events() -> None:
+    hub, sink = Hub(), RecordingSink("bob")
+    hub.track("R", 0)
+    sub = Subscription(sink, "R", pending_limit=10)
+    hub.add(sub)
+    sub.go_live()
+    hub.publish(event(1))
+    hub.publish(event(2, revokes="alice"))  # somebody else: delivered
+    hub.publish(event(3, revokes="bob"))
+    hub.publish(event(4))
+    assert sink.seqs() == [1, 2]
+    assert json.loads(sink.frames[-1]) == {"type": "unsubscribed", "room": "R",
+                                           "reason": "membership_revoked"}
+    assert sink.ended == [sub] and "R" not in hub
+
+
+def test_revocation_buffered_during_replay_is_applied_at_go_live() -> None:
+    hub, sink = Hub(), RecordingSink("bob")
+    hub.track("R", 5)
+    sub = Subscription(sink, "R", pending_limit=10)
+    assert hub.add(sub) == 5
+    hub.publish(event(6, revokes="bob"))
+    hub.publish(event(7))
+    sub.replay(event(5))
+    assert sub.go_live() is True
+    assert sink.seqs() == [5]
+    assert json.loads(sink.frames[-1])["reason"] == "membership_revoked"
+
+
+def test_room_deleted_event_is_delivered_then_subscription_ends() -> None:
+    hub, sink = Hub(), RecordingSink()
+    hub.track("R", 0)
+    sub = Subscription(sink, "R", pending_limit=10)
+    hub.add(sub)
+    sub.go_live()
+    hub.publish(event(1, ends_room=True))
+    hub.publish(event(2))
+    assert sink.seqs() == [1]
+    assert json.loads(sink.frames[-1])["reason"] == "room_deleted"
+
+
+def test_pending_overflow_reports_slow_client() -> None:
+    hub, sink = Hub(), RecordingSink()
+    hub.track("R", 0)
+    sub = Subscription(sink, "R", pending_limit=3)
+    hub.add(sub)
+    for seq in range(1, 5):
+        hub.publish(event(seq))
+    assert sink.overflowed
+
+
+@pytest.mark.parametrize(("last", "seq", "arrival"), [
+    (5, 5, Arrival.DUPLICATE), (5, 3, Arrival.DUPLICATE), (5, 6, Arrival.NEXT),
+    (5, 9, Arrival.GAP), (0, 1, Arrival.NEXT)])
+def test_classify(last: int, seq: int, arrival: Arrival) -> None:
+    assert classify(last, seq) is arrival
+
+
+def test_resolve_from_rules() -> None:
+    base = {"room": "R", "head": 10, "retained_from": 4}
+    assert resolve_from(since=None, acked=None, **base) == 10  # type: ignore[arg-type]
+    assert resolve_from(since=None, acked=7, **base) == 7  # type: ignore[arg-type]
+    assert resolve_from(since=None, acked=99, **base) == 10  # type: ignore[arg-type]
+    assert resolve_from(since=3, acked=7, **base) == 3  # type: ignore[arg-type]
+    assert resolve_from(since=10, acked=None, **base) == 10  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError) as ahead:
+        resolve_from(since=11, acked=None, **base)  # type: ignore[arg-type]
+    assert ahead.value.code == "bad_request"
+    with pytest.raises(ProtocolError) as expired:
+        resolve_from(since=2, acked=None, **base)  # type: ignore[arg-type]
+    assert expired.value.code == "cursor_expired"
+    with pytest.raises(ProtocolError):
+        resolve_from(since=None, acked=1, **base)  # type: ignore[arg-type]
+    # empty log (everything pruned): only the head itself is a valid cursor
+    assert resolve_from(room="R", since=10, acked=None, head=10, retained_from=11) == 10
+    with pytest.raises(ProtocolError):
+        resolve_from(room="R", since=9, acked=None, head=10, retained_from=11)
+
+
+def test_parse_frame_accepts_valid_requests() -> None:
+    assert parse_frame('{"type":"subscribe","room":"R","since":0,"ref":"a","extra":1}') == \
+        Subscribe(room="R", since=0, ref="a")
+    assert parse_frame('{"type":"ack","room":"R","seq":9}') == Ack(room="R", seq=9)
+
+
+@given(st.text(max_size=200))
+def test_parse_frame_never_raises_anything_but_protocol_error(text: str) -> None:
+    try:
+        parse_frame(text)
+    except ProtocolError as exc:
+        assert exc.code in ("bad_request", "unknown_type")
+        assert json.loads(exc.frame())["type"] == "error"
+
+
+def test_parse_notify_kinds() -> None:
+    full = json.dumps({"type": "event", "room": "R", "seq": 3, "table": "channel_members",
+                       "op": "DELETE", "data": {"user_id": "U"}})
+    parsed = parse_notify(full)
+    assert isinstance(parsed, Event) and parsed.revokes == "U" and parsed.frame == full.encode()
+    assert parse_notify('{"room": "R", "seq": 4}') == Pointer("R", 4)
+    assert parse_notify('{"probe": "abc"}') == Probe("abc")
+    assert parse_notify("garbage") is None and parse_notify("[1]") is None
+    deleted = event_from_row("R", 1, "channels", "UPDATE", {"deleted_at": "2026-01-01"}, "{}")
+    assert deleted.ends_room and not event_from_row("R", 1, "channels", "UPDATE",
+                                                    {"deleted_at": None}, "{}").ends_room
+
+
+def test_token_bucket_rate_and_burst() -> None:
+    now = [0.0]
+    bucket = TokenBucket(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    now[0] += 1.0
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+
+
+def test_settings_errors_name_the_variable() -> None:
+    for env, name in [({"PGBRIDGE_PORT": "http"}, "PGBRIDGE_PORT"),
+                      ({"PGBRIDGE_RETENTION": "a week"}, "PGBRIDGE_RETENTION"),
+                      ({"PGBRIDGE_SCHEMA": "Robert'); DROP"}, "PGBRIDGE_SCHEMA"),
+                      ({"PGBRIDGE_LOG_LEVEL": "loud"}, "PGBRIDGE_LOG_LEVEL")]:
+        with pytest.raises(ConfigError, match=name):
+            DaemonSettings.from_env(env)
+    with pytest.raises(ConfigError, match="SSH_STRICT_HOST_KEY_CHECKING"):
+        SSHSettings.from_env({"SSH_HOST": "h", "SSH_STRICT_HOST_KEY_CHECKING": "maybe"})
+    assert DaemonSettings.from_env({"PGBRIDGE_RETENTION": "12h"}).retention == 43200
+    assert DatabaseSettings.from_env({}).embedded
+    assert not DatabaseSettings.from_env({"POSTGRES_HOST": "db"}).embedded
+    assert "secret" not in repr(DatabaseSettings.from_env({"DATABASE_URL": "postgres://u:secret@h/d"}))
+    assert "pw" not in repr(SSHSettings.from_env({"SSH_HOST": "h", "SSH_KEY_PASSPHRASE": "pw"}))
