@@ -48,7 +48,8 @@ def test_switch_from_replay_to_live_has_no_gap_and_no_duplicate(data: st.DataObj
     from+1 .. last, in order."""
     total = data.draw(st.integers(0, 60), label="events in the log")
     at = data.draw(st.integers(0, total), label="published when the subscriber registers")
-    start = data.draw(st.integers(0, at), label="from")
+    # from may exceed L: the database's head can be ahead of what the hub has published yet
+    start = data.draw(st.integers(0, total), label="from")
     hub = Hub()
     hub.track("R", 0)
     keep = Subscription(RecordingSink("other"), "R", pending_limit=1000)
