@@ -89,6 +89,7 @@ class Store:
                     raise translate(exc, self.conninfo, doing=doing) from exc
                 log.info("pooled connection lost while %s; retrying once", doing,
                          extra={"event": "pool_retry"})
+                await self.pool.check()  # one broken connection means the others may be too
             except psycopg.Error as exc:
                 raise translate(exc, self.conninfo, doing=doing) from exc
             except PoolTimeout as exc:
