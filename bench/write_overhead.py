@@ -18,7 +18,7 @@ are emptied before each run. Two scenarios: the writers spread over ``--rooms`` 
 all writers in one room (the per-room counter serializes them). A LISTEN connection drains the
 notifications during capture runs, as the daemon would (``--no-listener`` to leave it out).
 
-``--profile`` adds variants of ``pgbridge_emit`` with one part taken out (the NOTIFY, the frame
+``--profile`` adds variants of ``pgbridge_capture`` with one part taken out (the NOTIFY, the frame
 JSON, the change_events insert, the change_sequences counter, everything), each in its own
 schema, to show where the time goes. The shipped SQL files are not changed.
 
@@ -53,26 +53,30 @@ from daemon.settings import DatabaseSettings, load_environment
 GOAL = 0.50
 PREFIX = "pgbridge_bench_"
 
-# Ablations of pgbridge_emit: (name, what is taken out, [(old, new), ...]) applied to the
+# Ablations of pgbridge_capture: (name, what is taken out, [(old, new), ...]) applied to the
 # function's definition as installed (pg_get_functiondef).
-SEQ_UPSERT = """INSERT INTO change_sequences AS s (room_id, last_seq) VALUES (p_room, 1)
-        ON CONFLICT (room_id) DO UPDATE SET last_seq = s.last_seq + 1
-        RETURNING s.last_seq INTO v_seq;"""
-LOG_INSERT = ("INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, "
-              "created_at)\n        VALUES (p_room, v_seq, p_table, p_op, p_id, p_data, v_ts);")
-FRAME = "v_frame := pgbridge_event_frame(p_room, v_seq, p_table, p_op, p_id, p_data, v_ts);"
-NOTIFY = "PERFORM pg_notify(p_channel, v_frame);"
+SEQ_UPSERT = """INSERT INTO change_sequences AS s (room_id, last_seq) VALUES (v_rooms[i], 1)
+            ON CONFLICT (room_id) DO UPDATE SET last_seq = s.last_seq + 1
+            RETURNING s.last_seq"""
+LOG_INSERT = """INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, created_at)
+        SELECT v_rooms[i], bumped.last_seq, TG_TABLE_NAME, v_ops[i], v_id, v_datas[i], v_ts
+        FROM bumped
+        RETURNING seq INTO v_seq;"""
+NO_LOG = "SELECT bumped.last_seq FROM bumped INTO v_seq;"
+FRAME = """v_frame := pgbridge_event_frame(v_rooms[i], v_seq, TG_TABLE_NAME, v_ops[i], v_id,
+                                        v_datas[i], v_ts);"""
+NOTIFY = "PERFORM pg_notify(v_channel, v_frame);"
+NO_SEQ = "SELECT nextval('bench_seq') AS last_seq"
 ABLATIONS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("no_notify", "without pg_notify", [(NOTIFY, "NULL;")]),
     ("no_frame", "NOTIFY {room, seq} only (no frame JSON)",
-     [(FRAME, "v_frame := json_build_object('room', p_room, 'seq', v_seq)::text;")]),
-    ("no_log", "without the change_events insert", [(LOG_INSERT, "NULL;")]),
-    ("no_seq", "seq from a plain sequence (no per-room row lock)",
-     [(SEQ_UPSERT, "v_seq := nextval('bench_seq');")]),
+     [(FRAME, "v_frame := json_build_object('room', v_rooms[i], 'seq', v_seq)::text;")]),
+    ("no_log", "without the change_events insert", [(LOG_INSERT, NO_LOG)]),
+    ("no_seq", "seq from a plain sequence (no per-room row lock)", [(SEQ_UPSERT, NO_SEQ)]),
     ("no_locks", "without pg_notify and without the per-room row lock",
-     [(NOTIFY, "NULL;"), (SEQ_UPSERT, "v_seq := nextval('bench_seq');")]),
-    ("no_emit", "trigger only (to_jsonb, room lookup; emit returns at once)",
-     [(SEQ_UPSERT, "RETURN 0;")]),
+     [(NOTIFY, "NULL;"), (SEQ_UPSERT, NO_SEQ)]),
+    ("no_emit", "trigger only (to_jsonb, room lookup; nothing written)",
+     [("FOR i IN 1..array_length(v_rooms, 1) LOOP", "FOR i IN 1..0 LOOP")]),
 ]
 
 
@@ -100,7 +104,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating runs per variant and scenario (3)")
     parser.add_argument("--profile", action="store_true",
-                        help="also measure pgbridge_emit with one part taken out at a time")
+                        help="also measure pgbridge_capture with one part taken out at a time")
     parser.add_argument("--async-commit", action="store_true",
                         help="writers use synchronous_commit=off (both variants): shows what "
                         "waiting for the WAL flush while holding a lock costs")
@@ -156,13 +160,13 @@ def prepare_schema(conninfo: str, name: str, rooms: int, writers: int,
         if replacements:
             conn.execute("CREATE SEQUENCE bench_seq")
             row = conn.execute("SELECT pg_get_functiondef(%s::regprocedure)",
-                               [f"{schema}.pgbridge_emit(text, text, text, text, jsonb, text)"]
+                               [f"{schema}.pgbridge_capture()"]
                                ).fetchone()
             assert row
             definition = str(row[0])
             for old, new in replacements:
                 if old not in definition:
-                    raise SystemExit(f"bench: pgbridge_emit no longer contains {old!r}: "
+                    raise SystemExit(f"bench: pgbridge_capture no longer contains {old!r}: "
                                      "update ABLATIONS in bench/write_overhead.py")
                 definition = definition.replace(old, new)
             conn.execute(definition.encode())

@@ -53,8 +53,7 @@ TABLES = (
     "schema_migrations",
 )
 PUBLISHED = ("channels", "messages", "channel_members", "reactions", "files", "message_reads")
-FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_event_frame", "pgbridge_emit",
-             "pgbridge_room_of", "pgbridge_capture")
+FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_event_frame", "pgbridge_capture")
 
 
 def _sql_dir() -> Traversable:

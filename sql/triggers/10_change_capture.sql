@@ -23,59 +23,22 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     )::text
 $$;
 
--- Append one event to the room's log and ring the doorbell. Returns the event's seq.
-CREATE OR REPLACE FUNCTION pgbridge_emit(
-    p_room text, p_table text, p_op text, p_id text, p_data jsonb, p_channel text
-) RETURNS bigint
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-DECLARE
-    notify_max CONSTANT int := 7000;  -- NOTIFY payloads must stay under 8000 bytes
-    v_seq bigint;
-    v_ts timestamptz := clock_timestamp();
-    v_frame text;
-BEGIN
-    INSERT INTO change_sequences AS s (room_id, last_seq) VALUES (p_room, 1)
-        ON CONFLICT (room_id) DO UPDATE SET last_seq = s.last_seq + 1
-        RETURNING s.last_seq INTO v_seq;
-    INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, created_at)
-        VALUES (p_room, v_seq, p_table, p_op, p_id, p_data, v_ts);
-    v_frame := pgbridge_event_frame(p_room, v_seq, p_table, p_op, p_id, p_data, v_ts);
-    IF octet_length(v_frame) > notify_max THEN
-        v_frame := json_build_object('room', p_room, 'seq', v_seq)::text;
-    END IF;
-    PERFORM pg_notify(p_channel, v_frame);
-    RETURN v_seq;
-END
-$$;
-
--- Room of a row: TG_ARGV[0] says how to find it.
+-- The row trigger. TG_ARGV[0] says how to find the row's room:
 --   'self'       the row is the room (channels)
 --   'channel_id' the row's channel_id column (messages, channel_members)
 --   'message_id' the channel of the row's message (reactions, files, message_reads); a row
 --                without a message, or one removed by the cascade of its message's deletion,
 --                has no room left and is not published (the message's DELETE announces it).
-CREATE OR REPLACE FUNCTION pgbridge_room_of(p_how text, p_row jsonb) RETURNS text
-LANGUAGE plpgsql STABLE SET search_path FROM CURRENT AS $$
-DECLARE
-    v_room text;
-BEGIN
-    IF p_how = 'self' THEN
-        RETURN p_row->>'id';
-    ELSIF p_how = 'channel_id' THEN
-        RETURN p_row->>'channel_id';
-    END IF;
-    SELECT m.channel_id INTO v_room FROM messages m WHERE m.id = p_row->>'message_id';
-    RETURN v_room;
-END
-$$;
-
--- The row trigger. The event's id is the row's id, or 'a:b' for the two-column keys of
--- channel_members (channel_id:user_id) and message_reads (message_id:user_id). An UPDATE that
--- moves a row to another room is published as DELETE (old row) in the old room and UPDATE in the
--- new one.
+-- The event's id is the row's id, or 'a:b' for the two-column keys of channel_members
+-- (channel_id:user_id) and message_reads (message_id:user_id). An UPDATE that moves a row to
+-- another room is published as DELETE (old row) in the old room and UPDATE in the new one.
+--
+-- Everything is inline in one function (one search_path switch, no nested calls): this runs in
+-- every writer's transaction, and bench/write_overhead.py measures what it costs them.
 CREATE OR REPLACE FUNCTION pgbridge_capture() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
+    notify_max CONSTANT int := 7000;  -- NOTIFY payloads must stay under 8000 bytes
     v_how text := TG_ARGV[0];
     v_channel text := CASE WHEN TG_TABLE_SCHEMA = 'public' THEN 'pgbridge'
                            ELSE 'pgbridge_' || TG_TABLE_SCHEMA END;
@@ -84,31 +47,71 @@ DECLARE
     v_room text;
     v_old_room text;
     v_id text;
+    v_seq bigint;
+    v_ts timestamptz;
+    v_frame text;
+    -- what to emit: the old room first (moved rows only), then the row's room
+    v_rooms text[];
+    v_ops text[];
+    v_datas jsonb[];
 BEGIN
     IF TG_OP = 'DELETE' THEN
         v_row := to_jsonb(OLD);
     ELSE
         v_row := to_jsonb(NEW);
     END IF;
+    IF v_how = 'self' THEN
+        v_room := v_row->>'id';
+    ELSIF v_how = 'channel_id' THEN
+        v_room := v_row->>'channel_id';
+    ELSE
+        SELECT m.channel_id INTO v_room FROM messages m WHERE m.id = v_row->>'message_id';
+    END IF;
     v_id := CASE TG_TABLE_NAME
         WHEN 'channel_members' THEN concat(v_row->>'channel_id', ':', v_row->>'user_id')
         WHEN 'message_reads' THEN concat(v_row->>'message_id', ':', v_row->>'user_id')
         ELSE v_row->>'id' END;
-    v_room := pgbridge_room_of(v_how, v_row);
+    v_rooms := ARRAY[v_room];
+    v_ops := ARRAY[TG_OP];
+    v_datas := ARRAY[v_row];
 
     IF TG_OP = 'UPDATE' AND v_how <> 'self' THEN
         v_old := to_jsonb(OLD);
         IF v_old->>v_how IS DISTINCT FROM v_row->>v_how THEN
-            v_old_room := pgbridge_room_of(v_how, v_old);
-            IF v_old_room IS DISTINCT FROM v_room AND v_old_room IS NOT NULL THEN
-                PERFORM pgbridge_emit(v_old_room, TG_TABLE_NAME, 'DELETE', v_id, v_old, v_channel);
+            IF v_how = 'channel_id' THEN
+                v_old_room := v_old->>'channel_id';
+            ELSE
+                SELECT m.channel_id INTO v_old_room FROM messages m
+                WHERE m.id = v_old->>'message_id';
+            END IF;
+            IF v_old_room IS DISTINCT FROM v_room THEN
+                v_rooms := ARRAY[v_old_room, v_room];
+                v_ops := ARRAY['DELETE', TG_OP];
+                v_datas := ARRAY[v_old, v_row];
             END IF;
         END IF;
     END IF;
 
-    IF v_room IS NOT NULL THEN
-        PERFORM pgbridge_emit(v_room, TG_TABLE_NAME, TG_OP, v_id, v_row, v_channel);
-    END IF;
+    FOR i IN 1..array_length(v_rooms, 1) LOOP
+        CONTINUE WHEN v_rooms[i] IS NULL;
+        v_ts := clock_timestamp();
+        -- The room's next seq; the row lock it takes is held until commit.
+        WITH bumped AS (
+            INSERT INTO change_sequences AS s (room_id, last_seq) VALUES (v_rooms[i], 1)
+            ON CONFLICT (room_id) DO UPDATE SET last_seq = s.last_seq + 1
+            RETURNING s.last_seq
+        )
+        INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, created_at)
+        SELECT v_rooms[i], bumped.last_seq, TG_TABLE_NAME, v_ops[i], v_id, v_datas[i], v_ts
+        FROM bumped
+        RETURNING seq INTO v_seq;
+        v_frame := pgbridge_event_frame(v_rooms[i], v_seq, TG_TABLE_NAME, v_ops[i], v_id,
+                                        v_datas[i], v_ts);
+        IF octet_length(v_frame) > notify_max THEN
+            v_frame := json_build_object('room', v_rooms[i], 'seq', v_seq)::text;
+        END IF;
+        PERFORM pg_notify(v_channel, v_frame);
+    END LOOP;
     RETURN NULL;
 END
 $$;
