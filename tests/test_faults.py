@@ -1,0 +1,478 @@
+"""The daemon under failure: real PostgreSQL, real WebSocket clients over loopback, and the
+daemon run both in-process (:func:`conftest.running_bridge`) and as ``python -m daemon``.
+
+Each test is named after the failure it pins: the daemon killed with SIGKILL, its database
+backends terminated under load, a client that stops reading, SIGTERM, a database that is empty,
+unconfigured or unreachable at start-up, and the reference client ``pgbridge tail``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import websockets
+from conftest import conninfo_env, running_bridge
+from psycopg.conninfo import make_conninfo
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from tests.helpers import (
+    SECRET,
+    connect,
+    events,
+    head,
+    make_room,
+    make_user,
+    post,
+    recv,
+    send,
+    subscribe,
+    token,
+)
+
+PGBRIDGE = Path(sys.executable).with_name("pgbridge")
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str,
+                timeout: float = 20.0, every: float = 0.02) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+async def http_status(port: int, path: str) -> int | None:
+    """Status of ``GET path`` on 127.0.0.1:port, or ``None`` when nothing answers."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port), 2.0)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                     .encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5.0)
+        parts = line.split()
+        return int(parts[1]) if len(parts) >= 2 else None
+    except (OSError, TimeoutError, ValueError):
+        return None
+    finally:
+        writer.close()
+
+
+async def pong_next(ws: ClientConnection, ref: str = "p") -> None:
+    """Send a ping and require the next frame to be its pong: nothing else (no duplicate,
+    no stray event) was queued before it."""
+    await send(ws, type="ping", ref=ref)
+    frame = await recv(ws)
+    assert frame == {"type": "pong", "ref": ref}, frame
+
+
+async def closed_code(ws: ClientConnection, timeout: float = 20.0) -> int | None:
+    """Read (and drop) frames until the connection closes; return the close code received
+    (``None`` when the connection ended without a close frame)."""
+    async def drain() -> int | None:
+        try:
+            async for _ in ws:
+                pass
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+        return ws.close_code
+
+    return await asyncio.wait_for(drain(), timeout)
+
+
+class DaemonProcess:
+    """``python -m daemon`` in a subprocess; its stderr (JSON log lines) is kept in ``log``."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.env = env
+        self.cwd = cwd
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: list[str] = []
+        self.out: list[str] = []
+        self._pumps: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon", env=self.env, cwd=self.cwd,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._pumps = [asyncio.create_task(self._pump(self.proc.stdout, self.out)),
+                       asyncio.create_task(self._pump(self.proc.stderr, self.log))]
+
+    @staticmethod
+    async def _pump(stream: asyncio.StreamReader, into: list[str]) -> None:
+        async for line in stream:
+            into.append(line.decode(errors="replace").rstrip("\n"))
+
+    def tail(self) -> str:
+        return "\n".join(self.log[-20:])
+
+    async def wait_healthy(self, port: int, timeout: float = 30.0) -> None:
+        assert self.proc is not None
+
+        async def healthy() -> bool:
+            assert self.proc is not None
+            if self.proc.returncode is not None:
+                await asyncio.gather(*self._pumps)
+                pytest.fail(f"daemon exited with {self.proc.returncode}:\n{self.tail()}")
+            return await http_status(port, "/healthz") == 200
+
+        await until(healthy, f"GET /healthz == 200 on port {port}", timeout=timeout, every=0.05)
+
+    async def wait(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.gather(*self._pumps)
+        return code
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.wait()
+
+
+@asynccontextmanager
+async def daemon_process(db_url: str, port: int, cwd: Path,
+                         **extra: str) -> AsyncIterator[DaemonProcess]:
+    """A healthy daemon subprocess on ``port``; killed at the end of the block if still up."""
+    env = conninfo_env(db_url) | {"PGBRIDGE_JWT_SECRET": SECRET, "PGBRIDGE_PORT": str(port),
+                                  "PGBRIDGE_PROBE_INTERVAL": "1"} | extra
+    daemon = DaemonProcess(env, cwd)
+    await daemon.start()
+    try:
+        await daemon.wait_healthy(port)
+        yield daemon
+    finally:
+        await daemon.kill()
+
+
+async def run_cli(*args: str, env: dict[str, str], cwd: Path,
+                  timeout: float = 60.0) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(*args, env=env, cwd=cwd,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def human_lines(stderr: str) -> list[str]:
+    """stderr lines meant for people (the daemon's JSON log lines left out)."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("{")]
+
+
+async def member_room(conn: psycopg.AsyncConnection[Any], *names: str) -> tuple[list[str], str]:
+    users = [await make_user(conn, name) for name in names]
+    return users, await make_room(conn, *users, name="faults")
+
+
+# --- SIGKILL ------------------------------------------------------------------------------------
+
+async def test_resume_after_daemon_kill_9(conn: psycopg.AsyncConnection[Any], db_url: str,
+                                          tmp_path: Path) -> None:
+    (user,), room = await member_room(conn, "kill9")
+    base = await head(conn, room)  # the room's own rows (channel, membership) are events too
+    port = free_port()
+    sent: list[str] = []
+
+    async def write(n: int) -> None:
+        for _ in range(n):
+            sent.append(await post(conn, room, user, f"m{len(sent) + 1}"))
+
+    async with daemon_process(db_url, port, tmp_path) as first:
+        ws = await connect(port, user)
+        sub = await subscribe(ws, room, since=base)
+        assert (sub["from"], sub["head"]) == (base, base)
+        await write(5)
+        got = await events(ws, 5)
+        assert [e["seq"] for e in got] == list(range(base + 1, base + 6))
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGKILL)
+        assert await first.wait() == -signal.SIGKILL
+        # The client sees the connection die without a close frame (no orderly shutdown).
+        assert await closed_code(ws) is None
+
+    await write(5)  # committed while no daemon runs
+    held = got[-1]["seq"]
+    async with daemon_process(db_url, port, tmp_path):
+        ws = await connect(port, user)
+        sub = await subscribe(ws, room, since=held)
+        assert (sub["from"], sub["head"]) == (base + 5, base + 10)
+        missed = await events(ws, 5)
+        await write(5)  # live, after the resume
+        live = await events(ws, 5)
+        await pong_next(ws)  # nothing after seq 15: no duplicate queued
+        await ws.close()
+    received = got + missed + live
+    assert [e["seq"] for e in received] == list(range(base + 1, base + 16))
+    assert [e["id"] for e in received] == sent
+    assert [e["data"]["content"] for e in received] == [f"m{i}" for i in range(1, 16)]
+
+
+# --- backends terminated ------------------------------------------------------------------------
+
+async def test_listener_recovers_after_pg_terminate_backend(
+        conn: psycopg.AsyncConnection[Any], db_url: str) -> None:
+    """The daemon's LISTEN connection and every pooled connection are terminated again and
+    again while a writer inserts 300 messages, then once more with 5 messages committed while
+    they are down: the subscriber gets all 305 once, in order."""
+    total = 300
+    (user,), room = await member_room(conn, "terminated")
+    base = await head(conn, room)
+    # probe_interval=60: recovery must come from the listener itself (its connection errors,
+    # retried log reads), not from the end-to-end probe happening to hit a dead connection.
+    async with running_bridge(db_url, probe_interval=60.0) as bridge, \
+            await psycopg.AsyncConnection.connect(db_url, autocommit=True) as killer:
+        ws = await connect(bridge.port, user)
+        await subscribe(ws, room, since=base)
+        spared = [conn.info.backend_pid, killer.info.backend_pid]
+
+        async def listener_pid() -> int | None:
+            cur = await killer.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND query ILIKE 'LISTEN%%' "
+                "AND pid <> ALL(%s)", [spared])
+            rows = await cur.fetchall()
+            assert len(rows) <= 1, rows
+            return int(rows[0][0]) if rows else None
+
+        async def writer() -> None:
+            for i in range(1, total + 1):
+                await post(conn, room, user, f"w{i}")
+                await asyncio.sleep(0.004)  # a steady stream, not a burst
+
+        write_task = asyncio.create_task(writer())
+        kills = 0
+        pooled_kills = 0
+        while not write_task.done():
+            pid = await listener_pid()
+            if pid is None:  # reconnecting after the previous kill
+                await asyncio.sleep(0.01)
+                continue
+            cur = await killer.execute(
+                "SELECT pid, pid = %s FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> ALL(%s)", [pid, spared])
+            victims = await cur.fetchall()
+            for victim, is_listener in victims:
+                await killer.execute("SELECT pg_terminate_backend(%s)", [victim])
+                kills += bool(is_listener)
+                pooled_kills += not is_listener
+
+            async def replaced(old: int = pid) -> bool:
+                new = await listener_pid()
+                return (new is not None and new != old) or write_task.done()
+
+            await until(replaced, "a new LISTEN connection of the daemon", timeout=30.0,
+                        every=0.01)
+        await write_task
+
+        received: list[dict[str, Any]] = []
+        while len(received) < total:
+            received += await events(ws, 1, timeout=30.0)
+        await pong_next(ws)
+
+        # Last round, made deterministic: in one transaction, terminate every backend of the
+        # daemon (waiting until each is gone), then insert. The NOTIFYs of these rows reach no
+        # listener, the pooled connections the catch-up will use are dead, and nothing is
+        # written afterwards: only a catch-up that is retried delivers them.
+        tail = 5
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND backend_type = 'client backend' "
+                "AND pid <> ALL(%s)", [spared])
+            for i in range(total + 1, total + tail + 1):
+                await post(conn, room, user, f"w{i}")
+        kills += 1
+        received += await events(ws, tail, timeout=15.0)
+        await pong_next(ws)
+        await ws.close()
+    total += tail
+    seqs = [e["seq"] for e in received]
+    expected = list(range(base + 1, base + total + 1))
+    assert seqs == expected, [(s, e) for s, e in zip(seqs, expected, strict=False) if s != e][:10]
+    assert [e["data"]["content"] for e in received] == [f"w{i}" for i in range(1, total + 1)]
+    assert kills >= 3, f"the listener was terminated only {kills} times"
+    assert pooled_kills >= 1, "no pooled connection was terminated"
+    reconnects = bridge.metrics.registry.get_sample_value("pgbridge_listener_reconnects_total")
+    assert reconnects is not None and reconnects >= kills
+
+
+# --- slow consumer ------------------------------------------------------------------------------
+
+async def test_slow_client_closed_4008_fast_client_unaffected(
+        conn: psycopg.AsyncConnection[Any], db_url: str) -> None:
+    total = 600
+    payload = "x" * 6000  # under the NOTIFY limit: large frames fill TCP buffers quickly
+    (slow_user, fast_user, writer_user), room = await member_room(conn, "slow", "fast", "writer")
+    base = await head(conn, room)
+    async with running_bridge(db_url, queue_size=50) as bridge:
+        # The slow client never reads: one frame buffered in websockets, a tiny kernel receive
+        # buffer, so the server's writes block and its queue of 50 overflows.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", bridge.port))
+        slow = await websockets.connect(
+            f"ws://127.0.0.1:{bridge.port}/ws?token={token(slow_user)}", sock=sock,
+            max_queue=1, max_size=2**24, compression=None, ping_interval=None)
+        assert json.loads(await slow.recv())["type"] == "welcome"
+        await send(slow, type="subscribe", room=room, ref="slow")
+        assert json.loads(await slow.recv())["type"] == "subscribed"
+        fast = await connect(bridge.port, fast_user, compression=None)
+        await subscribe(fast, room)
+
+        latencies: list[float] = []
+        seqs: list[int] = []
+
+        async def read_fast() -> None:
+            while len(seqs) < total:
+                frame = await recv(fast, timeout=30.0)
+                received = time.time()
+                assert frame["type"] == "event", frame
+                seqs.append(frame["seq"])
+                latencies.append(received - datetime.fromisoformat(frame["ts"]).timestamp())
+
+        reader = asyncio.create_task(read_fast())
+        for i in range(total):
+            await post(conn, room, writer_user, f"{i} {payload}")
+        await asyncio.wait_for(reader, 60.0)
+        await pong_next(fast)
+
+        assert bridge.metrics.registry.get_sample_value(
+            "pgbridge_slow_client_closes_total") == 1
+        # Now read the slow client: whatever was buffered, then the close frame 4008.
+        assert await closed_code(slow) == 4008
+        await fast.close()
+    assert seqs == list(range(base + 1, base + total + 1))
+    worst = max(latencies)
+    assert worst < 2.0, f"fast client delayed: worst commit->receive {worst:.3f} s"
+
+
+# --- SIGTERM ------------------------------------------------------------------------------------
+
+async def test_sigterm_closes_clients_1001_and_exits_0(
+        conn: psycopg.AsyncConnection[Any], db_url: str, tmp_path: Path) -> None:
+    (user,), room = await member_room(conn, "sigterm")
+    base = await head(conn, room)
+    port = free_port()
+    async with daemon_process(db_url, port, tmp_path,
+                              PGBRIDGE_ACK_FLUSH_INTERVAL="60") as daemon:
+        ws = await connect(port, user)
+        await subscribe(ws, room, since=base)
+        for i in range(3):
+            await post(conn, room, user, f"t{i}")
+        assert [e["seq"] for e in await events(ws, 3)] == [base + 1, base + 2, base + 3]
+        await send(ws, type="ack", room=room, seq=base + 3)
+        await pong_next(ws)  # frames are handled in order: the ack is recorded
+        cur = await conn.execute("SELECT count(*) FROM sync_state WHERE user_id = %s", [user])
+        assert await cur.fetchone() == (0,), "the ack was written before shutdown"
+
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert await closed_code(ws) == 1001
+        assert await daemon.wait() == 0, daemon.tail()
+    cur = await conn.execute(
+        "SELECT last_seq FROM sync_state WHERE user_id = %s AND room_id = %s "
+        "AND sync_type = 'events'", [user, room])
+    assert await cur.fetchall() == [(base + 3,)]
+
+
+# --- start-up refusals --------------------------------------------------------------------------
+
+def _assert_one_error_line(stderr: str, *needles: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = human_lines(stderr)
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("pgbridge: error: "), lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+async def test_startup_refuses_missing_schema(fresh_db: str, tmp_path: Path) -> None:
+    env = conninfo_env(fresh_db) | {"PGBRIDGE_JWT_SECRET": SECRET,
+                                    "PGBRIDGE_PORT": str(free_port())}
+    code, _, err = await run_cli(sys.executable, "-m", "daemon", env=env, cwd=tmp_path)
+    assert code != 0
+    _assert_one_error_line(err, "setup_db.py")
+
+
+async def test_startup_refuses_missing_jwt_secret(db_url: str, tmp_path: Path) -> None:
+    env = conninfo_env(db_url) | {"PGBRIDGE_PORT": str(free_port())}
+    code, _, err = await run_cli(sys.executable, "-m", "daemon", env=env, cwd=tmp_path)
+    assert code == 2, err
+    _assert_one_error_line(err, "PGBRIDGE_JWT_SECRET")
+
+
+async def test_startup_refuses_unreachable_server(tmp_path: Path) -> None:
+    closed = free_port()  # nothing listens there
+    url = make_conninfo("", host="127.0.0.1", port=closed, user="postgres", dbname="postgres",
+                        connect_timeout=5)
+    env = conninfo_env(url) | {"PGBRIDGE_JWT_SECRET": SECRET, "PGBRIDGE_PORT": str(free_port())}
+    code, _, err = await run_cli(sys.executable, "-m", "daemon", env=env, cwd=tmp_path)
+    assert code == 1, err
+    _assert_one_error_line(err, f"127.0.0.1:{closed}")
+
+
+# --- the reference client -----------------------------------------------------------------------
+
+async def test_tail_reference_client_prints_events(
+        conn: psycopg.AsyncConnection[Any], db_url: str, tmp_path: Path) -> None:
+    (user,), room = await member_room(conn, "tail")
+    base = await head(conn, room)
+    before = [await post(conn, room, user, f"before {i}") for i in range(3)]
+    async with running_bridge(db_url) as bridge:
+        url = f"ws://127.0.0.1:{bridge.port}/ws"
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PGBRIDGE_", "POSTGRES_", "SSH_")) and k != "DATABASE_URL"}
+        tail = asyncio.create_task(run_cli(
+            str(PGBRIDGE), "tail", room, "--since", str(base), "--count", "6", "--url", url,
+            "--token", token(user), env=env, cwd=tmp_path))
+
+        async def subscribed() -> bool:
+            if tail.done():
+                pytest.fail(f"pgbridge tail ended early: {tail.result()}")
+            return bridge.hub.subscribers(room) == 1
+
+        await until(subscribed, "pgbridge tail to subscribe")
+        after = [await post(conn, room, user, f"after {i}") for i in range(3)]
+        code, out, err = await tail
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 6, out
+    frames = [json.loads(line) for line in lines]
+    assert [f["type"] for f in frames] == ["event"] * 6
+    assert [f["seq"] for f in frames] == list(range(base + 1, base + 7))
+    assert [f["id"] for f in frames] == before + after
+    assert all(f["room"] == room and f["table"] == "messages" for f in frames)
