@@ -246,8 +246,7 @@ def run_main(argv: Sequence[str] = ()) -> int:
     try:
         return asyncio.run(_run(env))
     except BridgeError as exc:
-        log.error("%s", exc, extra={"event": "fatal"})
-        print(f"pgbridge: error: {exc}", file=sys.stderr)
+        print(f"pgbridge: error: {exc}", file=sys.stderr)  # one line, no traceback
         return exc.exit_code
     except OSError as exc:
         print(f"pgbridge: error: cannot listen on {settings.host}:{settings.port}: "

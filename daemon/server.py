@@ -6,9 +6,11 @@
 * ``GET /healthz``: 200 when the listener is live and the database answers, else 503 (JSON).
 * ``GET /metrics``: Prometheus text format.
 
-Each client has a bounded outgoing queue (``PGBRIDGE_QUEUE_SIZE`` frames) drained by its own
-writer task; the fan-out only appends to it, so a slow client never delays the others. A client
-whose queue overflows is closed with 4008 and resumes with ``since``.
+The fan-out never waits for a client: a frame is written to the socket at once while the
+client keeps up (its socket buffer below the high-water mark and nothing queued); otherwise it
+joins the client's bounded queue (``PGBRIDGE_QUEUE_SIZE`` frames), which the client's writer task
+drains at the pace of the socket. A client whose queue overflows is closed with 4008 and resumes
+with ``since``. One slow client never delays the others.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -128,6 +130,7 @@ class Client:
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
         self._closing = False
+        self._writing = False  # the writer task is draining the queue
         self._limit = bridge.settings.queue_size
         self._bucket = TokenBucket(bridge.settings.rate_limit, bridge.settings.rate_burst)
         self._violations = 0
@@ -140,11 +143,20 @@ class Client:
     def send(self, frame: bytes | str) -> None:
         if self._closing:
             return
+        if not self._queue and not self._writing and self._socket_has_room():
+            # Fast path: nothing is waiting and the socket's buffer is below its high-water
+            # mark, so write now (websockets' broadcast() writes without waiting for a drain).
+            broadcast((self.ws,), frame, text=True)
+            return
         if len(self._queue) >= self._limit:
             self.overflow()
             return
         self._queue.append(frame)
         self._wakeup.set()
+
+    def _socket_has_room(self) -> bool:
+        transport = self.ws.transport
+        return transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]
 
     def overflow(self) -> None:
         if self._closing:
@@ -188,13 +200,15 @@ class Client:
         try:
             while True:
                 if not self._queue:
+                    self._writing = False
                     self._drained.set()
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                self._writing = True
                 self._drained.clear()
                 frame = self._queue.popleft()
-                await ws.send(frame, text=True)
+                await ws.send(frame, text=True)  # waits while the socket's buffer is full
         except ConnectionClosed:
             self._closing = True
 
