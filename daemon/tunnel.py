@@ -44,20 +44,28 @@ import contextlib
 import errno
 import getpass
 import logging
-import random
 import re
-import shlex
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 
 import asyncssh
 
+from .backoff import Backoff
 from .errors import TunnelError
 from .settings import SSHSettings
+from .sshkeys import (
+    Credentials,
+    RecordingClient,
+    describe_key,
+    endpoint,
+    host_key_error,
+    load_credentials,
+    matching_lines,
+    read_known_hosts,
+)
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -86,163 +94,6 @@ def _is_retryable(exc: TunnelError) -> bool:
     return exc.reason in _RETRYABLE
 
 
-# --------------------------------------------------------------------------- credentials
-
-
-@dataclass(frozen=True)
-class _Credentials:
-    """What the client authenticates with, loaded once per tunnel."""
-
-    keys: Sequence[asyncssh.SSHKeyPair] | None  # None: asyncssh defaults (~/.ssh/id_*, agent)
-    description: str  # for messages; never contains the passphrase
-
-
-async def _load_credentials(settings: SSHSettings) -> _Credentials:
-    """Load ``SSH_KEY_PATH`` (with ``SSH_KEY_PASSPHRASE``), or choose asyncssh's defaults.
-
-    Raises :class:`TunnelError` ``key_missing`` (no such file) or ``key_invalid`` (unreadable,
-    not a private key, encrypted without/with a wrong passphrase), before any connection.
-    """
-    path = settings.key_path
-    if path is None:
-        return _Credentials(None, "the default keys (~/.ssh/id_*) and the SSH agent "
-                                  "(SSH_AUTH_SOCK)")
-    if not path.exists():
-        raise TunnelError(
-            f"SSH key file {path} not found. Check SSH_KEY_PATH.", reason="key_missing"
-        )
-    try:
-        # Decrypting a key may take a noticeable time (bcrypt KDF): keep it off the loop.
-        keys = await asyncio.to_thread(asyncssh.load_keypairs, str(path),
-                                       settings.key_passphrase)
-    except FileNotFoundError as exc:  # removed between the check and the read
-        raise TunnelError(
-            f"SSH key file {path} not found. Check SSH_KEY_PATH.", reason="key_missing"
-        ) from exc
-    except OSError as exc:
-        raise TunnelError(
-            f"SSH key file {path} cannot be read ({exc.strerror}). Check SSH_KEY_PATH and the "
-            "file's permissions.", reason="key_invalid",
-        ) from exc
-    except ValueError as exc:  # KeyImportError, KeyEncryptionError
-        text = str(exc)
-        lower = text.lower()
-        if "incorrect passphrase" in lower or "unable to decrypt" in lower:
-            hint = "wrong passphrase; check SSH_KEY_PASSPHRASE"
-        elif "passphrase must be specified" in lower:
-            hint = "it is encrypted; set SSH_KEY_PASSPHRASE"
-        elif "bcrypt" in text:
-            hint = ("decrypting OpenSSH-format keys needs the bcrypt package; install "
-                    "asyncssh[bcrypt] or use an unencrypted key")
-        else:
-            hint = f"{text}; check SSH_KEY_PATH"
-        raise TunnelError(f"SSH key file {path} cannot be used: {hint}.",
-                          reason="key_invalid") from exc
-    if not keys:
-        raise TunnelError(f"SSH key file {path} holds no private key. Check SSH_KEY_PATH.",
-                          reason="key_invalid")
-    return _Credentials(keys, f"key {path}")
-
-
-# --------------------------------------------------------------------------- host keys
-
-
-def _where(settings: SSHSettings) -> str:
-    return f"{settings.host}:{settings.port}"
-
-
-def _keyscan_hint(settings: SSHSettings) -> str:
-    return (f"ssh-keyscan -p {settings.port} {shlex.quote(settings.host)} >> "
-            f"{shlex.quote(str(settings.known_hosts))}")
-
-
-def _read_known_hosts(settings: SSHSettings) -> asyncssh.SSHKnownHosts:
-    """Read ``SSH_KNOWN_HOSTS``; a missing file means every host key is unknown."""
-    path = settings.known_hosts
-    try:
-        return asyncssh.read_known_hosts(str(path))
-    except FileNotFoundError as exc:
-        raise TunnelError(
-            f"SSH known_hosts file {path} does not exist, so the host key of {_where(settings)} "
-            f"cannot be verified. After checking the fingerprint, add it with: "
-            f"{_keyscan_hint(settings)} (or set SSH_KNOWN_HOSTS).",
-            reason="host_key_unknown",
-        ) from exc
-    except (OSError, ValueError) as exc:
-        raise TunnelError(
-            f"SSH known_hosts file {path} cannot be read: {exc}. Check SSH_KNOWN_HOSTS.",
-            reason="error",
-        ) from exc
-
-
-def _matching_lines(path: Path, host: str, addr: str, port: int) -> list[int]:
-    """1-based line numbers of ``path`` holding an entry (key, CA or revocation) for the host."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    lookup_port = port if port != 22 else None
-    found = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        try:
-            matched = asyncssh.import_known_hosts(entry).match(host, addr, lookup_port)
-        except (ValueError, TypeError):
-            continue
-        if any(matched):
-            found.append(number)
-    return found
-
-
-def _known_hosts_name(settings: SSHSettings) -> str:
-    return settings.host if settings.port == 22 else f"[{settings.host}]:{settings.port}"
-
-
-class _RecordingClient(asyncssh.SSHClient):
-    """Remembers the host key the server presented when it was not trusted (for messages)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.addr = ""
-        self.presented: asyncssh.SSHKey | None = None
-
-    def validate_host_public_key(self, host: str, addr: str, port: int,
-                                 key: asyncssh.SSHKey) -> bool:
-        self.addr = addr
-        self.presented = key
-        return False
-
-
-def _describe_key(key: asyncssh.SSHKey | None) -> str:
-    if key is None:
-        return ""
-    return f" (server presents {key.get_algorithm()} {key.get_fingerprint()})"
-
-
-def _host_key_error(settings: SSHSettings, client: _RecordingClient) -> TunnelError:
-    lines = _matching_lines(settings.known_hosts, settings.host, client.addr, settings.port)
-    presented = _describe_key(client.presented)
-    if not lines:
-        return TunnelError(
-            f"SSH host key of {_where(settings)} is unknown: it is not in {settings.known_hosts}"
-            f"{presented}. After checking the fingerprint with the server's administrator, add "
-            f"it with: {_keyscan_hint(settings)}",
-            reason="host_key_unknown",
-        )
-    where = ", ".join(str(n) for n in lines)
-    return TunnelError(
-        f"SSH host key of {_where(settings)} has CHANGED{presented} and does not match "
-        f"{settings.known_hosts} line {where}: this may be a man-in-the-middle attack. If the "
-        f"change is expected, remove the old entry (ssh-keygen -R "
-        f"{shlex.quote(_known_hosts_name(settings))} -f "
-        f"{shlex.quote(str(settings.known_hosts))}) and add the verified new key "
-        f"({_keyscan_hint(settings)}).",
-        reason="host_key_changed",
-    )
-
-
 # --------------------------------------------------------------------------- one attempt
 
 
@@ -255,12 +106,12 @@ def _all_refused(exc: BaseException) -> bool:
     return bool(numbers) and all(int(n) == errno.ECONNREFUSED for n in numbers)
 
 
-def _connect_error(settings: SSHSettings, credentials: _Credentials, client: _RecordingClient,
+def _connect_error(settings: SSHSettings, credentials: Credentials, client: RecordingClient,
                    exc: BaseException, connect_timeout: float) -> TunnelError:
     """Translate an exception of :func:`asyncssh.connect` into one clear TunnelError."""
-    where = _where(settings)
+    where = endpoint(settings)
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-        return _host_key_error(settings, client)
+        return host_key_error(settings, client)
     if isinstance(exc, asyncssh.PermissionDenied):
         user = settings.user or getpass.getuser()
         return TunnelError(
@@ -270,10 +121,10 @@ def _connect_error(settings: SSHSettings, credentials: _Credentials, client: _Re
             reason="auth_failed",
         )
     if isinstance(exc, asyncssh.KeyExchangeFailed):
-        lines = _matching_lines(settings.known_hosts, settings.host, client.addr, settings.port)
+        lines = matching_lines(settings.known_hosts, settings.host, client.addr, settings.port)
         if lines and "host key" in str(exc).lower():
             # known_hosts pins key types the server no longer offers: treat as a changed key.
-            return _host_key_error(settings, client)
+            return host_key_error(settings, client)
         return TunnelError(f"SSH key exchange with {where} failed: {exc.reason}.",
                            reason="error")
     if isinstance(exc, asyncssh.DisconnectError):
@@ -310,7 +161,7 @@ def _forward_error(settings: SSHSettings, remote_host: str, remote_port: int,
     target = f"{remote_host}:{remote_port}"
     if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
         return TunnelError(
-            f"SSH server {_where(settings)} refused to forward to {target} ({exc.reason}). Allow "
+            f"SSH server {endpoint(settings)} refused to forward to {target} ({exc.reason}). Allow "
             "TCP forwarding for this user on the SSH host (sshd_config AllowTcpForwarding, "
             "PermitOpen).",
             reason="forward_refused",
@@ -348,11 +199,11 @@ class _Options:
     check_forward: bool
 
 
-async def _open_once(settings: SSHSettings, credentials: _Credentials, remote_host: str,
+async def _open_once(settings: SSHSettings, credentials: Credentials, remote_host: str,
                      remote_port: int, local_port: int, options: _Options) -> _Opened:
     """One attempt: connect, optionally check the forward, listen on 127.0.0.1:local_port."""
-    known_hosts = _read_known_hosts(settings) if settings.strict_host_key_checking else None
-    client = _RecordingClient()
+    known_hosts = read_known_hosts(settings) if settings.strict_host_key_checking else None
+    client = RecordingClient()
     try:
         conn = await asyncssh.connect(
             settings.host,
@@ -377,7 +228,7 @@ async def _open_once(settings: SSHSettings, credentials: _Credentials, remote_ho
         log.warning(
             "SSH host key of %s NOT verified (SSH_STRICT_HOST_KEY_CHECKING=no)%s: the tunnel "
             "is open to man-in-the-middle attacks; set SSH_KNOWN_HOSTS and remove this setting",
-            _where(settings), _describe_key(conn.get_server_host_key()),
+            endpoint(settings), describe_key(conn.get_server_host_key()),
             extra={"event": "tunnel_host_key_unchecked", "ssh_host": settings.host,
                    "ssh_port": settings.port},
         )
@@ -405,7 +256,7 @@ async def _open_once(settings: SSHSettings, credentials: _Credentials, remote_ho
             ) from exc
         if isinstance(exc, asyncssh.Error):
             raise TunnelError(
-                f"SSH connection to {_where(settings)} was lost while opening the tunnel: "
+                f"SSH connection to {endpoint(settings)} was lost while opening the tunnel: "
                 f"{exc.reason}.",
                 reason="disconnected",
             ) from exc
@@ -413,7 +264,7 @@ async def _open_once(settings: SSHSettings, credentials: _Credentials, remote_ho
     return _Opened(conn, listener)
 
 
-async def _open_with_retries(settings: SSHSettings, credentials: _Credentials, remote_host: str,
+async def _open_with_retries(settings: SSHSettings, credentials: Credentials, remote_host: str,
                              remote_port: int, local_port: int, options: _Options) -> _Opened:
     """Up to ``1 + settings.max_retries`` attempts, sleeping ``retry_delay * n`` after the
     n-th failed one; errors a retry cannot fix are raised at once."""
@@ -479,11 +330,11 @@ async def open_tunnel(
     Raises :class:`~daemon.errors.TunnelError` (see the module docstring for ``reason``).
     Everything is closed when the block exits.
     """
-    credentials = await _load_credentials(settings)
+    credentials = await load_credentials(settings)
     options = _Options(connect_timeout, keepalive_interval, check_forward)
     opened = await _open_with_retries(settings, credentials, remote_host, remote_port,
                                       local_port, options)
-    log.info("SSH tunnel %s:%d -> %s -> %s:%d open", LOCAL_HOST, opened.port, _where(settings),
+    log.info("SSH tunnel %s:%d -> %s -> %s:%d open", LOCAL_HOST, opened.port, endpoint(settings),
              remote_host, remote_port,
              extra={"event": "tunnel_open", "local_port": opened.port,
                     "ssh_host": settings.host, "ssh_port": settings.port})
@@ -491,7 +342,7 @@ async def open_tunnel(
         yield LOCAL_HOST, opened.port
     finally:
         await opened.close()
-        log.info("SSH tunnel to %s closed", _where(settings), extra={"event": "tunnel_closed"})
+        log.info("SSH tunnel to %s closed", endpoint(settings), extra={"event": "tunnel_closed"})
 
 
 class SupervisedTunnel:
@@ -533,7 +384,7 @@ class SupervisedTunnel:
         self.reconnects = 0
         self._local_port = local_port
         self._options = _Options(connect_timeout, keepalive_interval, check_forward)
-        self._credentials: _Credentials | None = None
+        self._credentials: Credentials | None = None
         self._opened: _Opened | None = None
         self._task: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
@@ -563,12 +414,12 @@ class SupervisedTunnel:
     # -- life cycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> tuple[str, int]:
-        self._credentials = await _load_credentials(self.settings)
+        self._credentials = await load_credentials(self.settings)
         opened = await _open_with_retries(self.settings, self._credentials, self.remote_host,
                                           self.remote_port, self._local_port, self._options)
         self._set_up(opened)
         log.info("SSH tunnel %s:%d -> %s -> %s:%d open (supervised)", LOCAL_HOST, opened.port,
-                 _where(self.settings), self.remote_host, self.remote_port,
+                 endpoint(self.settings), self.remote_host, self.remote_port,
                  extra={"event": "tunnel_open", "local_port": opened.port,
                         "ssh_host": self.settings.host, "ssh_port": self.settings.port})
         self._task = asyncio.create_task(self._supervise(), name="ssh-tunnel-supervisor")
@@ -588,7 +439,7 @@ class SupervisedTunnel:
         if self._opened is not None:
             opened, self._opened = self._opened, None
             await opened.close()
-            log.info("SSH tunnel to %s closed", _where(self.settings),
+            log.info("SSH tunnel to %s closed", endpoint(self.settings),
                      extra={"event": "tunnel_closed"})
         self._up.clear()
         self._down.set()
@@ -599,11 +450,6 @@ class SupervisedTunnel:
         self._down.clear()
         self._up.set()
 
-    def _backoff(self, attempt: int) -> float:
-        base = max(self.settings.retry_delay, 0.001)
-        ceiling = min(self.max_backoff, base * 2 ** min(attempt - 1, 30))
-        return random.uniform(ceiling / 2, ceiling)
-
     async def _supervise(self) -> None:
         while True:
             opened = self._opened
@@ -611,7 +457,7 @@ class SupervisedTunnel:
             await opened.conn.wait_closed()
             self._up.clear()
             self._down.set()
-            log.warning("SSH tunnel to %s dropped; reopening on %s:%d", _where(self.settings),
+            log.warning("SSH tunnel to %s dropped; reopening on %s:%d", endpoint(self.settings),
                         LOCAL_HOST, self._local_port,
                         extra={"event": "tunnel_down", "ssh_host": self.settings.host,
                                "ssh_port": self.settings.port})
@@ -619,18 +465,18 @@ class SupervisedTunnel:
             self._opened = None
             self._set_up(await self._reopen())
             self.reconnects += 1
-            log.info("SSH tunnel to %s reopened on %s:%d (reconnect %d)", _where(self.settings),
+            log.info("SSH tunnel to %s reopened on %s:%d (reconnect %d)", endpoint(self.settings),
                      LOCAL_HOST, self._local_port, self.reconnects,
                      extra={"event": "tunnel_reopened", "reconnects": self.reconnects,
                             "local_port": self._local_port})
 
     async def _reopen(self) -> _Opened:
         assert self._credentials is not None
+        backoff = Backoff(base=max(self.settings.retry_delay, 0.001), cap=self.max_backoff)
         attempt = 0
         while True:
             attempt += 1
-            delay = self._backoff(attempt)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(backoff.next())
             try:
                 return await _open_once(self.settings, self._credentials, self.remote_host,
                                         self.remote_port, self._local_port, self._options)
