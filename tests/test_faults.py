@@ -15,8 +15,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,47 +40,16 @@ from tests.helpers import (
     subscribe,
     token,
 )
-
-PGBRIDGE = Path(sys.executable).with_name("pgbridge")
-
+from tests.procs import (
+    PGBRIDGE,
+    daemon_process,
+    free_port,
+    human_lines,
+    run_cli,
+    until,
+)
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def until(condition: Callable[[], Awaitable[bool]], what: str,
-                timeout: float = 20.0, every: float = 0.02) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(every)
-
-
-async def http_status(port: int, path: str) -> int | None:
-    """Status of ``GET path`` on 127.0.0.1:port, or ``None`` when nothing answers."""
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port), 2.0)
-    except (OSError, TimeoutError):
-        return None
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-                     .encode())
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), 5.0)
-        parts = line.split()
-        return int(parts[1]) if len(parts) >= 2 else None
-    except (OSError, TimeoutError, ValueError):
-        return None
-    finally:
-        writer.close()
-
 
 async def pong_next(ws: ClientConnection, ref: str = "p") -> None:
     """Send a ping and require the next frame to be its pong: nothing else (no duplicate,
@@ -104,92 +71,6 @@ async def closed_code(ws: ClientConnection, timeout: float = 20.0) -> int | None
         return ws.close_code
 
     return await asyncio.wait_for(drain(), timeout)
-
-
-class DaemonProcess:
-    """``python -m daemon`` in a subprocess; its stderr (JSON log lines) is kept in ``log``."""
-
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.env = env
-        self.cwd = cwd
-        self.proc: asyncio.subprocess.Process | None = None
-        self.log: list[str] = []
-        self.out: list[str] = []
-        self._pumps: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "daemon", env=self.env, cwd=self.cwd,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._pumps = [asyncio.create_task(self._pump(self.proc.stdout, self.out)),
-                       asyncio.create_task(self._pump(self.proc.stderr, self.log))]
-
-    @staticmethod
-    async def _pump(stream: asyncio.StreamReader, into: list[str]) -> None:
-        async for line in stream:
-            into.append(line.decode(errors="replace").rstrip("\n"))
-
-    def tail(self) -> str:
-        return "\n".join(self.log[-20:])
-
-    async def wait_healthy(self, port: int, timeout: float = 30.0) -> None:
-        assert self.proc is not None
-
-        async def healthy() -> bool:
-            assert self.proc is not None
-            if self.proc.returncode is not None:
-                await asyncio.gather(*self._pumps)
-                pytest.fail(f"daemon exited with {self.proc.returncode}:\n{self.tail()}")
-            return await http_status(port, "/healthz") == 200
-
-        await until(healthy, f"GET /healthz == 200 on port {port}", timeout=timeout, every=0.05)
-
-    async def wait(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        await asyncio.gather(*self._pumps)
-        return code
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.wait()
-
-
-@asynccontextmanager
-async def daemon_process(db_url: str, port: int, cwd: Path,
-                         **extra: str) -> AsyncIterator[DaemonProcess]:
-    """A healthy daemon subprocess on ``port``; killed at the end of the block if still up."""
-    env = conninfo_env(db_url) | {"PGBRIDGE_JWT_SECRET": SECRET, "PGBRIDGE_PORT": str(port),
-                                  "PGBRIDGE_PROBE_INTERVAL": "1"} | extra
-    daemon = DaemonProcess(env, cwd)
-    await daemon.start()
-    try:
-        await daemon.wait_healthy(port)
-        yield daemon
-    finally:
-        await daemon.kill()
-
-
-async def run_cli(*args: str, env: dict[str, str], cwd: Path,
-                  timeout: float = 60.0) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(*args, env=env, cwd=cwd,
-                                                stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-def human_lines(stderr: str) -> list[str]:
-    """stderr lines meant for people (the daemon's JSON log lines left out)."""
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("{")]
 
 
 async def member_room(conn: psycopg.AsyncConnection[Any], *names: str) -> tuple[list[str], str]:
