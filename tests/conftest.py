@@ -26,8 +26,10 @@ from daemon.app import Bridge
 from daemon.embedded import start_embedded
 from daemon.schema import apply_schema_sync
 from daemon.settings import DaemonSettings
+from tests.sshd import TestSSHServer, postgres_target
 
 ROOT = Path(__file__).resolve().parent.parent
+DB_HOST, DB_PORT = "db.internal", 5432  # the database as the test SSH server's forwards see it
 
 
 @pytest.fixture(scope="session")
@@ -131,3 +133,13 @@ async def running_bridge(conninfo: str, **overrides: Any) -> AsyncIterator[Bridg
 async def bridge(db_url: str) -> AsyncIterator[Bridge]:
     async with running_bridge(db_url) as b:
         yield b
+
+
+@pytest.fixture
+async def sshd(tmp_path: Path, pg_server_conninfo: str) -> AsyncIterator[TestSSHServer]:
+    """A real SSH server (asyncssh) on loopback whose forwards to DB_HOST:DB_PORT reach the
+    test PostgreSQL."""
+    server = TestSSHServer(tmp_path, {(DB_HOST, DB_PORT): postgres_target(pg_server_conninfo)})
+    await server.start()
+    yield server
+    await server.stop()

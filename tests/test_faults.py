@@ -22,11 +22,11 @@ from typing import Any
 import psycopg
 import pytest
 import websockets
-from conftest import conninfo_env, running_bridge
 from psycopg.conninfo import make_conninfo
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from tests.conftest import conninfo_env, running_bridge
 from tests.helpers import (
     SECRET,
     connect,

@@ -20,11 +20,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import ROOT, conninfo_env
 from psycopg import errors, sql
 from ulid import ULID
 
 from daemon.schema import apply_schema, apply_schema_sync, load_migrations, verify_schema
+from tests.conftest import ROOT, conninfo_env
 
 SPEC_TABLES = (
     "users", "channels", "messages", "channel_members", "reactions", "files", "user_settings",

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import ROOT, conninfo_env, dbname_of
 from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
 from daemon.db import translate
 from daemon.embedded import start_embedded
+from tests.conftest import ROOT, conninfo_env, dbname_of
 
 SETUP_DB = str(ROOT / "setup_db.py")
 

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import shlex
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,13 @@ import asyncssh
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
-from sshd import TestSSHServer, postgres_target, write_key
 
 from daemon.errors import EXIT_TUNNEL, TunnelError
 from daemon.tunnel import LOCAL_HOST, SupervisedTunnel, open_tunnel
+from tests.conftest import DB_HOST, DB_PORT
+from tests.sshd import TestSSHServer, write_key
 
-DB_HOST, DB_PORT = "db.internal", 5432  # the database as the bastion sees it
 WAIT = 10.0  # seconds; only reached when a test is failing
-
-
-@pytest.fixture
-async def sshd(tmp_path: Path, pg_server_conninfo: str) -> AsyncIterator[TestSSHServer]:
-    server = TestSSHServer(tmp_path, {(DB_HOST, DB_PORT): postgres_target(pg_server_conninfo)})
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture

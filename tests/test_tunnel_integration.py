@@ -13,7 +13,7 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from websockets.asyncio.client import ClientConnection
 
 from daemon.errors import EXIT_TUNNEL
 from daemon.schema import apply_schema_sync
-from tests.conftest import ROOT, conninfo_env, dbname_of
+from tests.conftest import DB_HOST, DB_PORT, ROOT, conninfo_env, dbname_of
 from tests.helpers import (
     SECRET,
     connect,
@@ -37,9 +37,8 @@ from tests.helpers import (
     send,
     subscribe,
 )
-from tests.sshd import TestSSHServer, postgres_target
+from tests.sshd import TestSSHServer
 
-DB_HOST, DB_PORT = "db.internal", 5432  # the database as the bastion sees it
 WAIT = 20.0  # seconds; only reached when a test is failing
 SCHEMA_TABLES = {
     "users", "channels", "messages", "channel_members", "reactions", "files", "user_settings",
@@ -48,14 +47,6 @@ SCHEMA_TABLES = {
 }
 
 Conn = psycopg.AsyncConnection[Any]
-
-
-@pytest.fixture
-async def sshd(tmp_path: Path, pg_server_conninfo: str) -> AsyncIterator[TestSSHServer]:
-    server = TestSSHServer(tmp_path, {(DB_HOST, DB_PORT): postgres_target(pg_server_conninfo)})
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def tunnel_env(conninfo: str, sshd: TestSSHServer, **extra: str) -> dict[str, str]:
