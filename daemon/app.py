@@ -15,9 +15,9 @@ import contextlib
 import logging
 import signal
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
-from uuid import UUID
 
 import websockets
 from psycopg import sql
@@ -60,12 +60,14 @@ class Bridge:
         self.ack_writer = AckWriter(self.acks, self.store, self.metrics,
                                     interval=settings.ack_flush_interval)
         self.clients: set[Client] = set()
-        self.handshakes: dict[UUID, Claims] = {}
+        # claims of upgrades accepted by process_request, until their handler starts
+        self.handshakes: weakref.WeakKeyDictionary[ServerConnection, Claims] = (
+            weakref.WeakKeyDictionary())
         self.started = asyncio.Event()
         self.port = 0
 
     async def _handler(self, ws: ServerConnection) -> None:
-        claims = self.handshakes.pop(ws.id, None)
+        claims = self.handshakes.pop(ws, None)
         if claims is None:  # cannot happen: process_request accepted it
             await ws.close(1011, "internal error")
             return

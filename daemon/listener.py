@@ -31,7 +31,7 @@ from psycopg import sql
 from .backoff import Backoff
 from .cursor import Arrival, classify
 from .db import describe
-from .errors import BridgeError, DatabaseError
+from .errors import BridgeError
 from .events import Event, Pointer, Probe, parse_notify
 from .hub import Hub, Subscription
 from .metrics import Metrics
@@ -79,8 +79,8 @@ class Listener:
     # --- public ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run reader, processor and probe until cancelled. Raises :class:`DatabaseError` if
-        the very first LISTEN never delivers (a standby or a transaction-mode pooler)."""
+        """Run reader, processor and probe until cancelled. Connection failures are retried
+        forever; ``ready`` tells whether LISTEN was ever proven to deliver."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._read_forever(), name="listener-reader")
@@ -106,7 +106,6 @@ class Listener:
 
     async def _read_forever(self) -> None:
         backoff = Backoff(base=0.05, cap=10.0)
-        first = True
         while True:
             self._session = asyncio.create_task(self._read_session(backoff))
             try:
@@ -122,15 +121,11 @@ class Listener:
                 log.warning("listener connection to %s lost (%s); reconnecting in %.2f s",
                             describe(self.conninfo), str(exc).strip().splitlines()[0] if str(exc)
                             else type(exc).__name__, delay, extra={"event": "listener_lost"})
-                if first and not self.ready.is_set() and backoff.failures > 5:
-                    raise DatabaseError(f"{describe(self.conninfo)}: the listener cannot connect: "
-                                        f"{exc}") from exc
                 await asyncio.sleep(delay)
             finally:
                 if self.connected:
                     self.metrics.listener_reconnects.inc()
                 self.connected = False
-            first = False
 
     async def _read_session(self, backoff: Backoff) -> None:
         conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)

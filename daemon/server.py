@@ -113,7 +113,7 @@ async def process_request(bridge: Bridge, connection: ServerConnection,
     except BridgeError as exc:
         log.error("handshake failed: %s", exc, extra={"event": "handshake_error"})
         return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable"})
-    bridge.handshakes[connection.id] = claims
+    bridge.handshakes[connection] = claims
     return None
 
 
