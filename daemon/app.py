@@ -13,10 +13,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import sys
 import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import websockets
@@ -191,12 +193,15 @@ async def _ensure_demo(conninfo: str, schema: str) -> tuple[str, str]:
 def _demo_banner(bridge: Bridge, conninfo: str, user: str, room: str) -> str:
     token = mint_token(bridge.secret, user, ttl=86400)
     url = f"ws://{bridge.settings.host}:{bridge.port}/ws"
+    script = Path(sys.executable).with_name("pgbridge")
+    pgbridge = "pgbridge" if shutil.which("pgbridge") == str(script) or not script.exists() \
+        else str(script)
     return (
         "\npgbridge is running on the embedded PostgreSQL (nothing was configured).\n"
         f"  WebSocket:  {url}?token=<token>\n"
         f"  demo user:  {user}   room 'general': {room}\n"
         f"  token (24 h): {token}\n"
-        f"  watch it:   pgbridge tail {room} --url {url} --token {token}\n"
+        f"  watch it:   {pgbridge} tail {room} --url {url} --token {token}\n"
         f"  write:      psql '{conninfo}' -c \"INSERT INTO messages (channel_id, user_id, content) "
         f"VALUES ('{room}', '{user}', 'hello')\"\n"
     )
