@@ -55,7 +55,8 @@ class _CatchUp:
 class Listener:
     """LISTEN on ``channel`` (see :func:`daemon.db.listen_channel`) and feed ``hub``.
 
-    ``probe_interval`` and ``probe_timeout`` in seconds (``PGBRIDGE_PROBE_INTERVAL``).
+    ``probe_interval`` and ``probe_timeout`` in seconds (``PGBRIDGE_PROBE_INTERVAL``);
+    connecting and LISTEN together may take ``2 * probe_timeout`` before they are retried.
     """
 
     def __init__(self, conninfo: str, channel: str, hub: Hub, store: Store, metrics: Metrics, *,
@@ -68,6 +69,7 @@ class Listener:
         self.metrics = metrics
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
+        self.connect_timeout = 2 * probe_timeout
         self.connected = False
         self.ready = asyncio.Event()  # set once LISTEN is proven to deliver (first probe back)
         self._queue: asyncio.Queue[str | _Track | _CatchUp] = asyncio.Queue(queue_size)
@@ -116,7 +118,7 @@ class Listener:
                     raise
                 log.warning("listener connection dropped on purpose (deaf); reconnecting",
                             extra={"event": "listener_deaf"})
-            except (psycopg.Error, OSError) as exc:
+            except (psycopg.Error, OSError) as exc:  # OSError includes TimeoutError
                 delay = backoff.next()
                 log.warning("listener connection to %s lost (%s); reconnecting in %.2f s",
                             describe(self.conninfo), str(exc).strip().splitlines()[0] if str(exc)
@@ -128,9 +130,14 @@ class Listener:
                 self.connected = False
 
     async def _read_session(self, backoff: Backoff) -> None:
-        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        # A path that black-holes packets would hang these forever: bound them.
+        conn = await asyncio.wait_for(
+            psycopg.AsyncConnection.connect(self.conninfo, autocommit=True),
+            self.connect_timeout)
         async with conn:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            await asyncio.wait_for(
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel))),
+                self.connect_timeout)
             self.connected = True
             backoff.reset()
             log.info("listening on channel %s at %s", self.channel, describe(self.conninfo),
@@ -158,8 +165,10 @@ class Listener:
         self._probes[token] = future
         try:
             try:
-                await self.store.notify(self.channel, json.dumps({"probe": token}))
-            except BridgeError:
+                await asyncio.wait_for(
+                    self.store.notify(self.channel, json.dumps({"probe": token})),
+                    self.probe_timeout)
+            except (BridgeError, TimeoutError):
                 return None
             await asyncio.wait_for(future, self.probe_timeout)
             return True
