@@ -125,6 +125,7 @@ async def test_deaf_listener_is_replaced_after_its_probe_fails(
         await ws.close()
 
 
+@pytest.mark.slow  # waits out a connect timeout (about 10 s)
 async def test_listener_reconnect_that_hangs_in_listen_is_retried(
         proxy: tuple[FreezingProxy, str], conn: psycopg.AsyncConnection[Any]) -> None:
     freezer, via_proxy = proxy
