@@ -80,6 +80,17 @@ async def subscribe(ws: ClientConnection, room: str, **extra: Any) -> dict[str, 
     return frame
 
 
+async def subscribed_member(conn: psycopg.AsyncConnection[Any],
+                            port: int) -> tuple[str, str, ClientConnection, int]:
+    """A new user, the only member of a new room, connected and subscribed to it (live only).
+    Returns ``(user, room, ws, from)``."""
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    ws = await connect(port, user)
+    start = (await subscribe(ws, room))["from"]
+    return user, room, ws, int(start)
+
+
 async def events(ws: ClientConnection, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
     """The next ``n`` frames, which must all be events."""
     out = []

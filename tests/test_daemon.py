@@ -25,6 +25,7 @@ from tests.helpers import (
     recv,
     send,
     subscribe,
+    subscribed_member,
     token,
 )
 
@@ -71,10 +72,7 @@ async def test_every_published_table_reaches_a_member(bridge: Bridge, conn: Conn
 
 async def test_concurrent_writers_each_seq_once_in_order(bridge: Bridge, conn: Conn,
                                                          db_url: str) -> None:
-    user = await make_user(conn)
-    room = await make_room(conn, user)
-    ws = await connect(bridge.port, user)
-    start = (await subscribe(ws, room))["from"]
+    user, room, ws, start = await subscribed_member(conn, bridge.port)
 
     async def writer(n: int) -> None:
         async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as c:
@@ -88,10 +86,7 @@ async def test_concurrent_writers_each_seq_once_in_order(bridge: Bridge, conn: C
 
 
 async def test_large_message_arrives_whole(bridge: Bridge, conn: Conn) -> None:
-    user = await make_user(conn)
-    room = await make_room(conn, user)
-    ws = await connect(bridge.port, user)
-    await subscribe(ws, room)
+    user, room, ws, _ = await subscribed_member(conn, bridge.port)
     big = "x" * 100_000 + "é"
     await post(conn, room, user, big)
     await post(conn, room, user, "small after big")
@@ -209,10 +204,7 @@ async def test_revoked_membership_ends_subscription_before_later_events(
 
 
 async def test_soft_deleted_room_ends_subscriptions(bridge: Bridge, conn: Conn) -> None:
-    user = await make_user(conn)
-    room = await make_room(conn, user)
-    ws = await connect(bridge.port, user)
-    await subscribe(ws, room)
+    _, room, ws, _ = await subscribed_member(conn, bridge.port)
     await conn.execute("UPDATE channels SET deleted_at = now() WHERE id = %s", [room])
     frame = await recv(ws)
     assert frame["table"] == "channels" and frame["data"]["deleted_at"] is not None
@@ -261,10 +253,7 @@ async def test_oversized_frame_closes_1009(bridge: Bridge, conn: Conn) -> None:
 
 async def test_acks_land_in_sync_state_and_resume_without_since(bridge: Bridge,
                                                                 conn: Conn) -> None:
-    user = await make_user(conn)
-    room = await make_room(conn, user)
-    ws = await connect(bridge.port, user)
-    start = (await subscribe(ws, room))["from"]
+    user, room, ws, start = await subscribed_member(conn, bridge.port)
     for i in range(5):
         await post(conn, room, user, f"m{i}")
     got = await events(ws, 5)
@@ -326,10 +315,7 @@ async def test_cursor_expired_after_pruning(db_url: str, conn: Conn) -> None:
 
 
 async def test_unsubscribe_stops_events(bridge: Bridge, conn: Conn) -> None:
-    user = await make_user(conn)
-    room = await make_room(conn, user)
-    ws = await connect(bridge.port, user)
-    await subscribe(ws, room)
+    user, room, ws, _ = await subscribed_member(conn, bridge.port)
     await send(ws, type="unsubscribe", room=room, ref="u")
     assert await recv(ws) == {"type": "unsubscribed", "room": room, "reason": "client",
                               "ref": "u"}

@@ -17,7 +17,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.conftest import running_bridge
-from tests.helpers import connect, events, make_room, make_user, post, subscribe
+from tests.helpers import events, post, subscribed_member
 
 
 class FreezingProxy:
@@ -104,11 +104,8 @@ async def proxy(db_url: str) -> AsyncIterator[tuple[FreezingProxy, str]]:
 async def test_deaf_listener_is_replaced_after_its_probe_fails(
         proxy: tuple[FreezingProxy, str], conn: psycopg.AsyncConnection[Any]) -> None:
     freezer, via_proxy = proxy
-    user = await make_user(conn)
-    room = await make_room(conn, user)
     async with running_bridge(via_proxy, probe_interval=0.5) as bridge:
-        ws = await connect(bridge.port, user)
-        start = (await subscribe(ws, room))["from"]
+        user, room, ws, start = await subscribed_member(conn, bridge.port)
         await post(conn, room, user, "before")
         assert [e["seq"] for e in await events(ws, 1)] == [start + 1]
         assert freezer.listener_connections == 1
@@ -119,7 +116,8 @@ async def test_deaf_listener_is_replaced_after_its_probe_fails(
         await asyncio.wait_for(freezer.new_listener.wait(), 20)
         got = await events(ws, 1, timeout=20)
         assert got[0]["seq"] == start + 2 and got[0]["data"]["content"] == "while deaf"
-        assert bridge.metrics.listener_reconnects._value.get() >= 1  # type: ignore[attr-defined]
+        assert (bridge.metrics.registry.get_sample_value("pgbridge_listener_reconnects_total")
+                or 0) >= 1
         await post(conn, room, user, "after")
         assert [e["seq"] for e in await events(ws, 1)] == [start + 3]
         await ws.close()
@@ -129,11 +127,8 @@ async def test_deaf_listener_is_replaced_after_its_probe_fails(
 async def test_listener_reconnect_that_hangs_in_listen_is_retried(
         proxy: tuple[FreezingProxy, str], conn: psycopg.AsyncConnection[Any]) -> None:
     freezer, via_proxy = proxy
-    user = await make_user(conn)
-    room = await make_room(conn, user)
     async with running_bridge(via_proxy, probe_interval=0.5) as bridge:
-        ws = await connect(bridge.port, user)
-        start = (await subscribe(ws, room))["from"]
+        user, room, ws, start = await subscribed_member(conn, bridge.port)
         freezer.freeze_new_listeners = True  # reconnects get no answer to their LISTEN
         freezer.freeze_listeners()
         await post(conn, room, user, "while deaf")
