@@ -30,10 +30,12 @@ from .acks import AckBuffer, AckWriter
 from .auth import Claims, mint_token, resolve_secret
 from .db import database, describe, listen_channel
 from .errors import BridgeError, DatabaseError
+from .handshake import BridgeConnection, Health, process_request
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
-from .server import Client, process_request
+from .ratelimit import ClientLimits
+from .server import CLOSE_OVERLOADED, CLOSE_POLICY, Client
 from .settings import DaemonSettings, DatabaseSettings, SSHSettings, load_environment
 from .store import Store
 
@@ -62,6 +64,11 @@ class Bridge:
         self.ack_writer = AckWriter(self.acks, self.store, self.metrics,
                                     interval=settings.ack_flush_interval)
         self.clients: set[Client] = set()
+        self.limits = ClientLimits(max_connections=settings.max_connections,
+                                   max_per_user=settings.max_connections_per_user,
+                                   user_rate=settings.user_subscribe_rate,
+                                   user_burst=settings.user_subscribe_burst)
+        self.health = Health(self.store, self.listener)
         # claims of upgrades accepted by process_request, until their handler starts
         self.handshakes: weakref.WeakKeyDictionary[ServerConnection, Claims] = (
             weakref.WeakKeyDictionary())
@@ -69,17 +76,30 @@ class Bridge:
         self.port = 0
 
     async def _handler(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, BridgeConnection)  # serve(create_connection=BridgeConnection)
         claims = self.handshakes.pop(ws, None)
         if claims is None:  # cannot happen: process_request accepted it
             await ws.close(1011, "internal error")
             return
+        # process_request checked the limits before its awaits; concurrent upgrades may have
+        # passed together, so check again where nothing can interleave.
+        if self.limits.at_capacity():
+            self.metrics.refusals.labels("overloaded").inc()
+            await ws.close(CLOSE_OVERLOADED, "too many connections; retry later")
+            return
+        if self.limits.user_at_capacity(claims.sub):
+            self.metrics.refusals.labels("too_many_connections").inc()
+            await ws.close(CLOSE_POLICY, "too many connections for this user")
+            return
         client = Client(self, ws, claims)
         self.clients.add(client)
+        self.limits.opened(claims.sub)
         self.metrics.connections.inc()
         try:
             await client.run()
         finally:
             self.clients.discard(client)
+            self.limits.closed(claims.sub)
             self.metrics.connections.dec()
 
     async def _prune_forever(self) -> None:
@@ -115,7 +135,7 @@ class Bridge:
                 process_request=lambda conn, req: process_request(self, conn, req),
                 max_size=self.settings.max_frame_bytes, compression=None,
                 ping_interval=self.settings.heartbeat, ping_timeout=self.settings.heartbeat,
-                server_header="pgbridge",
+                server_header="pgbridge", create_connection=BridgeConnection,
             )
             self.port = server.sockets[0].getsockname()[1]
             tasks.add(asyncio.create_task(self.ack_writer.run(), name="ack-writer"))

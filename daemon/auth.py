@@ -14,6 +14,7 @@ from pathlib import Path
 import jwt
 
 from .errors import ConfigError
+from .protocol import MAX_TOKEN_LENGTH, is_id, is_token
 from .settings import DaemonSettings, DatabaseSettings
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,6 @@ log = logging.getLogger(__name__)
 __all__ = ["AuthError", "Claims", "mint_token", "resolve_secret", "verify_token"]
 
 ALGORITHM = "HS256"
-MAX_TOKEN_BYTES = 8192
 
 
 class AuthError(Exception):
@@ -42,10 +42,13 @@ def mint_token(secret: str, user_id: str, *, ttl: float = 3600.0) -> str:
 
 
 def verify_token(secret: str, token: str) -> Claims:
-    """Check signature, ``exp`` and ``sub``. Raises :class:`AuthError` (expired, bad signature,
-    malformed, missing claim, too long)."""
-    if len(token) > MAX_TOKEN_BYTES:
-        raise AuthError("token too long")
+    """Check shape, signature, ``exp`` and ``sub``. Raises :class:`AuthError` (expired, bad
+    signature, malformed, missing claim, longer than 4,096 characters, ``sub`` not shaped like a
+    ``users.id``). Nothing of ``token`` is quoted in the message."""
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise AuthError(f"token longer than {MAX_TOKEN_LENGTH} characters")
+    if not is_token(token):
+        raise AuthError("malformed token: a JWT has only A-Z a-z 0-9 - _ . =")
     try:
         claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
                             options={"require": ["exp", "sub"]})
@@ -56,8 +59,9 @@ def verify_token(secret: str, token: str) -> Claims:
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid token: {exc}") from None
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub or len(sub) > 64:
+    if not is_id(sub):
         raise AuthError("invalid token: sub must be a users.id")
+    assert isinstance(sub, str)
     return Claims(sub=sub, exp=float(claims["exp"]))
 
 

@@ -6,11 +6,12 @@ text built by ``pgbridge_event_frame`` in SQL), so a fan-out to N clients encode
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Event", "Pointer", "Probe", "event_from_row", "parse_notify"]
+from .protocol import load_json
+
+__all__ = ["Event", "Pointer", "Probe", "parse_notify"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,24 +45,24 @@ class Probe:
     token: str
 
 
-def _effects(table: str, op: str, data: dict[str, Any] | None) -> tuple[str | None, bool]:
-    data = data or {}
+def _effects(table: str, op: str, data: Any) -> tuple[str | None, bool]:
+    if not isinstance(data, dict):
+        data = {}
     revokes = data.get("user_id") if table == "channel_members" and op == "DELETE" else None
     ends_room = table == "channels" and (op == "DELETE" or data.get("deleted_at") is not None)
     return (revokes if isinstance(revokes, str) else None), ends_room
 
 
-def event_from_row(room: str, seq: int, table: str, op: str, data: dict[str, Any] | None,
-                   frame: str) -> Event:
-    """An :class:`Event` from a ``change_events`` row and its frame text."""
-    revokes, ends_room = _effects(table, op, data)
-    return Event(room=room, seq=seq, frame=frame.encode(), revokes=revokes, ends_room=ends_room)
+# A frame built by the capture trigger nests 3 levels plus whatever a JSONB column holds
+# (channels.metadata); deeper payloads are ignored here and reach clients through the log.
+MAX_NOTIFY_DEPTH = 256
 
 
 def parse_notify(payload: str) -> Event | Pointer | Probe | None:
-    """Interpret a payload of the ``pgbridge`` channel; ``None`` for anything unrecognised."""
+    """Interpret a payload of the ``pgbridge`` channel; ``None`` for anything unrecognised
+    (any role may NOTIFY, so this is untrusted text: invalid or deeply nested JSON included)."""
     try:
-        obj = json.loads(payload)
+        obj = load_json(payload, max_depth=MAX_NOTIFY_DEPTH)
     except ValueError:
         return None
     if not isinstance(obj, dict):

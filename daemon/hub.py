@@ -9,12 +9,15 @@ A subscription's life (PROTOCOL.md, "Ordering and delivery guarantees"):
 
 1. :meth:`Hub.add` registers it and returns ``L``, the room's last published seq at that
    instant. From then on every published event (seq > L) is buffered in the subscription.
-2. The caller replays ``(from, L]`` from the log with :meth:`Subscription.replay`.
+2. The caller replays ``(from, L]`` from the log with :meth:`Subscription.replay`. Replayed
+   events after ``checked_at`` (the room's head when the caller checked the membership) were
+   committed after that check, so they end the subscription as live ones would.
 3. :meth:`Subscription.go_live` flushes the buffer and delivers directly from then on.
 
 Events at or below ``from`` or already sent are dropped, so the switch from replay to live has
-no gap and no duplicate. Only live events (seq > L) can end the subscription: a membership
-DELETE of the subscriber (``membership_revoked``) or the room's deletion (``room_deleted``).
+no gap and no duplicate. Events committed after the membership check can end the subscription:
+a membership DELETE of the subscriber (``membership_revoked``) or the room's deletion
+(``room_deleted``); older ones in the log were already accounted for by the check.
 """
 
 from __future__ import annotations
@@ -45,12 +48,14 @@ class Sink(Protocol):
 class Subscription:
     """One client's subscription to one room."""
 
-    __slots__ = ("ended", "from_seq", "last_sent", "live", "pending", "pending_limit", "room",
-                 "sink")
+    __slots__ = ("checked_at", "ended", "from_seq", "last_sent", "live", "pending",
+                 "pending_limit", "room", "sink")
 
-    def __init__(self, sink: Sink, room: str, *, pending_limit: int) -> None:
+    def __init__(self, sink: Sink, room: str, *, pending_limit: int,
+                 checked_at: int | None = None) -> None:
         self.sink = sink
         self.room = room
+        self.checked_at = checked_at  # None: no check to account for (every replay is history)
         self.from_seq = 0
         self.last_sent = 0
         self.live = False
@@ -63,11 +68,15 @@ class Subscription:
         """Highest seq the client holds or was never meant to get (``max(from, last sent)``)."""
         return max(self.from_seq, self.last_sent)
 
-    def replay(self, event: Event) -> None:
-        """Send a historical event (seq ≤ L) from the log; no side effects."""
+    def replay(self, event: Event) -> bool:
+        """Send an event (seq ≤ L) read from the log. Returns true if it ended the
+        subscription (only an event after ``checked_at`` can)."""
+        if self.checked_at is not None and event.seq > self.checked_at:
+            return self._emit(event)
         if not self.ended and event.seq > self.cursor:
             self.sink.send(event.frame)
             self.last_sent = event.seq
+        return False
 
     def deliver(self, event: Event) -> bool:
         """Offer a live event. Returns true if it ended the subscription."""

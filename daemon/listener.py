@@ -199,6 +199,9 @@ class Listener:
     # --- processor ------------------------------------------------------------------------
 
     async def _process_forever(self) -> None:
+        """Take the queue in order. Nothing that one item causes stops this task: the log is
+        still there, so a catch-up a moment later fills whatever the item could not (as would
+        the room's next NOTIFY or a reconnect)."""
         while True:
             item = await self._queue.get()
             try:
@@ -209,15 +212,29 @@ class Listener:
                 else:
                     await self._catch_up()
             except BridgeError as exc:
-                # The log is still there: a catch-up a moment later fills whatever this attempt
-                # could not (as would the room's next NOTIFY or a reconnect).
                 log.warning("could not read the log (%s); catching up again in %.1f s", exc,
                             self.retry_delay, extra={"event": "fill_failed"})
-                if isinstance(item, _Track):
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                elif self._retry is None or self._retry.done():
-                    self._retry = asyncio.create_task(self._catch_up_later())
+                self._failed(item, exc)
+            except Exception:  # a bug: log it once, keep the listener running
+                incident = secrets.token_hex(4)
+                log.error("listener failed on a %s: incident %s; catching up again in %.1f s",
+                          type(item).__name__.strip("_").lower(), incident, self.retry_delay,
+                          exc_info=True, extra={"event": "listener_crashed",
+                                                "incident": incident})
+                self._failed(item, BridgeError(f"internal error (incident {incident})"))
+
+    def _failed(self, item: str | _Track | _CatchUp, exc: BridgeError) -> None:
+        if isinstance(item, _Track):
+            if not item.future.done():
+                item.future.set_exception(exc)
+        else:
+            self._catch_up_soon()
+
+    def _catch_up_soon(self) -> None:
+        """One catch-up of every tracked room after ``retry_delay``; calls meanwhile coalesce
+        into it, so whatever triggers them costs at most one pass over the log per delay."""
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.create_task(self._catch_up_later())
 
     async def _catch_up_later(self) -> None:
         await asyncio.sleep(self.retry_delay)
@@ -225,7 +242,10 @@ class Listener:
 
     async def _on_notify(self, payload: str) -> None:
         note = parse_notify(payload)
-        if note is None or isinstance(note, Probe) or note.room not in self.hub:
+        if note is None:  # not ours, or an event we cannot read here: the log has it
+            self._catch_up_soon()
+            return
+        if isinstance(note, Probe) or note.room not in self.hub:
             return
         arrival = classify(self.hub.last(note.room), note.seq)
         if arrival is Arrival.DUPLICATE:

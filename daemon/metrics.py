@@ -21,8 +21,12 @@ class Metrics:
                                            "(re)connections after a failure", registry=r)
         self.slow_closes = Counter("pgbridge_slow_client_closes", "Connections closed with 4008",
                                    registry=r)
-        self.handshake_refusals = Counter("pgbridge_handshake_refusals", "Upgrades refused "
-                                          "with 401", registry=r)
+        self.handshake_refusals = Counter("pgbridge_handshake_refusals", "Upgrades refused, by "
+                                          "reason (unauthorized 401, too_many_connections 429, "
+                                          "overloaded 503)", ["reason"], registry=r)
+        self.refusals = Counter("pgbridge_refusals", "Client frames refused, by error code "
+                                "(rate_limited, bad_request, ...), and connections closed "
+                                "for abuse or over a limit", ["reason"], registry=r)
         self.acks_saved = Counter("pgbridge_acks_saved", "sync_state rows upserted", registry=r)
         self.pruned = Counter("pgbridge_pruned_events", "change_events rows pruned", registry=r)
 

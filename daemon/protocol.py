@@ -3,22 +3,34 @@
 Pure: no sockets, no database. :func:`parse_frame` turns one client frame into a request object
 or raises :class:`ProtocolError` carrying the ``error`` frame's ``code``, ``message`` and, when
 the frame had them, ``ref`` and ``room``. Unknown fields are ignored (clients may be newer).
+
+This is the edge: every client-supplied string is checked here against what it may be
+(PROTOCOL.md, "What each field may be") before any other module sees it, so a room id that
+reaches the hub, the listener or a query is 1 to 26 characters of ``[0-9A-Za-z_-]``, a ref is
+printable, and a token is ASCII of a JWT's alphabet. :func:`load_json` is the one JSON reader
+for untrusted text (client frames, NOTIFY payloads): depth-limited, never a ``RecursionError``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_REF_LENGTH = 128
-MAX_ROOM_LENGTH = 64
-MAX_TOKEN_LENGTH = 8192
+MAX_ID_LENGTH = 26  # channels.id and users.id are VARCHAR(26) (spec 003): ULIDs
+MAX_TOKEN_LENGTH = 4096  # fits a request line of websockets' 8,192 bytes, so 401 is reachable
+MAX_DEPTH = 32  # client frames are flat; unknown fields may nest a little
+
+_ID = re.compile(rf"[0-9A-Za-z_-]{{1,{MAX_ID_LENGTH}}}")
+_TOKEN = re.compile(rf"[0-9A-Za-z_.=-]{{1,{MAX_TOKEN_LENGTH}}}")
 
 __all__ = [
-    "Ack", "Ping", "ProtocolError", "Refresh", "Request", "Subscribe", "Unsubscribe",
-    "error", "parse_frame", "pong", "subscribed", "unsubscribed", "welcome",
+    "MAX_TOKEN_LENGTH", "Ack", "Ping", "ProtocolError", "Refresh", "Request", "Subscribe",
+    "Unsubscribe", "error", "is_id", "is_token", "load_json", "parse_frame", "pong", "subscribed",
+    "unsubscribed", "welcome",
 ]
 
 
@@ -71,18 +83,69 @@ class Refresh:
 Request = Subscribe | Unsubscribe | Ack | Ping | Refresh
 
 
-def _field_str(obj: dict[str, Any], name: str, *, limit: int, ref: str | None,
-               room: str | None = None, required: bool = True) -> str | None:
-    value = obj.get(name)
-    if value is None and not required:
+def is_id(value: object) -> bool:
+    """True for a string that can be a ``channels.id`` or ``users.id``: 1 to 26 characters of
+    ``A-Z a-z 0-9 _ -`` (no NUL, no surrogate, nothing a query or a log line could trip on)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def is_token(value: object) -> bool:
+    """True for a string shaped like a JWT: 1 to 4,096 characters of ``A-Z a-z 0-9 - _ . =``."""
+    return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a decoded JSON value (1 for a flat object), without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, level = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if isinstance(value, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children
+                         if isinstance(child, dict | list))
+    return deepest
+
+
+def load_json(text: str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode untrusted JSON text nested at most ``max_depth`` levels.
+
+    Raises :class:`ValueError` with a message safe to show the sender (it quotes nothing of
+    ``text``): invalid JSON, a number too large to convert, or nesting too deep. The C decoder
+    stops by itself near the interpreter's recursion limit; that ``RecursionError`` is turned
+    into the same ``ValueError``, and the exact depth is measured only when the text has more
+    brackets than ``max_depth``.
+    """
+    too_deep = f"JSON nests deeper than {max_depth} levels"
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError(too_deep) from None
+    except ValueError:
+        raise ValueError("not valid JSON") from None
+    if text.count("[") + text.count("{") > max_depth and _depth(obj) > max_depth:
+        raise ValueError(too_deep)
+    return obj
+
+
+def _room(obj: dict[str, Any], ref: str | None) -> str:
+    value = obj.get("room")
+    if value is None:
+        raise ProtocolError("bad_request", "field 'room' missing", ref=ref)
+    if not is_id(value):
+        raise ProtocolError("bad_request", "field 'room' must be a channels.id: 1 to "
+                            f"{MAX_ID_LENGTH} characters of A-Z a-z 0-9 _ -", ref=ref)
+    return str(value)
+
+
+def _ref(obj: dict[str, Any]) -> str | None:
+    value = obj.get("ref")
+    if value is None:
         return None
-    if not isinstance(value, str) or not value:
-        need = "a non-empty string"
-        problem = "missing" if value is None else f"must be {need}"
-        raise ProtocolError("bad_request", f"field {name!r} {problem}", ref=ref, room=room)
-    if len(value) > limit:
-        raise ProtocolError("bad_request", f"field {name!r} is longer than {limit} characters",
-                            ref=ref, room=room)
+    if (not isinstance(value, str) or not 1 <= len(value) <= MAX_REF_LENGTH
+            or not value.isprintable()):
+        raise ProtocolError("bad_request", f"field 'ref' must be a string of 1 to "
+                            f"{MAX_REF_LENGTH} printable characters")
     return value
 
 
@@ -104,34 +167,36 @@ def parse_frame(data: str | bytes) -> Request:
     """Parse one client frame (PROTOCOL.md, "Client → server").
 
     ``bytes`` means a binary frame, which the protocol does not use. Raises
-    :class:`ProtocolError` (``bad_request`` or ``unknown_type``).
+    :class:`ProtocolError`: ``bad_request`` or ``unknown_type``, ``unauthorized`` for a
+    ``refresh`` whose token is not shaped like a JWT.
     """
     if isinstance(data, bytes):
         raise ProtocolError("bad_request", "binary frames are not supported; send JSON text")
     try:
-        obj = json.loads(data)
-    except ValueError:
-        raise ProtocolError("bad_request", "frame is not valid JSON") from None
+        obj = load_json(data)
+    except ValueError as exc:
+        raise ProtocolError("bad_request", f"frame refused: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "frame must be a JSON object")
-    raw_ref = obj.get("ref")
-    ref = raw_ref if isinstance(raw_ref, str) and len(raw_ref) <= MAX_REF_LENGTH else None
-    if raw_ref is not None and ref is None:
-        raise ProtocolError("bad_request",
-                            f"field 'ref' must be a string of at most {MAX_REF_LENGTH} characters")
+    ref = _ref(obj)
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("bad_request", "field 'type' missing or not a string", ref=ref)
     if kind == "ping":
         return Ping(ref=ref)
     if kind == "refresh":
-        token = _field_str(obj, "token", limit=MAX_TOKEN_LENGTH, ref=ref)
-        assert token is not None
-        return Refresh(token=token, ref=ref)
+        token = obj.get("token")
+        if not isinstance(token, str):
+            problem = "missing" if token is None else "must be a string"
+            raise ProtocolError("bad_request", f"field 'token' {problem}", ref=ref)
+        if not is_token(token):
+            raise ProtocolError("unauthorized", "field 'token' must be a JWT of at most "
+                                f"{MAX_TOKEN_LENGTH} characters", ref=ref)
+        return Refresh(token=str(token), ref=ref)
     if kind not in ("subscribe", "unsubscribe", "ack"):
-        raise ProtocolError("unknown_type", f"unknown type {kind[:40]!r}", ref=ref)
-    room = _field_str(obj, "room", limit=MAX_ROOM_LENGTH, ref=ref)
-    assert room is not None
+        shown = kind[:40] if kind.isprintable() else "(not printable)"
+        raise ProtocolError("unknown_type", f"unknown type {shown!r}", ref=ref)
+    room = _room(obj, ref)
     if kind == "subscribe":
         return Subscribe(room=room, since=_field_int(obj, "since", ref=ref, room=room,
                                                      required=False), ref=ref)

@@ -1,46 +1,46 @@
-"""The WebSocket side (websockets, asyncio): handshake and HTTP endpoints, and one
-:class:`Client` per connection.
-
-* ``GET /ws`` upgrades after the JWT is checked (``?token=`` or ``Authorization: Bearer``);
-  anything wrong with it, or a ``sub`` that is no live user, is answered 401 with no upgrade.
-* ``GET /healthz``: 200 when the listener is live and the database answers, else 503 (JSON).
-* ``GET /metrics``: Prometheus text format.
+"""The WebSocket side after the upgrade: one :class:`Client` per connection (the handshake
+and the HTTP endpoints are :mod:`daemon.handshake`).
 
 The fan-out never waits for a client: a frame is written to the socket at once while the
 client keeps up (its socket buffer below the high-water mark and nothing queued); otherwise it
 joins the client's bounded queue (``PGBRIDGE_QUEUE_SIZE`` frames), which the client's writer task
 drains at the pace of the socket. A client whose queue overflows is closed with 4008 and resumes
 with ``since``. One slow client never delays the others.
+
+Each frame is handled inside a fault boundary: whatever it causes ends at most that request
+(an ``error`` frame with its ``ref`` and ``room``; an unexpected exception is logged once with
+an incident id, never with the client's bytes). Limits (PROTOCOL.md, "Limits") are applied
+before any work: frames and WebSocket pings share one token bucket per connection; subscribe
+attempts take from the connection's and the user's bucket before the database is asked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import secrets
 import time
 from collections import deque
-from http import HTTPStatus
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection, broadcast
-from websockets.datastructures import Headers
+from websockets.asyncio.server import broadcast
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
 from .auth import AuthError, Claims, verify_token
 from .cursor import resolve_from
 from .errors import BridgeError
+from .handshake import BridgeConnection
 from .hub import Subscription
 from .protocol import (
     Ack,
     Ping,
     ProtocolError,
     Refresh,
+    Request,
     Subscribe,
     Unsubscribe,
+    error,
     parse_frame,
     pong,
     subscribed,
@@ -54,74 +54,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Client", "process_request"]
+__all__ = ["Client"]
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
+CLOSE_OVERLOADED = 1013
 CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_TOO_SLOW = 4008
-
-
-def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-store")])
-    return Response(status.value, status.phrase, headers, body)
-
-
-def _json(status: HTTPStatus, obj: dict[str, object]) -> Response:
-    return _response(status, json.dumps(obj).encode(), "application/json")
-
-
-def _token_of(request: Request) -> str | None:
-    query = parse_qs(urlsplit(request.path).query)
-    if query.get("token"):
-        return query["token"][0]
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
-
-
-async def process_request(bridge: Bridge, connection: ServerConnection,
-                          request: Request) -> Response | None:
-    """HTTP routing and the authenticated handshake; ``None`` lets the upgrade proceed."""
-    path = urlsplit(request.path).path
-    if path == "/healthz":
-        database = await bridge.store.ping()
-        listener = bridge.listener.connected and bridge.listener.ready.is_set()
-        ok = database and listener
-        return _json(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, {
-            "status": "ok" if ok else "unavailable", "database": database, "listener": listener,
-            "connections": len(bridge.clients)})
-    if path == "/metrics":
-        return _response(HTTPStatus.OK, bridge.metrics.render(),
-                         "text/plain; version=0.0.4; charset=utf-8")
-    if path != "/ws":
-        return _json(HTTPStatus.NOT_FOUND, {"error": "not found; the WebSocket is at /ws"})
-    token = _token_of(request)
-    try:
-        if token is None:
-            raise AuthError("missing token (?token=... or Authorization: Bearer ...)")
-        claims = verify_token(bridge.secret, token)
-        if not await bridge.store.live_user(claims.sub):
-            raise AuthError("the token's user does not exist or is deleted")
-    except AuthError as exc:
-        bridge.metrics.handshake_refusals.inc()
-        log.info("handshake refused from %s: %s", connection.remote_address, exc,
-                 extra={"event": "handshake_refused"})
-        return _json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
-    except BridgeError as exc:
-        log.error("handshake failed: %s", exc, extra={"event": "handshake_error"})
-        return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable"})
-    bridge.handshakes[connection] = claims
-    return None
 
 
 class Client:
     """One WebSocket connection: parses its frames, owns its subscriptions and its outgoing
     queue. Implements :class:`daemon.hub.Sink`."""
 
-    def __init__(self, bridge: Bridge, ws: ServerConnection, claims: Claims) -> None:
+    def __init__(self, bridge: Bridge, ws: BridgeConnection, claims: Claims) -> None:
         self.bridge = bridge
         self.ws = ws
         self.user = claims.sub
@@ -132,7 +79,9 @@ class Client:
         self._closing = False
         self._writing = False  # the writer task is draining the queue
         self._limit = bridge.settings.queue_size
-        self._bucket = TokenBucket(bridge.settings.rate_limit, bridge.settings.rate_burst)
+        settings = bridge.settings
+        self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
+        self._subscribe_bucket = TokenBucket(settings.subscribe_rate, settings.subscribe_burst)
         self._violations = 0
         self._writer: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -175,6 +124,7 @@ class Client:
 
     async def run(self) -> None:
         self._writer = asyncio.create_task(self._write_forever(), name=f"writer-{self.ws.id}")
+        self.ws.on_ping = self._on_ping
         self.send(welcome(self.user, self.bridge.settings.heartbeat))
         try:
             async for message in self.ws:
@@ -237,14 +187,28 @@ class Client:
 
     # --- requests ---------------------------------------------------------------------------
 
+    def _over_rate(self) -> bool:
+        """Take one frame (or WebSocket ping) from the bucket; true when refused. Past
+        10 x burst refusals the connection is closed with 1008."""
+        if self._bucket.take():
+            return False
+        self._violations += 1
+        if self._violations > 10 * self.bridge.settings.rate_burst:
+            self.bridge.metrics.refusals.labels("abuse").inc()
+            self._close_soon(CLOSE_POLICY, "rate limit exceeded repeatedly")
+        return True
+
+    def _on_ping(self) -> None:
+        if self._over_rate():
+            self.bridge.metrics.refusals.labels("rate_limited").inc()
+
     async def _handle(self, message: str | bytes) -> None:
-        if not self._bucket.take():
-            self._violations += 1
-            if self._violations > 10 * self.bridge.settings.rate_burst:
-                self._close_soon(CLOSE_POLICY, "rate limit exceeded repeatedly")
-                return
-            self.send(ProtocolError("rate_limited", "too many frames; slow down").frame())
+        if self._over_rate():
+            if not self._closing:
+                self.bridge.metrics.refusals.labels("rate_limited").inc()
+                self.send(error("rate_limited", "too many frames; slow down"))
             return
+        request: Request | None = None
         try:
             request = parse_frame(message)
             if isinstance(request, Subscribe):
@@ -258,47 +222,68 @@ class Client:
             elif isinstance(request, Refresh):
                 self._refresh(request)
         except ProtocolError as exc:
+            self.bridge.metrics.refusals.labels(exc.code).inc()
             self.send(exc.frame())
-        except BridgeError as exc:
-            log.error("request of user %s failed: %s", self.user, exc,
+        except BridgeError as exc:  # the database failed: the client may retry
+            log.error("%s of user %s failed: %s", _kind(request), self.user, exc,
                       extra={"event": "request_failed"})
-            self.send(ProtocolError("internal", "temporary failure; retry").frame())
+            self.send(error("internal", "temporary failure; retry", ref=_ref(request),
+                            room=_room(request)))
+        except Exception:  # a bug: it ends this request, not the connection or the bridge
+            incident = secrets.token_hex(4)
+            log.error("%s of user %s crashed: incident %s", _kind(request), self.user, incident,
+                      exc_info=True, extra={"event": "request_crashed", "incident": incident})
+            self.send(error("internal", f"internal error (incident {incident}); retry",
+                            ref=_ref(request), room=_room(request)))
 
     async def _subscribe(self, request: Subscribe) -> None:
         room, ref = request.room, request.ref
+        settings = self.bridge.settings
+        if not self._subscribe_bucket.take() or not self.bridge.limits.subscribe_allowed(
+                self.user):
+            raise ProtocolError("rate_limited", "too many subscribe attempts; slow down",
+                                ref=ref, room=room)
         if room in self.subs:
             raise ProtocolError("bad_request", "already subscribed to this room", ref=ref,
                                 room=room)
-        if len(self.subs) >= self.bridge.settings.max_subscriptions:
-            raise ProtocolError("rate_limited", f"at most {self.bridge.settings.max_subscriptions} "
+        if len(self.subs) >= settings.max_subscriptions:
+            raise ProtocolError("rate_limited", f"at most {settings.max_subscriptions} "
                                 "subscriptions per connection", ref=ref, room=room)
-        sub = Subscription(self, room, pending_limit=self._limit)
+        # Membership first: a room the user may not read never reaches the listener.
+        info = await self.bridge.store.cursor_info(self.user, room)
+        if info.status == "not_found":
+            raise ProtocolError("not_found", "no such room", ref=ref, room=room)
+        if info.status != "ok":
+            raise ProtocolError("forbidden", "not a member of this room, or the room or user "
+                                "is deleted", ref=ref, room=room)
+        from_seq = resolve_from(room=room, since=request.since, acked=info.acked,
+                                head=info.head, retained_from=info.retained_from, ref=ref)
+        if self._closing:  # closed while the database answered
+            return
+        # Events after info.head were committed after the membership check: replayed ones
+        # revoke or end the subscription exactly as live ones do.
+        sub = Subscription(self, room, pending_limit=self._limit, checked_at=info.head)
+        sub.from_seq = from_seq
         self.subs[room] = sub
         self.bridge.metrics.subscriptions.inc()
         try:
             live_from = await self.bridge.listener.add(sub)
-            info = await self.bridge.store.cursor_info(self.user, room)
-            if info.status == "not_found":
-                raise ProtocolError("not_found", "no such room", ref=ref, room=room)
-            if info.status != "ok":
-                raise ProtocolError("forbidden", "not a member of this room, or the room or user "
-                                    "is deleted", ref=ref, room=room)
-            sub.from_seq = resolve_from(room=room, since=request.since, acked=info.acked,
-                                        head=info.head, retained_from=info.retained_from, ref=ref)
+            self.send(subscribed(room, from_seq, max(info.head, live_from), ref))
+            after = from_seq
+            while after < live_from and not sub.ended and not self._closing:
+                await self._room_for(READ_PAGE)
+                events = await self.bridge.store.read_events(room, after=after, upto=live_from)
+                if not events:
+                    break
+                for event in events:
+                    sub.replay(event)
+                after = events[-1].seq
         except BaseException:
             self._drop(sub)
             raise
-        self.send(subscribed(room, sub.from_seq, max(info.head, live_from), ref))
-        after = sub.from_seq
-        while after < live_from and not sub.ended and not self._closing:
-            await self._room_for(READ_PAGE)
-            events = await self.bridge.store.read_events(room, after=after, upto=live_from)
-            if not events:
-                break
-            for event in events:
-                sub.replay(event)
-            after = events[-1].seq
-        if not self._closing:
+        if sub.ended:
+            self._drop(sub)
+        elif not self._closing:
             sub.go_live()
 
     def _drop(self, sub: Subscription) -> None:
@@ -332,3 +317,15 @@ class Client:
             raise ProtocolError("unauthorized", "a refreshed token must be for the same user",
                                 ref=request.ref)
         self._set_expiry(claims.exp)
+
+
+def _kind(request: Request | None) -> str:
+    return type(request).__name__.lower() if request is not None else "a frame"
+
+
+def _ref(request: Request | None) -> str | None:
+    return request.ref if request is not None else None
+
+
+def _room(request: Request | None) -> str | None:
+    return getattr(request, "room", None)

@@ -193,7 +193,12 @@ class SSHSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class DaemonSettings:
-    """The daemon's own settings (``PGBRIDGE_*``); durations in seconds.
+    """The daemon's own settings (``PGBRIDGE_*``); durations in seconds, rates per second.
+
+    Limits on clients (PROTOCOL.md, "Limits"): ``rate_limit``/``rate_burst`` frames per
+    connection, ``subscribe_rate``/``subscribe_burst`` subscribe attempts per connection,
+    ``user_subscribe_rate``/``user_subscribe_burst`` per user, ``max_subscriptions`` rooms per
+    connection, ``max_connections_per_user`` and ``max_connections`` in total.
 
     ``jwt_secret`` may be ``None`` here: the composition root requires it when a database is
     configured, and generates a development secret for the embedded server.
@@ -207,6 +212,12 @@ class DaemonSettings:
     max_subscriptions: int = 100
     rate_limit: float = 50.0
     rate_burst: int = 100
+    subscribe_rate: float = 5.0
+    subscribe_burst: int = 100
+    user_subscribe_rate: float = 10.0
+    user_subscribe_burst: int = 300
+    max_connections: int = 10000
+    max_connections_per_user: int = 20
     max_frame_bytes: int = 64 * 1024
     heartbeat: float = 20.0
     retention: float = 7 * 86400.0
@@ -230,6 +241,13 @@ class DaemonSettings:
             max_subscriptions=_int(env, "PGBRIDGE_MAX_SUBSCRIPTIONS", 100, minimum=1),
             rate_limit=float(_int(env, "PGBRIDGE_RATE_LIMIT", 50, minimum=1)),
             rate_burst=_int(env, "PGBRIDGE_RATE_BURST", 100, minimum=1),
+            subscribe_rate=float(_int(env, "PGBRIDGE_SUBSCRIBE_RATE", 5, minimum=1)),
+            subscribe_burst=_int(env, "PGBRIDGE_SUBSCRIBE_BURST", 100, minimum=1),
+            user_subscribe_rate=float(_int(env, "PGBRIDGE_USER_SUBSCRIBE_RATE", 10, minimum=1)),
+            user_subscribe_burst=_int(env, "PGBRIDGE_USER_SUBSCRIBE_BURST", 300, minimum=1),
+            max_connections=_int(env, "PGBRIDGE_MAX_CONNECTIONS", 10000, minimum=1),
+            max_connections_per_user=_int(env, "PGBRIDGE_MAX_CONNECTIONS_PER_USER", 20,
+                                          minimum=1),
             heartbeat=_seconds(env, "PGBRIDGE_HEARTBEAT", 20.0),
             retention=_seconds(env, "PGBRIDGE_RETENTION", 7 * 86400.0),
             prune_interval=_seconds(env, "PGBRIDGE_PRUNE_INTERVAL", 300.0),

@@ -6,6 +6,7 @@ Every psycopg error leaves this module as :class:`DatabaseError` (SQLSTATE kept)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .db import describe, translate
 from .errors import DatabaseError
-from .events import Event, event_from_row
+from .events import Event
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,20 @@ class Store:
                                     f"available while {doing}; is the server up?") from exc
         raise AssertionError("unreachable")
 
-    async def ping(self) -> bool:
-        """True when a pooled connection answers ``SELECT 1`` (for /healthz)."""
+    async def ping(self, timeout: float) -> str | None:
+        """``None`` when a pooled connection answers ``SELECT 1`` within ``timeout`` seconds,
+        else why not in a few words that name no host (for /healthz; the log has details)."""
         try:
-            await self._all("SELECT 1", (), "checking health")
-        except Exception:
-            return False
-        return True
+            async with asyncio.timeout(timeout):
+                async with self.pool.connection(timeout=timeout) as conn:
+                    await conn.execute("SELECT 1")
+        except (TimeoutError, PoolTimeout):
+            return f"no answer within {timeout:g} s"
+        except psycopg.Error as exc:
+            log.warning("health check failed: %s", translate(exc, self.conninfo).args[0],
+                        extra={"event": "health_failed"})
+            return f"error{f' (SQLSTATE {exc.sqlstate})' if exc.sqlstate else ''}"
+        return None
 
     async def in_recovery(self) -> bool:
         rows = await self._all("SELECT pg_is_in_recovery()", (), "checking for a standby")
@@ -147,16 +155,24 @@ class Store:
                           limit: int = READ_PAGE) -> list[Event]:
         """Events of ``room`` with ``after < seq <= upto`` (no upper bound when ``None``), in
         seq order, at most ``limit``."""
+        # The effects (whose membership ends, whether the room ends) are read in SQL, as
+        # parse_notify reads them from a NOTIFY: the row's JSON is never decoded here, so no
+        # payload, however large or deeply nested, can fail the listener.
         rows = await self._all(
             """
-            SELECT seq, table_name, op, payload,
+            SELECT seq,
+                   CASE WHEN table_name = 'channel_members' AND op = 'DELETE'
+                        THEN payload->>'user_id' END,
+                   table_name = 'channels'
+                       AND (op = 'DELETE' OR payload->>'deleted_at' IS NOT NULL),
                    pgbridge_event_frame(room_id, seq, table_name, op, row_id, payload, created_at)
             FROM change_events
             WHERE room_id = %s AND seq > %s AND seq <= %s
             ORDER BY seq LIMIT %s
             """, (room, after, upto if upto is not None else 2**63 - 1, limit), "reading the log")
-        return [event_from_row(room, int(seq), table, op, data, frame)
-                for seq, table, op, data, frame in rows]
+        return [Event(room=room, seq=int(seq), frame=frame.encode(), revokes=revokes,
+                      ends_room=bool(ends_room))
+                for seq, revokes, ends_room, frame in rows]
 
     async def save_acks(self, acks: list[tuple[str, str, int]]) -> None:
         """Upsert ``(user_id, room_id, seq)`` into ``sync_state`` (sync_type ``events``); a seq

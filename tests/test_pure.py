@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from daemon.cursor import Arrival, classify, resolve_from
 from daemon.errors import ConfigError
-from daemon.events import Event, Pointer, Probe, event_from_row, parse_notify
+from daemon.events import Event, Pointer, Probe, parse_notify
 from daemon.hub import Hub, Subscription
 from daemon.protocol import Ack, ProtocolError, Subscribe, parse_frame
 from daemon.ratelimit import TokenBucket
@@ -177,9 +177,15 @@ def test_parse_notify_kinds() -> None:
     assert parse_notify('{"room": "R", "seq": 4}') == Pointer("R", 4)
     assert parse_notify('{"probe": "abc"}') == Probe("abc")
     assert parse_notify("garbage") is None and parse_notify("[1]") is None
-    deleted = event_from_row("R", 1, "channels", "UPDATE", {"deleted_at": "2026-01-01"}, "{}")
-    assert deleted.ends_room and not event_from_row("R", 1, "channels", "UPDATE",
-                                                    {"deleted_at": None}, "{}").ends_room
+
+    def channel_update(deleted_at: str | None) -> Event | Pointer | Probe | None:
+        return parse_notify(json.dumps({"type": "event", "room": "R", "seq": 1,
+                                        "table": "channels", "op": "UPDATE",
+                                        "data": {"deleted_at": deleted_at}}))
+
+    deleted, kept = channel_update("2026-01-01"), channel_update(None)
+    assert isinstance(deleted, Event) and deleted.ends_room
+    assert isinstance(kept, Event) and not kept.ends_room
 
 
 def test_token_bucket_rate_and_burst() -> None:

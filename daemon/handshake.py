@@ -1,0 +1,262 @@
+"""Everything before the WebSocket upgrade: HTTP parsing answers, routing, the authenticated
+handshake, health.
+
+* :class:`BridgeConnection` is websockets' server connection with two additions: a request
+  that cannot be parsed is answered with a 4xx (websockets closes the TCP connection without an
+  answer and logs a traceback), and every WebSocket ping frame is reported to ``on_ping`` so
+  the client's rate limit counts it.
+* :func:`process_request` routes ``/healthz``, ``/metrics`` and ``/ws``; for ``/ws`` it checks
+  the request target, the connection limits and the JWT, and answers every refusal with a 4xx
+  (or 503 when the database cannot be asked), never a 500 for what the client sent
+  (PROTOCOL.md, "HTTP answers before the upgrade").
+* :class:`Health` answers ``/healthz`` within a bound whatever the database does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Generator
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.exceptions import SecurityError
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import Protocol, State
+from websockets.server import ServerProtocol
+
+from .auth import AuthError, verify_token
+from .errors import BridgeError
+
+if TYPE_CHECKING:
+    from websockets.asyncio.server import Server
+    from websockets.protocol import Event
+
+    from .app import Bridge
+    from .listener import Listener
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BridgeConnection", "Health", "process_request"]
+
+
+def _status_for(exc: Exception, lines_read: int) -> tuple[HTTPStatus, str]:
+    """The answer to a request websockets could not parse, from what failed and where."""
+    if isinstance(exc, SecurityError):
+        if lines_read <= 1:
+            return HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long"
+        return (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header line too long or too many headers")
+    if lines_read <= 1 and "method" in str(exc):
+        return HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served"
+    return HTTPStatus.BAD_REQUEST, "malformed HTTP request"
+
+
+class _AnsweringProtocol(ServerProtocol):
+    """websockets' server protocol, but a request that cannot be parsed gets an HTTP answer
+    (400, 405, 414, 431) instead of a bare close, and is logged at INFO without a traceback."""
+
+    def parse(self) -> Generator[None]:
+        if self.state is State.CONNECTING:
+            lines = 0
+
+            def read_line(limit: int) -> Generator[None, None, bytes | bytearray]:
+                nonlocal lines
+                lines += 1
+                return (yield from self.reader.read_line(limit))
+
+            try:
+                request = yield from Request.parse(read_line)
+            except EOFError:  # gone before a whole request arrived: nobody to answer
+                self.send_eof()
+                self.parser = self.discard()
+                next(self.parser)
+                yield
+            except Exception as exc:  # ValueError, SecurityError, NotImplementedError
+                status, text = _status_for(exc, lines)
+                log.info("unparsable HTTP request answered %d: %s (%s)", status.value, text,
+                         type(exc).__name__, extra={"event": "http_refused"})
+                self.send_response(self.reject(status, f"{text}\n"))
+                yield
+            self.events.append(request)
+        yield from Protocol.parse(self)
+
+
+class BridgeConnection(ServerConnection):
+    """The connection class given to ``websockets.serve(create_connection=...)``."""
+
+    def __init__(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> None:
+        answering = _AnsweringProtocol(
+            max_size=(protocol.max_message_size, protocol.max_fragment_size),
+            logger=protocol.logger)
+        super().__init__(answering, server, **kwargs)
+        self.on_ping: Callable[[], None] | None = None
+
+    def process_event(self, event: Event) -> None:
+        if self.on_ping is not None and isinstance(event, Frame) and event.opcode is Opcode.PING:
+            self.on_ping()  # websockets has already answered it with a pong
+        super().process_event(event)
+
+
+def _response(status: HTTPStatus, body: bytes, content_type: str,
+              extra: tuple[tuple[str, str], ...] = ()) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-store"), *extra])
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _json(status: HTTPStatus, obj: dict[str, object],
+          extra: tuple[tuple[str, str], ...] = ()) -> Response:
+    return _response(status, json.dumps(obj).encode(), "application/json", extra)
+
+
+class _BadTarget(Exception):
+    pass
+
+
+def _target(request: Request) -> tuple[str, dict[str, list[str]]]:
+    """Path and query of the request target. websockets keeps the raw bytes of a non-ASCII
+    target as surrogates; such a target, or a query that is not UTF-8, is refused."""
+    if not request.path.isascii():
+        raise _BadTarget("the request target must be ASCII (percent-encode other bytes)")
+    parts = urlsplit(request.path)
+    try:
+        query = parse_qs(parts.query, errors="strict", max_num_fields=32)
+    except (UnicodeDecodeError, ValueError):
+        raise _BadTarget("the query string must be UTF-8 with at most 32 fields") from None
+    return parts.path, query
+
+
+def _token_of(request: Request, query: dict[str, list[str]]) -> str | None:
+    if query.get("token"):
+        return query["token"][0]
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+class Health:
+    """``/healthz``: database and listener state, answered within ``timeout`` seconds.
+
+    Concurrent probes share one database round trip, and a result is reused for ``ttl``
+    seconds, so a flood of probes costs the pool at most one connection at a time.
+    """
+
+    def __init__(self, store: Store, listener: Listener, *, timeout: float = 0.8,
+                 ttl: float = 0.5) -> None:
+        self.store = store
+        self.listener = listener
+        self.timeout = timeout
+        self.ttl = ttl
+        self._probe: asyncio.Task[str | None] | None = None
+        self._result: tuple[float, str | None] | None = None
+        self._last_reason: str | None = None
+
+    async def _database(self) -> str | None:
+        if self._result is not None and time.monotonic() - self._result[0] < self.ttl:
+            return self._result[1]
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self.store.ping(self.timeout), name="health")
+        reason = await asyncio.shield(self._probe)
+        self._result = (time.monotonic(), reason)
+        if reason != self._last_reason:
+            log.warning("health: database %s", reason or "answers again",
+                        extra={"event": "health"})
+            self._last_reason = reason
+        return reason
+
+    async def check(self) -> list[str]:
+        """The reasons the bridge is unavailable; empty when it is healthy."""
+        reasons = []
+        database = await self._database()
+        if database is not None:
+            reasons.append(f"database: {database}")
+        if not self.listener.connected:
+            reasons.append("listener: not connected")
+        elif not self.listener.ready.is_set():
+            reasons.append("listener: LISTEN not yet proven by a NOTIFY round trip")
+        return reasons
+
+
+async def _healthz(bridge: Bridge) -> Response:
+    reasons = await bridge.health.check()
+    return _json(HTTPStatus.SERVICE_UNAVAILABLE if reasons else HTTPStatus.OK, {
+        "status": "unavailable" if reasons else "ok", "reasons": reasons,
+        "database": not any(r.startswith("database") for r in reasons),
+        "listener": not any(r.startswith("listener") for r in reasons),
+        "connections": len(bridge.clients)})
+
+
+async def process_request(bridge: Bridge, connection: ServerConnection,
+                          request: Request) -> Response | None:
+    """HTTP routing and the authenticated handshake; ``None`` lets the upgrade proceed.
+
+    An unexpected exception is answered 500 with an incident id that is also logged (a bug of
+    the bridge, never a consequence of what the client sent).
+    """
+    try:
+        return await _route(bridge, connection, request)
+    except Exception:
+        incident = secrets.token_hex(4)
+        log.error("handshake from %s failed: incident %s", connection.remote_address, incident,
+                  exc_info=True, extra={"event": "handshake_crashed", "incident": incident})
+        return _json(HTTPStatus.INTERNAL_SERVER_ERROR,
+                     {"error": "internal", "message": f"internal error (incident {incident})"})
+
+
+async def _route(bridge: Bridge, connection: ServerConnection,
+                 request: Request) -> Response | None:
+    try:
+        path, query = _target(request)
+    except _BadTarget as exc:
+        return _json(HTTPStatus.BAD_REQUEST, {"error": "bad_request", "message": str(exc)})
+    if path == "/healthz":
+        return await _healthz(bridge)
+    if path == "/metrics":
+        return _response(HTTPStatus.OK, bridge.metrics.render(),
+                         "text/plain; version=0.0.4; charset=utf-8")
+    if path != "/ws":
+        return _json(HTTPStatus.NOT_FOUND, {"error": "not found; the WebSocket is at /ws"})
+    limits = bridge.limits
+    if limits.at_capacity(pending=len(bridge.handshakes)):
+        return _refuse(bridge, HTTPStatus.SERVICE_UNAVAILABLE, "overloaded",
+                       f"the bridge serves at most {limits.max_connections} connections; "
+                       "retry later", retry_after=5)
+    token = _token_of(request, query)
+    try:
+        if token is None:
+            raise AuthError("missing token (?token=... or Authorization: Bearer ...)")
+        claims = verify_token(bridge.secret, token)
+        if limits.user_at_capacity(claims.sub):  # before the database is asked
+            return _refuse(bridge, HTTPStatus.TOO_MANY_REQUESTS, "too_many_connections",
+                           f"at most {limits.max_per_user} connections per user",
+                           retry_after=5)
+        if not await bridge.store.live_user(claims.sub):
+            raise AuthError("the token's user does not exist or is deleted")
+    except AuthError as exc:
+        bridge.metrics.handshake_refusals.labels("unauthorized").inc()
+        log.info("handshake refused from %s: %s", connection.remote_address, exc,
+                 extra={"event": "handshake_refused"})
+        return _json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
+    except BridgeError as exc:
+        log.error("handshake failed: %s", exc, extra={"event": "handshake_error"})
+        return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable"})
+    bridge.handshakes[connection] = claims
+    return None
+
+
+def _refuse(bridge: Bridge, status: HTTPStatus, code: str, message: str, *,
+            retry_after: int) -> Response:
+    bridge.metrics.handshake_refusals.labels(code).inc()
+    log.info("handshake refused: %s", message, extra={"event": "handshake_refused",
+                                                      "reason": code})
+    return _json(status, {"error": code, "message": message},
+                 (("Retry-After", str(retry_after)),))
