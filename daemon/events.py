@@ -54,7 +54,7 @@ def _effects(table: str, op: str, data: Any) -> tuple[str | None, bool]:
 
 
 # A frame built by the capture trigger nests 3 levels plus whatever a JSONB column holds
-# (channels.metadata); deeper payloads are ignored here and reach clients through the log.
+# (messages.metadata); deeper payloads are ignored here and reach clients through the log.
 MAX_NOTIFY_DEPTH = 256
 
 

@@ -147,25 +147,45 @@ class Health:
     """``/healthz``: database and listener state, answered within ``timeout`` seconds.
 
     Concurrent probes share one database round trip, and a result is reused for ``ttl``
-    seconds, so a flood of probes costs the pool at most one connection at a time.
+    seconds, so a flood of probes costs the pool at most one connection at a time. The round
+    trip is awaited, never cancelled: psycopg waits for a cancelled query to end, which on a
+    black-holed link is never, so the answer is bounded by not waiting longer than
+    ``timeout``. A round trip still running after ``stale`` seconds is left to finish on its
+    own and a new one is started.
     """
 
     def __init__(self, store: Store, listener: Listener, *, timeout: float = 0.8,
-                 ttl: float = 0.5) -> None:
+                 ttl: float = 0.5, stale: float = 5.0) -> None:
         self.store = store
         self.listener = listener
         self.timeout = timeout
         self.ttl = ttl
+        self.stale = stale
         self._probe: asyncio.Task[str | None] | None = None
+        self._probe_started = 0.0
+        self._abandoned: set[asyncio.Task[str | None]] = set()
         self._result: tuple[float, str | None] | None = None
         self._last_reason: str | None = None
 
+    def _current_probe(self, now: float) -> asyncio.Task[str | None]:
+        probe = self._probe
+        if probe is not None and not probe.done() and now - self._probe_started > self.stale:
+            self._abandoned.add(probe)
+            probe.add_done_callback(self._abandoned.discard)
+            probe = None
+        if probe is None or probe.done():
+            probe = self._probe = asyncio.create_task(self.store.ping(self.stale),
+                                                      name="health-probe")
+            self._probe_started = now
+        return probe
+
     async def _database(self) -> str | None:
-        if self._result is not None and time.monotonic() - self._result[0] < self.ttl:
+        now = time.monotonic()
+        if self._result is not None and now - self._result[0] < self.ttl:
             return self._result[1]
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.create_task(self.store.ping(self.timeout), name="health")
-        reason = await asyncio.shield(self._probe)
+        probe = self._current_probe(now)
+        done, _ = await asyncio.wait({probe}, timeout=self.timeout)
+        reason = probe.result() if done else f"no answer within {self.timeout:g} s"
         self._result = (time.monotonic(), reason)
         if reason != self._last_reason:
             log.warning("health: database %s", reason or "answers again",

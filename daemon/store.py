@@ -111,6 +111,8 @@ class Store:
             log.warning("health check failed: %s", translate(exc, self.conninfo).args[0],
                         extra={"event": "health_failed"})
             return f"error{f' (SQLSTATE {exc.sqlstate})' if exc.sqlstate else ''}"
+        except Exception as exc:  # e.g. the pool is closing
+            return f"error ({type(exc).__name__})"
         return None
 
     async def in_recovery(self) -> bool:

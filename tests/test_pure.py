@@ -12,8 +12,8 @@ from daemon.cursor import Arrival, classify, resolve_from
 from daemon.errors import ConfigError
 from daemon.events import Event, Pointer, Probe, parse_notify
 from daemon.hub import Hub, Subscription
-from daemon.protocol import Ack, ProtocolError, Subscribe, parse_frame
-from daemon.ratelimit import TokenBucket
+from daemon.protocol import Ack, ProtocolError, Subscribe, is_id, is_token, load_json, parse_frame
+from daemon.ratelimit import ClientLimits, TokenBucket
 from daemon.settings import DaemonSettings, DatabaseSettings, SSHSettings
 
 
@@ -165,8 +165,82 @@ def test_parse_frame_never_raises_anything_but_protocol_error(text: str) -> None
     try:
         parse_frame(text)
     except ProtocolError as exc:
-        assert exc.code in ("bad_request", "unknown_type")
+        assert exc.code in ("bad_request", "unknown_type", "unauthorized")
         assert json.loads(exc.frame())["type"] == "error"
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=30),
+       st.integers(1, 40))
+def test_load_json_limits_depth_exactly(value: object, limit: int) -> None:
+    text = json.dumps(value)
+
+    def depth(v: object) -> int:
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        return 0 if children is None else 1 + max(map(depth, children), default=0)
+
+    if depth(value) > limit:
+        with pytest.raises(ValueError, match="nests deeper"):
+            load_json(text, max_depth=limit)
+    else:
+        assert load_json(text, max_depth=limit) == value
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a":' * 3000 + "1" + "}" * 3000,
+                                  "[" * 50_000])
+def test_load_json_never_raises_recursion_error(text: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        load_json(text)
+    assert not isinstance(refused.value, RecursionError)
+
+
+def test_ids_and_tokens_admit_only_their_alphabet() -> None:
+    assert is_id("01JD3V6Z7W2Q4X8Y9A0B1C2D3E") and is_id("general-2_x") and is_id("R")
+    for bad in ("", "A" * 27, "\ud800", "a\x00b", "a b", "é", "a/b", None, 7):
+        assert not is_id(bad), bad
+    assert is_token("eyJ.eyJ.sig-_=") and not is_token("a" * 4097)
+    for bad in ("", "a b", "\udcff", "tok\x00", "a\nb"):
+        assert not is_token(bad), bad
+
+
+def test_client_limits_per_user_total_and_subscribe_buckets() -> None:
+    now = [0.0]
+    limits = ClientLimits(max_connections=3, max_per_user=2, user_rate=1.0, user_burst=2,
+                          clock=lambda: now[0])
+    limits.opened("a")
+    limits.opened("a")
+    assert limits.user_at_capacity("a") and not limits.user_at_capacity("b")
+    assert not limits.at_capacity() and limits.at_capacity(pending=1)
+    limits.opened("b")
+    assert limits.at_capacity()
+    assert [limits.subscribe_allowed("a") for _ in range(3)] == [True, True, False]
+    assert limits.subscribe_allowed("b")  # each user has its own bucket
+    limits.closed("a")
+    limits.closed("a")
+    assert limits.connections("a") == 0 and limits.total == 1
+    now[0] += 0.5  # a user who leaves and comes back finds its bucket as it left it
+    assert limits.subscribe_allowed("a") is False
+    now[0] += ClientLimits.SWEEP_INTERVAL  # refilled and gone: forgotten at the next sweep
+    limits.closed("b")
+    assert limits.buckets() == 0 and limits.total == 0
+
+
+def test_replayed_revocation_after_the_membership_check_ends_the_subscription() -> None:
+    """Membership is checked at head 5; the log then holds the user's removal at 7: replaying
+    it ends the subscription exactly as the live event would. Older removals (a membership
+    ended and granted again before the check) are history and change nothing."""
+    hub, sink = Hub(), RecordingSink("bob")
+    hub.track("R", 8)
+    sub = Subscription(sink, "R", pending_limit=10, checked_at=5)
+    sub.from_seq = 2
+    assert hub.add(sub) == 8
+    assert sub.replay(event(3, revokes="bob")) is False
+    assert sub.replay(event(6)) is False
+    assert sub.replay(event(7, revokes="bob")) is True
+    assert sub.replay(event(8)) is False
+    assert sink.seqs() == [3, 6] and sub.ended and sink.ended == [sub]
+    assert json.loads(sink.frames[-1])["reason"] == "membership_revoked"
 
 
 def test_parse_notify_kinds() -> None:

@@ -1,0 +1,113 @@
+"""A real TCP proxy between a bridge and the test PostgreSQL, to make the database slow,
+silent or gone for the bridge alone (the test's own connections go direct)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+
+class FreezingProxy:
+    """TCP proxy to the test PostgreSQL.
+
+    :meth:`freeze_listeners` black-holes the server→client direction of the connections that
+    have sent a LISTEN so far; :meth:`freeze_all` black-holes every connection, open or new,
+    both ways (a network path that drops packets); :meth:`refuse` closes every connection and
+    refuses new ones (a server that is down); :meth:`resume` undoes both.
+    """
+
+    def __init__(self, upstream: dict[str, Any]) -> None:
+        self.upstream = upstream
+        self.listener_connections = 0
+        self.new_listener = asyncio.Event()
+        self.freeze_new_listeners = False  # also black-hole LISTEN connections made from now
+        self._listeners: list[dict[str, bool]] = []
+        self._states: list[dict[str, bool]] = []
+        self.frozen_all = False
+        self.refusing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pumps: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host = str(self.upstream.get("host") or "localhost")
+        port = int(self.upstream.get("port") or 5432)
+        if host.startswith("/"):
+            return await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        return await asyncio.open_connection(host, port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
+        up_reader, up_writer = await self._open_upstream()
+        state = {"listener": False, "frozen": self.frozen_all}
+        self._states.append(state)
+
+        async def client_to_server() -> None:
+            while data := await reader.read(65536):
+                if state["frozen"] and not state["listener"]:
+                    continue  # a frozen connection's requests never arrive either
+                if b"LISTEN " in data and not state["listener"]:
+                    state["listener"] = True
+                    state["frozen"] = self.freeze_new_listeners
+                    self.listener_connections += 1
+                    self._listeners.append(state)
+                    self.new_listener.set()
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def server_to_client() -> None:
+            while data := await up_reader.read(65536):
+                if state["frozen"]:
+                    continue  # black hole: the bytes never arrive
+                writer.write(data)
+                await writer.drain()
+
+        pumps = [asyncio.create_task(client_to_server()), asyncio.create_task(server_to_client())]
+        self._pumps.update(pumps)
+        try:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            for w in (writer, up_writer):
+                w.close()
+
+    def freeze_listeners(self) -> None:
+        for state in self._listeners:
+            state["frozen"] = True
+        self.new_listener.clear()
+
+    def freeze_all(self) -> None:
+        self.frozen_all = True
+        for state in self._states:
+            state["frozen"] = True
+
+    def refuse(self) -> None:
+        self.refusing = True
+        for pump in self._pumps:
+            pump.cancel()
+
+    def resume(self) -> None:
+        self.frozen_all = self.refusing = False
+        for state in self._states:
+            state["frozen"] = False
+
+    async def start(self) -> int:
+        def spawn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            task = asyncio.create_task(self._handle(r, w))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self.server = await asyncio.start_server(spawn, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,370 @@
+"""Hostile input affects only its own connection (issue: "Untrusted input never stops the
+bridge"). Each attack below was seen to stop the daemon, close a connection with 1011, answer
+500 or nothing, or log a traceback; each test runs it against a real bridge and checks that the
+attacker gets the documented answer and everyone else gets every event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+import websockets
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from daemon.app import Bridge
+from daemon.db import listen_channel
+from tests.conftest import running_bridge
+from tests.helpers import (
+    connect,
+    events,
+    make_room,
+    make_user,
+    post,
+    recv,
+    send,
+    subscribe,
+    subscribed_member,
+    token,
+)
+from tests.procs import until
+from tests.proxy import FreezingProxy
+
+Conn = psycopg.AsyncConnection[Any]
+
+UPGRADE = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+
+
+def no_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Records at ERROR or above from the bridge and websockets (a test expects none)."""
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records
+            if r.levelno >= logging.ERROR and r.name.startswith(("daemon", "websockets"))]
+
+
+async def pong(ws: websockets.ClientConnection, ref: str) -> None:
+    """Ping and read up to the matching pong: the connection is open and served."""
+    await send(ws, type="ping", ref=ref)
+    while (frame := await recv(ws))["type"] != "pong":
+        pass
+    assert frame["ref"] == ref
+
+
+async def http(port: int, request: bytes, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Send raw bytes; return the status and body of the answer (fails on no answer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    assert answer, "the server closed the connection without an HTTP answer"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+# --- frames ----------------------------------------------------------------------------------
+
+async def test_lone_surrogate_room_is_refused_and_the_bridge_keeps_serving(
+        bridge: Bridge, conn: Conn, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    user, room, honest, start = await subscribed_member(conn, bridge.port)
+    attacker = await connect(bridge.port, await make_user(conn))
+    for i in range(4):  # it used to take the daemon down four times out of four
+        await attacker.send('{"type":"subscribe","room":"\\ud800","ref":"r' + str(i) + '"}')
+        reply = await recv(attacker)
+        assert (reply["type"], reply["code"], reply["ref"]) == ("error", "bad_request", f"r{i}")
+        await post(conn, room, user, f"m{i}")
+    assert [e["seq"] for e in await events(honest, 4)] == list(range(start + 1, start + 5))
+    await pong(attacker, "still-open")
+    assert no_errors(caplog) == []
+
+
+@pytest.mark.parametrize("frame", [
+    "[" * 1000 + "]" * 1000,
+    '{"type":"ping","x":' + "[" * 5000 + "]" * 5000 + "}",
+    '{"a":' * 40 + "1" + "}" * 40,
+    "[" * 100_000,  # not even valid JSON
+], ids=["list-1000", "field-5000", "object-40", "open-100000"])
+async def test_deep_json_gets_an_error_frame_and_the_connection_stays_open(
+        bridge: Bridge, conn: Conn, frame: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    ws = await connect(bridge.port, await make_user(conn))
+    await ws.send(frame[: 64 * 1024])
+    reply = await recv(ws)
+    assert (reply["type"], reply["code"]) == ("error", "bad_request"), reply
+    await pong(ws, "after")
+    assert no_errors(caplog) == []
+
+
+@pytest.mark.parametrize("frame, code", [
+    ('{"type":"refresh","token":"\\ud800"}', "unauthorized"),
+    ('{"type":"refresh","token":"a.b.c\\u0000"}', "unauthorized"),
+    ('{"type":"refresh","token":"' + "a" * 5000 + '"}', "unauthorized"),
+    ('{"type":"subscribe","room":"ab\\u0000cd"}', "bad_request"),
+    ('{"type":"subscribe","room":"' + "A" * 27 + '"}', "bad_request"),
+    ('{"type":"subscribe","room":"01J 3V6Z"}', "bad_request"),
+    ('{"type":"ack","room":"\\udfff","seq":1}', "bad_request"),
+    ('{"type":"ping","ref":"\\ud800"}', "bad_request"),
+    ('{"type":"ping","ref":"a\\u0007b"}', "bad_request"),
+    ('{"type":"ping","ref":""}', "bad_request"),
+    ('{"type":"\\ud800"}', "unknown_type"),
+    ('{"type":"subscribe","room":"R","since":' + "9" * 5000 + "}", "bad_request"),
+    ('{"type":"subscribe","room":"R","since":1e400}', "bad_request"),
+    ('{"type":"subscribe","room":"R","since":NaN}', "bad_request"),
+])
+async def test_malformed_strings_are_refused_where_they_enter(
+        bridge: Bridge, conn: Conn, frame: str, code: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    ws = await connect(bridge.port, await make_user(conn))
+    await ws.send(frame)
+    reply = await recv(ws)
+    assert (reply["type"], reply["code"]) == ("error", code), reply
+    await pong(ws, "after")
+    assert no_errors(caplog) == []
+
+
+async def test_unexpected_exception_ends_only_its_request(
+        bridge: Bridge, conn: Conn, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The fault boundary: a bug met by one request is an ``internal`` error for that request,
+    with its ref and room and an incident id that is also in the log; the connection stays."""
+    caplog.set_level(logging.INFO)
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    ws = await connect(bridge.port, user)
+    real = bridge.store.cursor_info
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(bridge.store, "cursor_info", real)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(bridge.store, "cursor_info", broken)
+    await send(ws, type="subscribe", room=room, ref="boom")
+    reply = await recv(ws)
+    assert (reply["type"], reply["code"], reply["ref"], reply["room"]) == (
+        "error", "internal", "boom", room)
+    incident = reply["message"].split("incident ")[1].split(")")[0]
+    crashed = [r for r in caplog.records if getattr(r, "incident", None) == incident]
+    assert len(crashed) == 1 and crashed[0].exc_info is not None
+    assert room not in bridge.hub
+    start = (await subscribe(ws, room))["from"]  # the same room again: works
+    await post(conn, room, user)
+    assert [e["seq"] for e in await events(ws, 1)] == [start + 1]
+
+
+# --- what the database sends (any role may NOTIFY; any app may store deep JSON) -------------
+
+async def test_unreadable_notify_payloads_do_not_stop_the_listener(
+        bridge: Bridge, conn: Conn, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    user, room, ws, start = await subscribed_member(conn, bridge.port)
+    channel = listen_channel(bridge.settings.schema)
+    for payload in ["[" * 3500 + "]" * 3500, "not json", '{"room":"' + room + '","seq":"x"}',
+                    '{"type":"event","room":"\\ud800","seq":1}',
+                    json.dumps({"type": "event", "room": room, "seq": 0, "data": [1]})]:
+        await conn.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(channel),
+                                                          sql.Literal(payload)))
+    await post(conn, room, user, "after the junk")
+    got = await events(ws, 1)
+    assert got[0]["seq"] == start + 1 and got[0]["data"]["content"] == "after the junk"
+    assert no_errors(caplog) == []
+
+
+@pytest.mark.parametrize("depth", [300, 3000])  # in a NOTIFY; too large for one
+async def test_deeply_nested_row_json_reaches_subscribers_through_the_log(
+        bridge: Bridge, conn: Conn, depth: int) -> None:
+    """messages.metadata is JSONB the application writes: nested 3,000 levels it is too deep
+    for Python's JSON decoder, and reading it used to fail the listener on every start."""
+    user, room, ws, start = await subscribed_member(conn, bridge.port)
+    deep = '{"a":' * depth + "1" + "}" * depth
+    await conn.execute("INSERT INTO messages (channel_id, user_id, content, metadata) "
+                       "VALUES (%s, %s, 'deep', %s::jsonb)", (room, user, deep))
+    await post(conn, room, user, "next")
+    compact = str(await asyncio.wait_for(ws.recv(), 20)).replace(" ", "")
+    assert f'"seq":{start + 1},"table":"messages","op":"INSERT"' in compact
+    assert (await events(ws, 1))[0]["seq"] == start + 2
+
+
+# --- the handshake ---------------------------------------------------------------------------
+
+async def test_malformed_handshakes_get_a_4xx_and_no_traceback(
+        bridge: Bridge, conn: Conn, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    user = await make_user(conn)
+    tok = token(user).encode()
+    cases: list[tuple[bytes, int]] = [
+        (b"GET /ws?token=\xff" + tok + b" HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n", 400),
+        (b"GET /ws?token=%FF" + tok + b" HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n", 400),
+        (b"GET /ws?token=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET /ws?token=" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n" + UPGRADE + b"\r\n", 401),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n" + UPGRADE
+         + b"\r\n", 401),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + b"a" * 5000 + b"\r\n"
+         + UPGRADE + b"\r\n", 401),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", 431),
+        (b"GET /ws HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(200)) + b"\r\n",
+         431),
+        (b"POST /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),  # TLS to a plain port
+        (b"GET /ws HTTP/1.1\r\nHost: x\x00y\r\n\r\n", 400),
+        (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (b"GET /ws?token=" + tok + b" HTTP/1.1\r\nHost: x\r\n\r\n", 426),
+    ]
+    for request, expected in cases:
+        status, _ = await http(bridge.port, request)
+        assert status == expected, (request[:60], status)
+    assert no_errors(caplog) == []
+    assert not any(r.exc_info for r in caplog.records), "a traceback was logged"
+
+
+async def test_a_client_gone_before_its_request_is_not_an_error(
+        bridge: Bridge, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    for partial in (b"", b"GET /ws HTT", b"GET /ws HTTP/1.1\r\nHost: x\r\n"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        writer.write(partial)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    assert no_errors(caplog) == []
+
+
+@pytest.fixture
+async def proxied_bridge(db_url: str) -> AsyncIterator[tuple[Bridge, FreezingProxy]]:
+    proxy = FreezingProxy(conninfo_to_dict(db_url))
+    port = await proxy.start()
+    async with running_bridge(make_conninfo(db_url, host="127.0.0.1", port=port)) as bridge:
+        yield bridge, proxy
+    proxy.resume()
+    await proxy.close()
+
+
+async def timed_healthz(port: int) -> tuple[float, int, dict[str, Any]]:
+    started = time.monotonic()
+    status, body = await http(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    return time.monotonic() - started, status, json.loads(body)
+
+
+@pytest.mark.parametrize("outage", ["refused", "black-holed"])
+async def test_healthz_answers_503_within_a_second_while_the_database_is_gone(
+        proxied_bridge: tuple[Bridge, FreezingProxy], outage: str) -> None:
+    bridge, proxy = proxied_bridge
+    _, status, body = await timed_healthz(bridge.port)
+    assert status == 200 and body["reasons"] == []
+    if outage == "refused":
+        proxy.refuse()
+    else:
+        proxy.freeze_all()
+    await asyncio.sleep(bridge.health.ttl)  # let the last good answer expire
+    answers = await asyncio.gather(*(timed_healthz(bridge.port) for _ in range(4)))
+    answers += [await timed_healthz(bridge.port) for _ in range(3)]
+    for elapsed, status, body in answers:
+        assert status == 503 and elapsed < 1.0, (elapsed, status, body)
+        assert body["status"] == "unavailable" and body["database"] is False
+        assert any(r.startswith("database: ") for r in body["reasons"]), body
+    proxy.resume()
+
+    async def healthy() -> bool:
+        return (await timed_healthz(bridge.port))[1] == 200
+
+    deadline = time.monotonic() + 30
+    while not await healthy():
+        assert time.monotonic() < deadline, "never healthy again"
+        await asyncio.sleep(0.2)
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+async def test_connections_per_user_are_capped_with_429(db_url: str, conn: Conn) -> None:
+    async with running_bridge(db_url, max_connections_per_user=3) as bridge:
+        user, other = await make_user(conn), await make_user(conn)
+        kept = [await connect(bridge.port, user) for _ in range(3)]
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(bridge.port, user)
+        assert refused.value.response.status_code == 429
+        assert json.loads(refused.value.response.body)["error"] == "too_many_connections"
+        await (await connect(bridge.port, other)).close()  # another user is not affected
+        await kept[0].close()
+        await kept[0].wait_closed()
+
+        async def slot_freed() -> bool:
+            return bridge.limits.connections(user) < 3
+
+        await until(slot_freed, "the closed connection to be counted out")
+        await pong(await connect(bridge.port, user), "back")
+
+
+async def test_concurrent_upgrades_of_one_user_stop_at_the_cap(db_url: str, conn: Conn) -> None:
+    """Upgrades that pass the first check together are counted where nothing interleaves:
+    the ones over the cap are closed with 1008 right after the upgrade."""
+    async with running_bridge(db_url, max_connections_per_user=3) as bridge:
+        user = await make_user(conn)
+        results = await asyncio.gather(*(connect(bridge.port, user) for _ in range(10)),
+                                       return_exceptions=True)
+        opened = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(opened) == 3 and bridge.limits.connections(user) == 3
+        for exc in refused:
+            assert (isinstance(exc, ConnectionClosed) and exc.rcvd is not None
+                    and exc.rcvd.code == 1008) or (
+                isinstance(exc, InvalidStatus) and exc.response.status_code == 429), exc
+        for ws in opened:
+            await pong(ws, "open")
+
+
+async def test_connections_in_total_are_capped_with_503(db_url: str, conn: Conn) -> None:
+    async with running_bridge(db_url, max_connections=2) as bridge:
+        kept = [await connect(bridge.port, await make_user(conn)) for _ in range(2)]
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(bridge.port, await make_user(conn))
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["Retry-After"]
+        for ws in kept:
+            await pong(ws, "kept")
+
+
+async def test_subscribe_attempts_are_limited_per_connection_and_per_user(
+        db_url: str, conn: Conn) -> None:
+    async with running_bridge(db_url, subscribe_rate=1, subscribe_burst=3,
+                              user_subscribe_rate=1, user_subscribe_burst=5) as bridge:
+        user = await make_user(conn)
+        ws = await connect(bridge.port, user)
+        ghost = "01JD3V6Z7W2Q4X8Y9A0B1C2D3E"  # no such room: failures count too
+        codes = []
+        for i in range(4):
+            await send(ws, type="subscribe", room=ghost, ref=f"s{i}")
+            reply = await recv(ws)
+            codes.append(reply["code"])
+            assert reply["ref"] == f"s{i}" and reply["room"] == ghost
+        assert codes == ["not_found"] * 3 + ["rate_limited"]
+        second = await connect(bridge.port, user)  # the user's own bucket has 2 left
+        for expected in ("not_found", "not_found", "rate_limited"):
+            await send(second, type="subscribe", room=ghost, ref="t")
+            assert (await recv(second))["code"] == expected
+        other = await connect(bridge.port, await make_user(conn))
+        await send(other, type="subscribe", room=ghost, ref="u")
+        assert (await recv(other))["code"] == "not_found"
+
+
+async def test_websocket_pings_count_against_the_frame_rate(db_url: str, conn: Conn) -> None:
+    async with running_bridge(db_url, rate_limit=1, rate_burst=2) as bridge:
+        user, room, honest, start = await subscribed_member(conn, bridge.port)
+        flooder = await connect(bridge.port, await make_user(conn))
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(100):  # 10 x burst refused, then 1008
+                await flooder.ping()
+            await asyncio.wait_for(flooder.wait_closed(), 10)
+            await flooder.recv()
+        assert flooder.close_code == 1008, closed.value
+        await post(conn, room, user)
+        assert [e["seq"] for e in await events(honest, 1)] == [start + 1]
