@@ -223,13 +223,17 @@ async def process_request(bridge: Bridge, connection: ServerConnection,
     the bridge, never a consequence of what the client sent).
     """
     try:
-        return await _route(bridge, connection, request)
+        response = await _route(bridge, connection, request)
     except Exception:
+        bridge.handshakes.pop(connection, None)
         incident = secrets.token_hex(4)
         log.error("handshake from %s failed: incident %s", connection.remote_address, incident,
                   exc_info=True, extra={"event": "handshake_crashed", "incident": incident})
         return _json(HTTPStatus.INTERNAL_SERVER_ERROR,
                      {"error": "internal", "message": f"internal error (incident {incident})"})
+    if response is not None:  # refused: give back the slot it may have held
+        bridge.handshakes.pop(connection, None)
+    return response
 
 
 async def _route(bridge: Bridge, connection: ServerConnection,
@@ -255,10 +259,14 @@ async def _route(bridge: Bridge, connection: ServerConnection,
         if token is None:
             raise AuthError("missing token (?token=... or Authorization: Bearer ...)")
         claims = verify_token(bridge.secret, token)
-        if limits.user_at_capacity(claims.sub):  # before the database is asked
+        pending = sum(1 for c in bridge.handshakes.values() if c.sub == claims.sub)
+        if limits.user_at_capacity(claims.sub, pending=pending):  # before the database is asked
             return _refuse(bridge, HTTPStatus.TOO_MANY_REQUESTS, "too_many_connections",
                            f"at most {limits.max_per_user} connections per user",
                            retry_after=5)
+        # Hold the slot while the database answers, so that concurrent upgrades of one user
+        # are counted here and not only after the upgrade (where they cost a close).
+        bridge.handshakes[connection] = claims
         if not await bridge.store.live_user(claims.sub):
             raise AuthError("the token's user does not exist or is deleted")
     except AuthError as exc:
@@ -269,7 +277,6 @@ async def _route(bridge: Bridge, connection: ServerConnection,
     except BridgeError as exc:
         log.error("handshake failed: %s", exc, extra={"event": "handshake_error"})
         return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable"})
-    bridge.handshakes[connection] = claims
     return None
 
 

@@ -76,9 +76,10 @@ class ClientLimits:
         ``pending`` upgrades accepted but not yet opened."""
         return self.total + pending >= self.max_connections
 
-    def user_at_capacity(self, user: str) -> bool:
-        """True when ``user`` has ``max_per_user`` connections open."""
-        return self.connections(user) >= self.max_per_user
+    def user_at_capacity(self, user: str, *, pending: int = 0) -> bool:
+        """True when ``user`` has ``max_per_user`` connections open, counting ``pending``
+        upgrades of the user accepted but not yet opened."""
+        return self.connections(user) + pending >= self.max_per_user
 
     def opened(self, user: str) -> None:
         self.total += 1

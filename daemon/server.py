@@ -82,7 +82,8 @@ class Client:
         settings = bridge.settings
         self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
         self._subscribe_bucket = TokenBucket(settings.subscribe_rate, settings.subscribe_burst)
-        self._violations = 0
+        # refused frames tolerated: a burst of rate_burst, then one a second; past that, 1008
+        self._strikes = TokenBucket(1.0, settings.rate_burst)
         self._writer: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._set_expiry(claims.exp)
@@ -131,6 +132,9 @@ class Client:
                 if self._closing:
                     break
                 await self._handle(message)
+                # websockets hands over queued frames without yielding: let the fan-out and
+                # other clients run between two frames of this one.
+                await asyncio.sleep(0)
         except ConnectionClosed:
             pass
         finally:
@@ -188,12 +192,12 @@ class Client:
     # --- requests ---------------------------------------------------------------------------
 
     def _over_rate(self) -> bool:
-        """Take one frame (or WebSocket ping) from the bucket; true when refused. Past
-        10 x burst refusals the connection is closed with 1008."""
+        """Take one frame (or WebSocket ping) from the bucket; true when refused. A client that
+        keeps sending into a refusing bucket (``rate_burst`` refusals beyond one a second) is
+        closed with 1008: answering its every frame would cost more than serving it."""
         if self._bucket.take():
             return False
-        self._violations += 1
-        if self._violations > 10 * self.bridge.settings.rate_burst:
+        if not self._strikes.take() and not self._closing:
             self.bridge.metrics.refusals.labels("abuse").inc()
             self._close_soon(CLOSE_POLICY, "rate limit exceeded repeatedly")
         return True
