@@ -327,7 +327,7 @@ def scratch_database(server: str, tag: str) -> Iterator[str]:
     from psycopg import sql
     from psycopg.conninfo import make_conninfo
 
-    name = f"pgbridge_fanout_{tag}_{uuid.uuid4().hex[:8]}"
+    name = f"pgbridge_bench_{tag}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
