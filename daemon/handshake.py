@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
-from websockets.exceptions import SecurityError
+from websockets.exceptions import InvalidHandshake, SecurityError
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, State
@@ -75,10 +75,19 @@ class _AnsweringProtocol(ServerProtocol):
 
             try:
                 request = yield from Request.parse(read_line)
-            except EOFError:  # gone before a whole request arrived: nobody to answer
-                self.send_eof()
-                self.parser = self.discard()
-                next(self.parser)
+            except EOFError:
+                if self.reader.eof and lines <= 1 and not self.reader.buffer:
+                    # closed without sending a byte (a port probe): nobody to answer
+                    self.send_eof()
+                    self.parser = self.discard()
+                    next(self.parser)
+                else:
+                    # a partial request, or a line ending in a bare LF (websockets raises
+                    # EOFError for both): the client may still read the answer
+                    log.info("incomplete HTTP request answered 400",
+                             extra={"event": "http_refused"})
+                    self.send_response(self.reject(
+                        HTTPStatus.BAD_REQUEST, "malformed HTTP request: lines end with CRLF\n"))
                 yield
             except Exception as exc:  # ValueError, SecurityError, NotImplementedError
                 status, text = _status_for(exc, lines)
@@ -91,7 +100,13 @@ class _AnsweringProtocol(ServerProtocol):
 
 
 class BridgeConnection(ServerConnection):
-    """The connection class given to ``websockets.serve(create_connection=...)``."""
+    """The connection class given to ``websockets.serve(create_connection=...)``.
+
+    A handshake refused with a 4xx because the upgrade headers were wrong (no ``Upgrade``, a
+    bad ``Sec-WebSocket-Key``) is the client's mistake: websockets raises it to its server,
+    which logs it at ERROR with a traceback; here it is logged at INFO and the connection
+    ends as after any other refusal.
+    """
 
     def __init__(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> None:
         answering = _AnsweringProtocol(
@@ -99,6 +114,15 @@ class BridgeConnection(ServerConnection):
             logger=protocol.logger)
         super().__init__(answering, server, **kwargs)
         self.on_ping: Callable[[], None] | None = None
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        except InvalidHandshake as exc:
+            if self.response is None or self.response.status_code < 400:
+                raise
+            log.info("upgrade refused with %d: %s", self.response.status_code, exc,
+                     extra={"event": "http_refused"})
 
     def process_event(self, event: Event) -> None:
         if self.on_ping is not None and isinstance(event, Frame) and event.opcode is Opcode.PING:
@@ -136,10 +160,15 @@ def _target(request: Request) -> tuple[str, dict[str, list[str]]]:
 
 
 def _token_of(request: Request, query: dict[str, list[str]]) -> str | None:
-    if query.get("token"):
-        return query["token"][0]
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
+    """The token of ``?token=`` (which wins) or of the ``Authorization: Bearer`` header; a
+    token given twice the same way is refused (which one would be meant?)."""
+    tokens = query.get("token", [])
+    headers = request.headers.get_all("Authorization")
+    if len(tokens) > 1 or len(headers) > 1:
+        raise _BadTarget("give the token once: one ?token= or one Authorization header")
+    if tokens:
+        return tokens[0]
+    scheme, _, value = (headers[0] if headers else "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
@@ -254,7 +283,10 @@ async def _route(bridge: Bridge, connection: ServerConnection,
         return _refuse(bridge, HTTPStatus.SERVICE_UNAVAILABLE, "overloaded",
                        f"the bridge serves at most {limits.max_connections} connections; "
                        "retry later", retry_after=5)
-    token = _token_of(request, query)
+    try:
+        token = _token_of(request, query)
+    except _BadTarget as exc:
+        return _json(HTTPStatus.BAD_REQUEST, {"error": "bad_request", "message": str(exc)})
     try:
         if token is None:
             raise AuthError("missing token (?token=... or Authorization: Bearer ...)")
