@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Bridge", "run_main"]
 
 READY_TIMEOUT = 15.0  # seconds for the first NOTIFY round trip
+HANDSHAKES_PER_TURN = 4  # upgrades checked per turn of the event loop (daemon.handshake)
 
 
 class Bridge:
@@ -69,6 +70,7 @@ class Bridge:
                                    user_rate=settings.user_subscribe_rate,
                                    user_burst=settings.user_subscribe_burst)
         self.health = Health(self.store, self.listener)
+        self.handshake_gate = asyncio.Semaphore(HANDSHAKES_PER_TURN)
         # claims of upgrades accepted by process_request, until their handler starts
         self.handshakes: weakref.WeakKeyDictionary[ServerConnection, Claims] = (
             weakref.WeakKeyDictionary())

@@ -32,8 +32,9 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 
-from .auth import AuthError, verify_token
+from .auth import AuthError, Claims, verify_token
 from .errors import BridgeError
+from .logs import Throttled
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import Server
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from .store import Store
 
 log = logging.getLogger(__name__)
+_refusals = Throttled(log)  # a flood of refusals is counted in metrics, not logged line by line
 
 __all__ = ["BridgeConnection", "Health", "process_request"]
 
@@ -84,14 +86,15 @@ class _AnsweringProtocol(ServerProtocol):
                 else:
                     # a partial request, or a line ending in a bare LF (websockets raises
                     # EOFError for both): the client may still read the answer
-                    log.info("incomplete HTTP request answered 400",
-                             extra={"event": "http_refused"})
+                    _refusals.info("http", "incomplete HTTP request answered 400",
+                                   extra={"event": "http_refused"})
                     self.send_response(self.reject(
                         HTTPStatus.BAD_REQUEST, "malformed HTTP request: lines end with CRLF\n"))
                 yield
             except Exception as exc:  # ValueError, SecurityError, NotImplementedError
                 status, text = _status_for(exc, lines)
-                log.info("unparsable HTTP request answered %d: %s (%s)", status.value, text,
+                _refusals.info("http", "unparsable HTTP request answered %d: %s (%s)",
+                               status.value, text,
                          type(exc).__name__, extra={"event": "http_refused"})
                 self.send_response(self.reject(status, f"{text}\n"))
                 yield
@@ -121,8 +124,8 @@ class BridgeConnection(ServerConnection):
         except InvalidHandshake as exc:
             if self.response is None or self.response.status_code < 400:
                 raise
-            log.info("upgrade refused with %d: %s", self.response.status_code, exc,
-                     extra={"event": "http_refused"})
+            _refusals.info("http", "upgrade refused with %d: %s", self.response.status_code,
+                           exc, extra={"event": "http_refused"})
 
     def process_event(self, event: Event) -> None:
         if self.on_ping is not None and isinstance(event, Frame) and event.opcode is Opcode.PING:
@@ -278,6 +281,28 @@ async def _route(bridge: Bridge, connection: ServerConnection,
                          "text/plain; version=0.0.4; charset=utf-8")
     if path != "/ws":
         return _json(HTTPStatus.NOT_FOUND, {"error": "not found; the WebSocket is at /ws"})
+    async with bridge.handshake_gate:
+        # A flood of upgrades becomes ready all at once; asyncio would run every one of them
+        # before it looks at a socket again, the listener's included. Through the gate, a few
+        # per turn of the loop do their CPU work (JWT, limits), and the loop polls in between.
+        await asyncio.sleep(0)
+        admitted = _admit(bridge, connection, request, query)
+    if isinstance(admitted, Response):
+        return admitted
+    try:
+        if not await bridge.store.live_user(admitted.sub):
+            return _unauthorized(bridge, connection,
+                                 AuthError("the token's user does not exist or is deleted"))
+    except BridgeError as exc:
+        log.error("handshake failed: %s", exc, extra={"event": "handshake_error"})
+        return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable"})
+    return None
+
+
+def _admit(bridge: Bridge, connection: ServerConnection, request: Request,
+           query: dict[str, list[str]]) -> Response | Claims:
+    """The checks of an upgrade that need no database: limits and the token. Returns the
+    refusal, or the claims with a slot held for the user in ``bridge.handshakes``."""
     limits = bridge.limits
     if limits.at_capacity(pending=len(bridge.handshakes)):
         return _refuse(bridge, HTTPStatus.SERVICE_UNAVAILABLE, "overloaded",
@@ -291,31 +316,29 @@ async def _route(bridge: Bridge, connection: ServerConnection,
         if token is None:
             raise AuthError("missing token (?token=... or Authorization: Bearer ...)")
         claims = verify_token(bridge.secret, token)
-        pending = sum(1 for c in bridge.handshakes.values() if c.sub == claims.sub)
-        if limits.user_at_capacity(claims.sub, pending=pending):  # before the database is asked
-            return _refuse(bridge, HTTPStatus.TOO_MANY_REQUESTS, "too_many_connections",
-                           f"at most {limits.max_per_user} connections per user",
-                           retry_after=5)
-        # Hold the slot while the database answers, so that concurrent upgrades of one user
-        # are counted here and not only after the upgrade (where they cost a close).
-        bridge.handshakes[connection] = claims
-        if not await bridge.store.live_user(claims.sub):
-            raise AuthError("the token's user does not exist or is deleted")
     except AuthError as exc:
-        bridge.metrics.handshake_refusals.labels("unauthorized").inc()
-        log.info("handshake refused from %s: %s", connection.remote_address, exc,
-                 extra={"event": "handshake_refused"})
-        return _json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
-    except BridgeError as exc:
-        log.error("handshake failed: %s", exc, extra={"event": "handshake_error"})
-        return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable"})
-    return None
+        return _unauthorized(bridge, connection, exc)
+    pending = sum(1 for c in bridge.handshakes.values() if c.sub == claims.sub)
+    if limits.user_at_capacity(claims.sub, pending=pending):
+        return _refuse(bridge, HTTPStatus.TOO_MANY_REQUESTS, "too_many_connections",
+                       f"at most {limits.max_per_user} connections per user", retry_after=5)
+    # Hold the slot while the database answers, so that concurrent upgrades of one user are
+    # counted here and not only after the upgrade (where they cost a close).
+    bridge.handshakes[connection] = claims
+    return claims
+
+
+def _unauthorized(bridge: Bridge, connection: ServerConnection, exc: AuthError) -> Response:
+    bridge.metrics.handshake_refusals.labels("unauthorized").inc()
+    _refusals.info("unauthorized", "handshake refused from %s: %s", connection.remote_address,
+                   exc, extra={"event": "handshake_refused"})
+    return _json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
 
 
 def _refuse(bridge: Bridge, status: HTTPStatus, code: str, message: str, *,
             retry_after: int) -> Response:
     bridge.metrics.handshake_refusals.labels(code).inc()
-    log.info("handshake refused: %s", message, extra={"event": "handshake_refused",
-                                                      "reason": code})
+    _refusals.info(code, "handshake refused: %s", message,
+                   extra={"event": "handshake_refused", "reason": code})
     return _json(status, {"error": code, "message": message},
                  (("Retry-After", str(retry_after)),))

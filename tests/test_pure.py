@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from hypothesis import given
@@ -12,6 +13,7 @@ from daemon.cursor import Arrival, classify, resolve_from
 from daemon.errors import ConfigError
 from daemon.events import Event, Pointer, Probe, parse_notify
 from daemon.hub import Hub, Subscription
+from daemon.logs import Throttled
 from daemon.protocol import Ack, ProtocolError, Subscribe, is_id, is_token, load_json, parse_frame
 from daemon.ratelimit import ClientLimits, TokenBucket
 from daemon.settings import DaemonSettings, DatabaseSettings, SSHSettings
@@ -284,3 +286,16 @@ def test_settings_errors_name_the_variable() -> None:
     assert not DatabaseSettings.from_env({"POSTGRES_HOST": "db"}).embedded
     assert "secret" not in repr(DatabaseSettings.from_env({"DATABASE_URL": "postgres://u:secret@h/d"}))
     assert "pw" not in repr(SSHSettings.from_env({"SSH_HOST": "h", "SSH_KEY_PASSPHRASE": "pw"}))
+
+
+def test_throttled_log_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    throttled = Throttled(logging.getLogger("t"), interval=10.0, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="t")
+    for _ in range(5):
+        throttled.info("a", "refused %s", "x")
+    throttled.info("b", "other")
+    now[0] += 10.0
+    throttled.info("a", "refused %s", "y")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused x", "other", "refused y (and 4 more like it in the last 10 s)"]
