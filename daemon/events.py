@@ -62,7 +62,7 @@ def parse_notify(payload: str) -> Event | Pointer | Probe | None:
     """Interpret a payload of the ``pgbridge`` channel; ``None`` for anything unrecognised
     (any role may NOTIFY, so this is untrusted text: invalid or deeply nested JSON included)."""
     try:
-        obj = load_json(payload, max_depth=MAX_NOTIFY_DEPTH)
+        obj = load_json(payload, max_depth=MAX_NOTIFY_DEPTH, max_brackets=None)
     except ValueError:
         return None
     if not isinstance(obj, dict):

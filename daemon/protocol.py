@@ -23,6 +23,7 @@ MAX_REF_LENGTH = 128
 MAX_ID_LENGTH = 26  # channels.id and users.id are VARCHAR(26) (spec 003): ULIDs
 MAX_TOKEN_LENGTH = 4096  # fits a request line of websockets' 8,192 bytes, so 401 is reachable
 MAX_DEPTH = 32  # client frames are flat; unknown fields may nest a little
+MAX_BRACKETS = 256  # "[" and "{" in a client frame (strings included); v1 frames have one
 
 _ID = re.compile(rf"[0-9A-Za-z_-]{{1,{MAX_ID_LENGTH}}}")
 _TOKEN = re.compile(rf"[0-9A-Za-z_.=-]{{1,{MAX_TOKEN_LENGTH}}}")
@@ -94,36 +95,45 @@ def is_token(value: object) -> bool:
     return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
 
 
-def _depth(obj: Any) -> int:
-    """Nesting depth of a decoded JSON value (1 for a flat object), without recursion."""
-    deepest, stack = 0, [(obj, 1)]
+def _deeper_than(obj: Any, limit: int) -> bool:
+    """True when a decoded JSON value nests more than ``limit`` levels (a flat object is 1).
+    Iterative, and it stops at the first container past the limit: its cost is bounded by
+    the containers within ``limit`` levels, however deep the value goes."""
+    containers = (dict, list)
+    stack = [(obj, 1)] if isinstance(obj, containers) else []
     while stack:
         value, level = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
-        if isinstance(value, dict | list):
-            deepest = max(deepest, level)
-            stack.extend((child, level + 1) for child in children
-                         if isinstance(child, dict | list))
-    return deepest
+        if level > limit:
+            return True
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, containers):
+                stack.append((child, level + 1))
+    return False
 
 
-def load_json(text: str, *, max_depth: int = MAX_DEPTH) -> Any:
-    """Decode untrusted JSON text nested at most ``max_depth`` levels.
+def load_json(text: str, *, max_depth: int = MAX_DEPTH,
+              max_brackets: int | None = MAX_BRACKETS) -> Any:
+    """Decode untrusted JSON text nested at most ``max_depth`` levels, with at most
+    ``max_brackets`` ``[`` and ``{`` characters (``None``: no such limit).
 
     Raises :class:`ValueError` with a message safe to show the sender (it quotes nothing of
-    ``text``): invalid JSON, a number too large to convert, or nesting too deep. The C decoder
-    stops by itself near the interpreter's recursion limit; that ``RecursionError`` is turned
-    into the same ``ValueError``, and the exact depth is measured only when the text has more
-    brackets than ``max_depth``.
+    ``text``): invalid JSON, a number too large to convert, too many brackets, or nesting too
+    deep. The bracket count is taken before decoding and bounds what follows: the C decoder
+    stops by itself near the interpreter's recursion limit (that ``RecursionError`` becomes
+    the same ``ValueError``), and the depth is walked only when there are more brackets than
+    ``max_depth``, stopping at the limit.
     """
     too_deep = f"JSON nests deeper than {max_depth} levels"
+    brackets = text.count("[") + text.count("{")
+    if max_brackets is not None and brackets > max_brackets:
+        raise ValueError(f"more than {max_brackets} '[' and '{{' in one frame")
     try:
         obj = json.loads(text)
     except RecursionError:
         raise ValueError(too_deep) from None
     except ValueError:
         raise ValueError("not valid JSON") from None
-    if text.count("[") + text.count("{") > max_depth and _depth(obj) > max_depth:
+    if brackets > max_depth and _deeper_than(obj, max_depth):
         raise ValueError(too_deep)
     return obj
 

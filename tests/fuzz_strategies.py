@@ -33,6 +33,7 @@ MAX_FRAME_BYTES = 64 * 1024  # PROTOCOL.md, "What each field may be"
 MAX_REF = 128
 MAX_TOKEN = 4096
 MAX_DEPTH = 32
+MAX_BRACKETS = 256  # "[" and "{" characters in one frame, strings included
 MAX_LINE = 8192  # request line and header lines, bytes
 MAX_HEADERS = 128
 KNOWN_TYPES = ("subscribe", "unsubscribe", "ack", "ping", "refresh")
@@ -489,6 +490,8 @@ def expected_answer(frame: Frame, ctx: FrameContext) -> Answer:
 def _replies_to(text: str, ctx: FrameContext) -> tuple[Reply, ...] | None:
     if re.search(r"\d{4000}", text):
         return None  # a number Python will not convert: refused or ignored, both defensible
+    if text.count("[") + text.count("{") > MAX_BRACKETS:
+        return BAD
     try:
         obj = json.loads(text, parse_constant=_no_constant)
     except RecursionError:

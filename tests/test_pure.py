@@ -197,6 +197,14 @@ def test_load_json_never_raises_recursion_error(text: str) -> None:
     assert not isinstance(refused.value, RecursionError)
 
 
+def test_frames_with_many_containers_are_refused_before_decoding() -> None:
+    """A 64 KiB frame of shallow arrays (20,000 of them) used to cost 13 ms to check; the
+    bracket count refuses it before the decoder runs."""
+    with pytest.raises(ProtocolError, match="more than 256"):
+        parse_frame("[" + "[[1]]," * 10_000 + "1]")
+    assert parse_frame('{"type":"ping","ref":"' + "[" * 100 + '","x":[[1]]}') is not None
+
+
 def test_ids_and_tokens_admit_only_their_alphabet() -> None:
     assert is_id("01JD3V6Z7W2Q4X8Y9A0B1C2D3E") and is_id("general-2_x") and is_id("R")
     for bad in ("", "A" * 27, "\ud800", "a\x00b", "a b", "é", "a/b", None, 7):
