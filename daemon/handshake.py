@@ -118,6 +118,18 @@ class BridgeConnection(ServerConnection):
         super().__init__(answering, server, **kwargs)
         self.on_ping: Callable[[], None] | None = None
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # websockets links a connection to itself (a LoggerAdapter carrying it, the cancelled
+        # keepalive task whose traceback holds its frame), and so does on_ping: reference
+        # cycles that only a full garbage collection frees. A flood of refused upgrades piled
+        # up 40,000 such objects, collected in one 80-130 ms pause of the event loop. Cut here,
+        # a connection is freed by reference counting as soon as its handler returns.
+        if isinstance(self.logger, logging.LoggerAdapter):
+            self.logger = self.protocol.logger = self.logger.logger
+        self.keepalive_task = None
+        self.on_ping = None
+
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
             await super().handshake(*args, **kwargs)
