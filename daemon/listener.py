@@ -19,7 +19,6 @@ replaced.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -152,10 +151,11 @@ class Listener:
     # --- probe ----------------------------------------------------------------------------
 
     def _probe_heard(self, payload: str) -> None:
-        with contextlib.suppress(ValueError, AttributeError):
-            future = self._probes.get(str(json.loads(payload).get("probe")))
-            if future is not None and not future.done():
-                future.set_result(None)
+        # any role may NOTIFY on this channel: read it as untrusted text (parse_notify)
+        note = parse_notify(payload)
+        future = self._probes.get(note.token) if isinstance(note, Probe) else None
+        if future is not None and not future.done():
+            future.set_result(None)
 
     async def _probe_once(self) -> bool | None:
         """True: the probe came back; False: it did not (deaf listener); None: it could not be

@@ -171,7 +171,8 @@ async def test_unreadable_notify_payloads_do_not_stop_the_listener(
     caplog.set_level(logging.INFO)
     user, room, ws, start = await subscribed_member(conn, bridge.port)
     channel = listen_channel(bridge.settings.schema)
-    for payload in ["[" * 3500 + "]" * 3500, "not json", '{"room":"' + room + '","seq":"x"}',
+    for payload in ["[" * 3500 + "]" * 3500, '{"probe":' + "[" * 3900 + "]" * 3900 + "}",
+                    '{"probe":{"a":' + "[" * 300 + "]" * 300 + "}}", "not json", '{"room":"' + room + '","seq":"x"}',
                     '{"type":"event","room":"\\ud800","seq":1}',
                     json.dumps({"type": "event", "room": room, "seq": 0, "data": [1]})]:
         await conn.execute(sql.SQL("NOTIFY {}, {}").format(sql.Identifier(channel),
