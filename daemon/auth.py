@@ -61,7 +61,6 @@ def verify_token(secret: str, token: str) -> Claims:
     sub = claims.get("sub")
     if not is_id(sub):
         raise AuthError("invalid token: sub must be a users.id")
-    assert isinstance(sub, str)
     return Claims(sub=sub, exp=float(claims["exp"]))
 
 

@@ -94,8 +94,8 @@ class _AnsweringProtocol(ServerProtocol):
             except Exception as exc:  # ValueError, SecurityError, NotImplementedError
                 status, text = _status_for(exc, lines)
                 _refusals.info("http", "unparsable HTTP request answered %d: %s (%s)",
-                               status.value, text,
-                         type(exc).__name__, extra={"event": "http_refused"})
+                               status.value, text, type(exc).__name__,
+                               extra={"event": "http_refused"})
                 self.send_response(self.reject(status, f"{text}\n"))
                 yield
             self.events.append(request)
@@ -237,25 +237,24 @@ class Health:
             self._last_reason = reason
         return reason
 
-    async def check(self) -> list[str]:
-        """The reasons the bridge is unavailable; empty when it is healthy."""
-        reasons = []
-        database = await self._database()
-        if database is not None:
-            reasons.append(f"database: {database}")
+    def _listener(self) -> str | None:
         if not self.listener.connected:
-            reasons.append("listener: not connected")
-        elif not self.listener.ready.is_set():
-            reasons.append("listener: LISTEN not yet proven by a NOTIFY round trip")
-        return reasons
+            return "not connected"
+        if not self.listener.ready.is_set():
+            return "LISTEN not yet proven by a NOTIFY round trip"
+        return None
+
+    async def check(self) -> dict[str, str | None]:
+        """Why each part is unavailable (``database``, ``listener``); ``None`` where healthy."""
+        return {"database": await self._database(), "listener": self._listener()}
 
 
 async def _healthz(bridge: Bridge) -> Response:
-    reasons = await bridge.health.check()
+    problems = await bridge.health.check()
+    reasons = [f"{part}: {why}" for part, why in problems.items() if why is not None]
     return _json(HTTPStatus.SERVICE_UNAVAILABLE if reasons else HTTPStatus.OK, {
         "status": "unavailable" if reasons else "ok", "reasons": reasons,
-        "database": not any(r.startswith("database") for r in reasons),
-        "listener": not any(r.startswith("listener") for r in reasons),
+        **{part: why is None for part, why in problems.items()},
         "connections": len(bridge.clients)})
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 PROTOCOL_VERSION = 1
 MAX_REF_LENGTH = 128
@@ -84,13 +84,13 @@ class Refresh:
 Request = Subscribe | Unsubscribe | Ack | Ping | Refresh
 
 
-def is_id(value: object) -> bool:
+def is_id(value: object) -> TypeGuard[str]:
     """True for a string that can be a ``channels.id`` or ``users.id``: 1 to 26 characters of
     ``A-Z a-z 0-9 _ -`` (no NUL, no surrogate, nothing a query or a log line could trip on)."""
     return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
-def is_token(value: object) -> bool:
+def is_token(value: object) -> TypeGuard[str]:
     """True for a string shaped like a JWT: 1 to 4,096 characters of ``A-Z a-z 0-9 - _ . =``."""
     return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
 
@@ -145,7 +145,7 @@ def _room(obj: dict[str, Any], ref: str | None) -> str:
     if not is_id(value):
         raise ProtocolError("bad_request", "field 'room' must be a channels.id: 1 to "
                             f"{MAX_ID_LENGTH} characters of A-Z a-z 0-9 _ -", ref=ref)
-    return str(value)
+    return value
 
 
 def _ref(obj: dict[str, Any]) -> str | None:
@@ -202,7 +202,7 @@ def parse_frame(data: str | bytes) -> Request:
         if not is_token(token):
             raise ProtocolError("unauthorized", "field 'token' must be a JWT of at most "
                                 f"{MAX_TOKEN_LENGTH} characters", ref=ref)
-        return Refresh(token=str(token), ref=ref)
+        return Refresh(token=token, ref=ref)
     if kind not in ("subscribe", "unsubscribe", "ack"):
         shown = kind[:40] if kind.isprintable() else "(not printable)"
         raise ProtocolError("unknown_type", f"unknown type {shown!r}", ref=ref)
