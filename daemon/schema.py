@@ -53,7 +53,10 @@ TABLES = (
     "schema_migrations",
 )
 PUBLISHED = ("channels", "messages", "channel_members", "reactions", "files", "message_reads")
-FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_event_frame", "pgbridge_capture")
+FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_event_frame", "pgbridge_capture",
+             "pgbridge_user_gone")
+# the triggers on users that tell the daemon a user lost access (sql/triggers/20_access.sql)
+ACCESS_TRIGGERS = ("users_access_update", "users_access_delete")
 
 
 def _sql_dir() -> Traversable:
@@ -211,6 +214,8 @@ async def _problems(conn: psycopg.AsyncConnection[TupleRow], schema: str) -> lis
     triggers = {str(r[0]) for r in await cur.fetchall()}
     problems += [f"trigger {t}_capture on {schema}.{t} is missing or disabled"
                  for t in PUBLISHED if f"{t}_capture" not in triggers]
+    problems += [f"trigger {t} on {schema}.users is missing or disabled"
+                 for t in ACCESS_TRIGGERS if t not in triggers]
     if "schema_migrations" in tables:
         cur = await conn.execute(
             sql.SQL("SELECT version, checksum FROM {}.schema_migrations").format(

@@ -253,6 +253,52 @@ async def test_message_moved_to_another_room_is_deleted_there_and_updated_here(
         assert [json.loads(n)["room"] for n in notes] == [old_room, new_room_]
 
 
+async def test_membership_given_to_another_user_is_deleted_for_the_old_user(
+        capture_db: str, schema: str) -> None:
+    async with connect(capture_db, schema) as conn, listening(capture_db, schema) as listener:
+        room, other_room = await new_room(conn), await new_room(conn)
+        old_user, new_user_ = await new_user(conn), await new_user(conn)
+        await conn.execute("INSERT INTO channel_members (channel_id, user_id) VALUES (%s, %s)",
+                           (room, old_user))
+        await drain(listener, conn, schema)
+        before = await last_seq(conn, room)
+        await conn.execute("UPDATE channel_members SET user_id = %s WHERE channel_id = %s "
+                           "AND user_id = %s", (new_user_, room, old_user))
+        gone, given = await events_after(conn, room, before)
+        assert (gone[3], gone[4], gone[5]["user_id"]) == ("DELETE", f"{room}:{old_user}",
+                                                          old_user)
+        assert (given[3], given[4], given[5]["user_id"]) == ("UPDATE", f"{room}:{new_user_}",
+                                                             new_user_)
+        # moved to another room and user at once: DELETE in the old room, UPDATE in the new
+        other_before = await last_seq(conn, other_room)
+        await conn.execute("UPDATE channel_members SET channel_id = %s, user_id = %s "
+                           "WHERE channel_id = %s", (other_room, old_user, room))
+        [gone] = await events_after(conn, room, before + 2)
+        [given] = await events_after(conn, other_room, other_before)
+        assert (gone[3], gone[4]) == ("DELETE", f"{room}:{new_user_}")
+        assert (given[3], given[4]) == ("UPDATE", f"{other_room}:{old_user}")
+        notes = [json.loads(n) for n in await drain(listener, conn, schema)]
+        assert [(n["room"], n["op"]) for n in notes] == [
+            (room, "DELETE"), (room, "UPDATE"), (room, "DELETE"), (other_room, "UPDATE")]
+
+
+async def test_user_deleted_soft_deleted_or_rekeyed_rings_a_hint_with_its_id_only(
+        capture_db: str, schema: str) -> None:
+    async with connect(capture_db, schema) as conn, listening(capture_db, schema) as listener:
+        soft, hard, rekeyed = await new_user(conn), await new_user(conn), await new_user(conn)
+        await drain(listener, conn, schema)
+        await conn.execute("UPDATE users SET full_name = 'Y', deleted_at = NULL "
+                           "WHERE id = ANY(%s)", [[soft, hard, rekeyed]])
+        assert await drain(listener, conn, schema) == []  # no loss of access: no hint
+        await conn.execute("UPDATE users SET deleted_at = now() WHERE id = %s", [soft])
+        await conn.execute("UPDATE users SET deleted_at = now() WHERE id = %s", [soft])
+        await conn.execute("UPDATE users SET deleted_at = NULL WHERE id = %s", [soft])
+        await conn.execute("DELETE FROM users WHERE id = %s", [hard])
+        await conn.execute("UPDATE users SET id = %s WHERE id = %s", ["R" + rekeyed[1:], rekeyed])
+        notes = [json.loads(n) for n in await drain(listener, conn, schema)]
+        assert notes == [{"access": "user", "user": u} for u in (soft, hard, rekeyed)]
+
+
 async def test_private_tables_emit_nothing(capture_db: str, schema: str) -> None:
     async with connect(capture_db, schema) as conn, listening(capture_db, schema) as listener:
         room = await new_room(conn)
@@ -275,7 +321,9 @@ async def test_private_tables_emit_nothing(capture_db: str, schema: str) -> None
             key = "id" if table == "users" else "user_id"
             await conn.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
                 sql.Identifier(table), sql.Identifier(key)), [user])
-        assert await drain(listener, conn, schema) == []
+        # The user's hard delete rings the bell with its id and nothing else (20_access.sql).
+        notes = await drain(listener, conn, schema)
+        assert [json.loads(n) for n in notes] == [{"access": "user", "user": user}]
         assert await one(conn, "SELECT count(*) FROM change_events") == events_before
         assert await one(conn, "SELECT coalesce(sum(last_seq), 0) FROM change_sequences") \
             == seqs_before

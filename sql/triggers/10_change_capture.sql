@@ -31,7 +31,9 @@ $$;
 --                has no room left and is not published (the message's DELETE announces it).
 -- The event's id is the row's id, or 'a:b' for the two-column keys of channel_members
 -- (channel_id:user_id) and message_reads (message_id:user_id). An UPDATE that moves a row to
--- another room is published as DELETE (old row) in the old room and UPDATE in the new one.
+-- another room or changes its id is published as DELETE (old row, old id) in the old room and
+-- UPDATE in the new one: a membership given to another user (channel_members.user_id changed)
+-- ends the old user's access exactly as a DELETE of the row does.
 --
 -- Everything is inline in one function (one search_path switch, no nested calls): this runs in
 -- every writer's transaction, and bench/write_overhead.py measures what it costs them.
@@ -44,15 +46,20 @@ DECLARE
                            ELSE 'pgbridge_' || TG_TABLE_SCHEMA END;
     v_row jsonb;
     v_old jsonb;
+    -- the column that, with user_id, keys a two-column table; NULL: the key is id
+    v_key text := CASE TG_TABLE_NAME WHEN 'channel_members' THEN 'channel_id'
+                                     WHEN 'message_reads' THEN 'message_id' END;
     v_room text;
     v_old_room text;
     v_id text;
+    v_old_id text;
     v_seq bigint;
     v_ts timestamptz;
     v_frame text;
     -- what to emit: the old room first (moved rows only), then the row's room
     v_rooms text[];
     v_ops text[];
+    v_ids text[];
     v_datas jsonb[];
 BEGIN
     IF TG_OP = 'DELETE' THEN
@@ -67,28 +74,31 @@ BEGIN
     ELSE
         SELECT m.channel_id INTO v_room FROM messages m WHERE m.id = v_row->>'message_id';
     END IF;
-    v_id := CASE TG_TABLE_NAME
-        WHEN 'channel_members' THEN concat(v_row->>'channel_id', ':', v_row->>'user_id')
-        WHEN 'message_reads' THEN concat(v_row->>'message_id', ':', v_row->>'user_id')
-        ELSE v_row->>'id' END;
+    v_id := CASE WHEN v_key IS NULL THEN v_row->>'id'
+                 ELSE concat(v_row->>v_key, ':', v_row->>'user_id') END;
     v_rooms := ARRAY[v_room];
     v_ops := ARRAY[TG_OP];
+    v_ids := ARRAY[v_id];
     v_datas := ARRAY[v_row];
 
-    IF TG_OP = 'UPDATE' AND v_how <> 'self' THEN
+    IF TG_OP = 'UPDATE' THEN
         v_old := to_jsonb(OLD);
-        IF v_old->>v_how IS DISTINCT FROM v_row->>v_how THEN
-            IF v_how = 'channel_id' THEN
-                v_old_room := v_old->>'channel_id';
-            ELSE
-                SELECT m.channel_id INTO v_old_room FROM messages m
-                WHERE m.id = v_old->>'message_id';
-            END IF;
-            IF v_old_room IS DISTINCT FROM v_room THEN
-                v_rooms := ARRAY[v_old_room, v_room];
-                v_ops := ARRAY['DELETE', TG_OP];
-                v_datas := ARRAY[v_old, v_row];
-            END IF;
+        v_old_id := CASE WHEN v_key IS NULL THEN v_old->>'id'
+                         ELSE concat(v_old->>v_key, ':', v_old->>'user_id') END;
+        IF v_how = 'self' THEN
+            v_old_room := v_old_id;
+        ELSIF v_old->>v_how IS NOT DISTINCT FROM v_row->>v_how THEN
+            v_old_room := v_room;
+        ELSIF v_how = 'channel_id' THEN
+            v_old_room := v_old->>'channel_id';
+        ELSE
+            SELECT m.channel_id INTO v_old_room FROM messages m WHERE m.id = v_old->>'message_id';
+        END IF;
+        IF v_old_room IS DISTINCT FROM v_room OR v_old_id IS DISTINCT FROM v_id THEN
+            v_rooms := ARRAY[v_old_room, v_room];
+            v_ops := ARRAY['DELETE', TG_OP];
+            v_ids := ARRAY[v_old_id, v_id];
+            v_datas := ARRAY[v_old, v_row];
         END IF;
     END IF;
 
@@ -102,10 +112,10 @@ BEGIN
             RETURNING s.last_seq
         )
         INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, created_at)
-        SELECT v_rooms[i], bumped.last_seq, TG_TABLE_NAME, v_ops[i], v_id, v_datas[i], v_ts
+        SELECT v_rooms[i], bumped.last_seq, TG_TABLE_NAME, v_ops[i], v_ids[i], v_datas[i], v_ts
         FROM bumped
         RETURNING seq INTO v_seq;
-        v_frame := pgbridge_event_frame(v_rooms[i], v_seq, TG_TABLE_NAME, v_ops[i], v_id,
+        v_frame := pgbridge_event_frame(v_rooms[i], v_seq, TG_TABLE_NAME, v_ops[i], v_ids[i],
                                         v_datas[i], v_ts);
         IF octet_length(v_frame) > notify_max THEN
             v_frame := json_build_object('room', v_rooms[i], 'seq', v_seq)::text;
