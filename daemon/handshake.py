@@ -6,7 +6,8 @@ handshake, health.
   answer and logs a traceback), and every WebSocket ping frame is reported to ``on_ping`` so
   the client's rate limit counts it.
 * :func:`process_request` routes ``/healthz``, ``/metrics`` and ``/ws``; for ``/ws`` it checks
-  the request target, the connection limits and the JWT, and answers every refusal with a 4xx
+  the request target, the ``Origin`` (:mod:`daemon.origins`), the connection limits and the
+  JWT, and answers every refusal with a 4xx
   (or 503 when the database cannot be asked), never a 500 for what the client sent
   (PROTOCOL.md, "HTTP answers before the upgrade").
 * :class:`Health` answers ``/healthz`` within a bound whatever the database does.
@@ -32,9 +33,10 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 
-from .auth import AuthError, Claims, verify_token
+from .auth import AuthError, Claims
 from .errors import BridgeError
 from .logs import Throttled
+from .origins import origin_allowed
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import Server
@@ -314,6 +316,16 @@ def _admit(bridge: Bridge, connection: ServerConnection, request: Request,
            query: dict[str, list[str]]) -> Response | Claims:
     """The checks of an upgrade that need no database: limits and the token. Returns the
     refusal, or the claims with a slot held for the user in ``bridge.handshakes``."""
+    origins, hosts = request.headers.get_all("Origin"), request.headers.get_all("Host")
+    if len(origins) > 1 or len(hosts) > 1:
+        return _json(HTTPStatus.BAD_REQUEST, {"error": "bad_request",
+                                              "message": "Origin and Host may be given once"})
+    origin = origins[0] if origins else None
+    if not origin_allowed(origin, hosts[0] if hosts else None,
+                          bridge.settings.allowed_origins):
+        return _refuse(bridge, HTTPStatus.FORBIDDEN, "forbidden_origin",
+                       f"origin {(origin or '')[:100]!r} may not connect: it is not this "
+                       "bridge's own origin nor in PGBRIDGE_ALLOWED_ORIGINS")
     limits = bridge.limits
     if limits.at_capacity(pending=len(bridge.handshakes)):
         return _refuse(bridge, HTTPStatus.SERVICE_UNAVAILABLE, "overloaded",
@@ -326,7 +338,7 @@ def _admit(bridge: Bridge, connection: ServerConnection, request: Request,
     try:
         if token is None:
             raise AuthError("missing token (?token=... or Authorization: Bearer ...)")
-        claims = verify_token(bridge.secret, token)
+        claims = bridge.verify_token(token)
     except AuthError as exc:
         return _unauthorized(bridge, connection, exc)
     pending = sum(1 for c in bridge.handshakes.values() if c.sub == claims.sub)
@@ -347,9 +359,9 @@ def _unauthorized(bridge: Bridge, connection: ServerConnection, exc: AuthError) 
 
 
 def _refuse(bridge: Bridge, status: HTTPStatus, code: str, message: str, *,
-            retry_after: int) -> Response:
+            retry_after: int | None = None) -> Response:
     bridge.metrics.handshake_refusals.labels(code).inc()
     _refusals.info(code, "handshake refused: %s", message,
                    extra={"event": "handshake_refused", "reason": code})
     return _json(status, {"error": code, "message": message},
-                 (("Retry-After", str(retry_after)),))
+                 (("Retry-After", str(retry_after)),) if retry_after is not None else ())

@@ -17,6 +17,7 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from .errors import ConfigError
+from .origins import Allowlist, parse_allowlist
 
 __all__ = [
     "DaemonSettings",
@@ -201,12 +202,21 @@ class DaemonSettings:
     connection, ``max_connections_per_user`` and ``max_connections`` in total.
 
     ``jwt_secret`` may be ``None`` here: the composition root requires it when a database is
-    configured, and generates a development secret for the embedded server.
+    configured, and generates a development secret for the embedded server. ``jwt_audience``
+    and ``jwt_issuer``: the ``aud``/``iss`` a token must carry (``None``: none).
+
+    ``allowed_origins``: browser origins admitted besides the bridge's own
+    (``PGBRIDGE_ALLOWED_ORIGINS``, :mod:`daemon.origins`). ``access_check_interval``: seconds
+    between two checks of every connected user and subscription against the database.
     """
 
     host: str = "127.0.0.1"
     port: int = 8080
     jwt_secret: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    allowed_origins: Allowlist = field(default_factory=Allowlist)
+    access_check_interval: float = 30.0
     schema: str = "public"
     queue_size: int = 1000
     max_subscriptions: int = 100
@@ -232,10 +242,21 @@ class DaemonSettings:
         level = (_get(env, "PGBRIDGE_LOG_LEVEL") or "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"PGBRIDGE_LOG_LEVEL={level!r} must be DEBUG, INFO, WARNING or ERROR")
+        try:
+            origins = parse_allowlist(_get(env, "PGBRIDGE_ALLOWED_ORIGINS"))
+        except ValueError as exc:
+            raise ConfigError(f"PGBRIDGE_ALLOWED_ORIGINS: {exc}") from None
+        access_check_interval = _seconds(env, "PGBRIDGE_ACCESS_CHECK_INTERVAL", 30.0)
+        if access_check_interval <= 0:
+            raise ConfigError("PGBRIDGE_ACCESS_CHECK_INTERVAL must be more than 0 seconds")
         return cls(
             host=_get(env, "PGBRIDGE_HOST") or "127.0.0.1",
             port=_int(env, "PGBRIDGE_PORT", 8080, maximum=65535),
             jwt_secret=_get(env, "PGBRIDGE_JWT_SECRET"),
+            jwt_audience=_get(env, "PGBRIDGE_JWT_AUDIENCE"),
+            jwt_issuer=_get(env, "PGBRIDGE_JWT_ISSUER"),
+            allowed_origins=origins,
+            access_check_interval=access_check_interval,
             schema=schema_name(_get(env, "PGBRIDGE_SCHEMA") or "public"),
             queue_size=_int(env, "PGBRIDGE_QUEUE_SIZE", 1000, minimum=1),
             max_subscriptions=_int(env, "PGBRIDGE_MAX_SUBSCRIPTIONS", 100, minimum=1),

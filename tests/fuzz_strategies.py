@@ -730,8 +730,14 @@ def http_requests(draw: st.DrawFn, ctx: HandshakeContext) -> RawRequest:
     names = st.sampled_from([b"X-Fuzz", b"User-Agent", b"Accept", b"Cookie", b"X-Forwarded-For"])
     for name in draw(st.lists(names, max_size=6)):
         headers.append(name + b": " + draw(plain).encode())
-    if draw(st.booleans()):  # once: several Origin headers are a malformed request
-        headers.append(b"Origin: " + draw(plain).encode())
+    # Origin (once: several are a malformed request): only the bridge's own is admitted by
+    # default, and only when Host names it
+    origin = draw(st.sampled_from(["none", "own", "foreign", "null", "junk"]))
+    if origin != "none":
+        headers.append(b"Origin: " + {
+            "own": b"http://127.0.0.1:%d" % ctx.port, "foreign": b"https://evil.example",
+            "null": b"null", "junk": draw(plain).encode()}[origin])
+    origin_refused = origin not in ("none", "own") or (origin == "own" and "no_host" in odd)
     if _rarely(draw, 6):
         odd.add("ws_extras")
         headers.append(draw(st.sampled_from([b"Sec-WebSocket-Extensions", b"Sec-WebSocket-"
@@ -791,7 +797,7 @@ def http_requests(draw: st.DrawFn, ctx: HandshakeContext) -> RawRequest:
 
     if route == "odd":
         odd.add("odd_path")
-    clean = _clean_answer(route if route != "odd" else "ws", upgrade, states)
+    clean = _clean_answer(route if route != "odd" else "ws", upgrade, states, origin_refused)
     assert defects <= _STATUS.keys() and odd <= _ODD, (defects, odd)
     allowed = _allowed(defects, odd, clean)
     why = ", ".join(sorted(defects | odd)) or "clean"
@@ -799,13 +805,15 @@ def http_requests(draw: st.DrawFn, ctx: HandshakeContext) -> RawRequest:
                       f"upgrade {upgrade}")
 
 
-def _clean_answer(route: str, upgrade: str, states: set[str]) -> set[int]:
-    """The answer to a well-formed GET: 200 for the probes, 404 for other paths, on ``/ws`` 101,
-    401 or 426 by token and upgrade headers."""
+def _clean_answer(route: str, upgrade: str, states: set[str], origin_refused: bool) -> set[int]:
+    """The answer to a well-formed GET: 200 for the probes, 404 for other paths, on ``/ws`` 403
+    for a foreign origin, else 101, 401 or 426 by token and upgrade headers."""
     if route == "health":
         return {200}
     if route == "missing":
         return {404}
+    if origin_refused:
+        return {403}
     if upgrade not in ("full", "none", "no_upgrade", "h2c"):
         return set(CLIENT_ERRORS)  # a broken WebSocket handshake: not said which 4xx
     answers: set[int] = set()
