@@ -27,8 +27,9 @@ from psycopg import sql
 from websockets.asyncio.server import ServerConnection
 
 from . import logs, systemd
+from .access import Access
 from .acks import AckBuffer, AckWriter
-from .auth import Claims, mint_token, resolve_secret
+from .auth import Claims, mint_token, resolve_secret, verify_token
 from .db import database, describe, listen_channel
 from .errors import BridgeError, DatabaseError
 from .handshake import BridgeConnection, Health, process_request
@@ -59,8 +60,10 @@ class Bridge:
         self.hub = Hub()
         self.metrics = Metrics()
         self.store = Store(conninfo, schema=settings.schema, max_size=settings.pool_size)
+        self.access = Access(self.store, self.metrics, interval=settings.access_check_interval)
         self.listener = Listener(conninfo, listen_channel(settings.schema), self.hub, self.store,
-                                 self.metrics, probe_interval=settings.probe_interval,
+                                 self.metrics, self.access,
+                                 probe_interval=settings.probe_interval,
                                  probe_timeout=max(2.0, min(settings.probe_interval, 10.0)))
         self.acks = AckBuffer()
         self.ack_writer = AckWriter(self.acks, self.store, self.metrics,
@@ -77,6 +80,12 @@ class Bridge:
             weakref.WeakKeyDictionary())
         self.started = asyncio.Event()
         self.port = 0
+
+    def verify_token(self, token: str) -> Claims:
+        """Check a client's token with this bridge's secret, audience and issuer. Raises
+        :class:`daemon.auth.AuthError`."""
+        return verify_token(self.secret, token, audience=self.settings.jwt_audience,
+                            issuer=self.settings.jwt_issuer)
 
     async def _handler(self, ws: ServerConnection) -> None:
         assert isinstance(ws, BridgeConnection)  # serve(create_connection=BridgeConnection)
@@ -96,12 +105,14 @@ class Bridge:
             return
         client = Client(self, ws, claims)
         self.clients.add(client)
+        self.access.opened(client)
         self.limits.opened(claims.sub)
         self.metrics.connections.inc()
         try:
             await client.run()
         finally:
             self.clients.discard(client)
+            self.access.closed(client)
             self.limits.closed(claims.sub)
             self.metrics.connections.dec()
 
@@ -143,6 +154,7 @@ class Bridge:
             self.port = server.sockets[0].getsockname()[1]
             tasks.add(asyncio.create_task(self.ack_writer.run(), name="ack-writer"))
             tasks.add(asyncio.create_task(self._prune_forever(), name="pruner"))
+            tasks.add(asyncio.create_task(self.access.run(), name="access-check"))
             self.started.set()
             # Start-up objects (modules, classes, settings) are never garbage: freezing them
             # (after a collection, so that no garbage is frozen with them) spares every full
@@ -221,7 +233,8 @@ async def _ensure_demo(conninfo: str, schema: str) -> tuple[str, str]:
 
 
 def _demo_banner(bridge: Bridge, conninfo: str, user: str, room: str) -> str:
-    token = mint_token(bridge.secret, user, ttl=86400)
+    token = mint_token(bridge.secret, user, ttl=86400, audience=bridge.settings.jwt_audience,
+                       issuer=bridge.settings.jwt_issuer)
     url = f"ws://{bridge.settings.host}:{bridge.port}/ws"
     script = Path(sys.executable).with_name("pgbridge")
     pgbridge = "pgbridge" if shutil.which("pgbridge") == str(script) or not script.exists() \

@@ -1,11 +1,15 @@
 """JWT tokens (HS256, PyJWT) and where their secret comes from.
 
-A token's ``sub`` is a ``users.id``; ``exp`` is required (PROTOCOL.md, "Connecting").
+A token's ``sub`` is a ``users.id``; ``exp`` is required; ``exp``, ``nbf`` and ``iat`` are JSON
+numbers no later than 9999-12-31; ``aud`` and ``iss`` must match ``PGBRIDGE_JWT_AUDIENCE`` and
+``PGBRIDGE_JWT_ISSUER`` when those are set, and a token with an ``aud`` is refused when no
+audience is set (PROTOCOL.md, "Connecting").
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -22,6 +26,10 @@ log = logging.getLogger(__name__)
 __all__ = ["AuthError", "Claims", "mint_token", "resolve_secret", "verify_token"]
 
 ALGORITHM = "HS256"
+# RFC 7519 NumericDate claims; 253402300799 is 9999-12-31T23:59:59Z, the last instant an RFC
+# 3339 timestamp can name: a later exp (1e300) is a token that never expires, not a date.
+TIME_CLAIMS = ("exp", "nbf", "iat")
+LATEST_TIME = 253402300799
 
 
 class AuthError(Exception):
@@ -34,28 +42,60 @@ class Claims:
     exp: float  # Unix time, seconds
 
 
-def mint_token(secret: str, user_id: str, *, ttl: float = 3600.0) -> str:
-    """A signed token for ``user_id`` valid for ``ttl`` seconds."""
+def mint_token(secret: str, user_id: str, *, ttl: float = 3600.0, audience: str | None = None,
+               issuer: str | None = None) -> str:
+    """A signed token for ``user_id`` valid for ``ttl`` seconds, with ``aud``/``iss`` when
+    given (pass ``PGBRIDGE_JWT_AUDIENCE``/``PGBRIDGE_JWT_ISSUER`` so the bridge accepts it)."""
     now = int(time.time())
-    return jwt.encode({"sub": user_id, "iat": now, "exp": now + int(ttl)}, secret,
-                      algorithm=ALGORITHM)
+    claims: dict[str, object] = {"sub": user_id, "iat": now, "exp": now + int(ttl)}
+    if audience is not None:
+        claims["aud"] = audience
+    if issuer is not None:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def verify_token(secret: str, token: str) -> Claims:
-    """Check shape, signature, ``exp`` and ``sub``. Raises :class:`AuthError` (expired, bad
-    signature, malformed, missing claim, longer than 4,096 characters, ``sub`` not shaped like a
-    ``users.id``). Nothing of ``token`` is quoted in the message."""
+def _numeric_date(value: object) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and value <= LATEST_TIME)
+
+
+def verify_token(secret: str, token: str, *, audience: str | None = None,
+                 issuer: str | None = None) -> Claims:
+    """Check shape, signature, claims and ``sub``. ``audience``/``issuer``: the ``aud``/``iss``
+    required (``PGBRIDGE_JWT_AUDIENCE``/``PGBRIDGE_JWT_ISSUER``); ``None`` requires none, and
+    then a token that has an ``aud`` is refused (it was minted for someone else).
+
+    Raises :class:`AuthError` (expired, not yet valid, bad signature, malformed, a missing
+    claim, ``exp``/``nbf``/``iat`` not a number up to 9999-12-31, wrong ``aud`` or ``iss``,
+    longer than 4,096 characters, ``sub`` not shaped like a ``users.id``). Nothing of ``token``
+    is quoted in the message."""
     if len(token) > MAX_TOKEN_LENGTH:
         raise AuthError(f"token longer than {MAX_TOKEN_LENGTH} characters")
     if not is_token(token):
         raise AuthError("malformed token: a JWT has only A-Z a-z 0-9 - _ . =")
+    required = ["exp", "sub"] + (["aud"] if audience else []) + (["iss"] if issuer else [])
     try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
-                            options={"require": ["exp", "sub"]})
+        # PyJWT reads the time claims with int(), which takes "9999999999" and 1e300: check
+        # their type first (decoding without the HMAC; the signature is checked next).
+        payload = jwt.decode(token, options={"verify_signature": False})
+        bad = [name for name in TIME_CLAIMS if name in payload
+               and not _numeric_date(payload[name])]
+        if bad:
+            raise AuthError(f"invalid token: {bad[0]} must be a number of seconds since 1970 "
+                            "(9999-12-31 at most)")
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], audience=audience,
+                            issuer=issuer, options={"require": required})
     except jwt.ExpiredSignatureError:
         raise AuthError("token expired") from None
     except jwt.InvalidSignatureError:
         raise AuthError("bad token signature") from None
+    except jwt.InvalidAudienceError:
+        raise AuthError("invalid token: its aud is not PGBRIDGE_JWT_AUDIENCE" if audience
+                        else "invalid token: it has an aud and this bridge expects none "
+                        "(set PGBRIDGE_JWT_AUDIENCE)") from None
+    except jwt.InvalidIssuerError:
+        raise AuthError("invalid token: its iss is not PGBRIDGE_JWT_ISSUER") from None
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid token: {exc}") from None
     sub = claims.get("sub")

@@ -121,10 +121,12 @@ def token_main(argv: Sequence[str], prog: str = "pgbridge token") -> int:
         parser.error("--ttl must be positive")
     try:
         env = load_environment()
-        secret = resolve_secret(DaemonSettings.from_env(env), DatabaseSettings.from_env(env))
+        settings = DaemonSettings.from_env(env)
+        secret = resolve_secret(settings, DatabaseSettings.from_env(env))
     except BridgeError as exc:
         return _report(exc, prog)
-    print(mint_token(secret, args.user_id, ttl=args.ttl))
+    print(mint_token(secret, args.user_id, ttl=args.ttl, audience=settings.jwt_audience,
+                     issuer=settings.jwt_issuer))
     return EXIT_OK
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import load_json
+from .protocol import is_id, load_json
 
-__all__ = ["Event", "Pointer", "Probe", "parse_notify"]
+__all__ = ["Event", "Pointer", "Probe", "UserHint", "parse_notify"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,15 @@ class Probe:
     token: str
 
 
+@dataclass(frozen=True, slots=True)
+class UserHint:
+    """``users`` row ``user`` was deleted, soft-deleted or given another id
+    (``{"access": "user", "user": ...}``, sql/triggers/20_access.sql). A hint only: whether the
+    user really is gone is read from ``users``."""
+
+    user: str
+
+
 def _effects(table: str, op: str, data: Any) -> tuple[str | None, bool]:
     if not isinstance(data, dict):
         data = {}
@@ -58,7 +67,7 @@ def _effects(table: str, op: str, data: Any) -> tuple[str | None, bool]:
 MAX_NOTIFY_DEPTH = 256
 
 
-def parse_notify(payload: str) -> Event | Pointer | Probe | None:
+def parse_notify(payload: str) -> Event | Pointer | Probe | UserHint | None:
     """Interpret a payload of the ``pgbridge`` channel; ``None`` for anything unrecognised
     (any role may NOTIFY, so this is untrusted text: invalid or deeply nested JSON included)."""
     try:
@@ -69,6 +78,9 @@ def parse_notify(payload: str) -> Event | Pointer | Probe | None:
         return None
     if "probe" in obj:
         return Probe(str(obj["probe"]))
+    if "access" in obj:
+        user = obj.get("user")
+        return UserHint(user) if obj["access"] == "user" and is_id(user) else None
     room, seq = obj.get("room"), obj.get("seq")
     if not isinstance(room, str) or not isinstance(seq, int):
         return None

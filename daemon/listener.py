@@ -11,6 +11,13 @@ Two tasks (DESIGN.md, "Listener reconnect"):
   Subscribing goes through the same queue (:meth:`Listener.add`), so a new subscriber's
   starting point ``L`` is consistent with what was and will be published.
 
+User hints (a user deleted; sql/triggers/20_access.sql) take their place in the same queue, so
+the user's connections are closed before anything committed after the change is published
+(:meth:`daemon.access.Access.check_users`). Hints that arrive while one is waiting join it: a
+flood of them costs one ``users`` query per turn of the processor. After every (re)connect
+nothing is published until every connected user was checked, since hints sent while the
+listener was away are lost.
+
 A probe task sends a NOTIFY of its own through the pool every ``probe_interval`` seconds; when
 it does not come back on the LISTEN connection in time, that connection is deaf and is
 replaced.
@@ -23,6 +30,7 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
@@ -31,10 +39,13 @@ from .backoff import Backoff
 from .cursor import Arrival, classify
 from .db import describe
 from .errors import BridgeError
-from .events import Event, Pointer, Probe, parse_notify
+from .events import Event, Pointer, Probe, UserHint, parse_notify
 from .hub import Hub, Subscription
 from .metrics import Metrics
 from .store import READ_PAGE, Store
+
+if TYPE_CHECKING:
+    from .access import Access
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,14 @@ class _CatchUp:
     pass
 
 
+class _CheckUsers:
+    """Check the users hinted since this item was queued (``Listener._hinted``)."""
+
+
+# distinct users hinted before one check; past that, the check takes every connected user
+MAX_HINTED = 1000
+
+
 class Listener:
     """LISTEN on ``channel`` (see :func:`daemon.db.listen_channel`) and feed ``hub``.
 
@@ -58,20 +77,25 @@ class Listener:
     connecting and LISTEN together may take ``2 * probe_timeout`` before they are retried.
     """
 
-    def __init__(self, conninfo: str, channel: str, hub: Hub, store: Store, metrics: Metrics, *,
-                 probe_interval: float = 10.0, probe_timeout: float = 5.0,
+    def __init__(self, conninfo: str, channel: str, hub: Hub, store: Store, metrics: Metrics,
+                 access: Access, *, probe_interval: float = 10.0, probe_timeout: float = 5.0,
                  queue_size: int = 10000) -> None:
         self.conninfo = conninfo
         self.channel = channel
         self.hub = hub
         self.store = store
         self.metrics = metrics
+        self.access = access
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
         self.connect_timeout = 2 * probe_timeout
         self.connected = False
         self.ready = asyncio.Event()  # set once LISTEN is proven to deliver (first probe back)
-        self._queue: asyncio.Queue[str | _Track | _CatchUp] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[str | _Track | _CatchUp | _CheckUsers] = asyncio.Queue(
+            queue_size)
+        self._hinted: set[str] = set()  # non-empty exactly while a _CheckUsers is queued
+        self._hinted_all = False  # more than MAX_HINTED: check every connected user
+        self._users_checked = False  # every connected user checked since the last connect
         self._probes: dict[str, asyncio.Future[None]] = {}
         self._session: asyncio.Task[None] | None = None
         self._retry: asyncio.Task[None] | None = None
@@ -141,12 +165,27 @@ class Listener:
             backoff.reset()
             log.info("listening on channel %s at %s", self.channel, describe(self.conninfo),
                      extra={"event": "listener_connected"})
+            self._users_checked = False
             await self._queue.put(_CatchUp())
             async for note in conn.notifies():
                 if note.payload.startswith('{"probe"'):
                     self._probe_heard(note.payload)
+                elif note.payload.startswith('{"access"'):
+                    await self._user_hinted(note.payload)
                 else:
                     await self._queue.put(note.payload)
+
+    async def _user_hinted(self, payload: str) -> None:
+        note = parse_notify(payload)
+        if not isinstance(note, UserHint):
+            return
+        first = not self._hinted and not self._hinted_all
+        if len(self._hinted) < MAX_HINTED:
+            self._hinted.add(note.user)
+        else:
+            self._hinted_all = True
+        if first:  # added before the put: the processor may take the item while we wait
+            await self._queue.put(_CheckUsers())
 
     # --- probe ----------------------------------------------------------------------------
 
@@ -209,6 +248,8 @@ class Listener:
                     await self._on_notify(item)
                 elif isinstance(item, _Track):
                     await self._on_track(item)
+                elif isinstance(item, _CheckUsers):
+                    await self._check_hinted()
                 else:
                     await self._catch_up()
             except BridgeError as exc:
@@ -223,7 +264,7 @@ class Listener:
                                                 "incident": incident})
                 self._failed(item, BridgeError(f"internal error (incident {incident})"))
 
-    def _failed(self, item: str | _Track | _CatchUp, exc: BridgeError) -> None:
+    def _failed(self, item: str | _Track | _CatchUp | _CheckUsers, exc: BridgeError) -> None:
         if isinstance(item, _Track):
             if not item.future.done():
                 item.future.set_exception(exc)
@@ -240,12 +281,27 @@ class Listener:
         await asyncio.sleep(self.retry_delay)
         await self._queue.put(_CatchUp())
 
+    async def _check_hinted(self) -> None:
+        users = None if self._hinted_all else self._hinted
+        self._hinted, self._hinted_all = set(), False
+        await self.access.check_users(users, fail_closed=True)
+
     async def _on_notify(self, payload: str) -> None:
         note = parse_notify(payload)
         if note is None:  # not ours, or an event we cannot read here: the log has it
             self._catch_up_soon()
             return
-        if isinstance(note, Probe) or note.room not in self.hub:
+        if isinstance(note, Probe):
+            return
+        if isinstance(note, UserHint):  # one the reader did not recognise by its prefix
+            await self.access.check_users([note.user], fail_closed=True)
+            return
+        if note.room not in self.hub:
+            return
+        if not self._users_checked:
+            # Hints sent while the listener was away are lost: publish nothing before the
+            # catch-up has checked every connected user. The log keeps what this announced.
+            self._catch_up_soon()
             return
         arrival = classify(self.hub.last(note.room), note.seq)
         if arrival is Arrival.DUPLICATE:
@@ -267,6 +323,9 @@ class Listener:
             item.future.set_result(self.hub.add(item.sub))
 
     async def _catch_up(self) -> None:
+        if not self._users_checked:
+            await self.access.check_users(None, fail_closed=False)
+            self._users_checked = True
         for room in self.hub.rooms():
             await self._fill(room, upto=None)
 

@@ -27,6 +27,10 @@ class Metrics:
         self.refusals = Counter("pgbridge_refusals", "Client frames refused, by error code "
                                 "(rate_limited, bad_request, ...), and connections closed "
                                 "for abuse or over a limit", ["reason"], registry=r)
+        self.revocations = Counter("pgbridge_access_revocations", "Access ended by the access "
+                                   "checks: connections of deleted users closed (user_deleted), "
+                                   "subscriptions ended by the periodic check "
+                                   "(periodic_check)", ["reason"], registry=r)
         self.acks_saved = Counter("pgbridge_acks_saved", "sync_state rows upserted", registry=r)
         self.pruned = Counter("pgbridge_pruned_events", "change_events rows pruned", registry=r)
 

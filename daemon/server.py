@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from websockets.asyncio.server import broadcast
 from websockets.exceptions import ConnectionClosed
 
-from .auth import AuthError, Claims, verify_token
+from .auth import AuthError, Claims
 from .cursor import resolve_from
 from .errors import BridgeError
 from .handshake import BridgeConnection
@@ -61,12 +61,13 @@ CLOSE_POLICY = 1008
 CLOSE_INTERNAL = 1011
 CLOSE_OVERLOADED = 1013
 CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_USER_GONE = 4003
 CLOSE_TOO_SLOW = 4008
 
 
 class Client:
     """One WebSocket connection: parses its frames, owns its subscriptions and its outgoing
-    queue. Implements :class:`daemon.hub.Sink`."""
+    queue. Implements :class:`daemon.hub.Sink` and :class:`daemon.access.Session`."""
 
     def __init__(self, bridge: Bridge, ws: BridgeConnection, claims: Claims) -> None:
         self.bridge = bridge
@@ -120,6 +121,24 @@ class Client:
         if self.subs.get(sub.room) is sub:
             del self.subs[sub.room]
             self.bridge.metrics.subscriptions.dec()
+
+    # --- Session ----------------------------------------------------------------------------
+
+    def subscriptions(self) -> list[Subscription]:
+        return list(self.subs.values())
+
+    def user_gone(self) -> None:
+        if not self._closing:
+            self._close_soon(CLOSE_USER_GONE, "user deleted")
+
+    def revoke(self, sub: Subscription, reason: str) -> None:
+        if self.subs.get(sub.room) is sub and not sub.ended:
+            sub.end(reason)
+            self._drop(sub)
+
+    def retry_later(self) -> None:
+        if not self._closing:
+            self._close_soon(CLOSE_OVERLOADED, "access could not be checked; retry later")
 
     # --- life -------------------------------------------------------------------------------
 
@@ -224,7 +243,7 @@ class Client:
             elif isinstance(request, Ping):
                 self.send(pong(request.ref))
             elif isinstance(request, Refresh):
-                self._refresh(request)
+                await self._refresh(request)
         except ProtocolError as exc:
             self.bridge.metrics.refusals.labels(exc.code).inc()
             self.send(exc.frame())
@@ -243,8 +262,7 @@ class Client:
     async def _subscribe(self, request: Subscribe) -> None:
         room, ref = request.room, request.ref
         settings = self.bridge.settings
-        if not self._subscribe_bucket.take() or not self.bridge.limits.subscribe_allowed(
-                self.user):
+        if not self._may_ask_database():
             raise ProtocolError("rate_limited", "too many subscribe attempts; slow down",
                                 ref=ref, room=room)
         if room in self.subs:
@@ -272,6 +290,14 @@ class Client:
         self.bridge.metrics.subscriptions.inc()
         try:
             live_from = await self.bridge.listener.add(sub)
+            # Events up to live_from were committed before now; if some came after the check,
+            # the user must still be live now for them to be the user's (a deletion's hint may
+            # still be on its way to the listener). Membership is accounted for by checked_at.
+            if live_from > info.head and not await self.bridge.store.live_user(self.user):
+                self.user_gone()
+            if self._closing:
+                self._drop(sub)
+                return
             self.send(subscribed(room, from_seq, max(info.head, live_from), ref))
             after = from_seq
             while after < live_from and not sub.ended and not self._closing:
@@ -289,6 +315,11 @@ class Client:
             self._drop(sub)
         elif not self._closing:
             sub.go_live()
+
+    def _may_ask_database(self) -> bool:
+        """Take one request that queries the database (subscribe, refresh) from this
+        connection's and this user's bucket; false when either is empty."""
+        return self._subscribe_bucket.take() and self.bridge.limits.subscribe_allowed(self.user)
 
     def _drop(self, sub: Subscription) -> None:
         self.bridge.hub.remove(sub)
@@ -312,14 +343,22 @@ class Client:
                                 f"(latest: {sub.cursor})", ref=request.ref, room=request.room)
         self.bridge.acks.record(self.user, request.room, request.seq)
 
-    def _refresh(self, request: Refresh) -> None:
+    async def _refresh(self, request: Refresh) -> None:
         try:
-            claims = verify_token(self.bridge.secret, request.token)
+            claims = self.bridge.verify_token(request.token)
         except AuthError as exc:
             raise ProtocolError("unauthorized", str(exc), ref=request.ref) from None
         if claims.sub != self.user:
             raise ProtocolError("unauthorized", "a refreshed token must be for the same user",
                                 ref=request.ref)
+        if not self._may_ask_database():
+            raise ProtocolError("rate_limited", "too many refresh attempts; slow down",
+                                ref=request.ref)
+        if not await self.bridge.store.live_user(self.user):
+            self.send(error("unauthorized", "the token's user does not exist or is deleted",
+                            ref=request.ref))
+            self.user_gone()
+            return
         self._set_expiry(claims.exp)
 
 

@@ -127,6 +127,31 @@ class Store:
                                (user_id,), "checking a token's user")
         return bool(rows)
 
+    async def gone_users(self, users: Sequence[str]) -> list[str]:
+        """Those of ``users`` that have no live ``users`` row (deleted or soft-deleted)."""
+        rows = await self._all(
+            """
+            SELECT a.id FROM unnest(%s::varchar[]) AS a(id)
+            WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = a.id AND u.deleted_at IS NULL)
+            """, (list(users),), "checking for deleted users")
+        return [str(user) for (user,) in rows]
+
+    async def lost_memberships(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Those of ``(user_id, room_id)`` where the user is no longer a member of a live room."""
+        if not pairs:
+            return []
+        users, rooms = zip(*pairs, strict=True)
+        rows = await self._all(
+            """
+            SELECT a.user_id, a.room_id FROM unnest(%s::varchar[], %s::varchar[])
+                AS a(user_id, room_id)
+            WHERE NOT EXISTS (
+                SELECT 1 FROM channel_members m JOIN channels c ON c.id = m.channel_id
+                WHERE m.channel_id = a.room_id AND m.user_id = a.user_id
+                  AND c.deleted_at IS NULL)
+            """, (list(users), list(rooms)), "checking memberships")
+        return [(str(user), str(room)) for user, room in rows]
+
     async def head(self, room: str) -> int:
         rows = await self._all("SELECT last_seq FROM change_sequences WHERE room_id = %s",
                                (room,), "reading a room's head")

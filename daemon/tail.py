@@ -92,7 +92,9 @@ def tail_main(argv: Sequence[str]) -> int:
         if token is None:
             from .auth import mint_token, resolve_secret
 
-            token = mint_token(resolve_secret(settings, DatabaseSettings.from_env(env)), args.user)
+            token = mint_token(resolve_secret(settings, DatabaseSettings.from_env(env)),
+                               args.user, audience=settings.jwt_audience,
+                               issuer=settings.jwt_issuer)
     except BridgeError as exc:
         print(f"pgbridge tail: error: {exc}", file=sys.stderr)
         return exc.exit_code

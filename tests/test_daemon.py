@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import psycopg
@@ -127,7 +128,9 @@ async def test_subscribe_since_replays_then_live_without_gap_or_duplicate(
 
 
 @pytest.mark.parametrize("case", ["missing", "malformed", "bad_signature", "expired",
-                                  "unknown_user", "deleted_user", "no_exp"])
+                                  "unknown_user", "deleted_user", "no_exp", "exp_string",
+                                  "exp_1e300", "exp_true", "nbf_string", "not_yet_valid",
+                                  "unexpected_aud"])
 async def test_bad_token_refused_at_handshake_with_401(bridge: Bridge, conn: Conn,
                                                        case: str) -> None:
     import jwt
@@ -141,6 +144,16 @@ async def test_bad_token_refused_at_handshake_with_401(bridge: Bridge, conn: Con
         "unknown_user": token(str(ULID())),
         "deleted_user": token(user),
         "no_exp": jwt.encode({"sub": user}, SECRET, algorithm="HS256"),
+        # PyJWT alone reads time claims with int(): these got in before
+        "exp_string": jwt.encode({"sub": user, "exp": "9999999999"}, SECRET),
+        "exp_1e300": jwt.encode({"sub": user, "exp": 1e300}, SECRET),
+        "exp_true": jwt.encode({"sub": user, "exp": True}, SECRET),
+        "nbf_string": jwt.encode({"sub": user, "exp": time.time() + 60, "nbf": "0"}, SECRET),
+        "not_yet_valid": jwt.encode({"sub": user, "exp": time.time() + 60,
+                                     "nbf": time.time() + 30}, SECRET),
+        # minted for another service, and this bridge sets no PGBRIDGE_JWT_AUDIENCE
+        "unexpected_aud": jwt.encode({"sub": user, "exp": time.time() + 60,
+                                      "aud": "billing"}, SECRET),
     }
     if case == "deleted_user":
         await conn.execute("UPDATE users SET deleted_at = now() WHERE id = %s", [user])
@@ -150,6 +163,38 @@ async def test_bad_token_refused_at_handshake_with_401(bridge: Bridge, conn: Con
     with pytest.raises(InvalidStatus) as refused:
         await websockets.connect(url)
     assert refused.value.response.status_code == 401
+
+
+async def test_audience_and_issuer_are_required_when_set(db_url: str, conn: Conn) -> None:
+    import jwt
+
+    user = await make_user(conn)
+
+    def minted(**claims: object) -> str:
+        return jwt.encode({"sub": user, "exp": time.time() + 60, **claims}, SECRET)
+
+    async with running_bridge(db_url, jwt_audience="pgbridge",
+                              jwt_issuer="https://auth.example") as bridge:
+        url = f"ws://127.0.0.1:{bridge.port}/ws?token="
+        good = minted(aud="pgbridge", iss="https://auth.example")
+        async with websockets.connect(url + good) as ws:
+            assert (await recv(ws))["user"] == user
+            # refresh is held to the same rules
+            await send(ws, type="refresh", token=minted(aud="billing",
+                                                        iss="https://auth.example"), ref="r")
+            frame = await recv(ws)
+            assert (frame["type"], frame["code"], frame["ref"]) == ("error", "unauthorized", "r")
+            assert "PGBRIDGE_JWT_AUDIENCE" in frame["message"]
+        # a list that holds the audience is an audience (RFC 7519, 4.1.3)
+        async with websockets.connect(url + minted(aud=["x", "pgbridge"],
+                                                   iss="https://auth.example")) as ws:
+            assert (await recv(ws))["user"] == user
+        for bad in (minted(iss="https://auth.example"), minted(aud="pgbridge"),
+                    minted(aud="billing", iss="https://auth.example"),
+                    minted(aud="pgbridge", iss="https://evil.example")):
+            with pytest.raises(InvalidStatus) as refused:
+                await websockets.connect(url + bad)
+            assert refused.value.response.status_code == 401
 
 
 async def test_bearer_header_is_accepted(bridge: Bridge, conn: Conn) -> None:
