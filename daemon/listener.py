@@ -153,6 +153,9 @@ class Listener:
                 self.connected = False
 
     async def _read_session(self, backoff: Backoff) -> None:
+        # Until this session LISTENs, hints are lost: a catch-up retried meanwhile must check
+        # users first, and so must the first one after LISTEN (hints before it are lost too).
+        self._users_checked = False
         # A path that black-holes packets would hang these forever: bound them.
         conn = await asyncio.wait_for(
             psycopg.AsyncConnection.connect(self.conninfo, autocommit=True),
