@@ -32,7 +32,7 @@ from .acks import AckBuffer, AckWriter
 from .auth import Claims, mint_token, resolve_secret, verify_token
 from .db import database, describe, listen_channel
 from .errors import BridgeError, DatabaseError
-from .handshake import BridgeConnection, Health, process_request
+from .handshake import BridgeConnection, Health, connection_class, process_request
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
@@ -149,7 +149,8 @@ class Bridge:
                 process_request=lambda conn, req: process_request(self, conn, req),
                 max_size=self.settings.max_frame_bytes, compression=None,
                 ping_interval=self.settings.heartbeat, ping_timeout=self.settings.heartbeat,
-                server_header="pgbridge", create_connection=BridgeConnection,
+                server_header="pgbridge", create_connection=connection_class(
+                    self.metrics.handshake_refusals.labels("client_gone").inc),
             )
             self.port = server.sockets[0].getsockname()[1]
             tasks.add(asyncio.create_task(self.ack_writer.run(), name="ack-writer"))

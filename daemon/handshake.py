@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _refusals = Throttled(log)  # a flood of refusals is counted in metrics, not logged line by line
 
-__all__ = ["BridgeConnection", "Health", "process_request"]
+__all__ = ["BridgeConnection", "Health", "connection_class", "process_request"]
 
 
 def _status_for(exc: Exception, lines_read: int) -> tuple[HTTPStatus, str]:
@@ -140,11 +140,35 @@ class BridgeConnection(ServerConnection):
                 raise
             _refusals.info("http", "upgrade refused with %d: %s", self.response.status_code,
                            exc, extra={"event": "http_refused"})
+        except Exception:
+            # A client that closed (or half-closed) while process_request waited, for the
+            # database say, cannot be answered: websockets then fails to send (ConnectionClosed,
+            # or an assertion on a second EOF in older releases) and would log it as an error
+            # with a traceback. It is the client's choice, not a fault of the bridge.
+            if not (self.protocol.reader.eof or self.transport.is_closing()):
+                raise
+            self.abandoned()
+            _refusals.info("gone", "client %s left before its handshake was answered",
+                           self.remote_address, extra={"event": "handshake_abandoned"})
+
+    def abandoned(self) -> None:
+        """The client left before its handshake was answered (:func:`connection_class`)."""
 
     def process_event(self, event: Event) -> None:
         if self.on_ping is not None and isinstance(event, Frame) and event.opcode is Opcode.PING:
             self.on_ping()  # websockets has already answered it with a pong
         super().process_event(event)
+
+
+def connection_class(on_abandoned: Callable[[], None]) -> type[BridgeConnection]:
+    """:class:`BridgeConnection` that calls ``on_abandoned`` (a metric) for each handshake its
+    client left before it was answered, for ``websockets.serve(create_connection=...)``."""
+
+    class Connection(BridgeConnection):
+        def abandoned(self) -> None:
+            on_abandoned()
+
+    return Connection
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str,
@@ -307,8 +331,11 @@ async def _route(bridge: Bridge, connection: ServerConnection,
             return _unauthorized(bridge, connection,
                                  AuthError("the token's user does not exist or is deleted"))
     except BridgeError as exc:
-        log.error("handshake failed: %s", exc, extra={"event": "handshake_error"})
-        return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "unavailable"})
+        _refusals.info("unavailable", "handshake failed: %s", exc,
+                       extra={"event": "handshake_error"})
+        return _refuse(bridge, HTTPStatus.SERVICE_UNAVAILABLE, "unavailable",
+                       "the database cannot be reached to check the token's user; retry later",
+                       retry_after=5)
     return None
 
 

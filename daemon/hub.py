@@ -38,8 +38,9 @@ class Sink(Protocol):
     def send(self, frame: bytes | str) -> None:
         """Queue a frame (bytes: an encoded text frame); never blocks."""
 
-    def overflow(self) -> None:
-        """The client cannot keep up; it must be disconnected (close 4008)."""
+    def overflow(self, why: str) -> None:
+        """The client cannot keep up; it must be disconnected (close 4008). ``why`` names the
+        buffer that overflowed, for the log."""
 
     def subscription_ended(self, sub: Subscription) -> None:
         """The hub ended ``sub`` (revocation, room deleted); forget it."""
@@ -86,7 +87,8 @@ class Subscription:
             self.pending.append(event)
             if len(self.pending) > self.pending_limit:
                 self.pending.clear()
-                self.sink.overflow()
+                self.sink.overflow(f"more than {self.pending_limit} live events of room "
+                                   f"{self.room} arrived while its replay was running")
             return False
         return self._emit(event)
 

@@ -68,6 +68,10 @@ class _CheckUsers:
 
 # distinct users hinted before one check; past that, the check takes every connected user
 MAX_HINTED = 1000
+# Longest wait between two attempts to reconnect the LISTEN connection, in seconds: events flow
+# again at most this long after the server accepts connections, however long it was down. Two
+# failed connection attempts a second (jittered) cost a down server nothing it would notice.
+RECONNECT_CAP = 1.0
 
 
 class Listener:
@@ -130,7 +134,7 @@ class Listener:
     # --- reader ---------------------------------------------------------------------------
 
     async def _read_forever(self) -> None:
-        backoff = Backoff(base=0.05, cap=10.0)
+        backoff = Backoff(base=0.05, cap=RECONNECT_CAP)
         while True:
             self._session = asyncio.create_task(self._read_session(backoff))
             try:

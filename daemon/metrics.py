@@ -22,8 +22,10 @@ class Metrics:
         self.slow_closes = Counter("pgbridge_slow_client_closes", "Connections closed with 4008",
                                    registry=r)
         self.handshake_refusals = Counter("pgbridge_handshake_refusals", "Upgrades refused, by "
-                                          "reason (unauthorized 401, too_many_connections 429, "
-                                          "overloaded 503)", ["reason"], registry=r)
+                                          "reason (unauthorized 401, forbidden_origin 403, "
+                                          "too_many_connections 429, overloaded and "
+                                          "unavailable 503), or given up because the client "
+                                          "left first (client_gone)", ["reason"], registry=r)
         self.refusals = Counter("pgbridge_refusals", "Client frames refused, by error code "
                                 "(rate_limited, bad_request, ...), and connections closed "
                                 "for abuse or over a limit", ["reason"], registry=r)

@@ -100,7 +100,7 @@ class Client:
             broadcast((self.ws,), frame, text=True)
             return
         if len(self._queue) >= self._limit:
-            self.overflow()
+            self.overflow(f"its outgoing queue is full ({len(self._queue)} frames)")
             return
         self._queue.append(frame)
         self._wakeup.set()
@@ -109,12 +109,12 @@ class Client:
         transport = self.ws.transport
         return transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]
 
-    def overflow(self) -> None:
+    def overflow(self, why: str) -> None:
         if self._closing:
             return
         self.bridge.metrics.slow_closes.inc()
-        log.warning("client %s of user %s fell %d frames behind; closing with 4008",
-                    self.ws.id, self.user, len(self._queue), extra={"event": "slow_client"})
+        log.warning("client %s of user %s is too slow: %s; closing with 4008", self.ws.id,
+                    self.user, why, extra={"event": "slow_client"})
         self._close_soon(CLOSE_TOO_SLOW, "too slow: outgoing queue overflowed")
 
     def subscription_ended(self, sub: Subscription) -> None:

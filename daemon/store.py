@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 __all__ = ["RoomCursorInfo", "Store"]
 
 READ_PAGE = 500
+# Seconds a statement waits for a pooled connection. While the database is down every request
+# fails after this wait (a subscribe gets `error` `internal` with its ref and room, a handshake
+# 503): short enough that no client waits long in silence, long enough to ride over a busy pool.
+POOL_WAIT = 5.0
 
 
 def _connection_lost(exc: psycopg.OperationalError) -> bool:
@@ -53,7 +57,7 @@ class Store:
         self.schema = schema
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
             conninfo, min_size=1, max_size=max_size, open=False, name="pgbridge",
-            kwargs={"autocommit": True}, configure=self._configure, timeout=10.0,
+            kwargs={"autocommit": True}, configure=self._configure, timeout=POOL_WAIT,
         )
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:

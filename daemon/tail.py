@@ -1,8 +1,11 @@
 """``pgbridge tail ROOM``: the reference client of the protocol (PROTOCOL.md).
 
 Prints each ``event`` frame of the room as one JSON line on stdout (other frames go to stderr),
-reconnects with backoff when the server goes away (1001, 1011, 1013, 4008, network), resuming
-with ``since`` = the last seq it printed, so nothing is missed or printed twice.
+reconnects with backoff when the server goes away (1001, 1011, 1013, 4008, network, HTTP 429 or
+503), resuming with ``since`` = the last seq it printed, so nothing is missed or printed twice.
+A subscribe refused for a reason that passes (``internal``: the database failed; ``rate_limited``)
+is sent again after a backoff delay. Refusals a retry cannot fix (401, 403, ``forbidden``,
+``not_found``, ``unsubscribed``, 1008, 4003) end it with exit code 1.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ from .backoff import Backoff
 from .errors import EXIT_OK, BridgeError
 from .settings import DaemonSettings, DatabaseSettings, load_environment
 
-RESUMABLE = {1001, 1006, 1011, 1012, 1013, 4008}
+RESUMABLE = {1001, 1006, 1011, 1012, 1013, 4008}  # close codes worth a reconnect
+RETRIED_STATUS = {429, 503}  # handshake refusals that pass
+RETRIED_ERRORS = {"internal", "rate_limited"}  # subscribe refusals that pass
+
+
+def _subscribe_frame(room: str, since: int | None) -> str:
+    request: dict[str, object] = {"type": "subscribe", "room": room, "ref": "tail"}
+    if since is not None:
+        request["since"] = since
+    return json.dumps(request)
 
 
 async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
@@ -33,10 +45,7 @@ async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
         try:
             async with websockets.connect(url, additional_headers={
                     "Authorization": f"Bearer {token}"}, max_size=2**24) as ws:
-                request: dict[str, object] = {"type": "subscribe", "room": room, "ref": "tail"}
-                if last is not None:
-                    request["since"] = last
-                await ws.send(json.dumps(request))
+                await ws.send(_subscribe_frame(room, last))
                 async for raw in ws:
                     frame = json.loads(raw)
                     if frame.get("type") == "event":
@@ -54,12 +63,20 @@ async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
                     if frame.get("type") == "subscribed":
                         backoff.reset()
                         last = frame["from"] if last is None else last
+                    elif (frame.get("type") == "error" and frame.get("code") in RETRIED_ERRORS
+                          and frame.get("ref") == "tail"):
+                        delay = backoff.next()
+                        print(f"pgbridge tail: subscribe failed ({frame.get('code')}); trying "
+                              f"again in {delay:.1f} s (since={last})", file=sys.stderr)
+                        await asyncio.sleep(delay)
+                        await ws.send(_subscribe_frame(room, last))
                     elif frame.get("type") in ("error", "unsubscribed"):
                         return 1
         except InvalidStatus as exc:
             print(f"pgbridge tail: refused: HTTP {exc.response.status_code} "
                   f"{exc.response.body.decode(errors='replace')}", file=sys.stderr)
-            return 1
+            if exc.response.status_code not in RETRIED_STATUS:
+                return 1
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else 1006
             if code not in RESUMABLE:

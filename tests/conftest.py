@@ -26,6 +26,7 @@ from daemon.app import Bridge
 from daemon.embedded import start_embedded
 from daemon.schema import apply_schema_sync
 from daemon.settings import DaemonSettings
+from tests.proxy import FreezingProxy
 from tests.sshd import TestSSHServer, postgres_target
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +134,28 @@ async def running_bridge(conninfo: str, **overrides: Any) -> AsyncIterator[Bridg
 async def bridge(db_url: str) -> AsyncIterator[Bridge]:
     async with running_bridge(db_url) as b:
         yield b
+
+
+@asynccontextmanager
+async def bridge_behind_proxy(conninfo: str,
+                              **overrides: Any) -> AsyncIterator[tuple[Bridge, FreezingProxy]]:
+    """:func:`running_bridge` whose every database connection goes through a
+    :class:`FreezingProxy` (the test's own connections go direct)."""
+    proxy = FreezingProxy(conninfo_to_dict(conninfo))
+    port = await proxy.start()
+    try:
+        async with running_bridge(make_conninfo(conninfo, host="127.0.0.1", port=port),
+                                  **overrides) as bridge:
+            yield bridge, proxy
+    finally:
+        proxy.resume()
+        await proxy.close()
+
+
+@pytest.fixture
+async def proxied_bridge(db_url: str) -> AsyncIterator[tuple[Bridge, FreezingProxy]]:
+    async with bridge_behind_proxy(db_url) as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -14,7 +14,9 @@ class FreezingProxy:
     :meth:`freeze_listeners` black-holes the server→client direction of the connections that
     have sent a LISTEN so far; :meth:`freeze_all` black-holes every connection, open or new,
     both ways (a network path that drops packets); :meth:`refuse` closes every connection and
-    refuses new ones (a server that is down); :meth:`resume` undoes both.
+    refuses new ones (a server that is down); :meth:`refuse_on` does that when a client sends a
+    given statement, which never reaches the server (a link that breaks at one exact step);
+    :meth:`resume` undoes them.
     """
 
     def __init__(self, upstream: dict[str, Any]) -> None:
@@ -26,6 +28,8 @@ class FreezingProxy:
         self._states: list[dict[str, bool]] = []
         self.frozen_all = False
         self.refusing = False
+        self._trip: bytes | None = None
+        self.tripped = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pumps: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
@@ -47,6 +51,11 @@ class FreezingProxy:
 
         async def client_to_server() -> None:
             while data := await reader.read(65536):
+                if self._trip is not None and self._trip in data:
+                    self._trip = None
+                    self.tripped.set()
+                    self.refuse()
+                    return
                 if state["frozen"] and not state["listener"]:
                     continue  # a frozen connection's requests never arrive either
                 if b"LISTEN " in data and not state["listener"]:
@@ -90,6 +99,12 @@ class FreezingProxy:
         self.refusing = True
         for pump in self._pumps:
             pump.cancel()
+
+    def refuse_on(self, statement: bytes) -> None:
+        """:meth:`refuse` as soon as a client sends bytes containing ``statement`` (once);
+        ``tripped`` is set then."""
+        self.tripped.clear()
+        self._trip = statement
 
     def resume(self) -> None:
         self.frozen_all = self.refusing = False

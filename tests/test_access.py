@@ -17,12 +17,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
-from tests.conftest import running_bridge
+from tests.conftest import bridge_behind_proxy, running_bridge
 from tests.helpers import (
     connect,
     events,
@@ -34,7 +33,6 @@ from tests.helpers import (
     subscribe,
     token,
 )
-from tests.proxy import FreezingProxy
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -268,25 +266,19 @@ async def test_user_deleted_while_the_listener_was_away_is_closed_before_the_cat
         db_url: str, conn: Conn) -> None:
     """The hint of a deletion committed while the listener was disconnected is lost; the
     catch-up after the reconnect checks every connected user before it publishes."""
-    proxy = FreezingProxy(conninfo_to_dict(db_url))
-    port = await proxy.start()
-    try:
-        async with running_bridge(make_conninfo(db_url, host="127.0.0.1", port=port)) as bridge:
-            cast = await cast_of(conn)
-            victim = await connect(bridge.port, cast.victim)
-            watcher = await connect(bridge.port, cast.watcher)
-            await subscribe(victim, cast.room)
-            await subscribe(watcher, cast.room)
-            proxy.refuse()  # the database is gone for the bridge alone
-            async with conn.transaction():
-                await conn.execute("UPDATE users SET deleted_at = now() WHERE id = %s",
-                                   [cast.victim])
-                await post(conn, cast.room, cast.watcher, "while away")
-            proxy.resume()
-            assert contents(await events(watcher, 1, timeout=30.0)) == ["while away"]
-            got, code = await frames_until_closed(victim)
-            assert code == CLOSE_USER_GONE and contents(got) == [], got
-            await watcher.close()
-    finally:
+    async with bridge_behind_proxy(db_url) as (bridge, proxy):
+        cast = await cast_of(conn)
+        victim = await connect(bridge.port, cast.victim)
+        watcher = await connect(bridge.port, cast.watcher)
+        await subscribe(victim, cast.room)
+        await subscribe(watcher, cast.room)
+        proxy.refuse()  # the database is gone for the bridge alone
+        async with conn.transaction():
+            await conn.execute("UPDATE users SET deleted_at = now() WHERE id = %s",
+                               [cast.victim])
+            await post(conn, cast.room, cast.watcher, "while away")
         proxy.resume()
-        await proxy.close()
+        assert contents(await events(watcher, 1, timeout=30.0)) == ["while away"]
+        got, code = await frames_until_closed(victim)
+        assert code == CLOSE_USER_GONE and contents(got) == [], got
+        await watcher.close()

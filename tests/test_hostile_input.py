@@ -10,14 +10,12 @@ import gc
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 import pytest
 import websockets
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
@@ -251,16 +249,6 @@ async def test_incomplete_requests_get_400_and_a_silent_probe_nothing(
         assert (await asyncio.wait_for(reader.read(), 5)).startswith(answer), partial
         writer.close()
     assert no_errors(caplog) == []
-
-
-@pytest.fixture
-async def proxied_bridge(db_url: str) -> AsyncIterator[tuple[Bridge, FreezingProxy]]:
-    proxy = FreezingProxy(conninfo_to_dict(db_url))
-    port = await proxy.start()
-    async with running_bridge(make_conninfo(db_url, host="127.0.0.1", port=port)) as bridge:
-        yield bridge, proxy
-    proxy.resume()
-    await proxy.close()
 
 
 async def timed_healthz(port: int) -> tuple[float, int, dict[str, Any]]:

@@ -25,13 +25,15 @@ class RecordingSink:
         self.user = user
         self.frames: list[bytes | str] = []
         self.overflowed = False
+        self.why = ""
         self.ended: list[Subscription] = []
 
     def send(self, frame: bytes | str) -> None:
         self.frames.append(frame)
 
-    def overflow(self) -> None:
+    def overflow(self, why: str) -> None:
         self.overflowed = True
+        self.why = why
 
     def subscription_ended(self, sub: Subscription) -> None:
         self.ended.append(sub)
@@ -127,6 +129,8 @@ def test_pending_overflow_reports_slow_client() -> None:
     for seq in range(1, 5):
         hub.publish(event(seq))
     assert sink.overflowed
+    # the log names the buffer that overflowed (not the empty outgoing queue)
+    assert sink.why == "more than 3 live events of room R arrived while its replay was running"
 
 
 @pytest.mark.parametrize(("last", "seq", "arrival"), [

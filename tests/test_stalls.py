@@ -1,0 +1,202 @@
+"""No stalls: a fault heals within a stated bound, and no client is left waiting in silence
+(README, "Faults and how fast they heal").
+
+The database link is broken through a proxy that only the bridge uses, so the test's own
+connection keeps writing while the bridge sees the database go away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from daemon.app import Bridge
+from tests.conftest import bridge_behind_proxy
+from tests.helpers import (
+    connect,
+    events,
+    head,
+    make_room,
+    make_user,
+    post,
+    recv,
+    send,
+    subscribe,
+    token,
+)
+from tests.procs import PGBRIDGE, run_cli, until
+from tests.proxy import FreezingProxy
+
+Conn = psycopg.AsyncConnection[Any]
+
+# What the bridge sends at each step of a subscribe (daemon/server.py, Client._subscribe).
+SUBSCRIBE_STEPS = {
+    "membership_check": b"AS room_exists",  # Store.cursor_info
+    "room_head": b"\x00SELECT last_seq FROM change_sequences",  # Listener._on_track
+    "replay": b"pgbridge_event_frame(room_id",  # Store.read_events, after `subscribed`
+}
+ERROR_BOUND = 30.0  # seconds: pool wait (POOL_WAIT, 5 s) and one retry, loosely
+
+
+@pytest.mark.parametrize("outage", ["brief", "until_answered"])
+@pytest.mark.parametrize("step", list(SUBSCRIBE_STEPS))
+async def test_subscribe_with_the_database_link_broken_at_each_step_completes_or_fails_cleanly(
+        proxied_bridge: tuple[Bridge, FreezingProxy], conn: Conn, step: str,
+        outage: str) -> None:
+    """A subscribe whose database link breaks either completes once the database is back, or
+    ends with an ``error`` naming its ``ref`` and ``room`` and leaves nothing registered, so
+    the client subscribes again and misses nothing. Before, an error without them (or a
+    subscription registered but never live after a failed replay) left the client waiting."""
+    bridge, proxy = proxied_bridge
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    for i in range(3):
+        await post(conn, room, user, f"old {i}")  # something to replay with since=0
+    total = await head(conn, room)
+    ws = await connect(bridge.port, user)
+    proxy.refuse_on(SUBSCRIBE_STEPS[step])
+    await send(ws, type="subscribe", room=room, since=0, ref="s")
+    await asyncio.wait_for(proxy.tripped.wait(), 10)
+    if outage == "brief":
+        proxy.resume()
+
+    seqs: list[int] = []
+    failed = False
+    while len(seqs) < total:
+        frame = await recv(ws, timeout=ERROR_BOUND)
+        if frame["type"] == "event":
+            seqs.append(frame["seq"])
+        elif frame["type"] == "error":
+            assert (frame["code"], frame["ref"], frame["room"]) == ("internal", "s", room), frame
+            failed = True
+            break
+        else:
+            assert frame["type"] == "subscribed", frame
+    # while the database is still refused, nothing can have completed
+    assert failed or outage == "brief", seqs
+    if failed:
+        assert bridge.hub.subscribers(room) == 0  # nothing left registered
+        proxy.resume()
+        frame = await retry_subscribe(ws, room, since=seqs[-1] if seqs else 0)
+        assert frame["type"] == "subscribed", frame
+        while len(seqs) < total:
+            seqs += [e["seq"] for e in await events(ws, 1)]
+    assert seqs == list(range(1, total + 1))
+    assert bridge.hub.subscribers(room) == 1
+    await post(conn, room, user, "live")
+    assert [e["seq"] for e in await events(ws, 1, timeout=ERROR_BOUND)] == [total + 1]
+    await ws.close()
+
+
+async def retry_subscribe(ws: Any, room: str, *, since: int) -> dict[str, Any]:
+    """Subscribe again as a client does after an ``internal`` error: until it is answered by
+    anything but another ``internal`` error (the pool may still be reconnecting)."""
+    for _ in range(20):
+        await send(ws, type="subscribe", room=room, since=since, ref="again")
+        frame = await recv(ws, timeout=ERROR_BOUND)
+        if frame["type"] != "error" or frame["code"] != "internal":
+            return frame
+        await asyncio.sleep(0.2)  # a client's retry delay, not a wait for an event
+    raise AssertionError("subscribe kept failing after the database came back")
+
+
+async def test_events_flow_within_a_second_of_the_database_coming_back(
+        proxied_bridge: tuple[Bridge, FreezingProxy], conn: Conn,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """After a long outage the listener's backoff had grown to 10 s: events resumed seconds
+    after the server accepted connections again. Its wait is now capped at 1 s."""
+    caplog.set_level(logging.WARNING, logger="daemon.listener")
+    bridge, proxy = proxied_bridge
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    ws = await connect(bridge.port, user)
+    await subscribe(ws, room)
+    proxy.refuse()
+    await asyncio.sleep(8.0)  # the outage itself: long enough for any backoff to grow
+    await post(conn, room, user, "written during the outage")
+    loop = asyncio.get_running_loop()
+    back = loop.time()
+    proxy.resume()
+    [event] = await events(ws, 1, timeout=20.0)
+    healed = loop.time() - back
+    assert event["data"]["content"] == "written during the outage"
+    # every wait between two attempts was at most 1 s, however long the outage ...
+    waits = [float(r.args[-1]) for r in caplog.records  # type: ignore[index, arg-type]
+             if getattr(r, "event", None) == "listener_lost"]
+    assert len(waits) >= 5 and max(waits) <= 1.0, waits
+    # ... so events flowed within 1 s, plus a connect, LISTEN and catch-up (loose for CI)
+    assert healed < 3.0, f"events flowed {healed:.2f} s after the database came back"
+    await ws.close()
+
+
+async def test_tail_subscribes_again_after_a_transient_error(
+        db_url: str, conn: Conn, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``pgbridge tail`` exited 1 on ``error`` ``internal``; it now tries again with backoff
+    and prints every event once."""
+    caplog.set_level(logging.ERROR, logger="daemon.server")
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    base = await head(conn, room)
+    ids = [await post(conn, room, user, f"m{i}") for i in range(3)]
+    async with bridge_behind_proxy(db_url) as (bridge, proxy):
+        proxy.refuse_on(SUBSCRIBE_STEPS["membership_check"])
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PGBRIDGE_", "POSTGRES_", "SSH_")) and k != "DATABASE_URL"}
+        tail = asyncio.create_task(run_cli(
+            str(PGBRIDGE), "tail", room, "--since", str(base), "--count", "3",
+            "--url", f"ws://127.0.0.1:{bridge.port}/ws", "--token", token(user), env=env,
+            cwd=tmp_path))
+
+        async def answered_with_an_error() -> bool:
+            if tail.done():
+                pytest.fail(f"pgbridge tail ended early: {tail.result()}")
+            return any(getattr(r, "event", None) == "request_failed" for r in caplog.records)
+
+        await until(answered_with_an_error, "the subscribe to fail", timeout=ERROR_BOUND)
+        proxy.resume()
+        code, out, err = await tail
+    assert code == 0, err
+    assert "subscribe failed (internal); trying again" in err
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ids
+
+
+@pytest.mark.parametrize("client_end", ["half_close", "close"])
+async def test_client_gone_during_a_slow_handshake_is_no_internal_error(
+        proxied_bridge: tuple[Bridge, FreezingProxy], conn: Conn,
+        caplog: pytest.LogCaptureFixture, client_end: str) -> None:
+    """While the database was down, a handshake waited for the pool; a client that went away
+    meanwhile made websockets log an error with a traceback ("opening handshake failed", or
+    "unexpected internal error" on ``assert not self.eof_sent``). It is logged at INFO now."""
+    caplog.set_level(logging.INFO)
+    bridge, proxy = proxied_bridge
+    user = await make_user(conn)
+    proxy.refuse()  # live_user waits for the pool until the client is gone
+    _, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    writer.write(
+        f"GET /ws?token={token(user)} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .encode())
+    await writer.drain()
+    if client_end == "half_close":
+        writer.write_eof()
+    else:
+        writer.close()
+        await writer.wait_closed()
+
+    async def abandoned() -> bool:
+        return bridge.metrics.registry.get_sample_value(
+            "pgbridge_handshake_refusals_total", {"reason": "client_gone"}) == 1
+
+    await until(abandoned, "the handshake to be given up", timeout=ERROR_BOUND)
+    writer.close()
+    proxy.resume()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [(r.name, r.getMessage()) for r in errors]
