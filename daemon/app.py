@@ -262,7 +262,14 @@ async def _run(env: dict[str, str]) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with database(db, ssh, supervised_tunnel=True) as conninfo:
+    bridge: Bridge | None = None
+
+    def tunnel_reopened() -> None:
+        if bridge is not None:
+            bridge.listener.retry_now()
+
+    async with database(db, ssh, supervised_tunnel=True,
+                        on_tunnel_reopen=tunnel_reopened) as conninfo:
         demo: tuple[str, str] | None = None
         if db.embedded:
             await apply_schema(conninfo, schema=settings.schema)

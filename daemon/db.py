@@ -9,7 +9,7 @@ whose message is one line naming the SQLSTATE and what to do (spec 003, "Error H
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import psycopg
@@ -125,7 +125,7 @@ def _base_conninfo(settings: DatabaseSettings) -> str:
 @asynccontextmanager
 async def database(
     settings: DatabaseSettings, ssh: SSHSettings | None = None, *, keep_embedded: bool = False,
-    supervised_tunnel: bool = False,
+    supervised_tunnel: bool = False, on_tunnel_reopen: Callable[[], None] | None = None,
 ) -> AsyncIterator[str]:
     """Yield the conninfo to use for as long as the block runs.
 
@@ -133,7 +133,8 @@ async def database(
       with ``keep_embedded`` it keeps running after this process exits);
     * ``ssh`` given: a local port forward through the bastion to the configured host and port
       as seen from the bastion (:mod:`daemon.tunnel`); ``supervised_tunnel`` reopens it when
-      the SSH connection drops (the daemon), else it is a one-shot tunnel (``setup_db.py``);
+      the SSH connection drops (the daemon), calling ``on_tunnel_reopen`` after each reopen,
+      else it is a one-shot tunnel (``setup_db.py``);
     * otherwise the configured conninfo itself.
 
     Raises :class:`DatabaseError` (embedded server failed) or :class:`TunnelError`.
@@ -153,7 +154,8 @@ async def database(
     parts = conninfo_to_dict(conninfo)
     remote_host = str(parts.get("host") or "localhost")
     remote_port = int(parts.get("port") or 5432)
-    opener = (tunnel.SupervisedTunnel(ssh, remote_host, remote_port) if supervised_tunnel
+    opener = (tunnel.SupervisedTunnel(ssh, remote_host, remote_port,
+                                      on_reopen=on_tunnel_reopen) if supervised_tunnel
               else tunnel.open_tunnel(ssh, remote_host, remote_port))
     async with opener as (local_host, local_port):
         log.info("database %s reached through SSH %s:%s", describe(conninfo), ssh.host, ssh.port,

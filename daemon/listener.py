@@ -26,6 +26,7 @@ replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -103,6 +104,7 @@ class Listener:
         self._probes: dict[str, asyncio.Future[None]] = {}
         self._session: asyncio.Task[None] | None = None
         self._retry: asyncio.Task[None] | None = None
+        self._retry_now = asyncio.Event()
         self.retry_delay = 1.0  # seconds before a failed log read is retried
 
     # --- public ---------------------------------------------------------------------------
@@ -131,6 +133,11 @@ class Listener:
         if self._session is not None:
             self._session.cancel()
 
+    def retry_now(self) -> None:
+        """The path to the database is back (an SSH tunnel reopened): if the reader is waiting
+        to reconnect, it tries now instead of at the end of its backoff delay."""
+        self._retry_now.set()
+
     # --- reader ---------------------------------------------------------------------------
 
     async def _read_forever(self) -> None:
@@ -150,7 +157,9 @@ class Listener:
                 log.warning("listener connection to %s lost (%s); reconnecting in %.2f s",
                             describe(self.conninfo), str(exc).strip().splitlines()[0] if str(exc)
                             else type(exc).__name__, delay, extra={"event": "listener_lost"})
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._retry_now.wait()
             finally:
                 if self.connected:
                     self.metrics.listener_reconnects.inc()
@@ -160,6 +169,7 @@ class Listener:
         # Until this session LISTENs, hints are lost: a catch-up retried meanwhile must check
         # users first, and so must the first one after LISTEN (hints before it are lost too).
         self._users_checked = False
+        self._retry_now.clear()  # a reopen from now on cuts the wait after this attempt short
         # A path that black-holes packets would hang these forever: bound them.
         conn = await asyncio.wait_for(
             psycopg.AsyncConnection.connect(self.conninfo, autocommit=True),

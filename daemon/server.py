@@ -4,8 +4,11 @@ and the HTTP endpoints are :mod:`daemon.handshake`).
 The fan-out never waits for a client: a frame is written to the socket at once while the
 client keeps up (its socket buffer below the high-water mark and nothing queued); otherwise it
 joins the client's bounded queue (``PGBRIDGE_QUEUE_SIZE`` frames), which the client's writer task
-drains at the pace of the socket. A client whose queue overflows is closed with 4008 and resumes
-with ``since``. One slow client never delays the others.
+drains at the pace of the socket. A client is closed with 4008 (it resumes with ``since``) when
+its queue overflows, or when its socket accepts nothing for ``PGBRIDGE_SEND_TIMEOUT`` seconds
+while frames wait; its kernel send buffer is ``PGBRIDGE_SEND_BUFFER`` bytes, so a client that
+stops reading is noticed after that much, not after the megabytes an auto-tuned buffer holds.
+One slow client never delays the others.
 
 Each frame is handled inside a fault boundary: whatever it causes ends at most that request
 (an ``error`` frame with its ``ref`` and ``room``; an unexpected exception is logged once with
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -81,6 +85,11 @@ class Client:
         self._writing = False  # the writer task is draining the queue
         self._limit = bridge.settings.queue_size
         settings = bridge.settings
+        self._send_timeout = settings.send_timeout
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:  # a fixed size also turns the kernel's auto-tuning off
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer)
         self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
         self._subscribe_bucket = TokenBucket(settings.subscribe_rate, settings.subscribe_burst)
         # refused frames tolerated: a burst of rate_burst, then one a second; past that, 1008
@@ -181,7 +190,15 @@ class Client:
                 self._writing = True
                 self._drained.clear()
                 frame = self._queue.popleft()
-                await ws.send(frame, text=True)  # waits while the socket's buffer is full
+                try:
+                    # waits while the socket's buffer is full; the frame is written already
+                    # when the wait is cut short, so the stream stays whole for the close
+                    async with asyncio.timeout(self._send_timeout):
+                        await ws.send(frame, text=True)
+                except TimeoutError:
+                    self.overflow(f"its socket accepted nothing for {self._send_timeout:g} s "
+                                  f"({len(self._queue)} more frames queued)")
+                    return
         except ConnectionClosed:
             self._closing = True
 

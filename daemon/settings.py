@@ -196,6 +196,10 @@ class SSHSettings:
 class DaemonSettings:
     """The daemon's own settings (``PGBRIDGE_*``); durations in seconds, rates per second.
 
+    Slow clients: ``queue_size`` frames queued per connection, ``send_timeout`` seconds a frame
+    may wait for the client's socket, ``send_buffer`` bytes of kernel send buffer per
+    connection (SO_SNDBUF); past either bound the client is closed with 4008.
+
     Limits on clients (PROTOCOL.md, "Limits"): ``rate_limit``/``rate_burst`` frames per
     connection, ``subscribe_rate``/``subscribe_burst`` subscribe attempts per connection,
     ``user_subscribe_rate``/``user_subscribe_burst`` per user, ``max_subscriptions`` rooms per
@@ -219,6 +223,8 @@ class DaemonSettings:
     access_check_interval: float = 30.0
     schema: str = "public"
     queue_size: int = 1000
+    send_timeout: float = 5.0
+    send_buffer: int = 64 * 1024
     max_subscriptions: int = 100
     rate_limit: float = 50.0
     rate_burst: int = 100
@@ -246,6 +252,9 @@ class DaemonSettings:
             origins = parse_allowlist(_get(env, "PGBRIDGE_ALLOWED_ORIGINS"))
         except ValueError as exc:
             raise ConfigError(f"PGBRIDGE_ALLOWED_ORIGINS: {exc}") from None
+        send_timeout = _seconds(env, "PGBRIDGE_SEND_TIMEOUT", 5.0)
+        if send_timeout <= 0:
+            raise ConfigError("PGBRIDGE_SEND_TIMEOUT must be more than 0 seconds")
         access_check_interval = _seconds(env, "PGBRIDGE_ACCESS_CHECK_INTERVAL", 30.0)
         if access_check_interval <= 0:
             raise ConfigError("PGBRIDGE_ACCESS_CHECK_INTERVAL must be more than 0 seconds")
@@ -259,6 +268,8 @@ class DaemonSettings:
             access_check_interval=access_check_interval,
             schema=schema_name(_get(env, "PGBRIDGE_SCHEMA") or "public"),
             queue_size=_int(env, "PGBRIDGE_QUEUE_SIZE", 1000, minimum=1),
+            send_timeout=send_timeout,
+            send_buffer=_int(env, "PGBRIDGE_SEND_BUFFER", 64 * 1024, minimum=4096),
             max_subscriptions=_int(env, "PGBRIDGE_MAX_SUBSCRIPTIONS", 100, minimum=1),
             rate_limit=float(_int(env, "PGBRIDGE_RATE_LIMIT", 50, minimum=1)),
             rate_burst=_int(env, "PGBRIDGE_RATE_BURST", 100, minimum=1),

@@ -46,7 +46,7 @@ import getpass
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -362,7 +362,8 @@ class SupervisedTunnel:
     are refused.
 
     ``reconnects`` counts successful reopens; :meth:`wait_up` / :meth:`wait_down` wait for the
-    state to change; ``is_up`` is the current state.
+    state to change; ``is_up`` is the current state. ``on_reopen`` is called after each reopen
+    (the daemon's listener reconnects at once instead of at the end of its backoff).
     """
 
     def __init__(
@@ -376,8 +377,10 @@ class SupervisedTunnel:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
         check_forward: bool = True,
+        on_reopen: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_reopen = on_reopen
         self.remote_host = remote_host
         self.remote_port = remote_port
         self.max_backoff = max_backoff
@@ -469,6 +472,8 @@ class SupervisedTunnel:
                      LOCAL_HOST, self._local_port, self.reconnects,
                      extra={"event": "tunnel_reopened", "reconnects": self.reconnects,
                             "local_port": self._local_port})
+            if self.on_reopen is not None:
+                self.on_reopen()
 
     async def _reopen(self) -> _Opened:
         assert self._credentials is not None

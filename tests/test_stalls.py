@@ -11,14 +11,16 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import websockets
 
 from daemon.app import Bridge
-from tests.conftest import bridge_behind_proxy
+from tests.conftest import bridge_behind_proxy, running_bridge
 from tests.helpers import (
     connect,
     events,
@@ -200,3 +202,41 @@ async def test_client_gone_during_a_slow_handshake_is_no_internal_error(
     proxy.resume()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [(r.name, r.getMessage()) for r in errors]
+
+
+async def test_client_that_stops_reading_is_closed_4008_within_the_send_timeout(
+        db_url: str, conn: Conn, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that stopped reading was closed 18 s later, once 3.6 MB had piled up in
+    auto-tuned kernel buffers and then its 1,000-frame queue. Now the kernel holds at most
+    PGBRIDGE_SEND_BUFFER bytes, and a frame that waits PGBRIDGE_SEND_TIMEOUT seconds for the
+    socket closes it with 4008, with far fewer than 1,000 frames queued."""
+    caplog.set_level(logging.WARNING, logger="daemon.server")
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    async with running_bridge(db_url, send_timeout=1.0) as bridge:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", bridge.port))
+        slow = await websockets.connect(
+            f"ws://127.0.0.1:{bridge.port}/ws?token={token(user)}", sock=sock, max_queue=1,
+            max_size=2**24, compression=None, ping_interval=None)
+        assert json.loads(await slow.recv())["type"] == "welcome"
+        await send(slow, type="subscribe", room=room, ref="s")
+        assert json.loads(await slow.recv())["type"] == "subscribed"
+        # from here on the client reads nothing
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i in range(200):  # 1.2 MB: far more than the buffers, far fewer than 1,000 frames
+            await post(conn, room, user, f"{i} " + "x" * 6000)
+
+        async def closed_4008() -> bool:
+            return bridge.metrics.registry.get_sample_value(
+                "pgbridge_slow_client_closes_total") == 1
+
+        await until(closed_4008, "the client to be closed with 4008", timeout=20.0)
+        noticed = loop.time() - started
+        reasons = [r.getMessage() for r in caplog.records
+                   if getattr(r, "event", None) == "slow_client"]
+        assert len(reasons) == 1 and "accepted nothing for 1 s" in reasons[0], reasons
+        assert noticed < 10.0, f"noticed after {noticed:.1f} s"
+        slow.transport.abort()

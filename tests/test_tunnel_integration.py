@@ -14,6 +14,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +349,13 @@ async def test_daemon_through_tunnel_delivers_events_and_survives_ssh_cut(
                 assert not sshd.live, "the tunnel came back before the writes while down"
                 await daemon.wait_event("tunnel_reopened", cut)
                 await daemon.wait_event("listener_connected", cut + 1)
+                # the listener reconnects as soon as the tunnel is back, not at the end of
+                # its backoff (which a cut long enough would have grown to its cap)
+                reopened = daemon.with_event("tunnel_reopened")[cut - 1]["ts"]
+                listening = daemon.with_event("listener_connected")[cut]["ts"]
+                healed = (datetime.fromisoformat(listening)
+                          - datetime.fromisoformat(reopened)).total_seconds()
+                assert 0 <= healed < 0.5, f"LISTEN {healed:.3f} s after the tunnel reopened"
                 if cut == 1:
                     # caught up from the log, then live again for a while: 250 more writes of
                     # the paced writer take over 1.25 s, longer than the listener's delay
