@@ -30,6 +30,11 @@ READ_PAGE = 500
 # fails after this wait (a subscribe gets `error` `internal` with its ref and room, a handshake
 # 503): short enough that no client waits long in silence, long enough to ride over a busy pool.
 POOL_WAIT = 5.0
+# Seconds psycopg_pool keeps retrying, with its own backoff (1, 2, 4, ... s), to replace a lost
+# connection before it gives up; the next request then starts a new attempt at once. Left at
+# its default (5 min), the backoff grown during a long outage delayed the first connection for
+# seconds after the server was back, and with it the listener's catch-up (bench/recovery.py).
+POOL_RECONNECT = 2.0
 
 
 def _connection_lost(exc: psycopg.OperationalError) -> bool:
@@ -58,6 +63,7 @@ class Store:
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
             conninfo, min_size=1, max_size=max_size, open=False, name="pgbridge",
             kwargs={"autocommit": True}, configure=self._configure, timeout=POOL_WAIT,
+            reconnect_timeout=POOL_RECONNECT,
         )
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:

@@ -107,10 +107,16 @@ async def test_resume_after_daemon_kill_9(conn: psycopg.AsyncConnection[Any], db
     await write(5)  # committed while no daemon runs
     held = got[-1]["seq"]
     async with daemon_process(db_url, port, tmp_path):
+        loop = asyncio.get_running_loop()
+        ready = loop.time()
         ws = await connect(port, user)
         sub = await subscribe(ws, room, since=held)
         assert (sub["from"], sub["head"]) == (base + 5, base + 10)
         missed = await events(ws, 5)
+        # a client that reconnects at once has its events within the bound after the
+        # restarted daemon is ready (README, "Faults and how fast they heal"; loose for CI)
+        healed = loop.time() - ready
+        assert healed < 2.0, f"events flowed {healed:.2f} s after the daemon was ready"
         await write(5)  # live, after the resume
         live = await events(ws, 5)
         await pong_next(ws)  # nothing after seq 15: no duplicate queued

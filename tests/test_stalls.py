@@ -138,6 +138,29 @@ async def test_events_flow_within_a_second_of_the_database_coming_back(
     await ws.close()
 
 
+async def test_events_flow_within_a_second_of_the_listener_being_killed(
+        bridge: Bridge, conn: Conn) -> None:
+    """``pg_terminate_backend`` of the LISTEN backend: the listener reconnects (its first wait
+    is 50-100 ms), catches up and delivers what was committed meanwhile."""
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    ws = await connect(bridge.port, user)
+    await subscribe(ws, room)
+    cur = await conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = "
+                             "current_database() AND query ILIKE 'LISTEN %%'")
+    [(pid,)] = await cur.fetchall()
+    loop = asyncio.get_running_loop()
+    async with conn.transaction():  # the kill is over before the write commits
+        await conn.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+        killed = loop.time()
+        await post(conn, room, user, "after the kill")
+    [event] = await events(ws, 1, timeout=20.0)
+    healed = loop.time() - killed
+    assert event["data"]["content"] == "after the kill"
+    assert healed < 2.0, f"events flowed {healed:.2f} s after the listener was killed"
+    await ws.close()
+
+
 async def test_tail_subscribes_again_after_a_transient_error(
         db_url: str, conn: Conn, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """``pgbridge tail`` exited 1 on ``error`` ``internal``; it now tries again with backoff
