@@ -331,7 +331,7 @@ async def _route(bridge: Bridge, connection: ServerConnection,
             return _unauthorized(bridge, connection,
                                  AuthError("the token's user does not exist or is deleted"))
     except BridgeError as exc:
-        _refusals.info("unavailable", "handshake failed: %s", exc,
+        _refusals.info("database", "could not check a token's user: %s", exc,
                        extra={"event": "handshake_error"})
         return _refuse(bridge, HTTPStatus.SERVICE_UNAVAILABLE, "unavailable",
                        "the database cannot be reached to check the token's user; retry later",
