@@ -91,12 +91,10 @@ class Traffic:
 
     def heal(self, over: float) -> float | None:
         """Seconds from ``over`` to the receipt of the first message committed after it."""
-        after = sorted((t, c) for c, t in self.commits.items() if t >= over)
-        for _, content in after:
-            if content in self.receipts:
-                return self.receipts[content] - over
-            return None  # the first one after the fault never arrived
-        return None
+        first = min(((t, c) for c, t in self.commits.items() if t >= over), default=None)
+        if first is None or first[1] not in self.receipts:
+            return None  # nothing committed since, or not received (yet)
+        return self.receipts[first[1]] - over
 
     def latencies(self, since: float) -> list[float]:
         return [self.receipts[c] - t for c, t in self.commits.items()
@@ -246,7 +244,7 @@ async def listener_pid(db: str) -> int:
     raise RuntimeError("no LISTEN backend")
 
 
-async def settle(traffic: Traffic, seconds: float = 1.5) -> None:
+async def settle(seconds: float = 1.5) -> None:
     """Let traffic flow normally, so that every fault starts from a steady state."""
     await asyncio.sleep(seconds)
 
@@ -278,14 +276,14 @@ async def run(args: argparse.Namespace) -> int:
         url = f"ws://127.0.0.1:{port}/ws?token={mint_token(SECRET, user, ttl=86400)}"
         tasks = [asyncio.create_task(write(db, room, user, traffic)),
                  asyncio.create_task(subscribe(url, room, traffic))]
-        await settle(traffic, 3.0)
+        await settle(3.0)
         baseline = statistics.median(traffic.latencies(time.time() - 2.0) or [float("nan")])
         for name, inject in faults:
             for _ in range(args.rounds):
                 over = await inject(daemon)
                 results.setdefault(name, []).append(await traffic.healed(over, HEAL_WAIT))
                 print(f"  {name}: {fmt(results[name][-1])}", flush=True)
-                await settle(traffic)
+                await settle()
         traffic.stop = True
         await daemon.stop()
         for task in tasks:

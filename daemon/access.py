@@ -87,10 +87,11 @@ class Access:
             for session in sessions:
                 session.user_gone()
 
-    async def check_users(self, users: Iterable[str] | None = None, *,
-                          fail_closed: bool) -> None:
+    async def check_users(self, users: Iterable[str] | None = None, *, fail_closed: bool,
+                          why: str) -> None:
         """Close the connections of every user in ``users`` (``None``: every connected user)
-        whom ``users`` no longer has as a live row. Users not connected here cost nothing.
+        who no longer has a live row in the ``users`` table; ``why`` names the check in the
+        log. Users not connected here cost nothing.
 
         When the database cannot answer: with ``fail_closed`` the connections of the users
         asked about are closed with 1013 (the handshake checks them again); without, the
@@ -112,7 +113,7 @@ class Access:
                 for session in list(self._sessions.get(user, ())):
                     session.retry_later()
             return
-        self._close_gone(gone, "hint" if users is not None else "check after reconnect")
+        self._close_gone(gone, why)
 
     async def sweep(self) -> None:
         """Check every connected user and every subscription against the database; close

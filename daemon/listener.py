@@ -301,7 +301,7 @@ class Listener:
     async def _check_hinted(self) -> None:
         users = None if self._hinted_all else self._hinted
         self._hinted, self._hinted_all = set(), False
-        await self.access.check_users(users, fail_closed=True)
+        await self.access.check_users(users, fail_closed=True, why="hint")
 
     async def _on_notify(self, payload: str) -> None:
         note = parse_notify(payload)
@@ -311,7 +311,7 @@ class Listener:
         if isinstance(note, Probe):
             return
         if isinstance(note, UserHint):  # one the reader did not recognise by its prefix
-            await self.access.check_users([note.user], fail_closed=True)
+            await self.access.check_users([note.user], fail_closed=True, why="hint")
             return
         if note.room not in self.hub:
             return
@@ -341,7 +341,8 @@ class Listener:
 
     async def _catch_up(self) -> None:
         if not self._users_checked:
-            await self.access.check_users(None, fail_closed=False)
+            await self.access.check_users(None, fail_closed=False,
+                                          why="check after the listener connected")
             self._users_checked = True
         for room in self.hub.rooms():
             await self._fill(room, upto=None)

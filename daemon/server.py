@@ -14,7 +14,8 @@ Each frame is handled inside a fault boundary: whatever it causes ends at most t
 (an ``error`` frame with its ``ref`` and ``room``; an unexpected exception is logged once with
 an incident id, never with the client's bytes). Limits (PROTOCOL.md, "Limits") are applied
 before any work: frames and WebSocket pings share one token bucket per connection; subscribe
-attempts take from the connection's and the user's bucket before the database is asked.
+and refresh attempts take from the connection's and the user's bucket before the database is
+asked.
 """
 
 from __future__ import annotations
