@@ -322,7 +322,9 @@ def server_conninfo(dsn: str | None, data_dir: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def scratch_database(server: str, tag: str) -> Iterator[str]:
+def scratch_database(server: str, tag: str, *, keep: bool = False) -> Iterator[str]:
+    """A new database ``pgbridge_bench_<tag>_<random>`` on ``server`` for the block, dropped
+    after it unless ``keep`` (then its name is printed). Used by the other benchmarks too."""
     import psycopg
     from psycopg import sql
     from psycopg.conninfo import make_conninfo
@@ -333,9 +335,12 @@ def scratch_database(server: str, tag: str) -> Iterator[str]:
     try:
         yield make_conninfo(server, dbname=name)
     finally:
-        with psycopg.connect(server, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                         .format(sql.Identifier(name)))
+        if keep:
+            print(f"\nkept database {name}")
+        else:
+            with psycopg.connect(server, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                             .format(sql.Identifier(name)))
 
 
 def wait_healthy(proc: subprocess.Popen[bytes], port: int, what: str,
