@@ -46,7 +46,7 @@ import psycopg
 from psycopg import sql
 from ulid import ULID
 
-from daemon.db import database, describe, listen_channel
+from daemon.db import channel_query, database, describe
 from daemon.schema import apply_schema
 from daemon.settings import DatabaseSettings, load_environment
 
@@ -59,19 +59,26 @@ SEQ_UPSERT = """INSERT INTO change_sequences AS s (room_id, last_seq) VALUES (v_
             ON CONFLICT (room_id) DO UPDATE SET last_seq = s.last_seq + 1
             RETURNING s.last_seq"""
 LOG_INSERT = """INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, created_at)
-        SELECT v_rooms[i], bumped.last_seq, TG_TABLE_NAME, v_ops[i], v_id, v_datas[i], v_ts
-        FROM bumped
-        RETURNING seq INTO v_seq;"""
-NO_LOG = "SELECT bumped.last_seq FROM bumped INTO v_seq;"
-FRAME = """v_frame := pgbridge_event_frame(v_rooms[i], v_seq, TG_TABLE_NAME, v_ops[i], v_id,
+        SELECT v_rooms[i], bumped.last_seq, TG_TABLE_NAME, v_ops[i], v_ids[i], v_datas[i], v_ts
+        FROM bumped"""
+NO_LOG = """SELECT bumped.last_seq, (SELECT k.ipad FROM change_notify_key k),
+               (SELECT k.opad FROM change_notify_key k) FROM bumped"""
+FRAME = """v_frame := pgbridge_event_frame(v_rooms[i], v_seq, TG_TABLE_NAME, v_ops[i], v_ids[i],
                                         v_datas[i], v_ts);"""
-NOTIFY = "PERFORM pg_notify(v_channel, v_frame);"
+NOTIFY = "PERFORM pg_notify(v_channel, pgbridge_hmac(v_ipad, v_opad, v_frame) || v_frame);"
+KEY_READ = """RETURNING seq, (SELECT k.ipad FROM change_notify_key k),
+                  (SELECT k.opad FROM change_notify_key k)
+        INTO v_seq, v_ipad, v_opad;"""
 NO_SEQ = "SELECT nextval('bench_seq') AS last_seq"
 ABLATIONS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("no_notify", "without pg_notify", [(NOTIFY, "NULL;")]),
+    ("no_sign", "NOTIFY unsigned (no key read, no HMAC)",
+     [(NOTIFY, "PERFORM pg_notify(v_channel, v_frame);"),
+      (KEY_READ, "RETURNING seq INTO v_seq;")]),
     ("no_frame", "NOTIFY {room, seq} only (no frame JSON)",
      [(FRAME, "v_frame := json_build_object('room', v_rooms[i], 'seq', v_seq)::text;")]),
-    ("no_log", "without the change_events insert", [(LOG_INSERT, NO_LOG)]),
+    ("no_log", "without the change_events insert",
+     [(LOG_INSERT, NO_LOG), (KEY_READ, "INTO v_seq, v_ipad, v_opad;")]),
     ("no_seq", "seq from a plain sequence (no per-room row lock)", [(SEQ_UPSERT, NO_SEQ)]),
     ("no_locks", "without pg_notify and without the per-room row lock",
      [(NOTIFY, "NULL;"), (SEQ_UPSERT, NO_SEQ)]),
@@ -146,6 +153,13 @@ def connect(conninfo: str, schema: str | None = None,
     return conn
 
 
+def channel_of(conn: psycopg.Connection[Any], schema: str) -> str:
+    """The NOTIFY channel of ``schema``, as the database derives it."""
+    row = conn.execute(channel_query(schema)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 def prepare_schema(conninfo: str, name: str, rooms: int, writers: int,
                    replacements: list[tuple[str, str]] | None = None,
                    capture: bool = True) -> tuple[list[str], list[str]]:
@@ -194,7 +208,7 @@ def run_once(conninfo: str, schema: str, rooms: list[str], users: list[str], sec
     if listen:
         listener = connect(conninfo, schema)
         listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(
-            listen_channel(schema))))
+            channel_of(listener, schema))))
     start_line = threading.Barrier(writers + 1)
     stop = threading.Event()
     counts = [0] * writers
@@ -272,7 +286,7 @@ def server_cost(conninfo: str, variants: dict[str, tuple[list[str], list[str]]],
     with connect(conninfo, async_commit=args.async_commit) as conn, connect(conninfo) as lis:
         for name in variants:
             lis.execute(sql.SQL("LISTEN {}").format(sql.Identifier(
-                listen_channel(PREFIX + name))))
+                channel_of(lis, PREFIX + name))))
         for r in range(max(3, args.rounds)):
             for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
                 room_ids, users = variants[name]

@@ -30,7 +30,7 @@ from . import logs, systemd
 from .access import Access
 from .acks import AckBuffer, AckWriter
 from .auth import Claims, mint_token, resolve_secret, verify_token
-from .db import database, describe, listen_channel
+from .db import database, describe
 from .errors import BridgeError, DatabaseError
 from .handshake import BridgeConnection, Health, connection_class, process_request
 from .hub import Hub
@@ -61,8 +61,7 @@ class Bridge:
         self.metrics = Metrics()
         self.store = Store(conninfo, schema=settings.schema, max_size=settings.pool_size)
         self.access = Access(self.store, self.metrics, interval=settings.access_check_interval)
-        self.listener = Listener(conninfo, listen_channel(settings.schema), self.hub, self.store,
-                                 self.metrics, self.access,
+        self.listener = Listener(conninfo, self.hub, self.store, self.metrics, self.access,
                                  probe_interval=settings.probe_interval,
                                  probe_timeout=max(2.0, min(settings.probe_interval, 10.0)))
         self.acks = AckBuffer()

@@ -45,6 +45,8 @@ def _run(prog: str, coro: Callable[[], Awaitable[int]]) -> int:
 # --- setup ---------------------------------------------------------------------------------
 
 def _setup_parser(prog: str) -> argparse.ArgumentParser:
+    from .schema import LOCK_TIMEOUT, MAX_WAIT
+
     parser = argparse.ArgumentParser(
         prog=prog, description="Apply the pgbridge chat schema, change capture and migrations "
         "(idempotent; one transaction under an advisory lock).",
@@ -60,11 +62,27 @@ def _setup_parser(prog: str) -> argparse.ArgumentParser:
     mode.add_argument("--verify", action="store_true",
                       help="check tables, functions, triggers and migrations, and prove that a "
                       "change reaches change_events and a LISTEN connection (leaves no trace)")
+    roles = parser.add_argument_group(
+        "roles", "production set-up with three roles (README, 'Database roles'): run as the "
+        "owner, and grant the others exactly what they need")
+    roles.add_argument("--grant-app", metavar="ROLE", action="append", default=[],
+                       help="the application role: read and write the chat tables, nothing of "
+                       "the event log (repeatable)")
+    roles.add_argument("--grant-bridge", metavar="ROLE", action="append", default=[],
+                       help="the daemon's role: read the log and what decides access, write "
+                       "sync_state, prune the log (repeatable)")
+    live = parser.add_argument_group("on a live database")
+    live.add_argument("--lock-timeout", metavar="SECONDS", type=float, default=LOCK_TIMEOUT,
+                      help="longest wait for a table lock before the run rolls back and retries "
+                      f"(writers wait behind it at most about this long; {LOCK_TIMEOUT:g})")
+    live.add_argument("--max-wait", metavar="SECONDS", type=float, default=MAX_WAIT,
+                      help=f"give up retrying after this long ({MAX_WAIT:g})")
     return parser
 
 
 async def _setup(args: argparse.Namespace, prog: str) -> int:
     from .db import database, describe
+    from .roles import Grants
     from .schema import apply_schema, dry_run_sql, verify_schema
 
     env = load_environment()
@@ -90,9 +108,20 @@ async def _setup(args: argparse.Namespace, prog: str) -> int:
             print(f"schema {schema} at {where}: verified (objects present, a change reached "
                   "change_events and LISTEN)")
             return EXIT_OK
-        report = await apply_schema(conninfo, schema=schema)
-    applied = ", ".join(report.applied) if report.applied else "none pending"
-    print(f"schema {schema} at {where}: up to date (migrations applied now: {applied})")
+        report = await apply_schema(
+            conninfo, schema=schema, grants=Grants(app=tuple(args.grant_app),
+                                                   bridge=tuple(args.grant_bridge)),
+            lock_timeout=args.lock_timeout, max_wait=args.max_wait)
+    if report.files or report.applied:
+        done = [f"sql/{name}" for name in report.files] + [f"migration {m}"
+                                                            for m in report.applied]
+        print(f"schema {schema} at {where}: applied {', '.join(done)}")
+    else:
+        print(f"schema {schema} at {where}: already up to date, nothing changed")
+    for role in args.grant_app:
+        print(f"granted role {role} the application's privileges on schema {schema}")
+    for role in args.grant_bridge:
+        print(f"granted role {role} the bridge's privileges on schema {schema}")
     for warning in report.warnings:
         print(f"{prog}: warning: {warning}", file=sys.stderr)
     return EXIT_OK
@@ -100,7 +129,10 @@ async def _setup(args: argparse.Namespace, prog: str) -> int:
 
 def setup_main(argv: Sequence[str] | None = None, prog: str = "setup_db.py") -> int:
     """Entry point of ``setup_db.py`` and ``pgbridge setup``; returns the exit code."""
-    args = _setup_parser(prog).parse_args(argv)
+    parser = _setup_parser(prog)
+    args = parser.parse_args(argv)
+    if not 0 < args.lock_timeout <= 600 or not 0 <= args.max_wait <= 86400:
+        parser.error("--lock-timeout must be in (0, 600] and --max-wait in [0, 86400] seconds")
     logs.configure("INFO")
     return _run(prog, lambda: _setup(args, prog))
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import DatabaseError
@@ -20,7 +21,7 @@ from .settings import DatabaseSettings, SSHSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["database", "describe", "listen_channel", "translate"]
+__all__ = ["channel_query", "database", "describe", "translate"]
 
 # What the spec's error cases (and a few more we meet) mean for whoever runs pgbridge.
 _SQLSTATE_ADVICE: dict[str, str] = {
@@ -110,10 +111,15 @@ def translate(exc: psycopg.Error, conninfo: str, *, doing: str = "connecting") -
     return DatabaseError(f"{target}: error while {doing}: {text}")
 
 
-def listen_channel(schema: str) -> str:
-    """The NOTIFY channel of a schema's capture triggers: ``pgbridge`` for ``public``, else
-    ``pgbridge_<schema>`` (sql/triggers/10_change_capture.sql)."""
-    return "pgbridge" if schema == "public" else f"pgbridge_{schema}"
+def channel_query(schema: str) -> sql.Composed:
+    """The query whose one value is the NOTIFY channel of ``schema``'s capture triggers.
+
+    The channel is derived in one place, the SQL function ``pgbridge_listen_channel`` of
+    sql/triggers/10_change_capture.sql (``pgbridge`` for ``public``, ``pgbridge_<schema>``, or a
+    hash for names too long for a channel), and everything else asks the database for it.
+    """
+    return sql.SQL("SELECT {}.pgbridge_listen_channel({})").format(
+        sql.Identifier(schema), sql.Literal(schema))
 
 
 def _base_conninfo(settings: DatabaseSettings) -> str:

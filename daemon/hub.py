@@ -180,9 +180,3 @@ class Hub:
         for sub in ended:
             self.remove(sub)
         return len(state.subs) + len(ended)
-
-    def skip(self, room: str, seq: int) -> None:
-        """Move a room's last seq forward without events (a range missing from the log)."""
-        state = self._rooms.get(room)
-        if state is not None and seq > state.last:
-            state.last = seq

@@ -21,6 +21,12 @@ listener was away are lost.
 A probe task sends a NOTIFY of its own through the pool every ``probe_interval`` seconds; when
 it does not come back on the LISTEN connection in time, that connection is deaf and is
 replaced.
+
+Any role may NOTIFY on the channel, so the reader acts only on payloads signed with the schema's
+key (:mod:`daemon.signing`): anything else is counted, logged (throttled) and dropped before it
+reaches the queue, and costs at most one read of the key per ``KEY_RECHECK`` seconds (the key
+may have been rotated; when it was, every tracked room catches up from the log). Nothing moves a
+room's last seq past what the log holds: a NOTIFY only ever makes the processor read the log.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,7 +49,9 @@ from .db import describe
 from .errors import BridgeError
 from .events import Event, Pointer, Probe, UserHint, parse_notify
 from .hub import Hub, Subscription
+from .logs import Throttled
 from .metrics import Metrics
+from .signing import NotifyKey
 from .store import READ_PAGE, Store
 
 if TYPE_CHECKING:
@@ -73,20 +82,25 @@ MAX_HINTED = 1000
 # again at most this long after the server accepts connections, however long it was down. Two
 # failed connection attempts a second (jittered) cost a down server nothing it would notice.
 RECONNECT_CAP = 1.0
+# Seconds between two reads of the signing key prompted by payloads that fail to verify: a flood
+# of forged NOTIFYs costs the database at most one one-row read per this interval.
+KEY_RECHECK = 5.0
 
 
 class Listener:
-    """LISTEN on ``channel`` (see :func:`daemon.db.listen_channel`) and feed ``hub``.
+    """LISTEN on the schema's channel and feed ``hub``. :meth:`run` first reads the channel
+    (:func:`daemon.db.channel_query`) and the signing key from the database.
 
     ``probe_interval`` and ``probe_timeout`` in seconds (``PGBRIDGE_PROBE_INTERVAL``);
     connecting and LISTEN together may take ``2 * probe_timeout`` before they are retried.
     """
 
-    def __init__(self, conninfo: str, channel: str, hub: Hub, store: Store, metrics: Metrics,
+    def __init__(self, conninfo: str, hub: Hub, store: Store, metrics: Metrics,
                  access: Access, *, probe_interval: float = 10.0, probe_timeout: float = 5.0,
                  queue_size: int = 10000) -> None:
         self.conninfo = conninfo
-        self.channel = channel
+        self.channel = ""  # set by run()
+        self.key: NotifyKey | None = None  # set by run()
         self.hub = hub
         self.store = store
         self.metrics = metrics
@@ -106,20 +120,29 @@ class Listener:
         self._retry: asyncio.Task[None] | None = None
         self._retry_now = asyncio.Event()
         self.retry_delay = 1.0  # seconds before a failed log read is retried
+        self._key_checked = -KEY_RECHECK  # time.monotonic() of the last read of the key
+        self._key_check: asyncio.Task[None] | None = None
+        self._forgeries = Throttled(log, interval=10.0)
 
     # --- public ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Run reader, processor and probe until cancelled. Connection failures are retried
-        forever; ``ready`` tells whether LISTEN was ever proven to deliver."""
+        forever; ``ready`` tells whether LISTEN was ever proven to deliver. Raises
+        :class:`DatabaseError` when the channel or the signing key cannot be read at the start
+        (a bridge role without ``setup_db.py --grant-bridge``, say)."""
+        self.channel = await self.store.listen_channel()
+        self.key = NotifyKey(await self.store.notify_key())
+        self._key_checked = time.monotonic()
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._read_forever(), name="listener-reader")
                 tasks.create_task(self._process_forever(), name="listener-processor")
                 tasks.create_task(self._probe_forever(), name="listener-probe")
         finally:
-            if self._retry is not None:
-                self._retry.cancel()
+            for task in (self._retry, self._key_check):
+                if task is not None:
+                    task.cancel()
 
     async def add(self, sub: Subscription) -> int:
         """Register ``sub`` (tracking its room if new) and return ``L``: events after ``L`` will
@@ -150,8 +173,9 @@ class Listener:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
-                log.warning("listener connection dropped on purpose (deaf); reconnecting",
-                            extra={"event": "listener_deaf"})
+                if self.ready.is_set():  # before, the probe said why (listener_not_ready)
+                    log.warning("listener connection dropped on purpose (deaf); reconnecting",
+                                extra={"event": "listener_deaf"})
             except (psycopg.Error, OSError) as exc:  # OSError includes TimeoutError
                 delay = backoff.next()
                 log.warning("listener connection to %s lost (%s); reconnecting in %.2f s",
@@ -187,22 +211,66 @@ class Listener:
             async for note in conn.notifies():
                 if note.payload.startswith('{"probe"'):
                     self._probe_heard(note.payload)
-                elif note.payload.startswith('{"access"'):
-                    await self._user_hinted(note.payload)
+                    continue
+                assert self.key is not None
+                text = self.key.open(note.payload)
+                if text is None:
+                    self._forged(note.payload, note.pid)
+                elif text.startswith('{"access"'):
+                    await self._user_hinted(text)
                 else:
-                    await self._queue.put(note.payload)
+                    await self._queue.put(text)
 
-    async def _user_hinted(self, payload: str) -> None:
-        note = parse_notify(payload)
-        if not isinstance(note, UserHint):
-            return
+    async def _user_hinted(self, text: str) -> None:
+        note = parse_notify(text)
+        if isinstance(note, UserHint):
+            await self._hint(note.user)
+
+    async def _hint(self, user: str | None) -> None:
+        """Queue a check of ``user`` (``None``: of every connected user)."""
         first = not self._hinted and not self._hinted_all
-        if len(self._hinted) < MAX_HINTED:
-            self._hinted.add(note.user)
+        if user is not None and len(self._hinted) < MAX_HINTED:
+            self._hinted.add(user)
         else:
             self._hinted_all = True
         if first:  # added before the put: the processor may take the item while we wait
             await self._queue.put(_CheckUsers())
+
+    # --- signatures -----------------------------------------------------------------------
+
+    def _forged(self, payload: str, pid: int) -> None:
+        """A payload without a valid signature: a forgery (any role may NOTIFY), or signed with
+        a key this daemon does not hold yet (rotated). Dropped; the key is read again within
+        KEY_RECHECK seconds, and never more often (a rotation loses nothing: the log has it)."""
+        self.metrics.forged_notifies.inc()
+        self._forgeries.warning(
+            "forged", "ignored a NOTIFY on channel %s that failed its signature check (%d "
+            "characters, sent by backend pid %d); only the capture triggers hold the key",
+            self.channel, len(payload), pid, extra={"event": "notify_forged"})
+        if self._key_check is None or self._key_check.done():
+            self._key_check = asyncio.create_task(self._recheck_key(), name="listener-key")
+
+    async def _recheck_key(self) -> None:
+        """Read the key again, KEY_RECHECK seconds after the last read at the earliest."""
+        await asyncio.sleep(max(0.0, self._key_checked + KEY_RECHECK - time.monotonic()))
+        self._key_checked = time.monotonic()
+        try:
+            key = NotifyKey(await self.store.notify_key())
+        except BridgeError as exc:
+            log.warning("could not read the NOTIFY signing key again (%s)", exc,
+                        extra={"event": "notify_key_failed"})
+            return
+        if self.key is not None and key.fingerprint == self.key.fingerprint:
+            return
+        log.warning("the NOTIFY signing key changed (%s -> %s); catching up every room from "
+                    "the log and checking every connected user",
+                    self.key.fingerprint if self.key else "-", key.fingerprint,
+                    extra={"event": "notify_key_changed"})
+        self.key = key
+        # what was signed with the new key and dropped meanwhile is in the log; user hints are
+        # not, so every connected user is checked first
+        await self._hint(None)
+        await self._queue.put(_CatchUp())
 
     # --- probe ----------------------------------------------------------------------------
 
@@ -244,6 +312,14 @@ class Listener:
                     log.info("listener verified: a NOTIFY round trip arrived",
                              extra={"event": "listener_ready"})
                 self.ready.set()
+            elif ok is False and self.connected and not self.ready.is_set():
+                # Never heard since start: most likely a path LISTEN does not work on (a
+                # transaction-mode pooler), which the start-up wait reports in one line; try a
+                # new connection meanwhile, without an alarm.
+                log.info("no NOTIFY round trip yet after %.1f s; reconnecting the listener",
+                         self.probe_timeout, extra={"event": "listener_not_ready"})
+                self.reconnect()
+                continue
             elif ok is False and self.connected:
                 log.error("listener is connected but a NOTIFY round trip did not arrive within "
                           "%.1f s; replacing its connection", self.probe_timeout,
@@ -303,9 +379,10 @@ class Listener:
         self._hinted, self._hinted_all = set(), False
         await self.access.check_users(users, fail_closed=True, why="hint")
 
-    async def _on_notify(self, payload: str) -> None:
-        note = parse_notify(payload)
-        if note is None:  # not ours, or an event we cannot read here: the log has it
+    async def _on_notify(self, text: str) -> None:
+        """``text``: a verified payload (signed by the capture triggers)."""
+        note = parse_notify(text)
+        if note is None:  # signed but unreadable here (too deeply nested): the log has it
             self._catch_up_soon()
             return
         if isinstance(note, Probe):
@@ -365,9 +442,11 @@ class Listener:
                 self._publish(event)
             if len(events) < READ_PAGE:
                 if upto is not None and room in self.hub and self.hub.last(room) < upto:
-                    log.error("events %s..%s of room %s are missing from change_events",
-                              self.hub.last(room) + 1, upto, room, extra={"event": "log_hole"})
-                    self.hub.skip(room, upto)
+                    # The room's last seq stays where the log ends: whatever announced `upto`,
+                    # nothing moves a cursor past what the log holds.
+                    log.error("events %s..%s of room %s were announced but are not in "
+                              "change_events (pruned?)", self.hub.last(room) + 1, upto, room,
+                              extra={"event": "log_hole"})
                 return
 
     def _publish(self, event: Event) -> None:

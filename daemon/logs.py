@@ -60,6 +60,12 @@ class Throttled:
         self._left_out: dict[str, int] = {}
 
     def info(self, key: str, msg: str, *args: Any, **kwargs: Any) -> None:
+        self.log(logging.INFO, key, msg, *args, **kwargs)
+
+    def warning(self, key: str, msg: str, *args: Any, **kwargs: Any) -> None:
+        self.log(logging.WARNING, key, msg, *args, **kwargs)
+
+    def log(self, level: int, key: str, msg: str, *args: Any, **kwargs: Any) -> None:
         now = self.clock()
         if now - self._last.get(key, -self.interval) < self.interval:
             self._left_out[key] = self._left_out.get(key, 0) + 1
@@ -68,4 +74,4 @@ class Throttled:
         left_out = self._left_out.pop(key, 0)
         if left_out:
             msg += f" (and {left_out} more like it in the last {self.interval:g} s)"
-        self.logger.info(msg, *args, **kwargs)
+        self.logger.log(level, msg, *args, **kwargs)

@@ -33,6 +33,9 @@ class Metrics:
                                    "checks: connections of deleted users closed (user_deleted), "
                                    "subscriptions ended by the periodic check "
                                    "(periodic_check)", ["reason"], registry=r)
+        self.forged_notifies = Counter("pgbridge_forged_notifies", "NOTIFY payloads on the "
+                                       "bridge's channel that failed their signature check "
+                                       "(ignored; sent by a role without the key)", registry=r)
         self.acks_saved = Counter("pgbridge_acks_saved", "sync_state rows upserted", registry=r)
         self.pruned = Counter("pgbridge_pruned_events", "change_events rows pruned", registry=r)
 

@@ -14,10 +14,11 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from .db import describe, translate
+from .db import channel_query, describe, translate
 from .errors import DatabaseError
 from .events import Event
 
@@ -85,7 +86,7 @@ class Store:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def _all(self, query: str, params: Sequence[Any] | Mapping[str, Any],
+    async def _all(self, query: str | sql.Composed, params: Sequence[Any] | Mapping[str, Any],
                    doing: str) -> list[tuple[Any, ...]]:
         """Run one statement on a pooled connection. Every statement of this module is
         idempotent, so one that failed because its connection was broken (server restart,
@@ -93,7 +94,8 @@ class Store:
         for attempt in (1, 2):
             try:
                 async with self.pool.connection() as conn:
-                    cur = await conn.execute(query.encode(), params)
+                    cur = await conn.execute(
+                        query.encode() if isinstance(query, str) else query, params)
                     return await cur.fetchall()
             except psycopg.OperationalError as exc:
                 if attempt == 2 or not _connection_lost(exc):
@@ -128,6 +130,32 @@ class Store:
     async def in_recovery(self) -> bool:
         rows = await self._all("SELECT pg_is_in_recovery()", (), "checking for a standby")
         return bool(rows[0][0])
+
+    async def listen_channel(self) -> str:
+        """The NOTIFY channel of the schema's triggers (:func:`daemon.db.channel_query`)."""
+        rows = await self._all(channel_query(self.schema), (), "reading the NOTIFY channel")
+        return str(rows[0][0])
+
+    async def notify_key(self) -> bytes:
+        """The key that signs the triggers' NOTIFY payloads (``change_notify_key.key``; the
+        bridge role needs ``setup_db.py --grant-bridge``). Raises :class:`DatabaseError`."""
+        try:
+            rows = await self._all("SELECT key FROM change_notify_key", (),
+                                   "reading the NOTIFY signing key")
+        except DatabaseError as exc:
+            if exc.sqlstate != "42501":
+                raise
+            role = conninfo_to_dict(self.conninfo).get("user") or "the daemon's role"
+            raise DatabaseError(
+                f"{describe(self.conninfo)}: SQLSTATE 42501: {role} may not read "
+                f"{self.schema}.change_notify_key, the key that signs NOTIFY payloads: as the "
+                f"schema owner, run python setup_db.py --grant-bridge {role}"
+                f"{'' if self.schema == 'public' else ' --schema ' + self.schema}",
+                sqlstate="42501") from exc
+        if not rows:
+            raise DatabaseError(f"{describe(self.conninfo)}: {self.schema}.change_notify_key is "
+                                "empty: run python setup_db.py as the schema owner")
+        return bytes(rows[0][0])
 
     async def notify(self, channel: str, payload: str) -> None:
         await self._all("SELECT pg_notify(%s, %s)", (channel, payload), "sending a probe")

@@ -211,8 +211,10 @@ CREATE INDEX IF NOT EXISTS channels_live_name_idx ON channels (name) WHERE delet
 
 -- ---------------------------------------------------------------------------------------------
 -- Change log (DESIGN.md, "The event log is the truth; NOTIFY is the doorbell"). Written only by
--- the capture triggers of sql/triggers/, read by the daemon. No foreign key: a room's events
--- outlive the room (its deletion is itself an event).
+-- the capture triggers of sql/triggers/, which run as the owner (SECURITY DEFINER), read by the
+-- daemon. No foreign key: a room's events outlive the room (its deletion is itself an event).
+-- Only the owner may write these tables: the application role gets no privilege on them, the
+-- bridge role reads them and prunes change_events (daemon/schema.py, grant_bridge).
 -- ---------------------------------------------------------------------------------------------
 
 -- Per-room counter. The trigger bumps it with INSERT ... ON CONFLICT DO UPDATE; the row lock it
@@ -236,3 +238,49 @@ CREATE TABLE IF NOT EXISTS change_events (
 -- Retention prunes by age; rows arrive in created_at order, so a BRIN index is enough and costs
 -- the writers almost nothing.
 CREATE INDEX IF NOT EXISTS change_events_created_brin ON change_events USING brin (created_at);
+
+-- The key that signs the capture triggers' NOTIFY payloads (HMAC-SHA256, RFC 2104): any role
+-- that can connect may NOTIFY any channel, so the daemon acts only on payloads that carry this
+-- key's signature (daemon/signing.py). One row, created once with 32 random bytes
+-- (gen_random_uuid() is a CSPRNG; two UUIDs give 244 random bits); ipad and opad are the key
+-- padded to SHA-256's 64-byte block, XOR 0x36 and 0x5c, precomputed for the triggers. Readable
+-- by the owner and the bridge role only. To rotate: DELETE the row and run setup_db.py again;
+-- running daemons notice the new key on the next payload that fails to verify.
+CREATE TABLE IF NOT EXISTS change_notify_key (
+    id BOOLEAN PRIMARY KEY DEFAULT true CONSTRAINT change_notify_key_one_row CHECK (id),
+    key BYTEA NOT NULL,
+    ipad BYTEA NOT NULL,
+    opad BYTEA NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+DO $$
+DECLARE
+    k bytea;
+    ipad bytea;
+    opad bytea;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM change_notify_key) THEN
+        k := uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid());
+        ipad := k || decode(repeat('00', 32), 'hex');
+        opad := ipad;
+        FOR i IN 0..63 LOOP
+            ipad := set_byte(ipad, i, get_byte(ipad, i) # 54);  -- 0x36
+            opad := set_byte(opad, i, get_byte(opad, i) # 92);  -- 0x5c
+        END LOOP;
+        INSERT INTO change_notify_key (key, ipad, opad) VALUES (k, ipad, opad);
+    END IF;
+END
+$$;
+
+-- Ledger of the files applied every time (schema.sql and sql/triggers/): the SHA-256 of each as
+-- last applied, so that a run over an unchanged, intact schema changes nothing and takes no lock
+-- a writer would wait for (daemon/schema.py).
+CREATE TABLE IF NOT EXISTS schema_files (
+    file TEXT PRIMARY KEY,
+    checksum TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Tables only the owner writes: nobody else gets anything unless setup_db.py grants it.
+REVOKE ALL ON change_sequences, change_events, change_notify_key, schema_migrations, schema_files
+    FROM PUBLIC;

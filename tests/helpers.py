@@ -7,11 +7,14 @@ import json
 from typing import Any
 
 import psycopg
+import psycopg.sql
 import websockets
 from ulid import ULID
 from websockets.asyncio.client import ClientConnection
 
 from daemon.auth import mint_token
+from daemon.db import channel_query
+from daemon.signing import NotifyKey
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 
@@ -99,3 +102,14 @@ async def events(ws: ClientConnection, n: int, timeout: float = 20.0) -> list[di
         assert frame["type"] == "event", frame
         out.append(frame)
     return out
+
+
+async def notify_trust(conn: psycopg.AsyncConnection[Any],
+                       schema: str = "public") -> tuple[str, NotifyKey]:
+    """The NOTIFY channel of ``schema`` and the key its triggers sign with (read as the owner:
+    what a test needs to listen like the daemon, or to forge like an attacker who has it)."""
+    cur = await conn.execute(channel_query(schema))
+    channel = str((await cur.fetchone() or ("",))[0])
+    cur = await conn.execute(psycopg.sql.SQL("SELECT key FROM {}").format(
+        psycopg.sql.Identifier(schema, "change_notify_key")))
+    return channel, NotifyKey(bytes((await cur.fetchone() or (b"",))[0]))

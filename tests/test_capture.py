@@ -27,8 +27,9 @@ import pytest
 from psycopg import sql
 from ulid import ULID
 
-from daemon.db import listen_channel
 from daemon.schema import apply_schema_sync
+from daemon.signing import NotifyKey
+from tests.helpers import notify_trust
 
 AsyncConn = psycopg.AsyncConnection[Any]
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
@@ -61,23 +62,35 @@ async def connect(conninfo: str, schema: str) -> AsyncIterator[AsyncConn]:
 
 @asynccontextmanager
 async def listening(conninfo: str, schema: str) -> AsyncIterator[AsyncConn]:
-    """A LISTEN connection on the schema's channel (daemon.db.listen_channel)."""
+    """A LISTEN connection on the schema's channel (asked of the database, as the daemon does)."""
     async with connect(conninfo, schema) as conn:
-        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(listen_channel(schema))))
+        channel, _ = await notify_trust(conn, schema)
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         yield conn
+
+
+def opened(payload: str, key: NotifyKey) -> str:
+    """The JSON text of a payload the triggers sent, which must be signed with ``key`` and, whole,
+    fit in a NOTIFY."""
+    text = key.open(payload)
+    assert text is not None, f"payload not signed with the schema's key: {payload[:200]!r}"
+    assert len(payload.encode()) < 8000
+    return text
 
 
 async def drain(listener: AsyncConn, writer: AsyncConn, schema: str,
                 timeout: float = 20.0) -> list[str]:
-    """Payloads the listener got before a sentinel the writer sends now (commit order)."""
+    """JSON texts of the (signed) payloads the listener got before a sentinel the writer sends
+    now (commit order)."""
     token = f"sentinel-{uuid.uuid4().hex}"
-    await writer.execute("SELECT pg_notify(%s, %s)", (listen_channel(schema), token))
+    channel, key = await notify_trust(writer, schema)
+    await writer.execute("SELECT pg_notify(%s, %s)", (channel, token))
     payloads: list[str] = []
     async with aclosing(listener.notifies(timeout=timeout)) as notes:
         async for note in notes:
             if note.payload == token:
                 return payloads
-            payloads.append(note.payload)
+            payloads.append(opened(note.payload, key))
     raise AssertionError(f"sentinel not received within {timeout} s; got {payloads}")
 
 
@@ -340,11 +353,13 @@ async def test_concurrent_writers_in_one_room_get_seqs_1_to_n_in_commit_order(
         room = await new_room(setup, reset=True)
         await drain(listener, setup, schema)
 
+        _, key = await notify_trust(setup, schema)
+
         async def collect() -> list[dict[str, Any]]:
             frames: list[dict[str, Any]] = []
             async with aclosing(listener.notifies(timeout=30)) as notes:
                 async for note in notes:
-                    frames.append(json.loads(note.payload))
+                    frames.append(json.loads(opened(note.payload, key)))
                     if len(frames) == total:
                         break
             return frames
@@ -434,7 +449,6 @@ async def test_large_message_is_logged_whole_and_announced_by_room_and_seq(
         assert len(event[5]["content"]) == 100_000
         [note] = await drain(listener, conn, schema)
         assert json.loads(note) == {"room": room, "seq": before + 1}
-        assert len(note.encode()) < 8000
 
 
 async def test_multibyte_message_over_8000_bytes_is_not_sent_in_notify(
@@ -489,7 +503,8 @@ async def test_each_schema_has_its_own_channel_and_sequences(capture_db: str) ->
         tst_notes = [json.loads(n) for n in await drain(tst_listener, tst, "test")]
         assert [(n["table"], n["seq"]) for n in pub_notes] == [("channels", 1)]
         assert [(n["table"], n["seq"]) for n in tst_notes] == [("channels", 1), ("messages", 2)]
-        assert listen_channel("test") == "pgbridge_test" and listen_channel("public") == "pgbridge"
+        assert [(await notify_trust(pub, s))[0] for s in ("test", "public")] == [
+            "pgbridge_test", "pgbridge"]
 
 
 async def test_capture_logs_in_the_tables_schema_whatever_the_writers_search_path(

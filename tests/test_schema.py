@@ -30,7 +30,8 @@ SPEC_TABLES = (
     "users", "channels", "messages", "channel_members", "reactions", "files", "user_settings",
     "user_status", "message_reads", "sync_state",
 )
-LOG_TABLES = ("change_sequences", "change_events", "schema_migrations")
+LOG_TABLES = ("change_sequences", "change_events", "change_notify_key", "schema_migrations",
+              "schema_files")
 
 # Spec 003, "Schema Documentation", verbatim: the ten CREATE TABLE statements (foreign keys
 # without ON DELETE, no CHECKs, no key defaults). A database built from this is what an
@@ -497,7 +498,7 @@ def test_concurrent_setup_db_processes_on_a_fresh_database_both_succeed(
     outcomes = [(p.returncode, out, err) for p in procs
                 for out, err in [p.communicate(timeout=60)]]
     assert [rc for rc, _, _ in outcomes] == [0, 0], outcomes
-    applied = sorted("none pending" in out for _, out, _ in outcomes)
+    applied = sorted("nothing changed" in out for _, out, _ in outcomes)
     assert applied == [False, True], outcomes
     assert asyncio.run(verify_schema(fresh_db)) == []
 
@@ -775,7 +776,8 @@ def test_dry_run_prints_sql_and_connects_to_nothing(tmp_path: Path) -> None:
         assert f"CREATE TABLE IF NOT EXISTS {table} (" in out, table
     assert "CREATE OR REPLACE TRIGGER messages_capture" in out
     test_run = run_setup("--dry-run", "--test", env=env, cwd=tmp_path)
-    assert test_run.returncode == 0 and 'SET LOCAL search_path TO "test";' in test_run.stdout
+    assert test_run.returncode == 0
+    assert 'SET LOCAL search_path TO "test", pg_temp;' in test_run.stdout
 
 
 def test_dry_run_sql_builds_a_schema_that_verifies(fresh_db: str, tmp_path: Path) -> None:

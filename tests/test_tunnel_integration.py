@@ -44,7 +44,7 @@ WAIT = 20.0  # seconds; only reached when a test is failing
 SCHEMA_TABLES = {
     "users", "channels", "messages", "channel_members", "reactions", "files", "user_settings",
     "user_status", "message_reads", "sync_state", "change_sequences", "change_events",
-    "schema_migrations",
+    "change_notify_key", "schema_migrations", "schema_files",
 }
 
 Conn = psycopg.AsyncConnection[Any]
@@ -114,7 +114,7 @@ async def test_setup_db_applies_schema_through_tunnel(
 
     code, out, err = await run_setup_db(tunnel_env(db, sshd), tmp_path)
     assert code == 0, (code, out, err)
-    assert "up to date" in out
+    assert "applied sql/schema.sql" in out
     assert "Traceback" not in err
     assert await tables_of(db) == SCHEMA_TABLES
     async with await psycopg.AsyncConnection.connect(db) as conn:

@@ -1,17 +1,49 @@
 -- Change capture: every row change of a published table becomes one change_events row with the
--- room's next seq, written in the writer's own transaction, and one NOTIFY (the doorbell).
+-- room's next seq, written in the writer's own transaction, and one signed NOTIFY (the doorbell).
 --
--- NOTIFY channel: 'pgbridge' for the public schema, 'pgbridge_<schema>' for any other (so a
--- --test schema in the same database never rings the production daemon). Payload: the whole
--- protocol `event` frame when it fits in NOTIFY_MAX bytes, else {"room": ..., "seq": ...} and the
--- daemon reads the event from change_events. NOTIFY is delivered at commit, in commit order; a
--- rolled-back transaction notifies nothing and gives its seq back.
+-- NOTIFY channel: pgbridge_listen_channel(schema), below (the daemon asks the database for it).
+-- Payload: the HMAC-SHA256 of a JSON text, as 64 lower-case hex digits, followed by that text:
+-- the whole protocol `event` frame when it fits in NOTIFY_MAX bytes, else {"room": ..., "seq":
+-- ...} and the daemon reads the event from change_events. Any role may NOTIFY any channel; the
+-- key (change_notify_key) is readable only by the owner and the bridge, so the daemon acts on
+-- nothing it cannot verify (daemon/signing.py). NOTIFY is delivered at commit, in commit order;
+-- a rolled-back transaction notifies nothing and gives its seq back.
 --
--- The functions run with the search_path they were created with (SET search_path FROM CURRENT),
--- so they work in whichever schema setup_db.py applied them to.
+-- Trust (DESIGN.md, "Trust boundaries"): the trigger functions run as their owner (SECURITY
+-- DEFINER), the role that ran setup_db.py and owns the log, so writers need no privilege on
+-- change_events, change_sequences or the key, and cannot forge or rewrite the log. Their
+-- search_path is pinned at creation (SET search_path FROM CURRENT; daemon/schema.py applies these
+-- files with search_path "<schema>", pg_temp): tables resolve in the target schema, a temporary
+-- table of any name is looked at last, and pg_temp is never searched for functions. Nobody but
+-- the owner may EXECUTE them, so nobody else can attach them to a table of their own.
+
+-- The NOTIFY channel of a schema's triggers, the one place it is derived (the daemon asks the
+-- database for it): 'pgbridge' for public, 'pgbridge_<schema>' for any other (so a --test schema
+-- in the same database never rings the production daemon), and for a schema name too long for
+-- that to fit in a channel name (63 bytes), 'pgbridge_' and 40 hex digits of its SHA-256.
+CREATE OR REPLACE FUNCTION pgbridge_listen_channel(p_schema text) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN p_schema = 'public' THEN 'pgbridge'
+                WHEN octet_length(p_schema) <= 54 THEN 'pgbridge_' || p_schema
+                ELSE 'pgbridge_' || left(encode(sha256(convert_to(p_schema, 'UTF8')), 'hex'), 40)
+           END
+$$;
+
+-- HMAC-SHA256 of p_text (its UTF-8 bytes) as hex, given the key's precomputed pads
+-- (change_notify_key.ipad/opad): H(opad || H(ipad || text)).
+--
+-- These two are STABLE, not IMMUTABLE, because convert_to() is STABLE: the planner inlines a
+-- SQL function only when its body is no more volatile than it is declared, and a call that is
+-- not inlined costs twice as much (measured here: 4.2 against 2.0 us per call). Signing costs
+-- the capture trigger about 10 us per row (bench/write_overhead.py --profile, "unsigned").
+CREATE OR REPLACE FUNCTION pgbridge_hmac(p_ipad bytea, p_opad bytea, p_text text) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT encode(sha256(p_opad || sha256(p_ipad || convert_to(p_text, 'UTF8'))), 'hex')
+$$;
 
 -- The protocol's `event` frame (PROTOCOL.md), as text. Used for NOTIFY payloads and by the
--- daemon when it replays from the log, so both paths produce the same bytes.
+-- daemon when it replays from the log, so both paths produce the same bytes. Pure and touching
+-- no table, it is left SECURITY INVOKER so that the planner inlines it into both callers.
 CREATE OR REPLACE FUNCTION pgbridge_event_frame(
     p_room text, p_seq bigint, p_table text, p_op text, p_id text, p_data jsonb, p_ts timestamptz
 ) RETURNS text
@@ -35,15 +67,16 @@ $$;
 -- UPDATE in the new one: a membership given to another user (channel_members.user_id changed)
 -- ends the old user's access exactly as a DELETE of the row does.
 --
--- Everything is inline in one function (one search_path switch, no nested calls): this runs in
--- every writer's transaction, and bench/write_overhead.py measures what it costs them.
+-- Everything is inline in one function (one search_path switch; the helpers above are inlined):
+-- this runs in every writer's transaction, and bench/write_overhead.py measures what it costs.
 CREATE OR REPLACE FUNCTION pgbridge_capture() RETURNS trigger
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
-    notify_max CONSTANT int := 7000;  -- NOTIFY payloads must stay under 8000 bytes
+    notify_max CONSTANT int := 7000;  -- NOTIFY payloads (64 hex + JSON) must stay under 8000 bytes
     v_how text := TG_ARGV[0];
-    v_channel text := CASE WHEN TG_TABLE_SCHEMA = 'public' THEN 'pgbridge'
-                           ELSE 'pgbridge_' || TG_TABLE_SCHEMA END;
+    v_channel text := pgbridge_listen_channel(TG_TABLE_SCHEMA);
+    v_ipad bytea;
+    v_opad bytea;
     v_row jsonb;
     v_old jsonb;
     -- the column that, with user_id, keys a two-column table; NULL: the key is id
@@ -114,17 +147,22 @@ BEGIN
         INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, created_at)
         SELECT v_rooms[i], bumped.last_seq, TG_TABLE_NAME, v_ops[i], v_ids[i], v_datas[i], v_ts
         FROM bumped
-        RETURNING seq INTO v_seq;
+        -- the key's pads, read in this statement rather than one of their own (a statement
+        -- per row costs the writer more than the HMAC does)
+        RETURNING seq, (SELECT k.ipad FROM change_notify_key k),
+                  (SELECT k.opad FROM change_notify_key k)
+        INTO v_seq, v_ipad, v_opad;
         v_frame := pgbridge_event_frame(v_rooms[i], v_seq, TG_TABLE_NAME, v_ops[i], v_ids[i],
                                         v_datas[i], v_ts);
         IF octet_length(v_frame) > notify_max THEN
             v_frame := json_build_object('room', v_rooms[i], 'seq', v_seq)::text;
         END IF;
-        PERFORM pg_notify(v_channel, v_frame);
+        PERFORM pg_notify(v_channel, pgbridge_hmac(v_ipad, v_opad, v_frame) || v_frame);
     END LOOP;
     RETURN NULL;
 END
 $$;
+REVOKE ALL ON FUNCTION pgbridge_capture() FROM PUBLIC;
 
 -- Published tables. users, user_settings, user_status and sync_state are never published: they
 -- hold personal data and belong to no room.

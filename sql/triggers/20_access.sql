@@ -5,20 +5,24 @@
 --
 --     {"access": "user", "user": "<users.id>"}
 --
--- A hint is not trusted (any role may NOTIFY): the daemon reads users to decide, and checks
+-- signed like the capture triggers' payloads (10_change_capture.sql), and run as the owner for
+-- the same reasons. Even signed, a hint is only a hint: the daemon reads users to decide, checks
 -- every connected user after each listener reconnect and every PGBRIDGE_ACCESS_CHECK_INTERVAL
 -- seconds, so a change that bypasses this trigger is still found (README, "Authorization").
 -- NOTIFY is delivered at commit in the order sent, so a hint precedes every event written
 -- after it, in its own transaction or a later one.
 CREATE OR REPLACE FUNCTION pgbridge_user_gone() RETURNS trigger
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    v_hint text := json_build_object('access', 'user', 'user', OLD.id)::text;
 BEGIN
-    PERFORM pg_notify(CASE WHEN TG_TABLE_SCHEMA = 'public' THEN 'pgbridge'
-                           ELSE 'pgbridge_' || TG_TABLE_SCHEMA END,
-                      json_build_object('access', 'user', 'user', OLD.id)::text);
+    PERFORM pg_notify(pgbridge_listen_channel(TG_TABLE_SCHEMA),
+                      pgbridge_hmac(k.ipad, k.opad, v_hint) || v_hint)
+    FROM change_notify_key k;
     RETURN NULL;
 END
 $$;
+REVOKE ALL ON FUNCTION pgbridge_user_gone() FROM PUBLIC;
 
 CREATE OR REPLACE TRIGGER users_access_update
     AFTER UPDATE OF deleted_at, id ON users

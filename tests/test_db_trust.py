@@ -1,0 +1,423 @@
+"""No database role but the owner can forge, rewrite or silence events (DESIGN.md, "Trust
+boundaries"; README, "Database roles").
+
+Three roles, as in production: the owner (the test's superuser, runs setup), the application
+(``setup_db.py --grant-app``) and the bridge (``--grant-bridge``; the daemon under test connects
+as it), plus a role with no privilege at all. Each attack is run as the application role and as
+the role without privilege against a real daemon; the subscriber must then receive exactly the
+real events, in order, and nothing else, and the log and the room counters must hold exactly
+what the real writes made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from daemon.app import Bridge
+from daemon.db import describe
+from daemon.errors import DatabaseError, SchemaError
+from daemon.roles import Grants
+from daemon.schema import apply_schema, apply_schema_sync, check_schema
+from tests.conftest import ROOT, conninfo_env, running_bridge
+from tests.helpers import (
+    connect,
+    events,
+    head,
+    make_room,
+    make_user,
+    notify_trust,
+    post,
+    recv,
+    send,
+    subscribe,
+)
+from tests.procs import until
+
+AsyncConn = psycopg.AsyncConnection[Any]
+
+
+@dataclass(frozen=True)
+class Roles:
+    app: str
+    bridge: str
+    nobody: str
+
+
+@dataclass(frozen=True)
+class TrustDB:
+    """A database with the schema applied and the roles granted; conninfos per role."""
+
+    owner: str
+    app: str
+    bridge: str
+    nobody: str
+
+    def as_role(self, who: str) -> str:
+        return str(getattr(self, who))
+
+
+@pytest.fixture(scope="module")
+def roles(pg_server_conninfo: str) -> Iterator[Roles]:
+    suffix = uuid.uuid4().hex[:8]
+    names = Roles(app=f"pgbridge_app_{suffix}", bridge=f"pgbridge_bridge_{suffix}",
+                  nobody=f"pgbridge_nobody_{suffix}")
+    with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
+        for name in (names.app, names.bridge, names.nobody):
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+    yield names
+    with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
+        for name in (names.app, names.bridge, names.nobody):
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def trust_db(create_database: Callable[[], str], roles: Roles) -> Iterator[TrustDB]:
+    url = create_database()
+    report = apply_schema_sync(url, grants=Grants(app=(roles.app,), bridge=(roles.bridge,)))
+    assert report.warnings == []
+    yield TrustDB(owner=url, app=make_conninfo(url, user=roles.app),
+                  bridge=make_conninfo(url, user=roles.bridge),
+                  nobody=make_conninfo(url, user=roles.nobody))
+    with psycopg.connect(url, autocommit=True) as conn:  # so that the roles can be dropped
+        conn.execute(sql.SQL("DROP OWNED BY {}, {}, {}").format(
+            *map(sql.Identifier, (roles.app, roles.bridge, roles.nobody))))
+
+
+async def run_cli_setup(conninfo: str, cwd: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "setup_db.py"), *args, env=conninfo_env(conninfo), cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+@asynccontextmanager
+async def connected(conninfo: str) -> AsyncIterator[AsyncConn]:
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+async def bridge(trust_db: TrustDB) -> AsyncIterator[Bridge]:
+    """The daemon, connected as the bridge role."""
+    async with running_bridge(trust_db.bridge) as b:
+        yield b
+
+
+@pytest.fixture(params=["app", "nobody"])
+def attacker(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def forged_count(bridge: Bridge) -> float:
+    return float(bridge.metrics.forged_notifies._value.get())
+
+
+async def room_log(owner: AsyncConn, room: str) -> list[tuple[int, str, str]]:
+    cur = await owner.execute("SELECT seq, table_name, row_id FROM change_events "
+                              "WHERE room_id = %s ORDER BY seq", [room])
+    return [(int(s), str(t), str(r)) for s, t, r in await cur.fetchall()]
+
+
+async def setup_room(trust_db: TrustDB, bridge: Bridge) -> tuple[str, str, Any, int]:
+    """A user (made by the application role), the only member of a new room, subscribed."""
+    async with connected(trust_db.app) as app:
+        user = await make_user(app)
+        room = await make_room(app, user)
+    ws = await connect(bridge.port, user)
+    start = int((await subscribe(ws, room))["from"])
+    return user, room, ws, start
+
+
+async def expect_exactly(ws: Any, app: AsyncConn, room: str, user: str, start: int,
+                         owner: AsyncConn, n: int = 3) -> None:
+    """Write ``n`` real messages; the subscriber gets exactly them, as seqs start+1.., and the
+    room's log holds exactly what was really written."""
+    ids = [await post(app, room, user, f"real {i}") for i in range(n)]
+    got = await events(ws, n)
+    assert [(e["seq"], e["id"], e["data"]["content"]) for e in got] == [
+        (start + 1 + i, ids[i], f"real {i}") for i in range(n)]
+    assert all(set(e) == {"type", "room", "seq", "table", "op", "id", "data", "ts"} for e in got)
+    await send(ws, type="ping", ref="end")
+    assert await recv(ws) == {"type": "pong", "ref": "end"}  # nothing else was queued before
+    log = await room_log(owner, room)
+    assert [seq for seq, _, _ in log] == list(range(1, len(log) + 1))
+    assert log[-n:] == [(start + 1 + i, "messages", ids[i]) for i in range(n)]
+    assert await head(owner, room) == start + n
+
+
+# --- forged NOTIFY ----------------------------------------------------------------------------
+
+async def test_forged_notifies_change_nothing_a_subscriber_receives(
+        trust_db: TrustDB, bridge: Bridge, attacker: str) -> None:
+    """A forged event with the room's next seq (extra keys, markup), a forged membership DELETE,
+    a pointer far ahead, a seq spray and a garbage signature: before the fix the first was
+    delivered as sent and the real event with its seq dropped, the second kicked the subscriber,
+    the pointer and the spray silenced the room."""
+    user, room, ws, start = await setup_room(trust_db, bridge)
+    forged_before = forged_count(bridge)
+    async with (connected(trust_db.owner) as owner, connected(trust_db.app) as app,
+                connected(trust_db.as_role(attacker)) as evil):
+        channel, _ = await notify_trust(owner)
+        frame = {"type": "event", "room": room, "seq": start + 1, "table": "messages",
+                 "op": "INSERT", "id": "forged", "evil": True, "ts": "2026-01-01T00:00:00+00:00",
+                 "data": {"content": "<img src=x onerror=alert(1)>", "user_id": user}}
+        kick = dict(frame, table="channel_members", op="DELETE", data={"user_id": user,
+                                                                       "channel_id": room})
+        payloads = [json.dumps(frame), json.dumps(kick),
+                    json.dumps({"room": room, "seq": start + 1000}),
+                    *(json.dumps({"room": room, "seq": start + k}) for k in range(1, 40)),
+                    *(json.dumps(dict(frame, seq=start + k)) for k in range(1, 40)),
+                    "0" * 64 + json.dumps(frame), "f" * 64 + json.dumps(kick),
+                    json.dumps({"access": "user", "user": user})]
+        for payload in payloads:
+            await evil.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        await expect_exactly(ws, app, room, user, start, owner)
+    assert forged_count(bridge) - forged_before == len(payloads)
+    await ws.close()
+
+
+async def test_a_replayed_signed_payload_is_not_delivered_twice(
+        trust_db: TrustDB, bridge: Bridge, attacker: str) -> None:
+    """Anyone may LISTEN and copy a real, signed payload; sending it again gains nothing."""
+    user, room, ws, start = await setup_room(trust_db, bridge)
+    async with (connected(trust_db.owner) as owner, connected(trust_db.app) as app,
+                connected(trust_db.as_role(attacker)) as evil):
+        channel, _ = await notify_trust(owner)
+        await evil.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        await post(app, room, user, "copied")
+        await events(ws, 1)
+        copied = None
+        async for note in evil.notifies(timeout=10):
+            if room in note.payload:
+                copied = note.payload
+                break
+        assert copied is not None
+        for _ in range(3):
+            await evil.execute("SELECT pg_notify(%s, %s)", (channel, copied))
+        await expect_exactly(ws, app, room, user, start + 1, owner)
+    await ws.close()
+
+
+# --- forged or rewritten log ------------------------------------------------------------------
+
+WRITES_OF_THE_LOG = [
+    "INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload) "
+    "VALUES (%(room)s, %(seq)s, 'messages', 'INSERT', 'forged', '{}')",
+    "UPDATE change_events SET payload = '{\"content\": \"rewritten\"}' WHERE room_id = %(room)s",
+    "DELETE FROM change_events WHERE room_id = %(room)s",
+    "UPDATE change_sequences SET last_seq = last_seq + 1000 WHERE room_id = %(room)s",
+    "UPDATE change_sequences SET last_seq = last_seq - 2 WHERE room_id = %(room)s",
+    "INSERT INTO change_sequences (room_id, last_seq) VALUES ('01HZZZZZZZZZZZZZZZZZZZZZZZ', 5)",
+    "SELECT key FROM change_notify_key",
+    "UPDATE change_notify_key SET key = '\\x00'",
+    "DELETE FROM schema_migrations",
+    "TRUNCATE change_events",
+]
+
+
+async def test_only_the_triggers_write_the_log(
+        trust_db: TrustDB, bridge: Bridge, attacker: str) -> None:
+    """Before, the application role needed INSERT/UPDATE on the log because the capture trigger
+    ran with the writer's rights: it could insert an event for any room, rewrite a past
+    payload, or move a counter (back by 2: every later write to the room failed)."""
+    user, room, ws, start = await setup_room(trust_db, bridge)
+    async with (connected(trust_db.owner) as owner, connected(trust_db.app) as app,
+                connected(trust_db.as_role(attacker)) as evil):
+        before = await room_log(owner, room)
+        for statement in WRITES_OF_THE_LOG:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await evil.execute(statement, {"room": room, "seq": start + 1})
+        assert await room_log(owner, room) == before
+        await expect_exactly(ws, app, room, user, start, owner)
+    await ws.close()
+
+
+async def test_the_application_role_cannot_attach_the_capture_function_to_its_own_table(
+        trust_db: TrustDB, bridge: Bridge, attacker: str) -> None:
+    """The capture function runs as the owner; attached to a table of the attacker's, it would
+    write any room's log and sign what it sends. Nobody but the owner may EXECUTE it."""
+    async with connected(trust_db.as_role(attacker)) as evil:
+        await evil.execute("CREATE TEMP TABLE bait (id varchar(26), channel_id varchar(26))")
+        for function in ("pgbridge_capture('channel_id')", "pgbridge_user_gone()"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await evil.execute(f"CREATE TRIGGER bait_capture AFTER INSERT ON bait FOR EACH "
+                                   f"ROW EXECUTE FUNCTION public.{function}")
+
+
+# --- pg_temp ----------------------------------------------------------------------------------
+
+async def test_temporary_tables_do_not_capture_or_redirect_events(
+        trust_db: TrustDB, bridge: Bridge) -> None:
+    """The capture functions' search_path is "public", pg_temp: a temporary change_events took
+    the session's events (live delivery, nothing in the log), and a temporary messages table
+    put a reaction into a room the writer is not in."""
+    user, room, ws, start = await setup_room(trust_db, bridge)
+    async with (connected(trust_db.owner) as owner, connected(trust_db.app) as app):
+        other_user = await make_user(app)
+        other_room = await make_room(app, other_user)
+        message = await post(app, room, user, "react to me")
+        [event] = await events(ws, 1)
+        assert event["id"] == message
+        other_before = await room_log(owner, other_room)
+        await app.execute("CREATE TEMP TABLE change_events (room_id varchar(26), seq bigint, "
+                          "table_name text, op text, row_id text, payload jsonb, "
+                          "created_at timestamptz)")
+        await app.execute("CREATE TEMP TABLE change_sequences (room_id varchar(26) PRIMARY KEY, "
+                          "last_seq bigint)")
+        await app.execute("CREATE TEMP TABLE change_notify_key (id boolean, key bytea, "
+                          "ipad bytea, opad bytea)")
+        await app.execute("INSERT INTO change_notify_key VALUES (true, '\\x00', '\\x00', "
+                          "'\\x00')")
+        await app.execute("CREATE TEMP TABLE messages (id varchar(26), channel_id varchar(26))")
+        await app.execute("INSERT INTO pg_temp.messages VALUES (%s, %s)", (message, other_room))
+        await app.execute("INSERT INTO public.reactions (message_id, user_id, emoji) "
+                          "VALUES (%s, %s, '+1')", (message, user))
+        [reaction] = await events(ws, 1)
+        assert (reaction["seq"], reaction["table"], reaction["room"]) == (
+            start + 2, "reactions", room)
+        assert await room_log(owner, other_room) == other_before
+        cur = await app.execute("SELECT count(*) FROM pg_temp.change_events")
+        assert (await cur.fetchone() or (None,))[0] == 0
+        await app.execute("DROP TABLE pg_temp.messages")  # or post() would write to it
+        await expect_exactly(ws, app, room, user, start + 2, owner)
+    await ws.close()
+
+
+# --- the roles --------------------------------------------------------------------------------
+
+async def test_the_bridge_role_runs_the_daemon_and_passes_the_schema_check(
+        trust_db: TrustDB, bridge: Bridge) -> None:
+    """Everything the daemon does (handshake, subscribe with replay, live events, acks,
+    membership revocation) with only the --grant-bridge privileges."""
+    await check_schema(trust_db.bridge)
+    user, room, ws, start = await setup_room(trust_db, bridge)
+    async with (connected(trust_db.owner) as owner, connected(trust_db.app) as app):
+        await expect_exactly(ws, app, room, user, start, owner)
+        await send(ws, type="ack", room=room, seq=start + 3)
+
+        async def acked() -> bool:
+            cur = await owner.execute("SELECT last_seq FROM sync_state WHERE user_id = %s "
+                                      "AND room_id = %s", (user, room))
+            return (await cur.fetchone() or (None,))[0] == start + 3
+
+        await until(acked, "the ack in sync_state")
+        ws2 = await connect(bridge.port, user)
+        assert (await subscribe(ws2, room))["from"] == start + 3  # resumed from sync_state
+        await app.execute("DELETE FROM channel_members WHERE channel_id = %s", [room])
+        for sock in (ws, ws2):
+            assert await recv(sock) == {"type": "unsubscribed", "room": room,
+                                        "reason": "membership_revoked"}
+        await ws2.close()
+    await ws.close()
+
+
+async def test_the_bridge_role_reads_no_personal_data(trust_db: TrustDB) -> None:
+    async with connected(trust_db.bridge) as conn:
+        for query in ("SELECT email FROM users", "SELECT content FROM messages",
+                      "SELECT name FROM channels", "SELECT * FROM user_settings",
+                      "INSERT INTO messages (channel_id, user_id, content) VALUES ('a','b','c')"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await conn.execute(query)
+
+
+async def test_a_daemon_role_without_the_bridge_grant_is_refused_in_one_line(
+        trust_db: TrustDB, roles: Roles) -> None:
+    with pytest.raises(DatabaseError) as refused:
+        async with running_bridge(trust_db.nobody):
+            pass
+    message = str(refused.value)
+    assert "change_notify_key" in message and f"--grant-bridge {roles.nobody}" in message
+    assert "\n" not in message
+
+
+# --- the channel name -------------------------------------------------------------------------
+
+async def test_a_63_character_schema_name_gets_a_channel_that_works(
+        trust_db: TrustDB) -> None:
+    """pgbridge_<schema> is over 63 bytes from 55 characters on: every write failed."""
+    schema = "s" * 63
+    await apply_schema(trust_db.owner, schema=schema)
+    async with connected(trust_db.owner) as owner, running_bridge(trust_db.owner,
+                                                                  schema=schema) as b:
+        channel, _ = await notify_trust(owner, schema)
+        assert channel.startswith("pgbridge_") and len(channel.encode()) <= 63
+        await owner.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        user = await make_user(owner)
+        room = await make_room(owner, user)
+        ws = await connect(b.port, user)
+        start = int((await subscribe(ws, room))["from"])
+        await expect_exactly(ws, owner, room, user, start, owner)
+        await ws.close()
+
+
+# --- key rotation -----------------------------------------------------------------------------
+
+async def test_a_rotated_key_loses_no_event(trust_db: TrustDB, create_database: Callable[[], str]
+                                            ) -> None:
+    """README: delete the key's row and run setup_db.py again. Payloads signed with the new key
+    fail to verify until the daemon reads it again; the log fills what was dropped meanwhile."""
+    url = create_database()
+    await apply_schema(url)
+    async with connected(url) as owner, running_bridge(url) as b:
+        user = await make_user(owner)
+        room = await make_room(owner, user)
+        ws = await connect(b.port, user)
+        start = int((await subscribe(ws, room))["from"])
+        _, old_key = await notify_trust(owner)
+        await owner.execute("DELETE FROM change_notify_key")
+        await apply_schema(url)
+        _, new_key = await notify_trust(owner)
+        assert new_key.fingerprint != old_key.fingerprint
+        await expect_exactly(ws, owner, room, user, start, owner)
+        assert forged_count(b) >= 1
+        await ws.close()
+
+
+async def test_a_grant_leaves_exactly_the_role_s_privileges(trust_db: TrustDB,
+                                                            roles: Roles) -> None:
+    """A role given more by hand (here everything on the log) ends with exactly its set."""
+    async with connected(trust_db.owner) as owner:
+        await owner.execute(sql.SQL("GRANT ALL ON change_events, change_sequences TO {}").format(
+            sql.Identifier(roles.app)))
+    report = await apply_schema(trust_db.owner, grants=Grants(app=(roles.app,)))
+    assert report.files == [] and report.warnings == []
+    async with connected(trust_db.app) as app:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await app.execute("DELETE FROM change_events")
+
+
+@pytest.mark.parametrize("who", ["missing", "owner"])
+async def test_a_grant_to_a_missing_or_owning_role_is_refused(trust_db: TrustDB,
+                                                             who: str) -> None:
+    async with connected(trust_db.owner) as owner:
+        cur = await owner.execute("SELECT current_user")
+        current = str((await cur.fetchone() or ("",))[0])
+    role = current if who == "owner" else "pgbridge_no_such_role"
+    with pytest.raises(SchemaError) as refused:
+        await apply_schema(trust_db.owner, grants=Grants(bridge=(role,)))
+    assert ("does not exist" if who == "missing" else "roles of their own") in str(refused.value)
+
+
+async def test_setup_db_grants_from_the_command_line(trust_db: TrustDB, roles: Roles,
+                                                    tmp_path: Path) -> None:
+    code, out, err = await run_cli_setup(trust_db.owner, tmp_path, "--grant-app", roles.app,
+                                         "--grant-bridge", roles.bridge)
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"schema public at {describe(trust_db.owner)}: already up to date, nothing changed",
+        f"granted role {roles.app} the application's privileges on schema public",
+        f"granted role {roles.bridge} the bridge's privileges on schema public"]
