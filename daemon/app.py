@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import shutil
@@ -236,12 +237,15 @@ def _demo_banner(bridge: Bridge, conninfo: str, user: str, room: str) -> str:
     token = mint_token(bridge.secret, user, ttl=86400, audience=bridge.settings.jwt_audience,
                        issuer=bridge.settings.jwt_issuer)
     url = f"ws://{bridge.settings.host}:{bridge.port}/ws"
+    page = (f"http://{bridge.settings.host}:{bridge.port}/#token={token}&room={room}"
+            if bridge.settings.demo else None)
     script = Path(sys.executable).with_name("pgbridge")
     pgbridge = "pgbridge" if shutil.which("pgbridge") == str(script) or not script.exists() \
         else str(script)
     return (
         "\npgbridge is running on the embedded PostgreSQL (nothing was configured).\n"
-        f"  WebSocket:  {url}?token=<token>\n"
+        + (f"  demo page:  {page}\n" if page else "")
+        + f"  WebSocket:  {url}?token=<token>\n"
         f"  demo user:  {user}   room 'general': {room}\n"
         f"  token (24 h): {token}\n"
         f"  watch it:   {pgbridge} tail {room} --url {url} --token {token}\n"
@@ -256,6 +260,8 @@ async def _run(env: dict[str, str]) -> int:
     db = DatabaseSettings.from_env(env)
     ssh = SSHSettings.from_env(env)
     settings = DaemonSettings.from_env(env)
+    if settings.demo is None:  # the demo page is on by default with the embedded database only
+        settings = dataclasses.replace(settings, demo=db.embedded)
     secret = resolve_secret(settings, db)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

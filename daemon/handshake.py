@@ -37,6 +37,7 @@ from .auth import AuthError, Claims
 from .errors import BridgeError
 from .logs import Throttled
 from .origins import origin_allowed
+from .web import asset_for
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import Server
@@ -173,8 +174,10 @@ def connection_class(on_abandoned: Callable[[], None]) -> type[BridgeConnection]
 
 def _response(status: HTTPStatus, body: bytes, content_type: str,
               extra: tuple[tuple[str, str], ...] = ()) -> Response:
+    cache = () if any(name == "Cache-Control" for name, _ in extra) else (
+        ("Cache-Control", "no-store"),)
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-store"), *extra])
+                       *cache, *extra])
     return Response(status.value, status.phrase, headers, body)
 
 
@@ -317,7 +320,12 @@ async def _route(bridge: Bridge, connection: ServerConnection,
         return _response(HTTPStatus.OK, bridge.metrics.render(),
                          "text/plain; version=0.0.4; charset=utf-8")
     if path != "/ws":
-        return _json(HTTPStatus.NOT_FOUND, {"error": "not found; the WebSocket is at /ws"})
+        asset = asset_for(path, demo=bridge.settings.demo is True)
+        if asset is None:
+            return _json(HTTPStatus.NOT_FOUND, {"error": "not found; the WebSocket is at /ws"})
+        if asset.fresh(request.headers.get("If-None-Match")):
+            return _response(HTTPStatus.NOT_MODIFIED, b"", asset.content_type, asset.headers())
+        return _response(HTTPStatus.OK, asset.body, asset.content_type, asset.headers())
     async with bridge.handshake_gate:
         # A flood of upgrades becomes ready all at once; asyncio would run every one of them
         # before it looks at a socket again, the listener's included. Through the gate, a few

@@ -209,6 +209,9 @@ class DaemonSettings:
     configured, and generates a development secret for the embedded server. ``jwt_audience``
     and ``jwt_issuer``: the ``aud``/``iss`` a token must carry (``None``: none).
 
+    ``demo``: serve the demo page at ``/`` (``PGBRIDGE_DEMO``; ``None``: on with the embedded
+    database, off with a configured one, decided by the composition root).
+
     ``allowed_origins``: browser origins admitted besides the bridge's own
     (``PGBRIDGE_ALLOWED_ORIGINS``, :mod:`daemon.origins`). ``access_check_interval``: seconds
     between two checks of every connected user and subscription against the database.
@@ -242,6 +245,7 @@ class DaemonSettings:
     probe_interval: float = 10.0
     pool_size: int = 10
     log_level: str = "INFO"
+    demo: bool | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DaemonSettings:
@@ -287,4 +291,5 @@ class DaemonSettings:
             probe_interval=_seconds(env, "PGBRIDGE_PROBE_INTERVAL", 10.0),
             pool_size=_int(env, "PGBRIDGE_POOL_SIZE", 10, minimum=2),
             log_level=level,
+            demo=_bool(env, "PGBRIDGE_DEMO", True) if _get(env, "PGBRIDGE_DEMO") else None,
         )

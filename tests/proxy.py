@@ -1,10 +1,12 @@
-"""A real TCP proxy between a bridge and the test PostgreSQL, to make the database slow,
-silent or gone for the bridge alone (the test's own connections go direct)."""
+"""Real TCP proxies: between a bridge and the test PostgreSQL, to make the database slow,
+silent or gone for the bridge alone (the test's own connections go direct); and between a
+browser and a bridge, to make the browser a client that stops reading."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from typing import Any
 
 
@@ -123,6 +125,70 @@ class FreezingProxy:
     async def close(self) -> None:
         assert self.server is not None
         self.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class PausingProxy:
+    """TCP proxy to ``127.0.0.1:port`` (a bridge) whose server-to-client direction can be
+    paused: it then stops reading from the server, so the server's socket fills up exactly as
+    with a client that stops reading (its own receive buffer is kept small to make that quick).
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.running = asyncio.Event()
+        self.running.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
+        except OSError:
+            sock.close()
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(sock=sock, limit=16384)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       pausable: bool) -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    if pausable:
+                        await self.running.wait()
+                    data = await src.read(16384)
+                    if not data:
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
+
+    def pause(self) -> None:
+        self.running.clear()
+
+    def resume(self) -> None:
+        self.running.set()
+
+    async def start(self) -> int:
+        def spawn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            task = asyncio.create_task(self._handle(r, w))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self.server = await asyncio.start_server(spawn, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        self.resume()
+        if self.server is not None:
+            self.server.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,125 @@
+// The demo page (served at / while PGBRIDGE_DEMO is on): a live timeline of one or more rooms,
+// built on client.js. Everything a message holds is untrusted text: it is only ever put into the
+// page with textContent, never as HTML.
+import { PgBridge } from "/client.js";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.hash.slice(1));
+const token = params.get("token");
+const rooms = params.getAll("room").flatMap((r) => r.split(",")).map((r) => r.trim())
+  .filter(Boolean);
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function logLine(text) {
+  const item = el("li", "", `${new Date().toISOString().slice(11, 23)} ${text}`);
+  $("log").append(item);
+  item.scrollIntoView({ block: "nearest" });
+}
+
+function problem(text) {
+  $("problem").textContent = text;
+  $("problem").hidden = false;
+}
+
+// One room's part of the page: the timeline keyed by message id, and the reactions by id.
+class RoomView {
+  constructor(room) {
+    this.room = room;
+    this.messages = new Map(); // messages.id -> <li>
+    this.reactions = new Map(); // reactions.id -> {message, emoji}
+    this.section = el("section", "room");
+    this.section.dataset.room = room;
+    this.title = el("h2", "", `room ${room}`);
+    this.meta = el("p", "meta", "subscribing…");
+    this.timeline = el("ol", "timeline");
+    this.section.append(this.title, this.meta, this.timeline);
+    $("rooms").append(this.section);
+  }
+
+  cursor(seq, extra = "") {
+    this.section.dataset.cursor = String(seq ?? "");
+    this.meta.textContent = `cursor (last seq received): ${seq ?? "none"}${extra}`;
+  }
+
+  message(row) {
+    let item = this.messages.get(row.id);
+    if (!item) {
+      item = el("li");
+      item.dataset.id = row.id;
+      item.append(el("span", "author", row.user_id), el("span", "content"),
+                  el("span", "edited"), el("span", "reactions"));
+      this.messages.set(row.id, item);
+      this.timeline.append(item);
+    }
+    return item;
+  }
+
+  apply(event) {
+    const row = event.data || {};
+    if (event.table === "messages") {
+      const item = this.message(event.op === "DELETE" ? { ...row, id: event.id } : row);
+      item.dataset.seq = String(event.seq);
+      const gone = event.op === "DELETE" || row.deleted_at;
+      item.classList.toggle("deleted", Boolean(gone));
+      item.querySelector(".content").textContent = gone ? "message deleted" : String(row.content);
+      if (event.op === "UPDATE" && !gone) item.querySelector(".edited").textContent = "(edited)";
+    } else if (event.table === "reactions") {
+      if (event.op === "DELETE") this.reactions.delete(event.id);
+      else this.reactions.set(event.id, { message: row.message_id, emoji: String(row.emoji) });
+      this.renderReactions(row.message_id);
+    } else if (event.table === "channels" && (event.op === "DELETE" || row.deleted_at)) {
+      this.timeline.append(el("li", "system", "this room was deleted"));
+    }
+  }
+
+  renderReactions(messageId) {
+    const item = this.messages.get(messageId);
+    if (!item) return;
+    const counts = new Map();
+    for (const r of this.reactions.values()) {
+      if (r.message === messageId) counts.set(r.emoji, (counts.get(r.emoji) || 0) + 1);
+    }
+    item.querySelector(".reactions").textContent =
+      [...counts].map(([emoji, n]) => (n > 1 ? `${emoji}×${n}` : emoji)).join(" ");
+  }
+}
+
+if (!token || rooms.length === 0) {
+  problem("Give a token and at least one room in the address: /#token=…&room=…");
+} else {
+  const bridge = new PgBridge("/ws", { token });
+  let reconnects = 0;
+  bridge.addEventListener("state", ({ detail }) => {
+    $("state").textContent = detail.state;
+    const why = detail.code ? ` (close ${detail.code}${detail.reason ? `: ${detail.reason}` : ""})` : "";
+    const wait = detail.delay ? `, next attempt in ${Math.round(detail.delay)} ms` : "";
+    logLine(`${detail.state}${why}${wait}`);
+  });
+  bridge.addEventListener("reconnect", () => {
+    reconnects += 1;
+    $("reconnects").textContent = String(reconnects);
+  });
+  bridge.addEventListener("error", ({ detail }) => {
+    logLine(`error ${detail.code}${detail.room ? ` in room ${detail.room}` : ""}: ${detail.message}`);
+    if (detail.fatal && !detail.room) problem(`stopped: ${detail.code}: ${detail.message}`);
+  });
+  for (const room of rooms) {
+    const view = new RoomView(room);
+    const sub = bridge.subscribe(room, {
+      since: 0, // the demo shows the room's whole retained history
+      onSubscribed: (frame) => view.cursor(sub.lastSeq, `, room head at subscribe: ${frame.head}`),
+      onEvent: (event) => {
+        view.apply(event);
+        view.cursor(event.seq);
+      },
+      onError: (err) => view.cursor(sub.lastSeq, ` — ${err.code}: ${err.message}`),
+    });
+  }
+  window.pgbridgeDemo = { bridge }; // for a look from the browser's console
+}

@@ -1,0 +1,143 @@
+// Type declarations of pgbridge.js, the browser/Node client of the pgbridge protocol
+// (docs/PROTOCOL.md).
+
+/** A protocol `event` frame: one change of a room, delivered once per seq, in order. */
+export interface BridgeEvent {
+  type: "event";
+  room: string;
+  /** 1, 2, 3, … per room in commit order. */
+  seq: number;
+  table: string;
+  op: "INSERT" | "UPDATE" | "DELETE";
+  /** The row's id (`a:b` for a two-column key). */
+  id: string;
+  /** The row as JSON: the new row, or the old row for DELETE. */
+  data: Record<string, unknown>;
+  /** Commit-time ISO 8601. */
+  ts: string;
+}
+
+/** A protocol `subscribed` frame: events with `seq > from` follow; `head` is the room's latest. */
+export interface SubscribedFrame {
+  type: "subscribed";
+  room: string;
+  from: number;
+  head: number;
+  ref: string | null;
+}
+
+export interface BridgeError {
+  /** A protocol error code (`forbidden`, `not_found`, `cursor_expired`, `rate_limited`,
+   * `internal`, `bad_request`, `unauthorized`, …), an `unsubscribed` reason
+   * (`membership_revoked`, `room_deleted`), or one of the client's: `unauthorized`,
+   * `forbidden_origin`, `user_deleted` (close 4003), `policy_violation` (1008),
+   * `message_too_big` (1009), `invalid_payload` (1007), `connect_failed`, `token_unavailable`. */
+  code: string;
+  message: string;
+  /** The room concerned, if any. */
+  room?: string;
+  /** With a room: the subscription ended. Without: the bridge gave up and is "closed". */
+  fatal: boolean;
+  /** The close code behind a fatal close. */
+  closeCode?: number;
+  /** The HTTP status of a refused handshake (found by asking the URL without upgrade). */
+  status?: number;
+}
+
+/** What the client needs of a WebSocket (browsers', Node's, the `ws` package's). */
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+
+/** addEventListener options, without depending on the DOM library's names. */
+export type ListenerOptions = boolean | {
+  capture?: boolean; once?: boolean; passive?: boolean; signal?: AbortSignal;
+};
+
+export type BridgeState = "connecting" | "open" | "reconnecting" | "closed";
+
+export interface StateDetail {
+  state: BridgeState;
+  /** Close code and reason of the close that caused this state (null: none). */
+  code: number | null;
+  reason: string | null;
+  /** Reconnection attempts since the last connection that stayed open 5 s (1 = first retry). */
+  attempt: number;
+  /** Milliseconds before the next attempt ("reconnecting"), else null. */
+  delay: number | null;
+}
+
+export interface PgBridgeOptions {
+  /** A JWT, or a function returning one (called before every connection attempt and
+   * `refreshBefore` seconds before `exp`); sent as `?token=`. */
+  token: string | (() => string | Promise<string>);
+  /** WebSocket constructor (default `globalThis.WebSocket`): the browser's, Node's, or any
+   * with the same `onopen`/`onmessage`/`onclose`/`onerror`, `readyState`, `send`, `close`. */
+  WebSocket?: new (url: string) => WebSocketLike;
+  /** Used to tell why a handshake was refused (default `globalThis.fetch`; null: never). */
+  fetch?: typeof fetch | null;
+  /** Reconnection delays in ms: random() * min(cap, base * 2^(attempt-1)). */
+  backoff?: { base?: number; cap?: number };
+  /** Seconds before the token's `exp` to send a `refresh` with a new token (default 60). */
+  refreshBefore?: number;
+  /** Ms between ack flushes; at most one ack per room per interval (default 1000). */
+  ackInterval?: number;
+  /** Ms of silence after which a `ping` is sent, and after which, again silent, the connection
+   * is dropped and reopened (default: the welcome's `heartbeat`; 0: never). */
+  pingInterval?: number;
+  /** Random source in [0, 1) for the jitter (default Math.random). */
+  random?: () => number;
+}
+
+export interface SubscribeOptions {
+  /** The first subscribe starts after this seq; later ones after `lastSeq`. Omitted: the
+   * server resumes from the user's acknowledged seq, else from the head. */
+  since?: number;
+  /** Each event once, seq strictly increasing. */
+  onEvent?(event: BridgeEvent): void;
+  /** `fatal: true`: the subscription ended (forbidden, not_found, cursor_expired,
+   * membership_revoked, room_deleted, bad_request); subscribe again if appropriate (after
+   * cursor_expired, without `since`). `fatal: false`: informative, it goes on. */
+  onError?(error: BridgeError): void;
+  /** The `subscribed` frame of every (re)subscribe. */
+  onSubscribed?(frame: SubscribedFrame): void;
+  /** Ack each delivered event (batched; default true). */
+  autoAck?: boolean;
+}
+
+export declare class Subscription {
+  readonly room: string;
+  /** The last seq held: the last event delivered, else `since`, else `from` of the first
+   * `subscribed`; null before that. Resubscribes resume after it. */
+  readonly lastSeq: number | null;
+  /** False once ended (unsubscribe(), a fatal error, or the bridge closed). */
+  readonly active: boolean;
+  /** Acknowledge up to `seq` (<= lastSeq, else RangeError); batched. */
+  ack(seq: number): void;
+  /** Stop following the room; pending acks are sent first. Idempotent. */
+  unsubscribe(): void;
+}
+
+export declare class PgBridge extends EventTarget {
+  /** Connects at once. `url`: ws:, wss:, http:, https:, or relative in a browser. */
+  constructor(url: string, options: PgBridgeOptions);
+  readonly url: string;
+  readonly state: BridgeState;
+  /** Throws TypeError for a bad room id or since, Error if already subscribed or closed. */
+  subscribe(room: string, options?: SubscribeOptions): Subscription;
+  /** Sends pending acks, closes with 1000, clears every timer; never reconnects. */
+  close(): void;
+  addEventListener(type: "state", listener: (e: CustomEvent<StateDetail>) => void,
+    options?: ListenerOptions): void;
+  addEventListener(type: "error", listener: (e: CustomEvent<BridgeError>) => void,
+    options?: ListenerOptions): void;
+  addEventListener(type: "reconnect", listener: (e: CustomEvent<{ attempt: number }>) => void,
+    options?: ListenerOptions): void;
+  addEventListener(type: string, listener: ((e: Event) => void) | { handleEvent(e: Event): void }
+    | null, options?: ListenerOptions): void;
+}
+
+/** The `exp` claim (seconds since 1970) of a JWT, unverified; null if unreadable. */
+export declare function tokenExpiry(token: string): number | null;

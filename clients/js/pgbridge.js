@@ -1,0 +1,534 @@
+// pgbridge.js: the browser/Node (>= 20) client of the pgbridge WebSocket protocol
+// (docs/PROTOCOL.md). One dependency-free ES module, no build step; types in pgbridge.d.ts.
+// Resumes rooms after drops with `since`, delivers each seq once and in order, reconnects with
+// capped jittered backoff, renews the token, batches acks, stops on refusals a retry can't fix.
+
+/** Close codes a retry cannot fix (PROTOCOL.md, "Close codes"), with the error code reported. */
+const FATAL_CLOSE = { 1007: "invalid_payload", 1008: "policy_violation",
+  1009: "message_too_big", 4003: "user_deleted" };
+const RETRIED_SUBSCRIBE = new Set(["rate_limited", "internal"]); // refusals that pass
+const ROOM = /^[A-Za-z0-9_-]{1,26}$/;
+const STABLE_MS = 5000; // open and welcomed this long: the backoff starts again from `base`
+const PROBE_TIMEOUT_MS = 10000;
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** The `exp` of a JWT (seconds since 1970), read without verification; null if unreadable.
+ * @param {string} token @returns {number | null} */
+export function tokenExpiry(token) {
+  try {
+    const b64 = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4))).exp;
+    return typeof exp === "number" && Number.isFinite(exp) ? exp : null;
+  } catch {
+    return null;
+  }
+}
+
+function call(fn, arg) { // a throwing application callback must not break the client
+  if (typeof fn !== "function") return;
+  try { fn(arg); } catch (err) { // browsers: reported; Node: uncaught, as from a listener
+    if (typeof globalThis.reportError === "function") globalThis.reportError(err);
+    else queueMicrotask(() => { throw err; });
+  }
+}
+
+function resolveUrl(url) {
+  const u = new URL(String(url), globalThis.location?.href); // relative ("/ws"): browsers only
+  if (u.protocol.startsWith("http")) u.protocol = u.protocol.replace("http", "ws");
+  if (u.protocol !== "ws:" && u.protocol !== "wss:") {
+    throw new TypeError(`pgbridge: not a ws:, wss:, http: or https: URL: ${url}`);
+  }
+  u.hash = "";
+  return u.href;
+}
+
+function withToken(url, token, http = false) {
+  const u = new URL(url);
+  if (http) u.protocol = u.protocol.replace("ws", "http");
+  u.search = (u.search ? u.search.slice(1) + "&" : "") + "token=" + encodeURIComponent(token);
+  return u.href;
+}
+
+/** One room followed by a {@link PgBridge}; made by `bridge.subscribe(room, options)`. */
+export class Subscription {
+  constructor(bridge, room, options) {
+    /** The room (`channels.id`). */
+    this.room = room;
+    /** The seq up to which the room is held: the last event delivered, else the `since`
+     * option, else `from` of the first `subscribed`; null before that. Resumes start after it. */
+    this.lastSeq = options.since ?? null;
+    /** False once ended: unsubscribe(), a fatal error, or the bridge closed. */
+    this.active = true;
+    Object.assign(this, { _bridge: bridge, _options: options, _autoAck: options.autoAck !== false,
+      _ref: null, // ref of the subscribe sent on the current connection, if any
+      _confirmed: false, // `subscribed` received on the current connection
+      _retries: 0, _retryTimer: null, _ackPending: -1, _acked: -1 });
+  }
+
+  /** Acknowledge the room's events up to `seq` (at most `lastSeq`, else RangeError); sent
+   * batched, at most one ack per room per `ackInterval`. Only needed with `autoAck: false`.
+   * @param {number} seq */
+  ack(seq) {
+    if (!Number.isSafeInteger(seq) || seq < 0 || this.lastSeq === null || seq > this.lastSeq) {
+      throw new RangeError(`pgbridge: cannot ack ${seq} in ${this.room} (held: ${this.lastSeq})`);
+    }
+    this._bridge._ack(this, seq);
+  }
+
+  /** Stop following the room (a pending ack is sent first). Idempotent. */
+  unsubscribe() { this._bridge._unsubscribe(this); }
+}
+
+/**
+ * A connection to a pgbridge daemon that follows rooms across reconnects. Connects at once.
+ *
+ * Events (`addEventListener`; the CustomEvent's `detail`):
+ * - `state` `{state, code, reason, attempt, delay}`: `state` is the new `bridge.state`;
+ *   `code`/`reason` those of the close that caused it (else null); `attempt` the reconnection
+ *   attempts since the last connection that stayed open 5 s (1 = first retry); `delay` the ms
+ *   before the next attempt when "reconnecting", else null.
+ * - `error` `{code, message, room?, fatal, closeCode?, status?}`: `fatal` without a room: the
+ *   bridge gave up and is "closed" (`unauthorized`, `forbidden_origin`, `user_deleted` (4003),
+ *   `policy_violation` (1008), `message_too_big` (1009), `invalid_payload` (1007),
+ *   `connect_failed`); `fatal` with a room: that subscription ended (also its onError). Not
+ *   fatal: informative (an `error` frame, `token_unavailable`, ...), the bridge carries on.
+ * - `reconnect` `{attempt}`: each successful re-open after the first.
+ */
+export class PgBridge extends EventTarget {
+  /**
+   * @param {string} url "ws://host:port/ws", "wss://…/ws" (http(s) accepted), or relative
+   *   ("/ws") in a browser. TypeError if unusable.
+   * @param {object} options `token` (string or function returning one, maybe async; called
+   *   before each connection attempt and for refreshes), `WebSocket`, `fetch` (null: never
+   *   probe), `backoff: {base, cap}` (ms), `refreshBefore` (s), `ackInterval` (ms),
+   *   `pingInterval` (ms; default the welcome's heartbeat; 0: none), `random`. See pgbridge.d.ts.
+   */
+  constructor(url, options = {}) {
+    super();
+    this.url = resolveUrl(url);
+    const { token, backoff = {} } = options;
+    const WS = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof token !== "string" && typeof token !== "function") {
+      throw new TypeError("pgbridge: option `token` must be a string or a function");
+    } else if (typeof WS !== "function") { // Node 20: or run with --experimental-websocket
+      throw new TypeError("pgbridge: no global WebSocket: pass option `WebSocket`");
+    }
+    /** @type {"connecting" | "open" | "reconnecting" | "closed"} */
+    this.state = "connecting";
+    Object.assign(this, { _tokenSource: token, _WebSocket: WS,
+      _fetch: options.fetch === undefined ? globalThis.fetch?.bind(globalThis) ?? null
+        : options.fetch || null,
+      _base: backoff.base ?? 250, _cap: backoff.cap ?? 10000,
+      _refreshBefore: options.refreshBefore ?? 60, _ackInterval: options.ackInterval ?? 1000,
+      _pingInterval: options.pingInterval, _random: options.random ?? Math.random,
+      _subs: new Map(), // room -> active Subscription
+      _refs: new Map(), // ref -> {kind, sub?} of requests sent on the current connection
+      _nextRef: 0, _rx: 0,
+      _gen: 0, // bumped by each connection attempt and by close(): stale async work returns
+      _ws: null, _opened: false, _welcomed: false, _everWelcomed: false,
+      _attempt: 0, _authRetried: false, _token: null, _exp: null, _ackFactor: 1, _probe: null,
+      _timers: { reconnect: null, stable: null, ping: null, refresh: null, ack: null } });
+    this._connect();
+  }
+
+  /**
+   * Follow a room; sent now if open, else on the next welcome. TypeError for a bad room id or
+   * `since`; Error if this bridge already follows the room or is closed.
+   * @param {string} room a `channels.id` (1 to 26 of A-Z a-z 0-9 _ -)
+   * @param {object} [options] `since` (integer), `onEvent(event)`, `onError(error)`,
+   *   `onSubscribed(frame)`, `autoAck` (default true). See pgbridge.d.ts.
+   * @returns {Subscription}
+   */
+  subscribe(room, options = {}) {
+    if (this.state === "closed") throw new Error("pgbridge: the bridge is closed");
+    const { since } = options;
+    if (typeof room !== "string" || !ROOM.test(room)) {
+      throw new TypeError(`pgbridge: not a room id: ${room}`);
+    } else if (since != null && !(Number.isSafeInteger(since) && since >= 0)) {
+      throw new TypeError(`pgbridge: since must be an integer >= 0, not ${since}`);
+    }
+    if (this._subs.has(room)) throw new Error(`pgbridge: already subscribed to ${room}`);
+    const sub = new Subscription(this, room, options);
+    this._subs.set(room, sub);
+    this._sendSubscribe(sub);
+    return sub;
+  }
+
+  /** Send pending acks, close with 1000, end every subscription, clear every timer; never
+   * reconnects. Idempotent. */
+  close() {
+    if (this.state === "closed") return;
+    this._flushAcks();
+    const ws = this._ws;
+    this._shutdown();
+    try { ws?.close(1000, "client closed"); } catch { /* already closing */ }
+    this._emit("state", { state: "closed", code: 1000, reason: "client closed",
+      attempt: this._attempt, delay: null });
+  }
+
+  // --- connection -------------------------------------------------------------------------
+
+  async _getToken() { // a non-empty string, or throws
+    const src = this._tokenSource;
+    const token = typeof src === "function" ? await src() : src;
+    if (typeof token !== "string" || !token) throw new TypeError("not a non-empty string");
+    return token;
+  }
+
+  async _connect() {
+    const gen = ++this._gen;
+    const token = await this._getToken().catch((err) => {
+      if (gen !== this._gen) return;
+      this._error({ code: "token_unavailable", message: `no token: ${err?.message ?? err}` });
+      this._retry(null, "no token");
+    });
+    if (gen !== this._gen || token === undefined) return; // closed meanwhile, or retrying
+    Object.assign(this, { _token: token, _exp: tokenExpiry(token), _opened: false });
+    let ws;
+    try {
+      ws = this._ws = new this._WebSocket(withToken(this.url, token));
+    } catch (err) {
+      const message = String(err?.message ?? err);
+      return this._fail({ code: "connect_failed", message }, null, null);
+    }
+    ws.onopen = () => { if (ws === this._ws) this._opened = true; };
+    ws.onmessage = (e) => { if (ws === this._ws) this._onMessage(e.data); };
+    ws.onclose = (e) => { if (ws === this._ws) this._onClose(e.code, e.reason); };
+    // A failed handshake is close 1006 before open; Node 20's WebSocket fires only `error`.
+    ws.onerror = () => { if (ws === this._ws && !this._opened) this._onClose(1006, ""); };
+  }
+
+  _onClose(code, reason) {
+    const opened = this._opened;
+    this._detach();
+    if (FATAL_CLOSE[code]) {
+      return this._fail({ code: FATAL_CLOSE[code], closeCode: code,
+        message: `closed by the server with ${code}${reason ? `: ${reason}` : ""}` }, code, reason);
+    }
+    if (code === 4001 && typeof this._tokenSource !== "function") {
+      return this._fail({ code: "unauthorized", closeCode: code,
+        message: "the token expired (4001) and option `token` is a fixed string" }, code, reason);
+    }
+    if (code === 4001) return this._retry(code, reason, { now: this._attempt === 0 });
+    if (!opened && this._fetch) return this._probeHandshake(code, reason);
+    this._retry(code, reason);
+  }
+
+  /** A browser cannot see why a handshake was refused: ask the same URL without upgrade
+   * headers (426: the token is fine; 401, 403, 429, 503 as in PROTOCOL.md). */
+  async _probeHandshake(code, reason) {
+    const gen = this._gen;
+    const ctl = (this._probe = new AbortController());
+    const timer = setTimeout(() => ctl.abort(), PROBE_TIMEOUT_MS);
+    let status = 0;
+    let retryAfter = NaN;
+    try {
+      const res = await this._fetch(withToken(this.url, this._token, true),
+        { cache: "no-store", credentials: "omit", signal: ctl.signal });
+      status = res.status;
+      retryAfter = Number.parseFloat(res.headers?.get?.("Retry-After"));
+      res.body?.cancel?.().catch?.(() => {});
+    } catch { /* network, CORS, abort: plain backoff */ }
+    clearTimeout(timer);
+    if (gen !== this._gen) return;
+    this._probe = null;
+    const again = status === 401 && !this._authRetried && typeof this._tokenSource === "function";
+    this._authRetried = again; // one fresh token, at once; refused again: fatal
+    if (again) return this._retry(code, reason, { now: true });
+    const fatal = { 401: ["unauthorized", "the token"], 403: ["forbidden_origin", "this origin"] };
+    if (fatal[status]) {
+      return this._fail({ code: fatal[status][0], status,
+        message: `the bridge refused ${fatal[status][1]} (HTTP ${status})` }, code, reason);
+    }
+    const busy = (status === 429 || status === 503) && retryAfter > 0;
+    this._retry(code, reason, { min: busy ? Math.min(retryAfter, 300) * 1000 : 0 });
+  }
+
+  _retry(code, reason, { now = false, min = 0 } = {}) {
+    this._attempt += 1;
+    const delay = now ? 0 : Math.max(min, this._backoff(this._attempt));
+    this.state = "reconnecting";
+    this._emit("state", { state: "reconnecting", code, reason, attempt: this._attempt, delay });
+    this._later("reconnect", delay, () => this._connect());
+  }
+
+  /** Full jitter: random() * min(cap, base * 2^(n-1)) ms for the n-th retry (n >= 1). */
+  _backoff(n) {
+    return this._random() * Math.min(this._cap, this._base * 2 ** Math.min(n - 1, 52));
+  }
+
+  _fail(err, code, reason) {
+    this._shutdown();
+    this._error({ ...err, fatal: true });
+    this._emit("state", { state: "closed", code, reason, attempt: this._attempt, delay: null });
+  }
+
+  /** Forget the current connection: its handlers, timers, refs and subscription states. */
+  _detach() {
+    const ws = this._ws;
+    if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    this._ws = null;
+    this._welcomed = false;
+    this._refs = new Map();
+    for (const name of ["stable", "ping", "refresh"]) this._clear(name);
+    for (const sub of this._subs.values()) {
+      clearTimeout(sub._retryTimer);
+      Object.assign(sub, { _ref: null, _confirmed: false, _retryTimer: null });
+    }
+  }
+
+  /** Close the current connection on purpose and connect again (with a fresh token). */
+  _reconnectNow(reason, now) {
+    const ws = this._ws;
+    this._detach();
+    try { ws?.close(4000, reason); } catch { /* gone */ }
+    this._retry(4000, reason, { now });
+  }
+
+  _shutdown() {
+    this._gen += 1;
+    this.state = "closed";
+    this._probe?.abort();
+    this._probe = null;
+    this._detach();
+    for (const name of Object.keys(this._timers)) this._clear(name);
+    for (const sub of this._subs.values()) sub.active = false;
+    this._subs.clear();
+  }
+
+  _later(name, ms, fn) { // one named timer
+    this._timers[name] = setTimeout(() => {
+      this._timers[name] = null;
+      fn();
+    }, ms);
+  }
+
+  _clear(name) {
+    clearTimeout(this._timers[name]); // also clears an interval
+    this._timers[name] = null;
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(typeof CustomEvent === "function"
+      ? new CustomEvent(type, { detail }) : Object.assign(new Event(type), { detail }));
+  }
+
+  _error(err, sub) {
+    const detail = { fatal: false, ...err };
+    if (sub) call(sub._options.onError, detail);
+    this._emit("error", detail);
+  }
+
+  _send(frame) {
+    if (this._ws?.readyState !== 1) return false;
+    this._ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  _ref(prefix, entry) {
+    const ref = `${prefix}${++this._nextRef}`;
+    if (entry) this._refs.set(ref, entry);
+    return ref;
+  }
+
+  // --- frames -----------------------------------------------------------------------------
+
+  _onMessage(data) {
+    this._rx += 1;
+    let f;
+    try { f = JSON.parse(data); } catch { return; }
+    if (f === null || typeof f !== "object") return;
+    if (f.type === "welcome") this._onWelcome(f);
+    else if (f.type === "subscribed") this._onSubscribed(f);
+    else if (f.type === "event") this._onEvent(f);
+    else if (f.type === "unsubscribed") this._onUnsubscribed(f);
+    else if (f.type === "error") this._onError(f);
+  }
+
+  _onWelcome(f) {
+    if (this._welcomed) return;
+    this._welcomed = true;
+    this._authRetried = false;
+    this._ackFactor = 1;
+    const attempt = this._attempt;
+    this._later("stable", STABLE_MS, () => { this._attempt = 0; });
+    this._startPing(this._pingInterval ?? (Number(f.heartbeat) || 0) * 1000);
+    this._scheduleRefresh();
+    for (const sub of this._subs.values()) this._sendSubscribe(sub);
+    const reconnected = this._everWelcomed;
+    this._everWelcomed = true;
+    this.state = "open";
+    this._emit("state", { state: "open", code: null, reason: null, attempt, delay: null });
+    if (reconnected) this._emit("reconnect", { attempt });
+  }
+
+  _sendSubscribe(sub) {
+    if (!this._welcomed || !sub.active || sub._confirmed) return;
+    sub._ref = this._ref("s", { kind: "subscribe", sub });
+    const frame = { type: "subscribe", room: sub.room, ref: sub._ref };
+    if (sub.lastSeq !== null) frame.since = sub.lastSeq;
+    this._send(frame);
+  }
+
+  _retrySubscribe(sub) {
+    if (sub._retryTimer) return;
+    sub._retryTimer = setTimeout(() => {
+      sub._retryTimer = null;
+      this._sendSubscribe(sub);
+    }, this._backoff(++sub._retries));
+  }
+
+  _onSubscribed(f) {
+    const entry = this._refs.get(f.ref);
+    const sub = this._subs.get(f.room);
+    if (!entry || entry.sub !== sub || sub._confirmed) return;
+    this._refs.delete(f.ref);
+    clearTimeout(sub._retryTimer);
+    Object.assign(sub, { _confirmed: true, _retries: 0, _retryTimer: null });
+    if (sub.lastSeq === null && Number.isSafeInteger(f.from)) sub.lastSeq = f.from;
+    if (sub._ackPending > sub._acked) this._scheduleAcks();
+    call(sub._options.onSubscribed, f);
+  }
+
+  _onEvent(f) {
+    const sub = this._subs.get(f.room);
+    if (!sub?._confirmed || !Number.isSafeInteger(f.seq)) return; // not (yet) ours
+    if (sub.lastSeq !== null && f.seq <= sub.lastSeq) return; // held already: a resend
+    sub.lastSeq = f.seq;
+    if (sub._autoAck) this._ack(sub, f.seq);
+    call(sub._options.onEvent, f);
+  }
+
+  _onUnsubscribed(f) {
+    this._refs.delete(f.ref); // the answer to our unsubscribe, if it is one
+    const sub = this._subs.get(f.room);
+    if (!sub?._confirmed || f.reason === "client") return;
+    this._end(sub, { code: String(f.reason), room: sub.room, fatal: true,
+      message: `subscription ended by the server: ${f.reason}` });
+  }
+
+  _onError(f) {
+    const err = { code: f.code, message: f.message, ...(f.room != null && { room: f.room }) };
+    const entry = f.ref != null ? this._refs.get(f.ref) : undefined;
+    this._refs.delete(f.ref);
+    if (entry?.kind === "subscribe") {
+      const { sub } = entry;
+      if (!sub.active || sub._confirmed || this._subs.get(sub.room) !== sub) return; // stale
+      if (RETRIED_SUBSCRIBE.has(f.code)) {
+        this._error(err, sub);
+        return this._retrySubscribe(sub);
+      }
+      return this._end(sub, { ...err, room: sub.room, fatal: true });
+    }
+    if (entry?.kind === "unsubscribe") return; // about a room we left
+    if (entry?.kind === "refresh" || (!entry && f.code === "unauthorized")) { // only refresh
+      this._error(err);
+      if (f.code !== "unauthorized") return this._refreshLater(true);
+      return this._reconnectNow("refresh refused", this._attempt === 0); // with a fresh token
+    }
+    if (f.code === "rate_limited" && f.ref == null && f.room == null) {
+      // A frame was dropped unanswered: slow acks down, and send again, after a backoff
+      // delay, the subscribes still unanswered then (a duplicate is refused, and ignored).
+      this._ackFactor = Math.min(this._ackFactor * 2, 32);
+      for (const sub of this._subs.values()) {
+        if (sub._ref && !sub._confirmed) this._retrySubscribe(sub);
+      }
+    }
+    const sub = f.room != null ? this._subs.get(f.room) : undefined;
+    this._error(err, sub?._confirmed ? sub : undefined);
+  }
+
+  _unsubscribe(sub) {
+    if (!sub.active) return;
+    if (sub._confirmed && sub._ackPending > sub._acked) {
+      this._send({ type: "ack", room: sub.room, seq: sub._ackPending });
+    }
+    const ref = sub._ref && this._ref("u", { kind: "unsubscribe" });
+    if (ref) this._send({ type: "unsubscribe", room: sub.room, ref });
+    this._end(sub);
+  }
+
+  _end(sub, err) { // by unsubscribe(), or by the server (err: fatal for it)
+    sub.active = false;
+    clearTimeout(sub._retryTimer);
+    if (this._subs.get(sub.room) === sub) this._subs.delete(sub.room);
+    if (err) this._error(err, sub);
+  }
+
+  // --- acks -------------------------------------------------------------------------------
+
+  _ack(sub, seq) {
+    if (!sub.active || seq <= sub._acked || seq <= sub._ackPending) return;
+    sub._ackPending = seq;
+    this._scheduleAcks();
+  }
+
+  /** One timer for all rooms, and a flush sends at most one ack per room: so at most one ack
+   * per room per interval (longer after a `rate_limited` without ref). */
+  _scheduleAcks() {
+    if (this._timers.ack || this.state === "closed") return;
+    this._later("ack", this._ackInterval * this._ackFactor, () => this._flushAcks());
+  }
+
+  _flushAcks() { // rooms not (yet) confirmed on this connection wait for their `subscribed`
+    if (!this._welcomed) return;
+    for (const sub of this._subs.values()) {
+      if (!sub._confirmed || sub._ackPending <= sub._acked) continue;
+      if (!this._send({ type: "ack", room: sub.room, seq: sub._ackPending })) return;
+      sub._acked = sub._ackPending;
+    }
+  }
+
+  // --- liveness and token refresh ---------------------------------------------------------
+
+  /** Browsers do not see the server's pings: after an interval without any frame, send a
+   * `ping`; after another one still silent, the connection is dead: reconnect. */
+  _startPing(interval) {
+    if (!(interval > 0)) return;
+    let seen = this._rx;
+    let pinged = false;
+    this._timers.ping = setInterval(() => {
+      if (this._rx !== seen) {
+        seen = this._rx;
+        pinged = false;
+      } else if (pinged) {
+        this._reconnectNow("no answer to ping", false);
+      } else {
+        pinged = true;
+        this._send({ type: "ping", ref: this._ref("p") });
+      }
+    }, interval);
+  }
+
+  _scheduleRefresh(delay) {
+    this._clear("refresh");
+    if (typeof this._tokenSource !== "function" || this._exp === null) return;
+    if (delay === undefined) delay = (this._exp - this._refreshBefore) * 1000 - Date.now();
+    this._later("refresh", Math.min(Math.max(delay, 0), MAX_TIMER_MS), () => {
+      if (delay > MAX_TIMER_MS) this._scheduleRefresh(); // far away: wait again
+      else this._refresh();
+    });
+  }
+
+  /** Ask again later: halfway to `exp`, 1 to 30 s away (after a backoff delay when `soon`). */
+  _refreshLater(soon = false) {
+    const left = this._exp * 1000 - Date.now();
+    if (!(left > 0)) return; // expired: the server closes with 4001, and we reconnect
+    this._scheduleRefresh(soon ? this._backoff(3) : Math.min(Math.max(left / 2, 1000), 30000));
+  }
+
+  async _refresh() {
+    const { _gen: gen, _ws: ws } = this;
+    const token = await this._getToken().catch((err) => {
+      if (gen !== this._gen || ws !== this._ws) return;
+      this._error({ code: "token_unavailable", message: `no token: ${err?.message ?? err}` });
+      this._refreshLater();
+    });
+    if (gen !== this._gen || ws !== this._ws || !this._welcomed || token === undefined) return;
+    const exp = tokenExpiry(token);
+    if (token === this._token || (exp !== null && exp <= this._exp)) return this._refreshLater();
+    this._send({ type: "refresh", token, ref: this._ref("r", { kind: "refresh" }) });
+    Object.assign(this, { _token: token, _exp: exp });
+    this._scheduleRefresh();
+  }
+}
