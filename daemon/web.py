@@ -5,6 +5,8 @@ The files live in ``clients/js/`` (``daemon/web`` in a wheel): ``pgbridge.js`` a
 ``/pgbridge.d.ts``, and, only while the demo is on (``PGBRIDGE_DEMO``; on by default with the
 embedded database), the demo page at ``/`` with its script and style sheet. Each response has a
 content type, an ``ETag`` (``If-None-Match`` is answered 304) and ``Cache-Control: no-cache``; the
+client files may be imported by pages of any origin (``Access-Control-Allow-Origin: *``: public
+code; whether such a page may connect is ``PGBRIDGE_ALLOWED_ORIGINS``'s call), and the
 page has a Content-Security-Policy that lets it run only its own scripts and talk only to its
 own origin. Pure apart from reading the files once.
 """
@@ -48,6 +50,9 @@ class Asset:
                  ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
         if self.content_type.startswith("text/html"):
             extra.append(("Content-Security-Policy", PAGE_POLICY))
+        else:  # a page of another origin imports the client as a module (a CORS request);
+            # public code, fetched without credentials
+            extra.append(("Access-Control-Allow-Origin", "*"))
         return tuple(extra)
 
     def fresh(self, if_none_match: str | None) -> bool:

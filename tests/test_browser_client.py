@@ -23,7 +23,8 @@ import psycopg
 import pytest
 
 from daemon.auth import mint_token
-from tests.browser import async_chromium, run_async
+from daemon.origins import parse_allowlist
+from tests.browser import StaticServer, async_chromium, run_async
 from tests.conftest import running_bridge
 from tests.helpers import SECRET, make_room, make_user, post
 from tests.procs import DaemonProcess, free_port, until
@@ -194,6 +195,49 @@ async def test_a_page_keeps_every_event_across_4001_sigkill_and_4008(
         await proxy.close()
         await daemon.kill()
 
+
+
+CROSS_ORIGIN = """
+const [bridgeOrigin, room, token, done] = arguments;
+import(bridgeOrigin + '/client.js').then(({PgBridge}) => {
+  const t = window.t = {got: [], states: []};
+  t.bridge = new PgBridge(bridgeOrigin.replace('http', 'ws') + '/ws',
+                          {token, backoff: {base: 100, cap: 500}});
+  t.bridge.addEventListener('state', e => t.states.push(e.detail.state));
+  t.bridge.subscribe(room, {since: 0, onEvent: ev => t.got.push(ev.seq)});
+  done(true);
+}, err => done(String(err)));
+"""
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+async def test_a_page_of_another_origin_works_once_allowed(db_url: str, conn: AsyncConn,
+                                                           allowed: bool) -> None:
+    """The page imports client.js from the bridge (a CORS module import) and connects; the
+    bridge admits it only when its origin is in PGBRIDGE_ALLOWED_ORIGINS."""
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    page = "<!doctype html><meta charset=utf-8><title>app</title><p>app"
+    with StaticServer({"/app.html": page}) as site:
+        allowlist = parse_allowlist(site.origin if allowed else None)
+        async with (running_bridge(db_url, allowed_origins=allowlist) as bridge,
+                    async_chromium() as driver):
+            await asyncio.to_thread(driver.get, site.url("/app.html"))
+            origin = f"http://127.0.0.1:{bridge.port}"
+            token = mint_token(SECRET, user, ttl=3600)
+            assert await run_async(driver, CROSS_ORIGIN, origin, room, token) is True
+            if allowed:
+                n = await head(conn, room)
+                got = await page_until(driver, f"window.t.got.length >= {n} && window.t.got",
+                                       "the room's events on the other origin's page")
+                assert got == list(range(1, n + 1))
+            else:
+                await page_until(driver, "window.t.states.filter(s => s === 'reconnecting')"
+                                         ".length >= 2", "two refused attempts")
+                assert "open" not in await page_value(driver, "return window.t.states")
+                assert bridge.metrics.handshake_refusals.labels(
+                    "forbidden_origin")._value.get() >= 2
+            await page_value(driver, "window.t.bridge.close(); return true;")
 
 # --- what is served -------------------------------------------------------------------------
 
