@@ -10,7 +10,39 @@ import socket
 from typing import Any
 
 
-class FreezingProxy:
+class _Proxy:
+    """Accepts connections on 127.0.0.1 (a free port, returned by :meth:`start`) and runs
+    :meth:`_handle` for each; :meth:`close` resumes whatever was held up and ends them all."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def resume(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> int:
+        def spawn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            task = asyncio.create_task(self._handle(r, w))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self.server = await asyncio.start_server(spawn, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        self.resume()
+        if self.server is not None:
+            self.server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class FreezingProxy(_Proxy):
     """TCP proxy to the test PostgreSQL.
 
     :meth:`freeze_listeners` black-holes the server→client direction of the connections that
@@ -22,6 +54,7 @@ class FreezingProxy:
     """
 
     def __init__(self, upstream: dict[str, Any]) -> None:
+        super().__init__()
         self.upstream = upstream
         self.listener_connections = 0
         self.new_listener = asyncio.Event()
@@ -32,9 +65,7 @@ class FreezingProxy:
         self.refusing = False
         self._trip: bytes | None = None
         self.tripped = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._pumps: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
 
     async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host = str(self.upstream.get("host") or "localhost")
@@ -113,35 +144,19 @@ class FreezingProxy:
         for state in self._states:
             state["frozen"] = False
 
-    async def start(self) -> int:
-        def spawn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            task = asyncio.create_task(self._handle(r, w))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        self.server = await asyncio.start_server(spawn, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-class PausingProxy:
+class PausingProxy(_Proxy):
     """TCP proxy to ``127.0.0.1:port`` (a bridge) whose server-to-client direction can be
     paused: it then stops reading from the server, so the server's socket fills up exactly as
     with a client that stops reading (its own receive buffer is kept small to make that quick).
     """
 
     def __init__(self, port: int) -> None:
+        super().__init__()
         self.port = port
         self.running = asyncio.Event()
         self.running.set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -176,19 +191,3 @@ class PausingProxy:
     def resume(self) -> None:
         self.running.set()
 
-    async def start(self) -> int:
-        def spawn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            task = asyncio.create_task(self._handle(r, w))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        self.server = await asyncio.start_server(spawn, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        self.resume()
-        if self.server is not None:
-            self.server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
