@@ -173,11 +173,9 @@ def connection_class(on_abandoned: Callable[[], None]) -> type[BridgeConnection]
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str,
-              extra: tuple[tuple[str, str], ...] = ()) -> Response:
-    cache = () if any(name == "Cache-Control" for name, _ in extra) else (
-        ("Cache-Control", "no-store"),)
+              extra: tuple[tuple[str, str], ...] = (), *, cache: str = "no-store") -> Response:
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       *cache, *extra])
+                       ("Cache-Control", cache), *extra])
     return Response(status.value, status.phrase, headers, body)
 
 
@@ -323,9 +321,10 @@ async def _route(bridge: Bridge, connection: ServerConnection,
         asset = asset_for(path, demo=bridge.settings.demo is True)
         if asset is None:
             return _json(HTTPStatus.NOT_FOUND, {"error": "not found; the WebSocket is at /ws"})
-        if asset.fresh(request.headers.get("If-None-Match")):
-            return _response(HTTPStatus.NOT_MODIFIED, b"", asset.content_type, asset.headers())
-        return _response(HTTPStatus.OK, asset.body, asset.content_type, asset.headers())
+        status = (HTTPStatus.NOT_MODIFIED if asset.fresh(request.headers.get("If-None-Match"))
+                  else HTTPStatus.OK)
+        return _response(status, asset.body if status is HTTPStatus.OK else b"",
+                         asset.content_type, asset.headers(), cache="no-cache")
     async with bridge.handshake_gate:
         # A flood of upgrades becomes ready all at once; asyncio would run every one of them
         # before it looks at a socket again, the listener's included. Through the gate, a few

@@ -46,8 +46,10 @@ class Asset:
     etag: str
 
     def headers(self) -> tuple[tuple[str, str], ...]:
-        extra = [("ETag", self.etag), ("Cache-Control", "no-cache"),
-                 ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
+        """Headers besides the content type and length (served with ``Cache-Control:
+        no-cache``: revalidated with the ETag on every use)."""
+        extra = [("ETag", self.etag), ("X-Content-Type-Options", "nosniff"),
+                 ("Referrer-Policy", "no-referrer")]
         if self.content_type.startswith("text/html"):
             extra.append(("Content-Security-Policy", PAGE_POLICY))
         else:  # a page of another origin imports the client as a module (a CORS request);

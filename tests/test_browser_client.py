@@ -26,7 +26,7 @@ from daemon.auth import mint_token
 from daemon.origins import parse_allowlist
 from tests.browser import StaticServer, async_chromium, run_async
 from tests.conftest import running_bridge
-from tests.helpers import SECRET, make_room, make_user, post
+from tests.helpers import SECRET, head, make_room, make_user, post
 from tests.procs import DaemonProcess, free_port, until
 from tests.proxy import PausingProxy
 
@@ -48,11 +48,6 @@ async def page_until(driver: Any, script: str, what: str, timeout: float = 30.0)
 
     await until(holds, what, timeout=timeout, every=0.1)
     return result[0]
-
-
-async def head(conn: AsyncConn, room: str) -> int:
-    cur = await conn.execute("SELECT last_seq FROM change_sequences WHERE room_id = %s", [room])
-    return int((await cur.fetchone() or (0,))[0])
 
 
 # --- the demo page --------------------------------------------------------------------------
@@ -269,6 +264,7 @@ async def test_the_client_is_served_with_an_etag_and_the_page_only_with_the_demo
         status, fields, body = await get(bridge.port, "/client.js")
         assert status == 200 and fields["content-type"] == "text/javascript; charset=utf-8"
         assert b"export class PgBridge" in body and fields["etag"].startswith('"')
+        assert fields["cache-control"] == "no-cache"
         status, _, body = await get(bridge.port, "/client.js", f"If-None-Match: {fields['etag']}")
         assert (status, body) == (304, b"")
         status, fields, _ = await get(bridge.port, "/client.d.ts")

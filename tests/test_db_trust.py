@@ -11,7 +11,6 @@ what the real writes made.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import uuid
@@ -44,7 +43,7 @@ from tests.helpers import (
     send,
     subscribe,
 )
-from tests.procs import until
+from tests.procs import run_cli, until
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
@@ -94,14 +93,6 @@ def trust_db(create_database: Callable[[], str], roles: Roles) -> Iterator[Trust
     with psycopg.connect(url, autocommit=True) as conn:  # so that the roles can be dropped
         conn.execute(sql.SQL("DROP OWNED BY {}, {}, {}").format(
             *map(sql.Identifier, (roles.app, roles.bridge, roles.nobody))))
-
-
-async def run_cli_setup(conninfo: str, cwd: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "setup_db.py"), *args, env=conninfo_env(conninfo), cwd=cwd,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 @asynccontextmanager
@@ -414,8 +405,9 @@ async def test_a_grant_to_a_missing_or_owning_role_is_refused(trust_db: TrustDB,
 
 async def test_setup_db_grants_from_the_command_line(trust_db: TrustDB, roles: Roles,
                                                     tmp_path: Path) -> None:
-    code, out, err = await run_cli_setup(trust_db.owner, tmp_path, "--grant-app", roles.app,
-                                         "--grant-bridge", roles.bridge)
+    code, out, err = await run_cli(sys.executable, str(ROOT / "setup_db.py"), "--grant-app",
+                                   roles.app, "--grant-bridge", roles.bridge,
+                                   env=conninfo_env(trust_db.owner), cwd=tmp_path)
     assert code == 0, err
     assert out.splitlines() == [
         f"schema public at {describe(trust_db.owner)}: already up to date, nothing changed",

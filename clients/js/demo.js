@@ -110,16 +110,21 @@ if (!token || rooms.length === 0) {
     if (detail.fatal && !detail.room) problem(`stopped: ${detail.code}: ${detail.message}`);
   });
   for (const room of rooms) {
+    let sub;
     const view = new RoomView(room);
-    const sub = bridge.subscribe(room, {
-      since: 0, // the demo shows the room's whole retained history
-      onSubscribed: (frame) => view.cursor(sub.lastSeq, `, room head at subscribe: ${frame.head}`),
-      onEvent: (event) => {
-        view.apply(event);
-        view.cursor(event.seq);
-      },
-      onError: (err) => view.cursor(sub.lastSeq, ` — ${err.code}: ${err.message}`),
-    });
+    try { // the address is the user's to type: subscribe() refuses what is not a room id
+      sub = bridge.subscribe(room, {
+        since: 0, // the demo shows the room's whole retained history
+        onSubscribed: (frame) => view.cursor(sub.lastSeq, `, room head at subscribe: ${frame.head}`),
+        onEvent: (event) => {
+          view.apply(event);
+          view.cursor(event.seq);
+        },
+        onError: (err) => view.cursor(sub.lastSeq, ` — ${err.code}: ${err.message}`),
+      });
+    } catch (err) {
+      view.cursor(null, ` — not followed: ${err.message}`);
+    }
   }
   window.pgbridgeDemo = { bridge }; // for a look from the browser's console
 }
