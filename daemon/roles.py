@@ -9,7 +9,9 @@
 * **bridge** (``setup_db.py --grant-bridge ROLE``): what the daemon reads and writes
   (:data:`BRIDGE_PRIVILEGES`): the log and the signing key, the columns that decide access
   (ids and ``deleted_at`` of users and rooms, memberships; no personal data), ``sync_state``,
-  and ``DELETE`` on ``change_events`` for retention.
+  and ``DELETE`` on ``change_events`` for retention; for presence, ``user_status`` and the
+  presence tables to read and the presence functions to call (:data:`BRIDGE_FUNCTIONS`), which
+  write them as the owner.
 
 Each grant first revokes everything the role holds on the schema's tables, so a role that was
 given more by hand ends with exactly this. The embedded database keeps one role (the owner).
@@ -25,7 +27,8 @@ from psycopg.rows import TupleRow
 
 from .errors import SchemaError
 
-__all__ = ["APP_FUNCTIONS", "APP_TABLES", "BRIDGE_PRIVILEGES", "Grants", "apply_grants"]
+__all__ = ["APP_FUNCTIONS", "APP_TABLES", "BRIDGE_FUNCTIONS", "BRIDGE_PRIVILEGES", "Grants",
+           "apply_grants"]
 
 APP_TABLES = ("users", "channels", "messages", "channel_members", "user_settings", "user_status",
               "sync_state", "reactions", "files", "message_reads")
@@ -39,11 +42,21 @@ BRIDGE_PRIVILEGES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "change_notify_key": ("SELECT", None),
     "schema_migrations": ("SELECT", None),
     "sync_state": ("SELECT, INSERT, UPDATE", None),
+    "user_status": ("SELECT", None),
+    "presence_instances": ("SELECT", None),
+    "presence_sessions": ("SELECT", None),
 }
 # Functions of the schema the application may call besides those open to PUBLIC (gen_ulid, ...):
 # name -> argument types. pgbridge_lock_rooms takes the room counters of a multi-room
 # transaction in a fixed order (sql/triggers/30_room_lock_order.sql, README "Deadlocks").
 APP_FUNCTIONS: dict[str, str] = {"pgbridge_lock_rooms": "text[]"}
+# Functions the bridge calls: presence transitions, leases and their expiry
+# (sql/triggers/40_presence.sql).
+BRIDGE_FUNCTIONS: dict[str, str] = {
+    "pgbridge_presence_sync": "text, double precision, text[], double precision[]",
+    "pgbridge_presence_reap": "",
+    "pgbridge_presence_retire": "text, double precision, text[], double precision[]",
+}
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,18 @@ async def _revoke_all(conn: psycopg.AsyncConnection[TupleRow], schema: sql.Ident
     await conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA {} FROM {}").format(
         schema, role))
     await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, role))
+
+
+async def _grant_functions(conn: psycopg.AsyncConnection[TupleRow], schema: str,
+                           functions: dict[str, str], role: sql.Identifier) -> None:
+    """EXECUTE on those of ``functions`` (name -> argument types) that exist."""
+    for function, args in functions.items():
+        exists = await conn.execute("SELECT to_regprocedure(%s) IS NOT NULL",
+                                    [f"{sql.Identifier(schema, function).as_string(conn)}"
+                                     f"({args})"])
+        if (await exists.fetchone() or (False,))[0]:
+            await conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {}({}) TO {}").format(
+                sql.Identifier(schema, function), sql.SQL(args), role))
 
 
 async def apply_grants(conn: psycopg.AsyncConnection[TupleRow], schema: str,
@@ -88,13 +113,7 @@ async def apply_grants(conn: psycopg.AsyncConnection[TupleRow], schema: str,
         await _revoke_all(conn, s, role)
         await conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
             sql.SQL(", ").join(sql.Identifier(schema, t) for t in APP_TABLES), role))
-        for function, args in APP_FUNCTIONS.items():
-            exists = await conn.execute("SELECT to_regprocedure(%s) IS NOT NULL",
-                                        [f"{sql.Identifier(schema, function).as_string(conn)}"
-                                         f"({args})"])
-            if (await exists.fetchone() or (False,))[0]:
-                await conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {}({}) TO {}").format(
-                    sql.Identifier(schema, function), sql.SQL(args), role))
+        await _grant_functions(conn, schema, APP_FUNCTIONS, role)
     for name in grants.bridge:
         role = sql.Identifier(name)
         await _revoke_all(conn, s, role)
@@ -107,6 +126,7 @@ async def apply_grants(conn: psycopg.AsyncConnection[TupleRow], schema: str,
                 await conn.execute(sql.SQL("GRANT {} ({}) ON {} TO {}").format(
                     sql.SQL(privileges), sql.SQL(", ").join(map(sql.Identifier, columns)),
                     target, role))
+        await _grant_functions(conn, schema, BRIDGE_FUNCTIONS, role)
     cur = await conn.execute(
         "SELECT coalesce(r.rolname, 'PUBLIC') FROM pg_namespace n, aclexplode(n.nspacl) a "
         "LEFT JOIN pg_roles r ON r.oid = a.grantee "

@@ -65,16 +65,21 @@ _LOCK = (0x70676272, 1)  # "pgbr"
 TABLES = (
     "users", "channels", "messages", "channel_members", "user_settings", "user_status",
     "sync_state", "reactions", "files", "message_reads", "change_sequences", "change_events",
-    "change_notify_key", "schema_migrations", "schema_files",
+    "change_notify_key", "schema_migrations", "schema_files", "presence_instances",
+    "presence_sessions",
 )
 PUBLISHED = ("channels", "messages", "channel_members", "reactions", "files", "message_reads")
 FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_listen_channel", "pgbridge_hmac",
              "pgbridge_event_frame", "pgbridge_capture", "pgbridge_user_gone",
-             "pgbridge_lock_rooms", "pgbridge_lock_user_rooms")
+             "pgbridge_lock_rooms", "pgbridge_lock_user_rooms", "pgbridge_typing_channel",
+             "pgbridge_presence_set", "pgbridge_presence_sync", "pgbridge_presence_reap",
+             "pgbridge_presence_retire", "pgbridge_status_truth", "pgbridge_presence_hint")
 # Functions that run as the owner: SECURITY DEFINER, search_path pinned with pg_temp last, and
 # no EXECUTE for PUBLIC (sql/triggers/10_change_capture.sql, "Trust").
 DEFINER_FUNCTIONS = ("pgbridge_capture", "pgbridge_user_gone", "pgbridge_lock_rooms",
-                     "pgbridge_lock_user_rooms")
+                     "pgbridge_lock_user_rooms", "pgbridge_presence_set", "pgbridge_presence_sync",
+                     "pgbridge_presence_reap", "pgbridge_presence_retire", "pgbridge_status_truth",
+                     "pgbridge_presence_hint")
 # Bumped when the way the files are applied changes (the search_path they are applied with,
 # say): every file's recorded checksum then differs and the next run applies them again.
 APPLY_FORMAT = 2
@@ -85,6 +90,9 @@ MAX_WAIT = 60.0
 # the triggers on users: that tell the daemon a user lost access (sql/triggers/20_access.sql),
 # and that take a deleted user's rooms in a fixed order (sql/triggers/30_room_lock_order.sql)
 USERS_TRIGGERS = ("users_access_update", "users_access_delete", "users_lock_rooms")
+# the triggers on user_status that keep 'online'/'offline' true and tell the daemon to read a
+# user's presence again (sql/triggers/40_presence.sql)
+USER_STATUS_TRIGGERS = ("user_status_truth", "user_status_hint", "user_status_hint_update")
 
 
 def _sql_dir() -> Traversable:
@@ -330,6 +338,8 @@ async def _problems(conn: psycopg.AsyncConnection[TupleRow], schema: str, *,
                  for t in PUBLISHED if f"{t}_capture" not in triggers]
     problems += [f"trigger {t} on {schema}.users is missing or disabled"
                  for t in USERS_TRIGGERS if t not in triggers]
+    problems += [f"trigger {t} on {schema}.user_status is missing or disabled"
+                 for t in USER_STATUS_TRIGGERS if t not in triggers]
     if "change_notify_key" in tables:
         cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
             sql.Identifier(schema, "change_notify_key")))

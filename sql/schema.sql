@@ -272,6 +272,35 @@ BEGIN
 END
 $$;
 
+-- ---------------------------------------------------------------------------------------------
+-- Presence (DESIGN.md, "Presence and ephemeral signals"; README, "Presence and typing"): which
+-- bridge instance holds a connection of which user. Written only by the presence functions of
+-- sql/triggers/40_presence.sql, which run as the owner; the bridge role calls them and reads.
+-- A user is online while some row of presence_sessions names them; an instance renews its lease
+-- (expires_at) every third of PGBRIDGE_PRESENCE_LEASE, and any instance deletes the rows of one
+-- whose lease has run out, turning its users offline (pgbridge_presence_reap).
+-- ---------------------------------------------------------------------------------------------
+
+CREATE TABLE IF NOT EXISTS presence_instances (
+    instance_id VARCHAR(26) PRIMARY KEY,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS presence_instances_expires_idx ON presence_instances (expires_at);
+
+-- One row per user with at least one connection on the instance (or one closed less than the
+-- grace period ago). closed_at is set only when an instance shuts down with the user's last
+-- connection already closed: the reaper then takes it, not the shutdown, as the user's last_seen.
+CREATE TABLE IF NOT EXISTS presence_sessions (
+    instance_id VARCHAR(26) NOT NULL
+        CONSTRAINT presence_sessions_instance_fkey REFERENCES presence_instances (instance_id),
+    user_id VARCHAR(26) NOT NULL,
+    closed_at TIMESTAMPTZ,
+    PRIMARY KEY (instance_id, user_id)
+);
+CREATE INDEX IF NOT EXISTS presence_sessions_user_idx ON presence_sessions (user_id);
+
 -- Ledger of the files applied every time (schema.sql and sql/triggers/): the SHA-256 of each as
 -- last applied, so that a run over an unchanged, intact schema changes nothing and takes no lock
 -- a writer would wait for (daemon/schema.py).
@@ -282,5 +311,5 @@ CREATE TABLE IF NOT EXISTS schema_files (
 );
 
 -- Tables only the owner writes: nobody else gets anything unless setup_db.py grants it.
-REVOKE ALL ON change_sequences, change_events, change_notify_key, schema_migrations, schema_files
-    FROM PUBLIC;
+REVOKE ALL ON change_sequences, change_events, change_notify_key, schema_migrations, schema_files,
+    presence_instances, presence_sessions FROM PUBLIC;

@@ -334,9 +334,13 @@ async def test_private_tables_emit_nothing(capture_db: str, schema: str) -> None
             key = "id" if table == "users" else "user_id"
             await conn.execute(sql.SQL("DELETE FROM {} WHERE {} = %s").format(
                 sql.Identifier(table), sql.Identifier(key)), [user])
-        # The user's hard delete rings the bell with its id and nothing else (20_access.sql).
+        # user_status rings a presence hint with the user's id, and nothing else, when a row
+        # appears or goes (the UPDATE to 'online' stores 'offline', true of a user with no
+        # connection, and rings nothing: 40_presence.sql); the user's hard delete rings the
+        # access hint (20_access.sql).
         notes = await drain(listener, conn, schema)
-        assert [json.loads(n) for n in notes] == [{"access": "user", "user": user}]
+        assert [json.loads(n) for n in notes] == [{"presence": "user", "user": user}] * 2 + [
+            {"access": "user", "user": user}]
         assert await one(conn, "SELECT count(*) FROM change_events") == events_before
         assert await one(conn, "SELECT coalesce(sum(last_seq), 0) FROM change_sequences") \
             == seqs_before

@@ -31,7 +31,7 @@ SPEC_TABLES = (
     "user_status", "message_reads", "sync_state",
 )
 LOG_TABLES = ("change_sequences", "change_events", "change_notify_key", "schema_migrations",
-              "schema_files")
+              "schema_files", "presence_instances", "presence_sessions")
 
 # Spec 003, "Schema Documentation", verbatim: the ten CREATE TABLE statements (foreign keys
 # without ON DELETE, no CHECKs, no key defaults). A database built from this is what an
@@ -196,6 +196,7 @@ FK_RULES = {
     ("files", "message_id"): "CASCADE",
     ("message_reads", "message_id"): "CASCADE",
     ("message_reads", "user_id"): "CASCADE",
+    ("presence_sessions", "instance_id"): "NO ACTION",
 }
 CROCKFORD = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")
 SETUP_DB = str(ROOT / "setup_db.py")
