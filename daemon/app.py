@@ -37,6 +37,8 @@ from .handshake import BridgeConnection, Health, connection_class, process_reque
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
+from .presence_feed import PresenceFeed
+from .presence_writer import PresenceWriter
 from .ratelimit import ClientLimits
 from .server import CLOSE_OVERLOADED, CLOSE_POLICY, Client
 from .settings import DaemonSettings, DatabaseSettings, SSHSettings, load_environment
@@ -62,7 +64,11 @@ class Bridge:
         self.metrics = Metrics()
         self.store = Store(conninfo, schema=settings.schema, max_size=settings.pool_size)
         self.access = Access(self.store, self.metrics, interval=settings.access_check_interval)
+        self.presence_feed = PresenceFeed(self.store, self.hub, self.metrics)
+        self.presence = PresenceWriter(self.store, self.metrics, grace=settings.presence_grace,
+                                       lease=settings.presence_lease)
         self.listener = Listener(conninfo, self.hub, self.store, self.metrics, self.access,
+                                 self.presence_feed,
                                  probe_interval=settings.probe_interval,
                                  probe_timeout=max(2.0, min(settings.probe_interval, 10.0)))
         self.acks = AckBuffer()
@@ -107,12 +113,14 @@ class Bridge:
         self.clients.add(client)
         self.access.opened(client)
         self.limits.opened(claims.sub)
+        self.presence.opened(claims.sub)
         self.metrics.connections.inc()
         try:
             await client.run()
         finally:
             self.clients.discard(client)
             self.access.closed(client)
+            self.presence.closed(claims.sub)
             self.limits.closed(claims.sub)
             self.metrics.connections.dec()
 
@@ -143,7 +151,9 @@ class Bridge:
                 raise DatabaseError(f"{describe(self.conninfo)} is a hot standby (read-only): "
                                     "LISTEN/NOTIFY needs the primary; point pgbridge at it")
             tasks.add(asyncio.create_task(self.listener.run(), name="listener"))
+            tasks.add(asyncio.create_task(self.presence_feed.run(), name="presence-feed"))
             await self._wait_ready(tasks)
+            await self.store.check_presence_grants()
             server = await websockets.serve(
                 self._handler, self.settings.host, self.settings.port,
                 process_request=lambda conn, req: process_request(self, conn, req),
@@ -156,6 +166,7 @@ class Bridge:
             tasks.add(asyncio.create_task(self.ack_writer.run(), name="ack-writer"))
             tasks.add(asyncio.create_task(self._prune_forever(), name="pruner"))
             tasks.add(asyncio.create_task(self.access.run(), name="access-check"))
+            tasks.add(asyncio.create_task(self.presence.run(), name="presence-writer"))
             self.started.set()
             # Start-up objects (modules, classes, settings) are never garbage: freezing them
             # (after a collection, so that no garbage is frozen with them) spares every full
@@ -184,6 +195,8 @@ class Bridge:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if server is not None:
+                await self.presence.retire()
             try:
                 await self.ack_writer.flush()
             except BridgeError as exc:

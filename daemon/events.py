@@ -11,7 +11,7 @@ from typing import Any
 
 from .protocol import is_id, load_json
 
-__all__ = ["Event", "Pointer", "Probe", "UserHint", "parse_notify"]
+__all__ = ["Event", "Pointer", "PresenceHint", "Probe", "UserHint", "parse_notify"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +20,8 @@ class Event:
 
     ``revokes`` is the ``users.id`` whose membership this event ends (a ``channel_members``
     DELETE), ``ends_room`` is true for a room deleted or soft-deleted (``channels`` DELETE, or
-    UPDATE with ``deleted_at`` set).
+    UPDATE with ``deleted_at`` set), ``joins`` the ``users.id`` whose membership it adds or
+    changes (a ``channel_members`` INSERT or UPDATE: the room's presence watchers learn of them).
     """
 
     room: str
@@ -28,6 +29,7 @@ class Event:
     frame: bytes
     revokes: str | None = None
     ends_room: bool = False
+    joins: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +56,21 @@ class UserHint:
     user: str
 
 
-def _effects(table: str, op: str, data: Any) -> tuple[str | None, bool]:
+@dataclass(frozen=True, slots=True)
+class PresenceHint:
+    """``user_status`` row of ``user`` changed (``{"presence": "user", "user": ...}``,
+    sql/triggers/40_presence.sql): read it again. Carries nothing to believe."""
+
+    user: str
+
+
+def _effects(table: str, op: str, data: Any) -> tuple[str | None, bool, str | None]:
     if not isinstance(data, dict):
         data = {}
-    revokes = data.get("user_id") if table == "channel_members" and op == "DELETE" else None
+    member = data.get("user_id") if table == "channel_members" else None
+    member = member if is_id(member) else None
     ends_room = table == "channels" and (op == "DELETE" or data.get("deleted_at") is not None)
-    return (revokes if isinstance(revokes, str) else None), ends_room
+    return (member if op == "DELETE" else None), ends_room, (member if op != "DELETE" else None)
 
 
 # A frame built by the capture trigger nests 3 levels plus whatever a JSONB column holds
@@ -67,7 +78,7 @@ def _effects(table: str, op: str, data: Any) -> tuple[str | None, bool]:
 MAX_NOTIFY_DEPTH = 256
 
 
-def parse_notify(payload: str) -> Event | Pointer | Probe | UserHint | None:
+def parse_notify(payload: str) -> Event | Pointer | Probe | UserHint | PresenceHint | None:
     """Interpret a payload of the ``pgbridge`` channel; ``None`` for anything unrecognised
     (any role may NOTIFY, so this is untrusted text: invalid or deeply nested JSON included)."""
     try:
@@ -81,10 +92,15 @@ def parse_notify(payload: str) -> Event | Pointer | Probe | UserHint | None:
     if "access" in obj:
         user = obj.get("user")
         return UserHint(user) if obj["access"] == "user" and is_id(user) else None
+    if "presence" in obj:
+        user = obj.get("user")
+        return PresenceHint(user) if obj["presence"] == "user" and is_id(user) else None
     room, seq = obj.get("room"), obj.get("seq")
     if not isinstance(room, str) or not isinstance(seq, int):
         return None
     if obj.get("type") != "event":
         return Pointer(room, seq)
-    revokes, ends_room = _effects(str(obj.get("table")), str(obj.get("op")), obj.get("data"))
-    return Event(room=room, seq=seq, frame=payload.encode(), revokes=revokes, ends_room=ends_room)
+    revokes, ends_room, joins = _effects(str(obj.get("table")), str(obj.get("op")),
+                                         obj.get("data"))
+    return Event(room=room, seq=seq, frame=payload.encode(), revokes=revokes, ends_room=ends_room,
+                 joins=joins)

@@ -14,6 +14,11 @@ A subscription's life (PROTOCOL.md, "Ordering and delivery guarantees"):
    committed after that check, so they end the subscription as live ones would.
 3. :meth:`Subscription.go_live` flushes the buffer and delivers directly from then on.
 
+Presence (opt-in, ``presence``): the presence feed (:mod:`daemon.presence_feed`) makes a
+subscription a *watcher* of its room (:meth:`Hub.watch`) when it reads the room's snapshot;
+presence frames offered from then on wait in the subscription until the snapshot is sent
+(:meth:`Subscription.presence_live`), so a watcher never sees a state older than the snapshot.
+
 Events at or below ``from`` or already sent are dropped, so the switch from replay to live has
 no gap and no duplicate. Events committed after the membership check can end the subscription:
 a membership DELETE of the subscriber (``membership_revoked``) or the room's deletion
@@ -50,10 +55,11 @@ class Subscription:
     """One client's subscription to one room."""
 
     __slots__ = ("checked_at", "ended", "from_seq", "last_sent", "live", "pending",
-                 "pending_limit", "room", "sink")
+                 "pending_limit", "presence", "presence_pending", "presence_ready", "room", "sink",
+                 "watching")
 
     def __init__(self, sink: Sink, room: str, *, pending_limit: int,
-                 checked_at: int | None = None) -> None:
+                 checked_at: int | None = None, presence: bool = False) -> None:
         self.sink = sink
         self.room = room
         self.checked_at = checked_at  # None: no check to account for (every replay is history)
@@ -63,6 +69,10 @@ class Subscription:
         self.ended = False
         self.pending: list[Event] = []
         self.pending_limit = pending_limit
+        self.presence = presence  # asked for the members' presence and typing
+        self.watching = False  # registered by Hub.watch: presence frames are offered
+        self.presence_ready = False  # the snapshot was sent: offered frames go out at once
+        self.presence_pending: list[str] = []
 
     @property
     def cursor(self) -> int:
@@ -99,10 +109,39 @@ class Subscription:
         pending, self.pending = self.pending, []
         return any(self._emit(event) for event in pending)
 
+    def offer_presence(self, frame: str) -> None:
+        """A presence frame of this room (read after the snapshot, when watching)."""
+        if self.ended or not self.watching:
+            return
+        if self.presence_ready:
+            self.sink.send(frame)
+            return
+        self.presence_pending.append(frame)
+        if len(self.presence_pending) > self.pending_limit:
+            self.presence_pending.clear()
+            self.sink.overflow(f"more than {self.pending_limit} presence changes of room "
+                               f"{self.room} arrived while its snapshot was being sent")
+
+    def presence_live(self) -> None:
+        """The snapshot was sent: send what waited, and every later frame at once."""
+        self.presence_ready = True
+        pending, self.presence_pending = self.presence_pending, []
+        for frame in pending:
+            if not self.ended:
+                self.sink.send(frame)
+
+    def offer_typing(self, frame: str) -> bool:
+        """A typing frame; dropped (false) before the snapshot was sent (typing is ephemeral)."""
+        if self.ended or not self.presence_ready:
+            return False
+        self.sink.send(frame)
+        return True
+
     def end(self, reason: str, ref: str | None = None) -> None:
         if not self.ended:
             self.ended = True
             self.pending.clear()
+            self.presence_pending.clear()
             self.sink.send(unsubscribed(self.room, reason, ref))
 
     def _emit(self, event: Event) -> bool:
@@ -122,11 +161,12 @@ class Subscription:
 
 
 class _Room:
-    __slots__ = ("last", "subs")
+    __slots__ = ("last", "subs", "watchers")
 
     def __init__(self, last: int) -> None:
         self.last = last
         self.subs: set[Subscription] = set()
+        self.watchers: set[Subscription] = set()
 
 
 class Hub:
@@ -160,12 +200,32 @@ class Hub:
         state.subs.add(sub)
         return state.last
 
+    def watch(self, sub: Subscription) -> bool:
+        """Offer ``sub`` its room's presence frames from now on; false if it is not registered
+        (it ended meanwhile)."""
+        state = self._rooms.get(sub.room)
+        if state is None or sub not in state.subs or sub.ended:
+            return False
+        state.watchers.add(sub)
+        sub.watching = True
+        return True
+
+    def watchers(self, room: str) -> tuple[Subscription, ...]:
+        """The subscriptions of ``room`` that watch its presence."""
+        state = self._rooms.get(room)
+        return tuple(state.watchers) if state else ()
+
+    def watched(self) -> list[str]:
+        """Rooms with at least one presence watcher."""
+        return [room for room, state in self._rooms.items() if state.watchers]
+
     def remove(self, sub: Subscription) -> None:
         """Forget ``sub``; a room left without subscribers is no longer tracked."""
         state = self._rooms.get(sub.room)
         if state is None:
             return
         state.subs.discard(sub)
+        state.watchers.discard(sub)
         if not state.subs:
             del self._rooms[sub.room]
 

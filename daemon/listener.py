@@ -18,6 +18,10 @@ flood of them costs one ``users`` query per turn of the processor. After every (
 nothing is published until every connected user was checked, since hints sent while the
 listener was away are lost.
 
+Presence hints (sql/triggers/40_presence.sql) and the typing channel, which the same connection
+LISTENs to, go to the presence feed (:mod:`daemon.presence_feed`), not through the queue:
+presence is not ordered with the events, and typing must not wait behind a catch-up.
+
 A probe task sends a NOTIFY of its own through the pool every ``probe_interval`` seconds; when
 it does not come back on the LISTEN connection in time, that connection is deaf and is
 replaced.
@@ -47,7 +51,7 @@ from .backoff import Backoff
 from .cursor import Arrival, classify
 from .db import describe
 from .errors import BridgeError
-from .events import Event, Pointer, Probe, UserHint, parse_notify
+from .events import Event, Pointer, PresenceHint, Probe, UserHint, parse_notify
 from .hub import Hub, Subscription
 from .logs import Throttled
 from .metrics import Metrics
@@ -56,6 +60,7 @@ from .store import READ_PAGE, Store
 
 if TYPE_CHECKING:
     from .access import Access
+    from .presence_feed import PresenceFeed
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +101,12 @@ class Listener:
     """
 
     def __init__(self, conninfo: str, hub: Hub, store: Store, metrics: Metrics,
-                 access: Access, *, probe_interval: float = 10.0, probe_timeout: float = 5.0,
-                 queue_size: int = 10000) -> None:
+                 access: Access, feed: PresenceFeed, *, probe_interval: float = 10.0,
+                 probe_timeout: float = 5.0, queue_size: int = 10000) -> None:
         self.conninfo = conninfo
         self.channel = ""  # set by run()
+        self.typing_channel = ""  # set by run()
+        self.feed = feed
         self.key: NotifyKey | None = None  # set by run()
         self.hub = hub
         self.store = store
@@ -132,7 +139,9 @@ class Listener:
         :class:`DatabaseError` when the channel or the signing key cannot be read at the start
         (a bridge role without ``setup_db.py --grant-bridge``, say)."""
         self.channel = await self.store.listen_channel()
+        self.typing_channel = await self.store.typing_channel()
         self.key = NotifyKey(await self.store.notify_key())
+        self.feed.configure(self.typing_channel, self.key)
         self._key_checked = time.monotonic()
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -200,7 +209,8 @@ class Listener:
             self.connect_timeout)
         async with conn:
             await asyncio.wait_for(
-                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel))),
+                conn.execute(sql.SQL("LISTEN {}; LISTEN {}").format(
+                    sql.Identifier(self.channel), sql.Identifier(self.typing_channel))),
                 self.connect_timeout)
             self.connected = True
             backoff.reset()
@@ -208,16 +218,25 @@ class Listener:
                      extra={"event": "listener_connected"})
             self._users_checked = False
             await self._queue.put(_CatchUp())
+            self.feed.hint_all()  # presence hints sent while away are lost too
             async for note in conn.notifies():
+                if note.channel == self.typing_channel:
+                    if not self.feed.typing_heard(note.payload):
+                        self._forged(note.channel, note.payload, note.pid)
+                    continue
                 if note.payload.startswith('{"probe"'):
                     self._probe_heard(note.payload)
                     continue
                 assert self.key is not None
                 text = self.key.open(note.payload)
                 if text is None:
-                    self._forged(note.payload, note.pid)
+                    self._forged(note.channel, note.payload, note.pid)
                 elif text.startswith('{"access"'):
                     await self._user_hinted(text)
+                elif text.startswith('{"presence"'):
+                    hint = parse_notify(text)
+                    if isinstance(hint, PresenceHint):
+                        self.feed.hint(hint.user)
                 else:
                     await self._queue.put(text)
 
@@ -238,15 +257,15 @@ class Listener:
 
     # --- signatures -----------------------------------------------------------------------
 
-    def _forged(self, payload: str, pid: int) -> None:
+    def _forged(self, channel: str, payload: str, pid: int) -> None:
         """A payload without a valid signature: a forgery (any role may NOTIFY), or signed with
         a key this daemon does not hold yet (rotated). Dropped; the key is read again within
         KEY_RECHECK seconds, and never more often (a rotation loses nothing: the log has it)."""
         self.metrics.forged_notifies.inc()
         self._forgeries.warning(
             "forged", "ignored a NOTIFY on channel %s that failed its signature check (%d "
-            "characters, sent by backend pid %d); only the capture triggers hold the key",
-            self.channel, len(payload), pid, extra={"event": "notify_forged"})
+            "characters, sent by backend pid %d); only the capture triggers and the bridge "
+            "hold the key", channel, len(payload), pid, extra={"event": "notify_forged"})
         if self._key_check is None or self._key_check.done():
             self._key_check = asyncio.create_task(self._recheck_key(), name="listener-key")
 
@@ -267,6 +286,7 @@ class Listener:
                     self.key.fingerprint if self.key else "-", key.fingerprint,
                     extra={"event": "notify_key_changed"})
         self.key = key
+        self.feed.configure(self.typing_channel, key)
         # what was signed with the new key and dropped meanwhile is in the log; user hints are
         # not, so every connected user is checked first
         await self._hint(None)
@@ -390,6 +410,9 @@ class Listener:
         if isinstance(note, UserHint):  # one the reader did not recognise by its prefix
             await self.access.check_users([note.user], fail_closed=True, why="hint")
             return
+        if isinstance(note, PresenceHint):  # likewise
+            self.feed.hint(note.user)
+            return
         if note.room not in self.hub:
             return
         if not self._users_checked:
@@ -452,3 +475,5 @@ class Listener:
     def _publish(self, event: Event) -> None:
         self.metrics.events.inc()
         self.metrics.deliveries.inc(self.hub.publish(event))
+        if event.joins is not None and self.hub.watchers(event.room):
+            self.feed.hint(event.joins, event.room)

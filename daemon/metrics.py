@@ -36,6 +36,21 @@ class Metrics:
         self.forged_notifies = Counter("pgbridge_forged_notifies", "NOTIFY payloads on the "
                                        "bridge's channel that failed their signature check "
                                        "(ignored; sent by a role without the key)", registry=r)
+        self.presence_users = Gauge("pgbridge_presence_users", "Users this instance holds "
+                                    "online (connected, or in their grace period)", registry=r)
+        self.presence_transitions = Counter("pgbridge_presence_transitions", "user_status "
+                                            "transitions (online, offline) written by this "
+                                            "instance", registry=r)
+        self.presence_reaped = Counter("pgbridge_presence_reaped_instances", "Other instances "
+                                       "whose presence lease ran out, expired by this one",
+                                       registry=r)
+        self.presence_frames = Counter("pgbridge_presence_frames", "presence frames queued to "
+                                       "clients (snapshots and changes)", registry=r)
+        self.typing = Counter("pgbridge_typing_signals", "Typing signals: relayed (accepted from "
+                              "a client and sent to the other instances), dropped (over the "
+                              "rate, or the database could not take it), delivered (frames "
+                              "queued to clients), stale (older than the replay window)",
+                              ["outcome"], registry=r)
         self.acks_saved = Counter("pgbridge_acks_saved", "sync_state rows upserted", registry=r)
         self.pruned = Counter("pgbridge_pruned_events", "change_events rows pruned", registry=r)
 

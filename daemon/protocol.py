@@ -30,8 +30,8 @@ _TOKEN = re.compile(rf"[0-9A-Za-z_.=-]{{1,{MAX_TOKEN_LENGTH}}}")
 
 __all__ = [
     "MAX_TOKEN_LENGTH", "Ack", "Ping", "ProtocolError", "Refresh", "Request", "Subscribe",
-    "Unsubscribe", "error", "is_id", "is_token", "load_json", "parse_frame", "pong", "subscribed",
-    "unsubscribed", "welcome",
+    "Typing", "Unsubscribe", "error", "is_id", "is_token", "load_json", "parse_frame", "pong",
+    "presence", "subscribed", "typing", "unsubscribed", "welcome",
 ]
 
 
@@ -55,6 +55,7 @@ class Subscribe:
     room: str
     since: int | None = None
     ref: str | None = None
+    presence: bool = False  # also the members' presence and typing ("Presence and typing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +82,15 @@ class Refresh:
     ref: str | None = None
 
 
-Request = Subscribe | Unsubscribe | Ack | Ping | Refresh
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """The user is typing in ``room`` (relayed to the room's presence subscribers)."""
+
+    room: str
+    ref: str | None = None
+
+
+Request = Subscribe | Unsubscribe | Ack | Ping | Refresh | Typing
 
 
 def is_id(value: object) -> TypeGuard[str]:
@@ -203,13 +212,19 @@ def parse_frame(data: str | bytes) -> Request:
             raise ProtocolError("unauthorized", "field 'token' must be a JWT of at most "
                                 f"{MAX_TOKEN_LENGTH} characters", ref=ref)
         return Refresh(token=token, ref=ref)
-    if kind not in ("subscribe", "unsubscribe", "ack"):
+    if kind not in ("subscribe", "unsubscribe", "ack", "typing"):
         shown = kind[:40] if kind.isprintable() else "(not printable)"
         raise ProtocolError("unknown_type", f"unknown type {shown!r}", ref=ref)
     room = _room(obj, ref)
     if kind == "subscribe":
+        wants = obj.get("presence", False)
+        if not isinstance(wants, bool):
+            raise ProtocolError("bad_request", "field 'presence' must be true or false", ref=ref,
+                                room=room)
         return Subscribe(room=room, since=_field_int(obj, "since", ref=ref, room=room,
-                                                     required=False), ref=ref)
+                                                     required=False), ref=ref, presence=wants)
+    if kind == "typing":
+        return Typing(room=room, ref=ref)
     if kind == "unsubscribe":
         return Unsubscribe(room=room, ref=ref)
     seq = _field_int(obj, "seq", ref=ref, room=room, required=True)
@@ -238,6 +253,19 @@ def unsubscribed(room: str, reason: str, ref: str | None = None) -> str:
 
 def pong(ref: str | None) -> str:
     return _dump({"type": "pong", "ref": ref})
+
+
+def presence(room: str, user: str, *, status: str, online: bool, last_seen: str | None,
+             custom_status: str | None) -> str:
+    """A member's presence ("Presence and typing"); ``last_seen`` ISO 8601 in UTC or ``None``
+    (sent as ``null``, as is a ``custom_status`` of ``None``)."""
+    return json.dumps({"type": "presence", "room": room, "user": user, "status": status,
+                       "online": online, "last_seen": last_seen,
+                       "custom_status": custom_status}, separators=(",", ":"))
+
+
+def typing(room: str, user: str) -> str:
+    return _dump({"type": "typing", "room": room, "user": user})
 
 
 def error(code: str, message: str, *, ref: str | None = None, room: str | None = None) -> str:

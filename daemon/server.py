@@ -44,6 +44,7 @@ from .protocol import (
     Refresh,
     Request,
     Subscribe,
+    Typing,
     Unsubscribe,
     error,
     parse_frame,
@@ -262,6 +263,8 @@ class Client:
                 self.send(pong(request.ref))
             elif isinstance(request, Refresh):
                 await self._refresh(request)
+            elif isinstance(request, Typing):
+                self._typing(request)
         except ProtocolError as exc:
             self.bridge.metrics.refusals.labels(exc.code).inc()
             self.send(exc.frame())
@@ -302,7 +305,8 @@ class Client:
             return
         # Events after info.head were committed after the membership check: replayed ones
         # revoke or end the subscription exactly as live ones do.
-        sub = Subscription(self, room, pending_limit=self._limit, checked_at=info.head)
+        sub = Subscription(self, room, pending_limit=self._limit, checked_at=info.head,
+                           presence=request.presence)
         sub.from_seq = from_seq
         self.subs[room] = sub
         self.bridge.metrics.subscriptions.inc()
@@ -317,6 +321,8 @@ class Client:
                 self._drop(sub)
                 return
             self.send(subscribed(room, from_seq, max(info.head, live_from), ref))
+            if sub.presence:
+                await self._send_snapshot(sub)
             after = from_seq
             while after < live_from and not sub.ended and not self._closing:
                 await self._room_for(READ_PAGE)
@@ -333,6 +339,25 @@ class Client:
             self._drop(sub)
         elif not self._closing:
             sub.go_live()
+
+    async def _send_snapshot(self, sub: Subscription) -> None:
+        """The room's presence snapshot, paced like a replay; then the changes since."""
+        states = await self.bridge.presence_feed.snapshot(sub)
+        for i in range(0, len(states), READ_PAGE):
+            await self._room_for(READ_PAGE)
+            if sub.ended or self._closing:
+                return
+            for state in states[i:i + READ_PAGE]:
+                self.send(state.frame())
+        self.bridge.metrics.presence_frames.inc(len(states))
+        sub.presence_live()
+
+    def _typing(self, request: Typing) -> None:
+        sub = self.subs.get(request.room)
+        if sub is None or sub.ended:
+            raise ProtocolError("forbidden", "typing in a room you are not subscribed to",
+                                ref=request.ref, room=request.room)
+        self.bridge.presence_feed.typing_sent(self.user, request.room)
 
     def _may_ask_database(self) -> bool:
         """Take one request that queries the database (subscribe, refresh) from this

@@ -212,6 +212,11 @@ class DaemonSettings:
     ``demo``: serve the demo page at ``/`` (``PGBRIDGE_DEMO``; ``None``: on with the embedded
     database, off with a configured one, decided by the composition root).
 
+    Presence (README, "Presence and typing"): ``presence_grace`` seconds a user stays online
+    after their last connection closed (``PGBRIDGE_PRESENCE_GRACE``), ``presence_lease``
+    seconds an instance's lease lasts without renewal (``PGBRIDGE_PRESENCE_LEASE``): a dead
+    instance's users go offline within 4/3 of it.
+
     ``allowed_origins``: browser origins admitted besides the bridge's own
     (``PGBRIDGE_ALLOWED_ORIGINS``, :mod:`daemon.origins`). ``access_check_interval``: seconds
     between two checks of every connected user and subscription against the database.
@@ -246,6 +251,8 @@ class DaemonSettings:
     pool_size: int = 10
     log_level: str = "INFO"
     demo: bool | None = None
+    presence_grace: float = 15.0
+    presence_lease: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DaemonSettings:
@@ -262,6 +269,9 @@ class DaemonSettings:
         access_check_interval = _seconds(env, "PGBRIDGE_ACCESS_CHECK_INTERVAL", 30.0)
         if access_check_interval <= 0:
             raise ConfigError("PGBRIDGE_ACCESS_CHECK_INTERVAL must be more than 0 seconds")
+        presence_lease = _seconds(env, "PGBRIDGE_PRESENCE_LEASE", 30.0)
+        if presence_lease < 1:
+            raise ConfigError("PGBRIDGE_PRESENCE_LEASE must be at least 1 second")
         return cls(
             host=_get(env, "PGBRIDGE_HOST") or "127.0.0.1",
             port=_int(env, "PGBRIDGE_PORT", 8080, maximum=65535),
@@ -292,4 +302,6 @@ class DaemonSettings:
             pool_size=_int(env, "PGBRIDGE_POOL_SIZE", 10, minimum=2),
             log_level=level,
             demo=_bool(env, "PGBRIDGE_DEMO", True) if _get(env, "PGBRIDGE_DEMO") else None,
+            presence_grace=_seconds(env, "PGBRIDGE_PRESENCE_GRACE", 15.0),
+            presence_lease=presence_lease,
         )

@@ -37,6 +37,15 @@ class NotifyKey:
         # names the key in logs without revealing it
         self.fingerprint = hashlib.sha256(b"pgbridge key fingerprint\0" + key).hexdigest()[:12]
 
+    def derive(self, purpose: str) -> NotifyKey:
+        """A key for another kind of payload (``"typing"``: the signals instances relay to each
+        other, :mod:`daemon.presence_feed`), so that no payload signed for one purpose is ever
+        accepted for another: HMAC-SHA256(key, ``"pgbridge derive\0" + purpose``). The
+        triggers sign only JSON texts, which start with ``{``, never that label."""
+        mac = self._base.copy()
+        mac.update(b"pgbridge derive\0" + purpose.encode())
+        return NotifyKey(mac.digest())
+
     def sign(self, text: str) -> str:
         """``text`` prefixed with its signature (what the triggers send; for tests and tools)."""
         mac = self._base.copy()

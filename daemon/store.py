@@ -21,10 +21,26 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from .db import channel_query, describe, translate
 from .errors import DatabaseError
 from .events import Event
+from .presence import Presence
+from .protocol import is_id
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RoomCursorInfo", "Store"]
+
+# What a presence frame shows of a member (PROTOCOL.md, "Presence and typing"): the member's
+# user_status row, if any, and whether any instance holds a session of theirs. custom_status is
+# the application's free text: a watcher gets at most its first CUSTOM_STATUS_MAX characters.
+CUSTOM_STATUS_MAX = 1024
+_PRESENCE = f"""
+    SELECT m.user_id, m.channel_id, coalesce(s.status, 'offline'),
+           EXISTS (SELECT 1 FROM presence_sessions p WHERE p.user_id = m.user_id),
+           to_char(s.last_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+           left(s.custom_status, {CUSTOM_STATUS_MAX})
+    FROM channel_members m
+    JOIN users u ON u.id = m.user_id AND u.deleted_at IS NULL
+    LEFT JOIN user_status s ON s.user_id = m.user_id
+"""
 
 READ_PAGE = 500
 # Seconds a statement waits for a pooled connection. While the database is down every request
@@ -136,6 +152,30 @@ class Store:
         rows = await self._all(channel_query(self.schema), (), "reading the NOTIFY channel")
         return str(rows[0][0])
 
+    def _needs_grant(self, what: str) -> DatabaseError:
+        """The one-line refusal of a daemon role without ``setup_db.py --grant-bridge``."""
+        role = conninfo_to_dict(self.conninfo).get("user") or "the daemon's role"
+        return DatabaseError(
+            f"{describe(self.conninfo)}: SQLSTATE 42501: {role} may not {what}: as the schema "
+            f"owner, run python setup_db.py --grant-bridge {role}"
+            f"{'' if self.schema == 'public' else ' --schema ' + self.schema}", sqlstate="42501")
+
+    async def check_presence_grants(self) -> None:
+        """Raise :class:`DatabaseError` (SQLSTATE 42501, naming ``--grant-bridge``) when the
+        daemon's role may not keep presence: call the presence functions, read ``user_status``
+        and ``presence_sessions`` (a bridge role granted before presence existed)."""
+        from .roles import BRIDGE_FUNCTIONS
+
+        functions = [f"{name}({args})" for name, args in BRIDGE_FUNCTIONS.items()]
+        rows = await self._all(
+            "SELECT bool_and(has_function_privilege(f, 'EXECUTE')) "
+            "AND has_table_privilege('user_status', 'SELECT') "
+            "AND has_table_privilege('presence_sessions', 'SELECT') FROM unnest(%s::text[]) f",
+            (functions,), "checking the presence privileges")
+        if not rows[0][0]:
+            raise self._needs_grant("keep presence (call the pgbridge_presence_* functions, "
+                                    f"read {self.schema}.user_status)")
+
     async def notify_key(self) -> bytes:
         """The key that signs the triggers' NOTIFY payloads (``change_notify_key.key``; the
         bridge role needs ``setup_db.py --grant-bridge``). Raises :class:`DatabaseError`."""
@@ -145,20 +185,15 @@ class Store:
         except DatabaseError as exc:
             if exc.sqlstate != "42501":
                 raise
-            role = conninfo_to_dict(self.conninfo).get("user") or "the daemon's role"
-            raise DatabaseError(
-                f"{describe(self.conninfo)}: SQLSTATE 42501: {role} may not read "
-                f"{self.schema}.change_notify_key, the key that signs NOTIFY payloads: as the "
-                f"schema owner, run python setup_db.py --grant-bridge {role}"
-                f"{'' if self.schema == 'public' else ' --schema ' + self.schema}",
-                sqlstate="42501") from exc
+            raise self._needs_grant(f"read {self.schema}.change_notify_key, the key that signs "
+                                    "NOTIFY payloads") from exc
         if not rows:
             raise DatabaseError(f"{describe(self.conninfo)}: {self.schema}.change_notify_key is "
                                 "empty: run python setup_db.py as the schema owner")
         return bytes(rows[0][0])
 
-    async def notify(self, channel: str, payload: str) -> None:
-        await self._all("SELECT pg_notify(%s, %s)", (channel, payload), "sending a probe")
+    async def notify(self, channel: str, payload: str, *, doing: str = "sending a probe") -> None:
+        await self._all("SELECT pg_notify(%s, %s)", (channel, payload), doing)
 
     async def live_user(self, user_id: str) -> bool:
         rows = await self._all("SELECT 1 FROM users WHERE id = %s AND deleted_at IS NULL",
@@ -228,6 +263,8 @@ class Store:
             SELECT seq,
                    CASE WHEN table_name = 'channel_members' AND op = 'DELETE'
                         THEN payload->>'user_id' END,
+                   CASE WHEN table_name = 'channel_members' AND op <> 'DELETE'
+                        THEN payload->>'user_id' END,
                    table_name = 'channels'
                        AND (op = 'DELETE' OR payload->>'deleted_at' IS NOT NULL),
                    pgbridge_event_frame(room_id, seq, table_name, op, row_id, payload, created_at)
@@ -236,8 +273,8 @@ class Store:
             ORDER BY seq LIMIT %s
             """, (room, after, upto if upto is not None else 2**63 - 1, limit), "reading the log")
         return [Event(room=room, seq=int(seq), frame=frame.encode(), revokes=revokes,
-                      ends_room=bool(ends_room))
-                for seq, revokes, ends_room, frame in rows]
+                      ends_room=bool(ends_room), joins=joins if is_id(joins) else None)
+                for seq, revokes, joins, ends_room, frame in rows]
 
     async def save_acks(self, acks: list[tuple[str, str, int]]) -> None:
         """Upsert ``(user_id, room_id, seq)`` into ``sync_state`` (sync_type ``events``); a seq
@@ -278,3 +315,56 @@ class Store:
             total += len(rows)
             if len(rows) < batch:
                 return total
+
+    # --- presence (sql/triggers/40_presence.sql) ----------------------------------------------
+
+    async def presence_sync(self, instance: str, lease: float,
+                            changes: Sequence[tuple[str, float | None]]) -> tuple[bool, int]:
+        """Renew ``instance``'s lease for ``lease`` seconds and write its transitions:
+        ``(user_id, None)`` a first connection, ``(user_id, s)`` a last one closed ``s`` seconds
+        ago. Returns ``(lease_held, transitions written)``; ``lease_held`` is false when the
+        instance had no lease (its first call, or it was reaped)."""
+        users = [user for user, _ in changes]
+        ago = [closed for _, closed in changes]
+        rows = await self._all("SELECT * FROM pgbridge_presence_sync(%s, %s, %s, %s)",
+                               (instance, lease, users, ago), "writing presence")
+        return bool(rows[0][0]), int(rows[0][1])
+
+    async def presence_reap(self) -> tuple[int, int]:
+        """Expire the instances whose lease ran out; returns ``(instances, users now
+        offline)``."""
+        rows = await self._all("SELECT * FROM pgbridge_presence_reap()", (),
+                               "expiring presence leases")
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def presence_retire(self, instance: str, grace: float,
+                              closed: Sequence[tuple[str, float]]) -> None:
+        """A clean shutdown: ``instance``'s lease ends in ``grace`` seconds; ``closed`` are
+        ``(user_id, seconds since their last connection closed)``."""
+        await self._all("SELECT 1 FROM pgbridge_presence_retire(%s, %s, %s, %s)",
+                        (instance, grace, [u for u, _ in closed], [s for _, s in closed]),
+                        "retiring the presence lease")
+
+    async def rooms_presence(self, rooms: Sequence[str]) -> list[Presence]:
+        """Presence of every member of ``rooms`` who is not a deleted user, by room and
+        ``user_id``."""
+        rows = await self._all(
+            _PRESENCE + " WHERE m.channel_id = ANY(%s) ORDER BY m.channel_id, m.user_id",
+            (list(rooms),), "reading presence")
+        return [Presence(*row) for row in rows]
+
+    async def members_presence(self, users: Sequence[str],
+                               rooms: Sequence[str]) -> list[Presence]:
+        """Presence of each of ``users`` in each of ``rooms`` they are a member of."""
+        rows = await self._all(
+            _PRESENCE + " WHERE m.user_id = ANY(%s) AND m.channel_id = ANY(%s)",
+            (list(users), list(rooms)), "reading presence")
+        return [Presence(*row) for row in rows]
+
+    async def typing_channel(self) -> str:
+        """The NOTIFY channel of typing signals (``pgbridge_typing_channel``)."""
+        rows = await self._all(
+            sql.SQL("SELECT {}.pgbridge_typing_channel({})").format(
+                sql.Identifier(self.schema), sql.Literal(self.schema)),
+            (), "reading the typing channel")
+        return str(rows[0][0])

@@ -335,6 +335,51 @@ async def test_a_daemon_role_without_the_bridge_grant_is_refused_in_one_line(
     assert "\n" not in message
 
 
+async def test_a_bridge_role_granted_before_presence_is_refused_in_one_line(
+        trust_db: TrustDB, roles: Roles) -> None:
+    """A role granted by an older setup_db.py cannot call the presence functions: the daemon
+    says how to fix it instead of failing to write presence for ever."""
+    sync = "pgbridge_presence_sync(text, double precision, text[], double precision[])"
+    async with connected(trust_db.owner) as owner:
+        await owner.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM {}").format(
+            sql.SQL(sync), sql.Identifier(roles.bridge)))
+        try:
+            with pytest.raises(DatabaseError) as refused:
+                async with running_bridge(trust_db.bridge):
+                    pass
+        finally:
+            await owner.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+                sql.SQL(sync), sql.Identifier(roles.bridge)))
+    message = str(refused.value)
+    assert "presence" in message and f"--grant-bridge {roles.bridge}" in message
+    assert refused.value.sqlstate == "42501" and "\n" not in message
+
+
+async def test_the_bridge_role_cannot_write_presence_but_through_the_functions(
+        trust_db: TrustDB) -> None:
+    """The bridge role reads user_status and the presence tables; it writes them only through
+    the presence functions (run as the owner). The application role calls none of them, and
+    cannot make a user look online: 'online' is stored only when it is true."""
+    async with connected(trust_db.bridge) as bridge, connected(trust_db.app) as app:
+        for query in ("UPDATE user_status SET status = 'busy'",
+                      "INSERT INTO presence_instances (instance_id, expires_at) "
+                      "VALUES ('x', now())",
+                      "DELETE FROM presence_sessions",
+                      "SELECT pgbridge_presence_set('i', 'u', true, now())"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await bridge.execute(query)
+        for query in ("SELECT pgbridge_presence_sync('i', 30, '{}', '{}')",
+                      "SELECT pgbridge_presence_reap()",
+                      "SELECT * FROM presence_sessions"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await app.execute(query)
+        user = await make_user(app)
+        await app.execute("INSERT INTO user_status (user_id, status) VALUES (%s, 'online')",
+                          [user])
+        cur = await app.execute("SELECT status FROM user_status WHERE user_id = %s", [user])
+        assert (await cur.fetchone() or ("",))[0] == "offline"
+
+
 # --- the channel name -------------------------------------------------------------------------
 
 async def test_a_63_character_schema_name_gets_a_channel_that_works(

@@ -1,0 +1,213 @@
+"""Presence frames for the watchers of each room, and typing signals between instances
+(PROTOCOL.md, "Presence and typing").
+
+**Presence.** Whatever changes a user's ``user_status`` row (an instance's transition, the
+application) rings the capture triggers' channel with a signed hint naming the user
+(sql/triggers/40_presence.sql); the listener hands it to :meth:`PresenceFeed.hint`. One task,
+:meth:`PresenceFeed.run`, reads the hinted users' presence in the rooms watched here, in one
+query per batch, and offers each frame to the room's watchers. The same task reads snapshots
+(:meth:`PresenceFeed.snapshot`), and registers the new watcher as it reads: reads happen one
+after another, so a watcher is offered only states read after its snapshot, in the order they
+were read. Hints sent while the listener was away are lost, so after each reconnect every
+watched room is read again (:meth:`PresenceFeed.hint_all`).
+
+**Typing.** A client's signal passes the :class:`daemon.presence.TypingGate`, then this instance
+NOTIFYs it on the typing channel (``pgbridge_typing_channel``) without waiting; every instance,
+this one included, hears it on its LISTEN connection and sends a ``typing`` frame to the room's
+watchers but the typist. The payload is signed like the capture triggers' (a key derived from
+theirs, :meth:`daemon.signing.NotifyKey.derive`): any role may NOTIFY, and only instances hold
+the key. It carries the time it was sent; one older than ``TYPING_MAX_AGE`` seconds is dropped,
+so a recorded signal replayed later shows nothing. Nothing is stored or replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from .errors import BridgeError
+from .hub import Hub, Subscription
+from .logs import Throttled
+from .metrics import Metrics
+from .presence import Presence, TypingGate
+from .protocol import is_id, load_json, typing
+from .signing import NotifyKey
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PresenceFeed"]
+
+TYPING_MAX_AGE = 10.0  # seconds a typing signal stays believable (clock skew between hosts)
+MAX_TYPING_IN_FLIGHT = 64  # NOTIFYs of typing signals awaiting the database; more are dropped
+RETRY_DELAY = 1.0  # seconds before a failed read of presence is retried
+USERS_PER_READ = 1000  # hinted users per query
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    sub: Subscription
+    future: asyncio.Future[list[Presence]]
+
+
+class PresenceFeed:
+    """``hub``: whose watchers get the frames. The typing channel and key are set by the
+    listener (:meth:`configure`), which reads them from the database at its start."""
+
+    def __init__(self, store: Store, hub: Hub, metrics: Metrics) -> None:
+        self.store = store
+        self.hub = hub
+        self.metrics = metrics
+        self.typing_channel = ""
+        self._typing_key: NotifyKey | None = None
+        self.gate = TypingGate()
+        self._hinted: dict[str, set[str] | None] = {}  # user -> rooms to read (None: all)
+        self._all = False  # read every watched room (after a listener reconnect)
+        self._snapshots: list[_Snapshot] = []
+        self._wake = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._failures = Throttled(log, interval=30.0)
+
+    def configure(self, typing_channel: str, key: NotifyKey) -> None:
+        """The typing channel, and the capture triggers' key (the typing key derives from it;
+        called again when the key is rotated)."""
+        self.typing_channel = typing_channel
+        self._typing_key = key.derive("typing")
+
+    # --- presence -------------------------------------------------------------------------
+
+    def hint(self, user: str, room: str | None = None) -> None:
+        """Read ``user``'s presence again, in ``room`` only (a join) or in every watched room."""
+        if room is None:
+            self._hinted[user] = None
+        else:
+            rooms = self._hinted.setdefault(user, set())
+            if rooms is not None:
+                rooms.add(room)
+        self._wake.set()
+
+    def hint_all(self) -> None:
+        """Read every watched room again (hints may have been lost)."""
+        self._all = True
+        self._wake.set()
+
+    async def snapshot(self, sub: Subscription) -> list[Presence]:
+        """The presence of every member of ``sub``'s room, read after every state offered so
+        far; ``sub`` watches the room from that read on (its frames wait in it until the
+        caller sends the snapshot and calls :meth:`Subscription.presence_live`). Raises
+        :class:`BridgeError`."""
+        future: asyncio.Future[list[Presence]] = asyncio.get_running_loop().create_future()
+        self._snapshots.append(_Snapshot(sub, future))
+        self._wake.set()
+        return await future
+
+    async def run(self) -> None:
+        """Read and offer presence until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            hinted, self._hinted = self._hinted, {}
+            everything, self._all = self._all, False
+            snapshots, self._snapshots = self._snapshots, []
+            try:
+                await self._changes(hinted, everything)
+            except BridgeError as exc:
+                for user, rooms in hinted.items():  # keep them for the retry, under new ones
+                    if user not in self._hinted:
+                        self._hinted[user] = rooms
+                self._all = self._all or everything
+                self._failures.warning("read", "could not read presence (%s); retrying in "
+                                       "%g s", exc, RETRY_DELAY,
+                                       extra={"event": "presence_read_failed"})
+                asyncio.get_running_loop().call_later(RETRY_DELAY, self._wake.set)
+            for item in snapshots:
+                await self._snapshot(item)
+
+    async def _changes(self, hinted: dict[str, set[str] | None], everything: bool) -> None:
+        rooms = self.hub.watched()
+        if not rooms or not (hinted or everything):
+            return
+        if everything:
+            self._offer(await self.store.rooms_presence(rooms))
+            return
+        users = list(hinted)
+        for i in range(0, len(users), USERS_PER_READ):
+            found = await self.store.members_presence(users[i:i + USERS_PER_READ], rooms)
+            self._offer([p for p in found if (wanted := hinted[p.user]) is None
+                         or p.room in wanted])
+
+    def _offer(self, states: list[Presence]) -> None:
+        for state in states:
+            watchers = self.hub.watchers(state.room)
+            if watchers:
+                frame = state.frame()
+                for sub in watchers:
+                    sub.offer_presence(frame)
+                self.metrics.presence_frames.inc(len(watchers))
+
+    async def _snapshot(self, item: _Snapshot) -> None:
+        if item.future.done():  # the subscriber went away
+            return
+        try:
+            states = await self.store.rooms_presence([item.sub.room])
+        except BridgeError as exc:
+            if not item.future.done():
+                item.future.set_exception(exc)
+            return
+        if not item.future.done() and self.hub.watch(item.sub):
+            item.future.set_result(states)
+        elif not item.future.done():
+            item.future.set_result([])  # the subscription ended meanwhile
+
+    # --- typing ---------------------------------------------------------------------------
+
+    def typing_sent(self, user: str, room: str) -> None:
+        """A client of ``user`` subscribed to ``room`` signals typing: relay it unless over the
+        rate (dropped silently) or too many are waiting for the database (dropped too)."""
+        if self._typing_key is None or not self.gate.allow(user, room) or (
+                len(self._in_flight) >= MAX_TYPING_IN_FLIGHT):
+            self.metrics.typing.labels("dropped").inc()
+            return
+        text = json.dumps({"room": room, "user": user, "at": round(time.time() * 1000)},
+                          separators=(",", ":"))
+        task = asyncio.get_running_loop().create_task(
+            self._relay(self._typing_key.sign(text)))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _relay(self, payload: str) -> None:
+        try:
+            await self.store.notify(self.typing_channel, payload, doing="relaying a typing signal")
+        except BridgeError as exc:
+            self.metrics.typing.labels("dropped").inc()
+            self._failures.warning("typing", "could not relay a typing signal (%s); dropped",
+                                   exc, extra={"event": "typing_failed"})
+            return
+        self.metrics.typing.labels("relayed").inc()
+
+    def typing_heard(self, payload: str) -> bool:
+        """A payload of the typing channel (from any instance, this one included); false when
+        its signature fails (the caller treats it as a forgery)."""
+        text = self._typing_key.open(payload) if self._typing_key is not None else None
+        if text is None:
+            return False
+        try:
+            obj = load_json(text, max_depth=1, max_brackets=1)
+        except ValueError:
+            return True  # signed but unreadable: nothing to act on
+        room, user, at = (obj.get("room"), obj.get("user"), obj.get("at")) if isinstance(
+            obj, dict) else (None, None, None)
+        if not (is_id(room) and is_id(user) and isinstance(at, int)
+                and not isinstance(at, bool)):
+            return True
+        if abs(time.time() - at / 1000) > TYPING_MAX_AGE:
+            self.metrics.typing.labels("stale").inc()
+            return True
+        frame = typing(room, user)
+        delivered = sum(sub.offer_typing(frame) for sub in self.hub.watchers(room)
+                        if sub.sink.user != user)
+        self.metrics.typing.labels("delivered").inc(delivered)
+        return True
