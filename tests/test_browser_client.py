@@ -6,6 +6,8 @@ against a real daemon and PostgreSQL (tests/browser.py).
 * A page using client.js holds exactly seqs 1..N of a room, no hole and no duplicate, across a
   token that expires (4001), a SIGKILL of the daemon and its restart, and a close for being too
   slow (4008).
+* The demo page lists the members online, with the application's status as text, and who is
+  typing, from another instance.
 * ``/client.js`` and its declarations are served with a content type and an ETag; the demo page
   only while the demo is on.
 """
@@ -26,7 +28,7 @@ from daemon.auth import mint_token
 from daemon.origins import parse_allowlist
 from tests.browser import StaticServer, async_chromium, run_async
 from tests.conftest import running_bridge
-from tests.helpers import SECRET, head, make_room, make_user, post
+from tests.helpers import SECRET, connect, head, make_room, make_user, post, send, subscribe
 from tests.procs import DaemonProcess, free_port, until
 from tests.proxy import PausingProxy
 
@@ -88,6 +90,47 @@ async def test_the_demo_page_shows_a_live_timeline(db_url: str, conn: AsyncConn)
         cursor = await page_value(
             driver, "return document.querySelector('.room').dataset.cursor")
         assert int(cursor) == await head(conn, room)
+
+
+MEMBERS = ("[...document.querySelectorAll('.members li[data-user]')].map(li => "
+           "[li.dataset.user, li.textContent])")
+
+
+async def test_the_demo_page_shows_who_is_online_and_typing(db_url: str,
+                                                            conn: AsyncConn) -> None:
+    """The page subscribes with presence: the viewer is listed online, then a member who
+    connects (on another instance), with the status the application set (hostile text
+    included, as text), and the member's typing signal; the member leaves the list when their
+    last connection closed and the grace passed."""
+    viewer, member = await make_user(conn), await make_user(conn)
+    room = await make_room(conn, viewer, member)
+    hostile = '<img src=x onerror="window.pwned = 1">'
+    await conn.execute("INSERT INTO user_status (user_id, status, custom_status) "
+                       "VALUES (%s, 'busy', %s)", (member, hostile))
+    async with (running_bridge(db_url, demo=True, presence_grace=0.5) as bridge,
+                running_bridge(db_url, presence_grace=0.5) as other,
+                async_chromium() as driver):
+        token = mint_token(SECRET, viewer, ttl=3600)
+        await asyncio.to_thread(
+            driver.get, f"http://127.0.0.1:{bridge.port}/#token={token}&room={room}")
+        shown = await page_until(driver, f"(m => m.length === 1 && m)({MEMBERS})",
+                                 "the viewer listed online")
+        assert shown[0][0] == viewer
+        ws = await connect(other.port, member)
+        await subscribe(ws, room)
+        shown = await page_until(driver, f"(m => m.length === 2 && m)({MEMBERS})",
+                                 "the member listed online")
+        assert [member, f"{member} (busy) — {hostile}"] in shown
+        await send(ws, type="typing", room=room)
+        line = await page_until(driver, "document.querySelector('.typing').textContent",
+                                "the typing line")
+        assert line == f"{member} is typing…"
+        await ws.close()
+        await page_until(driver, f"(m => m.length === 1 && m[0][0] === '{viewer}')({MEMBERS})",
+                         "the member gone from the list")
+        assert await page_value(driver, "return window.pwned === undefined")
+        assert await page_value(driver, "return document.querySelectorAll('main img').length"
+                                ) == 0
 
 
 # --- lossless across faults -----------------------------------------------------------------

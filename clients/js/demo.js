@@ -1,9 +1,11 @@
 // The demo page (served at / while PGBRIDGE_DEMO is on): a live timeline of one or more rooms,
-// built on client.js. Everything a message holds is untrusted text: it is only ever put into the
-// page with textContent, never as HTML.
+// with who is online and who is typing, built on client.js. Everything a message or a member's
+// status holds is untrusted text: it is only ever put into the page with textContent, never as
+// HTML.
 import { PgBridge } from "/client.js";
 
 const $ = (id) => document.getElementById(id);
+const SHOWN_MEMBERS = 50; // online members listed per room; the rest are counted
 const params = new URLSearchParams(location.hash.slice(1));
 const token = params.get("token");
 const rooms = params.getAll("room").flatMap((r) => r.split(",")).map((r) => r.trim())
@@ -27,19 +29,55 @@ function problem(text) {
   $("problem").hidden = false;
 }
 
-// One room's part of the page: the timeline keyed by message id, and the reactions by id.
+// One room's part of the page: who is online and typing, the timeline keyed by message id, and
+// the reactions by id.
 class RoomView {
   constructor(room) {
     this.room = room;
     this.messages = new Map(); // messages.id -> <li>
     this.reactions = new Map(); // reactions.id -> {message, emoji}
+    this.membersDue = false; // a redraw of the members is scheduled
     this.section = el("section", "room");
     this.section.dataset.room = room;
     this.title = el("h2", "", `room ${room}`);
     this.meta = el("p", "meta", "subscribing…");
+    this.online = el("ul", "members");
+    this.online.setAttribute("aria-label", "online members");
+    this.typing = el("p", "typing");
+    this.typing.setAttribute("aria-live", "polite");
     this.timeline = el("ol", "timeline");
-    this.section.append(this.title, this.meta, this.timeline);
+    this.section.append(this.title, this.meta, this.online, this.typing, this.timeline);
     $("rooms").append(this.section);
+  }
+
+  // A snapshot is one presence frame per member: redraw once per animation frame, not per frame.
+  members(members) {
+    if (this.membersDue) return;
+    this.membersDue = true;
+    requestAnimationFrame(() => {
+      this.membersDue = false;
+      const online = [...members.values()].filter((p) => p.online);
+      const items = online.slice(0, SHOWN_MEMBERS).map((p) => {
+        const away = p.status !== "online" ? ` (${p.status})` : "";
+        const item = el("li", p.status === "online" ? "" : "away",
+                        `${p.user}${away}${p.customStatus ? ` — ${p.customStatus}` : ""}`);
+        item.dataset.user = p.user;
+        return item;
+      });
+      if (online.length > SHOWN_MEMBERS) {
+        items.push(el("li", "more", `and ${online.length - SHOWN_MEMBERS} more`));
+      }
+      this.online.replaceChildren(...items);
+      this.online.dataset.count = String(online.length);
+    });
+  }
+
+  typists(users) {
+    const names = users.length > 3 ? [...users.slice(0, 2), `${users.length - 2} more`] : users;
+    const list = names.length > 1 ? `${names.slice(0, -1).join(", ")} and ${names.at(-1)}`
+      : names.join("");
+    this.typing.textContent = !users.length ? ""
+      : `${list} ${users.length > 1 ? "are" : "is"} typing…`;
   }
 
   cursor(seq, extra = "") {
@@ -115,12 +153,21 @@ if (!token || rooms.length === 0) {
     try { // the address is the user's to type: subscribe() refuses what is not a room id
       sub = bridge.subscribe(room, {
         since: 0, // the demo shows the room's whole retained history
-        onSubscribed: (frame) => view.cursor(sub.lastSeq, `, room head at subscribe: ${frame.head}`),
+        presence: true, // and who is online and typing
+        onSubscribed: (frame) => {
+          view.cursor(sub.lastSeq, `, room head at subscribe: ${frame.head}`);
+          view.members(sub.members); // emptied: the snapshot follows
+        },
+        onPresence: () => view.members(sub.members),
+        onTypists: (users) => view.typists(users),
         onEvent: (event) => {
           view.apply(event);
           view.cursor(event.seq);
         },
-        onError: (err) => view.cursor(sub.lastSeq, ` — ${err.code}: ${err.message}`),
+        onError: (err) => {
+          view.cursor(sub.lastSeq, ` — ${err.code}: ${err.message}`);
+          if (err.fatal) view.typists([]); // ended: no more typing signals, nor their expiry
+        },
       });
     } catch (err) {
       view.cursor(null, ` — not followed: ${err.message}`);

@@ -26,6 +26,28 @@ export interface SubscribedFrame {
   ref: string | null;
 }
 
+/** A room member's presence, from a protocol `presence` frame (subscriptions with
+ * `presence: true` only); the last one received for a user is their current state. */
+export interface Presence {
+  readonly room: string;
+  /** The member's `users.id`. */
+  readonly user: string;
+  /** True while the user has a connection to the bridge (or had one within its grace time). */
+  readonly online: boolean;
+  /** `online` or `offline` as the bridge keeps it, or one the application set (`away`, …). */
+  readonly status: string;
+  /** ISO 8601 (UTC): when the user came online or, offline, when they left; null: never seen. */
+  readonly lastSeen: string | null;
+  /** Set by the application, or null. */
+  readonly customStatus: string | null;
+}
+
+/** A protocol `typing` frame: `user` is typing in `room` (never the bridge's own user). */
+export interface TypingSignal {
+  room: string;
+  user: string;
+}
+
 export interface BridgeError {
   /** A protocol error code (`forbidden`, `not_found`, `cursor_expired`, `rate_limited`,
    * `internal`, `bad_request`, `unauthorized`, …), an `unsubscribed` reason
@@ -105,6 +127,19 @@ export interface SubscribeOptions {
   onSubscribed?(frame: SubscribedFrame): void;
   /** Ack each delivered event (batched; default true). */
   autoAck?: boolean;
+  /** Also follow the members' presence and typing: sends `"presence": true` with every
+   * (re)subscribe (default false: the field is not sent, and none of this arrives). */
+  presence?: boolean;
+  /** With `presence`: each `presence` frame, once in `members`: after each `subscribed`, one
+   * per member (the snapshot, which replaces `members`), then one per change. */
+  onPresence?(presence: Presence): void;
+  /** With `presence`: each typing signal received. */
+  onTyping?(signal: TypingSignal): void;
+  /** With `presence`: `typists()` changed (someone started typing, their signal expired, or
+   * they went offline); called with the new list. */
+  onTypists?(users: string[]): void;
+  /** With `presence`: ms a member counts as typing after their last signal (default 5000). */
+  typingTimeout?: number;
 }
 
 export declare class Subscription {
@@ -114,8 +149,21 @@ export declare class Subscription {
   readonly lastSeq: number | null;
   /** False once ended (unsubscribe(), a fatal error, or the bridge closed). */
   readonly active: boolean;
+  /** Subscribed with `presence: true`. */
+  readonly presence: boolean;
+  /** With `presence`: user id -> their last presence received. Emptied when a (re)subscribe is
+   * confirmed (before onSubscribed), then filled by the snapshot that follows; as last known
+   * while reconnecting; no longer updated once ended. Empty without `presence`. */
+  readonly members: ReadonlyMap<string, Presence>;
   /** Acknowledge up to `seq` (<= lastSeq, else RangeError); batched. */
   ack(seq: number): void;
+  /** Signal that the user is typing in the room (with or without `presence`); call it on every
+   * keystroke: at most one signal per second is sent. False: not sent (throttled, the room not
+   * yet subscribed on the current connection, or ended). */
+  typing(): boolean;
+  /** With `presence`: users whose last typing signal arrived less than `typingTimeout` ms ago,
+   * in the order they started typing. */
+  typists(): string[];
   /** Stop following the room; pending acks are sent first. Idempotent. */
   unsubscribe(): void;
 }
@@ -125,7 +173,8 @@ export declare class PgBridge extends EventTarget {
   constructor(url: string, options: PgBridgeOptions);
   readonly url: string;
   readonly state: BridgeState;
-  /** Throws TypeError for a bad room id or since, Error if already subscribed or closed. */
+  /** Throws TypeError for a bad room id, since, presence or typingTimeout, Error if already
+   * subscribed or closed. */
   subscribe(room: string, options?: SubscribeOptions): Subscription;
   /** Sends pending acks, closes with 1000, clears every timer; never reconnects. */
   close(): void;

@@ -2,6 +2,7 @@
 // (docs/PROTOCOL.md). One dependency-free ES module, no build step; types in pgbridge.d.ts.
 // Resumes rooms after drops with `since`, delivers each seq once and in order, reconnects with
 // capped jittered backoff, renews the token, batches acks, stops on refusals a retry can't fix.
+// Opt-in per room: the members' presence (rebuilt from each new snapshot) and typing signals.
 
 /** Close codes a retry cannot fix (PROTOCOL.md, "Close codes"), with the error code reported. */
 const FATAL_CLOSE = { 1007: "invalid_payload", 1008: "policy_violation",
@@ -11,6 +12,8 @@ const ROOM = /^[A-Za-z0-9_-]{1,26}$/;
 const STABLE_MS = 5000; // open and welcomed this long: the backoff starts again from `base`
 const PROBE_TIMEOUT_MS = 10000;
 const MAX_TIMER_MS = 2 ** 31 - 1;
+const TYPING_INTERVAL_MS = 1000; // sub.typing() sends at most one signal per room this often
+const TYPING_TIMEOUT_MS = 5000; // default: a member types for this long after their last signal
 
 /** The `exp` of a JWT (seconds since 1970), read without verification; null if unreadable.
  * @param {string} token @returns {number | null} */
@@ -49,6 +52,21 @@ function withToken(url, token, http = false) {
   return u.href;
 }
 
+/** A read-only view of a Map (`sub.members`): what a ReadonlyMap offers, reads only. */
+class MapView {
+  #map;
+  constructor(map) { this.#map = map; }
+  get size() { return this.#map.size; }
+  get(key) { return this.#map.get(key); }
+  has(key) { return this.#map.has(key); }
+  keys() { return this.#map.keys(); }
+  values() { return this.#map.values(); }
+  entries() { return this.#map.entries(); }
+  forEach(fn, thisArg) { this.#map.forEach((value, key) => fn.call(thisArg, value, key, this)); }
+  [Symbol.iterator]() { return this.#map.entries(); }
+  get [Symbol.toStringTag]() { return "MapView"; }
+}
+
 /** One room followed by a {@link PgBridge}; made by `bridge.subscribe(room, options)`. */
 export class Subscription {
   constructor(bridge, room, options) {
@@ -59,10 +77,22 @@ export class Subscription {
     this.lastSeq = options.since ?? null;
     /** False once ended: unsubscribe(), a fatal error, or the bridge closed. */
     this.active = true;
+    /** True if subscribed with `presence: true`: every (re)subscribe asks for presence. */
+    this.presence = options.presence === true;
+    const members = new Map(); // user -> frozen presence; emptied by each `subscribed`
+    /** With `presence`: user id -> the member's last presence received (read-only). Emptied
+     * when a (re)subscribe is confirmed, before onSubscribed, then filled by the snapshot that
+     * follows; as last known while reconnecting; no longer updated once ended. */
+    this.members = new MapView(members);
     Object.assign(this, { _bridge: bridge, _options: options, _autoAck: options.autoAck !== false,
       _ref: null, // ref of the subscribe sent on the current connection, if any
       _confirmed: false, // `subscribed` received on the current connection
-      _retries: 0, _retryTimer: null, _ackPending: -1, _acked: -1 });
+      _retries: 0, _retryTimer: null, _ackPending: -1, _acked: -1,
+      _members: members,
+      _typists: new Map(), // user -> Date.now() of their last typing signal, until it expires
+      _typingTimeout: options.typingTimeout ?? TYPING_TIMEOUT_MS,
+      _typingTimer: null, // expires the oldest typist
+      _typingSent: -Infinity }); // Date.now() of the last typing signal sent
   }
 
   /** Acknowledge the room's events up to `seq` (at most `lastSeq`, else RangeError); sent
@@ -73,6 +103,18 @@ export class Subscription {
       throw new RangeError(`pgbridge: cannot ack ${seq} in ${this.room} (held: ${this.lastSeq})`);
     }
     this._bridge._ack(this, seq);
+  }
+
+  /** Tell the room the user is typing (with or without `presence`). Throttled: at most one
+   * signal per second, so it may be called on every keystroke; not sent (false) before the
+   * room is subscribed on the current connection, nor once ended. @returns {boolean} sent */
+  typing() { return this._bridge._typing(this); }
+
+  /** With `presence`: the users whose last typing signal arrived less than `typingTimeout` ms
+   * ago, in the order they started typing. @returns {string[]} */
+  typists() {
+    const now = Date.now();
+    return [...this._typists].filter(([, t]) => now - t < this._typingTimeout).map(([u]) => u);
   }
 
   /** Stop following the room (a pending ack is sent first). Idempotent. */
@@ -136,16 +178,23 @@ export class PgBridge extends EventTarget {
    * `since`; Error if this bridge already follows the room or is closed.
    * @param {string} room a `channels.id` (1 to 26 of A-Z a-z 0-9 _ -)
    * @param {object} [options] `since` (integer), `onEvent(event)`, `onError(error)`,
-   *   `onSubscribed(frame)`, `autoAck` (default true). See pgbridge.d.ts.
+   *   `onSubscribed(frame)`, `autoAck` (default true); `presence` (boolean, default false),
+   *   `onPresence(presence)`, `onTyping(signal)`, `onTypists(users)`, `typingTimeout` (ms,
+   *   default 5000). See pgbridge.d.ts.
    * @returns {Subscription}
    */
   subscribe(room, options = {}) {
     if (this.state === "closed") throw new Error("pgbridge: the bridge is closed");
-    const { since } = options;
+    const { since, presence, typingTimeout } = options;
     if (typeof room !== "string" || !ROOM.test(room)) {
       throw new TypeError(`pgbridge: not a room id: ${room}`);
     } else if (since != null && !(Number.isSafeInteger(since) && since >= 0)) {
       throw new TypeError(`pgbridge: since must be an integer >= 0, not ${since}`);
+    } else if (presence != null && typeof presence !== "boolean") {
+      throw new TypeError(`pgbridge: presence must be a boolean, not ${presence}`);
+    } else if (typingTimeout != null && !(typeof typingTimeout === "number"
+      && typingTimeout > 0 && typingTimeout <= MAX_TIMER_MS)) {
+      throw new TypeError(`pgbridge: typingTimeout must be ms > 0, not ${typingTimeout}`);
     }
     if (this._subs.has(room)) throw new Error(`pgbridge: already subscribed to ${room}`);
     const sub = new Subscription(this, room, options);
@@ -292,7 +341,10 @@ export class PgBridge extends EventTarget {
     this._probe = null;
     this._detach();
     for (const name of Object.keys(this._timers)) this._clear(name);
-    for (const sub of this._subs.values()) sub.active = false;
+    for (const sub of this._subs.values()) {
+      sub.active = false;
+      this._clearTypists(sub);
+    }
     this._subs.clear();
   }
 
@@ -343,6 +395,8 @@ export class PgBridge extends EventTarget {
     else if (f.type === "event") this._onEvent(f);
     else if (f.type === "unsubscribed") this._onUnsubscribed(f);
     else if (f.type === "error") this._onError(f);
+    else if (f.type === "presence") this._onPresence(f);
+    else if (f.type === "typing") this._onTyping(f);
   }
 
   _onWelcome(f) {
@@ -367,6 +421,7 @@ export class PgBridge extends EventTarget {
     sub._ref = this._ref("s", { kind: "subscribe", sub });
     const frame = { type: "subscribe", room: sub.room, ref: sub._ref };
     if (sub.lastSeq !== null) frame.since = sub.lastSeq;
+    if (sub.presence) frame.presence = true; // never sent otherwise: older servers, same frames
     this._send(frame);
   }
 
@@ -387,6 +442,9 @@ export class PgBridge extends EventTarget {
     Object.assign(sub, { _confirmed: true, _retries: 0, _retryTimer: null });
     if (sub.lastSeq === null && Number.isSafeInteger(f.from)) sub.lastSeq = f.from;
     if (sub._ackPending > sub._acked) this._scheduleAcks();
+    // Presence is not replayed: the snapshot that follows is the whole truth, and a member
+    // absent from it is no longer one.
+    sub._members.clear();
     call(sub._options.onSubscribed, f);
   }
 
@@ -451,8 +509,81 @@ export class PgBridge extends EventTarget {
   _end(sub, err) { // by unsubscribe(), or by the server (err: fatal for it)
     sub.active = false;
     clearTimeout(sub._retryTimer);
+    this._clearTypists(sub);
     if (this._subs.get(sub.room) === sub) this._subs.delete(sub.room);
     if (err) this._error(err, sub);
+  }
+
+  // --- presence and typing ----------------------------------------------------------------
+  // Frames of a room followed without `presence`, or before its `subscribed`, are not ours;
+  // malformed ones are dropped: nothing in them may throw out of the message handler.
+
+  _onPresence(f) {
+    const sub = this._subs.get(f.room);
+    if (!sub?.presence || !sub._confirmed) return;
+    if (typeof f.user !== "string" || !f.user || typeof f.online !== "boolean") return;
+    const text = (v) => (typeof v === "string" ? v : null);
+    const presence = Object.freeze({ room: sub.room, user: f.user, online: f.online,
+      status: text(f.status) ?? (f.online ? "online" : "offline"),
+      lastSeen: text(f.last_seen), customStatus: text(f.custom_status) });
+    sub._members.set(f.user, presence);
+    call(sub._options.onPresence, presence);
+    if (!f.online && sub._typists.delete(f.user)) { // gone: typing no more
+      this._scheduleTypists(sub);
+      call(sub._options.onTypists, sub.typists());
+    }
+  }
+
+  _onTyping(f) {
+    const sub = this._subs.get(f.room);
+    if (!sub?.presence || !sub._confirmed || typeof f.user !== "string" || !f.user) return;
+    const known = sub._typists.has(f.user);
+    sub._typists.set(f.user, Date.now()); // a known typist keeps their place
+    if (!sub._typingTimer) this._scheduleTypists(sub); // else due no later than needed
+    call(sub._options.onTyping, { room: sub.room, user: f.user });
+    if (!known) call(sub._options.onTypists, sub.typists());
+  }
+
+  /** One timer per room, due when its oldest typist expires (at most `typingTimeout` away,
+   * whatever the clock does). */
+  _scheduleTypists(sub) {
+    clearTimeout(sub._typingTimer);
+    sub._typingTimer = null;
+    if (!sub._typists.size || !sub.active) return;
+    const due = Math.min(...sub._typists.values()) + sub._typingTimeout - Date.now();
+    sub._typingTimer = setTimeout(() => {
+      sub._typingTimer = null;
+      this._expireTypists(sub);
+    }, Math.min(Math.max(due, 0), sub._typingTimeout));
+  }
+
+  _expireTypists(sub) {
+    const now = Date.now();
+    let changed = false;
+    for (const [user, t] of sub._typists) {
+      if (now - t < sub._typingTimeout) continue;
+      sub._typists.delete(user);
+      changed = true;
+    }
+    this._scheduleTypists(sub);
+    if (changed) call(sub._options.onTypists, sub.typists());
+  }
+
+  _clearTypists(sub) { // the subscription ended: no timer left, no callback
+    clearTimeout(sub._typingTimer);
+    sub._typingTimer = null;
+    sub._typists.clear();
+  }
+
+  _typing(sub) {
+    const now = Date.now();
+    const elapsed = now - sub._typingSent; // negative: the clock went back, send
+    if (!sub.active || !sub._confirmed || (elapsed >= 0 && elapsed < TYPING_INTERVAL_MS)) {
+      return false;
+    }
+    if (!this._send({ type: "typing", room: sub.room })) return false;
+    sub._typingSent = now;
+    return true;
   }
 
   // --- acks -------------------------------------------------------------------------------

@@ -56,6 +56,12 @@ export function fakeWebSocket() {
       return this.recv({ type: "event", room, seq, table: "messages", op: "INSERT", id: `m${seq}`,
         data: { n: seq }, ts: "2026-01-01T00:00:00+00:00", ...extra });
     }
+    /** A member's `presence` frame (fields as PROTOCOL.md; `extra` overrides any). */
+    presence(room, user, online = true, extra = {}) {
+      return this.recv({ type: "presence", room, user, status: online ? "online" : "offline",
+        online, last_seen: "2026-01-01T00:00:00+00:00", custom_status: null, ...extra });
+    }
+    typing(room, user) { return this.recv({ type: "typing", room, user }); }
     get last() { return FakeWS.instances.at(-1); }
   }
   return FakeWS;
@@ -107,13 +113,16 @@ export async function connect(options = {}, url = "ws://bridge.test/ws") {
   return { bridge, WS, log, ws: () => WS.instances.at(-1) };
 }
 
-/** Subscribe and record what the subscription receives. */
+/** Subscribe and record what the subscription receives (presence: `[user, online]` pairs). */
 export function follow(bridge, room, options = {}) {
-  const got = { events: [], errors: [], subscribed: [] };
+  const got = { events: [], errors: [], subscribed: [], presence: [], typing: [], typists: [] };
   const sub = bridge.subscribe(room, {
     onEvent: (e) => got.events.push(e.seq),
     onError: (e) => got.errors.push(e),
     onSubscribed: (f) => got.subscribed.push(f),
+    onPresence: (p) => got.presence.push([p.user, p.online]),
+    onTyping: (t) => got.typing.push(t.user),
+    onTypists: (users) => got.typists.push(users),
     ...options,
   });
   return Object.assign(got, { sub });
