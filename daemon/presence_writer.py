@@ -4,7 +4,8 @@ database in batches (DESIGN.md, "Presence and ephemeral signals"; sql/triggers/4
 One task, :meth:`PresenceWriter.run`. Connections report to :meth:`PresenceWriter.opened` and
 :meth:`PresenceWriter.closed` (never awaiting); the :class:`daemon.presence.Roster` decides
 what is a transition, and the task writes what accumulated, at most every ``FLUSH_DELAY``
-seconds, in one call of ``pgbridge_presence_sync``, which also renews the instance's lease. A
+seconds, in one call of ``pgbridge_presence_sync`` (which renews the instance's lease when it is
+due, and otherwise writes nothing but the transitions). A
 reconnect within the grace period writes nothing; ``user_status`` is written only when a user
 comes online on the first instance or goes offline on the last.
 
@@ -87,7 +88,7 @@ class PresenceWriter:
             self.metrics.presence_users.set(len(self.roster))
             renew = now >= next_renew
             if self.changes or renew or self._resync:
-                if await self._write():
+                if await self._write(renew=renew):
                     if renew:
                         next_renew = self.clock() + renew_every
                         await self._reap()
@@ -101,8 +102,9 @@ class PresenceWriter:
                     await self._wake.wait()
                     await asyncio.sleep(FLUSH_DELAY)  # let the rest of a burst arrive
 
-    async def _write(self) -> bool:
-        """One batch; false when the database failed (the batch is kept for the retry)."""
+    async def _write(self, *, renew: bool) -> bool:
+        """One batch (renewing the lease with ``renew``); false when the database failed (the
+        batch is kept for the retry)."""
         now = self.clock()
         taken = self.changes.take(now)
         batch = list(taken)
@@ -110,7 +112,8 @@ class PresenceWriter:
             pending = {user for user, _ in taken}
             batch += [(user, None) for user in self.roster.held() if user not in pending]
         try:
-            held, changed = await self.store.presence_sync(self.instance, self.lease, batch)
+            held, changed = await self.store.presence_sync(self.instance, self.lease, batch,
+                                                           renew=renew)
         except BridgeError as exc:
             self.changes.restore(taken, now)
             self._failures.warning("write", "could not write presence (%s); %d transition(s) "
@@ -150,7 +153,7 @@ class PresenceWriter:
         try:
             async with asyncio.timeout(RETIRE_TIMEOUT):
                 if self.changes:
-                    await self._write()
+                    await self._write(renew=False)
                 now = self.clock()
                 await self.store.presence_retire(self.instance, self.grace,
                                                  self.roster.in_grace(now))

@@ -53,7 +53,7 @@ APP_FUNCTIONS: dict[str, str] = {"pgbridge_lock_rooms": "text[]"}
 # Functions the bridge calls: presence transitions, leases and their expiry
 # (sql/triggers/40_presence.sql).
 BRIDGE_FUNCTIONS: dict[str, str] = {
-    "pgbridge_presence_sync": "text, double precision, text[], double precision[]",
+    "pgbridge_presence_sync": "text, double precision, boolean, text[], double precision[]",
     "pgbridge_presence_reap": "",
     "pgbridge_presence_retire": "text, double precision, text[], double precision[]",
 }

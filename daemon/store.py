@@ -319,15 +319,17 @@ class Store:
     # --- presence (sql/triggers/40_presence.sql) ----------------------------------------------
 
     async def presence_sync(self, instance: str, lease: float,
-                            changes: Sequence[tuple[str, float | None]]) -> tuple[bool, int]:
-        """Renew ``instance``'s lease for ``lease`` seconds and write its transitions:
-        ``(user_id, None)`` a first connection, ``(user_id, s)`` a last one closed ``s`` seconds
-        ago. Returns ``(lease_held, transitions written)``; ``lease_held`` is false when the
-        instance had no lease (its first call, or it was reaped)."""
+                            changes: Sequence[tuple[str, float | None]], *,
+                            renew: bool) -> tuple[bool, int]:
+        """Write ``instance``'s transitions: ``(user_id, None)`` a first connection,
+        ``(user_id, s)`` a last one closed ``s`` seconds ago; with ``renew``, renew its lease
+        for ``lease`` seconds. Returns ``(lease_held, transitions written)``; ``lease_held`` is
+        false when the instance had no lease (its first call, or it was reaped), which this
+        call then took for ``lease`` seconds."""
         users = [user for user, _ in changes]
         ago = [closed for _, closed in changes]
-        rows = await self._all("SELECT * FROM pgbridge_presence_sync(%s, %s, %s, %s)",
-                               (instance, lease, users, ago), "writing presence")
+        rows = await self._all("SELECT * FROM pgbridge_presence_sync(%s, %s, %s, %s, %s)",
+                               (instance, lease, renew, users, ago), "writing presence")
         return bool(rows[0][0]), int(rows[0][1])
 
     async def presence_reap(self) -> tuple[int, int]:

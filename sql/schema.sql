@@ -287,7 +287,7 @@ CREATE TABLE IF NOT EXISTS presence_instances (
     heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     expires_at TIMESTAMPTZ NOT NULL
 );
-CREATE INDEX IF NOT EXISTS presence_instances_expires_idx ON presence_instances (expires_at);
+-- (No index on expires_at: a handful of rows, and every renewal stays a HOT update.)
 
 -- One row per user with at least one connection on the instance (or one closed less than the
 -- grace period ago). closed_at is set only when an instance shuts down with the user's last

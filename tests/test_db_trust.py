@@ -339,7 +339,7 @@ async def test_a_bridge_role_granted_before_presence_is_refused_in_one_line(
         trust_db: TrustDB, roles: Roles) -> None:
     """A role granted by an older setup_db.py cannot call the presence functions: the daemon
     says how to fix it instead of failing to write presence for ever."""
-    sync = "pgbridge_presence_sync(text, double precision, text[], double precision[])"
+    sync = "pgbridge_presence_sync(text, double precision, boolean, text[], double precision[])"
     async with connected(trust_db.owner) as owner:
         await owner.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM {}").format(
             sql.SQL(sync), sql.Identifier(roles.bridge)))
@@ -368,7 +368,7 @@ async def test_the_bridge_role_cannot_write_presence_but_through_the_functions(
                       "SELECT pgbridge_presence_set('i', 'u', true, now())"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 await bridge.execute(query)
-        for query in ("SELECT pgbridge_presence_sync('i', 30, '{}', '{}')",
+        for query in ("SELECT pgbridge_presence_sync('i', 30, true, '{}', '{}')",
                       "SELECT pgbridge_presence_reap()",
                       "SELECT * FROM presence_sessions"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):

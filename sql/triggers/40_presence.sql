@@ -91,23 +91,29 @@ END
 $$;
 REVOKE ALL ON FUNCTION pgbridge_presence_set(text, text, boolean, timestamptz) FROM PUBLIC;
 
--- One batch of an instance (daemon/presence_writer.py): renew its lease for p_lease seconds and
--- apply its transitions. p_users: distinct users.id; p_closed_ago[i]: NULL for a first
+-- One batch of an instance (daemon/presence_writer.py): renew its lease for p_lease seconds (with
+-- p_renew; a batch between two renewals only takes a key-share lock on the lease row, so that no
+-- reaper deletes it meanwhile, and writes it not) and apply its transitions. p_users: distinct
+-- users.id; p_closed_ago[i]: NULL for a first
 -- connection, else how many seconds ago the user's last connection to this instance closed
 -- (the grace period has passed). lease_held is false when the instance had no lease row: its
 -- first call, or its lease ran out and another instance reaped it (its users went offline; the
 -- caller must call again with every user it holds). changed: transitions written.
 CREATE OR REPLACE FUNCTION pgbridge_presence_sync(
-    p_instance text, p_lease double precision, p_users text[], p_closed_ago double precision[],
-    OUT lease_held boolean, OUT changed integer
+    p_instance text, p_lease double precision, p_renew boolean, p_users text[],
+    p_closed_ago double precision[], OUT lease_held boolean, OUT changed integer
 )
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     v record;
 BEGIN
-    UPDATE presence_instances
-    SET heartbeat_at = now(), expires_at = now() + make_interval(secs => p_lease)
-    WHERE instance_id = p_instance;
+    IF p_renew THEN
+        UPDATE presence_instances
+        SET heartbeat_at = now(), expires_at = now() + make_interval(secs => p_lease)
+        WHERE instance_id = p_instance;
+    ELSE
+        PERFORM 1 FROM presence_instances WHERE instance_id = p_instance FOR KEY SHARE;
+    END IF;
     lease_held := FOUND;
     IF NOT lease_held THEN
         INSERT INTO presence_instances (instance_id, expires_at)
@@ -125,7 +131,7 @@ BEGIN
     END LOOP;
 END
 $$;
-REVOKE ALL ON FUNCTION pgbridge_presence_sync(text, double precision, text[],
+REVOKE ALL ON FUNCTION pgbridge_presence_sync(text, double precision, boolean, text[],
                                               double precision[]) FROM PUBLIC;
 
 -- Delete every instance whose lease ran out, with its sessions; users left with no session go
