@@ -2,7 +2,7 @@
 
 import sys
 
-from .app import run_main
+from .cli import run_main
 
 if __name__ == "__main__":
     sys.exit(run_main(sys.argv[1:]))

@@ -1,15 +1,15 @@
 """Composition root: settings, logging, signals, and the supervised tasks of one bridge.
 
-``python -m daemon`` / ``pgbridge run``. Start-up order: settings → database (embedded, tunnel)
-→ schema (applied on the embedded server, checked otherwise) → pool → not a standby → listener
-proven by a NOTIFY round trip → WebSocket server listening → ``READY=1`` to systemd. Any task
-that fails stops the bridge with a non-zero exit (systemd restarts it); SIGTERM/SIGINT stop
-accepting, close clients with 1001, flush acknowledgements and exit 0.
+:func:`run` is ``python -m daemon`` / ``pgbridge run`` (:func:`daemon.cli.run_main` calls it).
+Start-up order: settings → database (embedded, tunnel) → schema (applied on the embedded server,
+checked otherwise) → pool → not a standby → listener proven by a NOTIFY round trip → WebSocket
+server listening → ``READY=1`` to systemd. Any task that fails stops the bridge with a non-zero
+exit (systemd restarts it); SIGTERM/SIGINT stop accepting, close clients with 1001, flush
+acknowledgements and exit 0.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,12 @@ import websockets
 from psycopg import sql
 from websockets.asyncio.server import ServerConnection
 
-from . import logs, systemd
+from . import systemd
 from .access import Access
 from .acks import AckBuffer, AckWriter
 from .auth import Claims, mint_token, resolve_secret, verify_token
 from .db import database, describe
-from .errors import BridgeError, DatabaseError
+from .errors import BridgeError, ConfigError, DatabaseError
 from .handshake import BridgeConnection, Health, connection_class, process_request
 from .hub import Hub
 from .listener import Listener
@@ -41,12 +41,12 @@ from .presence_feed import PresenceFeed
 from .presence_writer import PresenceWriter
 from .ratelimit import ClientLimits
 from .server import CLOSE_OVERLOADED, CLOSE_POLICY, Client
-from .settings import DaemonSettings, DatabaseSettings, SSHSettings, load_environment
+from .settings import DaemonSettings, DatabaseSettings, SSHSettings
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Bridge", "run_main"]
+__all__ = ["Bridge", "run"]
 
 READY_TIMEOUT = 15.0  # seconds for the first NOTIFY round trip
 HANDSHAKES_PER_TURN = 4  # upgrades checked per turn of the event loop (daemon.handshake)
@@ -141,7 +141,7 @@ class Bridge:
         """Run until ``stop`` is set (clean shutdown) or a task fails (its error is raised).
 
         Raises :class:`DatabaseError` when the database is a hot standby or LISTEN delivers
-        nothing (a transaction-mode pooler), :class:`OSError` when the port is taken.
+        nothing (a transaction-mode pooler), :class:`ConfigError` when the port is taken.
         """
         await self.store.open()
         tasks: set[asyncio.Task[Any]] = set()
@@ -154,14 +154,7 @@ class Bridge:
             tasks.add(asyncio.create_task(self.presence_feed.run(), name="presence-feed"))
             await self._wait_ready(tasks)
             await self.store.check_presence_grants()
-            server = await websockets.serve(
-                self._handler, self.settings.host, self.settings.port,
-                process_request=lambda conn, req: process_request(self, conn, req),
-                max_size=self.settings.max_frame_bytes, compression=None,
-                ping_interval=self.settings.heartbeat, ping_timeout=self.settings.heartbeat,
-                server_header="pgbridge", create_connection=connection_class(
-                    self.metrics.handshake_refusals.labels("client_gone").inc),
-            )
+            server = await self._listen()
             self.port = server.sockets[0].getsockname()[1]
             tasks.add(asyncio.create_task(self.ack_writer.run(), name="ack-writer"))
             tasks.add(asyncio.create_task(self._prune_forever(), name="pruner"))
@@ -203,6 +196,22 @@ class Bridge:
                 log.error("could not save the last acknowledgements: %s", exc,
                           extra={"event": "ack_flush_failed"})
             await self.store.close()
+
+    async def _listen(self) -> websockets.Server:
+        """The WebSocket server on PGBRIDGE_HOST:PGBRIDGE_PORT. Raises :class:`ConfigError`
+        when the address cannot be bound (taken, not an address of this host)."""
+        try:
+            return await websockets.serve(
+                self._handler, self.settings.host, self.settings.port,
+                process_request=lambda conn, req: process_request(self, conn, req),
+                max_size=self.settings.max_frame_bytes, compression=None,
+                ping_interval=self.settings.heartbeat, ping_timeout=self.settings.heartbeat,
+                server_header="pgbridge", create_connection=connection_class(
+                    self.metrics.handshake_refusals.labels("client_gone").inc),
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.settings.host}:{self.settings.port}: "
+                              f"{exc.strerror or exc}; set PGBRIDGE_HOST/PGBRIDGE_PORT") from exc
 
     async def _wait_ready(self, tasks: set[asyncio.Task[Any]]) -> None:
         ready = asyncio.create_task(self.listener.ready.wait())
@@ -267,7 +276,9 @@ def _demo_banner(bridge: Bridge, conninfo: str, user: str, room: str) -> str:
     )
 
 
-async def _run(env: dict[str, str]) -> int:
+async def run(env: dict[str, str]) -> int:
+    """Run the bridge configured by ``env`` (``load_environment()``) until SIGTERM or SIGINT;
+    returns the exit code (0). Raises :class:`BridgeError` (the CLI reports it)."""
     from .schema import apply_schema, check_schema
 
     db = DatabaseSettings.from_env(env)
@@ -304,27 +315,3 @@ async def _run(env: dict[str, str]) -> int:
         await bridge.serve(stop, on_ready=ready)
     systemd.notify("STOPPING=1")
     return 0
-
-
-def run_main(argv: Sequence[str] = ()) -> int:
-    """``pgbridge run`` / ``python -m daemon``: run the bridge until SIGTERM or SIGINT."""
-    argparse.ArgumentParser(
-        prog="pgbridge run", description="Run the pgbridge daemon: LISTEN for chat changes and "
-        "fan them out to WebSocket clients. Settings come from the environment, .env and "
-        ".env.local (see README).").parse_args(list(argv))
-    try:
-        env = load_environment()
-        settings = DaemonSettings.from_env(env)
-    except BridgeError as exc:
-        print(f"pgbridge: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    logs.configure(settings.log_level, json_lines=True)
-    try:
-        return asyncio.run(_run(env))
-    except BridgeError as exc:
-        print(f"pgbridge: error: {exc}", file=sys.stderr)  # one line, no traceback
-        return exc.exit_code
-    except OSError as exc:
-        print(f"pgbridge: error: cannot listen on {settings.host}:{settings.port}: "
-              f"{exc.strerror or exc}; set PGBRIDGE_HOST/PGBRIDGE_PORT", file=sys.stderr)
-        return 2

@@ -137,6 +137,26 @@ def setup_main(argv: Sequence[str] | None = None, prog: str = "setup_db.py") -> 
     return _run(prog, lambda: _setup(args, prog))
 
 
+# --- run -----------------------------------------------------------------------------------
+
+def run_main(argv: Sequence[str] = (), prog: str = "pgbridge") -> int:
+    """``pgbridge run`` / ``python -m daemon``: run the bridge until SIGTERM or SIGINT."""
+    argparse.ArgumentParser(
+        prog="pgbridge run", description="Run the pgbridge daemon: LISTEN for chat changes and "
+        "fan them out to WebSocket clients. Settings come from the environment, .env and "
+        ".env.local (see README).", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(list(argv))
+    try:
+        env = load_environment()
+        settings = DaemonSettings.from_env(env)
+    except BridgeError as exc:
+        return _report(exc, prog)
+    logs.configure(settings.log_level, json_lines=True)
+    from .app import run
+
+    return _run(prog, lambda: run(env))
+
+
 # --- token ---------------------------------------------------------------------------------
 
 def token_main(argv: Sequence[str], prog: str = "pgbridge token") -> int:
@@ -187,6 +207,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tail import tail_main
 
         return tail_main(rest)
-    from .app import run_main
-
     return run_main(rest)
