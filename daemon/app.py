@@ -11,36 +11,29 @@ acknowledgements and exit 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import logging
-import shutil
 import signal
 import sys
-import weakref
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-import websockets
-from psycopg import sql
-from websockets.asyncio.server import ServerConnection
 
 from . import systemd
 from .access import Access
 from .acks import AckBuffer, AckWriter
-from .auth import Claims, mint_token, resolve_secret, verify_token
+from .auth import Claims, resolve_secret, verify_token
 from .db import database, describe
-from .errors import BridgeError, ConfigError, DatabaseError
-from .handshake import BridgeConnection, Health, connection_class, process_request
+from .demo import banner, ensure_demo
+from .errors import BridgeError, DatabaseError
+from .handshake import Health
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
 from .presence_feed import PresenceFeed
 from .presence_writer import PresenceWriter
 from .ratelimit import ClientLimits
-from .server import CLOSE_OVERLOADED, CLOSE_POLICY, Client
+from .server import Server
 from .settings import DaemonSettings, DatabaseSettings, SSHSettings
 from .store import Store
 
@@ -49,12 +42,12 @@ log = logging.getLogger(__name__)
 __all__ = ["Bridge", "run"]
 
 READY_TIMEOUT = 15.0  # seconds for the first NOTIFY round trip
-HANDSHAKES_PER_TURN = 4  # upgrades checked per turn of the event loop (daemon.handshake)
 
 
 class Bridge:
-    """One running bridge over ``conninfo``. :meth:`serve` runs it; ``port`` is the bound port
-    once ``started`` is set (``PGBRIDGE_PORT=0`` picks a free one)."""
+    """One running bridge over ``conninfo``: builds the collaborators and hands each its
+    dependencies. :meth:`serve` runs it; ``port`` is the bound port once ``started`` is set
+    (``PGBRIDGE_PORT=0`` picks a free one)."""
 
     def __init__(self, conninfo: str, settings: DaemonSettings, secret: str) -> None:
         self.conninfo = conninfo
@@ -74,55 +67,28 @@ class Bridge:
         self.acks = AckBuffer()
         self.ack_writer = AckWriter(self.acks, self.store, self.metrics,
                                     interval=settings.ack_flush_interval)
-        self.clients: set[Client] = set()
         self.limits = ClientLimits(max_connections=settings.max_connections,
                                    max_per_user=settings.max_connections_per_user,
                                    user_rate=settings.user_subscribe_rate,
                                    user_burst=settings.user_subscribe_burst)
         self.health = Health(self.store, self.listener)
-        self.handshake_gate = asyncio.Semaphore(HANDSHAKES_PER_TURN)
-        # claims of upgrades accepted by process_request, until their handler starts
-        self.handshakes: weakref.WeakKeyDictionary[ServerConnection, Claims] = (
-            weakref.WeakKeyDictionary())
+        self.server = Server(settings=settings, metrics=self.metrics, hub=self.hub,
+                             listener=self.listener, store=self.store, acks=self.acks,
+                             access=self.access, limits=self.limits, presence=self.presence,
+                             presence_feed=self.presence_feed, health=self.health,
+                             verify_token=self.verify_token)
         self.started = asyncio.Event()
-        self.port = 0
+
+    @property
+    def port(self) -> int:
+        """The bound port (0 until started)."""
+        return self.server.port
 
     def verify_token(self, token: str) -> Claims:
         """Check a client's token with this bridge's secret, audience and issuer. Raises
         :class:`daemon.auth.AuthError`."""
         return verify_token(self.secret, token, audience=self.settings.jwt_audience,
                             issuer=self.settings.jwt_issuer)
-
-    async def _handler(self, ws: ServerConnection) -> None:
-        assert isinstance(ws, BridgeConnection)  # serve(create_connection=BridgeConnection)
-        claims = self.handshakes.pop(ws, None)
-        if claims is None:  # cannot happen: process_request accepted it
-            await ws.close(1011, "internal error")
-            return
-        # process_request checked the limits before its awaits; concurrent upgrades may have
-        # passed together, so check again where nothing can interleave.
-        if self.limits.at_capacity():
-            self.metrics.refusals.labels("overloaded").inc()
-            await ws.close(CLOSE_OVERLOADED, "too many connections; retry later")
-            return
-        if self.limits.user_at_capacity(claims.sub):
-            self.metrics.refusals.labels("too_many_connections").inc()
-            await ws.close(CLOSE_POLICY, "too many connections for this user")
-            return
-        client = Client(self, ws, claims)
-        self.clients.add(client)
-        self.access.opened(client)
-        self.limits.opened(claims.sub)
-        self.presence.opened(claims.sub)
-        self.metrics.connections.inc()
-        try:
-            await client.run()
-        finally:
-            self.clients.discard(client)
-            self.access.closed(client)
-            self.presence.closed(claims.sub)
-            self.limits.closed(claims.sub)
-            self.metrics.connections.dec()
 
     async def _prune_forever(self) -> None:
         while True:
@@ -141,11 +107,12 @@ class Bridge:
         """Run until ``stop`` is set (clean shutdown) or a task fails (its error is raised).
 
         Raises :class:`DatabaseError` when the database is a hot standby or LISTEN delivers
-        nothing (a transaction-mode pooler), :class:`ConfigError` when the port is taken.
+        nothing (a transaction-mode pooler), :class:`ConfigError` when the port is taken
+        (:meth:`daemon.server.Server.start`).
         """
         await self.store.open()
         tasks: set[asyncio.Task[Any]] = set()
-        server = None
+        started = False
         try:
             if await self.store.in_recovery():
                 raise DatabaseError(f"{describe(self.conninfo)} is a hot standby (read-only): "
@@ -154,8 +121,8 @@ class Bridge:
             tasks.add(asyncio.create_task(self.presence_feed.run(), name="presence-feed"))
             await self._wait_ready(tasks)
             await self.store.check_presence_grants()
-            server = await self._listen()
-            self.port = server.sockets[0].getsockname()[1]
+            await self.server.start()
+            started = True
             tasks.add(asyncio.create_task(self.ack_writer.run(), name="ack-writer"))
             tasks.add(asyncio.create_task(self._prune_forever(), name="pruner"))
             tasks.add(asyncio.create_task(self.access.run(), name="access-check"))
@@ -178,17 +145,15 @@ class Bridge:
             for task in done - {stopper}:
                 task.result()  # raises the failure
                 raise RuntimeError(f"task {task.get_name()} ended unexpectedly")
-            log.info("shutting down: closing %d clients with 1001", len(self.clients),
+            log.info("shutting down: closing %d clients with 1001", len(self.server.clients),
                      extra={"event": "shutdown"})
         finally:
-            if server is not None:
-                server.close()  # stop accepting; close every connection with 1001
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(server.wait_closed(), 10.0)
+            if started:
+                await self.server.close()  # stop accepting; close every connection with 1001
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if server is not None:
+            if started:
                 await self.presence.retire()
             try:
                 await self.ack_writer.flush()
@@ -196,22 +161,6 @@ class Bridge:
                 log.error("could not save the last acknowledgements: %s", exc,
                           extra={"event": "ack_flush_failed"})
             await self.store.close()
-
-    async def _listen(self) -> websockets.Server:
-        """The WebSocket server on PGBRIDGE_HOST:PGBRIDGE_PORT. Raises :class:`ConfigError`
-        when the address cannot be bound (taken, not an address of this host)."""
-        try:
-            return await websockets.serve(
-                self._handler, self.settings.host, self.settings.port,
-                process_request=lambda conn, req: process_request(self, conn, req),
-                max_size=self.settings.max_frame_bytes, compression=None,
-                ping_interval=self.settings.heartbeat, ping_timeout=self.settings.heartbeat,
-                server_header="pgbridge", create_connection=connection_class(
-                    self.metrics.handshake_refusals.labels("client_gone").inc),
-            )
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {self.settings.host}:{self.settings.port}: "
-                              f"{exc.strerror or exc}; set PGBRIDGE_HOST/PGBRIDGE_PORT") from exc
 
     async def _wait_ready(self, tasks: set[asyncio.Task[Any]]) -> None:
         ready = asyncio.create_task(self.listener.ready.wait())
@@ -225,55 +174,6 @@ class Bridge:
                 f"{describe(self.conninfo)}: LISTEN received nothing within {READY_TIMEOUT:g} s "
                 "of its own NOTIFY; LISTEN needs a session connection to the primary (not a "
                 "transaction-mode pooler such as PgBouncer)")
-
-
-async def _ensure_demo(conninfo: str, schema: str) -> tuple[str, str]:
-    """On the embedded database: a demo user and room (created once); returns their ids."""
-    import psycopg
-
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        await conn.execute("SELECT set_config('search_path', %s, false)",
-                           [sql.Identifier(schema).as_string(conn)])
-        async with conn.transaction():
-            cur = await conn.execute(
-                "INSERT INTO users (auth0_id, email, username, full_name) "
-                "VALUES ('pgbridge|demo', 'demo@pgbridge.invalid', 'demo', 'Demo User') "
-                "ON CONFLICT (auth0_id) DO UPDATE SET deleted_at = NULL RETURNING id")
-            user = str((await cur.fetchone() or ("",))[0])
-            cur = await conn.execute(
-                "SELECT c.id FROM channels c JOIN channel_members m ON m.channel_id = c.id "
-                "WHERE m.user_id = %s AND c.name = 'general' AND c.deleted_at IS NULL LIMIT 1",
-                [user])
-            row = await cur.fetchone()
-            if row is None:
-                cur = await conn.execute("INSERT INTO channels (name, description) VALUES "
-                                         "('general', 'pgbridge demo room') RETURNING id")
-                row = await cur.fetchone()
-                assert row is not None
-                await conn.execute("INSERT INTO channel_members (channel_id, user_id, role) "
-                                   "VALUES (%s, %s, 'owner')", (row[0], user))
-            return user, str(row[0])
-
-
-def _demo_banner(bridge: Bridge, conninfo: str, user: str, room: str) -> str:
-    token = mint_token(bridge.secret, user, ttl=86400, audience=bridge.settings.jwt_audience,
-                       issuer=bridge.settings.jwt_issuer)
-    url = f"ws://{bridge.settings.host}:{bridge.port}/ws"
-    page = (f"http://{bridge.settings.host}:{bridge.port}/#token={token}&room={room}"
-            if bridge.settings.demo else None)
-    script = Path(sys.executable).with_name("pgbridge")
-    pgbridge = "pgbridge" if shutil.which("pgbridge") == str(script) or not script.exists() \
-        else str(script)
-    return (
-        "\npgbridge is running on the embedded PostgreSQL (nothing was configured).\n"
-        + (f"  demo page:  {page}\n" if page else "")
-        + f"  WebSocket:  {url}?token=<token>\n"
-        f"  demo user:  {user}   room 'general': {room}\n"
-        f"  token (24 h): {token}\n"
-        f"  watch it:   {pgbridge} tail {room} --url {url} --token {token}\n"
-        f"  write:      psql '{conninfo}' -c \"INSERT INTO messages (channel_id, user_id, content) "
-        f"VALUES ('{room}', '{user}', 'hello')\"\n"
-    )
 
 
 async def run(env: dict[str, str]) -> int:
@@ -302,7 +202,7 @@ async def run(env: dict[str, str]) -> int:
         demo: tuple[str, str] | None = None
         if db.embedded:
             await apply_schema(conninfo, schema=settings.schema)
-            demo = await _ensure_demo(conninfo, settings.schema)
+            demo = await ensure_demo(conninfo, settings.schema)
         else:
             await check_schema(conninfo, schema=settings.schema)
         bridge = Bridge(conninfo, settings, secret)
@@ -310,7 +210,8 @@ async def run(env: dict[str, str]) -> int:
         def ready(b: Bridge) -> None:
             systemd.notify(f"READY=1\nSTATUS=listening on {settings.host}:{b.port}")
             if demo is not None:
-                print(_demo_banner(b, conninfo, *demo), file=sys.stderr, flush=True)
+                print(banner(settings, secret, port=b.port, conninfo=conninfo, user=demo[0],
+                             room=demo[1]), file=sys.stderr, flush=True)
 
         await bridge.serve(stop, on_ready=ready)
     systemd.notify("STOPPING=1")

@@ -3,14 +3,16 @@
 :func:`database` resolves the settings to a conninfo string: ``DATABASE_URL`` or the spec's
 ``POSTGRES_*``, through the SSH tunnel when ``SSH_HOST`` is set, or the embedded PostgreSQL when
 nothing is configured. :func:`translate` turns a psycopg error into a :class:`DatabaseError`
-whose message is one line naming the SQLSTATE and what to do (spec 003, "Error Handling").
+whose message is one line naming the SQLSTATE and what to do (spec 003, "Error Handling");
+:func:`translated` is the boundary where psycopg errors become ours: every module that talks to
+PostgreSQL wraps its driver calls in it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import psycopg
 from psycopg import sql
@@ -21,7 +23,7 @@ from .settings import DatabaseSettings, SSHSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["channel_query", "database", "describe", "translate"]
+__all__ = ["channel_query", "database", "describe", "translate", "translated"]
 
 # What the spec's error cases (and a few more we meet) mean for whoever runs pgbridge.
 _SQLSTATE_ADVICE: dict[str, str] = {
@@ -109,6 +111,16 @@ def translate(exc: psycopg.Error, conninfo: str, *, doing: str = "connecting") -
         return DatabaseError(f"{target}: SQLSTATE {sqlstate} while {doing}: {text}",
                              sqlstate=sqlstate)
     return DatabaseError(f"{target}: error while {doing}: {text}")
+
+
+@contextmanager
+def translated(conninfo: str, *, doing: str = "connecting") -> Iterator[None]:
+    """Raise every :class:`psycopg.Error` of the block as the :class:`DatabaseError` that
+    :func:`translate` makes of it (the original kept as ``__cause__``); anything else passes."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise translate(exc, conninfo, doing=doing) from exc
 
 
 def channel_query(schema: str) -> sql.Composed:

@@ -5,7 +5,9 @@ handshake, health.
   that cannot be parsed is answered with a 4xx (websockets closes the TCP connection without an
   answer and logs a traceback), and every WebSocket ping frame is reported to ``on_ping`` so
   the client's rate limit counts it.
-* :func:`process_request` routes ``/healthz``, ``/metrics`` and ``/ws``; for ``/ws`` it checks
+* :func:`process_request` routes ``/healthz``, ``/metrics`` and ``/ws`` through a :class:`Gate`,
+  which holds what the handshake needs (given explicitly by :mod:`daemon.server`); for ``/ws``
+  it checks
   the request target, the ``Origin`` (:mod:`daemon.origins`), the connection limits and the
   JWT, and answers every refusal with a 4xx
   (or 503 when the database cannot be asked), never a 500 for what the client sent
@@ -20,7 +22,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Generator
+import weakref
+from collections.abc import Awaitable, Callable, Generator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -43,14 +46,18 @@ if TYPE_CHECKING:
     from websockets.asyncio.server import Server
     from websockets.protocol import Event
 
-    from .app import Bridge
     from .listener import Listener
+    from .metrics import Metrics
+    from .ratelimit import ClientLimits
+    from .settings import DaemonSettings
     from .store import Store
 
 log = logging.getLogger(__name__)
 _refusals = Throttled(log)  # a flood of refusals is counted in metrics, not logged line by line
 
-__all__ = ["BridgeConnection", "Health", "connection_class", "process_request"]
+__all__ = ["BridgeConnection", "Gate", "Health", "connection_class", "process_request"]
+
+HANDSHAKES_PER_TURN = 4  # upgrades checked per turn of the event loop (Gate.turns)
 
 
 def _status_for(exc: Exception, lines_read: int) -> tuple[HTTPStatus, str]:
@@ -276,16 +283,41 @@ class Health:
         return {"database": await self._database(), "listener": self._listener()}
 
 
-async def _healthz(bridge: Bridge) -> Response:
-    problems = await bridge.health.check()
+class Gate:
+    """What the answers before the upgrade need, and the upgrades in progress.
+
+    ``verify_token`` checks a JWT (raises :class:`daemon.auth.AuthError`), ``live_user`` asks
+    the database whether a ``users.id`` is live (raises :class:`BridgeError`), ``connections``
+    counts the open WebSocket connections (for ``/healthz``). ``handshakes`` holds the claims of
+    upgrades accepted by :func:`process_request` until their handler takes them.
+    """
+
+    def __init__(self, *, settings: DaemonSettings, metrics: Metrics, limits: ClientLimits,
+                 health: Health, verify_token: Callable[[str], Claims],
+                 live_user: Callable[[str], Awaitable[bool]],
+                 connections: Callable[[], int]) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.limits = limits
+        self.health = health
+        self.verify_token = verify_token
+        self.live_user = live_user
+        self.connections = connections
+        self.handshakes: weakref.WeakKeyDictionary[ServerConnection, Claims] = (
+            weakref.WeakKeyDictionary())
+        self.turns = asyncio.Semaphore(HANDSHAKES_PER_TURN)
+
+
+async def _healthz(gate: Gate) -> Response:
+    problems = await gate.health.check()
     reasons = [f"{part}: {why}" for part, why in problems.items() if why is not None]
     return _json(HTTPStatus.SERVICE_UNAVAILABLE if reasons else HTTPStatus.OK, {
         "status": "unavailable" if reasons else "ok", "reasons": reasons,
         **{part: why is None for part, why in problems.items()},
-        "connections": len(bridge.clients)})
+        "connections": gate.connections()})
 
 
-async def process_request(bridge: Bridge, connection: ServerConnection,
+async def process_request(gate: Gate, connection: ServerConnection,
                           request: Request) -> Response | None:
     """HTTP routing and the authenticated handshake; ``None`` lets the upgrade proceed.
 
@@ -293,76 +325,76 @@ async def process_request(bridge: Bridge, connection: ServerConnection,
     the bridge, never a consequence of what the client sent).
     """
     try:
-        response = await _route(bridge, connection, request)
+        response = await _route(gate, connection, request)
     except Exception:
-        bridge.handshakes.pop(connection, None)
+        gate.handshakes.pop(connection, None)
         incident = secrets.token_hex(4)
         log.error("handshake from %s failed: incident %s", connection.remote_address, incident,
                   exc_info=True, extra={"event": "handshake_crashed", "incident": incident})
         return _json(HTTPStatus.INTERNAL_SERVER_ERROR,
                      {"error": "internal", "message": f"internal error (incident {incident})"})
     if response is not None:  # refused: give back the slot it may have held
-        bridge.handshakes.pop(connection, None)
+        gate.handshakes.pop(connection, None)
     return response
 
 
-async def _route(bridge: Bridge, connection: ServerConnection,
+async def _route(gate: Gate, connection: ServerConnection,
                  request: Request) -> Response | None:
     try:
         path, query = _target(request)
     except _BadTarget as exc:
         return _json(HTTPStatus.BAD_REQUEST, {"error": "bad_request", "message": str(exc)})
     if path == "/healthz":
-        return await _healthz(bridge)
+        return await _healthz(gate)
     if path == "/metrics":
-        return _response(HTTPStatus.OK, bridge.metrics.render(),
+        return _response(HTTPStatus.OK, gate.metrics.render(),
                          "text/plain; version=0.0.4; charset=utf-8")
     if path != "/ws":
-        asset = asset_for(path, demo=bridge.settings.demo is True)
+        asset = asset_for(path, demo=gate.settings.demo is True)
         if asset is None:
             return _json(HTTPStatus.NOT_FOUND, {"error": "not found; the WebSocket is at /ws"})
         status = (HTTPStatus.NOT_MODIFIED if asset.fresh(request.headers.get("If-None-Match"))
                   else HTTPStatus.OK)
         return _response(status, asset.body if status is HTTPStatus.OK else b"",
                          asset.content_type, asset.headers(), cache="no-cache")
-    async with bridge.handshake_gate:
+    async with gate.turns:
         # A flood of upgrades becomes ready all at once; asyncio would run every one of them
         # before it looks at a socket again, the listener's included. Through the gate, a few
         # per turn of the loop do their CPU work (JWT, limits), and the loop polls in between.
         await asyncio.sleep(0)
-        admitted = _admit(bridge, connection, request, query)
+        admitted = _admit(gate, connection, request, query)
     if isinstance(admitted, Response):
         return admitted
     try:
-        if not await bridge.store.live_user(admitted.sub):
-            return _unauthorized(bridge, connection,
+        if not await gate.live_user(admitted.sub):
+            return _unauthorized(gate, connection,
                                  AuthError("the token's user does not exist or is deleted"))
     except BridgeError as exc:
         _refusals.info("database", "could not check a token's user: %s", exc,
                        extra={"event": "handshake_error"})
-        return _refuse(bridge, HTTPStatus.SERVICE_UNAVAILABLE, "unavailable",
+        return _refuse(gate, HTTPStatus.SERVICE_UNAVAILABLE, "unavailable",
                        "the database cannot be reached to check the token's user; retry later",
                        retry_after=5)
     return None
 
 
-def _admit(bridge: Bridge, connection: ServerConnection, request: Request,
+def _admit(gate: Gate, connection: ServerConnection, request: Request,
            query: dict[str, list[str]]) -> Response | Claims:
     """The checks of an upgrade that need no database: limits and the token. Returns the
-    refusal, or the claims with a slot held for the user in ``bridge.handshakes``."""
+    refusal, or the claims with a slot held for the user in ``gate.handshakes``."""
     origins, hosts = request.headers.get_all("Origin"), request.headers.get_all("Host")
     if len(origins) > 1 or len(hosts) > 1:
         return _json(HTTPStatus.BAD_REQUEST, {"error": "bad_request",
                                               "message": "Origin and Host may be given once"})
     origin = origins[0] if origins else None
     if not origin_allowed(origin, hosts[0] if hosts else None,
-                          bridge.settings.allowed_origins):
-        return _refuse(bridge, HTTPStatus.FORBIDDEN, "forbidden_origin",
+                          gate.settings.allowed_origins):
+        return _refuse(gate, HTTPStatus.FORBIDDEN, "forbidden_origin",
                        f"origin {(origin or '')[:100]!r} may not connect: it is not this "
                        "bridge's own origin nor in PGBRIDGE_ALLOWED_ORIGINS")
-    limits = bridge.limits
-    if limits.at_capacity(pending=len(bridge.handshakes)):
-        return _refuse(bridge, HTTPStatus.SERVICE_UNAVAILABLE, "overloaded",
+    limits = gate.limits
+    if limits.at_capacity(pending=len(gate.handshakes)):
+        return _refuse(gate, HTTPStatus.SERVICE_UNAVAILABLE, "overloaded",
                        f"the bridge serves at most {limits.max_connections} connections; "
                        "retry later", retry_after=5)
     try:
@@ -372,29 +404,29 @@ def _admit(bridge: Bridge, connection: ServerConnection, request: Request,
     try:
         if token is None:
             raise AuthError("missing token (?token=... or Authorization: Bearer ...)")
-        claims = bridge.verify_token(token)
+        claims = gate.verify_token(token)
     except AuthError as exc:
-        return _unauthorized(bridge, connection, exc)
-    pending = sum(1 for c in bridge.handshakes.values() if c.sub == claims.sub)
+        return _unauthorized(gate, connection, exc)
+    pending = sum(1 for c in gate.handshakes.values() if c.sub == claims.sub)
     if limits.user_at_capacity(claims.sub, pending=pending):
-        return _refuse(bridge, HTTPStatus.TOO_MANY_REQUESTS, "too_many_connections",
+        return _refuse(gate, HTTPStatus.TOO_MANY_REQUESTS, "too_many_connections",
                        f"at most {limits.max_per_user} connections per user", retry_after=5)
     # Hold the slot while the database answers, so that concurrent upgrades of one user are
     # counted here and not only after the upgrade (where they cost a close).
-    bridge.handshakes[connection] = claims
+    gate.handshakes[connection] = claims
     return claims
 
 
-def _unauthorized(bridge: Bridge, connection: ServerConnection, exc: AuthError) -> Response:
-    bridge.metrics.handshake_refusals.labels("unauthorized").inc()
+def _unauthorized(gate: Gate, connection: ServerConnection, exc: AuthError) -> Response:
+    gate.metrics.handshake_refusals.labels("unauthorized").inc()
     _refusals.info("unauthorized", "handshake refused from %s: %s", connection.remote_address,
                    exc, extra={"event": "handshake_refused"})
     return _json(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "message": str(exc)})
 
 
-def _refuse(bridge: Bridge, status: HTTPStatus, code: str, message: str, *,
+def _refuse(gate: Gate, status: HTTPStatus, code: str, message: str, *,
             retry_after: int | None = None) -> Response:
-    bridge.metrics.handshake_refusals.labels(code).inc()
+    gate.metrics.handshake_refusals.labels(code).inc()
     _refusals.info(code, "handshake refused: %s", message,
                    extra={"event": "handshake_refused", "reason": code})
     return _json(status, {"error": code, "message": message},

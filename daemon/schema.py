@@ -41,7 +41,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from .db import channel_query, translate
+from .db import channel_query, translated
 from .errors import DatabaseError, SchemaError
 from .roles import Grants, apply_grants
 from .signing import SIGNATURE_HEX, NotifyKey
@@ -278,29 +278,28 @@ async def apply_schema(conninfo: str, *, schema: str = "public", grants: Grants 
     delay = lock_timeout
     attempt = 1
     while True:
-        try:
-            async with await psycopg.AsyncConnection.connect(conninfo) as conn:
-                conn.add_notice_handler(_log_notice)
-                report = await _apply(conn, schema, grants, lock_timeout)
-                report.attempts = attempt
-                break
-        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
-            wait = random.uniform(0.5, 1.0) * delay
-            if time.monotonic() + wait > deadline:
-                raise DatabaseError(
-                    f"SQLSTATE {exc.sqlstate}: could not take the locks to apply schema {schema} "
-                    f"in {attempt} attempt(s) over {max_wait:g} s, waiting at most "
-                    f"{lock_timeout:g} s each time ({exc.diag.message_primary}): a long "
-                    "transaction holds them; find it in pg_stat_activity and retry, or raise "
-                    "--max-wait", sqlstate=exc.sqlstate) from exc
-            log.warning("applying schema %s: %s (SQLSTATE %s); nothing was changed, retrying "
-                        "in %.1f s", schema, exc.diag.message_primary, exc.sqlstate, wait,
-                        extra={"event": "schema_lock_retry"})
-            await asyncio.sleep(wait)
-            delay = min(delay * 2, 10.0)
-            attempt += 1
-        except psycopg.Error as exc:
-            raise translate(exc, conninfo, doing="applying the schema") from exc
+        with translated(conninfo, doing="applying the schema"):
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+                    conn.add_notice_handler(_log_notice)
+                    report = await _apply(conn, schema, grants, lock_timeout)
+                    report.attempts = attempt
+                    break
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
+                wait = random.uniform(0.5, 1.0) * delay
+                if time.monotonic() + wait > deadline:
+                    raise DatabaseError(
+                        f"SQLSTATE {exc.sqlstate}: could not take the locks to apply schema "
+                        f"{schema} in {attempt} attempt(s) over {max_wait:g} s, waiting at most "
+                        f"{lock_timeout:g} s each time ({exc.diag.message_primary}): a long "
+                        "transaction holds them; find it in pg_stat_activity and retry, or "
+                        "raise --max-wait", sqlstate=exc.sqlstate) from exc
+                log.warning("applying schema %s: %s (SQLSTATE %s); nothing was changed, "
+                            "retrying in %.1f s", schema, exc.diag.message_primary, exc.sqlstate,
+                            wait, extra={"event": "schema_lock_retry"})
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 10.0)
+                attempt += 1
     for warning in report.warnings:
         log.warning("%s", warning, extra={"event": "schema_warning"})
     return report
@@ -381,16 +380,28 @@ def _pinned(config: list[str] | None, schema: str) -> bool:
 async def check_schema(conninfo: str, *, schema: str = "public") -> None:
     """Raise :class:`SchemaError` when the schema is missing or outdated (what the daemon checks
     at start-up with a configured database), naming the first problems and the fix."""
-    try:
+    with translated(conninfo):
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
             problems = await _problems(conn, schema)
-    except psycopg.Error as exc:
-        raise translate(exc, conninfo) from exc
+            others = [] if not problems else await _applied_schemas(conn, besides=schema)
     if problems:
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
         flag = "" if schema == "public" else f" --schema {schema}"
-        raise SchemaError(f"schema {schema} is missing or outdated: {'; '.join(problems[:2])}"
-                          f"{more}: run python setup_db.py{flag}")
+        elsewhere = (f", or set PGBRIDGE_SCHEMA to the schema it was applied to "
+                     f"({', '.join(others)})" if others else "")
+        raise SchemaError(f"schema {schema} (PGBRIDGE_SCHEMA) is missing or outdated: "
+                          f"{'; '.join(problems[:2])}{more}: run python setup_db.py{flag}"
+                          f"{elsewhere}")
+
+
+async def _applied_schemas(conn: psycopg.AsyncConnection[TupleRow], *, besides: str
+                           ) -> list[str]:
+    """Other schemas of the database that setup_db.py applied (they hold its ledger)."""
+    cur = await conn.execute(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = 'schema_files' AND c.relkind = 'r' AND n.nspname <> %s "
+        "ORDER BY 1", [besides])
+    return [str(name) for (name,) in await cur.fetchall()]
 
 
 async def verify_schema(conninfo: str, *, schema: str = "public",
@@ -401,14 +412,12 @@ async def verify_schema(conninfo: str, *, schema: str = "public",
 
     Returns the problems found (empty: all good). ``timeout`` is in seconds.
     """
-    try:
+    with translated(conninfo, doing="verifying the schema"):
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
             problems = await _problems(conn, schema)
             if problems:
                 return problems
             return await _probe_capture(conn, conninfo, schema, timeout)
-    except psycopg.Error as exc:
-        raise translate(exc, conninfo, doing="verifying the schema") from exc
 
 
 async def _probe_capture(conn: psycopg.AsyncConnection[TupleRow], conninfo: str, schema: str,

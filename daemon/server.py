@@ -1,5 +1,7 @@
-"""The WebSocket side after the upgrade: one :class:`Client` per connection (the handshake
-and the HTTP endpoints are :mod:`daemon.handshake`).
+"""The WebSocket server: :class:`Server` binds the port and owns the handler, the connections
+and the upgrades in progress; one :class:`Client` per connection (the handshake and the HTTP
+endpoints are :mod:`daemon.handshake`). The composition root (:mod:`daemon.app`) builds the
+collaborators and hands them to :class:`Server`; nothing here imports it.
 
 The fan-out never waits for a client: a frame is written to the socket at once while the
 client keeps up (its socket buffer below the high-water mark and nothing queued); otherwise it
@@ -27,16 +29,23 @@ import secrets
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from websockets.asyncio.server import broadcast
+import websockets
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 
+from .access import Access
+from .acks import AckBuffer
 from .auth import AuthError, Claims
 from .cursor import resolve_from
-from .errors import BridgeError
-from .handshake import BridgeConnection
-from .hub import Subscription
+from .errors import BridgeError, ConfigError
+from .handshake import BridgeConnection, Gate, Health, connection_class, process_request
+from .hub import Hub, Subscription
+from .listener import Listener
+from .metrics import Metrics
+from .presence_feed import PresenceFeed
+from .presence_writer import PresenceWriter
 from .protocol import (
     Ack,
     Ping,
@@ -52,15 +61,13 @@ from .protocol import (
     subscribed,
     welcome,
 )
-from .ratelimit import TokenBucket
-from .store import READ_PAGE
-
-if TYPE_CHECKING:
-    from .app import Bridge
+from .ratelimit import ClientLimits, TokenBucket
+from .settings import DaemonSettings
+from .store import READ_PAGE, Store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Client"]
+__all__ = ["Client", "Server"]
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
@@ -71,12 +78,99 @@ CLOSE_USER_GONE = 4003
 CLOSE_TOO_SLOW = 4008
 
 
+class Server:
+    """The WebSocket server on ``PGBRIDGE_HOST:PGBRIDGE_PORT`` and its connections, with the
+    collaborators a connection works with. ``verify_token`` checks a client's JWT (raises
+    :class:`daemon.auth.AuthError`); ``port`` is the bound port once :meth:`start` returned
+    (``PGBRIDGE_PORT=0`` picks a free one)."""
+
+    def __init__(self, *, settings: DaemonSettings, metrics: Metrics, hub: Hub,
+                 listener: Listener, store: Store, acks: AckBuffer, access: Access,
+                 limits: ClientLimits, presence: PresenceWriter, presence_feed: PresenceFeed,
+                 health: Health, verify_token: Callable[[str], Claims]) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.hub = hub
+        self.listener = listener
+        self.store = store
+        self.acks = acks
+        self.access = access
+        self.limits = limits
+        self.presence = presence
+        self.presence_feed = presence_feed
+        self.verify_token = verify_token
+        self.clients: set[Client] = set()
+        self.gate = Gate(settings=settings, metrics=metrics, limits=limits, health=health,
+                         verify_token=verify_token, live_user=store.live_user,
+                         connections=lambda: len(self.clients))
+        self.port = 0
+        self._server: websockets.Server | None = None
+
+    async def start(self) -> None:
+        """Bind and start accepting. Raises :class:`ConfigError` when the address cannot be
+        bound (taken, or not an address of this host)."""
+        settings = self.settings
+        try:
+            self._server = await websockets.serve(
+                self._handler, settings.host, settings.port,
+                process_request=lambda conn, req: process_request(self.gate, conn, req),
+                max_size=settings.max_frame_bytes, compression=None,
+                ping_interval=settings.heartbeat, ping_timeout=settings.heartbeat,
+                server_header="pgbridge", create_connection=connection_class(
+                    self.metrics.handshake_refusals.labels("client_gone").inc),
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: "
+                              f"{exc.strerror or exc}; set PGBRIDGE_HOST/PGBRIDGE_PORT") from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop accepting and close every connection with 1001; wait up to ``timeout``
+        seconds for them to be closed."""
+        if self._server is None:
+            return
+        self._server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), timeout)
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, BridgeConnection)  # serve(create_connection=BridgeConnection)
+        claims = self.gate.handshakes.pop(ws, None)
+        if claims is None:  # cannot happen: process_request accepted it
+            await ws.close(CLOSE_INTERNAL, "internal error")
+            return
+        # process_request checked the limits before its awaits; concurrent upgrades may have
+        # passed together, so check again where nothing can interleave.
+        if self.limits.at_capacity():
+            self.metrics.refusals.labels("overloaded").inc()
+            await ws.close(CLOSE_OVERLOADED, "too many connections; retry later")
+            return
+        if self.limits.user_at_capacity(claims.sub):
+            self.metrics.refusals.labels("too_many_connections").inc()
+            await ws.close(CLOSE_POLICY, "too many connections for this user")
+            return
+        client = Client(self, ws, claims)
+        self.clients.add(client)
+        self.access.opened(client)
+        self.limits.opened(claims.sub)
+        self.presence.opened(claims.sub)
+        self.metrics.connections.inc()
+        try:
+            await client.run()
+        finally:
+            self.clients.discard(client)
+            self.access.closed(client)
+            self.presence.closed(claims.sub)
+            self.limits.closed(claims.sub)
+            self.metrics.connections.dec()
+
+
 class Client:
     """One WebSocket connection: parses its frames, owns its subscriptions and its outgoing
     queue. Implements :class:`daemon.hub.Sink` and :class:`daemon.access.Session`."""
 
-    def __init__(self, bridge: Bridge, ws: BridgeConnection, claims: Claims) -> None:
-        self.bridge = bridge
+    def __init__(self, server: Server, ws: BridgeConnection, claims: Claims) -> None:
+        self.server = server
         self.ws = ws
         self.user = claims.sub
         self.subs: dict[str, Subscription] = {}
@@ -85,8 +179,8 @@ class Client:
         self._drained = asyncio.Event()
         self._closing = False
         self._writing = False  # the writer task is draining the queue
-        self._limit = bridge.settings.queue_size
-        settings = bridge.settings
+        self._limit = server.settings.queue_size
+        settings = server.settings
         self._send_timeout = settings.send_timeout
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:  # a fixed size also turns the kernel's auto-tuning off
@@ -123,7 +217,7 @@ class Client:
     def overflow(self, why: str) -> None:
         if self._closing:
             return
-        self.bridge.metrics.slow_closes.inc()
+        self.server.metrics.slow_closes.inc()
         log.warning("client %s of user %s is too slow: %s; closing with 4008", self.ws.id,
                     self.user, why, extra={"event": "slow_client"})
         self._close_soon(CLOSE_TOO_SLOW, "too slow: outgoing queue overflowed")
@@ -131,7 +225,7 @@ class Client:
     def subscription_ended(self, sub: Subscription) -> None:
         if self.subs.get(sub.room) is sub:
             del self.subs[sub.room]
-            self.bridge.metrics.subscriptions.dec()
+            self.server.metrics.subscriptions.dec()
 
     # --- Session ----------------------------------------------------------------------------
 
@@ -156,7 +250,7 @@ class Client:
     async def run(self) -> None:
         self._writer = asyncio.create_task(self._write_forever(), name=f"writer-{self.ws.id}")
         self.ws.on_ping = self._on_ping
-        self.send(welcome(self.user, self.bridge.settings.heartbeat))
+        self.send(welcome(self.user, self.server.settings.heartbeat))
         try:
             async for message in self.ws:
                 if self._closing:
@@ -170,8 +264,8 @@ class Client:
         finally:
             self._closing = True
             for sub in self.subs.values():
-                self.bridge.hub.remove(sub)
-            self.bridge.metrics.subscriptions.dec(len(self.subs))
+                self.server.hub.remove(sub)
+            self.server.metrics.subscriptions.dec(len(self.subs))
             self.subs.clear()
             if self._expiry is not None:
                 self._expiry.cancel()
@@ -210,7 +304,7 @@ class Client:
         if self._writer is not None:
             self._writer.cancel()
         for sub in self.subs.values():
-            self.bridge.hub.remove(sub)
+            self.server.hub.remove(sub)
         asyncio.get_running_loop().create_task(self.ws.close(code, reason))
 
     def _set_expiry(self, exp: float) -> None:
@@ -236,18 +330,18 @@ class Client:
         if self._bucket.take():
             return False
         if not self._strikes.take() and not self._closing:
-            self.bridge.metrics.refusals.labels("abuse").inc()
+            self.server.metrics.refusals.labels("abuse").inc()
             self._close_soon(CLOSE_POLICY, "rate limit exceeded repeatedly")
         return True
 
     def _on_ping(self) -> None:
         if self._over_rate():
-            self.bridge.metrics.refusals.labels("rate_limited").inc()
+            self.server.metrics.refusals.labels("rate_limited").inc()
 
     async def _handle(self, message: str | bytes) -> None:
         if self._over_rate():
             if not self._closing:
-                self.bridge.metrics.refusals.labels("rate_limited").inc()
+                self.server.metrics.refusals.labels("rate_limited").inc()
                 self.send(error("rate_limited", "too many frames; slow down"))
             return
         request: Request | None = None
@@ -266,7 +360,7 @@ class Client:
             elif isinstance(request, Typing):
                 self._typing(request)
         except ProtocolError as exc:
-            self.bridge.metrics.refusals.labels(exc.code).inc()
+            self.server.metrics.refusals.labels(exc.code).inc()
             self.send(exc.frame())
         except BridgeError as exc:  # the database failed: the client may retry
             log.error("%s of user %s failed: %s", _kind(request), self.user, exc,
@@ -282,7 +376,7 @@ class Client:
 
     async def _subscribe(self, request: Subscribe) -> None:
         room, ref = request.room, request.ref
-        settings = self.bridge.settings
+        settings = self.server.settings
         if not self._may_ask_database():
             raise ProtocolError("rate_limited", "too many subscribe attempts; slow down",
                                 ref=ref, room=room)
@@ -293,7 +387,7 @@ class Client:
             raise ProtocolError("rate_limited", f"at most {settings.max_subscriptions} "
                                 "subscriptions per connection", ref=ref, room=room)
         # Membership first: a room the user may not read never reaches the listener.
-        info = await self.bridge.store.cursor_info(self.user, room)
+        info = await self.server.store.cursor_info(self.user, room)
         if info.status == "not_found":
             raise ProtocolError("not_found", "no such room", ref=ref, room=room)
         if info.status != "ok":
@@ -309,13 +403,13 @@ class Client:
                            presence=request.presence)
         sub.from_seq = from_seq
         self.subs[room] = sub
-        self.bridge.metrics.subscriptions.inc()
+        self.server.metrics.subscriptions.inc()
         try:
-            live_from = await self.bridge.listener.add(sub)
+            live_from = await self.server.listener.add(sub)
             # Events up to live_from were committed before now; if some came after the check,
             # the user must still be live now for them to be the user's (a deletion's hint may
             # still be on its way to the listener). Membership is accounted for by checked_at.
-            if live_from > info.head and not await self.bridge.store.live_user(self.user):
+            if live_from > info.head and not await self.server.store.live_user(self.user):
                 self.user_gone()
             if self._closing:
                 self._drop(sub)
@@ -326,7 +420,7 @@ class Client:
             after = from_seq
             while after < live_from and not sub.ended and not self._closing:
                 await self._room_for(READ_PAGE)
-                events = await self.bridge.store.read_events(room, after=after, upto=live_from)
+                events = await self.server.store.read_events(room, after=after, upto=live_from)
                 if not events:
                     break
                 for event in events:
@@ -342,14 +436,14 @@ class Client:
 
     async def _send_snapshot(self, sub: Subscription) -> None:
         """The room's presence snapshot, paced like a replay; then the changes since."""
-        states = await self.bridge.presence_feed.snapshot(sub)
+        states = await self.server.presence_feed.snapshot(sub)
         for i in range(0, len(states), READ_PAGE):
             await self._room_for(READ_PAGE)
             if sub.ended or self._closing:
                 return
             for state in states[i:i + READ_PAGE]:
                 self.send(state.frame())
-        self.bridge.metrics.presence_frames.inc(len(states))
+        self.server.metrics.presence_frames.inc(len(states))
         sub.presence_live()
 
     def _typing(self, request: Typing) -> None:
@@ -357,15 +451,15 @@ class Client:
         if sub is None or sub.ended:
             raise ProtocolError("forbidden", "typing in a room you are not subscribed to",
                                 ref=request.ref, room=request.room)
-        self.bridge.presence_feed.typing_sent(self.user, request.room)
+        self.server.presence_feed.typing_sent(self.user, request.room)
 
     def _may_ask_database(self) -> bool:
         """Take one request that queries the database (subscribe, refresh) from this
         connection's and this user's bucket; false when either is empty."""
-        return self._subscribe_bucket.take() and self.bridge.limits.subscribe_allowed(self.user)
+        return self._subscribe_bucket.take() and self.server.limits.subscribe_allowed(self.user)
 
     def _drop(self, sub: Subscription) -> None:
-        self.bridge.hub.remove(sub)
+        self.server.hub.remove(sub)
         self.subscription_ended(sub)
 
     def _unsubscribe(self, request: Unsubscribe) -> None:
@@ -384,11 +478,11 @@ class Client:
         if request.seq > sub.cursor:
             raise ProtocolError("bad_request", f"seq {request.seq} was not delivered yet "
                                 f"(latest: {sub.cursor})", ref=request.ref, room=request.room)
-        self.bridge.acks.record(self.user, request.room, request.seq)
+        self.server.acks.record(self.user, request.room, request.seq)
 
     async def _refresh(self, request: Refresh) -> None:
         try:
-            claims = self.bridge.verify_token(request.token)
+            claims = self.server.verify_token(request.token)
         except AuthError as exc:
             raise ProtocolError("unauthorized", str(exc), ref=request.ref) from None
         if claims.sub != self.user:
@@ -397,7 +491,7 @@ class Client:
         if not self._may_ask_database():
             raise ProtocolError("rate_limited", "too many refresh attempts; slow down",
                                 ref=request.ref)
-        if not await self.bridge.store.live_user(self.user):
+        if not await self.server.store.live_user(self.user):
             self.send(error("unauthorized", "the token's user does not exist or is deleted",
                             ref=request.ref))
             self.user_gone()

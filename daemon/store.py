@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from .db import channel_query, describe, translate
+from .db import channel_query, describe, translate, translated
 from .errors import DatabaseError
 from .events import Event
 from .presence import Presence
@@ -88,16 +88,12 @@ class Store:
                            [sql.Identifier(self.schema).as_string(conn)])
 
     async def open(self) -> None:
-        try:
-            await self.pool.open(wait=True, timeout=15.0)
-        except psycopg.Error as exc:
-            raise translate(exc, self.conninfo) from exc
-        except Exception as exc:  # PoolTimeout: the first connection never came
+        with translated(self.conninfo):
             try:
+                await self.pool.open(wait=True, timeout=15.0)
+            except PoolTimeout:  # the first connection never came: connect once to say why
                 await (await psycopg.AsyncConnection.connect(self.conninfo)).close()
-            except psycopg.Error as inner:
-                raise translate(inner, self.conninfo) from exc
-            raise
+                raise
 
     async def close(self) -> None:
         await self.pool.close()
@@ -107,23 +103,22 @@ class Store:
         """Run one statement on a pooled connection. Every statement of this module is
         idempotent, so one that failed because its connection was broken (server restart,
         ``pg_terminate_backend``) is retried once on a fresh connection."""
-        for attempt in (1, 2):
-            try:
-                async with self.pool.connection() as conn:
-                    cur = await conn.execute(
-                        query.encode() if isinstance(query, str) else query, params)
-                    return await cur.fetchall()
-            except psycopg.OperationalError as exc:
-                if attempt == 2 or not _connection_lost(exc):
-                    raise translate(exc, self.conninfo, doing=doing) from exc
-                log.info("pooled connection lost while %s; retrying once", doing,
-                         extra={"event": "pool_retry"})
-                await self.pool.check()  # one broken connection means the others may be too
-            except psycopg.Error as exc:
-                raise translate(exc, self.conninfo, doing=doing) from exc
-            except PoolTimeout as exc:
-                raise DatabaseError(f"{describe(self.conninfo)}: no database connection "
-                                    f"available while {doing}; is the server up?") from exc
+        with translated(self.conninfo, doing=doing):
+            for attempt in (1, 2):
+                try:
+                    async with self.pool.connection() as conn:
+                        cur = await conn.execute(
+                            query.encode() if isinstance(query, str) else query, params)
+                        return await cur.fetchall()
+                except psycopg.OperationalError as exc:
+                    if attempt == 2 or not _connection_lost(exc):
+                        raise
+                    log.info("pooled connection lost while %s; retrying once", doing,
+                             extra={"event": "pool_retry"})
+                    await self.pool.check()  # one broken connection: the others may be too
+                except PoolTimeout as exc:
+                    raise DatabaseError(f"{describe(self.conninfo)}: no database connection "
+                                        f"available while {doing}; is the server up?") from exc
         raise AssertionError("unreachable")
 
     async def ping(self, timeout: float) -> str | None:

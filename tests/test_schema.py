@@ -23,7 +23,14 @@ import pytest
 from psycopg import errors, sql
 from ulid import ULID
 
-from daemon.schema import apply_schema, apply_schema_sync, load_migrations, verify_schema
+from daemon.errors import SchemaError
+from daemon.schema import (
+    apply_schema,
+    apply_schema_sync,
+    check_schema,
+    load_migrations,
+    verify_schema,
+)
 from tests.conftest import ROOT, conninfo_env
 
 SPEC_TABLES = (
@@ -810,3 +817,15 @@ def test_verify_on_an_empty_database_exits_1(fresh_db: str, tmp_path: Path) -> N
     assert "failed verification" in result.stderr and "Traceback" not in result.stderr
     with connect(fresh_db) as conn:
         assert tables_of(conn, "public") == set()
+
+
+async def test_a_daemon_looking_in_the_wrong_schema_is_told_where_the_schema_is(
+        fresh_db: str) -> None:
+    """After setup_db.py --test, a daemon left on PGBRIDGE_SCHEMA=public is told to run
+    setup_db.py or to point PGBRIDGE_SCHEMA at the schema that was applied."""
+    await apply_schema(fresh_db, schema="test")
+    with pytest.raises(SchemaError) as refused:
+        await check_schema(fresh_db, schema="public")
+    message = str(refused.value)
+    assert "PGBRIDGE_SCHEMA" in message and "(test)" in message and "\n" not in message
+    await check_schema(fresh_db, schema="test")
