@@ -180,6 +180,9 @@ class Client:
         self._closing = False
         self._writing = False  # the writer task is draining the queue
         self._limit = server.settings.queue_size
+        # replay and snapshots go out in pages that leave half the queue to live frames: a page
+        # larger than the queue would close a client that is only catching up with 4008
+        self._page = max(1, min(READ_PAGE, self._limit // 2))
         settings = server.settings
         self._send_timeout = settings.send_timeout
         sock = ws.transport.get_extra_info("socket")
@@ -419,8 +422,9 @@ class Client:
                 await self._send_snapshot(sub)
             after = from_seq
             while after < live_from and not sub.ended and not self._closing:
-                await self._room_for(READ_PAGE)
-                events = await self.server.store.read_events(room, after=after, upto=live_from)
+                await self._room_for(self._page)
+                events = await self.server.store.read_events(room, after=after, upto=live_from,
+                                                             limit=self._page)
                 if not events:
                     break
                 for event in events:
@@ -437,11 +441,11 @@ class Client:
     async def _send_snapshot(self, sub: Subscription) -> None:
         """The room's presence snapshot, paced like a replay; then the changes since."""
         states = await self.server.presence_feed.snapshot(sub)
-        for i in range(0, len(states), READ_PAGE):
-            await self._room_for(READ_PAGE)
+        for i in range(0, len(states), self._page):
+            await self._room_for(self._page)
             if sub.ended or self._closing:
                 return
-            for state in states[i:i + READ_PAGE]:
+            for state in states[i:i + self._page]:
                 self.send(state.frame())
         self.server.metrics.presence_frames.inc(len(states))
         sub.presence_live()

@@ -263,3 +263,30 @@ async def test_client_that_stops_reading_is_closed_4008_within_the_send_timeout(
         assert len(reasons) == 1 and "accepted nothing for 1 s" in reasons[0], reasons
         assert noticed < 10.0, f"noticed after {noticed:.1f} s"
         slow.transport.abort()
+
+
+async def test_a_replay_longer_than_the_queue_is_paced_not_closed(db_url: str,
+                                                                  conn: Conn) -> None:
+    """Replay read pages of 500 events whatever PGBRIDGE_QUEUE_SIZE was: with a small queue, a
+    client that was only catching up (reading, at the pace of its socket) was closed with 4008.
+    Pages are now at most half the queue, and wait for room in it."""
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    for i in range(120):
+        await post(conn, room, user, f"{i} " + "x" * 2000)
+    last = await head(conn, room)
+    async with running_bridge(db_url, queue_size=8, send_buffer=4096) as bridge:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", bridge.port))
+        ws = await websockets.connect(
+            f"ws://127.0.0.1:{bridge.port}/ws?token={token(user)}", sock=sock, max_queue=1,
+            max_size=2**24, compression=None, ping_interval=None)
+        assert json.loads(await ws.recv())["type"] == "welcome"
+        await send(ws, type="subscribe", room=room, since=0, ref="s")
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+        seqs = [frame["seq"] for frame in await events(ws, last)]
+        assert seqs == list(range(1, last + 1))
+        assert bridge.metrics.registry.get_sample_value(
+            "pgbridge_slow_client_closes_total") == 0
+        await ws.close()
