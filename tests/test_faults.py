@@ -26,7 +26,7 @@ from psycopg.conninfo import make_conninfo
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import conninfo_env, running_bridge
+from tests.conftest import bridge_behind_proxy, conninfo_env, running_bridge
 from tests.helpers import (
     SECRET,
     connect,
@@ -363,3 +363,28 @@ async def test_tail_reference_client_prints_events(
     assert [f["seq"] for f in frames] == list(range(base + 1, base + 7))
     assert [f["id"] for f in frames] == before + after
     assert all(f["room"] == room and f["table"] == "messages" for f in frames)
+
+
+async def test_acks_whose_write_failed_are_written_once_the_database_is_back(
+        db_url: str, conn: psycopg.AsyncConnection[Any]) -> None:
+    """AckWriter puts a batch back when its write fails; the next flush writes it."""
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    async with bridge_behind_proxy(db_url) as (bridge, proxy):
+        ws = await connect(bridge.port, user)
+        start = (await subscribe(ws, room))["from"]
+        await post(conn, room, user)
+        [event] = await events(ws, 1)
+        proxy.refuse_on(b"INSERT INTO sync_state")  # the flush's statement breaks the link
+        await send(ws, type="ack", room=room, seq=event["seq"])
+        await asyncio.wait_for(proxy.tripped.wait(), 10)
+        assert bridge.metrics.registry.get_sample_value("pgbridge_acks_saved_total") == 0
+        proxy.resume()
+
+        async def saved() -> bool:
+            cur = await conn.execute("SELECT last_seq FROM sync_state WHERE user_id = %s "
+                                     "AND room_id = %s", (user, room))
+            return (await cur.fetchone() or (None,))[0] == start + 1
+
+        await until(saved, "the acknowledgement in sync_state")
+        await ws.close()

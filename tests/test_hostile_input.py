@@ -400,3 +400,38 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(
         finally:
             gc.enable()
         await pong(kept, "kept")
+
+
+async def test_rooms_per_connection_are_capped(db_url: str, conn: Conn) -> None:
+    """PGBRIDGE_MAX_SUBSCRIPTIONS: the next subscribe is refused with its ref and room, and a
+    room given up makes room for another."""
+    user = await make_user(conn)
+    rooms = [await make_room(conn, user) for _ in range(3)]
+    async with running_bridge(db_url, max_subscriptions=2) as bridge:
+        ws = await connect(bridge.port, user)
+        for room in rooms[:2]:
+            await subscribe(ws, room)
+        await send(ws, type="subscribe", room=rooms[2], ref="third")
+        refused = await recv(ws)
+        assert (refused["type"], refused["code"], refused["ref"], refused["room"]) == (
+            "error", "rate_limited", "third", rooms[2])
+        await send(ws, type="unsubscribe", room=rooms[0], ref="u")
+        assert (await recv(ws))["type"] == "unsubscribed"
+        await subscribe(ws, rooms[2])
+
+
+async def test_refused_frames_are_forgiven_as_time_passes(db_url: str, conn: Conn) -> None:
+    """The refusals a connection may collect before it is closed (1008) come back at one a
+    second: a client that overran the limit once is not closed for overrunning it again much
+    later. Time passing is the behaviour under test, so this test waits for it."""
+    async with running_bridge(db_url, rate_limit=1, rate_burst=2) as bridge:
+        ws = await connect(bridge.port, await make_user(conn))
+        for _ in range(2):  # each round: 2 answered, 2 refused, the refusals all spent
+            for i in range(4):
+                await send(ws, type="ping", ref=f"p{i}")
+            replies = [await recv(ws) for _ in range(4)]
+            assert [r["type"] for r in replies] == ["pong", "pong", "error", "error"], replies
+            assert {r.get("code") for r in replies[2:]} == {"rate_limited"}
+            await asyncio.sleep(2.1)  # both buckets refill (1 a second, bursts of 2)
+        await send(ws, type="ping", ref="still open")
+        assert await recv(ws) == {"type": "pong", "ref": "still open"}
