@@ -378,6 +378,11 @@ async def test_acks_whose_write_failed_are_written_once_the_database_is_back(
         proxy.refuse_on(b"INSERT INTO sync_state")  # the flush's statement breaks the link
         await send(ws, type="ack", room=room, seq=event["seq"])
         await asyncio.wait_for(proxy.tripped.wait(), 10)
+
+        async def put_back() -> bool:  # taken by the flush, back once its write failed
+            return len(bridge.acks) == 1
+
+        await until(put_back, "the failed batch back in the buffer")
         assert bridge.metrics.registry.get_sample_value("pgbridge_acks_saved_total") == 0
         proxy.resume()
 
