@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import signal
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,14 +59,19 @@ async def http_status(port: int, path: str) -> int | None:
 
 
 class DaemonProcess:
-    """``python -m daemon`` in a subprocess; its stderr (JSON log lines) is kept in ``log``."""
+    """``python -m daemon`` in a subprocess. Its stderr (JSON log lines) is kept in ``log`` (and
+    written to ``log_path`` when given); the lines that are JSON objects are also in
+    ``records``, and :meth:`wait_event` awaits one by its ``event`` field."""
 
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, env: dict[str, str], cwd: Path, log_path: Path | None = None) -> None:
         self.env = env
         self.cwd = cwd
+        self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
         self.out: list[str] = []
+        self.records: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
         self._pumps: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -71,15 +80,53 @@ class DaemonProcess:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._pumps = [asyncio.create_task(self._pump(self.proc.stdout, self.out)),
-                       asyncio.create_task(self._pump(self.proc.stderr, self.log))]
+                       asyncio.create_task(self._pump(self.proc.stderr, self.log, parse=True))]
 
-    @staticmethod
-    async def _pump(stream: asyncio.StreamReader, into: list[str]) -> None:
-        async for line in stream:
-            into.append(line.decode(errors="replace").rstrip("\n"))
+    async def _pump(self, stream: asyncio.StreamReader, into: list[str], *,
+                    parse: bool = False) -> None:
+        with contextlib.ExitStack() as stack:
+            copy = stack.enter_context(self.log_path.open("w")) if (
+                parse and self.log_path is not None) else None
+            async for raw in stream:
+                line = raw.decode(errors="replace").rstrip("\n")
+                into.append(line)
+                if copy is not None:
+                    copy.write(line + "\n")
+                    copy.flush()
+                if parse:
+                    with contextlib.suppress(ValueError):
+                        record = json.loads(line)
+                        if isinstance(record, dict):
+                            self.records.append(record)
+                async with self._changed:
+                    self._changed.notify_all()
+        async with self._changed:  # end of the stream: the process is exiting
+            self._changed.notify_all()
 
     def tail(self) -> str:
         return "\n".join(self.log[-20:])
+
+    def dump(self) -> str:
+        return "\n".join(self.log)
+
+    def count(self, event: str) -> int:
+        return sum(1 for r in self.records if r.get("event") == event)
+
+    def with_event(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("event") == event]
+
+    async def wait_event(self, event: str, count: int = 1, timeout: float = 20.0) -> None:
+        """Return once ``event`` was logged ``count`` times; fail if the daemon exits first."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                while self.count(event) < count:
+                    if self._pumps and self._pumps[1].done():
+                        pytest.fail(f"the daemon exited (code {self.proc and self.proc.returncode})"
+                                    f" before logging {event!r} x{count}")
+                    await self._changed.wait()
+        except TimeoutError:
+            pytest.fail(f"the daemon logged {event!r} {self.count(event)} times, not {count}, "
+                        f"within {timeout:g} s")
 
     async def wait_healthy(self, port: int, timeout: float = 30.0) -> None:
         assert self.proc is not None
@@ -98,6 +145,13 @@ class DaemonProcess:
         code = await asyncio.wait_for(self.proc.wait(), timeout)
         await asyncio.gather(*self._pumps)
         return code
+
+    async def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; return the exit code."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return await self.wait(timeout)
 
     async def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

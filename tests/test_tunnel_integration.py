@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -38,6 +37,7 @@ from tests.helpers import (
     send,
     subscribe,
 )
+from tests.procs import DaemonProcess
 from tests.sshd import TestSSHServer
 
 WAIT = 20.0  # seconds; only reached when a test is failing
@@ -131,84 +131,6 @@ async def test_setup_db_applies_schema_through_tunnel(
 
 
 # --------------------------------------------------------------------------- the daemon
-
-
-class DaemonProcess:
-    """``python -m daemon`` as a subprocess; its JSON log lines (stderr) go to ``log_path``
-    and can be awaited by their ``event`` field."""
-
-    def __init__(self, env: dict[str, str], cwd: Path, log_path: Path) -> None:
-        self.env, self.cwd, self.log_path = env, cwd, log_path
-        self.proc: asyncio.subprocess.Process | None = None
-        self.records: list[dict[str, Any]] = []
-        self.raw: list[str] = []
-        self._changed = asyncio.Condition()
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "daemon", env=self.env, cwd=self.cwd,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        with self.log_path.open("w") as out:
-            async for raw in self.proc.stderr:
-                line = raw.decode(errors="replace").rstrip("\n")
-                out.write(line + "\n")
-                out.flush()
-                self.raw.append(line)
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if isinstance(record, dict):
-                        self.records.append(record)
-                async with self._changed:
-                    self._changed.notify_all()
-        async with self._changed:  # end of stderr: the process is exiting
-            self._changed.notify_all()
-
-    def count(self, event: str) -> int:
-        return sum(1 for r in self.records if r.get("event") == event)
-
-    def with_event(self, event: str) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("event") == event]
-
-    async def wait_event(self, event: str, count: int = 1, timeout: float = WAIT) -> None:
-        """Return once ``event`` was logged ``count`` times; fail if the daemon exits first."""
-        assert self._reader is not None
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                while self.count(event) < count:
-                    if self._reader.done():
-                        pytest.fail(f"the daemon exited (code {self.proc and self.proc.returncode})"
-                                    f" before logging {event!r} x{count}")
-                    await self._changed.wait()
-        except TimeoutError:
-            pytest.fail(f"the daemon logged {event!r} {self.count(event)} times, not {count}, "
-                        f"within {timeout:g} s")
-
-    async def stop(self) -> int:
-        """SIGTERM and wait; return the exit code."""
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            code = await self.proc.wait()
-            if self._reader is not None:
-                await self._reader
-        return code
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        if self._reader is not None:
-            with contextlib.suppress(Exception):
-                await self._reader
-
-    def dump(self) -> str:
-        return "\n".join(self.raw)
 
 
 async def http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
