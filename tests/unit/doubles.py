@@ -1,0 +1,37 @@
+"""Shared test doubles for the unit tests: :class:`RecordingSink`, a :class:`daemon.hub.Sink`
+that records the frames, overflows and ended subscriptions it is handed, and :func:`event`, a
+factory of :class:`daemon.events.Event` objects whose frame carries only the seq. No I/O."""
+
+from __future__ import annotations
+
+import json
+
+from daemon.events import Event
+from daemon.hub import Subscription
+
+
+class RecordingSink:
+    def __init__(self, user: str = "u1") -> None:
+        self.user = user
+        self.frames: list[bytes | str] = []
+        self.overflowed = False
+        self.why = ""
+        self.ended: list[Subscription] = []
+
+    def send(self, frame: bytes | str) -> None:
+        self.frames.append(frame)
+
+    def overflow(self, why: str) -> None:
+        self.overflowed = True
+        self.why = why
+
+    def subscription_ended(self, sub: Subscription) -> None:
+        self.ended.append(sub)
+
+    def seqs(self) -> list[int]:
+        return [json.loads(f)["seq"] for f in self.frames if isinstance(f, bytes)]
+
+
+def event(seq: int, room: str = "R", **kw: object) -> Event:
+    return Event(room=room, seq=seq, frame=json.dumps({"type": "event", "seq": seq}).encode(),
+                 **kw)  # type: ignore[arg-type]

@@ -1,0 +1,39 @@
+"""Unit tests of :mod:`daemon.cursor`, the cursor arithmetic, no I/O:
+:func:`~daemon.cursor.classify` (whether a seq is a duplicate, the next one or past a gap) and
+:func:`~daemon.cursor.resolve_from` (where a subscription starts from ``since``, the acked seq,
+the head and the retained log, and which cursors it refuses)."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.cursor import Arrival, classify, resolve_from
+from daemon.protocol import ProtocolError
+
+
+@pytest.mark.parametrize(("last", "seq", "arrival"), [
+    (5, 5, Arrival.DUPLICATE), (5, 3, Arrival.DUPLICATE), (5, 6, Arrival.NEXT),
+    (5, 9, Arrival.GAP), (0, 1, Arrival.NEXT)])
+def test_classify(last: int, seq: int, arrival: Arrival) -> None:
+    assert classify(last, seq) is arrival
+
+
+def test_resolve_from_rules() -> None:
+    base = {"room": "R", "head": 10, "retained_from": 4}
+    assert resolve_from(since=None, acked=None, **base) == 10  # type: ignore[arg-type]
+    assert resolve_from(since=None, acked=7, **base) == 7  # type: ignore[arg-type]
+    assert resolve_from(since=None, acked=99, **base) == 10  # type: ignore[arg-type]
+    assert resolve_from(since=3, acked=7, **base) == 3  # type: ignore[arg-type]
+    assert resolve_from(since=10, acked=None, **base) == 10  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError) as ahead:
+        resolve_from(since=11, acked=None, **base)  # type: ignore[arg-type]
+    assert ahead.value.code == "bad_request"
+    with pytest.raises(ProtocolError) as expired:
+        resolve_from(since=2, acked=None, **base)  # type: ignore[arg-type]
+    assert expired.value.code == "cursor_expired"
+    with pytest.raises(ProtocolError):
+        resolve_from(since=None, acked=1, **base)  # type: ignore[arg-type]
+    # empty log (everything pruned): only the head itself is a valid cursor
+    assert resolve_from(room="R", since=10, acked=None, head=10, retained_from=11) == 10
+    with pytest.raises(ProtocolError):
+        resolve_from(room="R", since=9, acked=None, head=10, retained_from=11)
