@@ -7,10 +7,15 @@
     python setup_db.py --verify      # check objects and prove capture end to end
 
 A thin CLI over :mod:`daemon.schema` (same as ``pgbridge setup``); ``--help`` lists the flags,
-settings and exit codes.
+settings and exit codes. Run by a Python without pgbridge's dependencies (``python3`` outside
+the venv), it says so in one line and exits 2: use ``./dev setup``.
 """
 
+import os
 import sys
+
+# The checkout's daemon package, also under python -I (which leaves this directory out).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from daemon.cli import setup_main
 

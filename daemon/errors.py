@@ -7,10 +7,14 @@ original kept as ``__cause__`` and the SQLSTATE or OS error number kept on the n
     ├── ConfigError               bad or missing setting (names the variable)      exit 2
     ├── DatabaseError             PostgreSQL refused or failed (keeps ``sqlstate``) exit 1
     │   └── SchemaError           schema missing, outdated or tampered with        exit 1
+    ├── RefusedError              the request cannot be done: no such user         exit 1
+    │                             (pgbridge token), the bridge refused (pgbridge tail)
     └── TunnelError               the SSH tunnel could not be opened               exit 3
 
-Every message is one line that says what is wrong and what to do about it; the CLI prints it
-without a traceback.
+Every message is one line that says what is wrong and what to do about it; the CLI
+(:mod:`daemon.cli`, its one error boundary) prints it without a traceback. Anything else that
+reaches the boundary is a bug: one line naming an incident, exit 70 (``EXIT_SOFTWARE``);
+Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ EXIT_OK = 0
 EXIT_DATABASE = 1
 EXIT_USAGE = 2
 EXIT_TUNNEL = 3
+EXIT_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an exception that is not a BridgeError (a bug)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 
 
 class BridgeError(Exception):
@@ -49,6 +55,14 @@ class DatabaseError(BridgeError):
 
 class SchemaError(DatabaseError):
     """The pgbridge schema is missing, outdated, or an applied migration was changed."""
+
+
+class RefusedError(BridgeError):
+    """What was asked cannot be done as asked: ``pgbridge token`` for a user that does not
+    exist or is deleted, ``pgbridge tail`` refused by the bridge (HTTP 401/403, a subscribe
+    error a retry cannot fix, close code 1008 or 4003)."""
+
+    exit_code = EXIT_DATABASE  # 1, as every other failure that is not the caller's usage
 
 
 class TunnelError(BridgeError):

@@ -8,9 +8,10 @@ import socket
 from pathlib import Path
 
 import jwt
+import psycopg
 
 from tests.conftest import conninfo_env
-from tests.helpers import SECRET
+from tests.helpers import SECRET, make_user
 from tests.procs import PGBRIDGE, DaemonProcess, free_port, http_status, human_lines, run_cli
 
 
@@ -43,11 +44,13 @@ async def test_ready_is_sent_only_once_serving_and_stopping_on_sigterm(db_url: s
 async def test_token_cli_mints_a_token_for_the_configured_secret(db_url: str,
                                                                 tmp_path: Path) -> None:
     env = conninfo_env(db_url) | {"PGBRIDGE_JWT_SECRET": SECRET}
-    code, out, err = await run_cli(str(PGBRIDGE), "token", "01JD3V6Z7W2Q4X8Y9A0B1C2D3E",
-                                   "--ttl", "60", env=env, cwd=tmp_path)
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        user = await make_user(conn)  # the token command checks that the user exists
+    code, out, err = await run_cli(str(PGBRIDGE), "token", user, "--ttl", "60", env=env,
+                                   cwd=tmp_path)
     assert code == 0, err
     claims = jwt.decode(out.strip(), SECRET, algorithms=["HS256"])
-    assert claims["sub"] == "01JD3V6Z7W2Q4X8Y9A0B1C2D3E" and claims["exp"] - claims["iat"] == 60
+    assert claims["sub"] == user and claims["exp"] - claims["iat"] == 60
 
     code, out, err = await run_cli(str(PGBRIDGE), "token", "someone", env=conninfo_env(db_url),
                                    cwd=tmp_path)
