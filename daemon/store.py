@@ -52,6 +52,17 @@ POOL_WAIT = 5.0
 # its default (5 min), the backoff grown during a long outage delayed the first connection for
 # seconds after the server was back, and with it the listener's catch-up (bench/recovery.py).
 POOL_RECONNECT = 2.0
+# Seconds a new pooled connection may take to be established and configured (libpq
+# connect_timeout, unless the conninfo sets its own, and the search_path statement), and
+# seconds any statement of the daemon may run. A request lost on a path that black-holes packets
+# is never answered, even once the path heals: a connection attempt or a statement waiting for
+# it waited for ever, holding a pooled connection or one of the pool's three workers, and once
+# they were all stuck so, every request failed after POOL_WAIT for good (the black-holed /healthz
+# test of tests/test_hostile_input.py failed in about one run out of four). A statement that
+# overruns is cancelled; psycopg then closes the connection if the server does not confirm
+# within 5 s, and the pool replaces it.
+CONNECT_TIMEOUT = 5
+STATEMENT_TIMEOUT = 30.0
 
 
 def _connection_lost(exc: psycopg.OperationalError) -> bool:
@@ -79,13 +90,16 @@ class Store:
         self.schema = schema
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
             conninfo, min_size=1, max_size=max_size, open=False, name="pgbridge",
-            kwargs={"autocommit": True}, configure=self._configure, timeout=POOL_WAIT,
+            kwargs={"autocommit": True, **({} if "connect_timeout" in conninfo_to_dict(
+                conninfo) else {"connect_timeout": CONNECT_TIMEOUT})},
+            configure=self._configure, timeout=POOL_WAIT,
             reconnect_timeout=POOL_RECONNECT,
         )
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute("SELECT set_config('search_path', %s, false)",
-                           [sql.Identifier(self.schema).as_string(conn)])
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await conn.execute("SELECT set_config('search_path', %s, false)",
+                               [sql.Identifier(self.schema).as_string(conn)])
 
     async def open(self) -> None:
         with translated(self.conninfo):
@@ -98,6 +112,14 @@ class Store:
     async def close(self) -> None:
         await self.pool.close()
 
+    def pool_stats(self) -> dict[str, int]:
+        """The pool's statistics since it was created (``psycopg_pool``'s ``get_stats()``:
+        ``requests_num``, ``requests_queued``, ``requests_wait_ms``, ``requests_errors``, ...,
+        and now: ``pool_size``, ``pool_available``, ``requests_waiting``), for
+        :meth:`daemon.metrics.Metrics.watch_pool`. A request that waits longer than
+        ``POOL_WAIT`` seconds is one of ``requests_errors``."""
+        return self.pool.get_stats()
+
     async def _all(self, query: str | sql.Composed, params: Sequence[Any] | Mapping[str, Any],
                    doing: str) -> list[tuple[Any, ...]]:
         """Run one statement on a pooled connection. Every statement of this module is
@@ -107,9 +129,10 @@ class Store:
             for attempt in (1, 2):
                 try:
                     async with self.pool.connection() as conn:
-                        cur = await conn.execute(
-                            query.encode() if isinstance(query, str) else query, params)
-                        return await cur.fetchall()
+                        async with asyncio.timeout(STATEMENT_TIMEOUT):
+                            cur = await conn.execute(
+                                query.encode() if isinstance(query, str) else query, params)
+                            return await cur.fetchall()
                 except psycopg.OperationalError as exc:
                     if attempt == 2 or not _connection_lost(exc):
                         raise
@@ -119,6 +142,9 @@ class Store:
                 except PoolTimeout as exc:
                     raise DatabaseError(f"{describe(self.conninfo)}: no database connection "
                                         f"available while {doing}; is the server up?") from exc
+                except TimeoutError as exc:
+                    raise DatabaseError(f"{describe(self.conninfo)}: no answer within "
+                                        f"{STATEMENT_TIMEOUT:g} s while {doing}") from exc
         raise AssertionError("unreachable")
 
     async def ping(self, timeout: float) -> str | None:
