@@ -5,7 +5,9 @@ Start-up order: settings → database (embedded, tunnel) → schema (applied on 
 checked otherwise) → pool → not a standby → listener proven by a NOTIFY round trip → WebSocket
 server listening → ``READY=1`` to systemd. Any task that fails stops the bridge with a non-zero
 exit (systemd restarts it); SIGTERM/SIGINT stop accepting, close clients with 1001, flush
-acknowledgements and exit 0.
+acknowledgements and exit 0. Under a systemd watchdog (``WatchdogSec=``), a task sends
+``WATCHDOG=1`` every half period while the listener's NOTIFY round trip is recent
+(:mod:`daemon.watchdog`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +40,7 @@ from .ratelimit import ClientLimits
 from .server import Server
 from .settings import DaemonSettings, DatabaseSettings, SSHSettings
 from .store import Store
+from .watchdog import probe_fresh, probe_max_age, watchdog_interval
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +52,23 @@ READY_TIMEOUT = 15.0  # seconds for the first NOTIFY round trip
 class Bridge:
     """One running bridge over ``conninfo``: builds the collaborators and hands each its
     dependencies. :meth:`serve` runs it; ``port`` is the bound port once ``started`` is set
-    (``PGBRIDGE_PORT=0`` picks a free one)."""
+    (``PGBRIDGE_PORT=0`` picks a free one).
 
-    def __init__(self, conninfo: str, settings: DaemonSettings, secret: str) -> None:
+    ``watchdog``: seconds between two ``WATCHDOG=1`` to systemd (half of ``WATCHDOG_USEC``:
+    :func:`daemon.watchdog.watchdog_interval`), sent only while the listener's last NOTIFY
+    round trip is recent; ``None``: no watchdog task.
+    """
+
+    def __init__(self, conninfo: str, settings: DaemonSettings, secret: str, *,
+                 watchdog: float | None = None) -> None:
         self.conninfo = conninfo
         self.settings = settings
         self.secret = secret
+        self.watchdog = watchdog
         self.hub = Hub()
         self.metrics = Metrics()
         self.store = Store(conninfo, schema=settings.schema, max_size=settings.pool_size)
+        self.metrics.watch_pool(self.store.pool_stats)
         self.access = Access(self.store, self.metrics, interval=settings.access_check_interval)
         self.presence_feed = PresenceFeed(self.store, self.hub, self.metrics)
         self.presence = PresenceWriter(self.store, self.metrics, grace=settings.presence_grace,
@@ -139,6 +152,9 @@ class Bridge:
                      self.port, self.settings.schema, extra={"event": "ready"})
             if on_ready is not None:
                 on_ready(self)
+            if self.watchdog is not None:  # systemd arms it once READY=1 was sent
+                tasks.add(asyncio.create_task(self._watchdog_forever(self.watchdog),
+                                              name="watchdog"))
             stopper = asyncio.create_task(stop.wait(), name="stop")
             done, _ = await asyncio.wait(tasks | {stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -161,6 +177,29 @@ class Bridge:
                 log.error("could not save the last acknowledgements: %s", exc,
                           extra={"event": "ack_flush_failed"})
             await self.store.close()
+
+    async def _watchdog_forever(self, interval: float) -> None:
+        """Every ``interval`` seconds, ``WATCHDOG=1`` if the last NOTIFY round trip is recent
+        (:func:`daemon.watchdog.probe_fresh`); otherwise nothing, and systemd restarts the
+        daemon once ``WatchdogSec`` passed without one."""
+        listener = self.listener
+        max_age = probe_max_age(listener.probe_interval, listener.probe_timeout)
+        withheld = False
+        while True:
+            if probe_fresh(listener.probed_at, time.monotonic(), max_age):
+                systemd.notify("WATCHDOG=1")
+                if withheld:
+                    log.warning("NOTIFY round trips are back: petting the systemd watchdog "
+                                "again", extra={"event": "watchdog_resumed"})
+                withheld = False
+            elif not withheld:
+                age = (time.monotonic() - listener.probed_at if listener.probed_at is not None
+                       else float("inf"))
+                log.error("no NOTIFY round trip for %.1f s (more than %.1f s): withholding "
+                          "WATCHDOG=1, systemd restarts the daemon if this lasts WatchdogSec",
+                          age, max_age, extra={"event": "watchdog_withheld"})
+                withheld = True
+            await asyncio.sleep(interval)
 
     async def _wait_ready(self, tasks: set[asyncio.Task[Any]]) -> None:
         ready = asyncio.create_task(self.listener.ready.wait())
@@ -205,7 +244,8 @@ async def run(env: dict[str, str]) -> int:
             demo = await ensure_demo(conninfo, settings.schema)
         else:
             await check_schema(conninfo, schema=settings.schema)
-        bridge = Bridge(conninfo, settings, secret)
+        bridge = Bridge(conninfo, settings, secret,
+                        watchdog=watchdog_interval(os.environ, os.getpid()))
 
         def ready(b: Bridge) -> None:
             systemd.notify(f"READY=1\nSTATUS=listening on {settings.host}:{b.port}")

@@ -1,10 +1,12 @@
 """Everything before the WebSocket upgrade: HTTP parsing answers, routing, the authenticated
 handshake, health.
 
-* :class:`BridgeConnection` is websockets' server connection with two additions: a request
+* :class:`BridgeConnection` is websockets' server connection with three additions: a request
   that cannot be parsed is answered with a 4xx (websockets closes the TCP connection without an
-  answer and logs a traceback), and every WebSocket ping frame is reported to ``on_ping`` so
-  the client's rate limit counts it.
+  answer and logs a traceback), every WebSocket ping frame is reported to ``on_ping`` so
+  the client's rate limit counts it, and a connection that ends after the bridge sent the
+  first close frame reports its code (:func:`close_code_sent`), whoever chose it: the server
+  (4008, 4001, ...) or websockets itself (1009 frame too big, 1011 keepalive timeout).
 * :func:`process_request` routes ``/healthz``, ``/metrics`` and ``/ws`` through a :class:`Gate`,
   which holds what the handshake needs (given explicitly by :mod:`daemon.server`); for ``/ws``
   it checks
@@ -55,7 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _refusals = Throttled(log)  # a flood of refusals is counted in metrics, not logged line by line
 
-__all__ = ["BridgeConnection", "Gate", "Health", "connection_class", "process_request"]
+__all__ = ["BridgeConnection", "Gate", "Health", "close_code_sent", "connection_class",
+           "process_request"]
 
 HANDSHAKES_PER_TURN = 4  # upgrades checked per turn of the event loop (Gate.turns)
 
@@ -139,6 +142,9 @@ class BridgeConnection(ServerConnection):
             self.logger = self.protocol.logger = self.logger.logger
         self.keepalive_task = None
         self.on_ping = None
+        code = close_code_sent(self.protocol)
+        if code is not None:
+            self.closed_by_bridge(code)
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -162,19 +168,39 @@ class BridgeConnection(ServerConnection):
     def abandoned(self) -> None:
         """The client left before its handshake was answered (:func:`connection_class`)."""
 
+    def closed_by_bridge(self, code: int) -> None:
+        """The connection ended after this side sent the first close frame, with ``code``
+        (:func:`connection_class`)."""
+
     def process_event(self, event: Event) -> None:
         if self.on_ping is not None and isinstance(event, Frame) and event.opcode is Opcode.PING:
             self.on_ping()  # websockets has already answered it with a pong
         super().process_event(event)
 
 
-def connection_class(on_abandoned: Callable[[], None]) -> type[BridgeConnection]:
+def close_code_sent(protocol: Protocol) -> int | None:
+    """The code of the close frame this side sent first on ``protocol``; ``None`` when the peer
+    closed first (this side only echoed its frame), or no close frame was sent (a refused
+    upgrade, a connection that just dropped). Pure: reads websockets' protocol state."""
+    sent = protocol.close_sent
+    if sent is None or protocol.close_rcvd_then_sent:
+        return None
+    return int(sent.code)
+
+
+def connection_class(on_abandoned: Callable[[], None],
+                     on_closed: Callable[[int], None]) -> type[BridgeConnection]:
     """:class:`BridgeConnection` that calls ``on_abandoned`` (a metric) for each handshake its
-    client left before it was answered, for ``websockets.serve(create_connection=...)``."""
+    client left before it was answered, and ``on_closed(code)`` for each connection that ended
+    after the bridge sent the first close frame, for
+    ``websockets.serve(create_connection=...)``."""
 
     class Connection(BridgeConnection):
         def abandoned(self) -> None:
             on_abandoned()
+
+        def closed_by_bridge(self, code: int) -> None:
+            on_closed(code)
 
     return Connection
 

@@ -24,7 +24,14 @@ presence is not ordered with the events, and typing must not wait behind a catch
 
 A probe task sends a NOTIFY of its own through the pool every ``probe_interval`` seconds; when
 it does not come back on the LISTEN connection in time, that connection is deaf and is
-replaced.
+replaced. When the last one came back (:attr:`Listener.probed_at`) is what the systemd watchdog
+is petted on (:mod:`daemon.watchdog`).
+
+Metrics (README, "Metrics and alerts"): every published event is observed once, whatever the
+number of its subscribers, in ``pgbridge_commit_to_send_seconds{kind="live"}`` (from its
+capture time, read from the frame's fixed-width tail: :func:`daemon.events.capture_time`);
+every read of the log in ``pgbridge_log_read_seconds`` (``gap_fill``, ``catch_up``); the lag
+gauges are computed when ``/metrics`` is scraped, from two timestamps kept here.
 
 Any role may NOTIFY on the channel, so the reader acts only on payloads signed with the schema's
 key (:mod:`daemon.signing`): anything else is counted, logged (throttled) and dropped before it
@@ -51,7 +58,7 @@ from .backoff import Backoff
 from .cursor import Arrival, classify
 from .db import describe
 from .errors import BridgeError
-from .events import Event, Pointer, PresenceHint, Probe, UserHint, parse_notify
+from .events import Event, Pointer, PresenceHint, Probe, UserHint, capture_time, parse_notify
 from .hub import Hub, Subscription
 from .logs import Throttled
 from .metrics import Metrics
@@ -98,6 +105,9 @@ class Listener:
 
     ``probe_interval`` and ``probe_timeout`` in seconds (``PGBRIDGE_PROBE_INTERVAL``);
     connecting and LISTEN together may take ``2 * probe_timeout`` before they are retried.
+
+    ``heard_at`` and ``probed_at`` are ``time.monotonic()`` values: when the LISTEN connection
+    last delivered anything, and when a probe last came back (``None`` before the first).
     """
 
     def __init__(self, conninfo: str, hub: Hub, store: Store, metrics: Metrics,
@@ -130,6 +140,14 @@ class Listener:
         self._key_checked = -KEY_RECHECK  # time.monotonic() of the last read of the key
         self._key_check: asyncio.Task[None] | None = None
         self._forgeries = Throttled(log, interval=10.0)
+        self.heard_at = time.monotonic()
+        self.probed_at: float | None = None
+        started = self.heard_at
+        metrics.listener_lag.set_function(lambda: time.monotonic() - self.heard_at)
+        metrics.probe_age.set_function(
+            lambda: time.monotonic() - (self.probed_at if self.probed_at is not None
+                                        else started))
+        metrics.listener_up.set_function(lambda: 1.0 if self.connected else 0.0)
 
     # --- public ---------------------------------------------------------------------------
 
@@ -220,6 +238,7 @@ class Listener:
             await self._queue.put(_CatchUp())
             self.feed.hint_all()  # presence hints sent while away are lost too
             async for note in conn.notifies():
+                self.heard_at = time.monotonic()
                 if note.channel == self.typing_channel:
                     if not self.feed.typing_heard(note.payload):
                         self._forged(note.channel, note.payload, note.pid)
@@ -328,6 +347,7 @@ class Listener:
                 continue
             ok = await self._probe_once()
             if ok:
+                self.probed_at = time.monotonic()
                 if not self.ready.is_set():
                     log.info("listener verified: a NOTIFY round trip arrived",
                              extra={"event": "listener_ready"})
@@ -440,21 +460,31 @@ class Listener:
             item.future.set_result(self.hub.add(item.sub))
 
     async def _catch_up(self) -> None:
+        """Read every tracked room to the end of its log. ``pgbridge_listener_rooms_behind``
+        counts the rooms not read yet: 0 once this returns (by construction: comparing with
+        the rooms' heads afterwards would cost a query and only measure commits racing their
+        NOTIFYs); after a failure, the rooms it did not reach, until the retry
+        (:meth:`_catch_up_soon`) starts over."""
+        rooms = self.hub.rooms()
+        self.metrics.rooms_behind.set(len(rooms))
         if not self._users_checked:
             await self.access.check_users(None, fail_closed=False,
                                           why="check after the listener connected")
             self._users_checked = True
-        for room in self.hub.rooms():
+        for room in rooms:
             await self._fill(room, upto=None)
+            self.metrics.rooms_behind.dec()
 
     async def _fill(self, room: str, *, upto: int | None) -> None:
         """Publish ``room``'s events after its last seq (up to ``upto``) from the log."""
         self.metrics.gap_fills.inc()
+        timer = self.metrics.read_gap_fill if upto is not None else self.metrics.read_catch_up
         while room in self.hub:
             last = self.hub.last(room)
             if upto is not None and last >= upto:
                 return
-            events = await self.store.read_events(room, after=last, upto=upto)
+            with timer.time():
+                events = await self.store.read_events(room, after=last, upto=upto)
             for event in events:
                 if room not in self.hub:
                     return
@@ -475,5 +505,9 @@ class Listener:
     def _publish(self, event: Event) -> None:
         self.metrics.events.inc()
         self.metrics.deliveries.inc(self.hub.publish(event))
+        # once per event, not per subscriber: every live subscriber has it written or queued
+        captured = capture_time(event.frame)
+        if captured is not None:
+            self.metrics.latency_live.observe(max(0.0, time.time() - captured))
         if event.joins is not None and self.hub.watchers(event.room):
             self.feed.hint(event.joins, event.room)

@@ -1,26 +1,129 @@
 """Prometheus metrics of one bridge (served at ``GET /metrics``). Each bridge has its own
-registry, so several bridges can live in one process (tests)."""
+registry, so several bridges can live in one process (tests).
+
+What each metric means and what to alert on: README, "Metrics and alerts";
+``deploy/prometheus-alerts.yml`` and ``deploy/grafana-dashboard.json`` use them.
+
+Nothing here is computed on the fan-out path beyond a counter increment or one histogram
+observation per event: the listener's lag and the pool's state are read when ``/metrics`` is
+scraped (:meth:`Metrics.watch_pool`, and the listener's function gauges).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CLOSE_CODES", "LATENCY_BUCKETS", "READ_BUCKETS", "Metrics"]
+
+# The close codes the server sends (PROTOCOL.md, "Close codes"); each is exported from the start
+# (at 0), so that rate() and increase() see the first one.
+CLOSE_CODES = ("1001", "1007", "1008", "1009", "1011", "1013", "4001", "4003", "4008")
+# Seconds. Live deliveries take about a millisecond on a quiet machine; replayed events can be
+# days old (the log's retention), so the top buckets only say "long ago".
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 300.0, 3600.0)
+# Seconds for one read of at most READ_PAGE (500) events of the log.
+READ_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0)
+
+
+class _PoolCollector(Collector):
+    """``psycopg_pool``'s own statistics (``AsyncConnectionPool.get_stats()``), read at scrape
+    time: the pool keeps them anyway, so a request for a connection costs nothing more."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        for name, key, text in (
+                ("pgbridge_pool_connections", "pool_size", "Connections the pool holds (in use "
+                 "or idle)"),
+                ("pgbridge_pool_max_connections", "pool_max", "Connections the pool may open "
+                 "(PGBRIDGE_POOL_SIZE)"),
+                ("pgbridge_pool_idle_connections", "pool_available", "Idle connections in the "
+                 "pool"),
+                ("pgbridge_pool_waiting_requests", "requests_waiting", "Requests waiting for a "
+                 "connection now")):
+            yield GaugeMetricFamily(name, text, value=s.get(key, 0))
+        for name, key, text, scale in (
+                ("pgbridge_pool_requests", "requests_num", "Requests for a pooled connection",
+                 1.0),
+                ("pgbridge_pool_queued_requests", "requests_queued", "Requests that found no "
+                 "idle connection and had to wait", 1.0),
+                ("pgbridge_pool_wait_seconds", "requests_wait_ms", "Seconds requests spent "
+                 "waiting for a connection, summed", 0.001),
+                ("pgbridge_pool_request_errors", "requests_errors", "Requests that got no "
+                 "connection: waited POOL_WAIT (5 s) in vain, or were cancelled while waiting",
+                 1.0)):
+            yield CounterMetricFamily(name, text, value=s.get(key, 0) * scale)
 
 
 class Metrics:
+    """The bridge's metrics. Attributes are the prometheus_client objects; a module updates
+    the ones it owns (the server the connection and close counts, the listener the event,
+    latency and lag metrics, ...)."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.connections = Gauge("pgbridge_connections", "Open WebSocket connections", registry=r)
         self.subscriptions = Gauge("pgbridge_subscriptions", "Live subscriptions", registry=r)
         self.events = Counter("pgbridge_events", "Events published to the hub", registry=r)
-        self.deliveries = Counter("pgbridge_deliveries", "Event frames queued to clients",
-                                  registry=r)
+        self.deliveries = Counter("pgbridge_deliveries", "Live event frames queued to clients "
+                                  "(replayed ones: pgbridge_replayed_deliveries)", registry=r)
+        self.replayed = Counter("pgbridge_replayed_deliveries", "Event frames read from the log "
+                                "and queued to a client that subscribed with an older cursor "
+                                "(since, or its sync_state)", registry=r)
         self.gap_fills = Counter("pgbridge_gap_fills", "Reads of the log to fill a gap or catch "
                                  "up", registry=r)
+        self.commit_to_send = Histogram(
+            "pgbridge_commit_to_send_seconds", "Seconds from an event's capture in the writer's "
+            "transaction (its ts, the database's clock) to the moment its frame was written or "
+            "queued to every live subscriber (kind=live: once per published event, whatever "
+            "the number of subscribers) or replayed to one client (kind=replay: once per "
+            "replayed frame; mostly how long that client was away)", ["kind"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.latency_live = self.commit_to_send.labels("live")
+        self.latency_replay = self.commit_to_send.labels("replay")
+        self.log_reads = Histogram(
+            "pgbridge_log_read_seconds", "Seconds per read of change_events (at most 500 "
+            "events), by purpose: gap_fill (a NOTIFY whose seq is not the room's next, or too "
+            "large to carry its event), catch_up (after the listener (re)connected, or a failed "
+            "read), replay (a subscriber's history); failed reads included", ["purpose"],
+            buckets=READ_BUCKETS, registry=r)
+        self.read_gap_fill = self.log_reads.labels("gap_fill")
+        self.read_catch_up = self.log_reads.labels("catch_up")
+        self.read_replay = self.log_reads.labels("replay")
+        self.listener_lag = Gauge("pgbridge_listener_lag_seconds", "Seconds since the listener "
+                                  "last heard anything on its LISTEN connection (a NOTIFY, or "
+                                  "its own probe, sent every PGBRIDGE_PROBE_INTERVAL)",
+                                  registry=r)
+        self.probe_age = Gauge("pgbridge_listener_probe_age_seconds", "Seconds since the "
+                               "listener's last NOTIFY round trip came back (what the systemd "
+                               "watchdog is petted on)", registry=r)
+        self.listener_up = Gauge("pgbridge_listener_connected", "1 while the LISTEN connection "
+                                 "is up, else 0", registry=r)
+        self.rooms_behind = Gauge("pgbridge_listener_rooms_behind", "Tracked rooms that the "
+                                  "current catch-up has not yet read to the end of the log (0 "
+                                  "once it finished; stays above 0 while it fails and is "
+                                  "retried)", registry=r)
         self.listener_reconnects = Counter("pgbridge_listener_reconnects", "Listener "
                                            "(re)connections after a failure", registry=r)
         self.slow_closes = Counter("pgbridge_slow_client_closes", "Connections closed with 4008",
                                    registry=r)
+        self.closes = Counter("pgbridge_closes", "WebSocket connections the bridge closed, by "
+                              "the close code it sent first: 1001 shutting down, 1007 not "
+                              "UTF-8, 1008 policy (abuse, too many connections of the user), "
+                              "1009 frame too large, 1011 internal error or keepalive timeout, "
+                              "1013 overloaded or access could not be checked, 4001 token "
+                              "expired, 4003 user deleted, 4008 too slow", ["code"], registry=r)
+        for code in CLOSE_CODES:
+            self.closes.labels(code)
         self.handshake_refusals = Counter("pgbridge_handshake_refusals", "Upgrades refused, by "
                                           "reason (unauthorized 401, forbidden_origin 403, "
                                           "too_many_connections 429, overloaded and "
@@ -54,5 +157,11 @@ class Metrics:
         self.acks_saved = Counter("pgbridge_acks_saved", "sync_state rows upserted", registry=r)
         self.pruned = Counter("pgbridge_pruned_events", "change_events rows pruned", registry=r)
 
+    def watch_pool(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        """Export the connection pool's statistics (``pgbridge_pool_*``), read from ``stats``
+        (``psycopg_pool``'s ``get_stats()``) at every scrape. Call once."""
+        self.registry.register(_PoolCollector(stats))
+
     def render(self) -> bytes:
+        """The registry in Prometheus' text format."""
         return generate_latest(self.registry)

@@ -40,6 +40,7 @@ from .acks import AckBuffer
 from .auth import AuthError, Claims
 from .cursor import resolve_from
 from .errors import BridgeError, ConfigError
+from .events import capture_time
 from .handshake import BridgeConnection, Gate, Health, connection_class, process_request
 from .hub import Hub, Subscription
 from .listener import Listener
@@ -117,7 +118,8 @@ class Server:
                 max_size=settings.max_frame_bytes, compression=None,
                 ping_interval=settings.heartbeat, ping_timeout=settings.heartbeat,
                 server_header="pgbridge", create_connection=connection_class(
-                    self.metrics.handshake_refusals.labels("client_gone").inc),
+                    self.metrics.handshake_refusals.labels("client_gone").inc,
+                    lambda code: self.metrics.closes.labels(str(code)).inc()),
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: "
@@ -421,14 +423,24 @@ class Client:
             if sub.presence:
                 await self._send_snapshot(sub)
             after = from_seq
+            metrics = self.server.metrics
             while after < live_from and not sub.ended and not self._closing:
                 await self._room_for(self._page)
-                events = await self.server.store.read_events(room, after=after, upto=live_from,
-                                                             limit=self._page)
+                with metrics.read_replay.time():
+                    events = await self.server.store.read_events(room, after=after,
+                                                                 upto=live_from,
+                                                                 limit=self._page)
                 if not events:
                     break
+                now, sent = time.time(), 0
                 for event in events:
                     sub.replay(event)
+                    if sub.last_sent == event.seq:  # sent: not skipped, not a revocation
+                        sent += 1
+                        captured = capture_time(event.frame)
+                        if captured is not None:
+                            metrics.latency_replay.observe(max(0.0, now - captured))
+                metrics.replayed.inc(sent)
                 after = events[-1].seq
         except BaseException:
             self._drop(sub)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from daemon.events import Event, Pointer, PresenceHint, Probe, parse_notify
+from daemon.events import Event, Pointer, PresenceHint, Probe, capture_time, parse_notify
 
 
 def test_parse_notify_kinds() -> None:
@@ -38,3 +38,14 @@ def test_membership_events_name_who_joins_and_who_leaves() -> None:
     assert isinstance(left, Event) and (left.joins, left.revokes) == (None, "u1")
     assert parse_notify('{"presence": "user", "user": "u1"}') == PresenceHint("u1")
     assert parse_notify('{"presence": "user", "user": "bad id"}') is None
+
+
+def test_capture_time_reads_the_ts_at_the_end_of_a_frame() -> None:
+    """pgbridge_commit_to_send_seconds reads the capture time from the frame's fixed-width
+    tail (json_build_object's text, 'ts' last), never from a 'ts' inside the data."""
+    frame = (b'{"type" : "event", "room" : "r", "seq" : 1, "data" : {"ts" : "not this"}, '
+             b'"ts" : "2025-01-31T12:00:00.250000+00:00"}')
+    assert capture_time(frame) == 1738324800.25
+    assert capture_time(b'{"type":"event","ts":"2025-01-31T12:00:00.250000+00:00"}') is None
+    assert capture_time(b'{"ts" : "2025-13-31T12:00:00.250000+00:00"}') is None
+    assert capture_time(b"") is None
