@@ -57,10 +57,10 @@ POOL_RECONNECT = 2.0
 # seconds any statement of the daemon may run. A request lost on a path that black-holes packets
 # is never answered, even once the path heals: a connection attempt or a statement waiting for
 # it waited for ever, holding a pooled connection or one of the pool's three workers, and once
-# they were all stuck so, every request failed after POOL_WAIT for good (the black-holed /healthz
-# test of tests/test_hostile_input.py failed in about one run out of four). A statement that
-# overruns is cancelled; psycopg then closes the connection if the server does not confirm
-# within 5 s, and the pool replaces it.
+# they were all stuck so, every request failed after POOL_WAIT for good (the black-holed
+# /healthz test of tests/integration/test_hostile_input.py failed about one run in four). A
+# statement that overruns is cancelled; psycopg then closes the connection if the server does
+# not confirm within 5 s, and the pool replaces it.
 CONNECT_TIMEOUT = 5
 STATEMENT_TIMEOUT = 30.0
 

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for ``tests/test_fuzz.py``, each value with what docs/PROTOCOL.md says
+"""Hypothesis strategies for ``tests/integration/test_fuzz.py``, each value with what docs/PROTOCOL.md says
 the daemon must answer to it (the oracle). Pure: no sockets, no database.
 
 * :func:`frames` draws one client WebSocket message (:class:`Frame`): protocol frames with

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import conninfo_env
+from tests.fixtures import conninfo_env
 from tests.helpers import SECRET
 
 PGBRIDGE = Path(sys.executable).with_name("pgbridge")

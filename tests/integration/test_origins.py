@@ -20,7 +20,7 @@ from websockets.typing import Origin
 from daemon.app import Bridge
 from daemon.origins import parse_allowlist
 from tests.browser import StaticServer, async_chromium, browser_paths, run_async
-from tests.conftest import running_bridge
+from tests.fixtures import running_bridge
 from tests.helpers import make_user, recv, token
 
 Conn = psycopg.AsyncConnection[Any]

@@ -21,7 +21,7 @@ from psycopg_pool import PoolTimeout
 from daemon.app import Bridge
 from daemon.handshake import close_code_sent
 from daemon.metrics import CLOSE_CODES
-from tests.conftest import ROOT, bridge_behind_proxy, running_bridge
+from tests.fixtures import ROOT, bridge_behind_proxy, running_bridge
 from tests.helpers import (
     connect,
     events,

@@ -1,7 +1,7 @@
 """The JavaScript client's own tests (clients/js/test/, ``node --test``), run by pytest so that
 ``./dev test`` and CI run them: resume, de-duplication, backoff, token refresh, refusals and
 acks, driven through a scripted WebSocket in Node. Its behaviour against a real daemon in a
-real browser is tests/test_browser_client.py.
+real browser is tests/integration/test_browser_client.py.
 
 Node ≥ 20 is ``PGBRIDGE_NODE`` (default: ``node`` on PATH); without it the test skips, and fails
 under ``CI=true``.
@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.fixtures import ROOT
 
 
 def node() -> str:

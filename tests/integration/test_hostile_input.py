@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
 from daemon.handshake import BridgeConnection
-from tests.conftest import running_bridge
+from tests.fixtures import running_bridge
 from tests.helpers import (
     connect,
     events,

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from daemon.embedded import start_embedded
-from tests.conftest import ROOT, conninfo_env, running_bridge
+from tests.fixtures import ROOT, conninfo_env, running_bridge
 from tests.helpers import SECRET, make_room, make_user, token
 from tests.procs import PGBRIDGE, free_port, human_lines, run_cli
 

@@ -27,7 +27,7 @@ import pytest
 from daemon.auth import mint_token
 from daemon.origins import parse_allowlist
 from tests.browser import StaticServer, async_chromium, run_async
-from tests.conftest import running_bridge
+from tests.fixtures import running_bridge
 from tests.helpers import SECRET, connect, head, make_room, make_user, post, send, subscribe
 from tests.procs import DaemonProcess, free_port, until
 from tests.proxy import PausingProxy
@@ -154,7 +154,7 @@ import('/client.js').then(({PgBridge}) => {
 async def test_a_page_keeps_every_event_across_4001_sigkill_and_4008(
         create_database: Callable[[], str], tmp_path: Path) -> None:
     from daemon.schema import apply_schema
-    from tests.conftest import conninfo_env
+    from tests.fixtures import conninfo_env
 
     url = create_database()
     await apply_schema(url)

@@ -30,7 +30,7 @@ from daemon.db import describe
 from daemon.errors import DatabaseError, SchemaError
 from daemon.roles import Grants
 from daemon.schema import apply_schema, apply_schema_sync, check_schema
-from tests.conftest import ROOT, conninfo_env, running_bridge
+from tests.fixtures import ROOT, conninfo_env, running_bridge
 from tests.helpers import (
     connect,
     events,

@@ -38,7 +38,7 @@ from websockets.sync.client import connect as sync_connect
 
 from daemon.app import Bridge
 from daemon.settings import DaemonSettings
-from tests.conftest import running_bridge
+from tests.fixtures import running_bridge
 from tests.fuzz_strategies import (
     ERROR_CODES,
     Answer,

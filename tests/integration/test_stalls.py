@@ -20,7 +20,7 @@ import pytest
 import websockets
 
 from daemon.app import Bridge
-from tests.conftest import bridge_behind_proxy, running_bridge
+from tests.fixtures import bridge_behind_proxy, running_bridge
 from tests.helpers import (
     connect,
     events,

@@ -4,7 +4,7 @@ on stderr naming the problem and exit code 1 (a database error).
 
 The servers are this module's own (tests/pgcluster.py): a throwaway primary with the pgbridge
 schema, a hot standby streaming from it, and PgBouncers in front of it, one in transaction mode
-(refused) and one in session mode (the control: served). The test server of conftest.py cannot
+(refused) and one in session mode (the control: served). The test server of tests/fixtures.py cannot
 be a standby, so these tests run the same with and without ``PGBRIDGE_TEST_DSN``. Without
 server binaries or pgbouncer they skip (fail under ``CI=true``).
 
@@ -25,7 +25,7 @@ import pytest
 
 from daemon.app import READY_TIMEOUT
 from daemon.schema import apply_schema_sync
-from tests.conftest import conninfo_env
+from tests.fixtures import conninfo_env
 from tests.helpers import SECRET, events, post, subscribed_member
 from tests.pgcluster import (
     Cluster,

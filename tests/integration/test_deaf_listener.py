@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.conftest import running_bridge
+from tests.fixtures import running_bridge
 from tests.helpers import events, post, subscribed_member
 from tests.proxy import FreezingProxy
 

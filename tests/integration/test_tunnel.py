@@ -20,7 +20,7 @@ from psycopg.conninfo import make_conninfo
 
 from daemon.errors import EXIT_TUNNEL, TunnelError
 from daemon.tunnel import LOCAL_HOST, SupervisedTunnel, open_tunnel
-from tests.conftest import DB_HOST, DB_PORT
+from tests.fixtures import DB_HOST, DB_PORT
 from tests.sshd import TestSSHServer, write_key
 
 WAIT = 10.0  # seconds; only reached when a test is failing

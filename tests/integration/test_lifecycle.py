@@ -10,7 +10,7 @@ from pathlib import Path
 import jwt
 import psycopg
 
-from tests.conftest import conninfo_env
+from tests.fixtures import conninfo_env
 from tests.helpers import SECRET, make_user
 from tests.procs import PGBRIDGE, DaemonProcess, free_port, http_status, human_lines, run_cli
 

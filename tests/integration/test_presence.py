@@ -23,7 +23,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from daemon.app import Bridge
-from tests.conftest import running_bridge
+from tests.fixtures import running_bridge
 from tests.helpers import (
     connect,
     make_room,

@@ -25,7 +25,7 @@ from websockets.asyncio.client import ClientConnection
 
 from daemon.errors import EXIT_TUNNEL
 from daemon.schema import apply_schema_sync
-from tests.conftest import DB_HOST, DB_PORT, ROOT, conninfo_env, dbname_of
+from tests.fixtures import DB_HOST, DB_PORT, ROOT, conninfo_env, dbname_of
 from tests.helpers import (
     SECRET,
     connect,

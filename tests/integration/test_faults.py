@@ -1,5 +1,5 @@
 """The daemon under failure: real PostgreSQL, real WebSocket clients over loopback, and the
-daemon run both in-process (:func:`conftest.running_bridge`) and as ``python -m daemon``.
+daemon run both in-process (:func:`tests.fixtures.running_bridge`) and as ``python -m daemon``.
 
 Each test is named after the failure it pins: the daemon killed with SIGKILL, its database
 backends terminated under load, a client that stops reading, SIGTERM, a database that is empty,
@@ -26,7 +26,7 @@ from psycopg.conninfo import make_conninfo
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import bridge_behind_proxy, conninfo_env, running_bridge
+from tests.fixtures import bridge_behind_proxy, conninfo_env, running_bridge
 from tests.helpers import (
     SECRET,
     connect,

@@ -14,7 +14,7 @@ from ulid import ULID
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
-from tests.conftest import running_bridge
+from tests.fixtures import running_bridge
 from tests.helpers import (
     SECRET,
     connect,

@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
-from tests.conftest import bridge_behind_proxy, running_bridge
+from tests.fixtures import bridge_behind_proxy, running_bridge
 from tests.helpers import (
     connect,
     events,
