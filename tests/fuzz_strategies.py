@@ -1,5 +1,5 @@
-"""Hypothesis strategies for ``tests/integration/test_fuzz.py``, each value with what docs/PROTOCOL.md says
-the daemon must answer to it (the oracle). Pure: no sockets, no database.
+"""Hypothesis strategies for ``tests/integration/test_fuzz.py``, each value with what
+docs/PROTOCOL.md says the daemon must answer to it (the oracle). Pure: no sockets, no database.
 
 * :func:`frames` draws one client WebSocket message (:class:`Frame`): protocol frames with
   missing, ill-typed or hostile fields, random JSON, numbers as raw text (5,000 digits, 2^64,

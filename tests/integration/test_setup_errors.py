@@ -243,7 +243,8 @@ def test_help_documents_the_exit_codes(tmp_path: Path) -> None:
 
 
 def test_ssh_tunnel_refused_exits_3(tmp_path: Path) -> None:
-    """Only the exit code and the one line here; tests/integration/test_tunnel.py covers the tunnel."""
+    """Only the exit code and the one line here; tests/integration/test_tunnel.py covers the
+    tunnel."""
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text("")
     port = closed_port()

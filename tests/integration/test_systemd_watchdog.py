@@ -3,7 +3,8 @@ and a notify socket that is gone never stops the daemon.
 
 The daemon runs as ``python -m daemon`` with ``NOTIFY_SOCKET`` bound by the test (a real unix
 datagram socket, what systemd gives) and ``WATCHDOG_USEC``; its database connections go through
-a :class:`FreezingProxy` that can make the LISTEN connection deaf (tests/integration/test_deaf_listener.py).
+a :class:`FreezingProxy` that can make the LISTEN connection deaf
+(tests/integration/test_deaf_listener.py).
 """
 
 from __future__ import annotations

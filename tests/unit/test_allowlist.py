@@ -3,7 +3,8 @@
 like serialized origins, wildcards and ``*``, refusals, and the setting's
 :class:`~daemon.errors.ConfigError`), and :func:`~daemon.origins.origin_allowed` (the bridge's
 own origin from ``Host``, exact and subdomain entries, ``*``). Named ``test_allowlist`` because
-``tests/integration/test_origins.py`` (the handshake against a running bridge) already holds the basename."""
+``tests/integration/test_origins.py`` (the handshake against a running bridge) already holds
+the basename."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 passed in): the :class:`~daemon.presence.Roster`'s per-user connection counts and grace period,
 the :class:`~daemon.presence.Changes` waiting to be written (one per user, cancelling what
 nobody saw, restored after a failed write), and the :class:`~daemon.presence.TypingGate`'s
-per-room and per-user buckets. Named ``test_roster`` because ``tests/integration/test_presence.py`` (the
-end-to-end presence tests) already holds the basename."""
+per-room and per-user buckets. Named ``test_roster`` because
+``tests/integration/test_presence.py`` (the end-to-end presence tests) already holds the
+basename."""
 
 from __future__ import annotations
 
