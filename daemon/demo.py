@@ -12,13 +12,20 @@ import psycopg
 from psycopg import sql
 
 from .auth import mint_token
+from .db import translated
 from .settings import DaemonSettings
 
 __all__ = ["banner", "ensure_demo"]
 
 
 async def ensure_demo(conninfo: str, schema: str) -> tuple[str, str]:
-    """On the embedded database: a demo user and room (created once); returns their ids."""
+    """On the embedded database: a demo user and room (created once); returns their ids.
+    Raises :class:`daemon.errors.DatabaseError`."""
+    with translated(conninfo, doing="creating the demo user and room"):
+        return await _ensure_demo(conninfo, schema)
+
+
+async def _ensure_demo(conninfo: str, schema: str) -> tuple[str, str]:
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
         await conn.execute("SELECT set_config('search_path', %s, false)",
                            [sql.Identifier(schema).as_string(conn)])
