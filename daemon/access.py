@@ -36,7 +36,7 @@ BATCH = 5000  # users or (user, room) pairs per query of a sweep
 
 
 class Session(Protocol):
-    """A connection as :class:`Access` sees it (:class:`daemon.server.Client`)."""
+    """A connection as :class:`Access` sees it (:class:`daemon.client.Client`)."""
 
     user: str
 

@@ -38,7 +38,7 @@ from tests.proxy import FreezingProxy
 
 Conn = psycopg.AsyncConnection[Any]
 
-# What the bridge sends at each step of a subscribe (daemon/server.py, Client._subscribe).
+# What the bridge sends at each step of a subscribe (daemon/client.py, Client._subscribe).
 SUBSCRIBE_STEPS = {
     "membership_check": b"AS room_exists",  # Store.cursor_info
     "room_head": b"\x00SELECT last_seq FROM change_sequences",  # Listener._on_track
@@ -165,7 +165,7 @@ async def test_tail_subscribes_again_after_a_transient_error(
         db_url: str, conn: Conn, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """``pgbridge tail`` exited 1 on ``error`` ``internal``; it now tries again with backoff
     and prints every event once."""
-    caplog.set_level(logging.ERROR, logger="daemon.server")
+    caplog.set_level(logging.ERROR, logger="daemon.client")
     user = await make_user(conn)
     room = await make_room(conn, user)
     base = await head(conn, room)
@@ -233,7 +233,7 @@ async def test_client_that_stops_reading_is_closed_4008_within_the_send_timeout(
     auto-tuned kernel buffers and then its 1,000-frame queue. Now the kernel holds at most
     PGBRIDGE_SEND_BUFFER bytes, and a frame that waits PGBRIDGE_SEND_TIMEOUT seconds for the
     socket closes it with 4008, with far fewer than 1,000 frames queued."""
-    caplog.set_level(logging.WARNING, logger="daemon.server")
+    caplog.set_level(logging.WARNING, logger="daemon.client")
     user = await make_user(conn)
     room = await make_room(conn, user)
     async with running_bridge(db_url, send_timeout=1.0) as bridge:

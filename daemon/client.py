@@ -1,0 +1,450 @@
+"""One WebSocket connection after the upgrade: :class:`Client` parses its frames, owns its
+subscriptions and its outgoing queue. What it works with comes from its :class:`Services` (the
+:class:`daemon.server.Server` that accepted it), named there explicitly.
+
+The fan-out never waits for a client: a frame is written to the socket at once while the
+client keeps up (its socket buffer below the high-water mark and nothing queued); otherwise it
+joins the client's bounded queue (``PGBRIDGE_QUEUE_SIZE`` frames), which the client's writer task
+drains at the pace of the socket. A client is closed with 4008 (it resumes with ``since``) when
+its queue overflows, or when its socket accepts nothing for ``PGBRIDGE_SEND_TIMEOUT`` seconds
+while frames wait; its kernel send buffer is ``PGBRIDGE_SEND_BUFFER`` bytes, so a client that
+stops reading is noticed after that much, not after the megabytes an auto-tuned buffer holds.
+One slow client never delays the others.
+
+Each frame is handled inside a fault boundary: whatever it causes ends at most that request
+(an ``error`` frame with its ``ref`` and ``room``; an unexpected exception is logged once with
+an incident id, never with the client's bytes). Limits (PROTOCOL.md, "Limits") are applied
+before any work: frames and WebSocket pings share one token bucket per connection; subscribe
+and refresh attempts take from the connection's and the user's bucket before the database is
+asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from websockets.asyncio.server import broadcast
+from websockets.exceptions import ConnectionClosed
+
+from .acks import AckBuffer
+from .auth import AuthError, Claims
+from .cursor import resolve_from
+from .errors import BridgeError
+from .events import capture_time
+from .handshake import BridgeConnection
+from .hub import Hub, Subscription
+from .listener import Listener
+from .metrics import Metrics
+from .presence_feed import PresenceFeed
+from .protocol import (
+    Ack,
+    Ping,
+    ProtocolError,
+    Refresh,
+    Request,
+    Subscribe,
+    Typing,
+    Unsubscribe,
+    error,
+    parse_frame,
+    pong,
+    subscribed,
+    welcome,
+)
+from .ratelimit import ClientLimits, TokenBucket
+from .settings import DaemonSettings
+from .store import READ_PAGE, Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CLOSE_INTERNAL", "CLOSE_OVERLOADED", "CLOSE_POLICY", "Client", "Services"]
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+CLOSE_OVERLOADED = 1013
+CLOSE_TOKEN_EXPIRED = 4001
+CLOSE_USER_GONE = 4003
+CLOSE_TOO_SLOW = 4008
+
+
+class Services(Protocol):
+    """What a connection works with (:class:`daemon.server.Server` provides them)."""
+
+    settings: DaemonSettings
+    metrics: Metrics
+    hub: Hub
+    listener: Listener
+    store: Store
+    acks: AckBuffer
+    limits: ClientLimits
+    presence_feed: PresenceFeed
+    verify_token: Callable[[str], Claims]
+
+
+class Client:
+    """One WebSocket connection: parses its frames, owns its subscriptions and its outgoing
+    queue. Implements :class:`daemon.hub.Sink` and :class:`daemon.access.Session`."""
+
+    def __init__(self, server: Services, ws: BridgeConnection, claims: Claims) -> None:
+        self.server = server
+        self.ws = ws
+        self.user = claims.sub
+        self.subs: dict[str, Subscription] = {}
+        self._queue: deque[bytes | str] = deque()
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._closing = False
+        self._writing = False  # the writer task is draining the queue
+        self._limit = server.settings.queue_size
+        # replay and snapshots go out in pages that leave half the queue to live frames: a page
+        # larger than the queue would close a client that is only catching up with 4008
+        self._page = max(1, min(READ_PAGE, self._limit // 2))
+        settings = server.settings
+        self._send_timeout = settings.send_timeout
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:  # a fixed size also turns the kernel's auto-tuning off
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer)
+        self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
+        self._subscribe_bucket = TokenBucket(settings.subscribe_rate, settings.subscribe_burst)
+        # refused frames tolerated: a burst of rate_burst, then one a second; past that, 1008
+        self._strikes = TokenBucket(1.0, settings.rate_burst)
+        self._writer: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._set_expiry(claims.exp)
+
+    # --- Sink -------------------------------------------------------------------------------
+
+    def send(self, frame: bytes | str) -> None:
+        if self._closing:
+            return
+        if not self._queue and not self._writing and self._socket_has_room():
+            # Fast path: nothing is waiting and the socket's buffer is below its high-water
+            # mark, so write now (websockets' broadcast() writes without waiting for a drain).
+            broadcast((self.ws,), frame, text=True)
+            return
+        if len(self._queue) >= self._limit:
+            self.overflow(f"its outgoing queue is full ({len(self._queue)} frames)")
+            return
+        self._queue.append(frame)
+        self._wakeup.set()
+
+    def _socket_has_room(self) -> bool:
+        transport = self.ws.transport
+        return transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]
+
+    def overflow(self, why: str) -> None:
+        if self._closing:
+            return
+        self.server.metrics.slow_closes.inc()
+        log.warning("client %s of user %s is too slow: %s; closing with 4008", self.ws.id,
+                    self.user, why, extra={"event": "slow_client"})
+        self._close_soon(CLOSE_TOO_SLOW, "too slow: outgoing queue overflowed")
+
+    def subscription_ended(self, sub: Subscription) -> None:
+        if self.subs.get(sub.room) is sub:
+            del self.subs[sub.room]
+            self.server.metrics.subscriptions.dec()
+
+    # --- Session ----------------------------------------------------------------------------
+
+    def subscriptions(self) -> list[Subscription]:
+        return list(self.subs.values())
+
+    def user_gone(self) -> None:
+        if not self._closing:
+            self._close_soon(CLOSE_USER_GONE, "user deleted")
+
+    def revoke(self, sub: Subscription, reason: str) -> None:
+        if self.subs.get(sub.room) is sub and not sub.ended:
+            sub.end(reason)
+            self._drop(sub)
+
+    def retry_later(self) -> None:
+        if not self._closing:
+            self._close_soon(CLOSE_OVERLOADED, "access could not be checked; retry later")
+
+    # --- life -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._writer = asyncio.create_task(self._write_forever(), name=f"writer-{self.ws.id}")
+        self.ws.on_ping = self._on_ping
+        self.send(welcome(self.user, self.server.settings.heartbeat))
+        try:
+            async for message in self.ws:
+                if self._closing:
+                    break
+                await self._handle(message)
+                # websockets hands over queued frames without yielding: let the fan-out and
+                # other clients run between two frames of this one.
+                await asyncio.sleep(0)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._closing = True
+            for sub in self.subs.values():
+                self.server.hub.remove(sub)
+            self.server.metrics.subscriptions.dec(len(self.subs))
+            self.subs.clear()
+            if self._expiry is not None:
+                self._expiry.cancel()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+    async def _write_forever(self) -> None:
+        ws = self.ws
+        try:
+            while True:
+                if not self._queue:
+                    self._writing = False
+                    self._drained.set()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                self._writing = True
+                self._drained.clear()
+                frame = self._queue.popleft()
+                try:
+                    # waits while the socket's buffer is full; the frame is written already
+                    # when the wait is cut short, so the stream stays whole for the close
+                    async with asyncio.timeout(self._send_timeout):
+                        await ws.send(frame, text=True)
+                except TimeoutError:
+                    self.overflow(f"its socket accepted nothing for {self._send_timeout:g} s "
+                                  f"({len(self._queue)} more frames queued)")
+                    return
+        except ConnectionClosed:
+            self._closing = True
+
+    def _close_soon(self, code: int, reason: str) -> None:
+        self._closing = True
+        self._queue.clear()
+        if self._writer is not None:
+            self._writer.cancel()
+        for sub in self.subs.values():
+            self.server.hub.remove(sub)
+        asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+
+    def _set_expiry(self, exp: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, exp - time.time())
+        self._expiry = loop.call_later(delay, self._close_soon, CLOSE_TOKEN_EXPIRED,
+                                       "token expired")
+
+    async def _room_for(self, frames: int) -> None:
+        """Wait until ``frames`` more fit in the queue (replay paces itself, never overflows)."""
+        while not self._closing and self._queue and len(self._queue) + frames > self._limit:
+            self._drained.clear()
+            await self._drained.wait()
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _over_rate(self) -> bool:
+        """Take one frame (or WebSocket ping) from the bucket; true when refused. A client that
+        keeps sending into a refusing bucket (``rate_burst`` refusals beyond one a second) is
+        closed with 1008: answering its every frame would cost more than serving it."""
+        if self._bucket.take():
+            return False
+        if not self._strikes.take() and not self._closing:
+            self.server.metrics.refusals.labels("abuse").inc()
+            self._close_soon(CLOSE_POLICY, "rate limit exceeded repeatedly")
+        return True
+
+    def _on_ping(self) -> None:
+        if self._over_rate():
+            self.server.metrics.refusals.labels("rate_limited").inc()
+
+    async def _handle(self, message: str | bytes) -> None:
+        if self._over_rate():
+            if not self._closing:
+                self.server.metrics.refusals.labels("rate_limited").inc()
+                self.send(error("rate_limited", "too many frames; slow down"))
+            return
+        request: Request | None = None
+        try:
+            request = parse_frame(message)
+            if isinstance(request, Subscribe):
+                await self._subscribe(request)
+            elif isinstance(request, Unsubscribe):
+                self._unsubscribe(request)
+            elif isinstance(request, Ack):
+                self._ack(request)
+            elif isinstance(request, Ping):
+                self.send(pong(request.ref))
+            elif isinstance(request, Refresh):
+                await self._refresh(request)
+            elif isinstance(request, Typing):
+                self._typing(request)
+        except ProtocolError as exc:
+            self.server.metrics.refusals.labels(exc.code).inc()
+            self.send(exc.frame())
+        except BridgeError as exc:  # the database failed: the client may retry
+            log.error("%s of user %s failed: %s", _kind(request), self.user, exc,
+                      extra={"event": "request_failed"})
+            self.send(error("internal", "temporary failure; retry", ref=_ref(request),
+                            room=_room(request)))
+        except Exception:  # a bug: it ends this request, not the connection or the bridge
+            incident = secrets.token_hex(4)
+            log.error("%s of user %s crashed: incident %s", _kind(request), self.user, incident,
+                      exc_info=True, extra={"event": "request_crashed", "incident": incident})
+            self.send(error("internal", f"internal error (incident {incident}); retry",
+                            ref=_ref(request), room=_room(request)))
+
+    async def _subscribe(self, request: Subscribe) -> None:
+        room, ref = request.room, request.ref
+        settings = self.server.settings
+        if not self._may_ask_database():
+            raise ProtocolError("rate_limited", "too many subscribe attempts; slow down",
+                                ref=ref, room=room)
+        if room in self.subs:
+            raise ProtocolError("bad_request", "already subscribed to this room", ref=ref,
+                                room=room)
+        if len(self.subs) >= settings.max_subscriptions:
+            raise ProtocolError("rate_limited", f"at most {settings.max_subscriptions} "
+                                "subscriptions per connection", ref=ref, room=room)
+        # Membership first: a room the user may not read never reaches the listener.
+        info = await self.server.store.cursor_info(self.user, room)
+        if info.status == "not_found":
+            raise ProtocolError("not_found", "no such room", ref=ref, room=room)
+        if info.status != "ok":
+            raise ProtocolError("forbidden", "not a member of this room, or the room or user "
+                                "is deleted", ref=ref, room=room)
+        from_seq = resolve_from(room=room, since=request.since, acked=info.acked,
+                                head=info.head, retained_from=info.retained_from, ref=ref)
+        if self._closing:  # closed while the database answered
+            return
+        # Events after info.head were committed after the membership check: replayed ones
+        # revoke or end the subscription exactly as live ones do.
+        sub = Subscription(self, room, pending_limit=self._limit, checked_at=info.head,
+                           presence=request.presence)
+        sub.from_seq = from_seq
+        self.subs[room] = sub
+        self.server.metrics.subscriptions.inc()
+        try:
+            live_from = await self.server.listener.add(sub)
+            # Events up to live_from were committed before now; if some came after the check,
+            # the user must still be live now for them to be the user's (a deletion's hint may
+            # still be on its way to the listener). Membership is accounted for by checked_at.
+            if live_from > info.head and not await self.server.store.live_user(self.user):
+                self.user_gone()
+            if self._closing:
+                self._drop(sub)
+                return
+            self.send(subscribed(room, from_seq, max(info.head, live_from), ref))
+            if sub.presence:
+                await self._send_snapshot(sub)
+            after = from_seq
+            metrics = self.server.metrics
+            while after < live_from and not sub.ended and not self._closing:
+                await self._room_for(self._page)
+                with metrics.read_replay.time():
+                    events = await self.server.store.read_events(room, after=after,
+                                                                 upto=live_from,
+                                                                 limit=self._page)
+                if not events:
+                    break
+                now, sent = time.time(), 0
+                for event in events:
+                    sub.replay(event)
+                    if sub.last_sent == event.seq:  # sent: not skipped, not a revocation
+                        sent += 1
+                        captured = capture_time(event.frame)
+                        if captured is not None:
+                            metrics.latency_replay.observe(max(0.0, now - captured))
+                metrics.replayed.inc(sent)
+                after = events[-1].seq
+        except BaseException:
+            self._drop(sub)
+            raise
+        if sub.ended:
+            self._drop(sub)
+        elif not self._closing:
+            sub.go_live()
+
+    async def _send_snapshot(self, sub: Subscription) -> None:
+        """The room's presence snapshot, paced like a replay; then the changes since."""
+        states = await self.server.presence_feed.snapshot(sub)
+        for i in range(0, len(states), self._page):
+            await self._room_for(self._page)
+            if sub.ended or self._closing:
+                return
+            for state in states[i:i + self._page]:
+                self.send(state.frame())
+        self.server.metrics.presence_frames.inc(len(states))
+        sub.presence_live()
+
+    def _typing(self, request: Typing) -> None:
+        sub = self.subs.get(request.room)
+        if sub is None or sub.ended:
+            raise ProtocolError("forbidden", "typing in a room you are not subscribed to",
+                                ref=request.ref, room=request.room)
+        self.server.presence_feed.typing_sent(self.user, request.room)
+
+    def _may_ask_database(self) -> bool:
+        """Take one request that queries the database (subscribe, refresh) from this
+        connection's and this user's bucket; false when either is empty."""
+        return self._subscribe_bucket.take() and self.server.limits.subscribe_allowed(self.user)
+
+    def _drop(self, sub: Subscription) -> None:
+        self.server.hub.remove(sub)
+        self.subscription_ended(sub)
+
+    def _unsubscribe(self, request: Unsubscribe) -> None:
+        sub = self.subs.get(request.room)
+        if sub is None:
+            raise ProtocolError("not_found", "not subscribed to this room", ref=request.ref,
+                                room=request.room)
+        self._drop(sub)
+        sub.end("client", request.ref)
+
+    def _ack(self, request: Ack) -> None:
+        sub = self.subs.get(request.room)
+        if sub is None:
+            raise ProtocolError("bad_request", "ack for a room you are not subscribed to",
+                                ref=request.ref, room=request.room)
+        if request.seq > sub.cursor:
+            raise ProtocolError("bad_request", f"seq {request.seq} was not delivered yet "
+                                f"(latest: {sub.cursor})", ref=request.ref, room=request.room)
+        self.server.acks.record(self.user, request.room, request.seq)
+
+    async def _refresh(self, request: Refresh) -> None:
+        try:
+            claims = self.server.verify_token(request.token)
+        except AuthError as exc:
+            raise ProtocolError("unauthorized", str(exc), ref=request.ref) from None
+        if claims.sub != self.user:
+            raise ProtocolError("unauthorized", "a refreshed token must be for the same user",
+                                ref=request.ref)
+        if not self._may_ask_database():
+            raise ProtocolError("rate_limited", "too many refresh attempts; slow down",
+                                ref=request.ref)
+        if not await self.server.store.live_user(self.user):
+            self.send(error("unauthorized", "the token's user does not exist or is deleted",
+                            ref=request.ref))
+            self.user_gone()
+            return
+        self._set_expiry(claims.exp)
+
+
+def _kind(request: Request | None) -> str:
+    return type(request).__name__.lower() if request is not None else "a frame"
+
+
+def _ref(request: Request | None) -> str | None:
+    return request.ref if request is not None else None
+
+
+def _room(request: Request | None) -> str | None:
+    return getattr(request, "room", None)
