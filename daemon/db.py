@@ -123,15 +123,17 @@ def translated(conninfo: str, *, doing: str = "connecting") -> Iterator[None]:
         raise translate(exc, conninfo, doing=doing) from exc
 
 
-def channel_query(schema: str) -> sql.Composed:
-    """The query whose one value is the NOTIFY channel of ``schema``'s capture triggers.
+def channel_query(schema: str, *, typing: bool = False) -> sql.Composed:
+    """The query whose one value is the NOTIFY channel of ``schema``'s capture triggers (with
+    ``typing``: of the typing signals instances relay to each other).
 
-    The channel is derived in one place, the SQL function ``pgbridge_listen_channel`` of
+    Channels are derived in one place, the SQL functions ``pgbridge_listen_channel`` of
     sql/triggers/10_change_capture.sql (``pgbridge`` for ``public``, ``pgbridge_<schema>``, or a
-    hash for names too long for a channel), and everything else asks the database for it.
+    hash for names too long for a channel) and ``pgbridge_typing_channel`` of
+    sql/triggers/40_presence.sql, and everything else asks the database for them.
     """
-    return sql.SQL("SELECT {}.pgbridge_listen_channel({})").format(
-        sql.Identifier(schema), sql.Literal(schema))
+    function = "pgbridge_typing_channel" if typing else "pgbridge_listen_channel"
+    return sql.SQL("SELECT {}({})").format(sql.Identifier(schema, function), sql.Literal(schema))
 
 
 def _base_conninfo(settings: DatabaseSettings) -> str:

@@ -386,8 +386,6 @@ class Store:
 
     async def typing_channel(self) -> str:
         """The NOTIFY channel of typing signals (``pgbridge_typing_channel``)."""
-        rows = await self._all(
-            sql.SQL("SELECT {}.pgbridge_typing_channel({})").format(
-                sql.Identifier(self.schema), sql.Literal(self.schema)),
-            (), "reading the typing channel")
+        rows = await self._all(channel_query(self.schema, typing=True), (),
+                               "reading the typing channel")
         return str(rows[0][0])

@@ -47,6 +47,20 @@ SUBSCRIBE_STEPS = {
 ERROR_BOUND = 30.0  # seconds: pool wait (POOL_WAIT, 5 s) and one retry, loosely
 
 
+async def small_buffered_client(port: int, user: str) -> websockets.ClientConnection:
+    """A client of ``user`` whose socket receives into 4 KiB and which buffers one frame: the
+    bridge's socket fills as soon as the client reads slowly, or not at all. Its ``welcome`` is
+    consumed."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?token={token(user)}", sock=sock,
+                                  max_queue=1, max_size=2**24, compression=None,
+                                  ping_interval=None)
+    assert json.loads(await ws.recv())["type"] == "welcome"
+    return ws
+
+
 @pytest.mark.parametrize("outage", ["brief", "until_answered"])
 @pytest.mark.parametrize("step", list(SUBSCRIBE_STEPS))
 async def test_subscribe_with_the_database_link_broken_at_each_step_completes_or_fails_cleanly(
@@ -237,13 +251,7 @@ async def test_client_that_stops_reading_is_closed_4008_within_the_send_timeout(
     user = await make_user(conn)
     room = await make_room(conn, user)
     async with running_bridge(db_url, send_timeout=1.0) as bridge:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", bridge.port))
-        slow = await websockets.connect(
-            f"ws://127.0.0.1:{bridge.port}/ws?token={token(user)}", sock=sock, max_queue=1,
-            max_size=2**24, compression=None, ping_interval=None)
-        assert json.loads(await slow.recv())["type"] == "welcome"
+        slow = await small_buffered_client(bridge.port, user)
         await send(slow, type="subscribe", room=room, ref="s")
         assert json.loads(await slow.recv())["type"] == "subscribed"
         # from here on the client reads nothing
@@ -276,13 +284,7 @@ async def test_a_replay_longer_than_the_queue_is_paced_not_closed(db_url: str,
         await post(conn, room, user, f"{i} " + "x" * 2000)
     last = await head(conn, room)
     async with running_bridge(db_url, queue_size=8, send_buffer=4096) as bridge:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", bridge.port))
-        ws = await websockets.connect(
-            f"ws://127.0.0.1:{bridge.port}/ws?token={token(user)}", sock=sock, max_queue=1,
-            max_size=2**24, compression=None, ping_interval=None)
-        assert json.loads(await ws.recv())["type"] == "welcome"
+        ws = await small_buffered_client(bridge.port, user)
         await send(ws, type="subscribe", room=room, since=0, ref="s")
         assert json.loads(await ws.recv())["type"] == "subscribed"
         seqs = [frame["seq"] for frame in await events(ws, last)]
