@@ -201,7 +201,7 @@ class PresenceFeed:
         room, user, at = (obj.get("room"), obj.get("user"), obj.get("at")) if isinstance(
             obj, dict) else (None, None, None)
         if not (is_id(room) and is_id(user) and isinstance(at, int)
-                and not isinstance(at, bool)):
+                and not isinstance(at, bool) and 0 <= at < 2**53):  # a float holds it exactly
             return True
         if abs(time.time() - at / 1000) > TYPING_MAX_AGE:
             self.metrics.typing.labels("stale").inc()
