@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Bridge", "run"]
 
 READY_TIMEOUT = 15.0  # seconds for the first NOTIFY round trip
+# Seconds the supervised tasks get to end once cancelled at shutdown (psycopg may take 10 s to
+# give up on a query whose connection no longer answers); systemd's TimeoutStopSec is 30 s.
+STOP_TIMEOUT = 12.0
 
 
 class Bridge:
@@ -168,7 +171,12 @@ class Bridge:
                 await self.server.close()  # stop accepting; close every connection with 1001
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if tasks:  # bounded: a task that does not end on cancel must not hold the exit
+                _, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+                for task in stuck:
+                    log.error("task %s did not stop within %g s of being cancelled; exiting "
+                              "without it", task.get_name(), STOP_TIMEOUT,
+                              extra={"event": "task_stuck"})
             if started:
                 await self.presence.retire()
             try:
