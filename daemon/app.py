@@ -29,6 +29,7 @@ from .acks import AckBuffer, AckWriter
 from .auth import Claims, resolve_secret, verify_token
 from .db import database, describe
 from .demo import banner, ensure_demo
+from .doorbell import Doorbell
 from .errors import BridgeError, DatabaseError
 from .handshake import Health
 from .hub import Hub
@@ -76,8 +77,10 @@ class Bridge:
         self.presence_feed = PresenceFeed(self.store, self.hub, self.metrics)
         self.presence = PresenceWriter(self.store, self.metrics, grace=settings.presence_grace,
                                        lease=settings.presence_lease)
+        doorbell = Doorbell(settings.doorbell, quiet_above=settings.doorbell_quiet_above,
+                            poll_interval=settings.poll_interval, now=time.monotonic())
         self.listener = Listener(conninfo, self.hub, self.store, self.metrics, self.access,
-                                 self.presence_feed,
+                                 self.presence_feed, doorbell=doorbell,
                                  probe_interval=settings.probe_interval,
                                  probe_timeout=max(2.0, min(settings.probe_interval, 10.0)))
         self.acks = AckBuffer()

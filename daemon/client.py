@@ -60,6 +60,7 @@ from .protocol import (
     welcome,
 )
 from .ratelimit import ClientLimits, TokenBucket
+from .sequencer import Hole, take_page
 from .settings import DaemonSettings
 from .store import READ_PAGE, Store
 
@@ -353,18 +354,29 @@ class Client:
                     events = await self.server.store.read_events(room, after=after,
                                                                  upto=live_from,
                                                                  limit=self._page)
-                if not events:
-                    break
+                page = take_page(room, after, events, limit=self._page, upto=live_from)
                 now, sent = time.time(), 0
-                for event in events:
-                    sub.replay(event)
-                    if sub.last_sent == event.seq:  # sent: not skipped, not a revocation
+                for step in page.steps:
+                    if isinstance(step, Hole):
+                        break
+                    sub.replay(step)
+                    if sub.last_sent == step.seq:  # sent: not skipped, not a revocation
                         sent += 1
-                        captured = capture_time(event.frame)
+                        captured = capture_time(step.frame)
                         if captured is not None:
                             metrics.latency_replay.observe(max(0.0, now - captured))
                 metrics.replayed.inc(sent)
-                after = events[-1].seq
+                hole = next((s for s in page.steps if isinstance(s, Hole)), page.missing)
+                if hole is not None and not sub.ended:
+                    # events the subscription needs are gone from the log: never a silent gap
+                    log.warning("events %s..%s of room %s are missing from change_events; "
+                                "the subscription of user %s replaying them ended with "
+                                "cursor_expired", hole.first, hole.last, room, self.user,
+                                extra={"event": "log_hole"})
+                    sub.end("cursor_expired")
+                if not page.more:
+                    break
+                after = page.cursor
         except BaseException:
             self._drop(sub)
             raise

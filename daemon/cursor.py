@@ -1,28 +1,14 @@
-"""Cursor arithmetic: where a subscription starts, and whether a seq is new, old or past a gap.
+"""Cursor arithmetic: where a subscription starts (whether a seq is new, old or past a gap is
+:mod:`daemon.sequencer`'s).
 
 Pure. Seqs are per room, 1, 2, 3, ... with no holes (sql/triggers/10_change_capture.sql).
 """
 
 from __future__ import annotations
 
-from enum import Enum
-
 from .protocol import ProtocolError
 
-__all__ = ["Arrival", "classify", "resolve_from"]
-
-
-class Arrival(Enum):
-    DUPLICATE = "duplicate"  # already delivered
-    NEXT = "next"  # exactly last + 1
-    GAP = "gap"  # later than next: read the missing range from the log first
-
-
-def classify(last: int, seq: int) -> Arrival:
-    """Compare an arriving ``seq`` with the ``last`` seq delivered for its room."""
-    if seq <= last:
-        return Arrival.DUPLICATE
-    return Arrival.NEXT if seq == last + 1 else Arrival.GAP
+__all__ = ["resolve_from"]
 
 
 def resolve_from(*, room: str, since: int | None, acked: int | None, head: int,

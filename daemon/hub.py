@@ -229,6 +229,22 @@ class Hub:
         if not state.subs:
             del self._rooms[sub.room]
 
+    def hole(self, room: str, first: int, last: int) -> int:
+        """Seqs ``first``..``last`` of ``room`` are gone from the log for good: end with
+        ``cursor_expired`` every subscription that has not got them all (PROTOCOL.md,
+        "Ordering and delivery guarantees"), and move the room's last seq to ``last``. Returns
+        how many subscriptions ended."""
+        state = self._rooms.get(room)
+        if state is None:
+            return 0
+        state.last = max(state.last, last)
+        ended = [sub for sub in tuple(state.subs) if not sub.ended and sub.cursor < last]
+        for sub in ended:
+            sub.end("cursor_expired")
+            sub.sink.subscription_ended(sub)
+            self.remove(sub)
+        return len(ended)
+
     def publish(self, event: Event) -> int:
         """Deliver the room's next event (caller guarantees ``event.seq == last + 1``) to every
         subscriber. Returns how many subscribers it was offered to."""

@@ -1,15 +1,20 @@
 """The listener: one dedicated autocommit connection that LISTENs, and the one task that moves
 rooms forward in the hub.
 
-Two tasks (DESIGN.md, "Listener reconnect"):
+Tasks (DESIGN.md, "Listener reconnect"):
 
 * the **reader** owns the LISTEN connection: connect, ``LISTEN``, queue a catch-up, then queue
   every notification. On any connection error it reconnects with jittered exponential backoff.
 * the **processor** takes the queue in order and is the only code that advances a room's last
-  seq: a NOTIFY with seq = last + 1 carrying its frame is published as is; anything else (a
-  gap, a payload too large for NOTIFY, a catch-up after reconnect) reads the log first.
-  Subscribing goes through the same queue (:meth:`Listener.add`), so a new subscriber's
-  starting point ``L`` is consistent with what was and will be published.
+  seq. What it publishes, and when it reads the log instead, is decided by the pure
+  :mod:`daemon.sequencer` (a NOTIFY with seq = last + 1 carrying its frame is published as is;
+  a gap, a payload too large for NOTIFY, a catch-up after reconnect read the log; a hole in the
+  log ends the subscriptions that needed it); this module only does the reading. Subscribing
+  goes through the same queue (:meth:`Listener.add`), so a new subscriber's starting point ``L``
+  is consistent with what was and will be published.
+* the **doorbell** task makes the ``pgbridge_doorbell()`` calls :class:`daemon.doorbell.Doorbell`
+  asks for (README, "The adaptive doorbell"), and the **poll** task, while writers do not ring,
+  queues a catch-up every ``PGBRIDGE_POLL_INTERVAL``: every tracked room in one query.
 
 User hints (a user deleted; sql/triggers/20_access.sql) take their place in the same queue, so
 the user's connections are closed before anything committed after the change is published
@@ -55,13 +60,14 @@ import psycopg
 from psycopg import sql
 
 from .backoff import Backoff
-from .cursor import Arrival, classify
 from .db import describe
+from .doorbell import Doorbell, Mode
 from .errors import BridgeError
-from .events import Event, Pointer, PresenceHint, Probe, UserHint, capture_time, parse_notify
+from .events import Event, PresenceHint, Probe, UserHint, capture_time, parse_notify
 from .hub import Hub, Subscription
 from .logs import Throttled
 from .metrics import Metrics
+from .sequencer import Hole, Pass, Read, on_notify, page_size, take_page
 from .signing import NotifyKey
 from .store import READ_PAGE, Store
 
@@ -81,7 +87,12 @@ class _Track:
 
 
 class _CatchUp:
-    pass
+    """Read every tracked room to the end of its log: after a (re)connect, a failed read or a
+    rotated key, and as the poll while writers do not ring. ``done`` gets the number of events
+    it published (0 when it failed)."""
+
+    def __init__(self, done: asyncio.Future[int] | None = None) -> None:
+        self.done = done
 
 
 class _CheckUsers:
@@ -111,8 +122,9 @@ class Listener:
     """
 
     def __init__(self, conninfo: str, hub: Hub, store: Store, metrics: Metrics,
-                 access: Access, feed: PresenceFeed, *, probe_interval: float = 10.0,
-                 probe_timeout: float = 5.0, queue_size: int = 10000) -> None:
+                 access: Access, feed: PresenceFeed, *, doorbell: Doorbell | None = None,
+                 probe_interval: float = 10.0, probe_timeout: float = 5.0,
+                 queue_size: int = 10000) -> None:
         self.conninfo = conninfo
         self.channel = ""  # set by run()
         self.typing_channel = ""  # set by run()
@@ -140,6 +152,10 @@ class Listener:
         self._key_checked = -KEY_RECHECK  # time.monotonic() of the last read of the key
         self._key_check: asyncio.Task[None] | None = None
         self._forgeries = Throttled(log, interval=10.0)
+        self.bell = doorbell if doorbell is not None else Doorbell(now=time.monotonic())
+        self._bell_wake = asyncio.Event()  # a hint arrived, or the bell wants a call now
+        self._polling = asyncio.Event()  # set while the bell says to read the log on a timer
+        self._bell_failures = Throttled(log, interval=60.0)
         self.heard_at = time.monotonic()
         self.probed_at: float | None = None
         started = self.heard_at
@@ -148,6 +164,8 @@ class Listener:
             lambda: time.monotonic() - (self.probed_at if self.probed_at is not None
                                         else started))
         metrics.listener_up.set_function(lambda: 1.0 if self.connected else 0.0)
+        metrics.doorbell_polling.set_function(lambda: 1.0 if self.bell.polling else 0.0)
+        metrics.capture_rate.set_function(lambda: self.bell.rate)
 
     # --- public ---------------------------------------------------------------------------
 
@@ -166,6 +184,8 @@ class Listener:
                 tasks.create_task(self._read_forever(), name="listener-reader")
                 tasks.create_task(self._process_forever(), name="listener-processor")
                 tasks.create_task(self._probe_forever(), name="listener-probe")
+                tasks.create_task(self._ring_forever(), name="listener-doorbell")
+                tasks.create_task(self._poll_forever(), name="listener-poll")
         finally:
             for task in (self._retry, self._key_check):
                 if task is not None:
@@ -246,6 +266,10 @@ class Listener:
                 if note.payload.startswith('{"probe"'):
                     self._probe_heard(note.payload)
                     continue
+                if note.payload.startswith('{"doorbell"'):  # unsigned: it only makes us look
+                    self.bell.hinted(time.monotonic())
+                    self._bell_wake.set()
+                    continue
                 assert self.key is not None
                 text = self.key.open(note.payload)
                 if text is None:
@@ -257,6 +281,9 @@ class Listener:
                     if isinstance(hint, PresenceHint):
                         self.feed.hint(hint.user)
                 else:
+                    self.bell.rang(self.heard_at)
+                    if self.bell.due(self.heard_at) == 0:
+                        self._bell_wake.set()
                     await self._queue.put(text)
 
     async def _user_hinted(self, text: str) -> None:
@@ -368,6 +395,60 @@ class Listener:
                 continue
             await asyncio.sleep(self.probe_interval)
 
+    # --- doorbell -------------------------------------------------------------------------
+
+    async def _ring_forever(self) -> None:
+        """Make the calls of ``pgbridge_doorbell`` the bell asks for (:mod:`daemon.doorbell`),
+        and start or stop the polls."""
+        while True:
+            delay = self.bell.due(time.monotonic())
+            if delay > 0:
+                self._bell_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._bell_wake.wait()
+                continue
+            call = self.bell.call()
+            try:
+                reading = await self.store.doorbell(call)
+            except BridgeError as exc:
+                self.bell.failed(time.monotonic())
+                self._bell_failures.warning(
+                    "doorbell", "could not read the doorbell lease (%s); retrying", exc,
+                    extra={"event": "doorbell_failed"})
+                continue
+            changed = self.bell.observed(reading, time.monotonic())
+            if changed is Mode.QUIET:
+                log.info("writers do not NOTIFY (%s, %.0f events/s); reading the log every "
+                         "%g s", "asked by this bridge" if call.quiet_ms else
+                         "asked by another bridge", self.bell.rate, self.bell.poll_interval,
+                         extra={"event": "doorbell_quiet"})
+            elif changed is Mode.SETTLING:
+                log.info("writers ring again (%.0f events/s); reading the log until the "
+                         "transactions that may not have rung are over", self.bell.rate,
+                         extra={"event": "doorbell_settling"})
+            elif changed is Mode.RINGING:
+                log.info("back to the doorbell: NOTIFY only", extra={"event": "doorbell_ringing"})
+            if self.bell.polling:
+                self._polling.set()
+            else:
+                self._polling.clear()
+
+    async def _poll_forever(self) -> None:
+        """While the bell says so and LISTEN is up, read every tracked room's log every
+        ``poll_delay``. (While LISTEN is down, the catch-up after it reconnects reads them:
+        until then user hints are lost, and nothing may be published.)"""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._polling.wait()
+            if not self.connected:
+                await asyncio.sleep(self.bell.poll_interval)
+                continue
+            done: asyncio.Future[int] = loop.create_future()
+            await self._queue.put(_CatchUp(done))
+            self.bell.polled(await done)
+            await asyncio.sleep(self.bell.poll_delay(time.monotonic()))
+
     # --- processor ------------------------------------------------------------------------
 
     async def _process_forever(self) -> None:
@@ -384,7 +465,9 @@ class Listener:
                 elif isinstance(item, _CheckUsers):
                     await self._check_hinted()
                 else:
-                    await self._catch_up()
+                    published = await self._catch_up(poll=item.done is not None)
+                    if item.done is not None and not item.done.done():
+                        item.done.set_result(published)
             except BridgeError as exc:
                 log.warning("could not read the log (%s); catching up again in %.1f s", exc,
                             self.retry_delay, extra={"event": "fill_failed"})
@@ -401,8 +484,10 @@ class Listener:
         if isinstance(item, _Track):
             if not item.future.done():
                 item.future.set_exception(exc)
-        else:
-            self._catch_up_soon()
+            return
+        if isinstance(item, _CatchUp) and item.done is not None and not item.done.done():
+            item.done.set_result(0)
+        self._catch_up_soon()
 
     def _catch_up_soon(self) -> None:
         """One catch-up of every tracked room after ``retry_delay``; calls meanwhile coalesce
@@ -440,14 +525,11 @@ class Listener:
             # catch-up has checked every connected user. The log keeps what this announced.
             self._catch_up_soon()
             return
-        arrival = classify(self.hub.last(note.room), note.seq)
-        if arrival is Arrival.DUPLICATE:
-            return
-        if arrival is Arrival.NEXT and isinstance(note, Event):
-            self._publish(note)
-            return
-        assert isinstance(note, Event | Pointer)
-        await self._fill(note.room, upto=note.seq)
+        action = on_notify(self.hub.last(note.room), note)
+        if isinstance(action, Event):
+            self._publish(action)
+        elif isinstance(action, Read):
+            await self._fill(action)
 
     async def _on_track(self, item: _Track) -> None:
         room = item.sub.room
@@ -459,48 +541,69 @@ class Listener:
         if not item.future.done():
             item.future.set_result(self.hub.add(item.sub))
 
-    async def _catch_up(self) -> None:
-        """Read every tracked room to the end of its log. ``pgbridge_listener_rooms_behind``
-        counts the rooms not read yet: 0 once this returns (by construction: comparing with
-        the rooms' heads afterwards would cost a query and only measure commits racing their
-        NOTIFYs); after a failure, the rooms it did not reach, until the retry
-        (:meth:`_catch_up_soon`) starts over."""
-        rooms = self.hub.rooms()
-        self.metrics.rooms_behind.set(len(rooms))
+    async def _catch_up(self, *, poll: bool = False) -> int:
+        """Read every tracked room to the end of its log, in as few queries as the sequencer's
+        :class:`~daemon.sequencer.Pass` allows (one for up to 500 rooms); return how many events
+        were published. ``pgbridge_listener_rooms_behind`` counts the rooms not read to the end
+        yet: 0 once this returns (by construction: comparing with the rooms' heads afterwards
+        would cost a query and only measure commits racing their NOTIFYs); after a failure, the
+        rooms it did not reach, until the retry (:meth:`_catch_up_soon`) starts over."""
+        work = Pass(self.hub.rooms())
+        self.metrics.rooms_behind.set(len(work))
         if not self._users_checked:
             await self.access.check_users(None, fail_closed=False,
                                           why="check after the listener connected")
             self._users_checked = True
-        for room in rooms:
-            await self._fill(room, upto=None)
-            self.metrics.rooms_behind.dec()
+        timer = self.metrics.read_poll if poll else self.metrics.read_catch_up
+        published = 0
+        while rooms := work.batch():
+            cursors = {room: self.hub.last(room) for room in rooms if room in self.hub}
+            limit = page_size(len(cursors))
+            with timer.time():
+                found = await self.store.read_rooms(cursors, limit=limit)
+            self.metrics.gap_fills.inc()
+            for room, after in cursors.items():
+                page = take_page(room, after, found.get(room, ()), limit=limit)
+                published += self._apply(page.steps)
+                if page.more and room in self.hub:
+                    work.again(room)
+                else:
+                    self.metrics.rooms_behind.dec()
+        return published
 
-    async def _fill(self, room: str, *, upto: int | None) -> None:
-        """Publish ``room``'s events after its last seq (up to ``upto``) from the log."""
+    async def _fill(self, read: Read) -> None:
+        """Publish the room's events after its last seq, up to ``read.upto``, from the log."""
+        room = read.room
         self.metrics.gap_fills.inc()
-        timer = self.metrics.read_gap_fill if upto is not None else self.metrics.read_catch_up
         while room in self.hub:
             last = self.hub.last(room)
-            if upto is not None and last >= upto:
+            with self.metrics.read_gap_fill.time():
+                events = await self.store.read_events(room, after=last, upto=read.upto)
+            page = take_page(room, last, events, limit=READ_PAGE, upto=read.upto)
+            self._apply(page.steps)
+            if page.missing is not None and room in self.hub:
+                log.error("events %s..%s of room %s were announced but are not in "
+                          "change_events (deleted or pruned?)", page.missing.first,
+                          page.missing.last, room, extra={"event": "log_hole"})
+            if not page.more:
                 return
-            with timer.time():
-                events = await self.store.read_events(room, after=last, upto=upto)
-            for event in events:
-                if room not in self.hub:
-                    return
-                if event.seq != self.hub.last(room) + 1:
-                    log.error("events %s..%s of room %s are missing from change_events "
-                              "(pruned?); subscribers skip them", self.hub.last(room) + 1,
-                              event.seq - 1, room, extra={"event": "log_hole"})
-                self._publish(event)
-            if len(events) < READ_PAGE:
-                if upto is not None and room in self.hub and self.hub.last(room) < upto:
-                    # The room's last seq stays where the log ends: whatever announced `upto`,
-                    # nothing moves a cursor past what the log holds.
-                    log.error("events %s..%s of room %s were announced but are not in "
-                              "change_events (pruned?)", self.hub.last(room) + 1, upto, room,
-                              extra={"event": "log_hole"})
-                return
+
+    def _apply(self, steps: list[Event | Hole]) -> int:
+        """Publish a page's events and report its holes, in order; return how many events."""
+        published = 0
+        for step in steps:
+            if step.room not in self.hub:
+                break
+            if isinstance(step, Hole):
+                ended = self.hub.hole(step.room, step.first, step.last)
+                log.error("events %s..%s of room %s are missing from change_events (deleted "
+                          "or pruned?); %d subscription(s) that needed them ended with "
+                          "cursor_expired", step.first, step.last, step.room, ended,
+                          extra={"event": "log_hole"})
+                continue
+            self._publish(step)
+            published += 1
+        return published
 
     def _publish(self, event: Event) -> None:
         self.metrics.events.inc()

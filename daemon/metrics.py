@@ -26,7 +26,8 @@ CLOSE_CODES = ("1001", "1007", "1008", "1009", "1011", "1013", "4001", "4003", "
 # days old (the log's retention), so the top buckets only say "long ago".
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 300.0, 3600.0)
-# Seconds for one read of at most READ_PAGE (500) events of the log.
+# Seconds for one read of the log: at most READ_PAGE (500) events of one room, or about READ_ROWS
+# (2,000) over many (daemon/sequencer.py).
 READ_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0)
 
@@ -79,8 +80,8 @@ class Metrics:
         self.replayed = Counter("pgbridge_replayed_deliveries", "Event frames read from the log "
                                 "and queued to a client that subscribed with an older cursor "
                                 "(since, or its sync_state)", registry=r)
-        self.gap_fills = Counter("pgbridge_gap_fills", "Reads of the log to fill a gap or catch "
-                                 "up", registry=r)
+        self.gap_fills = Counter("pgbridge_gap_fills", "Reads of the log started to fill a gap "
+                                 "(per room), catch up or poll (per query)", registry=r)
         self.commit_to_send = Histogram(
             "pgbridge_commit_to_send_seconds", "Seconds from an event's capture in the writer's "
             "transaction (its ts, the database's clock) to the moment its frame was written or "
@@ -94,11 +95,20 @@ class Metrics:
             "pgbridge_log_read_seconds", "Seconds per read of change_events (at most 500 "
             "events), by purpose: gap_fill (a NOTIFY whose seq is not the room's next, or too "
             "large to carry its event), catch_up (after the listener (re)connected, or a failed "
-            "read), replay (a subscriber's history); failed reads included", ["purpose"],
+            "read), poll (while writers do not NOTIFY: one read of every room with subscribers "
+            "every PGBRIDGE_POLL_INTERVAL), replay (a subscriber's history); failed reads "
+            "included", ["purpose"],
             buckets=READ_BUCKETS, registry=r)
         self.read_gap_fill = self.log_reads.labels("gap_fill")
         self.read_catch_up = self.log_reads.labels("catch_up")
         self.read_replay = self.log_reads.labels("replay")
+        self.read_poll = self.log_reads.labels("poll")
+        self.doorbell_polling = Gauge("pgbridge_doorbell_polling", "1 while writers do not "
+                                      "NOTIFY (the doorbell lease runs, or just ended) and this "
+                                      "bridge reads the log on an interval, else 0", registry=r)
+        self.capture_rate = Gauge("pgbridge_capture_rate", "Events per second captured, as "
+                                  "this bridge estimates it to choose between doorbell and "
+                                  "polls (PGBRIDGE_DOORBELL_QUIET_ABOVE)", registry=r)
         self.listener_lag = Gauge("pgbridge_listener_lag_seconds", "Seconds since the listener "
                                   "last heard anything on its LISTEN connection (a NOTIFY, or "
                                   "its own probe, sent every PGBRIDGE_PROBE_INTERVAL)",

@@ -247,7 +247,7 @@ def subscribed(room: str, from_seq: int, head: int, ref: str | None) -> str:
 
 
 def unsubscribed(room: str, reason: str, ref: str | None = None) -> str:
-    """``reason``: ``client``, ``membership_revoked`` or ``room_deleted``."""
+    """``reason``: ``client``, ``membership_revoked``, ``room_deleted`` or ``cursor_expired``."""
     return _dump({"type": "unsubscribed", "room": room, "reason": reason, "ref": ref})
 
 

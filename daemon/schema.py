@@ -73,13 +73,14 @@ FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_listen_channel", "pgbridg
              "pgbridge_event_frame", "pgbridge_capture", "pgbridge_user_gone",
              "pgbridge_lock_rooms", "pgbridge_lock_user_rooms", "pgbridge_typing_channel",
              "pgbridge_presence_set", "pgbridge_presence_sync", "pgbridge_presence_reap",
-             "pgbridge_presence_retire", "pgbridge_status_truth", "pgbridge_presence_hint")
+             "pgbridge_presence_retire", "pgbridge_status_truth", "pgbridge_presence_hint",
+             "pgbridge_doorbell")
 # Functions that run as the owner: SECURITY DEFINER, search_path pinned with pg_temp last, and
 # no EXECUTE for PUBLIC (sql/triggers/10_change_capture.sql, "Trust").
 DEFINER_FUNCTIONS = ("pgbridge_capture", "pgbridge_user_gone", "pgbridge_lock_rooms",
                      "pgbridge_lock_user_rooms", "pgbridge_presence_set", "pgbridge_presence_sync",
                      "pgbridge_presence_reap", "pgbridge_presence_retire", "pgbridge_status_truth",
-                     "pgbridge_presence_hint")
+                     "pgbridge_presence_hint", "pgbridge_doorbell")
 # Bumped when the way the files are applied changes (the search_path they are applied with,
 # say): every file's recorded checksum then differs and the next run applies them again.
 APPLY_FORMAT = 2

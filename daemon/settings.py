@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from .doorbell import POLICIES
 from .errors import ConfigError
 from .origins import Allowlist, parse_allowlist
 
@@ -217,6 +218,12 @@ class DaemonSettings:
     seconds an instance's lease lasts without renewal (``PGBRIDGE_PRESENCE_LEASE``): a dead
     instance's users go offline within 4/3 of it.
 
+    The adaptive doorbell (README, "The adaptive doorbell"; :mod:`daemon.doorbell`):
+    ``doorbell`` is ``adaptive`` (writers NOTIFY at light load; above ``doorbell_quiet_above``
+    events per second they stop and the bridges read the log every ``poll_interval`` seconds),
+    ``on`` (this bridge never asks writers to stop) or ``off`` (it keeps them quiet while it
+    runs) (``PGBRIDGE_DOORBELL``, ``PGBRIDGE_DOORBELL_QUIET_ABOVE``, ``PGBRIDGE_POLL_INTERVAL``).
+
     ``allowed_origins``: browser origins admitted besides the bridge's own
     (``PGBRIDGE_ALLOWED_ORIGINS``, :mod:`daemon.origins`). ``access_check_interval``: seconds
     between two checks of every connected user and subscription against the database.
@@ -253,6 +260,9 @@ class DaemonSettings:
     demo: bool | None = None
     presence_grace: float = 15.0
     presence_lease: float = 30.0
+    doorbell: str = "adaptive"
+    doorbell_quiet_above: float = 500.0
+    poll_interval: float = 0.01
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DaemonSettings:
@@ -272,6 +282,12 @@ class DaemonSettings:
         presence_lease = _seconds(env, "PGBRIDGE_PRESENCE_LEASE", 30.0)
         if presence_lease < 1:
             raise ConfigError("PGBRIDGE_PRESENCE_LEASE must be at least 1 second")
+        doorbell = (_get(env, "PGBRIDGE_DOORBELL") or "adaptive").lower()
+        if doorbell not in POLICIES:
+            raise ConfigError(f"PGBRIDGE_DOORBELL={doorbell!r} must be adaptive, on or off")
+        poll_interval = _seconds(env, "PGBRIDGE_POLL_INTERVAL", 0.01)
+        if not 0.001 <= poll_interval <= 1.0:
+            raise ConfigError("PGBRIDGE_POLL_INTERVAL must be between 1ms and 1s")
         return cls(
             host=_get(env, "PGBRIDGE_HOST") or "127.0.0.1",
             port=_int(env, "PGBRIDGE_PORT", 8080, maximum=65535),
@@ -304,4 +320,8 @@ class DaemonSettings:
             demo=_bool(env, "PGBRIDGE_DEMO", True) if _get(env, "PGBRIDGE_DEMO") else None,
             presence_grace=_seconds(env, "PGBRIDGE_PRESENCE_GRACE", 15.0),
             presence_lease=presence_lease,
+            doorbell=doorbell,
+            doorbell_quiet_above=float(_int(env, "PGBRIDGE_DOORBELL_QUIET_ABOVE", 500,
+                                            minimum=1)),
+            poll_interval=poll_interval,
         )

@@ -19,14 +19,16 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .db import channel_query, describe, translate, translated
+from .doorbell import Call, Reading
 from .errors import DatabaseError
 from .events import Event
 from .presence import Presence
 from .protocol import is_id
+from .sequencer import READ_PAGE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RoomCursorInfo", "Store"]
+__all__ = ["READ_PAGE", "RoomCursorInfo", "Store"]
 
 # What a presence frame shows of a member (PROTOCOL.md, "Presence and typing"): the member's
 # user_status row, if any, and whether any instance holds a session of theirs. custom_status is
@@ -42,7 +44,6 @@ _PRESENCE = f"""
     LEFT JOIN user_status s ON s.user_id = m.user_id
 """
 
-READ_PAGE = 500
 # Seconds a statement waits for a pooled connection. While the database is down every request
 # fails after this wait (a subscribe gets `error` `internal` with its ref and room, a handshake
 # 503): short enough that no client waits long in silence, long enough to ride over a busy pool.
@@ -79,6 +80,28 @@ class RoomCursorInfo:
     head: int
     retained_from: int
     acked: int | None
+
+
+# An event row as the protocol frame and what the listener needs to know of it. The effects
+# (whose membership ends or begins, whether the room ends) are read in SQL, as parse_notify reads
+# them from a NOTIFY: the row's JSON is never decoded here, so no payload, however large or deeply
+# nested, can fail the listener.
+_EVENT_COLUMNS = """
+    e.room_id, e.seq,
+    CASE WHEN e.table_name = 'channel_members' AND e.op = 'DELETE'
+         THEN e.payload->>'user_id' END,
+    CASE WHEN e.table_name = 'channel_members' AND e.op <> 'DELETE'
+         THEN e.payload->>'user_id' END,
+    e.table_name = 'channels' AND (e.op = 'DELETE' OR e.payload->>'deleted_at' IS NOT NULL),
+    pgbridge_event_frame(e.room_id, e.seq, e.table_name, e.op, e.row_id, e.payload,
+                         e.created_at)
+"""
+
+
+def _event(row: tuple[Any, ...]) -> Event:
+    room, seq, revokes, joins, ends_room, frame = row
+    return Event(room=str(room), seq=int(seq), frame=frame.encode(), revokes=revokes,
+                 ends_room=bool(ends_room), joins=joins if is_id(joins) else None)
 
 
 class Store:
@@ -183,8 +206,9 @@ class Store:
 
     async def check_presence_grants(self) -> None:
         """Raise :class:`DatabaseError` (SQLSTATE 42501, naming ``--grant-bridge``) when the
-        daemon's role may not keep presence: call the presence functions, read ``user_status``
-        and ``presence_sessions`` (a bridge role granted before presence existed)."""
+        daemon's role may not call the bridge's functions (presence, the doorbell lease) or
+        read ``user_status`` and ``presence_sessions`` (a bridge role granted before presence
+        or the doorbell existed)."""
         from .roles import BRIDGE_FUNCTIONS
 
         functions = [f"{name}({args})" for name, args in BRIDGE_FUNCTIONS.items()]
@@ -192,10 +216,11 @@ class Store:
             "SELECT bool_and(has_function_privilege(f, 'EXECUTE')) "
             "AND has_table_privilege('user_status', 'SELECT') "
             "AND has_table_privilege('presence_sessions', 'SELECT') FROM unnest(%s::text[]) f",
-            (functions,), "checking the presence privileges")
+            (functions,), "checking the bridge's privileges")
         if not rows[0][0]:
-            raise self._needs_grant("keep presence (call the pgbridge_presence_* functions, "
-                                    f"read {self.schema}.user_status)")
+            raise self._needs_grant("keep presence and the doorbell lease (call the "
+                                    "pgbridge_presence_* functions and pgbridge_doorbell, read "
+                                    f"{self.schema}.user_status)")
 
     async def notify_key(self) -> bytes:
         """The key that signs the triggers' NOTIFY payloads (``change_notify_key.key``; the
@@ -276,26 +301,51 @@ class Store:
                           limit: int = READ_PAGE) -> list[Event]:
         """Events of ``room`` with ``after < seq <= upto`` (no upper bound when ``None``), in
         seq order, at most ``limit``."""
-        # The effects (whose membership ends, whether the room ends) are read in SQL, as
-        # parse_notify reads them from a NOTIFY: the row's JSON is never decoded here, so no
-        # payload, however large or deeply nested, can fail the listener.
+        rows = await self._all(
+            f"""
+            SELECT {_EVENT_COLUMNS}
+            FROM change_events e
+            WHERE e.room_id = %s AND e.seq > %s AND e.seq <= %s
+            ORDER BY e.seq LIMIT %s
+            """, (room, after, upto if upto is not None else 2**63 - 1, limit), "reading the log")
+        return [_event(row) for row in rows]
+
+    async def read_rooms(self, cursors: Mapping[str, int], *, limit: int
+                         ) -> dict[str, list[Event]]:
+        """Events after each room's cursor (``{room: after}``), at most ``limit`` per room, in
+        seq order per room; rooms with none are left out. One statement, however many rooms
+        (:class:`daemon.sequencer.Pass` bounds them)."""
+        if not cursors:
+            return {}
+        rooms, afters = zip(*cursors.items(), strict=True)
+        rows = await self._all(
+            f"""
+            SELECT {_EVENT_COLUMNS}
+            FROM unnest(%s::varchar[], %s::bigint[]) AS c(room_id, after)
+            CROSS JOIN LATERAL (
+                SELECT * FROM change_events e
+                WHERE e.room_id = c.room_id AND e.seq > c.after
+                ORDER BY e.seq LIMIT %s
+            ) AS e
+            """, (list(rooms), list(afters), limit), "reading the log")
+        found: dict[str, list[Event]] = {}
+        for row in rows:
+            event = _event(row)
+            found.setdefault(event.room, []).append(event)
+        return found
+
+    async def doorbell(self, call: Call) -> Reading:
+        """Call ``pgbridge_doorbell`` (sql/triggers/10_change_capture.sql): renew or read the
+        doorbell lease, take or check a barrier. Raises :class:`DatabaseError`."""
         rows = await self._all(
             """
-            SELECT seq,
-                   CASE WHEN table_name = 'channel_members' AND op = 'DELETE'
-                        THEN payload->>'user_id' END,
-                   CASE WHEN table_name = 'channel_members' AND op <> 'DELETE'
-                        THEN payload->>'user_id' END,
-                   table_name = 'channels'
-                       AND (op = 'DELETE' OR payload->>'deleted_at' IS NOT NULL),
-                   pgbridge_event_frame(room_id, seq, table_name, op, row_id, payload, created_at)
-            FROM change_events
-            WHERE room_id = %s AND seq > %s AND seq <= %s
-            ORDER BY seq LIMIT %s
-            """, (room, after, upto if upto is not None else 2**63 - 1, limit), "reading the log")
-        return [Event(room=room, seq=int(seq), frame=frame.encode(), revokes=revokes,
-                      ends_room=bool(ends_room), joins=joins if is_id(joins) else None)
-                for seq, revokes, joins, ends_room, frame in rows]
+            SELECT extract(epoch FROM quiet_until)::float8, extract(epoch FROM now)::float8,
+                   captured, barrier::text, settled
+            FROM pgbridge_doorbell(%s, %s, %s::pg_snapshot)
+            """, (call.quiet_ms, call.new_barrier, call.barrier), "ringing the doorbell")
+        quiet_until, now, captured, barrier, settled = rows[0]
+        return Reading(quiet_until=quiet_until, now=now, captured=captured, barrier=barrier,
+                       settled=settled)
 
     async def save_acks(self, acks: list[tuple[str, str, int]]) -> None:
         """Upsert ``(user_id, room_id, seq)`` into ``sync_state`` (sync_type ``events``); a seq

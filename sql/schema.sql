@@ -239,6 +239,15 @@ CREATE TABLE IF NOT EXISTS change_events (
 -- the writers almost nothing.
 CREATE INDEX IF NOT EXISTS change_events_created_brin ON change_events USING brin (created_at);
 
+-- The doorbell lease (sql/triggers/10_change_capture.sql, pgbridge_doorbell; README, "The adaptive
+-- doorbell"): until this time, in milliseconds since the Unix epoch on the server's clock, the
+-- capture triggers do not NOTIFY and every bridge reads the log on a short interval instead; 0 or
+-- any time past: they ring. A sequence rather than a table row because a sequence is not
+-- transactional: setval() is seen by every session at once, whatever its snapshot, so a writer
+-- that still reads "quiet" is one whose transaction already runs (what pgbridge_doorbell's
+-- barrier waits for), and a REPEATABLE READ writer cannot keep reading an old setting.
+CREATE SEQUENCE IF NOT EXISTS change_doorbell MINVALUE 0 START 0 NO CYCLE;
+
 -- The key that signs the capture triggers' NOTIFY payloads (HMAC-SHA256, RFC 2104): any role
 -- that can connect may NOTIFY any channel, so the daemon acts only on payloads that carry this
 -- key's signature (daemon/signing.py). One row, created once with 32 random bytes
@@ -313,3 +322,4 @@ CREATE TABLE IF NOT EXISTS schema_files (
 -- Tables only the owner writes: nobody else gets anything unless setup_db.py grants it.
 REVOKE ALL ON change_sequences, change_events, change_notify_key, schema_migrations, schema_files,
     presence_instances, presence_sessions FROM PUBLIC;
+REVOKE ALL ON SEQUENCE change_doorbell FROM PUBLIC;

@@ -1,5 +1,6 @@
 -- Change capture: every row change of a published table becomes one change_events row with the
--- room's next seq, written in the writer's own transaction, and one signed NOTIFY (the doorbell).
+-- room's next seq, written in the writer's own transaction, and, while the bridges want a
+-- doorbell, one signed NOTIFY.
 --
 -- NOTIFY channel: pgbridge_listen_channel(schema), below (the daemon asks the database for it).
 -- Payload: the HMAC-SHA256 of a JSON text, as 64 lower-case hex digits, followed by that text:
@@ -8,6 +9,12 @@
 -- key (change_notify_key) is readable only by the owner and the bridge, so the daemon acts on
 -- nothing it cannot verify (daemon/signing.py). NOTIFY is delivered at commit, in commit order;
 -- a rolled-back transaction notifies nothing and gives its seq back.
+--
+-- The adaptive doorbell (README, "The adaptive doorbell"): every transaction that NOTIFYs takes
+-- one lock of the whole server at commit and holds it through the commit's WAL flush, so under
+-- load capturing writers commit one at a time. While the lease in change_doorbell (schema.sql)
+-- runs, the trigger writes the log and nothing else: no NOTIFY, no frame, no signature, and the
+-- bridges read the log on a short interval instead (pgbridge_doorbell, below).
 --
 -- Trust (DESIGN.md, "Trust boundaries"): the trigger functions run as their owner (SECURITY
 -- DEFINER), the role that ran setup_db.py and owns the log, so writers need no privilege on
@@ -74,7 +81,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     notify_max CONSTANT int := 7000;  -- NOTIFY payloads (64 hex + JSON) must stay under 8000 bytes
     v_how text := TG_ARGV[0];
-    v_channel text := pgbridge_listen_channel(TG_TABLE_SCHEMA);
+    v_ring boolean;
     v_ipad bytea;
     v_opad bytea;
     v_row jsonb;
@@ -135,29 +142,47 @@ BEGIN
         END IF;
     END IF;
 
+    -- Ring unless the bridges hold the doorbell lease. This transaction's xid was assigned when
+    -- its row was written, before this read: pgbridge_doorbell's barrier relies on it.
+    v_ring := clock_timestamp() >= to_timestamp((SELECT d.last_value FROM change_doorbell d)
+                                                / 1000.0);
     FOR i IN 1..array_length(v_rooms, 1) LOOP
         CONTINUE WHEN v_rooms[i] IS NULL;
         v_ts := clock_timestamp();
-        -- The room's next seq; the row lock it takes is held until commit.
-        WITH bumped AS (
-            INSERT INTO change_sequences AS s (room_id, last_seq) VALUES (v_rooms[i], 1)
-            ON CONFLICT (room_id) DO UPDATE SET last_seq = s.last_seq + 1
-            RETURNING s.last_seq
-        )
-        INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, created_at)
-        SELECT v_rooms[i], bumped.last_seq, TG_TABLE_NAME, v_ops[i], v_ids[i], v_datas[i], v_ts
-        FROM bumped
-        -- the key's pads, read in this statement rather than one of their own (a statement
-        -- per row costs the writer more than the HMAC does)
-        RETURNING seq, (SELECT k.ipad FROM change_notify_key k),
-                  (SELECT k.opad FROM change_notify_key k)
-        INTO v_seq, v_ipad, v_opad;
+        -- The room's next seq; the row lock it takes is held until commit. A plain UPDATE
+        -- costs the writer less than INSERT ... ON CONFLICT (bench/write_overhead.py
+        -- --profile); a room's first event creates its counter, then takes the same path.
+        FOR attempt IN 1..2 LOOP
+            WITH bumped AS (
+                UPDATE change_sequences s SET last_seq = s.last_seq + 1
+                WHERE s.room_id = v_rooms[i]
+                RETURNING s.last_seq
+            )
+            INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, created_at)
+            SELECT v_rooms[i], bumped.last_seq, TG_TABLE_NAME, v_ops[i], v_ids[i], v_datas[i],
+                   v_ts
+            FROM bumped
+            RETURNING seq INTO v_seq;
+            EXIT WHEN FOUND;
+            -- A concurrent first event of the room is waited for; its counter is then used.
+            INSERT INTO change_sequences (room_id, last_seq) VALUES (v_rooms[i], 0)
+            ON CONFLICT (room_id) DO NOTHING;
+        END LOOP;
+        IF v_seq IS NULL THEN
+            RAISE EXCEPTION 'pgbridge: could not take the next seq of room %', v_rooms[i]
+                USING ERRCODE = '40001', HINT = 'Retry the transaction.';
+        END IF;
+        CONTINUE WHEN NOT v_ring;
+        IF v_ipad IS NULL THEN
+            SELECT k.ipad, k.opad INTO v_ipad, v_opad FROM change_notify_key k;
+        END IF;
         v_frame := pgbridge_event_frame(v_rooms[i], v_seq, TG_TABLE_NAME, v_ops[i], v_ids[i],
                                         v_datas[i], v_ts);
         IF octet_length(v_frame) > notify_max THEN
             v_frame := json_build_object('room', v_rooms[i], 'seq', v_seq)::text;
         END IF;
-        PERFORM pg_notify(v_channel, pgbridge_hmac(v_ipad, v_opad, v_frame) || v_frame);
+        PERFORM pg_notify(pgbridge_listen_channel(TG_TABLE_SCHEMA),
+                          pgbridge_hmac(v_ipad, v_opad, v_frame) || v_frame);
     END LOOP;
     RETURN NULL;
 END
@@ -184,3 +209,66 @@ CREATE OR REPLACE TRIGGER files_capture
 CREATE OR REPLACE TRIGGER message_reads_capture
     AFTER INSERT OR UPDATE OR DELETE ON message_reads
     FOR EACH ROW EXECUTE FUNCTION pgbridge_capture('message_id');
+
+-- The bridges' side of the doorbell (daemon/doorbell.py decides, daemon/listener.py calls).
+--
+-- p_quiet_ms > 0 (at most 60000) asks writers to stop ringing for that long: the lease becomes
+-- now + p_quiet_ms unless it already runs longer (several bridges share it: writers ring again
+-- only once none of them renews it). Turning it on from off also sends {"doorbell":"quiet"} on
+-- the capture channel, unsigned: a hint that makes every bridge call this function with 0 to
+-- learn the truth, so a forged one costs a read and changes nothing. 0 only reads.
+--
+-- Returns the lease (quiet_until; NULL when writers ring), the server's clock (now), the count
+-- of change_events inserts from the statistics system (captured; NULL when track_counts is
+-- off), and with p_new_barrier, when the lease is over, a barrier: every transaction that may
+-- have read the lease while it ran and not rung. A writer reads the lease after its xid was
+-- assigned (its row is written before an AFTER trigger runs), and one that read it running read
+-- the clock before this call did; so they all have an xid below the one this call takes after
+-- reading the clock, and each is either in the snapshot's list of running xids or at or above
+-- its xmax (the oldest xid not yet completed). The barrier is that set, as a pg_snapshot whose
+-- xip lists it. settled (given p_barrier) is true once none of them is in progress: until
+-- then a bridge keeps reading the log. Taking the xid costs a commit record, once per switch.
+--
+-- Two bridges renewing at the same instant may leave the shorter of their two leases: harmless,
+-- each reads the lease back on every call. Writers compare it with clock_timestamp(): the lease
+-- assumes the server's clock does not step back by more than a renewal interval.
+CREATE OR REPLACE FUNCTION pgbridge_doorbell(
+    p_quiet_ms integer, p_new_barrier boolean DEFAULT false, p_barrier pg_snapshot DEFAULT NULL,
+    OUT quiet_until timestamptz, OUT now timestamptz, OUT captured bigint,
+    OUT barrier pg_snapshot, OUT settled boolean)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    v_until bigint := (SELECT d.last_value FROM change_doorbell d);
+    v_now_ms bigint;
+    v_xid bigint;
+    v_snap pg_snapshot;
+BEGIN
+    now := clock_timestamp();
+    v_now_ms := floor(extract(epoch FROM now) * 1000)::bigint;
+    IF p_quiet_ms > 0 THEN
+        IF v_until <= v_now_ms THEN
+            PERFORM pg_notify(pgbridge_listen_channel(current_schema()), '{"doorbell":"quiet"}');
+        END IF;
+        v_until := greatest(v_until, v_now_ms + least(p_quiet_ms, 60000));
+        PERFORM setval('change_doorbell', v_until);
+    END IF;
+    quiet_until := CASE WHEN v_until > v_now_ms THEN to_timestamp(v_until / 1000.0) END;
+    captured := CASE WHEN current_setting('track_counts')::boolean
+                     THEN pg_stat_get_tuples_inserted('change_events'::regclass) END;
+    IF p_new_barrier AND quiet_until IS NULL THEN
+        v_xid := pg_current_xact_id()::text::bigint;
+        v_snap := pg_current_snapshot();
+        barrier := format('%s:%s:%s', pg_snapshot_xmin(v_snap), v_xid, (
+            SELECT string_agg(x::text, ',' ORDER BY x) FROM (
+                SELECT x::text::bigint FROM pg_snapshot_xip(v_snap) AS s(x)
+                UNION
+                SELECT generate_series(pg_snapshot_xmax(v_snap)::text::bigint, v_xid - 1)
+            ) AS r(x) WHERE x < v_xid))::pg_snapshot;
+    END IF;
+    IF p_barrier IS NOT NULL THEN
+        settled := NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(p_barrier) AS x(xid)
+                               WHERE pg_xact_status(x.xid) = 'in progress');
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION pgbridge_doorbell(integer, boolean, pg_snapshot) FROM PUBLIC;

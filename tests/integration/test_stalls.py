@@ -42,7 +42,7 @@ Conn = psycopg.AsyncConnection[Any]
 SUBSCRIBE_STEPS = {
     "membership_check": b"AS room_exists",  # Store.cursor_info
     "room_head": b"\x00SELECT last_seq FROM change_sequences",  # Listener._on_track
-    "replay": b"pgbridge_event_frame(room_id",  # Store.read_events, after `subscribed`
+    "replay": b"AND e.seq <= ",  # Store.read_events, after `subscribed`
 }
 ERROR_BOUND = 30.0  # seconds: pool wait (POOL_WAIT, 5 s) and one retry, loosely
 

@@ -1,5 +1,4 @@
 """Unit tests of :mod:`daemon.cursor`, the cursor arithmetic, no I/O:
-:func:`~daemon.cursor.classify` (whether a seq is a duplicate, the next one or past a gap) and
 :func:`~daemon.cursor.resolve_from` (where a subscription starts from ``since``, the acked seq,
 the head and the retained log, and which cursors it refuses)."""
 
@@ -7,15 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.cursor import Arrival, classify, resolve_from
+from daemon.cursor import resolve_from
 from daemon.protocol import ProtocolError
-
-
-@pytest.mark.parametrize(("last", "seq", "arrival"), [
-    (5, 5, Arrival.DUPLICATE), (5, 3, Arrival.DUPLICATE), (5, 6, Arrival.NEXT),
-    (5, 9, Arrival.GAP), (0, 1, Arrival.NEXT)])
-def test_classify(last: int, seq: int, arrival: Arrival) -> None:
-    assert classify(last, seq) is arrival
 
 
 def test_resolve_from_rules() -> None:
