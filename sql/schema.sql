@@ -217,9 +217,10 @@ CREATE INDEX IF NOT EXISTS channels_live_name_idx ON channels (name) WHERE delet
 -- bridge role reads them and prunes change_events (daemon/schema.py, grant_bridge).
 -- ---------------------------------------------------------------------------------------------
 
--- Per-room counter. The trigger bumps it with INSERT ... ON CONFLICT DO UPDATE; the row lock it
--- takes is held until commit, so within a room seq order is commit order, and a rolled-back
--- transaction gives its number back: seqs are 1, 2, 3, ... with no hole.
+-- Per-room counter. The trigger bumps it with an UPDATE (a room's first event creates it); the row
+-- lock that takes is held until commit, so within a room seq order is commit order, and a
+-- rolled-back transaction gives its number back: seqs are 1, 2, 3, ... with no hole. Every bump
+-- is a HOT update (last_seq is not indexed; bench/write_overhead.py --profile counts them).
 CREATE TABLE IF NOT EXISTS change_sequences (
     room_id VARCHAR(26) PRIMARY KEY,
     last_seq BIGINT NOT NULL
@@ -235,8 +236,9 @@ CREATE TABLE IF NOT EXISTS change_events (
     created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (room_id, seq)
 );
--- Retention prunes by age; rows arrive in created_at order, so a BRIN index is enough and costs
--- the writers almost nothing.
+-- Retention prunes by age; rows arrive in created_at order, so a BRIN index is enough: it costs
+-- the writers nothing measurable, and a WAL record of 72 bytes per row only while the last block
+-- range is already summarised (after a VACUUM, until inserts move past it).
 CREATE INDEX IF NOT EXISTS change_events_created_brin ON change_events USING brin (created_at);
 
 -- The doorbell lease (sql/triggers/10_change_capture.sql, pgbridge_doorbell; README, "The adaptive
@@ -246,7 +248,8 @@ CREATE INDEX IF NOT EXISTS change_events_created_brin ON change_events USING bri
 -- transactional: setval() is seen by every session at once, whatever its snapshot, so a writer
 -- that still reads "quiet" is one whose transaction already runs (what pgbridge_doorbell's
 -- barrier waits for), and a REPEATABLE READ writer cannot keep reading an old setting.
-CREATE SEQUENCE IF NOT EXISTS change_doorbell MINVALUE 0 START 0 NO CYCLE;
+-- MAXVALUE is the last millisecond of the year 9999: no value makes the writers' comparison fail.
+CREATE SEQUENCE IF NOT EXISTS change_doorbell MINVALUE 0 MAXVALUE 253402300799999 START 0 NO CYCLE;
 
 -- The key that signs the capture triggers' NOTIFY payloads (HMAC-SHA256, RFC 2104): any role
 -- that can connect may NOTIFY any channel, so the daemon acts only on payloads that carry this
