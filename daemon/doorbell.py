@@ -14,7 +14,8 @@ while it still wants it) and reads the log every ``poll_interval`` seconds. Its 
 * ``RINGING``: writers NOTIFY; the lease is read every ``check_every`` seconds (and at once on a
   ``{"doorbell"}`` hint): another bridge may have asked for quiet.
 * ``QUIET``: the lease runs (whoever asked); this bridge polls. It renews the lease while its
-  rate is at least half of ``quiet_above`` (or for as long as it runs, policy ``off``).
+  rate over the last ``window`` seconds is at least half of ``quiet_above`` (or for as long as
+  it runs, policy ``off``).
 * ``SETTLING``: the lease ended. Writers that read it while it ran may still commit without
   ringing: they are the barrier (``pgbridge_doorbell``), and this bridge keeps polling until
   none of them is in progress, every ``poll_interval`` for ``settle_patience`` seconds, then
@@ -23,9 +24,9 @@ while it still wants it) and reads the log every ``poll_interval`` seconds. Its 
 
 The rate is what this bridge can see: signed capture NOTIFYs heard while writers ring; while
 they are quiet, the growth of ``change_events`` inserts in the statistics system (``captured``;
-``track_counts``), or, without it, the events the polls found (only the rooms with subscribers
-here: a bridge with few may then ask for the doorbell back and take it again a few seconds
-later, which costs a few seconds of ringing, nothing else).
+``track_counts``), or the events the polls found (only the rooms with subscribers here: without
+the statistics, a bridge with few may ask for the doorbell back and take it again a few seconds
+later, which costs a few seconds of ringing, nothing else), whichever is higher.
 
 Times are ``time.monotonic()`` seconds, except :class:`Reading`'s, which are the database
 server's clock (epoch seconds): only differences of those are used.
@@ -34,6 +35,7 @@ server's clock (epoch seconds): only differences of those are used.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 __all__ = ["POLICIES", "Call", "Doorbell", "Mode", "Reading"]
@@ -76,11 +78,11 @@ class Doorbell:
     polls while another bridge holds the lease) or ``off`` (holds the lease while it runs)
     (``PGBRIDGE_DOORBELL``). ``quiet_above``: events per second
     (``PGBRIDGE_DOORBELL_QUIET_ABOVE``); ``poll_interval``: seconds (``PGBRIDGE_POLL_INTERVAL``);
-    ``lease``, ``renew_every``, ``check_every``, ``calm_for``, ``settle_patience``: seconds."""
+    ``lease``, ``renew_every``, ``check_every``, ``window``, ``settle_patience``: seconds."""
 
     def __init__(self, policy: str = "adaptive", *, quiet_above: float = 500.0,
-                 poll_interval: float = 0.01, lease: float = 3.0, renew_every: float = 1.0,
-                 check_every: float = 1.0, calm_for: float = 3.0, settle_patience: float = 10.0,
+                 poll_interval: float = 0.01, lease: float = 2.0, renew_every: float = 0.5,
+                 check_every: float = 1.0, window: float = 2.0, settle_patience: float = 10.0,
                  now: float = 0.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"doorbell policy must be one of {', '.join(POLICIES)}")
@@ -90,15 +92,16 @@ class Doorbell:
         self.lease = lease
         self.renew_every = renew_every
         self.check_every = check_every
-        self.calm_for = calm_for
+        self.window = window
         self.settle_patience = settle_patience
         self.mode = Mode.RINGING
         self.rate = 0.0  # events per second, the last estimate
         self._window_start = now
         self._rings = 0  # signed capture NOTIFYs heard since _window_start
-        self._polled = 0  # events found by polls since the last reading
-        self._last_reading: tuple[float, Reading] | None = None  # (monotonic, reading)
-        self._calm_since: float | None = None  # rate under half of quiet_above since
+        self._polled = 0  # events found by polls, in all
+        # while writers are quiet: (monotonic, server clock, captured, _polled) of the readings
+        # of the last `window` seconds, and the one before them
+        self._samples: deque[tuple[float, float, int | None, int]] = deque()
         self._settling_since = 0.0
         self._barrier: str | None = None
         self._next_call = now  # read the lease at start
@@ -117,7 +120,7 @@ class Doorbell:
         if self.mode is Mode.RINGING and now - self._window_start >= 1.0:
             self.rate = self._rings / (now - self._window_start)
             self._rings, self._window_start = 0, now
-            if self._wants_quiet(now) and not self._want:
+            if self._wants_quiet() and not self._want:
                 self._want = True
                 self._next_call = now  # ask at once
 
@@ -148,7 +151,6 @@ class Doorbell:
     def observed(self, reading: Reading, now: float) -> Mode | None:
         """Take the answer to :meth:`call`; return the new mode if it changed."""
         before = self.mode
-        self._estimate(reading, now)
         if reading.quiet_until is not None:  # writers are quiet, whoever asked
             self.mode, self._barrier = Mode.QUIET, None
         elif self.mode is Mode.QUIET:  # the lease ended since the last reading
@@ -156,13 +158,17 @@ class Doorbell:
             self._settling_since = now
         elif self.mode is Mode.SETTLING and (reading.settled or self._barrier is None):
             self.mode, self._barrier = Mode.RINGING, None
-            self._rings, self._window_start = 0, now
-        if self.mode is Mode.QUIET:
-            self._next_call = now + self.renew_every
-        elif self.mode is Mode.SETTLING:
-            self._next_call = now + max(self.poll_delay(now), 10 * self.poll_interval)
-        else:
+        if self.mode is Mode.RINGING:
+            if before is not Mode.RINGING:  # rings measure the rate again, from now
+                self._samples.clear()
+                self._rings, self._window_start = 0, now
+                self._want = self.policy == "off"
             self._next_call = now + (0.0 if self._want else self.check_every)
+        else:
+            self._estimate(reading, now)
+            self._next_call = now + (
+                self.renew_every if self.mode is Mode.QUIET
+                else max(self.poll_delay(now), 10 * self.poll_interval))
         return self.mode if self.mode is not before else None
 
     def poll_delay(self, now: float) -> float:
@@ -173,31 +179,31 @@ class Doorbell:
 
     # --- inside ---------------------------------------------------------------------------
 
-    def _wants_quiet(self, now: float) -> bool:
+    def _wants_quiet(self) -> bool:
+        """Ringing, the rate must reach ``quiet_above``; quiet, stay above half of it."""
         if self.policy != "adaptive":
             return self.policy == "off"
         if self.mode is Mode.RINGING:
             return self.rate >= self.quiet_above
-        if self.rate >= self.quiet_above / 2:
-            self._calm_since = None
-            return True
-        if self._calm_since is None:
-            self._calm_since = now
-        return now - self._calm_since < self.calm_for
+        return self.rate >= self.quiet_above / 2
 
     def _estimate(self, reading: Reading, now: float) -> None:
-        """While writers are quiet, the rate from the statistics' count of inserts, or from the
-        polls (the statistics lag: busy writers flush them about once a second; polls are
-        exact, but only for the rooms they read)."""
-        last, self._last_reading = self._last_reading, (now, reading)
-        polled, self._polled = self._polled, 0
-        if self.mode is Mode.RINGING or last is None:
-            return  # ringing: rang() measures
-        then, previous = last
-        seconds = max(now - then, 1e-3)
-        rate = polled / seconds
-        if reading.captured is not None and previous.captured is not None \
-                and reading.captured >= previous.captured and reading.now > previous.now:
-            rate = max(rate, (reading.captured - previous.captured) / (reading.now - previous.now))
+        """While writers are quiet, the rate over the last ``window`` seconds (at least one):
+        from the statistics' count of ``change_events`` inserts, or the events the polls found,
+        whichever is higher. Busy writers flush their statistics about once a second each, so
+        the count grows in steps: over a tenth of a second it reads 0 or ten times the rate."""
+        samples = self._samples
+        samples.append((now, reading.now, reading.captured, self._polled))
+        while len(samples) > 2 and now - samples[1][0] >= self.window:
+            samples.popleft()
+        then, server_then, captured_then, polled_then = samples[0]
+        if now - then < 1.0:
+            if len(samples) == 1:  # just quiet: keep what the rings measured
+                self._want = self._wants_quiet()
+            return
+        rate = (self._polled - polled_then) / (now - then)
+        if reading.captured is not None and captured_then is not None \
+                and reading.captured >= captured_then and reading.now > server_then:
+            rate = max(rate, (reading.captured - captured_then) / (reading.now - server_then))
         self.rate = rate
-        self._want = self._wants_quiet(now)
+        self._want = self._wants_quiet()

@@ -435,8 +435,8 @@ class Listener:
                 self._polling.clear()
 
     async def _poll_forever(self) -> None:
-        """While the bell says so and LISTEN is up, read every tracked room's log every
-        ``poll_delay``. (While LISTEN is down, the catch-up after it reconnects reads them:
+        """While the bell says so and LISTEN is up, read every tracked room's log, one read
+        starting every ``poll_delay``. (While LISTEN is down, the catch-up after it reconnects reads them:
         until then user hints are lost, and nothing may be published.)"""
         loop = asyncio.get_running_loop()
         while True:
@@ -444,10 +444,13 @@ class Listener:
             if not self.connected:
                 await asyncio.sleep(self.bell.poll_interval)
                 continue
+            started = time.monotonic()
             done: asyncio.Future[int] = loop.create_future()
             await self._queue.put(_CatchUp(done))
             self.bell.polled(await done)
-            await asyncio.sleep(self.bell.poll_delay(time.monotonic()))
+            # polls start every poll_delay, however long one took (at once when it overran)
+            now = time.monotonic()
+            await asyncio.sleep(max(0.0, started + self.bell.poll_delay(now) - now))
 
     # --- processor ------------------------------------------------------------------------
 

@@ -8,9 +8,6 @@ import pytest
 
 from daemon.doorbell import Call, Doorbell, Mode, Reading
 
-LEASE_MS = 3000
-
-
 def ringing(now: float) -> Reading:
     return Reading(quiet_until=None, now=1000.0 + now, captured=0)
 
@@ -46,59 +43,91 @@ def test_light_traffic_keeps_the_doorbell() -> None:
 
 
 def test_heavy_traffic_asks_for_quiet_at_once_and_polls() -> None:
-    bell = Doorbell(quiet_above=500, lease=3.0, now=0.0)
+    bell = Doorbell(quiet_above=500, now=0.0)
     bell.observed(ringing(0.0), 0.0)
     end = ring_for(bell, 1.01, 1000)
     assert bell.due(end) == 0
-    assert bell.call() == Call(quiet_ms=LEASE_MS, new_barrier=False, barrier=None)
+    assert bell.call() == Call(quiet_ms=round(bell.lease * 1000), new_barrier=False,
+                               barrier=None)
     assert bell.observed(quiet(end), end) is Mode.QUIET
     assert bell.polling
     assert bell.poll_delay(end) == bell.poll_interval
     assert bell.due(end) == pytest.approx(bell.renew_every)
 
 
-def test_the_lease_is_renewed_while_traffic_stays_above_half() -> None:
-    bell = Doorbell(quiet_above=500, now=0.0)
-    bell.observed(ringing(0.0), 0.0)
-    t = ring_for(bell, 1.01, 1000)
-    bell.observed(quiet(t), t)
-    for i in range(1, 6):  # 300 events/s: above half of 500
-        t += 1.0
-        assert bell.call().quiet_ms == LEASE_MS
+def quiet_for(bell: Doorbell, t: float, seconds: float, rate: float, captured: int,
+              step: float = 0.5) -> tuple[float, int, int]:
+    """Readings every ``step`` seconds while writers are quiet and ``rate`` events per second
+    are captured; returns (time, captured, renewals asked for)."""
+    renewals = 0
+    for _ in range(round(seconds / step)):
+        t += step
+        captured += round(rate * step)
+        if bell.call().quiet_ms:
+            renewals += 1
         assert bell.call().new_barrier
-        bell.observed(quiet(t, captured=300 * i), t)
-        assert bell.mode is Mode.QUIET
+        lease = quiet(t, captured) if bell.call().quiet_ms or bell.mode is Mode.QUIET else None
+        bell.observed(lease or Reading(None, 1000.0 + t, captured, barrier="9:12:10"), t)
+    return t, captured, renewals
+
+
+def quiet_bell(rate: float = 1000) -> tuple[Doorbell, float]:
+    bell = Doorbell(quiet_above=500, lease=2.0, renew_every=0.5, window=2.0, now=0.0)
+    bell.observed(ringing(0.0), 0.0)
+    t = ring_for(bell, 1.01, rate)
+    assert bell.call().quiet_ms == 2000
+    bell.observed(quiet(t), t)
+    return bell, t
+
+
+def test_the_lease_is_renewed_while_traffic_stays_above_half() -> None:
+    bell, t = quiet_bell()
+    t, _, renewals = quiet_for(bell, t, 5.0, rate=300, captured=0)  # above half of 500
+    assert bell.mode is Mode.QUIET
+    assert renewals == 10
     assert bell.rate == pytest.approx(300)
-    assert bell.call().quiet_ms == LEASE_MS
 
 
 def test_calm_traffic_lets_the_lease_go_then_settles_on_the_barrier() -> None:
-    bell = Doorbell(quiet_above=500, calm_for=3.0, now=0.0)
-    bell.observed(ringing(0.0), 0.0)
-    t = ring_for(bell, 1.01, 1000)
-    bell.observed(quiet(t), t)
-    renewals = 0
-    for _ in range(10):  # 100 events/s: calm
-        t += 1.0
-        if bell.call().quiet_ms:
-            renewals += 1
-        bell.observed(quiet(t, captured=int(100 * t)), t)
+    bell, t = quiet_bell()
+    t, captured, renewals = quiet_for(bell, t, 3.0, rate=100, captured=0)  # calm
     assert bell.call().quiet_ms == 0
-    assert 1 <= renewals <= 4  # kept it for calm_for seconds, then let go
+    assert renewals <= 3  # until the window saw the calm
     # the lease ran out: the call takes a barrier, and the bridge keeps polling until it passed
-    t += 3.0
+    t += 2.0
     assert bell.call().new_barrier
-    done = bell.observed(Reading(None, 1000.0 + t, captured=int(100 * t),
-                                 barrier="10:20:12,15"), t)
+    done = bell.observed(Reading(None, 1000.0 + t, captured=captured, barrier="10:20:12,15"), t)
     assert done is Mode.SETTLING and bell.polling
     assert bell.call() == Call(quiet_ms=0, new_barrier=False, barrier="10:20:12,15")
     t += 0.1
-    assert bell.observed(Reading(None, 1000.0 + t, settled=False), t) is None
+    assert bell.observed(Reading(None, 1000.0 + t, captured, settled=False), t) is None
     assert bell.polling
     t += 0.1
-    assert bell.observed(Reading(None, 1000.0 + t, settled=True), t) is Mode.RINGING
+    assert bell.observed(Reading(None, 1000.0 + t, captured, settled=True), t) is Mode.RINGING
     assert not bell.polling
     assert bell.call() == Call(quiet_ms=0, new_barrier=False, barrier=None)
+
+
+def test_statistics_flushed_in_bursts_do_not_take_the_lease_back_at_light_load() -> None:
+    # Regression: settling, the count of inserts jumped by one backend's second of rows within
+    # a tenth of a second (255/s "measured" at 100/s): the bridge asked for quiet again 2 ms
+    # after it rang again.
+    bell, t = quiet_bell()
+    t, captured, _ = quiet_for(bell, t, 3.0, rate=100, captured=0)
+    t += 2.0
+    bell.observed(Reading(None, 1000.0 + t, captured, barrier="10:20:12"), t)
+    assert bell.mode is Mode.SETTLING
+    for jump in (0, 26, 0, 0, 25):  # bursts of flushed statistics, 0.1 s apart
+        t += 0.1
+        captured += jump
+        bell.observed(Reading(None, 1000.0 + t, captured, settled=False), t)
+        assert bell.call().quiet_ms == 0, bell.rate
+    t += 0.1
+    assert bell.observed(Reading(None, 1000.0 + t, captured, settled=True), t) is Mode.RINGING
+    assert bell.call().quiet_ms == 0
+    assert bell.due(t) == pytest.approx(bell.check_every)
+    ring_for(bell, 3.0, 100, start=t)
+    assert bell.call().quiet_ms == 0, bell.rate  # 100/s: ringing stays
 
 
 def test_another_bridges_lease_is_followed_even_by_policy_on() -> None:
@@ -114,13 +143,13 @@ def test_another_bridges_lease_is_followed_even_by_policy_on() -> None:
 
 def test_policy_off_holds_the_lease_however_calm() -> None:
     bell = Doorbell("off", now=0.0)
-    assert bell.call().quiet_ms == LEASE_MS
+    assert bell.call().quiet_ms == bell.lease * 1000
     bell.observed(quiet(0.0), 0.0)
     t = 0.0
     for _ in range(10):
         t += 1.0
         bell.observed(quiet(t, captured=0), t)
-        assert bell.call().quiet_ms == LEASE_MS
+        assert bell.call().quiet_ms == bell.lease * 1000
     assert bell.polling
 
 
@@ -164,13 +193,11 @@ def test_a_lease_renewed_by_another_bridge_while_settling_is_quiet_again() -> No
 
 
 def test_without_statistics_the_rate_comes_from_the_polls() -> None:
-    bell = Doorbell(quiet_above=500, now=0.0)
-    bell.observed(ringing(0.0), 0.0)
-    t = ring_for(bell, 1.01, 1000)
-    bell.observed(Reading(1003.0 + t, 1000.0 + t, captured=None), t)
-    bell.polled(800)
-    t += 1.0
-    bell.observed(Reading(1003.0 + t, 1000.0 + t, captured=None), t)
+    bell, t = quiet_bell()
+    for _ in range(4):
+        bell.polled(400)
+        t += 0.5
+        bell.observed(Reading(1003.0 + t, 1000.0 + t, captured=None), t)
     assert bell.rate == pytest.approx(800)
 
 
