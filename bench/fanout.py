@@ -4,12 +4,37 @@ common Python recipe, measured side by side in the same run.
 
     python bench/fanout.py [--clients N --rooms R --rate INSERTS_PER_S] [--seconds S]
                            [--procs P] [--systems pgbridge,baseline] [--dsn DSN]
+    python bench/fanout.py --scenario light,fanout,switch [--clients N] [--rooms R]
+                           [--phase-seconds 10,10,15] [--phase-rates 200,2000,200]
+                           [--doorbell adaptive,on,off] [--writers 4] [--dsn DSN]
 
-Without ``--clients/--rooms/--rate`` two scenarios run (the goals of the issue):
+Without ``--clients/--rooms/--rate`` or ``--scenario`` two scenarios run (the goals of the
+issue), as ``--scenario light,fanout``:
 
-* ``light``: 100 clients in 10 rooms, 200 inserts/s (2,000 deliveries/s): p99 <= 5 ms;
+* ``light``: 100 clients in 10 rooms, 200 inserts/s (2,000 deliveries/s): p99 <= 3 ms;
 * ``fanout``: 1,000 clients in 10 rooms, 40 inserts/s per room (400/s, 40,000 deliveries/s):
   p99 <= 50 ms and nothing lost.
+
+``--scenario switch`` crosses the daemon's adaptive doorbell (daemon/doorbell.py) both ways:
+100 clients in 10 rooms (``--clients``/``--rooms`` change them, for every named scenario)
+while the insert rate goes light -> heavy -> light (``--phase-rates``, default 200, 2,000,
+200 inserts/s; ``--phase-seconds``, default 10, 10, 15: the way back takes a few seconds, 3
+calm ones, the 3 s lease running out, then a barrier). It runs pgbridge only (``--systems``
+does not apply), once per ``--doorbell`` mode (``PGBRIDGE_DOORBELL``: adaptive, on = always
+ring, off = always poll), each in a fresh database with the same parameters. ``--writers``
+connections (threads, default 4) share one global schedule, so the heavy rate is really
+sustained; rows are numbered and stamped as below, and each row's phase is known by its
+number. Reported per mode and phase: rows written and the rate actually reached (and how late
+the writers got), delivered/expected, duplicates, gaps and reorders (each client is in one
+room, whose ``seq`` must grow by exactly 1), p50/p99/max latency, and the CPU seconds of the
+daemon and of the bench database's backends (/proc) and the machine's load; then the same
+latencies split by the daemon's doorbell state when each row was sent, the doorbell switches
+with their time from the phase starts (the daemon's JSON log, ``doorbell_quiet``,
+``doorbell_settling``, ``doorbell_ringing``; it runs at ``PGBRIDGE_LOG_LEVEL=INFO`` here), p99
+and max per second, and the goals: light p99 <= 3 ms (first and last light phase, adaptive),
+heavy p99 <= 25 ms at the heavy rate, nothing lost, duplicated or reordered. The switch
+scenario takes about a minute per mode, so it is not in the default list (which stays as it
+was); name it.
 
 Systems (one after the other, each in a database of its own on the same server):
 
@@ -37,9 +62,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
+import dataclasses
 import gc
 import http.client
+import itertools
+import json
 import multiprocessing as mp
 import os
 import re
@@ -48,6 +77,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from array import array
@@ -63,6 +93,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 SECRET = "bench-secret-" + "x" * 40
 STAMP = re.compile(rb'"n": (\d+), "bench_t": ([0-9.]+)')
+SEQ = re.compile(rb'"seq" ?: ?(\d+)')  # the event frame's; it comes before the row ("data")
 WRITE = ("INSERT INTO messages (channel_id, user_id, content, metadata) VALUES (%s, %s, %s, "
          "jsonb_build_object('n', %s::bigint, 'bench_t', extract(epoch FROM clock_timestamp())))")
 
@@ -115,24 +146,39 @@ class Result:
 
 # --- clients (in their own processes) ---------------------------------------------------------
 
-class _Client(asyncio.Protocol):
-    """One WebSocket client on websockets' sans-I/O protocol: counts stamped frames and records
-    receive time - stamp. ``subscribe`` (pgbridge) is sent after the handshake; the client is
-    ready at ``subscribed`` (pgbridge) or at the handshake (baseline)."""
+class _Sink:
+    """What the clients of one process record: per delivery, the row number ``n`` and the
+    latency; and the odd deliveries as ``(n, kind)``: a duplicate (``DUP``, a row this client
+    already had), a gap (``GAP``, the room's seq jumped past the next one) or a reorder
+    (``REORDER``, a seq at or below one already delivered, not a duplicate)."""
 
-    def __init__(self, url: str, subscribe: bytes | None, lat: array[float]) -> None:
+    def __init__(self) -> None:
+        self.lat: array[float] = array("d")
+        self.ns: array[int] = array("q")
+        self.odd: list[tuple[int, int]] = []
+
+
+DUP, GAP, REORDER = 0, 1, 2
+
+
+class WsClient(asyncio.Protocol):
+    """A WebSocket client on websockets' sans-I/O protocol (cheap for the measuring side).
+    ``subscribe`` is sent after the handshake and the client is ready at ``subscribed`` (an
+    ``error`` fails it); with ``None`` it is ready at the handshake. Every later text frame goes
+    to :meth:`on_text` with its receive time (``time.time()``)."""
+
+    def __init__(self, url: str, subscribe: bytes | None) -> None:
         from websockets.client import ClientProtocol
         from websockets.uri import parse_uri
 
         self.proto = ClientProtocol(parse_uri(url), max_size=2**22)
         self.subscribe = subscribe
-        self.lat = lat
-        self.seen: set[int] = set()
-        self.delivered = 0
-        self.last = 0.0
         self.lost = False
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
+
+    def on_text(self, data: bytes, now: float) -> None:
+        """A text frame after the client was ready."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -165,17 +211,13 @@ class _Client(asyncio.Protocol):
                 continue
             if event.opcode is not Opcode.TEXT:
                 continue
-            match = STAMP.search(event.data)
-            if match is None:
-                if not self.ready.done() and b'"subscribed"' in event.data:
+            if not self.ready.done():
+                if b'"subscribed"' in event.data:
                     self.ready.set_result(None)
-                elif not self.ready.done() and b'"error"' in event.data:
+                elif b'"error"' in event.data:
                     self.ready.set_exception(RuntimeError(event.data.decode()))
                 continue
-            self.delivered += 1
-            self.seen.add(int(match.group(1)))
-            self.lat.append(now - float(match.group(2)))
-            self.last = now
+            self.on_text(event.data, now)
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -184,10 +226,44 @@ class _Client(asyncio.Protocol):
             self.ready.set_exception(ConnectionError(f"connection lost: {exc}"))
 
 
+class _Client(WsClient):
+    """Counts stamped frames and records receive time - stamp. Each client is in one room:
+    where frames carry the room's ``seq`` (pgbridge), it must grow by exactly 1."""
+
+    def __init__(self, url: str, subscribe: bytes | None, sink: _Sink) -> None:
+        super().__init__(url, subscribe)
+        self.sink = sink
+        self.seen: set[int] = set()
+        self.seq = -1  # highest seq delivered so far (-1: none yet)
+        self.delivered = 0
+        self.last = 0.0
+
+    def on_text(self, data: bytes, now: float) -> None:
+        match = STAMP.search(data)
+        if match is None:
+            return
+        n = int(match.group(1))
+        sink = self.sink
+        self.delivered += 1
+        if n in self.seen:
+            sink.odd.append((n, DUP))
+        else:
+            self.seen.add(n)
+            seq = SEQ.search(data)
+            if seq is not None:
+                value = int(seq.group(1))
+                if self.seq >= 0 and value != self.seq + 1:
+                    sink.odd.append((n, GAP if value > self.seq else REORDER))
+                self.seq = max(self.seq, value)
+        sink.ns.append(n)
+        sink.lat.append(now - float(match.group(2)))
+        self.last = now
+
+
 async def _clients(specs: list[tuple[str, bytes | None]], ready: Any, results: Any, stop: Any,
                    counter: Any, index: int) -> None:
     loop = asyncio.get_running_loop()
-    lat: array[float] = array("d")
+    sink = _Sink()
     clients: list[_Client] = []
     gate = asyncio.Semaphore(50)
     host_port: dict[str, tuple[str, int]] = {}
@@ -199,7 +275,7 @@ async def _clients(specs: list[tuple[str, bytes | None]], ready: Any, results: A
             parts = urlsplit(url)
             host_port[url] = (parts.hostname or "127.0.0.1", parts.port or 80)
         async with gate:
-            _, client = await loop.create_connection(lambda: _Client(url, subscribe, lat),
+            _, client = await loop.create_connection(lambda: _Client(url, subscribe, sink),
                                                      *host_port[url])
             await asyncio.wait_for(client.ready, 60)
         return client
@@ -216,9 +292,9 @@ async def _clients(specs: list[tuple[str, bytes | None]], ready: Any, results: A
         counter.value = sum(c.delivered for c in clients)
         await asyncio.sleep(0.1)
     delivered = sum(c.delivered for c in clients)
-    results.put((index, delivered, delivered - sum(len(c.seen) for c in clients),
+    results.put((delivered, delivered - sum(len(c.seen) for c in clients),
                  sum(c.lost for c in clients), max((c.last for c in clients), default=0.0),
-                 lat.tobytes()))
+                 sink.lat.tobytes(), sink.ns.tobytes(), sink.odd))  # a Delivered
     for client in clients:
         if client.transport is not None:
             client.transport.abort()
@@ -227,6 +303,77 @@ async def _clients(specs: list[tuple[str, bytes | None]], ready: Any, results: A
 def client_process(specs: list[tuple[str, bytes | None]], ready: Any, results: Any, stop: Any,
                    counter: Any, index: int) -> None:
     asyncio.run(_clients(specs, ready, results, stop, counter, index))
+
+
+@dataclass
+class Delivered:
+    """What one client process received (latencies and row numbers as array bytes; sent as a
+    tuple: a class of a spawned ``__main__`` would not unpickle here)."""
+
+    delivered: int
+    duplicates: int
+    lost: int
+    last: float  # wall time of the last receive
+    lat: bytes
+    ns: bytes
+    odd: list[tuple[int, int]]
+
+
+class Fleet:
+    """``specs`` spread over ``procs`` client processes (client ``i`` in process ``i % procs``):
+    :meth:`start` connects them all and returns once every one is subscribed; :meth:`drain`
+    waits for deliveries; :meth:`collect` stops them and returns what they received."""
+
+    def __init__(self, specs: list[tuple[str, bytes | None]], procs: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.ready, self.results, self.stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+        n = max(1, min(procs, len(specs)))
+        self.counters = [ctx.Value("q", 0, lock=False) for _ in range(n)]
+        self.procs = [ctx.Process(target=client_process, daemon=True,
+                                  args=(specs[i::n], self.ready, self.results, self.stop,
+                                        self.counters[i], i))
+                      for i in range(n)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid]
+
+    def start(self) -> None:
+        for p in self.procs:
+            p.start()
+        for _ in self.procs:
+            index, error = self.ready.get(timeout=180)
+            if error:
+                raise RuntimeError(f"client process {index} could not connect: {error}")
+
+    def delivered(self) -> int:
+        return sum(int(c.value) for c in self.counters)
+
+    def drain(self, expected: int, seconds: float) -> None:
+        """Wait until ``expected`` deliveries arrived, at most ``seconds``, or 3 s without
+        progress."""
+        best, best_at = -1, time.monotonic()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            got = self.delivered()
+            if got >= expected:
+                break
+            if got > best:
+                best, best_at = got, time.monotonic()
+            elif time.monotonic() - best_at > 3.0:
+                break  # no progress for 3 s
+            time.sleep(0.1)
+
+    def collect(self) -> list[Delivered]:
+        self.stop.set()
+        return [Delivered(*self.results.get(timeout=60)) for _ in self.procs]
+
+    def close(self) -> None:
+        self.stop.set()
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
 
 
 # --- CPU accounting (Linux /proc; empty elsewhere) -------------------------------------------
@@ -434,56 +581,29 @@ def run_clients_and_writer(system: str, sc: Scenario, db: str,
                            specs: list[tuple[str, bytes | None]], rooms: list[tuple[str, str]],
                            room_of_client: list[str], args: argparse.Namespace,
                            server_pid: int) -> Result:
-    ctx = mp.get_context("spawn")
-    ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    procs_n = max(1, min(args.procs, len(specs)))
-    counters = [ctx.Value("q", 0, lock=False) for _ in range(procs_n)]
-    procs = [ctx.Process(target=client_process, daemon=True,
-                         args=(specs[i::procs_n], ready, results, stop, counters[i], i))
-             for i in range(procs_n)]
+    fleet = Fleet(specs, args.procs)
     result = Result(system)
-    for p in procs:
-        p.start()
     try:
-        for _ in procs:
-            index, error = ready.get(timeout=180)
-            if error:
-                raise RuntimeError(f"client process {index} could not connect: {error}")
+        fleet.start()
         time.sleep(args.settle)  # let every server-side subscription settle
-        meter = CpuMeter({"server": [server_pid], "clients": [p.pid for p in procs if p.pid],
+        meter = CpuMeter({"server": [server_pid], "clients": fleet.pids,
                           "writer": [os.getpid()]})
         meter.start()
         counts, first, result.write_seconds, _ = write(db, rooms, sc.rate, args.seconds)
         result.written = sum(counts.values())
         result.expected = sum(counts[room] for room in room_of_client)
-        best, best_at = -1, time.monotonic()
-        deadline = time.monotonic() + args.drain
-        while time.monotonic() < deadline:
-            got = sum(int(c.value) for c in counters)
-            if got >= result.expected:
-                break
-            if got > best:
-                best, best_at = got, time.monotonic()
-            elif time.monotonic() - best_at > 3.0:
-                break  # no progress for 3 s
-            time.sleep(0.1)
+        fleet.drain(result.expected, args.drain)
         result.cpu = meter.stop()
-        stop.set()
         last = 0.0
-        for _ in procs:
-            _, delivered, dupes, lost, last_at, lat = results.get(timeout=60)
-            result.delivered += delivered
-            result.duplicates += dupes
-            result.lost_connections += lost
-            last = max(last, last_at)
-            result.latencies.frombytes(lat)
+        for got in fleet.collect():
+            result.delivered += got.delivered
+            result.duplicates += got.duplicates
+            result.lost_connections += got.lost
+            last = max(last, got.last)
+            result.latencies.frombytes(got.lat)
         result.span = last - first if last > first else 0.0
     finally:
-        stop.set()
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+        fleet.close()
     return result
 
 
@@ -530,6 +650,432 @@ def run_baseline(server: str, sc: Scenario, args: argparse.Namespace, logdir: Pa
             return run_clients_and_writer("baseline", sc, db, specs, rooms,
                                           [f"r{i % sc.rooms}" for i in range(sc.clients)], args,
                                           proc.pid)
+
+
+# --- the switch scenario: light -> heavy -> light, per doorbell mode ---------------------------
+
+LIGHT_P99_MS = 3.0  # goal at light load (adaptive)
+HEAVY_P99_MS = 25.0  # goal at heavy load
+STATES = ("ringing", "quiet", "settling")  # the daemon's doorbell modes (daemon/doorbell.py)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    rate: float  # inserts per second, all rooms together
+    seconds: float
+
+    @property
+    def rows(self) -> int:
+        return int(self.rate * self.seconds)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """The switch scenario: ``clients`` in ``rooms`` while the insert rate goes through
+    ``phases``, written by ``writers`` connections sharing one schedule."""
+
+    clients: int
+    rooms: int
+    phases: tuple[Phase, ...]
+    writers: int
+
+    def describe(self) -> str:
+        steps = " -> ".join(f"{p.name} {p.rate:,.0f}/s for {p.seconds:g} s" for p in self.phases)
+        return (f"switch: {self.clients} clients in {self.rooms} rooms, {steps} "
+                f"({self.writers} writer connections)")
+
+
+@dataclass
+class Sample:
+    """Counters read at a phase boundary."""
+
+    wall: float
+    daemon: float  # CPU seconds of the daemon so far
+    db: float  # CPU seconds of the bench database's backends so far
+    rest: float  # CPU seconds of the client processes and this one so far
+    busy: tuple[float, float]  # machine_busy()
+
+
+@dataclass
+class Written:
+    """What the writers did. Times: ``t0`` wall time of the first phase's start, ``offsets``
+    seconds after it (one per phase, then the scheduled end)."""
+
+    t0: float
+    offsets: list[float]
+    phase_of: array[int]  # per row n
+    sent: array[float]  # per row n: wall time its insert was sent
+    done: list[float]  # per phase: seconds after t0 when its last insert returned
+    late: list[float]  # per phase: the most an insert was sent behind its schedule, seconds
+    samples: list[Sample]  # at each phase start, at the end of the writes (then the drain's)
+    errors: list[str]
+
+
+def write_phases(db: str, rooms: list[tuple[str, str]], sw: Switch,
+                 sample: Any) -> Written:
+    """Insert round-robin over ``rooms`` (row ``n`` in ``rooms[n % R]``) on one global
+    schedule: phase by phase, row ``j`` of a phase at ``start + j / rate``. ``sw.writers``
+    threads, each with its own connection, take the next row number in turn and send it at
+    its time (late rows at once). ``sample()`` is called at each phase start and at the end."""
+    import psycopg
+
+    phases = sw.phases
+    offsets = list(itertools.accumulate((p.seconds for p in phases), initial=0.0))
+    schedule: array[float] = array("d")
+    phase_of: array[int] = array("b")
+    for k, ph in enumerate(phases):
+        schedule.extend(offsets[k] + j / ph.rate for j in range(ph.rows))
+        phase_of.extend([k] * ph.rows)
+    total = len(schedule)
+    sent = array("d", bytes(8 * total))
+    taken = itertools.count()  # next() is atomic under the GIL
+    late = [[0.0] * len(phases) for _ in range(sw.writers)]
+    done = [[0.0] * len(phases) for _ in range(sw.writers)]
+    errors: list[str] = []
+    conns = [psycopg.connect(db, autocommit=True) for _ in range(sw.writers)]
+    try:
+        for conn in conns:
+            conn.execute("SELECT 1")
+        start = time.perf_counter() + 0.2
+        t0 = time.time() + (start - time.perf_counter())
+
+        def writer(k: int) -> None:
+            conn, my_late, my_done = conns[k], late[k], done[k]
+            try:
+                while (i := next(taken)) < total:
+                    due = start + schedule[i]
+                    now = time.perf_counter()
+                    if due > now:
+                        time.sleep(due - now)
+                        now = time.perf_counter()
+                    p = phase_of[i]
+                    my_late[p] = max(my_late[p], now - due)
+                    sent[i] = t0 + (now - start)
+                    room, user = rooms[i % len(rooms)]
+                    conn.execute(WRITE, (room, user, f"bench message {i}", i), prepare=True)
+                    my_done[p] = max(my_done[p], time.perf_counter() - start)
+            except Exception as exc:  # reported; the other writers go on
+                errors.append(f"writer {k}: {type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=writer, args=(k,), daemon=True)
+                   for k in range(sw.writers)]
+        for thread in threads:
+            thread.start()
+        samples = []
+        for offset in offsets[:-1]:
+            delay = start + offset - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            samples.append(sample())
+        for thread in threads:
+            thread.join()
+        samples.append(sample())
+    finally:
+        for conn in conns:
+            conn.close()
+    return Written(t0=t0, offsets=offsets, phase_of=phase_of, sent=sent,
+                   done=[max(d[p] for d in done) for p in range(len(phases))],
+                   late=[max(x[p] for x in late) for p in range(len(phases))],
+                   samples=samples, errors=errors)
+
+
+def doorbell_log(log: Path) -> list[tuple[float, str]]:
+    """The daemon's doorbell switches from its JSON log lines: ``(wall time, state)``."""
+    from datetime import datetime
+
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"doorbell_' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+            event = str(entry.get("event") or "")
+            if event.startswith("doorbell_") and event[9:] in STATES:
+                out.append((datetime.fromisoformat(entry["ts"]).timestamp(), event[9:]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return sorted(out)
+
+
+def pct(ordered: list[float], q: float) -> float:
+    """Percentile ``q`` of sorted seconds, in ms (nan when empty)."""
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+@dataclass
+class PhaseStats:
+    name: str
+    rows: int = 0
+    rate: float = 0.0  # rows/s actually written: rows / (phase start -> last insert returned)
+    late: float = 0.0  # seconds the most late insert was sent behind its schedule
+    expected: int = 0
+    delivered: int = 0  # distinct (client, row)
+    duplicates: int = 0
+    gaps: int = 0
+    reorders: int = 0
+    latencies: list[float] = field(default_factory=list)  # sorted, seconds
+    daemon_cpu: float = 0.0  # seconds
+    db_cpu: float = 0.0  # seconds
+    machine: float = 0.0  # % of one core, all cores together
+    others: float = 0.0  # % of one core: the machine minus daemon, backends, clients, writers
+    wall: float = 0.0  # seconds between the samples
+
+
+@dataclass
+class SwitchRun:
+    mode: str
+    phases: list[PhaseStats] = field(default_factory=list)
+    transitions: list[tuple[float, str]] = field(default_factory=list)  # (s after t0, state)
+    by_state: dict[tuple[int, str], list[float]] = field(default_factory=dict)  # sorted
+    seconds: dict[int, tuple[list[float], str]] = field(default_factory=dict)  # per second
+    drain_cpu: float = 0.0
+    lost_connections: int = 0
+    errors: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def lossless(self) -> bool:
+        return all(p.delivered == p.expected and not (p.duplicates or p.gaps or p.reorders)
+                   for p in self.phases) and not self.lost_connections and not self.errors
+
+
+def analyse(sw: Switch, mode: str, w: Written, got: list[Delivered],
+            transitions: list[tuple[float, str]]) -> SwitchRun:
+    run = SwitchRun(mode, transitions=[(t - w.t0, s) for t, s in transitions])
+    run.errors = w.errors
+    per_room = [0] * sw.rooms
+    for i in range(sw.clients):
+        per_room[i % sw.rooms] += 1
+    stats = [PhaseStats(p.name) for p in sw.phases]
+    times = [t for t, _ in run.transitions]
+    state_of = array("b", bytes(len(w.phase_of)))  # doorbell state when the row was sent
+    second_of = array("l", bytes(8 * len(w.phase_of)))
+    for n, p in enumerate(w.phase_of):
+        stats[p].rows += 1
+        stats[p].expected += per_room[n % sw.rooms]
+        at = w.sent[n] - w.t0
+        k = bisect.bisect_right(times, at)
+        state_of[n] = STATES.index(run.transitions[k - 1][1]) if k else 0
+        second_of[n] = int(at)
+    by_state: dict[tuple[int, str], list[float]] = {}
+    per_second: dict[int, list[float]] = {}
+    states_in: dict[int, list[int]] = {}
+    for d in got:
+        run.lost_connections += d.lost
+        ns: array[int] = array("q")
+        ns.frombytes(d.ns)
+        lat: array[float] = array("d")
+        lat.frombytes(d.lat)
+        for n, x in zip(ns, lat, strict=True):
+            p = w.phase_of[n]
+            stats[p].latencies.append(x)
+            stats[p].delivered += 1
+            by_state.setdefault((p, STATES[state_of[n]]), []).append(x)
+            per_second.setdefault(second_of[n], []).append(x)
+        for n, kind in d.odd:
+            ph = stats[w.phase_of[n]]
+            if kind == DUP:
+                ph.duplicates += 1
+                ph.delivered -= 1
+            elif kind == GAP:
+                ph.gaps += 1
+            else:
+                ph.reorders += 1
+    for n, s in enumerate(state_of):
+        states_in.setdefault(second_of[n], [0, 0, 0])[s] += 1
+    for k, ph in enumerate(stats):
+        ph.latencies.sort()
+        ph.late = w.late[k]
+        took = w.done[k] - w.offsets[k]
+        ph.rate = ph.rows / took if took > 0 else 0.0
+        a, b = w.samples[k], w.samples[k + 1]
+        ph.daemon_cpu, ph.db_cpu, ph.wall = b.daemon - a.daemon, b.db - a.db, b.wall - a.wall
+        if b.busy[1] > a.busy[1]:
+            ph.machine = 100 * (os.cpu_count() or 1) * (b.busy[0] - a.busy[0]) / (
+                b.busy[1] - a.busy[1])
+            if ph.wall > 0:
+                ours = ph.daemon_cpu + ph.db_cpu + b.rest - a.rest
+                ph.others = max(0.0, ph.machine - 100 * ours / ph.wall)
+    if len(w.samples) > len(stats) + 1:
+        run.drain_cpu = w.samples[-1].daemon - w.samples[len(stats)].daemon
+    run.phases = stats
+    run.by_state = {key: sorted(v) for key, v in by_state.items()}
+    for second, values in per_second.items():
+        counts = states_in.get(second, [1, 0, 0])
+        run.seconds[second] = (sorted(values), STATES[counts.index(max(counts))])
+    return run
+
+
+def run_switch(server: str, sw: Switch, mode: str, args: argparse.Namespace,
+               log: Path) -> SwitchRun:
+    """One run of the switch scenario with ``PGBRIDGE_DOORBELL=mode``, in a new database;
+    the daemon logs to ``log``."""
+    import psycopg
+
+    from daemon.auth import mint_token
+
+    sc = Scenario(f"switch-{mode}", sw.clients, sw.rooms, max(p.rate for p in sw.phases))
+    with scratch_database(server, "switch") as db:
+        rooms, members = setup_pgbridge(db, sc)
+        port = free_port()
+        env = clean_env() | {
+            "DATABASE_URL": db, "PGBRIDGE_JWT_SECRET": SECRET, "PGBRIDGE_PORT": str(port),
+            "PGBRIDGE_QUEUE_SIZE": str(args.queue_size), "PGBRIDGE_LOG_LEVEL": "INFO",
+            "PGBRIDGE_DOORBELL": mode,
+        }
+        url = f"ws://127.0.0.1:{port}/ws?token="
+        specs: list[tuple[str, bytes | None]] = [
+            (url + mint_token(SECRET, user, ttl=3600),
+             f'{{"type":"subscribe","room":"{room}"}}'.encode()) for user, room in members]
+        with process([sys.executable, "-m", "daemon"], env, port, "pgbridge", log) as proc:
+            profiler = start_profiler(args, proc.pid, sc)
+            fleet = Fleet(specs, args.procs)
+            try:
+                fleet.start()
+                time.sleep(args.settle)
+                with psycopg.connect(db, autocommit=True) as monitor:
+
+                    def sample() -> Sample:
+                        pids = [r[0] for r in monitor.execute(
+                            "SELECT pid FROM pg_stat_activity WHERE datname = "
+                            "current_database() AND pid <> pg_backend_pid()").fetchall()]
+                        return Sample(time.time(), proc_cpu(proc.pid),
+                                      sum(map(proc_cpu, pids)),
+                                      sum(map(proc_cpu, [*fleet.pids, os.getpid()])),
+                                      machine_busy())
+
+                    written = write_phases(db, rooms, sw, sample)
+                    per_room = [0] * sw.rooms
+                    for i in range(sw.clients):
+                        per_room[i % sw.rooms] += 1
+                    fleet.drain(sum(per_room[n % sw.rooms] for n in range(len(written.sent))),
+                                args.drain)
+                    written.samples.append(sample())
+                got = fleet.collect()
+            finally:
+                fleet.close()
+                stop_profiler(profiler)
+    return analyse(sw, mode, written, got, doorbell_log(log))
+
+
+def at_phase(sw: Switch, t: float) -> str:
+    """``t`` seconds after the first phase's start, as ``phase+s``."""
+    start = 0.0
+    if t < 0:
+        return f"start{t:+.2f}s"
+    for ph in sw.phases[:-1]:
+        if t < start + ph.seconds:
+            break
+        start += ph.seconds
+    else:
+        ph = sw.phases[-1]
+    return f"{ph.name}+{t - start:.2f}s"
+
+
+def fmt_ms(value: float) -> str:
+    return "n/a" if value != value else f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def cpu_share(seconds: float, wall: float) -> str:
+    return f"{seconds:5.2f} ({100 * seconds / wall:3.0f}%)" if wall > 0 else f"{seconds:5.2f}"
+
+
+def report_switch(sw: Switch, runs: list[SwitchRun]) -> None:
+    print(f"\n== {sw.describe()}")
+    print("pgbridge only; one fresh database and daemon per doorbell mode; latency: commit "
+          "stamp -> client receive; late: the most an insert was sent behind schedule; cpu: "
+          "seconds in the phase (% of one core); db: the bench database's backends; machine: "
+          "all cores; others: the machine minus this bench's processes (interrupts, i.e. "
+          "loopback networking, PostgreSQL's background processes, anything else running: "
+          "well above 10-20% means another load spoiled the figures)")
+    print(f"{'mode':<9} {'phase':<7} {'rows':>6} {'rows/s':>7} {'late ms':>8} "
+          f"{'delivered/expected':>19} {'dup':>4} {'gap':>4} {'reord':>5} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'max ms':>7} {'daemon cpu':>13} {'db cpu':>12} {'machine':>8} "
+          f"{'others':>7}")
+    for run in runs:
+        if run.error:
+            print(f"{run.mode:<9} error: {run.error}")
+            continue
+        for ph in run.phases:
+            print(f"{run.mode:<9} {ph.name:<7} {ph.rows:>6,} {ph.rate:>7,.0f} "
+                  f"{ph.late * 1000:>8.1f} {f'{ph.delivered:,}/{ph.expected:,}':>19} "
+                  f"{ph.duplicates:>4} {ph.gaps:>4} {ph.reorders:>5} "
+                  f"{fmt_ms(pct(ph.latencies, 0.5)):>7} {fmt_ms(pct(ph.latencies, 0.99)):>7} "
+                  f"{fmt_ms(pct(ph.latencies, 1.0)):>7} {cpu_share(ph.daemon_cpu, ph.wall):>13} "
+                  f"{cpu_share(ph.db_cpu, ph.wall):>12} {ph.machine:>7.0f}% "
+                  f"{ph.others:>6.0f}%")
+        extra = []
+        if run.drain_cpu:
+            extra.append(f"daemon cpu during the drain {run.drain_cpu:.2f} s")
+        if run.lost_connections:
+            extra.append(f"{run.lost_connections} client connections lost")
+        extra += run.errors
+        if extra:
+            print(f"{'':<9} " + "; ".join(extra))
+
+    print("\nby doorbell state (of the daemon when the row was sent; daemon log):")
+    print(f"{'mode':<9} {'phase':<7} {'state':<9} {'deliveries':>10} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'max ms':>7}")
+    for run in runs:
+        for (k, state), values in sorted(run.by_state.items(),
+                                         key=lambda kv: (kv[0][0], STATES.index(kv[0][1]))):
+            print(f"{run.mode:<9} {sw.phases[k].name:<7} {state:<9} {len(values):>10,} "
+                  f"{fmt_ms(pct(values, 0.5)):>7} {fmt_ms(pct(values, 0.99)):>7} "
+                  f"{fmt_ms(pct(values, 1.0)):>7}")
+
+    print("\ndoorbell switches (daemon log; phase+seconds since its start):")
+    for run in runs:
+        switches = ", ".join(f"{state} at {at_phase(sw, t)}" for t, state in run.transitions)
+        print(f"  {run.mode:<9} {switches or 'none (ringing throughout)'}")
+
+    print("\np99 / max ms per second of writes (by send time; r ringing, q quiet, s settling):")
+    for run in runs:
+        if run.error:
+            continue
+        print(f"  {run.mode}:")
+        start = 0.0
+        for ph in sw.phases:
+            cells = []
+            for second in range(int(start), int(start + ph.seconds)):
+                values, state = run.seconds.get(second, ([], "ringing"))
+                cells.append(f"{fmt_ms(pct(values, 0.99))}/{fmt_ms(pct(values, 1.0))}"
+                             f"{state[0]}")
+            print(f"    {ph.name:<7} " + " ".join(cells))
+            start += ph.seconds
+
+    print(f"\ngoals: light p99 <= {LIGHT_P99_MS:g} ms (first and last light phase, adaptive), "
+          f"heavy p99 <= {HEAVY_P99_MS:g} ms at the heavy rate, nothing lost, duplicated or "
+          f"reordered (shown for every mode, for comparison):")
+    for run in runs:
+        if run.error or len(run.phases) != 3:
+            continue
+        light1, heavy, light2 = run.phases
+        verdicts = []
+        for k, ph in ((0, light1), (2, light2)):
+            p99 = pct(ph.latencies, 0.99)
+            text = (f"{ph.name} p99 {fmt_ms(p99)} ms "
+                    f"{'MET' if p99 <= LIGHT_P99_MS else 'MISSED'}")
+            ringing = run.by_state.get((k, "ringing"), [])
+            if k == 2 and any((k, state) in run.by_state for state in STATES[1:]):
+                back = [t for t, s in run.transitions if s == "ringing"]
+                p99r = pct(ringing, 0.99)
+                text += (f" (once ringing again{f' from {at_phase(sw, back[-1])}' if back else ''}"
+                         f": {fmt_ms(p99r)} ms "
+                         f"{'MET' if p99r <= LIGHT_P99_MS else 'MISSED'})" if ringing else
+                         " (never ringing again)")
+            verdicts.append(text)
+        p99 = pct(heavy.latencies, 0.99)
+        target = sw.phases[1].rate
+        kept_up = heavy.rate >= 0.98 * target
+        verdicts.insert(1, f"heavy p99 {fmt_ms(p99)} ms at {heavy.rate:,.0f} rows/s "
+                        f"{'MET' if p99 <= HEAVY_P99_MS and kept_up else 'MISSED'}"
+                        f"{'' if kept_up else f' (writers behind {target:,.0f}/s)'}")
+        verdicts.append(f"lossless {'MET' if run.lossless else 'MISSED'}")
+        print(f"  {run.mode:<9} " + "; ".join(verdicts))
+    sys.stdout.flush()
 
 
 def start_profiler(args: argparse.Namespace, pid: int,
@@ -599,8 +1145,10 @@ def report(sc: Scenario, results: list[Result]) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, help="WebSocket clients (with --rooms, --rate)")
-    parser.add_argument("--rooms", type=int, help="rooms; client i is in room i %% R")
+    parser.add_argument("--clients", type=int, help="WebSocket clients (with --rooms, --rate; "
+                        "with --scenario: instead of each scenario's own)")
+    parser.add_argument("--rooms", type=int, help="rooms; client i is in room i %% R (as "
+                        "--clients)")
     parser.add_argument("--rate", type=float, help="inserts per second, all rooms together")
     parser.add_argument("--seconds", type=float, default=15.0, help="writing time per run (15)")
     parser.add_argument("--procs", type=int, default=2, help="client processes (2)")
@@ -620,30 +1168,96 @@ def parse_args() -> argparse.Namespace:
                         "insert (20; also stops after 3 s without progress)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="record the daemon with py-spy into DIR (collapsed stacks)")
+    parser.add_argument("--log-dir", type=Path, metavar="DIR",
+                        help="keep the servers' logs in DIR (default: a temporary directory)")
+    parser.add_argument("--scenario", metavar="NAMES",
+                        help="comma-separated: light, fanout, switch (default: light,fanout; "
+                        "with --clients/--rooms/--rate: custom)")
+    parser.add_argument("--phase-seconds", default="10,10,15", metavar="L,H,L",
+                        help="switch: seconds of the light, heavy and light phases (10,10,15)")
+    parser.add_argument("--phase-rates", default="200,2000,200", metavar="L,H,L",
+                        help="switch: inserts/s of the three phases (200,2000,200)")
+    parser.add_argument("--doorbell", default="adaptive,on,off", metavar="MODES",
+                        help="switch: PGBRIDGE_DOORBELL of each run, comma-separated, in "
+                        "order (adaptive,on,off; a mode may repeat)")
+    parser.add_argument("--writers", type=int, default=4,
+                        help="switch: writer connections sharing the schedule (4)")
     args = parser.parse_args()
     custom = (args.clients, args.rooms, args.rate)
-    if any(v is not None for v in custom) and not all(v is not None for v in custom):
-        parser.error("--clients, --rooms and --rate go together")
-    if all(v is not None for v in custom) and min(custom) <= 0:
-        parser.error("--clients, --rooms and --rate must be positive")
+    if args.scenario is not None:
+        args.scenario = [s.strip() for s in args.scenario.split(",") if s.strip()]
+        if not args.scenario or set(args.scenario) - {"light", "fanout", "switch"}:
+            parser.error("--scenario: light, fanout, switch")
+        if args.rate is not None:
+            parser.error("--rate is for the custom scenario (not with --scenario); the switch "
+                         "scenario takes --phase-rates")
+        if min(v for v in (args.clients, args.rooms, 1) if v is not None) <= 0:
+            parser.error("--clients and --rooms must be positive")
+    else:
+        if any(v is not None for v in custom) and not all(v is not None for v in custom):
+            parser.error("--clients, --rooms and --rate go together")
+        if all(v is not None for v in custom) and min(custom) <= 0:
+            parser.error("--clients, --rooms and --rate must be positive")
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not args.systems or set(args.systems) - {"pgbridge", "baseline"}:
         parser.error("--systems: pgbridge, baseline")
+    try:
+        args.phase_seconds = [float(v) for v in args.phase_seconds.split(",")]
+        args.phase_rates = [float(v) for v in args.phase_rates.split(",")]
+    except ValueError:
+        parser.error("--phase-seconds and --phase-rates: three numbers, comma-separated")
+    if len(args.phase_seconds) != 3 or len(args.phase_rates) != 3 \
+            or min(args.phase_seconds + args.phase_rates) <= 0:
+        parser.error("--phase-seconds and --phase-rates: three positive numbers (light, heavy, "
+                     "light)")
+    args.doorbell = [m.strip() for m in args.doorbell.split(",") if m.strip()]
+    if not args.doorbell or set(args.doorbell) - {"adaptive", "on", "off"}:
+        parser.error("--doorbell: adaptive, on, off")
+    if args.writers < 1:
+        parser.error("--writers must be at least 1")
     return args
 
 
 def main() -> int:
     args = parse_args()
-    if args.clients is not None:
+    switch: Switch | None = None
+    if args.scenario is None and args.clients is not None:
         scenarios = [Scenario("custom", args.clients, args.rooms, args.rate)]
     else:
-        scenarios = [Scenario("light", 100, 10, 200.0, goal_p99_ms=5.0),
-                     Scenario("fanout", 1000, 10, 400.0, goal_p99_ms=50.0)]
-    print(f"fanout bench: {os.cpu_count()} CPUs, {args.seconds:g} s of writes per run, "
-          f"{args.procs} client processes, systems: {', '.join(args.systems)}")
+        names = args.scenario or ["light", "fanout"]
+        known = {"light": Scenario("light", 100, 10, 200.0, goal_p99_ms=3.0),
+                 "fanout": Scenario("fanout", 1000, 10, 400.0, goal_p99_ms=50.0)}
+        scenarios = [dataclasses.replace(known[name], clients=args.clients or known[name].clients,
+                                         rooms=args.rooms or known[name].rooms)
+                     for name in names if name in known]
+        if "switch" in names:
+            switch = Switch(args.clients or 100, args.rooms or 10, tuple(
+                Phase(name, rate, seconds) for name, rate, seconds in zip(
+                    ("light1", "heavy", "light2"), args.phase_rates, args.phase_seconds,
+                    strict=True)), args.writers)
+    if scenarios:
+        print(f"fanout bench: {os.cpu_count()} CPUs, {args.seconds:g} s of writes per run, "
+              f"{args.procs} client processes, systems: {', '.join(args.systems)}")
+    if switch is not None:
+        print(f"fanout bench: {os.cpu_count()} CPUs, {switch.describe()}, {args.procs} client "
+              f"processes, doorbell modes: {', '.join(args.doorbell)}")
     runners = {"pgbridge": run_pgbridge, "baseline": run_baseline}
-    with tempfile.TemporaryDirectory(prefix="fanout-") as logs, \
+    if args.log_dir is not None:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.log_dir)) if args.log_dir is not None
+          else tempfile.TemporaryDirectory(prefix="fanout-")) as logs, \
             server_conninfo(args.dsn, args.data_dir) as server:
+        if switch is not None:
+            runs = []
+            for k, mode in enumerate(args.doorbell, 1):
+                log = Path(logs) / f"pgbridge-switch-{k}-{mode}.log"
+                try:
+                    runs.append(run_switch(server, switch, mode, args, log))
+                except Exception as exc:  # report it and go on with the next mode
+                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                    runs.append(SwitchRun(mode, error=f"{type(exc).__name__}: {exc}\n{tail}"))
+                print(f"  ran doorbell={mode} (daemon log: {log.name})", flush=True)
+            report_switch(switch, runs)
         for sc in scenarios:
             results = []
             for system in args.systems:

@@ -86,7 +86,7 @@ from fanout import (
     SECRET,
     CpuMeter,
     Scenario,
-    _Client,
+    WsClient,
     clean_env,
     free_port,
     process,
@@ -104,12 +104,12 @@ METRIC = re.compile(rb"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? ([0-9.eE+-]+|Na
 
 # --- clients (in their own processes) ---------------------------------------------------------
 
-class _Conn(_Client):
+class _Conn(WsClient):
     """One connection: ready at the ``welcome`` frame; ``closed`` resolves when the TCP
     connection is gone (after our close handshake, or unexpectedly)."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(url, None, array("d"))
+        super().__init__(url, None)
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:

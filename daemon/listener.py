@@ -436,8 +436,8 @@ class Listener:
 
     async def _poll_forever(self) -> None:
         """While the bell says so and LISTEN is up, read every tracked room's log, one read
-        starting every ``poll_delay``. (While LISTEN is down, the catch-up after it reconnects reads them:
-        until then user hints are lost, and nothing may be published.)"""
+        starting every ``poll_delay``. (While LISTEN is down, the catch-up after it reconnects
+        reads them: until then user hints are lost, and nothing may be published.)"""
         loop = asyncio.get_running_loop()
         while True:
             await self._polling.wait()

@@ -8,6 +8,7 @@ import pytest
 
 from daemon.doorbell import Call, Doorbell, Mode, Reading
 
+
 def ringing(now: float) -> Reading:
     return Reading(quiet_until=None, now=1000.0 + now, captured=0)
 
