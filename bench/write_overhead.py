@@ -40,8 +40,9 @@ table of the ring/quiet ratios (rows: rooms, columns: writers) and the goals (qu
 touched by the bench): the real bridge (``python -m daemon``, PGBRIDGE_DOORBELL=adaptive) runs
 against it in a subprocess for the whole bench, so also during the other variants' runs (idle
 then: they are other schemas), with ``--subscribers`` WebSocket clients (members, one
-subscription each, spread over the first 10 rooms) in a process of their own that reads and
-counts every frame. Its log is kept (no TRUNCATE of change_events / change_sequences: the
+subscription each, spread over every tenth room: rooms 0, 10, ..., 90, so that whatever the
+cell, about a tenth of the rows written have subscribers, as in the issue's measurement with
+subscribers in 10 of 100 rooms) in a process of their own that reads and counts every frame. Its log is kept (no TRUNCATE of change_events / change_sequences: the
 bridge's cursors depend on the seqs), only ``messages`` is emptied. For its runs the bench also
 reports how often the lease was held (sampled every 50 ms) and how long after the start of each
 run it was first seen held (the bridge needs a moment to see the load: with short ``--seconds``
@@ -99,7 +100,7 @@ PREFIX = "pgbridge_bench_"
 FAR = 4102444800000  # 2100-01-01 in ms since the epoch: a lease that outlasts any run
 # (rooms, writers) -> the least quiet/plain ratio wanted there
 GOALS: dict[tuple[int, int], float] = {(100, 8): 0.60, (10, 4): 0.50}
-SUBSCRIBED_ROOMS = 10  # --daemon: the subscribers are spread over the first 10 rooms
+SUBSCRIBED_ROOMS = 10  # --daemon: the subscribers are spread over rooms 0, 10, ..., 90
 EVENT_FRAME = b'{"type" : "event"'  # how pgbridge_event_frame's text starts (json_build_object)
 
 
@@ -232,7 +233,7 @@ def parse_args() -> argparse.Namespace:
                         help="also run the bridge (PGBRIDGE_DOORBELL=adaptive) with subscribers "
                         "against the variant 'adaptive'")
     parser.add_argument("--subscribers", type=int, default=100,
-                        help="--daemon: WebSocket subscribers over the first 10 rooms (100)")
+                        help="--daemon: WebSocket subscribers over every tenth room (100)")
     parser.add_argument("--drain", type=float, default=10.0,
                         help="--daemon: at most this many seconds to wait for the frames after "
                         "an adaptive run (10; also stops after 2 s without progress)")
@@ -559,8 +560,10 @@ class Bridge:
 
 
 def add_subscribers(conninfo: str, setup: Setup, n: int) -> list[tuple[str, str]]:
-    """``n`` users, member each of one of the first SUBSCRIBED_ROOMS rooms; (user, room)."""
-    rooms = setup.rooms[:SUBSCRIBED_ROOMS]
+    """``n`` users, member each of one of SUBSCRIBED_ROOMS rooms, every tenth: in a cell of R
+    rooms (the first R), those of them with subscribers are a tenth (one at least); (user,
+    room)."""
+    rooms = setup.rooms[::10][:SUBSCRIBED_ROOMS]
     with connect(conninfo, ADAPTIVE.schema) as conn:
         rows = conn.execute(
             "INSERT INTO users (auth0_id, email, username) SELECT 'sub|' || g, "

@@ -22,7 +22,8 @@ while it still wants it) and reads the log every ``poll_interval`` seconds. Its 
   every ``check_every`` (a transaction left open for hours costs one read a second, and its
   event still arrives within that second).
 
-The rate is what this bridge can see: signed capture NOTIFYs heard while writers ring; while
+The rate is what this bridge can see: signed capture NOTIFYs heard while writers ring (over
+half a second: :data:`RING_WINDOW`); while
 they are quiet, the growth of ``change_events`` inserts in the statistics system (``captured``;
 ``track_counts``), or the events the polls found (only the rooms with subscribers here: without
 the statistics, a bridge with few may ask for the doorbell back and take it again a few seconds
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 __all__ = ["POLICIES", "Call", "Doorbell", "Mode", "Reading"]
 
 POLICIES = ("adaptive", "on", "off")
+# Seconds over which rings are counted: a burst must last this long to stop the doorbell.
+RING_WINDOW = 0.5
 
 
 class Mode(enum.Enum):
@@ -117,7 +120,7 @@ class Doorbell:
     def rang(self, now: float) -> None:
         """A signed capture NOTIFY arrived."""
         self._rings += 1
-        if self.mode is Mode.RINGING and now - self._window_start >= 1.0:
+        if self.mode is Mode.RINGING and now - self._window_start >= RING_WINDOW:
             self.rate = self._rings / (now - self._window_start)
             self._rings, self._window_start = 0, now
             if self._wants_quiet() and not self._want:
