@@ -132,15 +132,14 @@ ADAPTIVE = Variant("adaptive", "adaptive (bridge running, PGBRIDGE_DOORBELL=adap
 # Ablations of pgbridge_capture (--profile): the text they replace, as in
 # sql/triggers/10_change_capture.sql (pg_get_functiondef gives the body back verbatim).
 SEQ_UPDATE = """UPDATE change_sequences s SET last_seq = s.last_seq + 1
-                WHERE s.room_id = v_rooms[i]
+                WHERE s.room_id = e_room
                 RETURNING s.last_seq"""
-SEQ_UPSERT = """INSERT INTO change_sequences AS s (room_id, last_seq) VALUES (v_rooms[i], 1)
+SEQ_UPSERT = """INSERT INTO change_sequences AS s (room_id, last_seq) VALUES (e_room, 1)
                 ON CONFLICT (room_id) DO UPDATE SET last_seq = s.last_seq + 1
                 RETURNING s.last_seq"""
 NO_SEQ = "SELECT nextval('bench_seq') AS last_seq"
 LOG_INSERT = """INSERT INTO change_events (room_id, seq, table_name, op, row_id, payload, created_at)
-            SELECT v_rooms[i], bumped.last_seq, TG_TABLE_NAME, v_ops[i], v_ids[i], v_datas[i],
-                   v_ts
+            SELECT e_room, bumped.last_seq, TG_TABLE_NAME, e_op, e_id, e_data, v_ts
             FROM bumped
             RETURNING seq INTO v_seq;"""
 NO_LOG = "SELECT bumped.last_seq INTO v_seq FROM bumped;"
