@@ -232,7 +232,7 @@ def parse_args() -> argparse.Namespace:
                         help="also run the bridge (PGBRIDGE_DOORBELL=adaptive) with subscribers "
                         "against the variant 'adaptive'")
     parser.add_argument("--subscribers", type=int, default=100,
-                        help="--daemon: WebSocket subscribers over every tenth room (100)")
+                        help="--daemon: WebSocket subscribers over rooms 0, 10, ..., 90 (100)")
     parser.add_argument("--drain", type=float, default=10.0,
                         help="--daemon: at most this many seconds to wait for the frames after "
                         "an adaptive run (10; also stops after 2 s without progress)")
@@ -823,7 +823,9 @@ def main() -> int:
         setups: dict[str, Setup] = {}
         try:
             for v in variants:
-                setups[v.name] = prepare_schema(conninfo, v, max_rooms, max_writers)
+                # the adaptive schema has rooms 0, 10, ..., 90 to subscribe to whatever the cells
+                rooms_n = max(max_rooms, 10 * SUBSCRIBED_ROOMS) if v is ADAPTIVE else max_rooms
+                setups[v.name] = prepare_schema(conninfo, v, rooms_n, max_writers)
             print(f"pgbridge write overhead: INSERT INTO messages, autocommit single-row "
                   f"inserts, rooms {','.join(map(str, args.rooms))} x writers "
                   f"{','.join(map(str, args.writers))}, {args.rounds} alternating runs x "
