@@ -110,7 +110,9 @@ def take_page(room: str, last: int, events: Sequence[Event], *, limit: int,
         page.steps.append(event)
         page.cursor = event.seq
     reached = upto is not None and page.cursor >= upto
-    page.more = len(events) >= limit and not reached
+    # (a full page that moved nothing, which one read after ``last`` cannot give, is not read
+    # again: that would loop)
+    page.more = len(events) >= limit and not reached and page.cursor > last
     if not page.more and upto is not None and not reached:
         page.missing = Hole(room, page.cursor + 1, upto)
     return page

@@ -91,6 +91,11 @@ def test_events_at_or_below_the_cursor_are_skipped() -> None:
     assert page.steps == [ev(6)]
 
 
+def test_a_full_page_that_moved_nothing_is_not_read_again() -> None:
+    page = take_page("R", 5, [ev(4), ev(5)], limit=2)
+    assert page.steps == [] and not page.more
+
+
 def test_announced_events_the_log_does_not_hold_leave_the_cursor_where_the_log_ends() -> None:
     # a NOTIFY announced 9; the log ends at 7: nothing moves the cursor past what it holds
     page = take_page("R", 5, [ev(6), ev(7)], limit=10, upto=9)
