@@ -39,11 +39,13 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["POLICIES", "Call", "Doorbell", "Mode", "Reading"]
+__all__ = ["POLICIES", "POLL_DUTY", "RING_WINDOW", "Call", "Doorbell", "Mode", "Reading"]
 
 POLICIES = ("adaptive", "on", "off")
 # Seconds over which rings are counted: a burst must last this long to stop the doorbell.
 RING_WINDOW = 0.5
+# A poll starts at most this many times the last poll's duration after it (see poll_delay).
+POLL_DUTY = 5.0
 
 
 class Mode(enum.Enum):
@@ -174,11 +176,13 @@ class Doorbell:
                 else max(self.poll_delay(now), 10 * self.poll_interval))
         return self.mode if self.mode is not before else None
 
-    def poll_delay(self, now: float) -> float:
-        """Seconds between two polls now."""
+    def poll_delay(self, now: float, took: float = 0.0) -> float:
+        """Seconds from the start of one poll to the start of the next: ``poll_interval``, or
+        ``POLL_DUTY`` times what the last poll ``took`` (seconds) when that is longer, so that
+        polling many rooms never keeps the database busy more than a fifth of the time."""
         if self.mode is Mode.SETTLING and now - self._settling_since > self.settle_patience:
-            return self.check_every
-        return self.poll_interval
+            return max(self.check_every, POLL_DUTY * took)
+        return max(self.poll_interval, POLL_DUTY * took)
 
     # --- inside ---------------------------------------------------------------------------
 

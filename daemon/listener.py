@@ -448,9 +448,10 @@ class Listener:
             done: asyncio.Future[int] = loop.create_future()
             await self._queue.put(_CatchUp(done))
             self.bell.polled(await done)
-            # polls start every poll_delay, however long one took (at once when it overran)
+            # polls start every poll_delay, however long one took (a slow one spaces them out)
             now = time.monotonic()
-            await asyncio.sleep(max(0.0, started + self.bell.poll_delay(now) - now))
+            await asyncio.sleep(max(0.0, started + self.bell.poll_delay(now, now - started)
+                                    - now))
 
     # --- processor ------------------------------------------------------------------------
 

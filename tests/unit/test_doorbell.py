@@ -205,3 +205,10 @@ def test_without_statistics_the_rate_comes_from_the_polls() -> None:
 def test_an_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="adaptive"):
         Doorbell("sometimes")
+
+
+def test_slow_polls_are_spaced_out_to_a_fifth_of_the_time() -> None:
+    bell = Doorbell(poll_interval=0.01, now=0.0)
+    bell.observed(quiet(0.0), 0.0)
+    assert bell.poll_delay(0.1, took=0.001) == 0.01  # cheap polls: every interval
+    assert bell.poll_delay(0.1, took=0.02) == pytest.approx(0.1)  # many rooms: 20 % busy
