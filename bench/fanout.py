@@ -81,10 +81,10 @@ import threading
 import time
 import uuid
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,7 +193,7 @@ class WsClient(asyncio.Protocol):
                 self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
-        from websockets.frames import Opcode
+        from websockets.frames import Frame, Opcode
         from websockets.http11 import Response
 
         now = time.time()
@@ -209,21 +209,25 @@ class WsClient(asyncio.Protocol):
                 elif not self.ready.done():
                     self.ready.set_result(None)
                 continue
-            if event.opcode is not Opcode.TEXT:
+            if not isinstance(event, Frame) or event.opcode is not Opcode.TEXT:
                 continue
+            text = bytes(event.data)
             if not self.ready.done():
-                if b'"subscribed"' in event.data:
+                if b'"subscribed"' in text:
                     self.ready.set_result(None)
-                elif b'"error"' in event.data:
-                    self.ready.set_exception(RuntimeError(event.data.decode()))
+                elif b'"error"' in text:
+                    self.ready.set_exception(RuntimeError(text.decode()))
                 continue
-            self.on_text(event.data, now)
+            self.on_text(text, now)
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"connection lost: {exc}"))
+
+
+WsClientT = TypeVar("WsClientT", bound=WsClient)
 
 
 class _Client(WsClient):
@@ -260,28 +264,37 @@ class _Client(WsClient):
         self.last = now
 
 
-async def _clients(specs: list[tuple[str, bytes | None]], ready: Any, results: Any, stop: Any,
-                   counter: Any, index: int) -> None:
+async def open_clients(specs: list[tuple[str, bytes | None]],
+                       factory: Callable[[str, bytes | None], WsClientT], *,
+                       in_flight: int = 50) -> list[WsClientT]:
+    """One client per ``(url, subscribe)`` of ``specs``, made by ``factory``, with at most
+    ``in_flight`` handshakes at a time; each must be ready (subscribed) within 60 s."""
+    from urllib.parse import urlsplit
+
     loop = asyncio.get_running_loop()
-    sink = _Sink()
-    clients: list[_Client] = []
-    gate = asyncio.Semaphore(50)
-    host_port: dict[str, tuple[str, int]] = {}
+    gate = asyncio.Semaphore(in_flight)
+    addresses: dict[str, tuple[str, int]] = {}
 
-    async def open_one(url: str, subscribe: bytes | None) -> _Client:
-        from urllib.parse import urlsplit
-
-        if url not in host_port:
+    async def open_one(url: str, subscribe: bytes | None) -> WsClientT:
+        if url not in addresses:
             parts = urlsplit(url)
-            host_port[url] = (parts.hostname or "127.0.0.1", parts.port or 80)
+            addresses[url] = (parts.hostname or "127.0.0.1", parts.port or 80)
         async with gate:
-            _, client = await loop.create_connection(lambda: _Client(url, subscribe, sink),
-                                                     *host_port[url])
+            _, client = await loop.create_connection(lambda: factory(url, subscribe),
+                                                     *addresses[url])
             await asyncio.wait_for(client.ready, 60)
         return client
 
+    return list(await asyncio.gather(*(open_one(u, s) for u, s in specs)))
+
+
+async def _clients(specs: list[tuple[str, bytes | None]], ready: Any, results: Any, stop: Any,
+                   counter: Any, index: int) -> None:
+    sink = _Sink()
+    clients: list[_Client] = []
+
     try:
-        clients = list(await asyncio.gather(*(open_one(u, s) for u, s in specs)))
+        clients = await open_clients(specs, lambda url, sub: _Client(url, sub, sink))
     except Exception as exc:
         ready.put((index, f"{type(exc).__name__}: {exc}"))
         return
@@ -1037,14 +1050,14 @@ def report_switch(sw: Switch, runs: list[SwitchRun]) -> None:
             continue
         print(f"  {run.mode}:")
         start = 0.0
-        for ph in sw.phases:
+        for phase in sw.phases:
             cells = []
-            for second in range(int(start), int(start + ph.seconds)):
+            for second in range(int(start), int(start + phase.seconds)):
                 values, state = run.seconds.get(second, ([], "ringing"))
                 cells.append(f"{fmt_ms(pct(values, 0.99))}/{fmt_ms(pct(values, 1.0))}"
                              f"{state[0]}")
-            print(f"    {ph.name:<7} " + " ".join(cells))
-            start += ph.seconds
+            print(f"    {phase.name:<7} " + " ".join(cells))
+            start += phase.seconds
 
     print(f"\ngoals: light p99 <= {LIGHT_P99_MS:g} ms (first and last light phase, adaptive), "
           f"heavy p99 <= {HEAVY_P99_MS:g} ms at the heavy rate, nothing lost, duplicated or "
@@ -1132,8 +1145,9 @@ def report(sc: Scenario, results: list[Result]) -> None:
 
         print(f"ratio pgbridge/baseline: deliveries/s {ratio(p.per_s, b.per_s)}, "
               f"p50 {ratio(p.pct(0.5), b.pct(0.5))}, p99 {ratio(p.pct(0.99), b.pct(0.99))}")
-    p = by.get("pgbridge")
-    if p is not None and sc.goal_p99_ms is not None:
+    ours = by.get("pgbridge")
+    if ours is not None and sc.goal_p99_ms is not None:
+        p = ours
         lossless = p.delivered == p.expected and p.duplicates == 0
         met = lossless and p.pct(0.99) <= sc.goal_p99_ms
         print(f"goal (pgbridge): p99 <= {sc.goal_p99_ms:g} ms and nothing lost: "

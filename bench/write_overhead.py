@@ -86,7 +86,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psycopg
-from fanout import SECRET, SEQ, CpuMeter, WsClient, clean_env, free_port, process
+from fanout import (
+    SECRET,
+    SEQ,
+    CpuMeter,
+    WsClient,
+    clean_env,
+    free_port,
+    open_clients,
+    process,
+)
 from psycopg import sql
 from ulid import ULID
 
@@ -467,23 +476,10 @@ async def _subscribers(specs: list[tuple[str, bytes]], ready: Any, stop: Any, st
     """Open every subscription, then keep ``stats`` (frames, connections lost, frames whose seq
     was not the last + 1) current until ``stop``; each item of ``requests`` is answered on
     ``replies`` with the latencies recorded since the last one."""
-    from urllib.parse import urlsplit
-
-    loop = asyncio.get_running_loop()
     lat: array[float] = array("d")
-    gate = asyncio.Semaphore(50)
-    parts = urlsplit(specs[0][0])
-    addr = (parts.hostname or "127.0.0.1", parts.port or 80)
-
-    async def open_one(url: str, subscribe: bytes) -> _Subscriber:
-        async with gate:
-            _, client = await loop.create_connection(lambda: _Subscriber(url, subscribe, lat),
-                                                     *addr)
-            await asyncio.wait_for(client.ready, 60)
-        return client
-
     try:
-        clients = list(await asyncio.gather(*(open_one(u, s) for u, s in specs)))
+        clients = await open_clients(list(specs),
+                                     lambda url, sub: _Subscriber(url, sub or b"", lat))
     except Exception as exc:
         ready.put(f"{type(exc).__name__}: {exc}")
         return
