@@ -39,13 +39,17 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["POLICIES", "POLL_DUTY", "RING_WINDOW", "Call", "Doorbell", "Mode", "Reading"]
+__all__ = ["HINT_GAP", "POLICIES", "POLL_DUTY", "RING_WINDOW", "Call", "Doorbell", "Mode",
+           "Reading"]
 
 POLICIES = ("adaptive", "on", "off")
 # Seconds over which rings are counted: a burst must last this long to stop the doorbell.
 RING_WINDOW = 0.5
 # A poll starts at most this many times the last poll's duration after it (see poll_delay).
 POLL_DUTY = 5.0
+# Seconds between two reads of the lease prompted by hints: anyone may send one, so a flood of
+# them costs the database at most this many reads a second.
+HINT_GAP = 0.1
 
 
 class Mode(enum.Enum):
@@ -110,6 +114,7 @@ class Doorbell:
         self._settling_since = 0.0
         self._barrier: str | None = None
         self._next_call = now  # read the lease at start
+        self._last_call = now - HINT_GAP  # when the last answer (or failure) came
         self._want = policy == "off"
 
     # --- what the listener heard ----------------------------------------------------------
@@ -134,8 +139,9 @@ class Doorbell:
         self._polled += events
 
     def hinted(self, now: float) -> None:
-        """A ``{"doorbell"}`` hint (unsigned, anyone may send it): read the lease soon."""
-        self._next_call = min(self._next_call, now)
+        """A ``{"doorbell"}`` hint (unsigned, anyone may send it): read the lease soon, but
+        not sooner than ``HINT_GAP`` seconds after the last read."""
+        self._next_call = min(self._next_call, max(now, self._last_call + HINT_GAP))
 
     # --- the calls ------------------------------------------------------------------------
 
@@ -151,11 +157,13 @@ class Doorbell:
 
     def failed(self, now: float) -> None:
         """The call failed (the database is away): try again in a while, change nothing."""
+        self._last_call = now
         self._next_call = now + min(self.renew_every, self.check_every)
 
     def observed(self, reading: Reading, now: float) -> Mode | None:
         """Take the answer to :meth:`call`; return the new mode if it changed."""
         before = self.mode
+        self._last_call = now
         if reading.quiet_until is not None:  # writers are quiet, whoever asked
             self.mode, self._barrier = Mode.QUIET, None
         elif self.mode is Mode.QUIET:  # the lease ended since the last reading

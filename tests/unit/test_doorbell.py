@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.doorbell import Call, Doorbell, Mode, Reading
+from daemon.doorbell import HINT_GAP, Call, Doorbell, Mode, Reading
 
 
 def ringing(now: float) -> Reading:
@@ -160,6 +160,20 @@ def test_a_hint_makes_the_lease_read_now() -> None:
     assert bell.due(0.2) > 0
     bell.hinted(0.2)
     assert bell.due(0.2) == 0
+
+
+def test_a_flood_of_hints_costs_at_most_one_read_per_hint_gap() -> None:
+    bell = Doorbell(now=0.0)
+    bell.observed(ringing(0.0), 0.0)
+    reads, t = 0, 0.0
+    for _ in range(1000):  # a hint every millisecond for a second
+        t += 0.001
+        bell.hinted(t)
+        if bell.due(t) == 0:
+            reads += 1
+            bell.observed(ringing(t), t)
+    assert reads <= 1.0 / HINT_GAP + 1
+    assert reads >= 1.0 / HINT_GAP - 1  # and each gap still reads once
 
 
 def test_a_forged_hint_changes_nothing_but_a_read() -> None:
