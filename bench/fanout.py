@@ -620,20 +620,29 @@ def run_clients_and_writer(system: str, sc: Scenario, db: str,
     return result
 
 
-def run_pgbridge(server: str, sc: Scenario, args: argparse.Namespace, logdir: Path) -> Result:
+def pgbridge_run(db: str, members: list[tuple[str, str]], args: argparse.Namespace,
+                 **env: str) -> tuple[int, dict[str, str], list[tuple[str, bytes | None]]]:
+    """What starting the daemon on ``db`` takes: a free port, its environment (``env`` added,
+    log level WARNING unless given) and one ``(url, subscribe frame)`` per ``(user, room)`` of
+    ``members``."""
     from daemon.auth import mint_token
 
+    port = free_port()
+    environment = clean_env() | {
+        "DATABASE_URL": db, "PGBRIDGE_JWT_SECRET": SECRET, "PGBRIDGE_PORT": str(port),
+        "PGBRIDGE_QUEUE_SIZE": str(args.queue_size), "PGBRIDGE_LOG_LEVEL": "WARNING",
+    } | env
+    url = f"ws://127.0.0.1:{port}/ws?token="
+    specs: list[tuple[str, bytes | None]] = [
+        (url + mint_token(SECRET, user, ttl=3600),
+         f'{{"type":"subscribe","room":"{room}"}}'.encode()) for user, room in members]
+    return port, environment, specs
+
+
+def run_pgbridge(server: str, sc: Scenario, args: argparse.Namespace, logdir: Path) -> Result:
     with scratch_database(server, "pgbridge") as db:
         rooms, members = setup_pgbridge(db, sc)
-        port = free_port()
-        env = clean_env() | {
-            "DATABASE_URL": db, "PGBRIDGE_JWT_SECRET": SECRET, "PGBRIDGE_PORT": str(port),
-            "PGBRIDGE_QUEUE_SIZE": str(args.queue_size), "PGBRIDGE_LOG_LEVEL": "WARNING",
-        }
-        url = f"ws://127.0.0.1:{port}/ws?token="
-        specs: list[tuple[str, bytes | None]] = [
-            (url + mint_token(SECRET, user, ttl=3600),
-             f'{{"type":"subscribe","room":"{room}"}}'.encode()) for user, room in members]
+        port, env, specs = pgbridge_run(db, members, args)
         with process([sys.executable, "-m", "daemon"], env, port, "pgbridge",
                      logdir / "pgbridge.log") as proc:
             profiler = start_profiler(args, proc.pid, sc)
@@ -928,21 +937,11 @@ def run_switch(server: str, sw: Switch, mode: str, args: argparse.Namespace,
     the daemon logs to ``log``."""
     import psycopg
 
-    from daemon.auth import mint_token
-
     sc = Scenario(f"switch-{mode}", sw.clients, sw.rooms, max(p.rate for p in sw.phases))
     with scratch_database(server, "switch") as db:
         rooms, members = setup_pgbridge(db, sc)
-        port = free_port()
-        env = clean_env() | {
-            "DATABASE_URL": db, "PGBRIDGE_JWT_SECRET": SECRET, "PGBRIDGE_PORT": str(port),
-            "PGBRIDGE_QUEUE_SIZE": str(args.queue_size), "PGBRIDGE_LOG_LEVEL": "INFO",
-            "PGBRIDGE_DOORBELL": mode,
-        }
-        url = f"ws://127.0.0.1:{port}/ws?token="
-        specs: list[tuple[str, bytes | None]] = [
-            (url + mint_token(SECRET, user, ttl=3600),
-             f'{{"type":"subscribe","room":"{room}"}}'.encode()) for user, room in members]
+        port, env, specs = pgbridge_run(db, members, args, PGBRIDGE_LOG_LEVEL="INFO",
+                                        PGBRIDGE_DOORBELL=mode)
         with process([sys.executable, "-m", "daemon"], env, port, "pgbridge", log) as proc:
             profiler = start_profiler(args, proc.pid, sc)
             fleet = Fleet(specs, args.procs)

@@ -93,12 +93,12 @@ class Metrics:
         self.latency_replay = self.commit_to_send.labels("replay")
         self.log_reads = Histogram(
             "pgbridge_log_read_seconds", "Seconds per read of change_events (at most 500 "
-            "events), by purpose: gap_fill (a NOTIFY whose seq is not the room's next, or too "
-            "large to carry its event), catch_up (after the listener (re)connected, or a failed "
-            "read), poll (while writers do not NOTIFY: one read of every room with subscribers "
-            "every PGBRIDGE_POLL_INTERVAL), replay (a subscriber's history); failed reads "
-            "included", ["purpose"],
-            buckets=READ_BUCKETS, registry=r)
+            "events of one room, or about 2,000 over up to 500 rooms), by purpose: gap_fill (a "
+            "NOTIFY whose seq is not the room's next, or too large to carry its event), "
+            "catch_up (after the listener (re)connected, or a failed read), poll (while writers "
+            "do not NOTIFY: one read of every room with subscribers every "
+            "PGBRIDGE_POLL_INTERVAL), replay (a subscriber's history); failed reads included",
+            ["purpose"], buckets=READ_BUCKETS, registry=r)
         self.read_gap_fill = self.log_reads.labels("gap_fill")
         self.read_catch_up = self.log_reads.labels("catch_up")
         self.read_replay = self.log_reads.labels("replay")
