@@ -31,8 +31,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from websockets.asyncio.server import broadcast
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from .acks import AckBuffer
 from .auth import AuthError, Claims
@@ -43,6 +43,7 @@ from .handshake import BridgeConnection
 from .hub import Hub, Subscription
 from .listener import Listener
 from .metrics import Metrics
+from .outbox import Flusher, take_message, text_frame, wire_frame
 from .presence_feed import PresenceFeed
 from .protocol import (
     Ack,
@@ -88,6 +89,7 @@ class Services(Protocol):
     acks: AckBuffer
     limits: ClientLimits
     presence_feed: PresenceFeed
+    flusher: Flusher
     verify_token: Callable[[str], Claims]
 
 
@@ -95,16 +97,21 @@ class Client:
     """One WebSocket connection: parses its frames, owns its subscriptions and its outgoing
     queue. Implements :class:`daemon.hub.Sink` and :class:`daemon.access.Session`."""
 
-    def __init__(self, server: Services, ws: BridgeConnection, claims: Claims) -> None:
+    def __init__(self, server: Services, ws: BridgeConnection, claims: Claims, *,
+                 batch: int | None = None) -> None:
         self.server = server
         self.ws = ws
         self.user = claims.sub
         self.subs: dict[str, Subscription] = {}
         self._queue: deque[bytes | str] = deque()
-        self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
         self._closing = False
-        self._writing = False  # the writer task is draining the queue
+        self._writing = False  # a writer task is draining the queue
+        # ?batch=MS (PROTOCOL.md, "Coalesced messages"): frames wait up to MS ms in the queue
+        # and leave together; None: one frame per message
+        self._batch_ms = batch
+        self._batch = None if batch is None else batch / 1000
+        self._marked = False  # waiting for the flusher
         self._limit = server.settings.queue_size
         # replay and snapshots go out in pages that leave half the queue to live frames: a page
         # larger than the queue would close a client that is only catching up with 4008
@@ -128,16 +135,43 @@ class Client:
     def send(self, frame: bytes | str) -> None:
         if self._closing:
             return
-        if not self._queue and not self._writing and self._socket_has_room():
+        if self._batch is None and not self._queue and not self._writing \
+                and self._socket_has_room():
             # Fast path: nothing is waiting and the socket's buffer is below its high-water
-            # mark, so write now (websockets' broadcast() writes without waiting for a drain).
-            broadcast((self.ws,), frame, text=True)
+            # mark, so write now, bytes encoded once for every subscriber of the room.
+            self._write_now(wire_frame(frame))
             return
         if len(self._queue) >= self._limit:
             self.overflow(f"its outgoing queue is full ({len(self._queue)} frames)")
             return
         self._queue.append(frame)
-        self._wakeup.set()
+        if self._writing:
+            return  # the writer task sends it after what is before it
+        if self._batch is None:
+            self._start_writer()
+        elif not self._marked:
+            self._marked = True
+            self.server.flusher.mark(self, self._batch)
+
+    def flush(self) -> None:
+        """Coalescing (``?batch=``): send what is queued as one message now that the wait is
+        over, if the socket has room; the writer task sends the rest."""
+        self._marked = False
+        if self._closing or self._writing or not self._queue:
+            return
+        if self._socket_has_room():
+            message, _ = take_message(self._queue)
+            self._write_now(text_frame(message))
+        if self._queue:
+            self._start_writer()
+        else:
+            self._drained.set()
+
+    def _write_now(self, wire: bytes) -> None:
+        """Write an encoded frame (:mod:`daemon.outbox`) to the socket without waiting; skipped
+        once the closing handshake started, as websockets' ``broadcast()`` does."""
+        if self.ws.protocol.state is State.OPEN:
+            self.ws.transport.write(wire)
 
     def _socket_has_room(self) -> bool:
         transport = self.ws.transport
@@ -177,9 +211,8 @@ class Client:
     # --- life -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._writer = asyncio.create_task(self._write_forever(), name=f"writer-{self.ws.id}")
         self.ws.on_ping = self._on_ping
-        self.send(welcome(self.user, self.server.settings.heartbeat))
+        self.send(welcome(self.user, self.server.settings.heartbeat, batch=self._batch_ms))
         try:
             async for message in self.ws:
                 if self._closing:
@@ -198,40 +231,49 @@ class Client:
             self.subs.clear()
             if self._expiry is not None:
                 self._expiry.cancel()
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            writer = self._writer
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
 
-    async def _write_forever(self) -> None:
-        ws = self.ws
+    def _start_writer(self) -> None:
+        """Drain the queue at the pace of the socket, in a task that lives while frames wait:
+        an idle connection holds no task of its own."""
+        self._writing = True
+        self._drained.clear()
+        self._writer = asyncio.create_task(self._write_queued(), name=f"writer-{self.ws.id}")
+
+    async def _write_queued(self) -> None:
+        ws, queue = self.ws, self._queue
         try:
-            while True:
-                if not self._queue:
-                    self._writing = False
-                    self._drained.set()
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                self._writing = True
-                self._drained.clear()
-                frame = self._queue.popleft()
+            while queue:
+                if self._batch is None:
+                    message: bytes | str = queue.popleft()
+                else:
+                    message, _ = take_message(queue)
                 try:
                     # waits while the socket's buffer is full; the frame is written already
                     # when the wait is cut short, so the stream stays whole for the close
                     async with asyncio.timeout(self._send_timeout):
-                        await ws.send(frame, text=True)
+                        await ws.send(message, text=True)
                 except TimeoutError:
                     self.overflow(f"its socket accepted nothing for {self._send_timeout:g} s "
-                                  f"({len(self._queue)} more frames queued)")
+                                  f"({len(queue)} more frames queued)")
                     return
         except ConnectionClosed:
             self._closing = True
+        finally:
+            self._writing = False
+            self._writer = None
+            self._drained.set()
 
     def _close_soon(self, code: int, reason: str) -> None:
         self._closing = True
         self._queue.clear()
         if self._writer is not None:
             self._writer.cancel()
+        self._drained.set()  # a replay waiting for room stops at _closing
         for sub in self.subs.values():
             self.server.hub.remove(sub)
         asyncio.get_running_loop().create_task(self.ws.close(code, reason))

@@ -26,6 +26,7 @@ import secrets
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -42,6 +43,7 @@ from .auth import AuthError, Claims
 from .errors import BridgeError
 from .logs import Throttled
 from .origins import origin_allowed
+from .outbox import MAX_BATCH_MS
 from .web import asset_for
 
 if TYPE_CHECKING:
@@ -57,8 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _refusals = Throttled(log)  # a flood of refusals is counted in metrics, not logged line by line
 
-__all__ = ["BridgeConnection", "Gate", "Health", "close_code_sent", "connection_class",
-           "process_request"]
+__all__ = ["BridgeConnection", "Gate", "Health", "Upgrade", "close_code_sent",
+           "connection_class", "process_request"]
 
 HANDSHAKES_PER_TURN = 4  # upgrades checked per turn of the event loop (Gate.turns)
 
@@ -234,6 +236,20 @@ def _target(request: Request) -> tuple[str, dict[str, list[str]]]:
     return parts.path, query
 
 
+def _batch_of(query: dict[str, list[str]]) -> int | None:
+    """The coalescing wait asked with ``?batch=MS`` (PROTOCOL.md, "Coalesced messages"): an
+    integer of milliseconds, 0 to :data:`daemon.outbox.MAX_BATCH_MS`, given at most once."""
+    values = query.get("batch", [])
+    if not values:
+        return None
+    text = values[0]
+    if len(values) > 1 or not (text.isascii() and text.isdigit()) or len(text) > 4 \
+            or int(text) > MAX_BATCH_MS:
+        raise _BadTarget(f"batch must be given once, as whole milliseconds from 0 to "
+                         f"{MAX_BATCH_MS}")
+    return int(text)
+
+
 def _token_of(request: Request, query: dict[str, list[str]]) -> str | None:
     """The token of ``?token=`` (which wins) or of the ``Authorization: Bearer`` header; a
     token given twice the same way is refused (which one would be meant?)."""
@@ -309,13 +325,22 @@ class Health:
         return {"database": await self._database(), "listener": self._listener()}
 
 
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """An upgrade :func:`process_request` accepted: the token's claims and the coalescing wait
+    the client asked for (``?batch=`` ms; ``None``: one frame per message)."""
+
+    claims: Claims
+    batch: int | None = None
+
+
 class Gate:
     """What the answers before the upgrade need, and the upgrades in progress.
 
     ``verify_token`` checks a JWT (raises :class:`daemon.auth.AuthError`), ``live_user`` asks
     the database whether a ``users.id`` is live (raises :class:`BridgeError`), ``connections``
-    counts the open WebSocket connections (for ``/healthz``). ``handshakes`` holds the claims of
-    upgrades accepted by :func:`process_request` until their handler takes them.
+    counts the open WebSocket connections (for ``/healthz``). ``handshakes`` holds the upgrades
+    accepted by :func:`process_request` until their handler takes them.
     """
 
     def __init__(self, *, settings: DaemonSettings, metrics: Metrics, limits: ClientLimits,
@@ -329,7 +354,7 @@ class Gate:
         self.verify_token = verify_token
         self.live_user = live_user
         self.connections = connections
-        self.handshakes: weakref.WeakKeyDictionary[ServerConnection, Claims] = (
+        self.handshakes: weakref.WeakKeyDictionary[ServerConnection, Upgrade] = (
             weakref.WeakKeyDictionary())
         self.turns = asyncio.Semaphore(HANDSHAKES_PER_TURN)
 
@@ -392,7 +417,7 @@ async def _route(gate: Gate, connection: ServerConnection,
     if isinstance(admitted, Response):
         return admitted
     try:
-        if not await gate.live_user(admitted.sub):
+        if not await gate.live_user(admitted.claims.sub):
             return _unauthorized(gate, connection,
                                  AuthError("the token's user does not exist or is deleted"))
     except BridgeError as exc:
@@ -405,9 +430,9 @@ async def _route(gate: Gate, connection: ServerConnection,
 
 
 def _admit(gate: Gate, connection: ServerConnection, request: Request,
-           query: dict[str, list[str]]) -> Response | Claims:
-    """The checks of an upgrade that need no database: limits and the token. Returns the
-    refusal, or the claims with a slot held for the user in ``gate.handshakes``."""
+           query: dict[str, list[str]]) -> Response | Upgrade:
+    """The checks of an upgrade that need no database: limits, the token and ``batch``.
+    Returns the refusal, or the upgrade with a slot held for the user in ``gate.handshakes``."""
     origins, hosts = request.headers.get_all("Origin"), request.headers.get_all("Host")
     if len(origins) > 1 or len(hosts) > 1:
         return _json(HTTPStatus.BAD_REQUEST, {"error": "bad_request",
@@ -425,6 +450,7 @@ def _admit(gate: Gate, connection: ServerConnection, request: Request,
                        "retry later", retry_after=5)
     try:
         token = _token_of(request, query)
+        batch = _batch_of(query)
     except _BadTarget as exc:
         return _json(HTTPStatus.BAD_REQUEST, {"error": "bad_request", "message": str(exc)})
     try:
@@ -433,14 +459,14 @@ def _admit(gate: Gate, connection: ServerConnection, request: Request,
         claims = gate.verify_token(token)
     except AuthError as exc:
         return _unauthorized(gate, connection, exc)
-    pending = sum(1 for c in gate.handshakes.values() if c.sub == claims.sub)
+    pending = sum(1 for u in gate.handshakes.values() if u.claims.sub == claims.sub)
     if limits.user_at_capacity(claims.sub, pending=pending):
         return _refuse(gate, HTTPStatus.TOO_MANY_REQUESTS, "too_many_connections",
                        f"at most {limits.max_per_user} connections per user", retry_after=5)
     # Hold the slot while the database answers, so that concurrent upgrades of one user are
     # counted here and not only after the upgrade (where they cost a close).
-    gate.handshakes[connection] = claims
-    return claims
+    upgrade = gate.handshakes[connection] = Upgrade(claims, batch)
+    return upgrade
 
 
 def _unauthorized(gate: Gate, connection: ServerConnection, exc: AuthError) -> Response:

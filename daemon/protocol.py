@@ -236,10 +236,12 @@ def _dump(obj: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in obj.items() if v is not None}, separators=(",", ":"))
 
 
-def welcome(user: str, heartbeat: float) -> str:
-    """First frame after the upgrade; ``heartbeat`` in seconds (server pings that often)."""
+def welcome(user: str, heartbeat: float, *, batch: int | None = None) -> str:
+    """First frame after the upgrade; ``heartbeat`` in seconds (server pings that often);
+    ``batch``, the coalescing wait in ms the client asked for (``?batch=``; PROTOCOL.md,
+    "Coalesced messages"), only when it did."""
     return _dump({"type": "welcome", "user": user, "protocol": PROTOCOL_VERSION,
-                  "heartbeat": heartbeat})
+                  "heartbeat": heartbeat, "batch": batch})
 
 
 def subscribed(room: str, from_seq: int, head: int, ref: str | None) -> str:

@@ -22,6 +22,7 @@ from .handshake import BridgeConnection, Gate, Health, connection_class, process
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
+from .outbox import Flusher
 from .presence_feed import PresenceFeed
 from .presence_writer import PresenceWriter
 from .ratelimit import ClientLimits
@@ -52,6 +53,7 @@ class Server:
         self.presence = presence
         self.presence_feed = presence_feed
         self.verify_token = verify_token
+        self.flusher = Flusher()
         self.clients: set[Client] = set()
         self.gate = Gate(settings=settings, metrics=metrics, limits=limits, health=health,
                          verify_token=verify_token, live_user=store.live_user,
@@ -89,10 +91,11 @@ class Server:
 
     async def _handler(self, ws: ServerConnection) -> None:
         assert isinstance(ws, BridgeConnection)  # serve(create_connection=BridgeConnection)
-        claims = self.gate.handshakes.pop(ws, None)
-        if claims is None:  # cannot happen: process_request accepted it
+        upgrade = self.gate.handshakes.pop(ws, None)
+        if upgrade is None:  # cannot happen: process_request accepted it
             await ws.close(CLOSE_INTERNAL, "internal error")
             return
+        claims = upgrade.claims
         # process_request checked the limits before its awaits; concurrent upgrades may have
         # passed together, so check again where nothing can interleave.
         if self.limits.at_capacity():
@@ -103,7 +106,7 @@ class Server:
             self.metrics.refusals.labels("too_many_connections").inc()
             await ws.close(CLOSE_POLICY, "too many connections for this user")
             return
-        client = Client(self, ws, claims)
+        client = Client(self, ws, claims, batch=upgrade.batch)
         self.clients.add(client)
         self.access.opened(client)
         self.limits.opened(claims.sub)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
+from collections import deque
 from typing import Any
 
 import psycopg
@@ -55,20 +57,37 @@ def token(user: str, ttl: float = 3600, secret: str = SECRET) -> str:
     return mint_token(secret, user, ttl=ttl)
 
 
-async def connect(port: int, user: str, **kwargs: Any) -> ClientConnection:
-    """Open a protocol connection as ``user`` and consume its ``welcome``."""
-    ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?token={token(user)}",
-                                  max_size=2**24, **kwargs)
+async def connect(port: int, user: str, *, batch: int | None = None,
+                  **kwargs: Any) -> ClientConnection:
+    """Open a protocol connection as ``user`` (coalescing with ``?batch=`` when given) and
+    consume its ``welcome``."""
+    query = f"token={token(user)}" + (f"&batch={batch}" if batch is not None else "")
+    ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?{query}", max_size=2**24, **kwargs)
     welcome = await recv(ws)
     assert welcome["type"] == "welcome", welcome
+    assert welcome.get("batch") == batch, welcome
     return ws
 
 
+# frames of a coalesced message (PROTOCOL.md, "Coalesced messages") not yet taken by recv()
+_unread: weakref.WeakKeyDictionary[ClientConnection, deque[dict[str, Any]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def split_message(raw: str | bytes) -> list[dict[str, Any]]:
+    """The frames of one message: one, or several joined by newlines (``?batch=``)."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    frames = [json.loads(part) for part in text.split("\n")]
+    assert all(isinstance(frame, dict) for frame in frames), text[:200]
+    return frames
+
+
 async def recv(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:
-    raw = await asyncio.wait_for(ws.recv(), timeout)
-    frame = json.loads(raw)
-    assert isinstance(frame, dict)
-    return frame
+    """The next frame, whether messages hold one frame or several."""
+    unread = _unread.setdefault(ws, deque())
+    if not unread:
+        unread.extend(split_message(await asyncio.wait_for(ws.recv(), timeout)))
+    return unread.popleft()
 
 
 async def send(ws: ClientConnection, **frame: Any) -> None:

@@ -47,18 +47,16 @@ SUBSCRIBE_STEPS = {
 ERROR_BOUND = 30.0  # seconds: pool wait (POOL_WAIT, 5 s) and one retry, loosely
 
 
-async def small_buffered_client(port: int, user: str) -> websockets.ClientConnection:
-    """A client of ``user`` whose socket receives into 4 KiB and which buffers one frame: the
-    bridge's socket fills as soon as the client reads slowly, or not at all. Its ``welcome`` is
-    consumed."""
+async def small_buffered_client(port: int, user: str,
+                                batch: int | None = None) -> websockets.ClientConnection:
+    """A client of ``user`` whose socket receives into 4 KiB and which buffers one message:
+    the bridge's socket fills as soon as the client reads slowly, or not at all. Coalescing
+    with ``?batch=`` when given. Its ``welcome`` is consumed."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
-    ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?token={token(user)}", sock=sock,
-                                  max_queue=1, max_size=2**24, compression=None,
-                                  ping_interval=None)
-    assert json.loads(await ws.recv())["type"] == "welcome"
-    return ws
+    return await connect(port, user, batch=batch, sock=sock, max_queue=1, compression=None,
+                         ping_interval=None)
 
 
 @pytest.mark.parametrize("outage", ["brief", "until_answered"])
@@ -241,8 +239,9 @@ async def test_client_gone_during_a_slow_handshake_is_no_internal_error(
     assert errors == [], [(r.name, r.getMessage()) for r in errors]
 
 
+@pytest.mark.parametrize("batch", [None, 0])
 async def test_client_that_stops_reading_is_closed_4008_within_the_send_timeout(
-        db_url: str, conn: Conn, caplog: pytest.LogCaptureFixture) -> None:
+        db_url: str, conn: Conn, caplog: pytest.LogCaptureFixture, batch: int | None) -> None:
     """A client that stopped reading was closed 18 s later, once 3.6 MB had piled up in
     auto-tuned kernel buffers and then its 1,000-frame queue. Now the kernel holds at most
     PGBRIDGE_SEND_BUFFER bytes, and a frame that waits PGBRIDGE_SEND_TIMEOUT seconds for the
@@ -251,9 +250,9 @@ async def test_client_that_stops_reading_is_closed_4008_within_the_send_timeout(
     user = await make_user(conn)
     room = await make_room(conn, user)
     async with running_bridge(db_url, send_timeout=1.0) as bridge:
-        slow = await small_buffered_client(bridge.port, user)
+        slow = await small_buffered_client(bridge.port, user, batch)
         await send(slow, type="subscribe", room=room, ref="s")
-        assert json.loads(await slow.recv())["type"] == "subscribed"
+        assert (await recv(slow))["type"] == "subscribed"
         # from here on the client reads nothing
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -273,8 +272,9 @@ async def test_client_that_stops_reading_is_closed_4008_within_the_send_timeout(
         slow.transport.abort()
 
 
-async def test_a_replay_longer_than_the_queue_is_paced_not_closed(db_url: str,
-                                                                  conn: Conn) -> None:
+@pytest.mark.parametrize("batch", [None, 0])
+async def test_a_replay_longer_than_the_queue_is_paced_not_closed(db_url: str, conn: Conn,
+                                                                  batch: int | None) -> None:
     """Replay read pages of 500 events whatever PGBRIDGE_QUEUE_SIZE was: with a small queue, a
     client that was only catching up (reading, at the pace of its socket) was closed with 4008.
     Pages are now at most half the queue, and wait for room in it."""
@@ -284,9 +284,9 @@ async def test_a_replay_longer_than_the_queue_is_paced_not_closed(db_url: str,
         await post(conn, room, user, f"{i} " + "x" * 2000)
     last = await head(conn, room)
     async with running_bridge(db_url, queue_size=8, send_buffer=4096) as bridge:
-        ws = await small_buffered_client(bridge.port, user)
+        ws = await small_buffered_client(bridge.port, user, batch)
         await send(ws, type="subscribe", room=room, since=0, ref="s")
-        assert json.loads(await ws.recv())["type"] == "subscribed"
+        assert (await recv(ws))["type"] == "subscribed"
         seqs = [frame["seq"] for frame in await events(ws, last)]
         assert seqs == list(range(1, last + 1))
         assert bridge.metrics.registry.get_sample_value(
