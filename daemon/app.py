@@ -154,8 +154,10 @@ class Bridge:
             # longest pause 102-129 -> 83 ms.
             gc.collect()
             gc.freeze()
-            log.info("pgbridge listening on ws://%s:%d/ws (schema %s)", self.settings.host,
-                     self.port, self.settings.schema, extra={"event": "ready"})
+            loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+            log.info("pgbridge listening on ws://%s:%d/ws (schema %s, event loop %s)",
+                     self.settings.host, self.port, self.settings.schema, loop,
+                     extra={"event": "ready"})
             if on_ready is not None:
                 on_ready(self)
             if self.watchdog is not None:  # systemd arms it once READY=1 was sent

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import logs
-from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE, BridgeError
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE, BridgeError, ConfigError
 
 if TYPE_CHECKING:
     from .settings import DaemonSettings, DatabaseSettings, SSHSettings
@@ -286,7 +286,25 @@ def _run_command(argv: Sequence[str]) -> int:
     _prepare_embedded(db)
     from .app import run
 
-    return asyncio.run(run(env))
+    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+        return runner.run(run(env))
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``PGBRIDGE_EVENT_LOOP`` asks for (``None``: asyncio's own). Raises
+    :class:`ConfigError` for ``uvloop`` when it is not installed."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("PGBRIDGE_EVENT_LOOP=uvloop, but uvloop is not installed: "
+                              "pip install 'pgbridge[uvloop]', or set "
+                              "PGBRIDGE_EVENT_LOOP=asyncio") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def run_main(argv: Sequence[str] = (), prog: str = "pgbridge") -> int:

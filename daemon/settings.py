@@ -20,6 +20,8 @@ from .doorbell import POLICIES
 from .errors import ConfigError
 from .origins import Allowlist, parse_allowlist
 
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")  # PGBRIDGE_EVENT_LOOP
+
 __all__ = [
     "DaemonSettings",
     "DatabaseSettings",
@@ -224,6 +226,10 @@ class DaemonSettings:
     ``on`` (this bridge never asks writers to stop) or ``off`` (it keeps them quiet while it
     runs) (``PGBRIDGE_DOORBELL``, ``PGBRIDGE_DOORBELL_QUIET_ABOVE``, ``PGBRIDGE_POLL_INTERVAL``).
 
+    ``event_loop``: ``asyncio`` (the standard library's), ``uvloop`` (the optional extra
+    ``pgbridge[uvloop]``), or ``auto``: uvloop when it is installed (``PGBRIDGE_EVENT_LOOP``;
+    README, "Fan-out cost").
+
     ``allowed_origins``: browser origins admitted besides the bridge's own
     (``PGBRIDGE_ALLOWED_ORIGINS``, :mod:`daemon.origins`). ``access_check_interval``: seconds
     between two checks of every connected user and subscription against the database.
@@ -263,6 +269,7 @@ class DaemonSettings:
     doorbell: str = "adaptive"
     doorbell_quiet_above: float = 500.0
     poll_interval: float = 0.01
+    event_loop: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DaemonSettings:
@@ -285,6 +292,10 @@ class DaemonSettings:
         doorbell = (_get(env, "PGBRIDGE_DOORBELL") or "adaptive").lower()
         if doorbell not in POLICIES:
             raise ConfigError(f"PGBRIDGE_DOORBELL={doorbell!r} must be adaptive, on or off")
+        event_loop = (_get(env, "PGBRIDGE_EVENT_LOOP") or "auto").lower()
+        if event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"PGBRIDGE_EVENT_LOOP={event_loop!r} must be auto, asyncio or "
+                              "uvloop")
         poll_interval = _seconds(env, "PGBRIDGE_POLL_INTERVAL", 0.01)
         if not 0.001 <= poll_interval <= 1.0:
             raise ConfigError("PGBRIDGE_POLL_INTERVAL must be between 1ms and 1s")
@@ -324,4 +335,5 @@ class DaemonSettings:
             doorbell_quiet_above=float(_int(env, "PGBRIDGE_DOORBELL_QUIET_ABOVE", 500,
                                             minimum=1)),
             poll_interval=poll_interval,
+            event_loop=event_loop,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -28,6 +29,7 @@ from tests.helpers import (
     subscribe,
     token,
 )
+from tests.procs import daemon_process, free_port
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -155,3 +157,25 @@ async def test_a_malformed_batch_is_refused_with_400(bridge: Bridge, conn: Conn,
 async def recv_nothing_left(bridge: Bridge) -> None:
     """A refused upgrade leaves no connection behind."""
     assert bridge.metrics.registry.get_sample_value("pgbridge_connections") == 0
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_the_daemon_runs_on_the_event_loop_asked_for(db_url: str, conn: Conn,
+                                                           tmp_path: Path, loop: str) -> None:
+    """``PGBRIDGE_EVENT_LOOP`` (README, "Fan-out cost"): events flow, coalesced or not, on
+    either loop."""
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    port = free_port()
+    async with daemon_process(db_url, port, tmp_path, PGBRIDGE_EVENT_LOOP=loop) as daemon:
+        await daemon.wait_event("ready")
+        assert f"event loop {loop}" in daemon.with_event("ready")[0]["message"]
+        plain, batched = await connect(port, user), await connect(port, user, batch=0)
+        start = (await subscribe(plain, room))["from"]
+        await subscribe(batched, room)
+        async with conn.transaction():
+            for i in range(20):
+                await post(conn, room, user, f"{i} {AWKWARD}")
+        for ws in (plain, batched):
+            assert [e["seq"] for e in await events(ws, 20)] == list(range(start + 1, start + 21))
+            await ws.close()

@@ -15,12 +15,14 @@ def test_settings_errors_name_the_variable() -> None:
     for env, name in [({"PGBRIDGE_PORT": "http"}, "PGBRIDGE_PORT"),
                       ({"PGBRIDGE_RETENTION": "a week"}, "PGBRIDGE_RETENTION"),
                       ({"PGBRIDGE_SCHEMA": "Robert'); DROP"}, "PGBRIDGE_SCHEMA"),
-                      ({"PGBRIDGE_LOG_LEVEL": "loud"}, "PGBRIDGE_LOG_LEVEL")]:
+                      ({"PGBRIDGE_LOG_LEVEL": "loud"}, "PGBRIDGE_LOG_LEVEL"),
+                      ({"PGBRIDGE_EVENT_LOOP": "trio"}, "PGBRIDGE_EVENT_LOOP")]:
         with pytest.raises(ConfigError, match=name):
             DaemonSettings.from_env(env)
     with pytest.raises(ConfigError, match="SSH_STRICT_HOST_KEY_CHECKING"):
         SSHSettings.from_env({"SSH_HOST": "h", "SSH_STRICT_HOST_KEY_CHECKING": "maybe"})
     assert DaemonSettings.from_env({"PGBRIDGE_RETENTION": "12h"}).retention == 43200
+    assert DaemonSettings.from_env({"PGBRIDGE_EVENT_LOOP": "UVLoop"}).event_loop == "uvloop"
     assert DatabaseSettings.from_env({}).embedded
     assert not DatabaseSettings.from_env({"POSTGRES_HOST": "db"}).embedded
     assert "secret" not in repr(DatabaseSettings.from_env({"DATABASE_URL": "postgres://u:secret@h/d"}))
