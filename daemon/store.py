@@ -18,6 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .batching import Batched
 from .db import channel_query, describe, translate, translated
 from .doorbell import Call, Reading
 from .errors import DatabaseError
@@ -118,6 +119,11 @@ class Store:
             configure=self._configure, timeout=POOL_WAIT,
             reconnect_timeout=POOL_RECONNECT,
         )
+        # every handshake and every subscribe asks one of these: concurrent ones share a query
+        # (daemon.batching; README, "Fan-out cost")
+        self.live_user: Batched[str, bool] = Batched(self._live_users)
+        self._cursor_info: Batched[tuple[str, str], RoomCursorInfo] = Batched(
+            self._cursor_infos)
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -241,10 +247,13 @@ class Store:
     async def notify(self, channel: str, payload: str, *, doing: str = "sending a probe") -> None:
         await self._all("SELECT pg_notify(%s, %s)", (channel, payload), doing)
 
-    async def live_user(self, user_id: str) -> bool:
-        rows = await self._all("SELECT 1 FROM users WHERE id = %s AND deleted_at IS NULL",
-                               (user_id,), "checking a token's user")
-        return bool(rows)
+    async def _live_users(self, users: Sequence[str]) -> dict[str, bool]:
+        """Whether each of ``users`` has a live ``users`` row (:attr:`live_user` asks for
+        many at once)."""
+        rows = await self._all("SELECT id FROM users WHERE id = ANY(%s::varchar[]) "
+                               "AND deleted_at IS NULL", (list(users),), "checking a token's user")
+        live = {str(user) for (user,) in rows}
+        return {user: user in live for user in users}
 
     async def gone_users(self, users: Sequence[str]) -> list[str]:
         """Those of ``users`` that have no live ``users`` row (deleted or soft-deleted)."""
@@ -277,25 +286,35 @@ class Store:
         return int(rows[0][0]) if rows else 0
 
     async def cursor_info(self, user_id: str, room: str) -> RoomCursorInfo:
+        """What subscribing ``user_id`` to ``room`` needs; concurrent subscribes share one
+        query."""
+        return await self._cursor_info((user_id, room))
+
+    async def _cursor_infos(self, pairs: Sequence[tuple[str, str]]
+                            ) -> dict[tuple[str, str], RoomCursorInfo]:
+        users, rooms = zip(*pairs, strict=True)
         rows = await self._all(
             """
-            SELECT c.id IS NOT NULL AS room_exists,
+            SELECT a.user_id, a.room_id, c.id IS NOT NULL AS room_exists,
                    c.deleted_at IS NULL AND u.deleted_at IS NULL AND m.user_id IS NOT NULL,
-                   COALESCE((SELECT last_seq FROM change_sequences WHERE room_id = %(room)s), 0),
-                   (SELECT min(seq) FROM change_events WHERE room_id = %(room)s),
-                   (SELECT last_seq FROM sync_state WHERE user_id = %(user)s
-                      AND room_id = %(room)s AND sync_type = 'events')
-            FROM (SELECT 1) AS one
-            LEFT JOIN channels c ON c.id = %(room)s
-            LEFT JOIN users u ON u.id = %(user)s
-            LEFT JOIN channel_members m ON m.channel_id = %(room)s AND m.user_id = %(user)s
-            """, {"room": room, "user": user_id}, "checking a subscription")
-        exists, allowed, head, low, acked = rows[0]
-        status = "ok" if allowed else ("forbidden" if exists else "not_found")
-        head = int(head)
-        return RoomCursorInfo(status=status, head=head,
-                              retained_from=int(low) if low is not None else head + 1,
-                              acked=int(acked) if acked is not None else None)
+                   COALESCE(h.last_seq, 0),
+                   (SELECT min(e.seq) FROM change_events e WHERE e.room_id = a.room_id),
+                   (SELECT s.last_seq FROM sync_state s WHERE s.user_id = a.user_id
+                      AND s.room_id = a.room_id AND s.sync_type = 'events')
+            FROM unnest(%s::varchar[], %s::varchar[]) AS a(user_id, room_id)
+            LEFT JOIN channels c ON c.id = a.room_id
+            LEFT JOIN users u ON u.id = a.user_id
+            LEFT JOIN channel_members m ON m.channel_id = a.room_id AND m.user_id = a.user_id
+            LEFT JOIN change_sequences h ON h.room_id = a.room_id
+            """, (list(users), list(rooms)), "checking a subscription")
+        infos = {}
+        for user, room, exists, allowed, head, low, acked in rows:
+            status = "ok" if allowed else ("forbidden" if exists else "not_found")
+            infos[str(user), str(room)] = RoomCursorInfo(
+                status=status, head=int(head),
+                retained_from=int(low) if low is not None else int(head) + 1,
+                acked=int(acked) if acked is not None else None)
+        return infos
 
     async def read_events(self, room: str, *, after: int, upto: int | None = None,
                           limit: int = READ_PAGE) -> list[Event]:
