@@ -111,6 +111,13 @@ export interface PgBridgeOptions {
   pingInterval?: number;
   /** Random source in [0, 1) for the jitter (default Math.random). */
   random?: () => number;
+  /** Coalescing, sent as `?batch=` on every (re)connect: the longest (ms, an integer from 0 to
+   * 1000; else TypeError) the server may hold a frame to send it in one message with others;
+   * 0 (default): only frames ready at the same moment, never delayed. null: not asked, one
+   * frame per message. Either way each message is split on "\n" into its frames (a server
+   * that does not coalesce, welcome without `batch`, sends one per message). Replaces any
+   * `batch` in the URL. */
+  batch?: number | null;
 }
 
 export interface SubscribeOptions {
@@ -169,7 +176,8 @@ export declare class Subscription {
 }
 
 export declare class PgBridge extends EventTarget {
-  /** Connects at once. `url`: ws:, wss:, http:, https:, or relative in a browser. */
+  /** Connects at once. `url`: ws:, wss:, http:, https:, or relative in a browser. TypeError
+   * for an unusable `url`, a missing `token` or WebSocket, or a bad `batch`. */
   constructor(url: string, options: PgBridgeOptions);
   readonly url: string;
   readonly state: BridgeState;

@@ -2,6 +2,7 @@
 // (docs/PROTOCOL.md). One dependency-free ES module, no build step; types in pgbridge.d.ts.
 // Resumes rooms after drops with `since`, delivers each seq once and in order, reconnects with
 // capped jittered backoff, renews the token, batches acks, stops on refusals a retry can't fix.
+// Asks the server to coalesce frames (`batch`); every message is split into its frames.
 // Opt-in per room: the members' presence (rebuilt from each new snapshot) and typing signals.
 
 /** Close codes a retry cannot fix (PROTOCOL.md, "Close codes"), with the error code reported. */
@@ -14,6 +15,7 @@ const PROBE_TIMEOUT_MS = 10000;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 const TYPING_INTERVAL_MS = 1000; // sub.typing() sends at most one signal per room this often
 const TYPING_TIMEOUT_MS = 5000; // default: a member types for this long after their last signal
+const MAX_BATCH_MS = 1000; // the longest `batch` a server accepts (PROTOCOL.md)
 
 /** The `exp` of a JWT (seconds since 1970), read without verification; null if unreadable.
  * @param {string} token @returns {number | null} */
@@ -45,10 +47,20 @@ function resolveUrl(url) {
   return u.href;
 }
 
-function withToken(url, token, http = false) {
+function paramName(param) { // as the server decodes it
+  try { return decodeURIComponent(param.split("=")[0].replace(/\+/g, " ")); } catch { return null; }
+}
+
+/** The URL of a connection attempt: `url` with `token=` and, unless `batch` is null,
+ * `batch=` (which replaces any `batch` of `url`: a repeated one is refused with HTTP 400). */
+function withToken(url, token, batch, http = false) {
   const u = new URL(url);
   if (http) u.protocol = u.protocol.replace("ws", "http");
-  u.search = (u.search ? u.search.slice(1) + "&" : "") + "token=" + encodeURIComponent(token);
+  const params = u.search ? u.search.slice(1).split("&") : [];
+  const kept = batch === null ? params : params.filter((p) => paramName(p) !== "batch");
+  kept.push("token=" + encodeURIComponent(token));
+  if (batch !== null) kept.push(`batch=${batch}`);
+  u.search = kept.join("&");
   return u.href;
 }
 
@@ -143,21 +155,27 @@ export class PgBridge extends EventTarget {
    * @param {object} options `token` (string or function returning one, maybe async; called
    *   before each connection attempt and for refreshes), `WebSocket`, `fetch` (null: never
    *   probe), `backoff: {base, cap}` (ms), `refreshBefore` (s), `ackInterval` (ms),
-   *   `pingInterval` (ms; default the welcome's heartbeat; 0: none), `random`. See pgbridge.d.ts.
+   *   `pingInterval` (ms; default the welcome's heartbeat; 0: none), `random`, `batch` (ms,
+   *   integer 0 to 1000, default 0: the longest the server may hold a frame to send it with
+   *   others; null: not asked, one frame per message). See pgbridge.d.ts.
    */
   constructor(url, options = {}) {
     super();
     this.url = resolveUrl(url);
-    const { token, backoff = {} } = options;
+    const { token, backoff = {}, batch = 0 } = options;
     const WS = options.WebSocket ?? globalThis.WebSocket;
     if (typeof token !== "string" && typeof token !== "function") {
       throw new TypeError("pgbridge: option `token` must be a string or a function");
+    } else if (batch !== null && !(Number.isInteger(batch) && batch >= 0
+      && batch <= MAX_BATCH_MS)) {
+      throw new TypeError(`pgbridge: option \`batch\` must be an integer from 0 to ${MAX_BATCH_MS} `
+        + `(ms) or null, not ${batch}`);
     } else if (typeof WS !== "function") { // Node 20: or run with --experimental-websocket
       throw new TypeError("pgbridge: no global WebSocket: pass option `WebSocket`");
     }
     /** @type {"connecting" | "open" | "reconnecting" | "closed"} */
     this.state = "connecting";
-    Object.assign(this, { _tokenSource: token, _WebSocket: WS,
+    Object.assign(this, { _tokenSource: token, _WebSocket: WS, _batch: batch,
       _fetch: options.fetch === undefined ? globalThis.fetch?.bind(globalThis) ?? null
         : options.fetch || null,
       _base: backoff.base ?? 250, _cap: backoff.cap ?? 10000,
@@ -235,13 +253,13 @@ export class PgBridge extends EventTarget {
     Object.assign(this, { _token: token, _exp: tokenExpiry(token), _opened: false });
     let ws;
     try {
-      ws = this._ws = new this._WebSocket(withToken(this.url, token));
+      ws = this._ws = new this._WebSocket(withToken(this.url, token, this._batch));
     } catch (err) {
       const message = String(err?.message ?? err);
       return this._fail({ code: "connect_failed", message }, null, null);
     }
     ws.onopen = () => { if (ws === this._ws) this._opened = true; };
-    ws.onmessage = (e) => { if (ws === this._ws) this._onMessage(e.data); };
+    ws.onmessage = (e) => { if (ws === this._ws) this._onMessage(ws, e.data); };
     ws.onclose = (e) => { if (ws === this._ws) this._onClose(e.code, e.reason); };
     // A failed handshake is close 1006 before open; Node 20's WebSocket fires only `error`.
     ws.onerror = () => { if (ws === this._ws && !this._opened) this._onClose(1006, ""); };
@@ -272,7 +290,7 @@ export class PgBridge extends EventTarget {
     let status = 0;
     let retryAfter = NaN;
     try {
-      const res = await this._fetch(withToken(this.url, this._token, true),
+      const res = await this._fetch(withToken(this.url, this._token, this._batch, true),
         { cache: "no-store", credentials: "omit", signal: ctl.signal });
       status = res.status;
       retryAfter = Number.parseFloat(res.headers?.get?.("Retry-After"));
@@ -385,10 +403,19 @@ export class PgBridge extends EventTarget {
 
   // --- frames -----------------------------------------------------------------------------
 
-  _onMessage(data) {
+  /** A message holds one frame, or (coalesced) several separated by "\n", which no frame
+   * contains raw: each is handled in order, until one of them ends this connection. */
+  _onMessage(ws, data) {
     this._rx += 1;
+    for (const part of String(data).split("\n")) {
+      if (ws !== this._ws) return; // closed or reconnecting: the rest was for that connection
+      this._onFrame(part);
+    }
+  }
+
+  _onFrame(text) {
     let f;
-    try { f = JSON.parse(data); } catch { return; }
+    try { f = JSON.parse(text); } catch { return; }
     if (f === null || typeof f !== "object") return;
     if (f.type === "welcome") this._onWelcome(f);
     else if (f.type === "subscribed") this._onSubscribed(f);

@@ -142,7 +142,7 @@ test("refused before open, probe 426: the token is fine, plain backoff", async (
   const { bridge, WS, ws, log } = await connect({ fetch, token: "a.b.c" }, "wss://h.test/ws?v=1");
   ws().refuse();
   await advance(0);
-  assert.deepEqual(fetch.calls.map((c) => c.url), ["https://h.test/ws?v=1&token=a.b.c"]);
+  assert.deepEqual(fetch.calls.map((c) => c.url), ["https://h.test/ws?v=1&token=a.b.c&batch=0"]);
   assert.equal(log.state.at(-1).state, "reconnecting");
   await advance(log.state.at(-1).delay);
   assert.equal(WS.instances.length, 2);

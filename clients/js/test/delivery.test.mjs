@@ -10,7 +10,7 @@ afterEach(() => mock.timers.reset());
 
 test("connects with the token in the URL and subscribes every room on welcome", async () => {
   const { bridge, ws, log } = await connect({ token: "a.b=.c" });
-  assert.equal(ws().url, "ws://bridge.test/ws?token=a.b%3D.c");
+  assert.equal(ws().url, "ws://bridge.test/ws?token=a.b%3D.c&batch=0");
   assert.equal(bridge.state, "connecting");
   const a = follow(bridge, "roomA", { since: 41 });
   const b = follow(bridge, "room_B-2");

@@ -31,10 +31,18 @@ export function fakeWebSocket() {
     // --- the server's side ---
     get token() { return new URL(this.url).searchParams.get("token"); }
     open() { this.readyState = 1; this.onopen?.({}); return this; }
-    recv(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); return this; }
-    welcome(heartbeat = 20) {
+    get batch() { return new URL(this.url).searchParams.getAll("batch"); }
+    recv(frame) { return this.recvText(JSON.stringify(frame)); }
+    recvText(text) { this.onmessage?.({ data: text }); return this; }
+    /** One coalesced message: the frames (objects, or strings sent as they are) joined by
+     * "\n", as a server asked for `batch` sends them. */
+    recvMany(...frames) {
+      return this.recvText(frames.map((f) => (typeof f === "string" ? f : JSON.stringify(f)))
+        .join("\n"));
+    }
+    welcome(heartbeat = 20, extra = {}) {
       if (this.readyState === 0) this.open();
-      return this.recv({ type: "welcome", user: "u1", protocol: 1, heartbeat });
+      return this.recv({ type: "welcome", user: "u1", protocol: 1, heartbeat, ...extra });
     }
     drop(code = 1006, reason = "") {
       if (this.readyState === 3) return;
@@ -52,10 +60,7 @@ export function fakeWebSocket() {
       }
       return this;
     }
-    event(room, seq, extra = {}) {
-      return this.recv({ type: "event", room, seq, table: "messages", op: "INSERT", id: `m${seq}`,
-        data: { n: seq }, ts: "2026-01-01T00:00:00+00:00", ...extra });
-    }
+    event(room, seq, extra = {}) { return this.recv(eventFrame(room, seq, extra)); }
     /** A member's `presence` frame (fields as PROTOCOL.md; `extra` overrides any). */
     presence(room, user, online = true, extra = {}) {
       return this.recv({ type: "presence", room, user, status: online ? "online" : "offline",
@@ -65,6 +70,12 @@ export function fakeWebSocket() {
     get last() { return FakeWS.instances.at(-1); }
   }
   return FakeWS;
+}
+
+/** An `event` frame of `room` (fields as PROTOCOL.md; `extra` overrides any). */
+export function eventFrame(room, seq, extra = {}) {
+  return { type: "event", room, seq, table: "messages", op: "INSERT", id: `m${seq}`,
+    data: { n: seq }, ts: "2026-01-01T00:00:00+00:00", ...extra };
 }
 
 /** A fetch answering each call with the next scripted status (a number, {status, headers},
