@@ -395,7 +395,12 @@ def _tail_command(argv: Sequence[str], prog: str) -> int:
     who.add_argument("--user", help="mint a token for this users.id with the configured secret")
     parser.add_argument("--ack", action="store_true", help="acknowledge each event (sync_state)")
     parser.add_argument("--count", type=int, help="exit after this many events")
+    parser.add_argument("--batch", type=int, default=0, metavar="MS",
+                        help="let the bridge hold events up to MS ms to send them together "
+                        "(0 to 1000; default 0: only those ready at once; -1: one per message)")
     args = parser.parse_args(list(argv))
+    if not -1 <= args.batch <= 1000:
+        parser.error("--batch must be from -1 to 1000 (ms)")
     from .settings import DaemonSettings, DatabaseSettings, load_environment
     from .tail import tail
 
@@ -410,7 +415,8 @@ def _tail_command(argv: Sequence[str], prog: str) -> int:
                            audience=settings.jwt_audience, issuer=settings.jwt_issuer)
     url = args.url or f"ws://{settings.host}:{settings.port}/ws"
     return asyncio.run(tail(url, token, args.room, since=args.since, ack=args.ack,
-                            max_events=args.count))
+                            max_events=args.count,
+                            batch=None if args.batch < 0 else args.batch))
 
 
 # --- dispatch ------------------------------------------------------------------------------

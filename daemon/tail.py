@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import AsyncIterator
+from typing import Any
 
 import websockets
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from .backoff import Backoff
@@ -28,6 +31,20 @@ RETRIED_STATUS = {429, 503}  # handshake refusals that pass
 RETRIED_ERRORS = {"internal", "rate_limited"}  # subscribe refusals that pass
 
 
+async def _frames(ws: ClientConnection) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Each frame the bridge sends, as text and parsed: one per message, or several
+    newline-separated (``?batch=``; PROTOCOL.md, "Coalesced messages")."""
+    async for raw in ws:
+        for text in (raw if isinstance(raw, str) else raw.decode()).split("\n"):
+            yield text, json.loads(text)
+
+
+def _with_batch(url: str, batch: int | None) -> str:
+    if batch is None:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}batch={batch}"
+
+
 def _subscribe_frame(room: str, since: int | None) -> str:
     request: dict[str, object] = {"type": "subscribe", "room": room, "ref": "tail"}
     if since is not None:
@@ -36,9 +53,11 @@ def _subscribe_frame(room: str, since: int | None) -> str:
 
 
 async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
-               max_events: int | None = None) -> int:
+               max_events: int | None = None, batch: int | None = 0) -> int:
     """Follow ``room`` at ``url`` (``ws://host:port/ws``) with ``token``; returns 0 after
-    ``max_events`` events (``None``: follow until interrupted).
+    ``max_events`` events (``None``: follow until interrupted). Frames are coalesced for at
+    most ``batch`` ms (``?batch=``, PROTOCOL.md "Coalesced messages"; ``None``: one frame per
+    message).
 
     Raises :class:`RefusedError` on a refusal a retry cannot fix (module docstring)."""
     backoff = Backoff(base=0.2, cap=10.0)
@@ -46,15 +65,14 @@ async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
     printed = 0
     while True:
         try:
-            async with websockets.connect(url, additional_headers={
+            async with websockets.connect(_with_batch(url, batch), additional_headers={
                     "Authorization": f"Bearer {token}"}, max_size=2**24) as ws:
                 await ws.send(_subscribe_frame(room, last))
-                async for raw in ws:
-                    frame = json.loads(raw)
+                async for text, frame in _frames(ws):
                     if frame.get("type") == "event":
                         if last is not None and frame["seq"] <= last:
                             continue  # duplicate after a reconnect
-                        print(raw if isinstance(raw, str) else raw.decode(), flush=True)
+                        print(text, flush=True)
                         last = frame["seq"]
                         printed += 1
                         if ack:

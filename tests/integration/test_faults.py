@@ -334,8 +334,11 @@ async def test_startup_refuses_unreachable_server(tmp_path: Path) -> None:
 
 # --- the reference client -----------------------------------------------------------------------
 
+@pytest.mark.parametrize("batch", [[], ["--batch", "-1"], ["--batch", "50"]],
+                         ids=["coalesced", "one_frame_per_message", "held_50ms"])
 async def test_tail_reference_client_prints_events(
-        conn: psycopg.AsyncConnection[Any], db_url: str, tmp_path: Path) -> None:
+        conn: psycopg.AsyncConnection[Any], db_url: str, tmp_path: Path,
+        batch: list[str]) -> None:
     (user,), room = await member_room(conn, "tail")
     base = await head(conn, room)
     before = [await post(conn, room, user, f"before {i}") for i in range(3)]
@@ -345,7 +348,7 @@ async def test_tail_reference_client_prints_events(
                if not k.startswith(("PGBRIDGE_", "POSTGRES_", "SSH_")) and k != "DATABASE_URL"}
         tail = asyncio.create_task(run_cli(
             str(PGBRIDGE), "tail", room, "--since", str(base), "--count", "6", "--url", url,
-            "--token", token(user), env=env, cwd=tmp_path))
+            "--token", token(user), *batch, env=env, cwd=tmp_path))
 
         async def subscribed() -> bool:
             if tail.done():
