@@ -93,9 +93,16 @@ class Services(Protocol):
     verify_token: Callable[[str], Claims]
 
 
+_NO_FRAMES: deque[bytes | str] = deque(maxlen=0)  # the queue of every client with none waiting
+
+
 class Client:
     """One WebSocket connection: parses its frames, owns its subscriptions and its outgoing
     queue. Implements :class:`daemon.hub.Sink` and :class:`daemon.access.Session`."""
+
+    __slots__ = ("__weakref__", "_batch", "_batch_ms", "_bucket", "_closing", "_drained",
+                 "_expiry", "_limit", "_marked", "_page", "_queue", "_send_timeout", "_strikes",
+                 "_subscribe_bucket", "_writer", "_writing", "server", "subs", "user", "ws")
 
     def __init__(self, server: Services, ws: BridgeConnection, claims: Claims, *,
                  batch: int | None = None) -> None:
@@ -103,8 +110,10 @@ class Client:
         self.ws = ws
         self.user = claims.sub
         self.subs: dict[str, Subscription] = {}
-        self._queue: deque[bytes | str] = deque()
-        self._drained = asyncio.Event()
+        # An idle connection holds no queue of its own (an empty deque is 760 bytes) and no
+        # event: both are made when frames first wait (README, "Fan-out cost").
+        self._queue: deque[bytes | str] = _NO_FRAMES
+        self._drained: asyncio.Event | None = None  # set when the queue was emptied
         self._closing = False
         self._writing = False  # a writer task is draining the queue
         # ?batch=MS (PROTOCOL.md, "Coalesced messages"): frames wait up to MS ms in the queue
@@ -144,6 +153,8 @@ class Client:
         if len(self._queue) >= self._limit:
             self.overflow(f"its outgoing queue is full ({len(self._queue)} frames)")
             return
+        if self._queue is _NO_FRAMES:
+            self._queue = deque()
         self._queue.append(frame)
         if self._writing:
             return  # the writer task sends it after what is before it
@@ -165,7 +176,7 @@ class Client:
         if self._queue:
             self._start_writer()
         else:
-            self._drained.set()
+            self._emptied()
 
     def _write_now(self, wire: bytes) -> None:
         """Write an encoded frame (:mod:`daemon.outbox`) to the socket without waiting; skipped
@@ -241,7 +252,6 @@ class Client:
         """Drain the queue at the pace of the socket, in a task that lives while frames wait:
         an idle connection holds no task of its own."""
         self._writing = True
-        self._drained.clear()
         self._writer = asyncio.create_task(self._write_queued(), name=f"writer-{self.ws.id}")
 
     async def _write_queued(self) -> None:
@@ -266,6 +276,13 @@ class Client:
         finally:
             self._writing = False
             self._writer = None
+            self._emptied()
+
+    def _emptied(self) -> None:
+        """The queue was sent (or dropped): let go of it, and wake a replay waiting for room."""
+        if not self._queue:
+            self._queue = _NO_FRAMES
+        if self._drained is not None:
             self._drained.set()
 
     def _close_soon(self, code: int, reason: str) -> None:
@@ -273,7 +290,7 @@ class Client:
         self._queue.clear()
         if self._writer is not None:
             self._writer.cancel()
-        self._drained.set()  # a replay waiting for room stops at _closing
+        self._emptied()  # a replay waiting for room stops at _closing
         for sub in self.subs.values():
             self.server.hub.remove(sub)
         asyncio.get_running_loop().create_task(self.ws.close(code, reason))
@@ -289,6 +306,8 @@ class Client:
     async def _room_for(self, frames: int) -> None:
         """Wait until ``frames`` more fit in the queue (replay paces itself, never overflows)."""
         while not self._closing and self._queue and len(self._queue) + frames > self._limit:
+            if self._drained is None:
+                self._drained = asyncio.Event()
             self._drained.clear()
             await self._drained.wait()
 

@@ -114,7 +114,13 @@ class _AnsweringProtocol(ServerProtocol):
                 self.send_response(self.reject(status, f"{text}\n"))
                 yield
             self.events.append(request)
+            # this generator parses the connection's frames from here on, for as long as it
+            # lives: keep nothing of the request in its frame (BridgeConnection.handshake)
+            del request, read_line
         yield from Protocol.parse(self)
+
+
+_UPGRADED = Request("/ws", Headers())  # BridgeConnection.handshake
 
 
 class BridgeConnection(ServerConnection):
@@ -151,6 +157,12 @@ class BridgeConnection(ServerConnection):
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
             await super().handshake(*args, **kwargs)
+            if self.protocol.state is State.OPEN:
+                # The request and the response, their headers parsed into dicts and lists,
+                # were a quarter of what an idle connection held (README, "Fan-out cost"):
+                # nothing reads them after the upgrade. websockets takes a connection's first
+                # event for its request while ``request`` is None, so it becomes a stand-in.
+                self.request, self.response = _UPGRADED, None
         except InvalidHandshake as exc:
             if self.response is None or self.response.status_code < 400:
                 raise
