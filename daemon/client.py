@@ -43,7 +43,7 @@ from .handshake import BridgeConnection
 from .hub import Hub, Subscription
 from .listener import Listener
 from .metrics import Metrics
-from .outbox import Flusher, take_message, text_frame, wire_frame
+from .outbox import Flusher, joined, take_frames, wire_message
 from .presence_feed import PresenceFeed
 from .protocol import (
     Ack,
@@ -101,8 +101,9 @@ class Client:
     queue. Implements :class:`daemon.hub.Sink` and :class:`daemon.access.Session`."""
 
     __slots__ = ("__weakref__", "_batch", "_batch_ms", "_bucket", "_closing", "_drained",
-                 "_expiry", "_limit", "_marked", "_page", "_queue", "_send_timeout", "_strikes",
-                 "_subscribe_bucket", "_writer", "_writing", "server", "subs", "user", "ws")
+                 "_expiry", "_high_water", "_limit", "_marked", "_page", "_queue",
+                 "_send_timeout", "_strikes", "_subscribe_bucket", "_writer", "_writing",
+                 "server", "subs", "user", "ws")
 
     def __init__(self, server: Services, ws: BridgeConnection, claims: Claims, *,
                  batch: int | None = None) -> None:
@@ -127,6 +128,8 @@ class Client:
         self._page = max(1, min(READ_PAGE, self._limit // 2))
         settings = server.settings
         self._send_timeout = settings.send_timeout
+        # what websockets' drain waits below (its write_limit); fixed for the connection's life
+        self._high_water = ws.transport.get_write_buffer_limits()[1]
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:  # a fixed size also turns the kernel's auto-tuning off
             with contextlib.suppress(OSError):
@@ -144,11 +147,16 @@ class Client:
     def send(self, frame: bytes | str) -> None:
         if self._closing:
             return
-        if self._batch is None and not self._queue and not self._writing \
+        if not self._batch and not self._queue and not self._writing and not self._marked \
                 and self._socket_has_room():
             # Fast path: nothing is waiting and the socket's buffer is below its high-water
-            # mark, so write now, bytes encoded once for every subscriber of the room.
-            self._write_now(wire_frame(frame))
+            # mark, so write now, bytes encoded once for every subscriber of the room. With
+            # ?batch=0, the frames that follow in this turn of the loop (the rest of a burst)
+            # wait for its end, to leave together.
+            self._write_now(wire_message((frame,)))
+            if self._batch is not None:
+                self._marked = True
+                self.server.flusher.mark(self, 0)
             return
         if len(self._queue) >= self._limit:
             self.overflow(f"its outgoing queue is full ({len(self._queue)} frames)")
@@ -171,8 +179,7 @@ class Client:
         if self._closing or self._writing or not self._queue:
             return
         if self._socket_has_room():
-            message, _ = take_message(self._queue)
-            self._write_now(text_frame(message))
+            self._write_now(wire_message(take_frames(self._queue)))
         if self._queue:
             self._start_writer()
         else:
@@ -185,8 +192,7 @@ class Client:
             self.ws.transport.write(wire)
 
     def _socket_has_room(self) -> bool:
-        transport = self.ws.transport
-        return transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]
+        return self.ws.transport.get_write_buffer_size() < self._high_water
 
     def overflow(self, why: str) -> None:
         if self._closing:
@@ -258,10 +264,7 @@ class Client:
         ws, queue = self.ws, self._queue
         try:
             while queue:
-                if self._batch is None:
-                    message: bytes | str = queue.popleft()
-                else:
-                    message, _ = take_message(queue)
+                message = queue.popleft() if self._batch is None else joined(take_frames(queue))
                 try:
                     # waits while the socket's buffer is full; the frame is written already
                     # when the wait is cut short, so the stream stays whole for the close

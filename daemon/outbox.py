@@ -7,10 +7,10 @@ delivery. Two levers follow:
 
 * **encode once**: a frame sent to the subscribers of a room is the same bytes on every
   connection (a server's frames are not masked, and the bridge negotiates no compression), so
-  :func:`wire_frame` serializes it once (websockets' own :class:`~websockets.frames.Frame`) and
+  :func:`wire_message` serializes it once (websockets' own :class:`~websockets.frames.Frame`) and
   each connection only writes it;
 * **coalescing**: a client that connects with ``?batch=MS`` receives the frames that are pending
-  for it together, joined by ``\\n`` in one text message (:func:`take_message`), one write for
+  for it together, joined by ``\\n`` in one text message (:func:`take_frames`), one write for
   many events. :class:`Flusher` waits up to ``MS`` milliseconds for more frames, with one event
   loop callback per wait, whatever the number of connections waiting.
 
@@ -22,66 +22,68 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 from websockets.frames import Frame, Opcode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BATCH_BYTES", "MAX_BATCH_MS", "Flushable", "Flusher", "take_message", "text_frame",
-           "wire_frame"]
+__all__ = ["BATCH_BYTES", "MAX_BATCH_MS", "Flushable", "Flusher", "joined", "take_frames",
+           "wire_message"]
 
 BATCH_BYTES = 64 * 1024  # a coalesced message holds at most this much (a larger frame goes alone)
 MAX_BATCH_MS = 1000  # the longest wait a client may ask for (?batch=)
 
 
-class _LastFrame:
-    """The frame most recently encoded and its wire bytes. The hub offers an event to all the
-    subscribers of its room in a row, so one entry makes the encoding once per fan-out; it holds
-    the frame, so the identity it is looked up by cannot be reused meanwhile."""
+class _Last:
+    """The frames most recently encoded and their wire bytes. The hub offers an event to all
+    the subscribers of its room in a row, and the coalescing subscribers of a room flush the
+    same frames in a row, so one entry encodes them once per fan-out. It holds the frames, so
+    the identities it compares cannot be reused meanwhile."""
 
-    __slots__ = ("frame", "wire")
+    __slots__ = ("frames", "wire")
 
     def __init__(self) -> None:
-        self.frame: bytes | str | None = None
+        self.frames: tuple[bytes | str, ...] = ()
         self.wire = b""
 
 
-_last = _LastFrame()
+_last = _Last()
 
 
-def wire_frame(frame: bytes | str) -> bytes:
-    """The bytes of an unfragmented, unmasked WebSocket text frame (RFC 6455, section 5.2) that
-    carries ``frame`` (UTF-8 bytes, or a str to encode), as a server sends it without
-    extensions. Encoded once for consecutive calls with the same object."""
-    if frame is not _last.frame:
-        _last.wire = text_frame(frame.encode() if isinstance(frame, str) else frame)
-        _last.frame = frame
+def wire_message(frames: Sequence[bytes | str]) -> bytes:
+    """The bytes of an unfragmented, unmasked WebSocket text frame (RFC 6455, section 5.2), as
+    a server sends it without extensions, that carries ``frames`` (UTF-8 bytes, or str to
+    encode; at least one) joined by ``\\n``. Frames hold no raw newline (they are JSON without
+    indentation), so a client splits the message on ``\\n`` to get them back. Encoded once
+    for consecutive calls with the same frame objects."""
+    last = _last.frames
+    if len(frames) == len(last) and all(a is b for a, b in zip(frames, last, strict=True)):
+        return _last.wire
+    _last.wire = Frame(Opcode.TEXT, joined(frames)).serialize(mask=False, extensions=[])
+    _last.frames = tuple(frames)
     return _last.wire
 
 
-def text_frame(payload: bytes) -> bytes:
-    """:func:`wire_frame` without the memory of the last frame (a coalesced message is sent
-    once)."""
-    return Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+def joined(frames: Sequence[bytes | str]) -> bytes:
+    """The payload of a message of ``frames``: UTF-8, joined by ``\\n``."""
+    if len(frames) == 1:
+        frame = frames[0]
+        return frame.encode() if isinstance(frame, str) else frame
+    return b"\n".join(frame.encode() if isinstance(frame, str) else frame for frame in frames)
 
 
-def take_message(queue: deque[bytes | str], limit: int = BATCH_BYTES) -> tuple[bytes, int]:
-    """Pop from the left of ``queue`` (not empty) the frames that fit in ``limit`` bytes, at
-    least one, and return them joined by ``\\n`` as one message, with their count. Frames hold
-    no raw newline (they are JSON without indentation), so a client splits the message on
-    ``\\n`` to get them back."""
-    parts: list[bytes] = []
-    size = -1
-    while queue:
-        frame = queue[0]
-        data = frame.encode() if isinstance(frame, str) else frame
-        if parts and size + 1 + len(data) > limit:
-            break
-        queue.popleft()
-        parts.append(data)
-        size += 1 + len(data)
-    return b"\n".join(parts), len(parts)
+def take_frames(queue: deque[bytes | str], limit: int = BATCH_BYTES) -> list[bytes | str]:
+    """Pop from the left of ``queue`` (not empty) the frames that fit in one message of
+    ``limit`` bytes (:func:`wire_message`), at least one."""
+    frames = [queue.popleft()]
+    size = len(frames[0])
+    while queue and size + 1 + len(queue[0]) <= limit:
+        frame = queue.popleft()
+        frames.append(frame)
+        size += 1 + len(frame)
+    return frames
 
 
 class Flushable(Protocol):

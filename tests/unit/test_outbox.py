@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from daemon.outbox import BATCH_BYTES, take_message, text_frame, wire_frame
+from daemon.outbox import BATCH_BYTES, joined, take_frames, wire_message
 from daemon.protocol import error, pong, welcome
 
 
@@ -27,25 +27,29 @@ def parse_wire(data: bytes) -> Frame:
     raise AssertionError("incomplete frame")
 
 
-@given(st.binary(max_size=70_000))
-def test_a_wire_frame_is_the_text_frame_a_client_reads_back(payload: bytes) -> None:
-    frame = parse_wire(wire_frame(payload))
-    assert frame.opcode is Opcode.TEXT and frame.fin and frame.data == payload
+@given(st.lists(st.binary(max_size=70_000), min_size=1, max_size=3))
+def test_a_wire_message_is_the_text_frame_a_client_reads_back(frames: list[bytes]) -> None:
+    frame = parse_wire(wire_message(frames))
+    assert frame.opcode is Opcode.TEXT and frame.fin and frame.data == b"\n".join(frames)
+    assert joined(frames) == frame.data
 
 
-def test_the_same_frame_is_encoded_once_and_another_anew() -> None:
-    first = b'{"type":"event","seq":1}'
-    wire = wire_frame(first)
-    assert wire_frame(first) is wire  # the fan-out's next subscriber: no new bytes
-    second = b'{"type":"event","seq":2}'
-    assert parse_wire(wire_frame(second)).data == second
-    assert parse_wire(text_frame(first)).data == first
+def test_the_same_frames_are_encoded_once_and_others_anew() -> None:
+    first, second = b'{"type":"event","seq":1}', '{"type":"event","seq":2}'
+    wire = wire_message((first,))
+    assert wire_message([first]) is wire  # the fan-out's next subscriber: no new bytes
+    assert parse_wire(wire_message((second,))).data == second.encode()
+    both = wire_message([first, second])
+    assert wire_message((first, second)) is both
+    assert parse_wire(wire_message([first])).data == first
+    # equal bytes but another object: encoded anew, never mistaken for the last frames
+    assert parse_wire(wire_message([bytes(bytearray(first)) + b" "])).data == first + b" "
 
 
 def test_a_message_takes_what_fits_and_at_least_one_frame() -> None:
     queue: deque[bytes | str] = deque([b"a" * 40, "b" * 40, b"c" * 40])
-    assert take_message(queue, limit=81) == (b"a" * 40 + b"\n" + b"b" * 40, 2)
-    assert take_message(queue, limit=10) == (b"c" * 40, 1)  # alone, larger than the limit
+    assert take_frames(queue, limit=81) == [b"a" * 40, "b" * 40]
+    assert take_frames(queue, limit=10) == [b"c" * 40]  # alone, larger than the limit
     assert not queue
 
 
@@ -55,10 +59,11 @@ def test_frames_come_back_whole_and_in_order_from_their_messages(texts: list[str
     queue: deque[bytes | str] = deque(frames)
     back: list[str] = []
     while queue:
-        message, count = take_message(queue)
-        assert len(message) <= BATCH_BYTES or count == 1
+        taken = take_frames(queue)
+        message = parse_wire(wire_message(taken)).data
+        assert len(message) <= BATCH_BYTES or len(taken) == 1
         parts = message.decode().split("\n")
-        assert len(parts) == count
+        assert len(parts) == len(taken)
         back.extend(parts)
     assert back == frames
     assert [json.loads(part)["message"] for part in back] == texts
