@@ -229,7 +229,9 @@ class Client:
 
     async def run(self) -> None:
         self.ws.on_ping = self._on_ping
-        self.send(welcome(self.user, self.server.settings.heartbeat, batch=self._batch_ms))
+        # the first frame, to an empty socket: it leaves at once, even when coalescing
+        self._write_now(wire_message((welcome(self.user, self.server.settings.heartbeat,
+                                              batch=self._batch_ms),)))
         try:
             async for message in self.ws:
                 if self._closing:

@@ -59,7 +59,8 @@ def wire_message(frames: Sequence[bytes | str]) -> bytes:
     indentation), so a client splits the message on ``\\n`` to get them back. Encoded once
     for consecutive calls with the same frame objects."""
     last = _last.frames
-    if len(frames) == len(last) and all(a is b for a, b in zip(frames, last, strict=True)):
+    if len(frames) == len(last) and (frames[0] is last[0] if len(last) == 1 else all(
+            a is b for a, b in zip(frames, last, strict=True))):
         return _last.wire
     _last.wire = Frame(Opcode.TEXT, joined(frames)).serialize(mask=False, extensions=[])
     _last.frames = tuple(frames)
