@@ -142,6 +142,7 @@ class Bridge:
             await self.store.check_presence_grants()
             await self.server.start()
             started = True
+            tasks.add(asyncio.create_task(self.server.heartbeat.run(), name="heartbeat"))
             tasks.add(asyncio.create_task(self.ack_writer.run(), name="ack-writer"))
             tasks.add(asyncio.create_task(self._prune_forever(), name="pruner"))
             tasks.add(asyncio.create_task(self.access.run(), name="access-check"))

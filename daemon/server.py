@@ -19,6 +19,7 @@ from .auth import Claims
 from .client import CLOSE_INTERNAL, CLOSE_OVERLOADED, CLOSE_POLICY, Client
 from .errors import ConfigError
 from .handshake import BridgeConnection, Gate, Health, connection_class, process_request
+from .heartbeat import Heartbeat
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
@@ -36,7 +37,9 @@ class Server:
     """The WebSocket server on ``PGBRIDGE_HOST:PGBRIDGE_PORT`` and its connections, with the
     collaborators a connection works with. ``verify_token`` checks a client's JWT (raises
     :class:`daemon.auth.AuthError`); ``port`` is the bound port once :meth:`start` returned
-    (``PGBRIDGE_PORT=0`` picks a free one)."""
+    (``PGBRIDGE_PORT=0`` picks a free one). :attr:`heartbeat` pings every connection every
+    ``PGBRIDGE_HEARTBEAT`` seconds once its :meth:`~daemon.heartbeat.Heartbeat.run` task
+    runs (:mod:`daemon.app` supervises it)."""
 
     def __init__(self, *, settings: DaemonSettings, metrics: Metrics, hub: Hub,
                  listener: Listener, store: Store, acks: AckBuffer, access: Access,
@@ -54,6 +57,7 @@ class Server:
         self.presence_feed = presence_feed
         self.verify_token = verify_token
         self.flusher = Flusher()
+        self.heartbeat = Heartbeat(settings.heartbeat)
         self.clients: set[Client] = set()
         self.gate = Gate(settings=settings, metrics=metrics, limits=limits, health=health,
                          verify_token=verify_token, live_user=store.live_user,
@@ -70,7 +74,8 @@ class Server:
                 self._handler, settings.host, settings.port,
                 process_request=lambda conn, req: process_request(self.gate, conn, req),
                 max_size=settings.max_frame_bytes, compression=None,
-                ping_interval=settings.heartbeat, ping_timeout=settings.heartbeat,
+                # one task pings every connection (self.heartbeat), not one task each
+                ping_interval=None, ping_timeout=None,
                 server_header="pgbridge", create_connection=connection_class(
                     self.metrics.handshake_refusals.labels("client_gone").inc,
                     lambda code: self.metrics.closes.labels(str(code)).inc()),
@@ -108,6 +113,7 @@ class Server:
             return
         client = Client(self, ws, claims, batch=upgrade.batch)
         self.clients.add(client)
+        self.heartbeat.add(ws)
         self.access.opened(client)
         self.limits.opened(claims.sub)
         self.presence.opened(claims.sub)
@@ -116,6 +122,7 @@ class Server:
             await client.run()
         finally:
             self.clients.discard(client)
+            self.heartbeat.remove(ws)
             self.access.closed(client)
             self.presence.closed(claims.sub)
             self.limits.closed(claims.sub)
