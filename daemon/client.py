@@ -9,7 +9,10 @@ drains at the pace of the socket. A client is closed with 4008 (it resumes with 
 its queue overflows, or when its socket accepts nothing for ``PGBRIDGE_SEND_TIMEOUT`` seconds
 while frames wait; its kernel send buffer is ``PGBRIDGE_SEND_BUFFER`` bytes, so a client that
 stops reading is noticed after that much, not after the megabytes an auto-tuned buffer holds.
-One slow client never delays the others.
+One slow client never delays the others. A client that asked for coalesced messages
+(``?batch=MS``, PROTOCOL.md) has its frames wait in the queue up to MS ms and leave together,
+one message per write (:mod:`daemon.outbox`); its writer task, like the queue itself, exists
+only while frames wait.
 
 Each frame is handled inside a fault boundary: whatever it causes ends at most that request
 (an ``error`` frame with its ``ref`` and ``room``; an unexpected exception is logged once with
