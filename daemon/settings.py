@@ -296,6 +296,9 @@ class DaemonSettings:
         if event_loop not in EVENT_LOOPS:
             raise ConfigError(f"PGBRIDGE_EVENT_LOOP={event_loop!r} must be auto, asyncio or "
                               "uvloop")
+        heartbeat = _seconds(env, "PGBRIDGE_HEARTBEAT", 20.0)
+        if heartbeat < 0.1:  # a client that answered no ping by the next one is closed
+            raise ConfigError("PGBRIDGE_HEARTBEAT must be at least 100ms")
         poll_interval = _seconds(env, "PGBRIDGE_POLL_INTERVAL", 0.01)
         if not 0.001 <= poll_interval <= 1.0:
             raise ConfigError("PGBRIDGE_POLL_INTERVAL must be between 1ms and 1s")
@@ -321,7 +324,7 @@ class DaemonSettings:
             max_connections=_int(env, "PGBRIDGE_MAX_CONNECTIONS", 10000, minimum=1),
             max_connections_per_user=_int(env, "PGBRIDGE_MAX_CONNECTIONS_PER_USER", 20,
                                           minimum=1),
-            heartbeat=_seconds(env, "PGBRIDGE_HEARTBEAT", 20.0),
+            heartbeat=heartbeat,
             retention=_seconds(env, "PGBRIDGE_RETENTION", 7 * 86400.0),
             prune_interval=_seconds(env, "PGBRIDGE_PRUNE_INTERVAL", 300.0),
             ack_flush_interval=_seconds(env, "PGBRIDGE_ACK_FLUSH_INTERVAL", 1.0),

@@ -16,7 +16,8 @@ def test_settings_errors_name_the_variable() -> None:
                       ({"PGBRIDGE_RETENTION": "a week"}, "PGBRIDGE_RETENTION"),
                       ({"PGBRIDGE_SCHEMA": "Robert'); DROP"}, "PGBRIDGE_SCHEMA"),
                       ({"PGBRIDGE_LOG_LEVEL": "loud"}, "PGBRIDGE_LOG_LEVEL"),
-                      ({"PGBRIDGE_EVENT_LOOP": "trio"}, "PGBRIDGE_EVENT_LOOP")]:
+                      ({"PGBRIDGE_EVENT_LOOP": "trio"}, "PGBRIDGE_EVENT_LOOP"),
+                      ({"PGBRIDGE_HEARTBEAT": "0"}, "PGBRIDGE_HEARTBEAT")]:
         with pytest.raises(ConfigError, match=name):
             DaemonSettings.from_env(env)
     with pytest.raises(ConfigError, match="SSH_STRICT_HOST_KEY_CHECKING"):
