@@ -171,6 +171,10 @@ class Client:
             return  # the writer task sends it after what is before it
         if self._batch is None:
             self._start_writer()
+        elif len(self._queue) >= self._page:
+            # half the queue waits: send now rather than close a client that reads, only
+            # because its wait (?batch=) holds more frames than PGBRIDGE_QUEUE_SIZE
+            self.flush()
         elif not self._marked:
             self._marked = True
             self.server.flusher.mark(self, self._batch)

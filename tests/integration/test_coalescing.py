@@ -17,6 +17,7 @@ from websockets.exceptions import InvalidStatus
 
 from daemon.app import Bridge
 from daemon.outbox import BATCH_BYTES
+from tests.fixtures import running_bridge
 from tests.helpers import (
     connect,
     events,
@@ -181,3 +182,21 @@ async def test_the_daemon_runs_on_the_event_loop_asked_for(db_url: str, conn: Co
         for ws in (plain, batched):
             assert [e["seq"] for e in await events(ws, 20)] == list(range(start + 1, start + 21))
             await ws.close()
+
+
+async def test_a_long_wait_never_overflows_the_queue_of_a_client_that_reads(
+        db_url: str, conn: Conn) -> None:
+    """Frames held by ``batch=1000`` count in PGBRIDGE_QUEUE_SIZE: half a queue waiting is sent
+    at once, so a burst larger than the queue reaches a client that reads, without 4008."""
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    async with running_bridge(db_url, queue_size=8) as bridge:
+        ws = await connect(bridge.port, user, batch=1000)
+        start = (await subscribe(ws, room))["from"]
+        async with conn.transaction():
+            for i in range(50):
+                await post(conn, room, user, f"burst {i}")
+        assert [e["seq"] for e in await events(ws, 50)] == list(range(start + 1, start + 51))
+        assert bridge.metrics.registry.get_sample_value(
+            "pgbridge_slow_client_closes_total") == 0
+        await ws.close()
