@@ -77,7 +77,8 @@ def joined(frames: Sequence[bytes | str]) -> bytes:
 
 def take_frames(queue: deque[bytes | str], limit: int = BATCH_BYTES) -> list[bytes | str]:
     """Pop from the left of ``queue`` (not empty) the frames that fit in one message of
-    ``limit`` bytes (:func:`wire_message`), at least one."""
+    ``limit`` bytes (:func:`wire_message`), at least one. A str frame is the daemon's own
+    JSON, ASCII only (``json.dumps`` escapes the rest), so its length is its size."""
     frames = [queue.popleft()]
     size = len(frames[0])
     while queue and size + 1 + len(queue[0]) <= limit:
