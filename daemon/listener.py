@@ -429,6 +429,9 @@ class Listener:
                          extra={"event": "doorbell_settling"})
             elif changed is Mode.RINGING:
                 log.info("back to the doorbell: NOTIFY only", extra={"event": "doorbell_ringing"})
+                # The barrier's writers were over when this reading was taken, but the last poll
+                # may have started before they committed: one more read, started after it.
+                await self._queue.put(_CatchUp(asyncio.get_running_loop().create_future()))
             if self.bell.polling:
                 self._polling.set()
             else:

@@ -183,6 +183,31 @@ async def test_a_writer_that_read_the_lease_is_awaited_before_the_polls_stop(
         await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.RINGING), "ringing again")
 
 
+async def test_an_event_committed_just_before_the_barrier_passed_is_still_read(
+        own_db: str, owner: Conn) -> None:
+    """The reading that found the barrier over switched the polls off; the last poll could have
+    started before the writer committed, and its event was then read by nobody (seen once in
+    CI). Polls are 1 s apart here, and a hint makes the bridge take that reading at once after
+    the commit: one more read, after it, finds the event."""
+    async with running_bridge(own_db, doorbell="on", poll_interval=1.0) as bridge:
+        user = await make_user(owner)
+        room = await make_room(owner, user)
+        ws = await connect(bridge.port, user)
+        start = int((await subscribe(ws, room))["from"])
+        channel, _ = await notify_trust(owner)
+        await owner.execute("SELECT * FROM pgbridge_doorbell(1500)")
+        await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.QUIET), "quiet")
+        async with await psycopg.AsyncConnection.connect(own_db) as writer:
+            await post(writer, room, user, "committed as the barrier passes")
+            await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.SETTLING),
+                        "the lease to end", timeout=10)
+            await writer.commit()
+        await owner.execute("SELECT pg_notify(%s, %s)", (channel, '{"doorbell":"quiet"}'))
+        await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.RINGING), "ringing again")
+        frame = await recv(ws, timeout=5.0)
+        assert (frame["type"], frame["seq"]) == ("event", start + 1), frame
+
+
 async def test_a_forged_doorbell_hint_changes_nothing(own_db: str, owner: Conn) -> None:
     async with running_bridge(own_db, poll_interval=0.01) as bridge:
         user = await make_user(owner)
