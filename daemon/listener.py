@@ -14,7 +14,9 @@ Tasks (DESIGN.md, "Listener reconnect"):
   is consistent with what was and will be published.
 * the **doorbell** task makes the ``pgbridge_doorbell()`` calls :class:`daemon.doorbell.Doorbell`
   asks for (README, "The adaptive doorbell"), and the **poll** task, while writers do not ring,
-  queues a catch-up every ``PGBRIDGE_POLL_INTERVAL``: every tracked room in one query.
+  queues a catch-up every ``PGBRIDGE_POLL_INTERVAL``: every tracked room in one query. When
+  the writers that may not have rung are over (the barrier), the doorbell task queues one
+  more, which starts after it knew: the last poll may have started before they committed.
 
 User hints (a user deleted; sql/triggers/20_access.sql) take their place in the same queue, so
 the user's connections are closed before anything committed after the change is published
