@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -160,20 +161,30 @@ async def rang(listen: Conn, key: NotifyKey, message: str) -> bool:
     return False
 
 
+@asynccontextmanager
+async def write_read_the_lease(bridge: Bridge, owner: Conn, own_db: str
+                               ) -> AsyncIterator[tuple[ClientConnection, int, Conn]]:
+    """A member subscribed to a new room, and a writer whose insert into it read the lease
+    (asked by "another bridge" for 1.5 s) and is not committed; yielded once the lease is over
+    (the bridge is settling): ``(ws, from, writer)``."""
+    user = await make_user(owner)
+    room = await make_room(owner, user)
+    ws = await connect(bridge.port, user)
+    start = int((await subscribe(ws, room))["from"])
+    # another bridge asks for quiet (1.5 s): its hint makes this one poll at once
+    await owner.execute("SELECT * FROM pgbridge_doorbell(1500)")
+    await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.QUIET), "quiet")
+    async with await psycopg.AsyncConnection.connect(own_db) as writer:
+        await post(writer, room, user, "read the lease")  # rings not: the lease runs
+        await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.SETTLING),
+                    "the lease to end", timeout=10)
+        yield ws, start, writer
+
+
 async def test_a_writer_that_read_the_lease_is_awaited_before_the_polls_stop(
         own_db: str, owner: Conn) -> None:
     async with running_bridge(own_db, doorbell="on", poll_interval=0.01) as bridge:
-        user = await make_user(owner)
-        room = await make_room(owner, user)
-        ws = await connect(bridge.port, user)
-        start = int((await subscribe(ws, room))["from"])
-        # another bridge asks for quiet (1.5 s): its hint makes this one poll at once
-        await owner.execute("SELECT * FROM pgbridge_doorbell(1500)")
-        await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.QUIET), "quiet")
-        async with await psycopg.AsyncConnection.connect(own_db) as writer:
-            await post(writer, room, user, "read the lease")  # rings not: the lease runs
-            await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.SETTLING),
-                        "the lease to end", timeout=10)
+        async with write_read_the_lease(bridge, owner, own_db) as (ws, start, writer):
             # the lease is over, but this writer may not have rung: the bridge keeps polling
             await asyncio.sleep(0.5)
             assert mode(bridge) is Mode.SETTLING
@@ -189,18 +200,9 @@ async def test_an_event_committed_just_before_the_barrier_passed_is_still_read(
     started before the writer committed, and its event was then read by nobody (seen once in
     CI). Polls are 1 s apart here, and a hint makes the bridge take that reading at once after
     the commit: one more read, after it, finds the event."""
+    channel, _ = await notify_trust(owner)
     async with running_bridge(own_db, doorbell="on", poll_interval=1.0) as bridge:
-        user = await make_user(owner)
-        room = await make_room(owner, user)
-        ws = await connect(bridge.port, user)
-        start = int((await subscribe(ws, room))["from"])
-        channel, _ = await notify_trust(owner)
-        await owner.execute("SELECT * FROM pgbridge_doorbell(1500)")
-        await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.QUIET), "quiet")
-        async with await psycopg.AsyncConnection.connect(own_db) as writer:
-            await post(writer, room, user, "committed as the barrier passes")
-            await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.SETTLING),
-                        "the lease to end", timeout=10)
+        async with write_read_the_lease(bridge, owner, own_db) as (ws, start, writer):
             await writer.commit()
         await owner.execute("SELECT pg_notify(%s, %s)", (channel, '{"doorbell":"quiet"}'))
         await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.RINGING), "ringing again")
