@@ -151,7 +151,7 @@ class Bridge:
             # Start-up objects (modules, classes, settings) are never garbage: freezing them
             # (after a collection, so that no garbage is frozen with them) spares every full
             # collection from walking them again. Measured under a flood of refused upgrades
-            # (bench/abuse.py, phase a), before BridgeConnection cut its reference cycles: the
+            # (bench/abuse.py, phase a), before connections cut their reference cycles: the
             # longest pause 102-129 -> 83 ms.
             gc.collect()
             gc.freeze()

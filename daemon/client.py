@@ -31,22 +31,19 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
-
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
 from .acks import AckBuffer
 from .auth import AuthError, Claims
+from .connection import Connection
 from .cursor import resolve_from
 from .errors import BridgeError
 from .events import capture_time
-from .handshake import BridgeConnection
 from .hub import Hub, Subscription
 from .listener import Listener
 from .metrics import Metrics
-from .outbox import Flusher, joined, take_frames, wire_message
+from .outbox import Flusher, take_frames, wire_message
 from .presence_feed import PresenceFeed
 from .protocol import (
     Ack,
@@ -80,6 +77,9 @@ CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_USER_GONE = 4003
 CLOSE_TOO_SLOW = 4008
 
+INBOX_HIGH = 16  # frames waiting for a request's answer before the connection stops reading
+INBOX_LOW = 4  # ... and after which it reads again (websockets' max_queue, 16 and 4)
+
 
 class Services(Protocol):
     """What a connection works with (:class:`daemon.server.Server` provides them)."""
@@ -104,11 +104,11 @@ class Client:
     queue. Implements :class:`daemon.hub.Sink` and :class:`daemon.access.Session`."""
 
     __slots__ = ("__weakref__", "_batch", "_batch_ms", "_bucket", "_closing", "_drained",
-                 "_expiry", "_high_water", "_limit", "_marked", "_page", "_queue",
-                 "_send_timeout", "_strikes", "_subscribe_bucket", "_writer", "_writing",
-                 "server", "subs", "user", "ws")
+                 "_expiry", "_high_water", "_inbox", "_limit", "_marked", "_page", "_queue",
+                 "_requests", "_send_timeout", "_strikes", "_subscribe_bucket", "_writer",
+                 "_writing", "server", "subs", "user", "ws")
 
-    def __init__(self, server: Services, ws: BridgeConnection, claims: Claims, *,
+    def __init__(self, server: Services, ws: Connection, claims: Claims, *,
                  batch: int | None = None) -> None:
         self.server = server
         self.ws = ws
@@ -131,7 +131,7 @@ class Client:
         self._page = max(1, min(READ_PAGE, self._limit // 2))
         settings = server.settings
         self._send_timeout = settings.send_timeout
-        # what websockets' drain waits below (its write_limit); fixed for the connection's life
+        # what the connection's drain() waits below (its write_limit); fixed for its life
         self._high_water = ws.transport.get_write_buffer_limits()[1]
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:  # a fixed size also turns the kernel's auto-tuning off
@@ -142,6 +142,10 @@ class Client:
         # refused frames tolerated: a burst of rate_burst, then one a second; past that, 1008
         self._strikes = TokenBucket(1.0, settings.rate_burst)
         self._writer: asyncio.Task[None] | None = None
+        # the frames received while a request waits for the database, and the task that
+        # answers them in order; both exist only then
+        self._inbox: deque[str | bytes] | None = None
+        self._requests: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._set_expiry(claims.exp)
 
@@ -194,9 +198,8 @@ class Client:
 
     def _write_now(self, wire: bytes) -> None:
         """Write an encoded frame (:mod:`daemon.outbox`) to the socket without waiting; skipped
-        once the closing handshake started, as websockets' ``broadcast()`` does."""
-        if self.ws.protocol.state is State.OPEN:
-            self.ws.transport.write(wire)
+        once the closing handshake started."""
+        self.ws.write(wire)
 
     def _socket_has_room(self) -> bool:
         return self.ws.transport.get_write_buffer_size() < self._high_water
@@ -234,34 +237,56 @@ class Client:
 
     # --- life -------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        self.ws.on_ping = self._on_ping
+    def start(self) -> None:
+        """The connection is open: greet the client. Its frames then arrive in
+        :meth:`received`, and :meth:`lost` ends it."""
         # the first frame, to an empty socket: it leaves at once, even when coalescing
         self._write_now(wire_message((welcome(self.user, self.server.settings.heartbeat,
                                               batch=self._batch_ms),)))
-        try:
-            async for message in self.ws:
-                if self._closing:
-                    break
-                await self._handle(message)
-                # websockets hands over queued frames without yielding: let the fan-out and
-                # other clients run between two frames of this one.
-                await asyncio.sleep(0)
-        except ConnectionClosed:
-            pass
-        finally:
-            self._closing = True
-            for sub in self.subs.values():
-                self.server.hub.remove(sub)
-            self.server.metrics.subscriptions.dec(len(self.subs))
-            self.subs.clear()
-            if self._expiry is not None:
-                self._expiry.cancel()
-            writer = self._writer
-            if writer is not None:
-                writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await writer
+
+    def received(self, message: str | bytes) -> None:
+        """A frame from the client. Answered at once when it needs no database (ack, ping,
+        unsubscribe, typing, a refusal); a subscribe or refresh is answered by a task, and
+        what arrives meanwhile waits in the inbox to be answered in order after it. Past
+        :data:`INBOX_HIGH` frames waiting, the connection stops reading (TCP pushes back on
+        the client) until :data:`INBOX_LOW` are left."""
+        if self._closing:
+            return
+        inbox = self._inbox
+        if inbox is not None:
+            inbox.append(message)
+            if len(inbox) >= INBOX_HIGH:
+                self.ws.pause_reading()
+            return
+        request = self._parse(message)
+        if request is None:
+            return
+        if isinstance(request, Subscribe | Refresh):
+            self._inbox = deque()
+            self._requests = asyncio.create_task(self._answer_in_order(request),
+                                                 name=f"requests-{self.ws.id}")
+        else:
+            with self._fault_boundary(request):
+                self._answer_now(request)
+
+    def pinged(self) -> None:
+        """A WebSocket ping (answered already) counts in the client's rate limit."""
+        if self._over_rate():
+            self.server.metrics.refusals.labels("rate_limited").inc()
+
+    def lost(self) -> None:
+        """The connection ended: leave the rooms, stop the timers and the writer."""
+        self._closing = True
+        for sub in self.subs.values():
+            self.server.hub.remove(sub)
+        self.server.metrics.subscriptions.dec(len(self.subs))
+        self.subs.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
+        # a request waiting for the database finds the client closing when it resumes, and
+        # ends there (a cancelled query would wait for PostgreSQL anyway)
 
     def _start_writer(self) -> None:
         """Drain the queue at the pace of the socket, in a task that lives while frames wait:
@@ -272,19 +297,20 @@ class Client:
     async def _write_queued(self) -> None:
         ws, queue = self.ws, self._queue
         try:
-            while queue:
-                message = queue.popleft() if self._batch is None else joined(take_frames(queue))
+            while queue and ws.open:
+                frames = [queue.popleft()] if self._batch is None else take_frames(queue)
+                ws.write(wire_message(frames))
                 try:
                     # waits while the socket's buffer is full; the frame is written already
                     # when the wait is cut short, so the stream stays whole for the close
                     async with asyncio.timeout(self._send_timeout):
-                        await ws.send(message, text=True)
+                        await ws.drain()
                 except TimeoutError:
                     self.overflow(f"its socket accepted nothing for {self._send_timeout:g} s "
                                   f"({len(queue)} more frames queued)")
                     return
-        except ConnectionClosed:
-            self._closing = True
+            if not ws.open:
+                self._closing = True
         finally:
             self._writing = False
             self._writer = None
@@ -305,7 +331,7 @@ class Client:
         self._emptied()  # a replay waiting for room stops at _closing
         for sub in self.subs.values():
             self.server.hub.remove(sub)
-        asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+        self.ws.close(code, reason)
 
     def _set_expiry(self, exp: float) -> None:
         if self._expiry is not None:
@@ -336,31 +362,64 @@ class Client:
             self._close_soon(CLOSE_POLICY, "rate limit exceeded repeatedly")
         return True
 
-    def _on_ping(self) -> None:
-        if self._over_rate():
-            self.server.metrics.refusals.labels("rate_limited").inc()
-
-    async def _handle(self, message: str | bytes) -> None:
+    def _parse(self, message: str | bytes) -> Request | None:
+        """The request of a frame, after the rate limit; ``None`` when it was answered with an
+        ``error`` frame instead."""
         if self._over_rate():
             if not self._closing:
                 self.server.metrics.refusals.labels("rate_limited").inc()
                 self.send(error("rate_limited", "too many frames; slow down"))
-            return
-        request: Request | None = None
+            return None
+        with self._fault_boundary(None):
+            return parse_frame(message)
+        return None
+
+    async def _answer_in_order(self, first: Request) -> None:
+        """Answer ``first``, then the inbox in order; the inbox goes when it is empty."""
+        inbox = self._inbox
+        assert inbox is not None
         try:
-            request = parse_frame(message)
-            if isinstance(request, Subscribe):
-                await self._subscribe(request)
-            elif isinstance(request, Unsubscribe):
-                self._unsubscribe(request)
-            elif isinstance(request, Ack):
-                self._ack(request)
-            elif isinstance(request, Ping):
-                self.send(pong(request.ref))
-            elif isinstance(request, Refresh):
-                await self._refresh(request)
-            elif isinstance(request, Typing):
-                self._typing(request)
+            request: Request | None = first
+            while True:
+                if request is not None:
+                    with self._fault_boundary(request):
+                        if isinstance(request, Subscribe):
+                            await self._subscribe(request)
+                        elif isinstance(request, Refresh):
+                            await self._refresh(request)
+                        else:
+                            self._answer_now(request)
+                if not inbox or self._closing:
+                    return
+                # let the fan-out and other clients run between two frames of this one
+                await asyncio.sleep(0)
+                if self._closing:
+                    return
+                request = self._parse(inbox.popleft())
+                if len(inbox) <= INBOX_LOW:
+                    self.ws.resume_reading()
+        finally:
+            self._inbox = None
+            self._requests = None
+            self.ws.resume_reading()  # the peer's close frame, at least, must be read
+
+    def _answer_now(self, request: Request) -> None:
+        if isinstance(request, Unsubscribe):
+            self._unsubscribe(request)
+        elif isinstance(request, Ack):
+            self._ack(request)
+        elif isinstance(request, Ping):
+            self.send(pong(request.ref))
+        elif isinstance(request, Typing):
+            self._typing(request)
+
+    @contextlib.contextmanager
+    def _fault_boundary(self, request: Request | None) -> Iterator[None]:
+        """Whatever answering ``request`` (or parsing a frame, ``None``) raises ends there:
+        a refusal is an ``error`` frame; a database failure an ``internal`` error the client
+        may retry; a bug is logged once with an incident id, never with the client's bytes."""
+        try:
+            yield
         except ProtocolError as exc:
             self.server.metrics.refusals.labels(exc.code).inc()
             self.send(exc.frame())

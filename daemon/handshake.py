@@ -1,12 +1,10 @@
 """Everything before the WebSocket upgrade: HTTP parsing answers, routing, the authenticated
 handshake, health.
 
-* :class:`BridgeConnection` is websockets' server connection with three additions: a request
-  that cannot be parsed is answered with a 4xx (websockets closes the TCP connection without an
-  answer and logs a traceback), every WebSocket ping frame is reported to ``on_ping`` so
-  the client's rate limit counts it, and a connection that ends after the bridge sent the
-  first close frame reports its code (:func:`close_code_sent`), whoever chose it: the server
-  (4008, 4001, ...) or websockets itself (1009 frame too big, 1011 keepalive timeout).
+* :class:`AnsweringProtocol` is websockets' sans-I/O server protocol (which
+  :class:`daemon.connection.Connection` drives), but a request that cannot be parsed is
+  answered with a 4xx (websockets closes the TCP connection without an answer and logs a
+  traceback).
 * :func:`process_request` routes ``/healthz``, ``/metrics`` and ``/ws`` through a :class:`Gate`,
   which holds what the handshake needs (given explicitly by :mod:`daemon.server`); for ``/ws``
   it checks
@@ -28,13 +26,11 @@ import weakref
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidHandshake, SecurityError
-from websockets.frames import Frame, Opcode
+from websockets.exceptions import SecurityError
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
@@ -47,9 +43,7 @@ from .outbox import MAX_BATCH_MS
 from .web import asset_for
 
 if TYPE_CHECKING:
-    from websockets.asyncio.server import Server
-    from websockets.protocol import Event
-
+    from .connection import Connection
     from .listener import Listener
     from .metrics import Metrics
     from .ratelimit import ClientLimits
@@ -59,8 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _refusals = Throttled(log)  # a flood of refusals is counted in metrics, not logged line by line
 
-__all__ = ["BridgeConnection", "Gate", "Health", "Upgrade", "close_code_sent",
-           "connection_class", "process_request"]
+__all__ = ["AnsweringProtocol", "Gate", "Health", "Upgrade", "process_request"]
 
 HANDSHAKES_PER_TURN = 4  # upgrades checked per turn of the event loop (Gate.turns)
 
@@ -77,7 +70,7 @@ def _status_for(exc: Exception, lines_read: int) -> tuple[HTTPStatus, str]:
     return HTTPStatus.BAD_REQUEST, "malformed HTTP request"
 
 
-class _AnsweringProtocol(ServerProtocol):
+class AnsweringProtocol(ServerProtocol):
     """websockets' server protocol, but a request that cannot be parsed gets an HTTP answer
     (400, 405, 414, 431) instead of a bare close, and is logged at INFO without a traceback."""
 
@@ -115,108 +108,9 @@ class _AnsweringProtocol(ServerProtocol):
                 yield
             self.events.append(request)
             # this generator parses the connection's frames from here on, for as long as it
-            # lives: keep nothing of the request in its frame (BridgeConnection.handshake)
+            # lives: keep nothing of the request in its frame
             del request, read_line
         yield from Protocol.parse(self)
-
-
-_UPGRADED = Request("/ws", Headers())  # BridgeConnection.handshake
-
-
-class BridgeConnection(ServerConnection):
-    """The connection class given to ``websockets.serve(create_connection=...)``.
-
-    A handshake refused with a 4xx because the upgrade headers were wrong (no ``Upgrade``, a
-    bad ``Sec-WebSocket-Key``) is the client's mistake: websockets raises it to its server,
-    which logs it at ERROR with a traceback; here it is logged at INFO and the connection
-    ends as after any other refusal.
-    """
-
-    def __init__(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> None:
-        answering = _AnsweringProtocol(
-            max_size=(protocol.max_message_size, protocol.max_fragment_size),
-            logger=protocol.logger)
-        super().__init__(answering, server, **kwargs)
-        self.on_ping: Callable[[], None] | None = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        # websockets links a connection to itself (a LoggerAdapter carrying it, the cancelled
-        # keepalive task whose traceback holds its frame), and so does on_ping: reference
-        # cycles that only a full garbage collection frees. A flood of refused upgrades piled
-        # up 40,000 such objects, collected in one 80-130 ms pause of the event loop. Cut here,
-        # a connection is freed by reference counting as soon as its handler returns.
-        if isinstance(self.logger, logging.LoggerAdapter):
-            self.logger = self.protocol.logger = self.logger.logger
-        self.keepalive_task = None
-        self.on_ping = None
-        code = close_code_sent(self.protocol)
-        if code is not None:
-            self.closed_by_bridge(code)
-
-    async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            await super().handshake(*args, **kwargs)
-            if self.protocol.state is State.OPEN:
-                # The request and the response, their headers parsed into dicts and lists,
-                # were a quarter of what an idle connection held (README, "Fan-out cost"):
-                # nothing reads them after the upgrade. websockets takes a connection's first
-                # event for its request while ``request`` is None, so it becomes a stand-in.
-                self.request, self.response = _UPGRADED, None
-        except InvalidHandshake as exc:
-            if self.response is None or self.response.status_code < 400:
-                raise
-            _refusals.info("http", "upgrade refused with %d: %s", self.response.status_code,
-                           exc, extra={"event": "http_refused"})
-        except Exception:
-            # A client that closed (or half-closed) while process_request waited, for the
-            # database say, cannot be answered: websockets then fails to send (ConnectionClosed,
-            # or an assertion on a second EOF in older releases) and would log it as an error
-            # with a traceback. It is the client's choice, not a fault of the bridge.
-            if not (self.protocol.reader.eof or self.transport.is_closing()):
-                raise
-            self.abandoned()
-            _refusals.info("gone", "client %s left before its handshake was answered",
-                           self.remote_address, extra={"event": "handshake_abandoned"})
-
-    def abandoned(self) -> None:
-        """The client left before its handshake was answered (:func:`connection_class`)."""
-
-    def closed_by_bridge(self, code: int) -> None:
-        """The connection ended after this side sent the first close frame, with ``code``
-        (:func:`connection_class`)."""
-
-    def process_event(self, event: Event) -> None:
-        if self.on_ping is not None and isinstance(event, Frame) and event.opcode is Opcode.PING:
-            self.on_ping()  # websockets has already answered it with a pong
-        super().process_event(event)
-
-
-def close_code_sent(protocol: Protocol) -> int | None:
-    """The code of the close frame this side sent first on ``protocol``; ``None`` when the peer
-    closed first (this side only echoed its frame), or no close frame was sent (a refused
-    upgrade, a connection that just dropped). Pure: reads websockets' protocol state."""
-    sent = protocol.close_sent
-    if sent is None or protocol.close_rcvd_then_sent:
-        return None
-    return int(sent.code)
-
-
-def connection_class(on_abandoned: Callable[[], None],
-                     on_closed: Callable[[int], None]) -> type[BridgeConnection]:
-    """:class:`BridgeConnection` that calls ``on_abandoned`` (a metric) for each handshake its
-    client left before it was answered, and ``on_closed(code)`` for each connection that ended
-    after the bridge sent the first close frame, for
-    ``websockets.serve(create_connection=...)``."""
-
-    class Connection(BridgeConnection):
-        def abandoned(self) -> None:
-            on_abandoned()
-
-        def closed_by_bridge(self, code: int) -> None:
-            on_closed(code)
-
-    return Connection
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str,
@@ -366,7 +260,7 @@ class Gate:
         self.verify_token = verify_token
         self.live_user = live_user
         self.connections = connections
-        self.handshakes: weakref.WeakKeyDictionary[ServerConnection, Upgrade] = (
+        self.handshakes: weakref.WeakKeyDictionary[Connection, Upgrade] = (
             weakref.WeakKeyDictionary())
         self.turns = asyncio.Semaphore(HANDSHAKES_PER_TURN)
 
@@ -380,7 +274,7 @@ async def _healthz(gate: Gate) -> Response:
         "connections": gate.connections()})
 
 
-async def process_request(gate: Gate, connection: ServerConnection,
+async def process_request(gate: Gate, connection: Connection,
                           request: Request) -> Response | None:
     """HTTP routing and the authenticated handshake; ``None`` lets the upgrade proceed.
 
@@ -401,7 +295,7 @@ async def process_request(gate: Gate, connection: ServerConnection,
     return response
 
 
-async def _route(gate: Gate, connection: ServerConnection,
+async def _route(gate: Gate, connection: Connection,
                  request: Request) -> Response | None:
     try:
         path, query = _target(request)
@@ -441,7 +335,7 @@ async def _route(gate: Gate, connection: ServerConnection,
     return None
 
 
-def _admit(gate: Gate, connection: ServerConnection, request: Request,
+def _admit(gate: Gate, connection: Connection, request: Request,
            query: dict[str, list[str]]) -> Response | Upgrade:
     """The checks of an upgrade that need no database: limits, the token and ``batch``.
     Returns the refusal, or the upgrade with a slot held for the user in ``gate.handshakes``."""
@@ -481,7 +375,7 @@ def _admit(gate: Gate, connection: ServerConnection, request: Request,
     return upgrade
 
 
-def _unauthorized(gate: Gate, connection: ServerConnection, exc: AuthError) -> Response:
+def _unauthorized(gate: Gate, connection: Connection, exc: AuthError) -> Response:
     gate.metrics.handshake_refusals.labels("unauthorized").inc()
     _refusals.info("unauthorized", "handshake refused from %s: %s", connection.remote_address,
                    exc, extra={"event": "handshake_refused"})

@@ -12,12 +12,9 @@ whose previous ping got no pong by its next turn (one interval later, what webso
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
+from .connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -27,73 +24,45 @@ SLICES = 20
 CLOSE_INTERNAL = 1011
 
 
-def _retrieve(pong: asyncio.Future[float]) -> None:
-    """A pong that will never come fails with ConnectionClosed: nobody awaits it."""
-    if not pong.cancelled():
-        pong.exception()
-
-
 class Heartbeat:
     """Pings every connection :meth:`add`-ed once per ``interval`` seconds (:meth:`run`)."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self._slices: list[dict[ServerConnection, asyncio.Future[float] | None]] = [
-            {} for _ in range(SLICES)]
-        self._slice_of: dict[ServerConnection, int] = {}
+        self._slices: list[set[Connection]] = [set() for _ in range(SLICES)]
+        self._slice_of: dict[Connection, int] = {}
         self._next = 0
-        self._failing: set[asyncio.Task[None]] = set()
 
-    def add(self, ws: ServerConnection) -> None:
-        """Ping ``ws`` from now on (its first ping within ``interval`` seconds)."""
+    def add(self, conn: Connection) -> None:
+        """Ping ``conn`` from now on (its first ping within ``interval`` seconds)."""
         index = self._next
         self._next = (index + 1) % SLICES
-        self._slice_of[ws] = index
-        self._slices[index][ws] = None
+        self._slice_of[conn] = index
+        self._slices[index].add(conn)
 
-    def remove(self, ws: ServerConnection) -> None:
-        index = self._slice_of.pop(ws, None)
+    def remove(self, conn: Connection) -> None:
+        index = self._slice_of.pop(conn, None)
         if index is not None:
-            self._slices[index].pop(ws, None)
+            self._slices[index].discard(conn)
 
     async def run(self) -> None:
         """Forever: ping one slice, then wait ``interval / SLICES`` seconds."""
         turn = 0
         while True:
-            await self._beat(self._slices[turn])
+            self._beat(self._slices[turn])
             turn = (turn + 1) % SLICES
             await asyncio.sleep(self.interval / SLICES)
 
-    async def _beat(self, pongs: dict[ServerConnection, asyncio.Future[float] | None]) -> None:
-        for ws, pong in list(pongs.items()):
-            transport = ws.transport
-            if ws not in pongs or ws.protocol.state is not State.OPEN:
-                continue  # removed meanwhile, or closing (a ping would wait for the close)
-            if pong is not None and not pong.done():
-                self.remove(ws)
-                self._fail(ws)
-                continue
-            if transport.get_write_buffer_size() >= transport.get_write_buffer_limits()[1]:
-                continue  # behind: a ping would wait for its socket (the send timeout acts)
-            try:
-                pong = asyncio.ensure_future(await ws.ping())
-            except ConnectionClosed:
-                continue
-            pong.add_done_callback(_retrieve)
-            if ws in pongs:
-                pongs[ws] = pong
-
-    def _fail(self, ws: ServerConnection) -> None:
-        log.info("client %s answered no ping for %g s; closing it with 1011", ws.id,
-                 self.interval, extra={"event": "keepalive_timeout"})
-        task = asyncio.create_task(_fail(ws), name=f"keepalive-timeout-{ws.id}")
-        self._failing.add(task)
-        task.add_done_callback(self._failing.discard)
-
-
-async def _fail(ws: ServerConnection) -> None:
-    """Close ``ws`` with 1011 at once, without waiting for the peer's close frame: what
-    websockets' own keepalive does on a ping timeout."""
-    with contextlib.suppress(ConnectionClosed):
-        async with ws.send_context():
-            ws.protocol.fail(CLOSE_INTERNAL, "keepalive ping timeout")
+    def _beat(self, conns: set[Connection]) -> None:
+        for conn in list(conns):
+            if not conn.open:
+                continue  # closing: its close has its own timeout
+            if conn.awaiting_pong:
+                self.remove(conn)
+                log.info("client %s answered no ping for %g s; closing it with 1011",
+                         conn.id, self.interval, extra={"event": "keepalive_timeout"})
+                # at once, without waiting for the peer's close frame: what websockets' own
+                # keepalive does on a ping timeout
+                conn.fail(CLOSE_INTERNAL, "keepalive ping timeout")
+            elif not conn.backed_up():  # behind: its send timeout acts, not a ping
+                conn.ping()

@@ -1,24 +1,26 @@
-"""The WebSocket server: :class:`Server` binds the port and owns the handler, the connections
-(one :class:`daemon.client.Client` each) and the upgrades in progress (the handshake and the HTTP
-endpoints are :mod:`daemon.handshake`). The composition root (:mod:`daemon.app`) builds the
-collaborators and hands them to :class:`Server`; nothing here imports it.
+"""The WebSocket server: :class:`Server` binds the port, accepts TCP connections (one
+:class:`daemon.connection.Connection` each, websockets' sans-I/O protocol driven by callbacks)
+and owns the connections (one :class:`daemon.client.Client` each once upgraded) and the
+upgrades in progress (the handshake and the HTTP endpoints are :mod:`daemon.handshake`). The
+composition root (:mod:`daemon.app`) builds the collaborators and hands them to
+:class:`Server`; nothing here imports it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-import websockets
-from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
 
 from .access import Access
 from .acks import AckBuffer
 from .auth import Claims
-from .client import CLOSE_INTERNAL, CLOSE_OVERLOADED, CLOSE_POLICY, Client
+from .client import CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_OVERLOADED, CLOSE_POLICY, Client
+from .connection import Connection
 from .errors import ConfigError
-from .handshake import BridgeConnection, Gate, Health, connection_class, process_request
+from .handshake import AnsweringProtocol, Gate, Health, process_request
 from .heartbeat import Heartbeat
 from .hub import Hub
 from .listener import Listener
@@ -32,6 +34,10 @@ from .store import Store
 
 __all__ = ["Server"]
 
+OPEN_TIMEOUT = 10.0  # s from the TCP connection to the end of the opening handshake
+CLOSE_TIMEOUT = 10.0  # s for the peer to end the TCP connection once a close frame passed
+WRITE_LIMIT = 32 * 1024  # bytes: a connection's write buffer high-water mark (websockets')
+
 
 class Server:
     """The WebSocket server on ``PGBRIDGE_HOST:PGBRIDGE_PORT`` and its connections, with the
@@ -39,7 +45,9 @@ class Server:
     :class:`daemon.auth.AuthError`); ``port`` is the bound port once :meth:`start` returned
     (``PGBRIDGE_PORT=0`` picks a free one). :attr:`heartbeat` pings every connection every
     ``PGBRIDGE_HEARTBEAT`` seconds once its :meth:`~daemon.heartbeat.Heartbeat.run` task
-    runs (:mod:`daemon.app` supervises it)."""
+    runs (:mod:`daemon.app` supervises it). It is the :class:`daemon.connection.Endpoint` of
+    its connections: it answers their requests (:mod:`daemon.handshake`), makes a
+    :class:`~daemon.client.Client` of each one upgraded, and forgets it when it ends."""
 
     def __init__(self, *, settings: DaemonSettings, metrics: Metrics, hub: Hub,
                  listener: Listener, store: Store, acks: AckBuffer, access: Access,
@@ -59,71 +67,107 @@ class Server:
         self.flusher = Flusher()
         self.heartbeat = Heartbeat(settings.heartbeat)
         self.clients: set[Client] = set()
+        self.connections: set[Connection] = set()  # every TCP connection, upgraded or not
+        self._all_closed: asyncio.Event | None = None  # set when connections empties
         self.gate = Gate(settings=settings, metrics=metrics, limits=limits, health=health,
                          verify_token=verify_token, live_user=store.live_user,
                          connections=lambda: len(self.clients))
         self.port = 0
-        self._server: websockets.Server | None = None
+        self._server: asyncio.Server | None = None
+
+    # Endpoint (daemon.connection): what a connection asks of its server
+    open_timeout = OPEN_TIMEOUT
+    close_timeout = CLOSE_TIMEOUT
+    write_limit = WRITE_LIMIT
+    server_header = "pgbridge"
 
     async def start(self) -> None:
         """Bind and start accepting. Raises :class:`ConfigError` when the address cannot be
         bound (taken, or not an address of this host)."""
         settings = self.settings
         try:
-            self._server = await websockets.serve(
-                self._handler, settings.host, settings.port,
-                process_request=lambda conn, req: process_request(self.gate, conn, req),
-                max_size=settings.max_frame_bytes, compression=None,
-                # one task pings every connection (self.heartbeat), not one task each
-                ping_interval=None, ping_timeout=None,
-                server_header="pgbridge", create_connection=connection_class(
-                    self.metrics.handshake_refusals.labels("client_gone").inc,
-                    lambda code: self.metrics.closes.labels(str(code)).inc()),
-            )
+            self._server = await asyncio.get_running_loop().create_server(
+                self._accepted, settings.host, settings.port)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: "
                               f"{exc.strerror or exc}; set PGBRIDGE_HOST/PGBRIDGE_PORT") from exc
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Stop accepting and close every connection with 1001; wait up to ``timeout``
-        seconds for them to be closed."""
+        """Stop accepting; close every open connection with 1001 (an upgrade still waiting is
+        answered 503); wait up to ``timeout`` seconds for the connections to end."""
         if self._server is None:
             return
         self._server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), timeout)
+        for conn in list(self.connections):
+            conn.shutdown(CLOSE_GOING_AWAY)
+        if self.connections:
+            self._all_closed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+            except TimeoutError:
+                for conn in list(self.connections):
+                    conn.transport.abort()
 
-    async def _handler(self, ws: ServerConnection) -> None:
-        assert isinstance(ws, BridgeConnection)  # serve(create_connection=BridgeConnection)
-        upgrade = self.gate.handshakes.pop(ws, None)
+    def _accepted(self) -> Connection:
+        conn = Connection(self)
+        self.connections.add(conn)
+        return conn
+
+    # --- Endpoint ---------------------------------------------------------------------------
+
+    def new_protocol(self) -> ServerProtocol:
+        # a message over 64 KiB (PROTOCOL.md) is closed with 1009
+        return AnsweringProtocol(max_size=self.settings.max_frame_bytes)
+
+    def serving(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    def process_request(self, conn: Connection, request: Request) -> Awaitable[Response | None]:
+        return process_request(self.gate, conn, request)
+
+    def abandoned(self, conn: Connection) -> None:
+        self.gate.handshakes.pop(conn, None)
+        self.metrics.handshake_refusals.labels("client_gone").inc()
+
+    def opened(self, conn: Connection) -> None:
+        upgrade = self.gate.handshakes.pop(conn, None)
         if upgrade is None:  # cannot happen: process_request accepted it
-            await ws.close(CLOSE_INTERNAL, "internal error")
+            conn.close(CLOSE_INTERNAL, "internal error")
             return
         claims = upgrade.claims
         # process_request checked the limits before its awaits; concurrent upgrades may have
         # passed together, so check again where nothing can interleave.
         if self.limits.at_capacity():
             self.metrics.refusals.labels("overloaded").inc()
-            await ws.close(CLOSE_OVERLOADED, "too many connections; retry later")
+            conn.close(CLOSE_OVERLOADED, "too many connections; retry later")
             return
         if self.limits.user_at_capacity(claims.sub):
             self.metrics.refusals.labels("too_many_connections").inc()
-            await ws.close(CLOSE_POLICY, "too many connections for this user")
+            conn.close(CLOSE_POLICY, "too many connections for this user")
             return
-        client = Client(self, ws, claims, batch=upgrade.batch)
+        client = Client(self, conn, claims, batch=upgrade.batch)
+        conn.receiver = client
         self.clients.add(client)
-        self.heartbeat.add(ws)
+        self.heartbeat.add(conn)
         self.access.opened(client)
         self.limits.opened(claims.sub)
         self.presence.opened(claims.sub)
         self.metrics.connections.inc()
-        try:
-            await client.run()
-        finally:
+        client.start()
+
+    def closed(self, conn: Connection, code_sent: int | None) -> None:
+        self.connections.discard(conn)
+        if code_sent is not None:
+            self.metrics.closes.labels(str(code_sent)).inc()
+        client = conn.receiver
+        if isinstance(client, Client):
+            client.lost()
             self.clients.discard(client)
-            self.heartbeat.remove(ws)
+            self.heartbeat.remove(conn)
             self.access.closed(client)
-            self.presence.closed(claims.sub)
-            self.limits.closed(claims.sub)
+            self.presence.closed(client.user)
+            self.limits.closed(client.user)
             self.metrics.connections.dec()
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()

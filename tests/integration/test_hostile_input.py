@@ -19,7 +19,7 @@ from psycopg import sql
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
-from daemon.handshake import BridgeConnection
+from daemon.connection import Connection
 from tests.fixtures import running_bridge
 from tests.helpers import (
     connect,
@@ -390,8 +390,8 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(
                 await ws.close()
                 await http(bridge.port, b"POST / HTTP/1.1\r\n\r\n")  # unparsable: 405
 
-            def alive() -> list[BridgeConnection]:
-                return [o for o in gc.get_objects() if isinstance(o, BridgeConnection)]
+            def alive() -> list[Connection]:
+                return [o for o in gc.get_objects() if isinstance(o, Connection)]
 
             async def only_the_kept_one() -> bool:
                 return len(alive()) == 1

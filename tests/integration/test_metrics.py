@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import PoolTimeout
 
 from daemon.app import Bridge
-from daemon.handshake import close_code_sent
+from daemon.connection import close_code_sent
 from daemon.metrics import CLOSE_CODES
 from tests.fixtures import ROOT, bridge_behind_proxy, running_bridge
 from tests.helpers import (

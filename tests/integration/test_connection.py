@@ -1,0 +1,91 @@
+"""The connection layer (daemon/connection.py): websockets' sans-I/O protocol driven from an
+asyncio.Protocol. What websockets' asyncio server did around the protocol must still happen
+(an opening handshake has a deadline, frames that arrive while a request waits are answered in
+order, a shutdown ends every connection), and an idle connection must hold no task."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import psycopg
+
+from tests.fixtures import running_bridge
+from tests.helpers import connect, make_room, make_user, recv, send, subscribe
+from tests.procs import until
+
+Conn = psycopg.AsyncConnection[Any]
+
+
+async def test_an_idle_connection_holds_no_task(db_url: str, conn: Conn) -> None:
+    """The handshake's task ends with the handshake, a subscribe's with its answer: twenty
+    idle subscribed connections leave the loop with the tasks it had without them (the
+    clients, without keepalive, have none; websockets' server had one per connection)."""
+    users = [await make_user(conn) for _ in range(20)]
+    rooms = [await make_room(conn, user) for user in users]
+    async with running_bridge(db_url) as bridge:
+        before = asyncio.all_tasks()
+        clients = [await connect(bridge.port, user, ping_interval=None) for user in users]
+        for ws, room in zip(clients, rooms, strict=True):
+            await subscribe(ws, room)
+
+        async def no_task_more() -> bool:  # a task ending with its last answer ends soon after
+            return not asyncio.all_tasks() - before
+
+        await until(no_task_more, "the tasks of the connections to end", timeout=5)
+        assert len(bridge.server.clients) == 20
+        for ws in clients:
+            await ws.close()
+
+
+async def test_frames_sent_while_a_subscribe_waits_are_answered_in_order(
+        db_url: str, conn: Conn) -> None:
+    """A subscribe is answered by a task (it asks the database); 40 pings sent right behind it,
+    more than the 16 after which the connection stops reading, are answered after it, in the
+    order they were sent, none lost."""
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    async with running_bridge(db_url) as bridge:
+        ws = await connect(bridge.port, user)
+        await ws.send(json.dumps({"type": "subscribe", "room": room, "ref": "s"}))
+        for i in range(40):
+            await send(ws, type="ping", ref=f"p{i}")
+        answers = [await recv(ws) for _ in range(41)]
+        assert answers[0]["type"] == "subscribed"
+        assert [a.get("ref") for a in answers[1:]] == [f"p{i}" for i in range(40)]
+        await ws.close()
+
+
+async def test_a_connection_that_sends_no_request_is_dropped_at_its_open_timeout(
+        db_url: str) -> None:
+    """A TCP connection that never completes its request (a slowloris) holds its slot only
+    until the opening handshake's deadline, as with websockets' ``open_timeout``."""
+    async with running_bridge(db_url) as bridge:
+        bridge.server.open_timeout = 0.5
+        silent = await asyncio.open_connection("127.0.0.1", bridge.port)
+        partial = await asyncio.open_connection("127.0.0.1", bridge.port)
+        partial[1].write(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # never ends its headers
+        for reader, writer in (silent, partial):
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the bridge
+            writer.close()
+
+        async def no_connections_left() -> bool:
+            return not bridge.server.connections
+
+        await until(no_connections_left, "the dropped connections to be forgotten", 5)
+
+
+async def test_shutdown_ends_open_and_unfinished_connections(db_url: str, conn: Conn) -> None:
+    """Stopping the bridge closes an open connection with 1001 and drops one whose request
+    has not arrived, instead of waiting for its open timeout."""
+    user = await make_user(conn)
+    async with running_bridge(db_url) as bridge:
+        ws = await connect(bridge.port, user)
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        await bridge.server.close(timeout=5)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await ws.wait_closed()
+        assert ws.close_code == 1001
+        assert not bridge.server.connections
