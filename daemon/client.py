@@ -244,30 +244,31 @@ class Client:
         self._write_now(wire_message((welcome(self.user, self.server.settings.heartbeat,
                                               batch=self._batch_ms),)))
 
-    def received(self, message: str | bytes) -> None:
-        """A frame from the client. Answered at once when it needs no database (ack, ping,
-        unsubscribe, typing, a refusal); a subscribe or refresh is answered by a task, and
-        what arrives meanwhile waits in the inbox to be answered in order after it. Past
-        :data:`INBOX_HIGH` frames waiting, the connection stops reading (TCP pushes back on
-        the client) until :data:`INBOX_LOW` are left."""
+    def received(self, messages: list[str | bytes]) -> None:
+        """The frames of one read from the client. The first is answered at once when nothing
+        waits and it needs no database (ack, ping, unsubscribe, typing, a refusal); the others,
+        and a subscribe or refresh, are answered by a task, one per turn of the event loop (a
+        read of hostile frames holds thousands), in order. Past :data:`INBOX_HIGH` frames
+        waiting, the connection stops reading (TCP pushes back on the client) until
+        :data:`INBOX_LOW` are left."""
         if self._closing:
             return
         inbox = self._inbox
         if inbox is not None:
-            inbox.append(message)
-            if len(inbox) >= INBOX_HIGH:
-                self.ws.pause_reading()
-            return
-        request = self._parse(message)
-        if request is None:
-            return
-        if isinstance(request, Subscribe | Refresh):
-            self._inbox = deque()
-            self._requests = asyncio.create_task(self._answer_in_order(request),
-                                                 name=f"requests-{self.ws.id}")
+            inbox.extend(messages)
         else:
-            with self._fault_boundary(request):
-                self._answer_now(request)
+            first = self._parse(messages[0])
+            if first is not None and not isinstance(first, Subscribe | Refresh):
+                with self._fault_boundary(first):
+                    self._answer_now(first)
+                first = None
+            if (first is None and len(messages) == 1) or self._closing:
+                return
+            inbox = self._inbox = deque(messages[1:])
+            self._requests = asyncio.create_task(self._answer_in_order(first),
+                                                 name=f"requests-{self.ws.id}")
+        if len(inbox) >= INBOX_HIGH:
+            self.ws.pause_reading()
 
     def pinged(self) -> None:
         """A WebSocket ping (answered already) counts in the client's rate limit."""
@@ -374,12 +375,13 @@ class Client:
             return parse_frame(message)
         return None
 
-    async def _answer_in_order(self, first: Request) -> None:
-        """Answer ``first``, then the inbox in order; the inbox goes when it is empty."""
+    async def _answer_in_order(self, first: Request | None) -> None:
+        """Answer ``first`` (when given), then the inbox in order, one frame per turn of the
+        event loop; the inbox goes when it is empty."""
         inbox = self._inbox
         assert inbox is not None
         try:
-            request: Request | None = first
+            request = first
             while True:
                 if request is not None:
                     with self._fault_boundary(request):

@@ -28,6 +28,7 @@ import asyncio
 import itertools
 import logging
 import os
+import secrets
 from collections.abc import Awaitable
 from typing import Protocol, cast
 
@@ -46,6 +47,7 @@ _refusals = Throttled(log)  # clients cause these at will: counted in metrics, l
 __all__ = ["Connection", "Endpoint", "Receiver", "close_code_sent"]
 
 CLOSE_INVALID_DATA = 1007
+CLOSE_INTERNAL = 1011
 _ids = itertools.count(1)
 
 
@@ -62,8 +64,10 @@ def close_code_sent(protocol: WebSocketProtocol) -> int | None:
 class Receiver(Protocol):
     """What an open connection hands its messages to."""
 
-    def received(self, message: str | bytes) -> None:
-        """A whole message: a text message decoded from UTF-8, a binary one as bytes."""
+    def received(self, messages: list[str | bytes]) -> None:
+        """The whole messages of one read from the socket, in order (at least one): a text
+        message decoded from UTF-8, a binary one as bytes. A read holds as many as fit in
+        256 KiB; to let other connections run, answer one now and the rest in later turns."""
 
     def pinged(self) -> None:
         """The peer sent a ping (already answered with a pong)."""
@@ -140,13 +144,19 @@ class Connection(asyncio.Protocol):
         protocol.receive_data(data)
         events = protocol.events_received()
         self._send_data()  # pongs, the echo of a close frame, an answer to a bad request
+        messages: list[str | bytes] = []
         for event in events:
             if isinstance(event, Frame):
-                self._frame(event)
+                self._frame(event, messages)
             elif isinstance(event, Request) and self._handshake is None \
                     and protocol.state is State.CONNECTING:
                 self._handshake = asyncio.get_running_loop().create_task(
                     self._answer(event), name=f"handshake-{self.id}")
+        if messages and self.receiver is not None:
+            try:
+                self.receiver.received(messages)
+            except Exception:  # a bug of the receiver: it ends this connection only
+                self._crashed("handling a frame")
         self._watch_close()
 
     def eof_received(self) -> None:
@@ -283,6 +293,14 @@ class Connection(asyncio.Protocol):
         if self.protocol.state is State.CONNECTING:
             self.transport.abort()  # no handshake within open_timeout (a slow or idle client)
 
+    def _crashed(self, doing: str) -> None:
+        """A bug met while ``doing``: logged once with an incident id; the connection is
+        closed with 1011 (the client reconnects and resumes), the others go on."""
+        incident = secrets.token_hex(4)
+        log.error("connection %s failed %s: incident %s", self.id, doing, incident,
+                  exc_info=True, extra={"event": "connection_crashed", "incident": incident})
+        self.fail(CLOSE_INTERNAL, f"internal error (incident {incident})")
+
     def _wake_drain(self) -> None:
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
@@ -312,7 +330,10 @@ class Connection(asyncio.Protocol):
                 # the 101 and the first frames (welcome) leave in one write: one system call
                 # less per connection
                 self._corked = list(protocol.data_to_send())
-                endpoint.opened(self)
+                try:
+                    endpoint.opened(self)
+                except Exception:
+                    self._crashed("opening the connection")
                 self._uncork()
             else:
                 self._send_data()
@@ -323,11 +344,12 @@ class Connection(asyncio.Protocol):
         finally:
             self._handshake = None
 
-    def _frame(self, frame: Frame) -> None:
+    def _frame(self, frame: Frame, messages: list[str | bytes]) -> None:
+        """Act on one frame; a message it completes is appended to ``messages``."""
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if frame.fin:
-                self._message(opcode is Opcode.TEXT, frame.data)
+                self._message(opcode is Opcode.TEXT, frame.data, messages)
             else:  # the protocol checks the continuations and their total size
                 self._fragments = [frame.data]
                 self._text = opcode is Opcode.TEXT
@@ -337,7 +359,7 @@ class Connection(asyncio.Protocol):
             fragments.append(frame.data)
             if frame.fin:
                 self._fragments = None
-                self._message(self._text, b"".join(fragments))
+                self._message(self._text, b"".join(fragments), messages)
         elif opcode is Opcode.PING:
             if self.receiver is not None:
                 self.receiver.pinged()
@@ -345,17 +367,14 @@ class Connection(asyncio.Protocol):
             if frame.data == self._ping:
                 self._ping = None
 
-    def _message(self, text: bool, payload: BytesLike) -> None:
-        receiver = self.receiver
-        if receiver is None or self.protocol.state is not State.OPEN:
+    def _message(self, text: bool, payload: BytesLike, messages: list[str | bytes]) -> None:
+        if self.receiver is None or self.protocol.state is not State.OPEN:
             return  # closing: what the peer sent after the close is dropped
         data = bytes(payload)  # the same object when it is bytes already
         if not text:
-            receiver.received(data)
+            messages.append(data)
             return
         try:
-            message = data.decode()
+            messages.append(data.decode())
         except UnicodeDecodeError as exc:
             self.fail(CLOSE_INVALID_DATA, f"{exc.reason} at position {exc.start}")
-            return
-        receiver.received(message)

@@ -10,7 +10,14 @@ import json
 from typing import Any
 
 import psycopg
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosedError
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
 
+from daemon.connection import Connection
+from daemon.handshake import AnsweringProtocol
 from tests.fixtures import running_bridge
 from tests.helpers import connect, make_room, make_user, recv, send, subscribe
 from tests.procs import until
@@ -89,3 +96,71 @@ async def test_shutdown_ends_open_and_unfinished_connections(db_url: str, conn: 
         await ws.wait_closed()
         assert ws.close_code == 1001
         assert not bridge.server.connections
+
+
+class _Echo:
+    """An Endpoint (daemon.connection) with no database: every upgrade is accepted and its
+    frames go to ``receiver``; the close code each connection ended with is kept."""
+
+    open_timeout = close_timeout = 10.0
+    write_limit = 32 * 1024
+    server_header = "test"
+
+    def __init__(self, receiver: Any) -> None:
+        self.receiver = receiver
+        self.codes: list[int | None] = []
+
+    def new_protocol(self) -> ServerProtocol:
+        return AnsweringProtocol(max_size=65536)
+
+    def serving(self) -> bool:
+        return True
+
+    async def process_request(self, conn: Connection, request: Request) -> Response | None:
+        return None
+
+    def opened(self, conn: Connection) -> None:
+        conn.receiver = self.receiver
+
+    def abandoned(self, conn: Connection) -> None:
+        pass
+
+    def closed(self, conn: Connection, code_sent: int | None) -> None:
+        self.codes.append(code_sent)
+
+
+class _Buggy:
+    def received(self, messages: list[str | bytes]) -> None:
+        raise RuntimeError("a bug")
+
+    def pinged(self) -> None:
+        pass
+
+
+async def test_a_bug_met_by_a_frame_closes_that_connection_with_1011(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What a receiver raises ends its connection with 1011 and an incident id in the log, and
+    the server goes on serving."""
+    endpoint = _Echo(_Buggy())
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Connection(endpoint), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for _ in range(2):  # the second connection is served like the first
+            async with websockets.connect(f"ws://127.0.0.1:{port}/") as ws:
+                await ws.send("hello")
+                with pytest.raises(ConnectionClosedError) as closed:
+                    await ws.recv()
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1011
+            assert closed.value.rcvd.reason.startswith("internal error (incident ")
+        crashes = [r for r in caplog.records if getattr(r, "event", None) == "connection_crashed"]
+        assert len(crashes) == 2 and crashes[0].exc_info is not None
+        assert closed.value.rcvd.reason.endswith(f"{crashes[1].incident})")  # type: ignore[attr-defined]
+
+        async def both_ended() -> bool:
+            return endpoint.codes == [1011, 1011]
+
+        await until(both_ended, "both connections to end with 1011 sent")
+    finally:
+        server.close()
