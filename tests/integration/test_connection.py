@@ -64,6 +64,35 @@ async def test_frames_sent_while_a_subscribe_waits_are_answered_in_order(
         await ws.close()
 
 
+async def test_the_frames_of_one_read_are_answered_one_per_turn_of_the_loop(
+        db_url: str, conn: Conn) -> None:
+    """A read can hold thousands of a client's frames (a flood); answered in one callback,
+    they stalled every other connection and the listener (bench/abuse.py). 50 pings written
+    at once, read at once, must take about 50 turns of the event loop to be answered."""
+    user = await make_user(conn)
+    async with running_bridge(db_url, rate_burst=1000) as bridge:
+        ws = await connect(bridge.port, user)
+        turns = 0
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count_turns())
+        try:
+            for i in range(50):  # no await yields here: the 50 frames leave together
+                await send(ws, type="ping", ref=f"p{i}")
+            # nor here, for a message that arrived already (recv() would wait in a task)
+            answers = [json.loads(await ws.recv()) for _ in range(50)]
+        finally:
+            counter.cancel()
+        assert [a["ref"] for a in answers] == [f"p{i}" for i in range(50)]
+        assert turns >= 45, f"50 frames answered within {turns} turns of the loop"
+        await ws.close()
+
+
 async def test_a_connection_that_sends_no_request_is_dropped_at_its_open_timeout(
         db_url: str) -> None:
     """A TCP connection that never completes its request (a slowloris) holds its slot only
