@@ -17,12 +17,12 @@ only while frames wait.
 Frames arrive from :class:`daemon.connection.Connection`, one read at a time
 (:meth:`Client.received`): the first is answered at once when it needs no database, the rest
 one per turn of the event loop by a task that exists only while frames wait, so that a flood
-on one connection never holds the others. Each frame is handled inside a fault boundary: whatever it causes ends at most that request
-(an ``error`` frame with its ``ref`` and ``room``; an unexpected exception is logged once with
-an incident id, never with the client's bytes). Limits (PROTOCOL.md, "Limits") are applied
-before any work: frames and WebSocket pings share one token bucket per connection; subscribe
-and refresh attempts take from the connection's and the user's bucket before the database is
-asked.
+on one connection never holds the others. Each frame is handled inside a fault boundary:
+whatever it causes ends at most that request (an ``error`` frame with its ``ref`` and
+``room``; an unexpected exception is logged once with an incident id, never with the client's
+bytes). Limits (PROTOCOL.md, "Limits") are applied before any work: frames and WebSocket
+pings share one token bucket per connection; subscribe and refresh attempts take from the
+connection's and the user's bucket before the database is asked.
 """
 
 from __future__ import annotations

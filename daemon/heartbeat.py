@@ -14,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .connection import Connection
+from .connection import CLOSE_INTERNAL, Connection
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SLICES", "Heartbeat"]
 
 SLICES = 20
-CLOSE_INTERNAL = 1011
 
 
 class Heartbeat:
