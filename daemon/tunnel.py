@@ -51,8 +51,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
-import asyncssh
-
+from ._asyncssh import asyncssh
 from .backoff import Backoff
 from .errors import TunnelError
 from .settings import SSHSettings
