@@ -39,7 +39,7 @@ from typing import Protocol
 
 from .acks import AckBuffer
 from .auth import AuthError, Claims
-from .connection import Connection
+from .connection import Connection, contained
 from .cursor import resolve_from
 from .errors import BridgeError
 from .events import capture_time
@@ -153,7 +153,11 @@ class Client:
         self._set_expiry(claims.exp)
 
     # --- Sink -------------------------------------------------------------------------------
+    # What the hub, the listener, presence, the flusher and access checks (code shared by all
+    # connections) call here goes through the connection's fault boundary (contained): a bug
+    # met in one client ends that client with 1011, never the caller.
 
+    @contained("sending a frame")
     def send(self, frame: bytes | str) -> None:
         if self._closing:
             return
@@ -186,6 +190,7 @@ class Client:
             self._marked = True
             self.server.flusher.mark(self, self._batch)
 
+    @contained("flushing coalesced frames")
     def flush(self) -> None:
         """Coalescing (``?batch=``): send what is queued as one message now that the wait is
         over, if the socket has room; the writer task sends the rest."""
@@ -207,6 +212,7 @@ class Client:
     def _socket_has_room(self) -> bool:
         return self.ws.transport.get_write_buffer_size() < self._high_water
 
+    @contained("closing a slow client")
     def overflow(self, why: str) -> None:
         if self._closing:
             return
@@ -215,6 +221,7 @@ class Client:
                     self.user, why, extra={"event": "slow_client"})
         self._close_soon(CLOSE_TOO_SLOW, "too slow: outgoing queue overflowed")
 
+    @contained("ending a subscription")
     def subscription_ended(self, sub: Subscription) -> None:
         if self.subs.get(sub.room) is sub:
             del self.subs[sub.room]
@@ -225,18 +232,25 @@ class Client:
     def subscriptions(self) -> list[Subscription]:
         return list(self.subs.values())
 
+    @contained("closing for a deleted user")
     def user_gone(self) -> None:
         if not self._closing:
             self._close_soon(CLOSE_USER_GONE, "user deleted")
 
+    @contained("revoking a subscription")
     def revoke(self, sub: Subscription, reason: str) -> None:
         if self.subs.get(sub.room) is sub and not sub.ended:
             sub.end(reason)
             self._drop(sub)
 
+    @contained("closing for a failed access check")
     def retry_later(self) -> None:
         if not self._closing:
             self._close_soon(CLOSE_OVERLOADED, "access could not be checked; retry later")
+
+    def crashed(self, doing: str) -> None:
+        """A bug met while ``doing``: the connection ends with 1011 and an incident id."""
+        self.ws.crashed(doing)
 
     # --- life -------------------------------------------------------------------------------
 

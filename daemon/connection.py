@@ -6,8 +6,38 @@ for the connection's whole life, a message assembler and a queue of drain waiter
 13 KB of an idle connection, and costs about 200 µs more per handshake than the same sans-I/O
 protocol driven by callbacks (``bench/handshake_floor.py``). Here a connection holds the
 protocol and a few slots; a task exists only while the handshake waits for
-:meth:`Endpoint.process_request` (the database). What websockets' asyncio layer does around
-the protocol is done the same way here:
+:meth:`Endpoint.process_request` (the database).
+
+Only websockets' public sans-I/O API is used (``receive_data``, ``receive_eof``,
+``events_received``, ``data_to_send``, ``accept``, ``reject``, ``send_response``, the
+``send_*`` methods, ``fail``, ``close_expected``, ``state``, ``handshake_exc``,
+``close_exc``; the ``Request``, ``Response`` and ``Frame`` events), as the websockets guide
+"Integrate the Sans-I/O layer" describes it; ``tests/integration/test_connection.py`` pins the
+supported major version and fails loudly on another. A connection has two protocols, as that
+API allows: one in state CONNECTING that reads the request and writes the answer, and, once
+the upgrade is answered 101, one created in state OPEN for the frames; the first, and the
+request it parsed, are then dropped.
+
+What this driver owns, since it drives the protocol itself (DESIGN.md, "Trust boundaries"):
+
+* **No frame before the answer.** Only the bytes up to the end of the request's headers
+  (the first CRLF CRLF) reach the handshake protocol. What the client sends after them waits,
+  unparsed, until the upgrade is answered: up to :data:`EARLY_LIMIT` bytes, past which the
+  connection stops reading (TCP pushes back). A 101 is followed by those bytes' frames; any
+  other answer by the end of the connection, the waiting bytes unread.
+* **A bounded share of the loop.** One turn of the event loop parses at most
+  :data:`FRAMES_PER_TURN` frames of a connection (plus what one :data:`FEED_CHUNK` holds); the
+  rest of a read waits, the connection not reading meanwhile, for later turns.
+* **Bounded messages.** A message is at most ``max_size`` bytes (the protocol checks) in at
+  most :data:`MAX_FRAGMENTS` frames; past that, 1009.
+* **Nothing written after the end.** Once this side half-closed, closed or aborted the
+  transport, nothing more is written to it, and a connection whose peer is gone is not written
+  to either (asyncio would log a line per write).
+* **Fault isolation.** A bug met in a callback of this connection, or in a call that code
+  shared by all connections makes into it (the :func:`contained` boundary), ends this
+  connection with 1011 and an incident id in the log; never the caller's task.
+
+What websockets' asyncio layer does around the protocol is done the same way here:
 
 * the opening handshake must end within ``open_timeout`` seconds of the TCP connection;
 * a response other than 101 is followed by the end of the connection;
@@ -18,6 +48,10 @@ the protocol is done the same way here:
 * :meth:`drain` waits while the transport's buffer is above its high-water mark
   (``write_limit`` bytes, low-water a quarter of it).
 
+A request websockets cannot parse is answered 400 (websockets itself answers a request line
+or headers over its limits with 414 or 431, and closes without an answer otherwise); a client
+that closes without sending a byte (a port probe) gets nothing.
+
 What a connection carries after the upgrade goes to its :class:`Receiver` (the bridge's
 :class:`daemon.client.Client`), set by :meth:`Endpoint.opened`.
 """
@@ -25,16 +59,18 @@ What a connection carries after the upgrade goes to its :class:`Receiver` (the b
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
 import secrets
-from collections.abc import Awaitable
-from typing import Protocol, cast
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Concatenate, Protocol, TypeVar, cast
 
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Protocol as WebSocketProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
@@ -44,30 +80,71 @@ from .logs import Throttled
 log = logging.getLogger(__name__)
 _refusals = Throttled(log)  # clients cause these at will: counted in metrics, logged sparingly
 
-__all__ = ["Connection", "Endpoint", "Receiver", "close_code_sent"]
+__all__ = ["EARLY_LIMIT", "FEED_CHUNK", "FRAMES_PER_TURN", "MAX_FRAGMENTS", "Connection",
+           "Endpoint", "Receiver", "close_code_sent", "contained"]
 
+CLOSE_TOO_BIG = 1009
 CLOSE_INVALID_DATA = 1007
 CLOSE_INTERNAL = 1011
+
+EARLY_LIMIT = 64 * 1024  # bytes after the request held until it is answered
+FRAMES_PER_TURN = 64  # frames of one connection parsed per turn of the event loop ...
+FEED_CHUNK = 1024  # ... counted after each piece of this many bytes given to the protocol
+MAX_FRAGMENTS = 256  # frames of one fragmented message
+_END_OF_HEADERS = b"\r\n\r\n"
 _ids = itertools.count(1)
 
 
-def close_code_sent(protocol: WebSocketProtocol) -> int | None:
-    """The code of the close frame this side sent first on ``protocol``; ``None`` when the peer
-    closed first (this side only echoed its frame), or no close frame was sent (a refused
-    upgrade, a connection that just dropped). Pure: reads websockets' protocol state."""
-    sent = protocol.close_sent
-    if sent is None or protocol.close_rcvd_then_sent:
+def close_code_sent(closed: ConnectionClosed) -> int | None:
+    """The code of the close frame this side sent first, from how websockets' protocol ended
+    (its ``close_exc`` once CLOSED); ``None`` when the peer closed first (this side only echoed
+    its frame), or no close frame was sent (a refused upgrade, a connection that just dropped).
+    Pure."""
+    if closed.sent is None or closed.rcvd_then_sent:
         return None
-    return int(sent.code)
+    return int(closed.sent.code)
+
+
+class _Contained(Protocol):
+    def crashed(self, doing: str) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Contained)
+_R = TypeVar("_R")
+
+
+def contained(doing: str) -> Callable[[Callable[Concatenate[_S, ...], _R]],
+                                      Callable[Concatenate[_S, ...], _R | None]]:
+    """The fault boundary of one connection: decorates the methods through which code shared
+    by all connections (the heartbeat, the hub's fan-out, the listener, the flusher, access
+    checks, presence, the server's shutdown) calls into one connection or its client. Whatever
+    such a call raises is handed to the object's ``crashed(doing)`` (1011 and an incident id
+    in the log) and the call returns ``None``: the caller goes on with the next connection.
+    ``doing`` says what was being done, for the log."""
+
+    def wrap(method: Callable[Concatenate[_S, ...], _R]) -> Callable[Concatenate[_S, ...],
+                                                                     _R | None]:
+        @functools.wraps(method)
+        def guarded(self: _S, /, *args: object, **kwargs: object) -> _R | None:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception:
+                self.crashed(doing)
+                return None
+
+        guarded.__contained__ = doing  # type: ignore[attr-defined]  # tests list the boundary
+        return guarded
+
+    return wrap
 
 
 class Receiver(Protocol):
     """What an open connection hands its messages to."""
 
     def received(self, messages: list[str | bytes]) -> None:
-        """The whole messages of one read from the socket, in order (at least one): a text
-        message decoded from UTF-8, a binary one as bytes. A read holds as many as fit in
-        256 KiB; to let other connections run, answer one now and the rest in later turns."""
+        """The whole messages of one turn's parsing, in order (at least one): a text message
+        decoded from UTF-8, a binary one as bytes. At most about :data:`FRAMES_PER_TURN` of
+        them; to let other connections run, answer one now and the rest in later turns."""
 
     def pinged(self) -> None:
         """The peer sent a ping (already answered with a pong)."""
@@ -85,8 +162,9 @@ class Endpoint(Protocol):
     write_limit: int
     server_header: str
 
-    def new_protocol(self) -> ServerProtocol:
-        """The sans-I/O protocol of a new connection."""
+    def new_protocol(self, state: State) -> ServerProtocol:
+        """websockets' sans-I/O protocol for a new connection: in state CONNECTING for its
+        handshake, then in state OPEN for its frames."""
 
     def serving(self) -> bool:
         """False once the server is shutting down: upgrades are then answered 503."""
@@ -101,6 +179,11 @@ class Endpoint(Protocol):
     def abandoned(self, conn: Connection) -> None:
         """``conn``'s client left before its handshake was answered."""
 
+    def closing(self, conn: Connection) -> None:
+        """``conn`` is ending (this side half-closed, closed or aborted it, or the peer is
+        gone): forget it wherever it is shared; nothing is written to it from now on. Called
+        once, before :meth:`closed`."""
+
     def closed(self, conn: Connection, code_sent: int | None) -> None:
         """``conn`` ended. ``code_sent``: the close code this side sent first, ``None`` when
         the peer closed first or no close frame was sent."""
@@ -110,9 +193,10 @@ class Connection(asyncio.Protocol):
     """One TCP connection, from its first byte to its end. ``id`` is a small integer unique in
     the process (for logs); :attr:`receiver` is set once the connection is open."""
 
-    __slots__ = ("__weakref__", "_corked", "_drain", "_endpoint", "_fragments", "_handshake",
-                 "_lost", "_paused", "_ping", "_text", "_timer", "id", "protocol", "receiver",
-                 "remote_address", "transport")
+    __slots__ = ("__weakref__", "_corked", "_drain", "_ending", "_endpoint", "_fragments",
+                 "_handshake", "_lost", "_paused", "_ping", "_pumping", "_reading_held",
+                 "_received_any", "_request_read", "_tail", "_text", "_timer", "_unparsed",
+                 "id", "protocol", "receiver", "remote_address", "transport")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self._endpoint = endpoint
@@ -123,10 +207,17 @@ class Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._fragments: list[BytesLike] | None = None  # of a fragmented message
         self._text = False  # ... which is a text message
-        self._paused = False
-        self._lost = False
+        self._paused = False  # the transport's buffer is above its high-water mark
+        self._lost = False  # connection_lost() was called
+        self._ending = False  # closing() was reported: nothing more is written
         self._ping: bytes | None = None  # the payload of the ping waiting for its pong
         self._corked: list[bytes] | None = None  # what waits to leave with the 101 answer
+        self._request_read = False  # the end of the request's headers reached the protocol
+        self._received_any = False
+        self._tail = b""  # the last bytes of the request so far (CRLF CRLF across reads)
+        self._unparsed = bytearray()  # bytes read and not yet given to the protocol
+        self._pumping = False  # a later turn parses the rest of _unparsed
+        self._reading_held = False  # the receiver asked to stop reading
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -135,44 +226,56 @@ class Connection(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)  # or uvloop's
         self.remote_address = transport.get_extra_info("peername")
         transport.set_write_buffer_limits(endpoint.write_limit)
-        self.protocol = endpoint.new_protocol()
+        self.protocol = endpoint.new_protocol(State.CONNECTING)
         self._timer = asyncio.get_running_loop().call_later(endpoint.open_timeout,
                                                             self._open_timed_out)
 
     def data_received(self, data: bytes) -> None:
-        protocol = self.protocol
-        protocol.receive_data(data)
-        events = protocol.events_received()
-        self._send_data()  # pongs, the echo of a close frame, an answer to a bad request
-        messages: list[str | bytes] = []
-        for event in events:
-            if isinstance(event, Frame):
-                self._frame(event, messages)
-            elif isinstance(event, Request) and self._handshake is None \
-                    and protocol.state is State.CONNECTING:
-                self._handshake = asyncio.get_running_loop().create_task(
-                    self._answer(event), name=f"handshake-{self.id}")
-        if messages and self.receiver is not None:
-            try:
-                self.receiver.received(messages)
-            except Exception:  # a bug of the receiver: it ends this connection only
-                self._crashed("handling a frame")
-        self._watch_close()
+        if self._ending:
+            return  # ending: what the peer still sends is not read
+        try:
+            self._received_any = True
+            if not self._request_read:
+                self._read_request(data)
+            elif self._handshake is not None:  # the upgrade is being answered: wait
+                self._unparsed += data
+                if len(self._unparsed) > EARLY_LIMIT:
+                    self._update_reading()
+            else:
+                self._unparsed += data
+                if not self._pumping:
+                    self._parse_frames()
+        except Exception:
+            self.crashed("reading from the socket")
 
     def eof_received(self) -> None:
-        self.protocol.receive_eof()
-        self._send_data()
         # returning None closes the transport: a WebSocket never writes after the peer's EOF
+        self._unparsed.clear()  # the peer will read no answer to what it sent last
+        if self._ending or self._handshake is not None:
+            return  # answering the upgrade: _answer() finds the connection lost
+        try:
+            self.protocol.receive_eof()
+            if not self._request_read:  # a partial request, or none
+                self._refuse_unparsable()
+            else:
+                self._send_data()
+        except Exception:
+            self.crashed("reading the end of the stream")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self._end()
         protocol = self.protocol
         protocol.receive_eof()  # idempotent: the state is CLOSED from here on
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._wake_drain()
-        self._endpoint.closed(self, close_code_sent(protocol))
+        self._fragments = None
+        self._unparsed = bytearray()
+        code_sent = close_code_sent(protocol.close_exc) if protocol.state is State.CLOSED \
+            else None
+        self._endpoint.closed(self, code_sent)
         self.receiver = None
 
     def pause_writing(self) -> None:
@@ -182,20 +285,21 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._wake_drain()
 
-    # --- for the receiver -----------------------------------------------------------------
+    # --- for the receiver and the server ----------------------------------------------------
 
     @property
     def open(self) -> bool:
         """True while frames may be sent (the closing handshake did not start)."""
-        return self.protocol.state is State.OPEN
+        return self.protocol.state is State.OPEN and not self._ending
 
+    @contained("writing a frame")
     def write(self, data: bytes) -> None:
         """Write an encoded frame (:func:`daemon.outbox.wire_message`); nothing once the
         closing handshake started, as websockets' ``broadcast()`` does."""
-        if self.protocol.state is State.OPEN:
+        if self.protocol.state is State.OPEN and not self._ending:
             if self._corked is not None:
                 self._corked.append(data)
-            else:
+            elif not self.transport.is_closing():  # the peer is gone (asyncio logs writes)
                 self.transport.write(data)
 
     def backed_up(self) -> bool:
@@ -213,25 +317,25 @@ class Connection(asyncio.Protocol):
             finally:
                 self._drain = None
 
+    @contained("closing")
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake with ``code`` and ``reason``; the peer then has
         ``close_timeout`` seconds to end the TCP connection. Nothing when it already started."""
-        if self.protocol.state is State.OPEN:
+        if self.protocol.state is State.OPEN and not self._ending:
             self.protocol.send_close(code, reason)
             self._send_data()
             self._watch_close()
 
+    @contained("failing the connection")
     def fail(self, code: int, reason: str = "") -> None:
         """Send a close frame and end the connection without waiting for the peer's (RFC 6455,
         "Fail the WebSocket Connection"), as websockets does on a keepalive timeout."""
-        if self.protocol.state is State.OPEN:
-            self.protocol.fail(code, reason)
-            self._send_data()
-            self._watch_close()
+        self._fail(code, reason)
 
+    @contained("pinging")
     def ping(self) -> None:
         """Send a ping; :attr:`awaiting_pong` is true until its pong comes back."""
-        if self.protocol.state is State.OPEN:
+        if self.protocol.state is State.OPEN and not self._ending:
             self._ping = os.urandom(4)
             self.protocol.send_ping(self._ping)
             self._send_data()
@@ -241,16 +345,21 @@ class Connection(asyncio.Protocol):
         """True when the last :meth:`ping` has not been answered yet."""
         return self._ping is not None
 
+    @contained("pausing reading")
     def pause_reading(self) -> None:
-        """Stop reading from the socket (TCP then pushes back on the peer); idempotent."""
-        if not self._lost and self.transport.is_reading():
-            self.transport.pause_reading()
+        """Stop reading from the socket (TCP then pushes back on the peer) until
+        :meth:`resume_reading`; idempotent."""
+        self._reading_held = True
+        self._update_reading()
 
+    @contained("resuming reading")
     def resume_reading(self) -> None:
-        """Read from the socket again; idempotent."""
-        if not self._lost and not self.transport.is_reading():
-            self.transport.resume_reading()
+        """Read from the socket again (unless this connection's own parsing still holds
+        it); idempotent."""
+        self._reading_held = False
+        self._update_reading()
 
+    @contained("shutting down")
     def shutdown(self, code: int) -> None:
         """The server is stopping: an open connection is closed with ``code``; one whose
         request did not arrive yet is dropped (one whose request is being answered gets 503,
@@ -258,62 +367,82 @@ class Connection(asyncio.Protocol):
         if self.protocol.state is State.OPEN:
             self.close(code)
         elif self.protocol.state is State.CONNECTING and self._handshake is None:
-            self.transport.abort()
+            self._abort()
 
-    # --- inside -------------------------------------------------------------------------------
-
-    def _send_data(self) -> None:
-        if self._corked is not None:
-            self._uncork()
-        transport = self.transport
-        for data in self.protocol.data_to_send():
-            if data:
-                transport.write(data)
-            elif transport.can_write_eof():  # half-close: the peer ends the connection
-                try:
-                    transport.write_eof()
-                except Exception:  # OSError; uvloop raises RuntimeError once closing
-                    transport.abort()
-            else:
-                transport.close()
-
-    def _uncork(self) -> None:
-        corked, self._corked = self._corked, None
-        if corked:
-            self.transport.write(b"".join(corked))
-
-    def _watch_close(self) -> None:
-        """Once the connection is expected to close, give the peer ``close_timeout`` s."""
-        if self._timer is None and self.protocol.close_expected() and not self._lost:
-            self._timer = asyncio.get_running_loop().call_later(
-                self._endpoint.close_timeout, self.transport.abort)
-
-    def _open_timed_out(self) -> None:
-        self._timer = None
-        if self.protocol.state is State.CONNECTING:
-            self.transport.abort()  # no handshake within open_timeout (a slow or idle client)
-
-    def _crashed(self, doing: str) -> None:
+    def crashed(self, doing: str) -> None:
         """A bug met while ``doing``: logged once with an incident id; the connection is
-        closed with 1011 (the client reconnects and resumes), the others go on."""
+        failed with 1011 (the client reconnects and resumes), or aborted when even that fails.
+        The other connections go on. Never raises."""
         incident = secrets.token_hex(4)
-        log.error("connection %s failed %s: incident %s", self.id, doing, incident,
-                  exc_info=True, extra={"event": "connection_crashed", "incident": incident})
-        self.fail(CLOSE_INTERNAL, f"internal error (incident {incident})")
+        try:
+            log.error("connection %s failed %s: incident %s", self.id, doing, incident,
+                      exc_info=True, extra={"event": "connection_crashed", "incident": incident})
+            if self.protocol.state is State.OPEN and not self._ending:
+                self._fail(CLOSE_INTERNAL, f"internal error (incident {incident})")
+                return
+        except Exception:  # noqa: S110 - the abort below is the answer to any failure here
+            pass
+        self._abort()
 
-    def _wake_drain(self) -> None:
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+    # --- inside: the opening handshake ------------------------------------------------------
+
+    def _read_request(self, data: bytes) -> None:
+        """Give the handshake protocol the request's bytes up to the end of its headers; keep
+        what follows for later."""
+        seen = self._tail + data
+        end = seen.find(_END_OF_HEADERS)
+        if end < 0:
+            self._tail = seen[-3:]
+            head = data
+        else:
+            cut = end + len(_END_OF_HEADERS) - len(self._tail)
+            head = data[:cut]
+            self._unparsed += data[cut:]
+            self._request_read = True
+            self._tail = b""
+        protocol = self.protocol
+        protocol.receive_data(head)
+        for event in protocol.events_received():
+            if isinstance(event, Request) and self._handshake is None:
+                self._request_read = True  # by construction, what was fed ends with it
+                self._handshake = asyncio.get_running_loop().create_task(
+                    self._answer(event), name=f"handshake-{self.id}")
+        if protocol.handshake_exc is not None and self._handshake is None:
+            self._refuse_unparsable()
+        elif self._request_read and self._handshake is None:  # cannot happen: parsed above
+            self._abort()
+
+    def _refuse_unparsable(self) -> None:
+        """The handshake protocol could not parse the request: send its answer (414 or 431),
+        or a 400 when it has none, and end the connection. A client that closed without a
+        byte gets nothing."""
+        protocol = self.protocol
+        answer = b"".join(protocol.data_to_send())  # an answer and the end, or only the end
+        exc = protocol.handshake_exc
+        if not answer and self._received_any:
+            cause = exc.__cause__ if exc is not None else None
+            why = ("lines end with CRLF" if isinstance(cause, EOFError) else
+                   "the request target must be ASCII" if isinstance(cause, UnicodeError) else
+                   "not a valid HTTP/1.1 request")
+            response = protocol.reject(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {why}\n")
+            response.headers["Server"] = self._endpoint.server_header
+            answer = response.serialize()
+        if answer:
+            _refusals.info("http", "unparsable HTTP request answered %s: %s",
+                           answer[9:12].decode(errors="replace"), exc,
+                           extra={"event": "http_refused"})
+            self.transport.write(answer)
+        self._close_transport()
 
     async def _answer(self, request: Request) -> None:
         """Answer the opening request: :meth:`Endpoint.process_request`, then 101 or not."""
         endpoint, protocol = self._endpoint, self.protocol
         try:
             response = await endpoint.process_request(self, request)
-            if self._lost or protocol.reader.eof:
+            if self._lost or self._ending:
                 # the client closed (or half-closed) while the database answered: nobody to
                 # answer, and its choice, not a fault of the bridge
-                self.transport.abort()
+                self._abort()
                 endpoint.abandoned(self)
                 _refusals.info("gone", "client %s left before its handshake was answered",
                                self.remote_address, extra={"event": "handshake_abandoned"})
@@ -323,26 +452,72 @@ class Connection(asyncio.Protocol):
                             protocol.reject(503, "Server is shutting down.\n"))
             response.headers["Server"] = endpoint.server_header
             protocol.send_response(response)
-            if protocol.state is State.OPEN:
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
-                # the 101 and the first frames (welcome) leave in one write: one system call
-                # less per connection
-                self._corked = list(protocol.data_to_send())
-                try:
-                    endpoint.opened(self)
-                except Exception:
-                    self._crashed("opening the connection")
-                self._uncork()
-            else:
-                self._send_data()
+            if protocol.state is not State.OPEN:
+                self.transport.write(b"".join(protocol.data_to_send()))
                 if protocol.handshake_exc is not None:  # bad upgrade headers: the client's fault
                     _refusals.info("http", "upgrade refused with %d: %s", response.status_code,
                                    protocol.handshake_exc, extra={"event": "http_refused"})
-                self.transport.close()  # after the answer is written
+                self._close_transport()  # after the answer is written; what waits is dropped
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            # the 101 and the first frames (welcome) leave in one write: one system call
+            # less per connection
+            self._corked = list(protocol.data_to_send())
+            self.protocol = endpoint.new_protocol(State.OPEN)  # the request is dropped here
+            try:
+                endpoint.opened(self)
+            except Exception:
+                self.crashed("opening the connection")  # the 101 leaves before the 1011
+            self._uncork()
+        except Exception:
+            self.crashed("answering the opening handshake")
         finally:
             self._handshake = None
+        if self._unparsed and self.protocol.state is State.OPEN and not self._ending:
+            self._parse_frames()  # what the client sent with its request
+        self._update_reading()
+
+    def _open_timed_out(self) -> None:
+        self._timer = None
+        if self.protocol.state is State.CONNECTING:
+            self._abort()  # no handshake within open_timeout (a slow or idle client)
+
+    # --- inside: frames -----------------------------------------------------------------------
+
+    def _parse_frames(self) -> None:
+        """Give the protocol what was read, :data:`FEED_CHUNK` bytes at a time, until it
+        yielded :data:`FRAMES_PER_TURN` frames; hand the messages they complete to the
+        receiver. What is left is parsed in a later turn of the event loop, the connection not
+        reading meanwhile."""
+        self._pumping = False
+        if self._ending:
+            return
+        protocol, unparsed = self.protocol, self._unparsed
+        messages: list[str | bytes] = []
+        frames = offset = 0
+        try:
+            while offset < len(unparsed) and frames < FRAMES_PER_TURN and not self._ending:
+                protocol.receive_data(unparsed[offset:offset + FEED_CHUNK])
+                offset += FEED_CHUNK
+                events = protocol.events_received()
+                frames += len(events)
+                for event in events:
+                    if isinstance(event, Frame):
+                        self._frame(event, messages)
+                self._send_data()  # pongs, the echo of a close frame
+            del unparsed[:offset]
+            if messages and self.receiver is not None:
+                self.receiver.received(messages)
+            self._watch_close()
+        except Exception:
+            self.crashed("handling a frame")
+            return
+        if unparsed and not self._ending:
+            self._pumping = True
+            asyncio.get_running_loop().call_soon(self._parse_frames)
+        self._update_reading()
 
     def _frame(self, frame: Frame, messages: list[str | bytes]) -> None:
         """Act on one frame; a message it completes is appended to ``messages``."""
@@ -355,11 +530,16 @@ class Connection(asyncio.Protocol):
                 self._text = opcode is Opcode.TEXT
         elif opcode is Opcode.CONT:
             fragments = self._fragments
-            assert fragments is not None
+            if fragments is None:  # after a failed message: the protocol is closing
+                return
             fragments.append(frame.data)
             if frame.fin:
                 self._fragments = None
                 self._message(self._text, b"".join(fragments), messages)
+            elif len(fragments) >= MAX_FRAGMENTS:
+                self._fragments = None
+                self._fail(CLOSE_TOO_BIG, f"a message may have at most {MAX_FRAGMENTS} "
+                                          "fragments")
         elif opcode is Opcode.PING:
             if self.receiver is not None:
                 self.receiver.pinged()
@@ -377,4 +557,77 @@ class Connection(asyncio.Protocol):
         try:
             messages.append(data.decode())
         except UnicodeDecodeError as exc:
-            self.fail(CLOSE_INVALID_DATA, f"{exc.reason} at position {exc.start}")
+            self._fail(CLOSE_INVALID_DATA, f"{exc.reason} at position {exc.start}")
+
+    # --- inside: writing and ending -----------------------------------------------------------
+
+    def _fail(self, code: int, reason: str) -> None:
+        if self.protocol.state is State.OPEN and not self._ending:
+            self.protocol.fail(code, reason)
+            self._send_data()
+            self._watch_close()
+
+    def _send_data(self) -> None:
+        """Write what the protocol has to send; its end-of-stream half-closes the transport."""
+        if self._corked is not None:
+            self._uncork()
+        for data in self.protocol.data_to_send():
+            if self._ending or self.transport.is_closing():
+                return
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():  # half-close: the peer ends the connection
+                self._end()
+                try:
+                    self.transport.write_eof()
+                except Exception:  # OSError; uvloop raises RuntimeError once closing
+                    self.transport.abort()
+            else:
+                self._close_transport()
+
+    def _uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked and not self._ending:
+            self.transport.write(b"".join(corked))
+
+    def _close_transport(self) -> None:
+        """Close after what was written is sent; the peer has ``close_timeout`` s to read it."""
+        self._end()
+        self.transport.close()
+        self._watch_close(force=True)
+
+    def _abort(self) -> None:
+        self._end()
+        self.transport.abort()
+
+    def _end(self) -> None:
+        """From here on nothing is written or read; the server forgets the connection."""
+        if self._ending:
+            return
+        self._ending = True
+        self._unparsed.clear()
+        self._endpoint.closing(self)
+
+    def _watch_close(self, *, force: bool = False) -> None:
+        """Once the connection is expected to close, give the peer ``close_timeout`` s."""
+        if self._timer is None and not self._lost and (force or self.protocol.close_expected()):
+            self._timer = asyncio.get_running_loop().call_later(
+                self._endpoint.close_timeout, self.transport.abort)
+
+    def _update_reading(self) -> None:
+        """Read while nobody holds it: the receiver (:meth:`pause_reading`), frames still
+        waiting to be parsed, or more than :data:`EARLY_LIMIT` bytes after a request that
+        is being answered."""
+        if self._lost or self._ending:
+            return
+        hold = self._reading_held or self._pumping or (
+            self._handshake is not None and len(self._unparsed) > EARLY_LIMIT)
+        if hold == self.transport.is_reading():
+            if hold:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def _wake_drain(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)

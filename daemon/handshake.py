@@ -1,17 +1,13 @@
 """Everything before the WebSocket upgrade: HTTP parsing answers, routing, the authenticated
 handshake, health.
 
-* :class:`AnsweringProtocol` is websockets' sans-I/O server protocol (which
-  :class:`daemon.connection.Connection` drives), but a request that cannot be parsed is
-  answered with a 4xx (websockets closes the TCP connection without an answer and logs a
-  traceback).
-* :func:`process_request` routes ``/healthz``, ``/metrics`` and ``/ws`` through a :class:`Gate`,
-  which holds what the handshake needs (given explicitly by :mod:`daemon.server`); for ``/ws``
-  it checks
-  the request target, the ``Origin`` (:mod:`daemon.origins`), the connection limits and the
-  JWT, and answers every refusal with a 4xx
-  (or 503 when the database cannot be asked), never a 500 for what the client sent
-  (PROTOCOL.md, "HTTP answers before the upgrade").
+* :func:`process_request` answers a method other than GET with 405, then routes
+  ``/healthz``, ``/metrics`` and ``/ws`` through a :class:`Gate`, which holds what the
+  handshake needs (given explicitly by :mod:`daemon.server`); for ``/ws`` it checks the request
+  target, the ``Origin`` (:mod:`daemon.origins`), the connection limits and the JWT, and
+  answers every refusal with a 4xx (or 503 when the database cannot be asked), never a 500 for
+  what the client sent (PROTOCOL.md, "HTTP answers before the upgrade"). A request that cannot
+  be parsed is answered by :mod:`daemon.connection`.
 * :class:`Health` answers ``/healthz`` within a bound whatever the database does.
 """
 
@@ -23,17 +19,14 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.datastructures import Headers
-from websockets.exceptions import SecurityError
 from websockets.http11 import Request, Response
-from websockets.protocol import Protocol, State
-from websockets.server import ServerProtocol
 
 from .auth import AuthError, Claims
 from .errors import BridgeError
@@ -53,64 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _refusals = Throttled(log)  # a flood of refusals is counted in metrics, not logged line by line
 
-__all__ = ["AnsweringProtocol", "Gate", "Health", "Upgrade", "process_request"]
+__all__ = ["Gate", "Health", "Upgrade", "process_request"]
 
 HANDSHAKES_PER_TURN = 4  # upgrades checked per turn of the event loop (Gate.turns)
-
-
-def _status_for(exc: Exception, lines_read: int) -> tuple[HTTPStatus, str]:
-    """The answer to a request websockets could not parse, from what failed and where."""
-    if isinstance(exc, SecurityError):
-        if lines_read <= 1:
-            return HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long"
-        return (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "header line too long or too many headers")
-    if lines_read <= 1 and "method" in str(exc):
-        return HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served"
-    return HTTPStatus.BAD_REQUEST, "malformed HTTP request"
-
-
-class AnsweringProtocol(ServerProtocol):
-    """websockets' server protocol, but a request that cannot be parsed gets an HTTP answer
-    (400, 405, 414, 431) instead of a bare close, and is logged at INFO without a traceback."""
-
-    def parse(self) -> Generator[None]:
-        if self.state is State.CONNECTING:
-            lines = 0
-
-            def read_line(limit: int) -> Generator[None, None, bytes | bytearray]:
-                nonlocal lines
-                lines += 1
-                return (yield from self.reader.read_line(limit))
-
-            try:
-                request = yield from Request.parse(read_line)
-            except EOFError:
-                if self.reader.eof and lines <= 1 and not self.reader.buffer:
-                    # closed without sending a byte (a port probe): nobody to answer
-                    self.send_eof()
-                    self.parser = self.discard()
-                    next(self.parser)
-                else:
-                    # a partial request, or a line ending in a bare LF (websockets raises
-                    # EOFError for both): the client may still read the answer
-                    _refusals.info("http", "incomplete HTTP request answered 400",
-                                   extra={"event": "http_refused"})
-                    self.send_response(self.reject(
-                        HTTPStatus.BAD_REQUEST, "malformed HTTP request: lines end with CRLF\n"))
-                yield
-            except Exception as exc:  # ValueError, SecurityError, NotImplementedError
-                status, text = _status_for(exc, lines)
-                _refusals.info("http", "unparsable HTTP request answered %d: %s (%s)",
-                               status.value, text, type(exc).__name__,
-                               extra={"event": "http_refused"})
-                self.send_response(self.reject(status, f"{text}\n"))
-                yield
-            self.events.append(request)
-            # this generator parses the connection's frames from here on, for as long as it
-            # lives: keep nothing of the request in its frame
-            del request, read_line
-        yield from Protocol.parse(self)
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str,
@@ -297,6 +235,10 @@ async def process_request(gate: Gate, connection: Connection,
 
 async def _route(gate: Gate, connection: Connection,
                  request: Request) -> Response | None:
+    if request.method != "GET":  # websockets parses any method since 17; we serve GET only
+        return _json(HTTPStatus.METHOD_NOT_ALLOWED,
+                     {"error": "method_not_allowed", "message": "only GET is served"},
+                     (("Allow", "GET"),))
     try:
         path, query = _target(request)
     except _BadTarget as exc:

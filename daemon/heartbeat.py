@@ -31,6 +31,7 @@ class Heartbeat:
         self._slices: list[set[Connection]] = [set() for _ in range(SLICES)]
         self._slice_of: dict[Connection, int] = {}
         self._next = 0
+        self.beats = 0  # slices pinged so far: a full round is SLICES beats
 
     def add(self, conn: Connection) -> None:
         """Ping ``conn`` from now on (its first ping within ``interval`` seconds)."""
@@ -49,6 +50,7 @@ class Heartbeat:
         turn = 0
         while True:
             self._beat(self._slices[turn])
+            self.beats += 1
             turn = (turn + 1) % SLICES
             await asyncio.sleep(self.interval / SLICES)
 

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from .access import Access
@@ -20,7 +21,7 @@ from .auth import Claims
 from .client import CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_OVERLOADED, CLOSE_POLICY, Client
 from .connection import Connection
 from .errors import ConfigError
-from .handshake import AnsweringProtocol, Gate, Health, process_request
+from .handshake import Gate, Health, process_request
 from .heartbeat import Heartbeat
 from .hub import Hub
 from .listener import Listener
@@ -107,7 +108,7 @@ class Server:
                 await asyncio.wait_for(self._all_closed.wait(), timeout)
             except TimeoutError:
                 for conn in list(self.connections):
-                    conn.transport.abort()
+                    conn.transport.abort()  # connection_lost() follows: closing(), closed()
 
     def _accepted(self) -> Connection:
         conn = Connection(self)
@@ -116,9 +117,9 @@ class Server:
 
     # --- Endpoint ---------------------------------------------------------------------------
 
-    def new_protocol(self) -> ServerProtocol:
+    def new_protocol(self, state: State) -> ServerProtocol:
         # a message over 64 KiB (PROTOCOL.md) is closed with 1009
-        return AnsweringProtocol(max_size=self.settings.max_frame_bytes)
+        return ServerProtocol(state=state, max_size=self.settings.max_frame_bytes)
 
     def serving(self) -> bool:
         return self._server is not None and self._server.is_serving()
@@ -156,12 +157,10 @@ class Server:
         self.metrics.connections.inc()
         client.start()
 
-    def closed(self, conn: Connection, code_sent: int | None) -> None:
-        self.connections.discard(conn)
-        if code_sent is not None:
-            self.metrics.closes.labels(str(code_sent)).inc()
+    def closing(self, conn: Connection) -> None:
+        # at once, not when the peer is done reading: nothing shared calls into it any more
         client = conn.receiver
-        if isinstance(client, Client):
+        if isinstance(client, Client) and client in self.clients:
             client.lost()
             self.clients.discard(client)
             self.heartbeat.remove(conn)
@@ -169,5 +168,10 @@ class Server:
             self.presence.closed(client.user)
             self.limits.closed(client.user)
             self.metrics.connections.dec()
+
+    def closed(self, conn: Connection, code_sent: int | None) -> None:
+        self.connections.discard(conn)
+        if code_sent is not None:
+            self.metrics.closes.labels(str(code_sent)).inc()
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()

@@ -14,10 +14,10 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosedError
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from daemon.connection import Connection
-from daemon.handshake import AnsweringProtocol
 from tests.fixtures import running_bridge
 from tests.helpers import connect, make_room, make_user, recv, send, subscribe
 from tests.procs import until
@@ -139,8 +139,8 @@ class _Echo:
         self.receiver = receiver
         self.codes: list[int | None] = []
 
-    def new_protocol(self) -> ServerProtocol:
-        return AnsweringProtocol(max_size=65536)
+    def new_protocol(self, state: State) -> ServerProtocol:
+        return ServerProtocol(state=state, max_size=65536)
 
     def serving(self) -> bool:
         return True
@@ -152,6 +152,9 @@ class _Echo:
         conn.receiver = self.receiver
 
     def abandoned(self, conn: Connection) -> None:
+        pass
+
+    def closing(self, conn: Connection) -> None:
         pass
 
     def closed(self, conn: Connection, code_sent: int | None) -> None:

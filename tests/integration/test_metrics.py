@@ -63,17 +63,16 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_close_code_sent_counts_only_closes_this_side_started() -> None:
+    from websockets.exceptions import ConnectionClosed
     from websockets.frames import Close
-    from websockets.server import ServerProtocol
 
-    protocol = ServerProtocol()
-    assert close_code_sent(protocol) is None
-    protocol.close_sent, protocol.close_rcvd_then_sent = Close(4008, "too slow"), None
-    assert close_code_sent(protocol) == 4008
-    protocol.close_rcvd_then_sent = False  # we sent first, then the client answered
-    assert close_code_sent(protocol) == 4008
-    protocol.close_rcvd_then_sent = True  # the client closed; we echoed
-    assert close_code_sent(protocol) is None
+    slow, bye = Close(4008, "too slow"), Close(1000, "bye")
+    assert close_code_sent(ConnectionClosed(None, None)) is None  # no close frame at all
+    assert close_code_sent(ConnectionClosed(None, slow)) == 4008
+    # we sent first, then the client answered
+    assert close_code_sent(ConnectionClosed(bye, slow, rcvd_then_sent=False)) == 4008
+    # the client closed; we echoed
+    assert close_code_sent(ConnectionClosed(bye, bye, rcvd_then_sent=True)) is None
 
 
 # --- deliveries and latency -------------------------------------------------------------------
