@@ -844,3 +844,86 @@ def _allowed(defects: set[str], odd: set[str], clean: set[int]) -> set[int]:
     if odd - {"near_limit", "ws_extras"}:
         statuses |= {400}  # a parse-level oddity may be refused first
     return statuses
+
+
+# --- bytes sent with the request (issue 25: no frame before the 101) ---------------------------
+
+@dataclass(frozen=True)
+class EarlyWrites:
+    """A request followed, in the same stream, by client frames and junk, cut into writes at
+    random points; ``allowed`` is what the contract admits for the request alone."""
+
+    writes: tuple[bytes, ...]
+    allowed: frozenset[int]
+    why: str
+
+    def __repr__(self) -> str:
+        sizes = "+".join(str(len(w)) for w in self.writes)
+        data = b"".join(self.writes)
+        shown = data if len(data) <= 600 else data[:400] + b"..." + data[-150:]
+        return f"EarlyWrites({sizes} bytes, allowed {sorted(self.allowed)}, {self.why}: {shown!r})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # Hypothesis' report
+        printer.text(repr(self))
+
+
+_KEY_HEADERS = (b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+
+
+def _masked(opcode: int, data: bytes, fin: bool = True) -> bytes:
+    """A client frame (masked, RFC 6455 5.2) with any opcode, even a reserved one."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if len(data) < 126:
+        head += bytes([0x80 | len(data)])
+    else:
+        head += bytes([0x80 | 126]) + len(data).to_bytes(2, "big")
+    mask = b"\x01\x02\x03\x04"
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+@st.composite
+def _early_frame(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["close", "ping", "pong", "text", "binary", "cont", "start",
+                                 "reserved", "junk", "pings"]))
+    if kind == "close":
+        code = draw(st.sampled_from([1000, 1001, 1002, 1005, 1006, 1011, 1015, 3000, 4999, 0,
+                                     65535]))
+        reason = draw(st.binary(max_size=20))
+        return _masked(0x8, code.to_bytes(2, "big") + reason if draw(st.booleans()) else b"")
+    if kind in ("ping", "pong"):
+        return _masked(0x9 if kind == "ping" else 0xA, draw(st.binary(max_size=125)))
+    if kind in ("text", "binary", "start"):
+        return _masked(0x1 if kind != "binary" else 0x2,
+                       draw(st.binary(max_size=300)) if kind != "text" else
+                       b'{"type":"ping","ref":"early"}', fin=kind != "start")
+    if kind == "cont":
+        return _masked(0x0, draw(st.binary(max_size=20)), fin=draw(st.booleans()))
+    if kind == "reserved":
+        return _masked(draw(st.sampled_from([0x3, 0x7, 0xB, 0xF])), b"")
+    if kind == "pings":  # a tail of empty pings
+        return _masked(0x9, b"") * draw(st.integers(1, 3000))
+    return draw(st.binary(min_size=1, max_size=40))
+
+
+@st.composite
+def early_writes(draw: st.DrawFn, ctx: HandshakeContext) -> EarlyWrites:
+    """A valid upgrade (valid or refused token) or any request of :func:`http_requests`,
+    then 0 to 5 frames or junk, all cut into 1 to 4 writes."""
+    if draw(st.booleans()):
+        valid = draw(st.booleans())
+        jwt_token = draw(st.sampled_from(ctx.valid if valid else ctx.refused))
+        request = b"GET /ws?token=" + jwt_token.encode() + b" HTTP/1.1\r\n" + _KEY_HEADERS + \
+            b"\r\n"
+        allowed, why = frozenset({101} if valid else {401}), (
+            "a valid upgrade" if valid else "an upgrade with a refused token")
+    else:
+        raw = draw(http_requests(ctx))
+        request, why = raw.data, raw.why
+        # a request whose headers never end takes the bytes after it as more of its head
+        allowed = raw.allowed if b"\r\n\r\n" in request else raw.allowed | CLIENT_ERRORS
+    data = request + b"".join(draw(st.lists(_early_frame(), max_size=5)))
+    cuts = sorted(draw(st.sets(st.integers(1, len(data) - 1), max_size=3))) if len(data) > 1 \
+        else []
+    bounds = [0, *cuts, len(data)]
+    return EarlyWrites(tuple(data[a:b] for a, b in itertools.pairwise(bounds)), allowed, why)

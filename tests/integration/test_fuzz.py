@@ -37,16 +37,19 @@ from websockets.sync.client import ClientConnection as SyncConnection
 from websockets.sync.client import connect as sync_connect
 
 from daemon.app import Bridge
+from daemon.connection import Connection
 from daemon.settings import DaemonSettings
 from tests.fixtures import running_bridge
 from tests.fuzz_strategies import (
     ERROR_CODES,
     Answer,
+    EarlyWrites,
     Frame,
     FrameContext,
     HandshakeContext,
     RawRequest,
     Reply,
+    early_writes,
     expected_answer,
     frames,
     http_requests,
@@ -56,6 +59,7 @@ from tests.fuzz_strategies import (
     repeated,
 )
 from tests.helpers import SECRET, connect, make_room, make_user, post, send, subscribe, token
+from tests.procs import until
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
@@ -134,12 +138,6 @@ class ErrorRecords(logging.Handler):
         assert not shown, "the server logged errors:\n" + "\n".join(shown)
 
 
-def _is_handler(task: asyncio.Task[Any]) -> bool:
-    """A task of websockets' server running one connection (``Server.conn_handler``; the
-    bridge does not expose its server, so the task is recognised by its coroutine's name)."""
-    return getattr(task.get_coro(), "__qualname__", "").endswith("conn_handler")
-
-
 @dataclasses.dataclass
 class World:
     loop: LoopThread
@@ -151,7 +149,7 @@ class World:
     frames: FrameContext
     handshakes: HandshakeContext
 
-    lasting: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
+    lasting: set[Connection] = dataclasses.field(default_factory=set)
 
     @property
     def port(self) -> int:
@@ -159,21 +157,21 @@ class World:
 
     def keep_current_connections(self) -> None:
         """Mark the connections open now as lasting: :meth:`settle` does not wait for them."""
-        async def handlers() -> set[asyncio.Task[Any]]:
-            return {t for t in asyncio.all_tasks() if _is_handler(t)}
+        async def current() -> set[Connection]:
+            return set(self.bridge.server.connections)
 
-        self.lasting = self.loop.run(handlers())
+        self.lasting = self.loop.run(current())
 
     def settle(self) -> None:
-        """Wait until the server is done with every connection but the lasting ones (at most
-        ``ANSWER_TIMEOUT``): what it logs about them has been logged by then. websockets logs a
-        failed handshake after the answer has been sent."""
-        async def wait() -> None:
-            pending = {t for t in asyncio.all_tasks() if _is_handler(t)} - self.lasting
-            if pending:
-                await asyncio.wait(pending, timeout=ANSWER_TIMEOUT)
+        """Wait until the server is done with every connection but the lasting ones (fails
+        after ``ANSWER_TIMEOUT``): what it logs about them has been logged by then."""
+        connections = self.bridge.server.connections
 
-        self.loop.run(wait())
+        async def done() -> bool:
+            return not connections - self.lasting
+
+        self.loop.run(until(done, "the server to end the fuzzer's connections",
+                            timeout=ANSWER_TIMEOUT, every=0.01))
 
     def assert_no_errors_logged(self) -> None:
         self.settle()
@@ -283,7 +281,8 @@ class HostileClient:
     def __init__(self, port: int, jwt_token: str) -> None:
         self.ws: SyncConnection = sync_connect(
             f"ws://127.0.0.1:{port}/ws?token={jwt_token}", compression=None, max_size=2**24,
-            open_timeout=ANSWER_TIMEOUT, close_timeout=2, ping_interval=None)
+            open_timeout=ANSWER_TIMEOUT, close_timeout=2, ping_interval=None,
+            legacy=True)  # websockets 17: a connection to close by hand (close())
         welcome = server_frame(self.ws.recv(timeout=ANSWER_TIMEOUT))
         assert welcome["type"] == "welcome", welcome
 
@@ -523,6 +522,77 @@ def test_every_http_request_gets_an_answer_never_a_5xx(world: World) -> None:
 
     raw_client()
     assert_still_serving(world)
+
+
+def test_bytes_sent_with_a_request_never_come_before_its_answer(world: World) -> None:
+    """Issue 25: a request (a valid upgrade, a refused one, or any raw request) followed in the
+    same stream by frames and junk (close, pings, fragments, reserved opcodes, bytes), cut into
+    writes at random points. The answer is a well-formed HTTP response that begins the stream,
+    a status the contract allows for the request alone; after a 101 the first frame is the
+    welcome; nothing is logged at ERROR; the daemon serves, and a member subscribed
+    meanwhile receives every message written to its room during the run, once, in order."""
+    loop = world.loop
+    honest = loop.run(Honest.open(world.port, world.honest, world.honest_room))
+    world.keep_current_connections()
+    writer = loop.run(Writer.start(world.conn, world.honest_room, world.honest))
+
+    @fuzz_settings(100)
+    @given(sent=early_writes(world.handshakes), content=contents)
+    def attacker(sent: EarlyWrites, content: str) -> None:
+        world.errors.records.clear()
+        loop.loop.call_soon_threadsafe(writer.queue.put_nowait, content)
+        answer = loop.run(early_exchange(world.port, sent.writes))
+        match = re.match(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n", answer)
+        assert match, f"the answer does not begin with a status line: {answer[:300]!r}"
+        status = int(match.group(1))
+        assert status in sent.allowed, f"{status} for {sent.why}: {answer[:300]!r}"
+        _, end, rest = answer.partition(b"\r\n\r\n")
+        assert end, f"the answer's head never ended: {answer[:300]!r}"
+        if status == 101:
+            assert rest[:1] == b"\x81" and b'"welcome"' in rest[:200], (
+                f"the first frame after the 101 is not the welcome: {rest[:100]!r}")
+        world.assert_no_errors_logged()
+
+    try:
+        try:
+            attacker()
+        finally:
+            loop.run(writer.stop(), timeout=90)
+        assert not writer.failures, f"the writer failed: {writer.failures[:3]}"
+        got = loop.run(honest.finish(len(writer.posted)), timeout=90)
+    finally:
+        loop.run(honest.close())
+    events = [f for f in got if f["type"] == "event"]
+    first = honest.start_seq + 1
+    assert [e["seq"] for e in events] == list(range(first, first + len(writer.posted)))
+    assert [e["data"]["content"] for e in events] == writer.posted
+    assert_still_serving(world)
+
+
+async def early_exchange(port: int, writes: tuple[bytes, ...]) -> bytes:
+    """Send ``writes`` on one new TCP connection, each its own write; return what came back
+    until EOF, or, after a 101, until the end of its first frame (the hostile tail may keep
+    the connection open), or what arrived within ``ANSWER_TIMEOUT``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = b""
+    try:
+        for data in writes:
+            writer.write(data)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                while chunk := await reader.read(65536):
+                    answer += chunk
+                    _, end, rest = answer.partition(b"\r\n\r\n")
+                    if answer.startswith(b"HTTP/1.1 101 ") and end and len(rest) >= 2 \
+                            and len(rest) >= 2 + (rest[1] & 0x7F):
+                        break
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return answer
 
 
 async def http_exchange(port: int, data: bytes) -> bytes:
