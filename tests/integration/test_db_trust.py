@@ -458,3 +458,129 @@ async def test_setup_db_grants_from_the_command_line(trust_db: TrustDB, roles: R
         f"schema public at {describe(trust_db.owner)}: already up to date, nothing changed",
         f"granted role {roles.app} the application's privileges on schema public",
         f"granted role {roles.bridge} the bridge's privileges on schema public"]
+
+
+# --- false presence (issue 25, attack 7) ------------------------------------------------------
+
+async def test_false_presence_the_application_role_cannot_make_a_user_look_online_or_offline(
+        trust_db: TrustDB) -> None:
+    """``UPDATE user_status SET user_id = <a user who never connected>`` moved a connected
+    user's 'online' row to that user (the truth trigger fired only on INSERT and UPDATE OF
+    status): watchers saw them online, and the connected user, left without a row, offline.
+    Every write the application role may make (INSERT; UPDATE of status, custom_status,
+    last_seen, user_id; DELETE; DELETE then INSERT; upserts; a temporary presence_sessions) is
+    made here against a real daemon, and a watcher's every presence frame is checked against
+    the truth: who is connected, and the last_seen the bridge wrote. A fence (a custom_status
+    written afterwards) shows that nothing false arrived before it: frames of one user in one
+    room arrive in the order of the changes."""
+    from tests.integration.test_presence import presence_of, until_frame, watch
+
+    async with (connected(trust_db.owner) as owner, connected(trust_db.app) as app,
+                running_bridge(trust_db.bridge, presence_grace=0.3) as bridge):
+        watcher, online, never, other = [await make_user(app) for _ in range(4)]
+        room = await make_room(app, watcher, online, never, other)
+        online_ws = await connect(bridge.port, online)
+
+        async def row(user: str) -> tuple[Any, ...] | None:
+            cur = await owner.execute("SELECT status, last_seen, custom_status FROM user_status "
+                                      "WHERE user_id = %s", [user])
+            return await cur.fetchone()
+
+        async def is_online() -> bool:
+            return ((await row(online)) or ("",))[0] == "online"
+
+        await until(is_online, "the connected user's row to say online")
+        ws, snapshot = await watch(bridge.port, watcher, room)
+        connected_users = {watcher, online}
+        seen: dict[str, Any] = {f["user"]: f["last_seen"] for f in snapshot}
+        assert seen[never] is None and seen[other] is None
+
+        def truthful(frame: dict[str, Any]) -> None:
+            user = frame["user"]
+            if user == watcher and seen[user] is None:  # the bridge writes its coming online
+                seen[user] = frame["last_seen"]
+            assert frame["online"] is (user in connected_users), frame
+            if frame["status"] in ("online", "offline"):
+                assert frame["status"] == ("online" if frame["online"] else "offline"), frame
+            assert frame["last_seen"] == seen[user], frame
+
+        fences = 0
+
+        async def fence(*users: str) -> None:
+            nonlocal fences
+            for user in users:
+                fences += 1
+                mark = f"fence {fences}"
+                await app.execute("UPDATE user_status SET custom_status = %s WHERE user_id = %s",
+                                  (mark, user))
+                last, before = await until_frame(ws, presence_of(user, custom_status=mark))
+                for frame in [*before, last]:
+                    assert frame["type"] == "presence", frame
+                    truthful(frame)
+
+        users = {"online": online, "never": never, "other": other}
+        # a row of a user who never connected: 'online' is stored as the truth, last_seen as
+        # now() (the spec's default), not what the row says
+        await app.execute("INSERT INTO user_status (user_id, status, last_seen) "
+                          "VALUES (%(never)s, 'online', '2000-01-01')", users)
+        status, last_seen, _ = await row(never) or ("", None, None)
+        assert status == "offline" and last_seen.year > 2000
+        frame, _ = await until_frame(ws, presence_of(never))
+        seen[never] = frame["last_seen"]
+        truthful(frame)
+        await fence(never)
+
+        refused = [
+            "UPDATE user_status SET user_id = %(other)s WHERE user_id = %(online)s",  # the attack
+            "UPDATE user_status SET user_id = %(other)s",
+            "UPDATE user_status SET user_id = NULL WHERE user_id = %(online)s",
+            "INSERT INTO user_status (user_id) VALUES (%(online)s) "
+            "ON CONFLICT (user_id) DO UPDATE SET user_id = %(other)s",
+        ]
+        for statement in refused:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await app.execute(statement, users)
+        stored = [
+            "UPDATE user_status SET status = 'online' WHERE user_id = %(never)s",
+            "UPDATE user_status SET status = 'offline' WHERE user_id = %(online)s",
+            "UPDATE user_status SET last_seen = '2000-01-01'",
+            "UPDATE user_status SET last_seen = now() + interval '1 day', status = 'online'",
+            "UPDATE user_status SET custom_status = NULL",
+            "INSERT INTO user_status (user_id, status, last_seen) VALUES (%(online)s, 'offline', "
+            "'2000-01-01') ON CONFLICT (user_id) DO UPDATE SET status = EXCLUDED.status, "
+            "last_seen = EXCLUDED.last_seen",
+            "UPDATE user_status SET status = 'away' WHERE user_id = %(online)s",  # its own word
+            "DELETE FROM user_status WHERE user_id = %(online)s",  # the row stays: truth again
+            "DELETE FROM user_status",
+        ]
+        for statement in stored:
+            await app.execute(statement, users)
+            await fence(online, never)
+        # DELETE then INSERT: the row never went, so the INSERT is refused
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            async with app.transaction():
+                await app.execute("DELETE FROM user_status WHERE user_id = %(online)s", users)
+                await app.execute("INSERT INTO user_status (user_id, status) "
+                                  "VALUES (%(online)s, 'offline')", users)
+        # a temporary presence_sessions naming the user, and a temporary users table
+        await app.execute("CREATE TEMP TABLE presence_sessions (instance_id text, user_id text)")
+        await app.execute("INSERT INTO pg_temp.presence_sessions VALUES ('x', %(never)s)", users)
+        await app.execute("CREATE TEMP TABLE users (id text)")
+        await app.execute("UPDATE user_status SET status = 'online' WHERE user_id = %(never)s",
+                          users)
+        await app.execute("DELETE FROM user_status WHERE user_id = %(online)s", users)
+        await app.execute("DROP TABLE pg_temp.presence_sessions, pg_temp.users")
+        await fence(online, never)
+        assert await row(other) is None
+        assert [(await row(u) or ("",))[0] for u in (online, never)] == ["online", "offline"]
+
+        # the bridge itself still writes through the guard: the user goes offline
+        await online_ws.close()
+        connected_users.discard(online)
+        frame, before = await until_frame(ws, presence_of(online, online=False))
+        assert frame["status"] == "offline" and frame["last_seen"] != seen[online]
+        for earlier in before:
+            assert earlier["type"] == "presence" and earlier["user"] != online, earlier
+        seen[online] = frame["last_seen"]
+        await fence(online)
+        await ws.close()
