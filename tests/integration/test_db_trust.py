@@ -634,6 +634,7 @@ async def test_silent_gap_through_sync_state_the_application_role_cannot_move_a_
             "UPDATE sync_state SET metadata = '{}', last_sync = now()",
             "DELETE FROM sync_state WHERE user_id = %(user)s",
             "DELETE FROM sync_state",
+            "TRUNCATE sync_state",
             "INSERT INTO sync_state (user_id, room_id, sync_type, last_seq) "
             "VALUES (%(other)s, %(room)s, 'events', %(far)s)",
             "INSERT INTO sync_state (user_id, sync_type, last_seq) "
