@@ -1,4 +1,5 @@
-"""Which browser origins may open a connection (``PGBRIDGE_ALLOWED_ORIGINS``).
+"""Which browser origins may open a connection (``PGBRIDGE_PUBLIC_ORIGIN``,
+``PGBRIDGE_ALLOWED_ORIGINS``).
 
 Pure. Tokens travel in URLs (``?token=``: browsers cannot set headers on a WebSocket), so a
 page on another site that obtains one could open a connection from a victim's browser
@@ -15,15 +16,15 @@ so the handshake admits:
   (sandboxed frames, ``file://`` pages) included.
 
 Everything else, ``null`` included unless ``*`` is set, is refused with 403 before the upgrade.
+Origins compare as RFC 6454 serializes them: scheme and host in lowercase, a default port
+(80 for http/ws, 443 for https/wss) the same as none. An entry may name another scheme
+(``capacitor://localhost``, an app's webview); without a port it matches only without one.
 
 Why not any ``Origin`` equal to ``Host``: with DNS rebinding, a page of ``attacker.example:PORT``
 whose name the attacker then points at the bridge's address sends ``Origin`` =
 ``http://attacker.example:PORT`` and ``Host`` = ``attacker.example:PORT``: the two agree, yet the
 page is the attacker's. A name counts as the bridge's own only when it is configured; an IP
 literal or a loopback name is not resolved through anybody's DNS, so it cannot be rebound.
-Origins compare as RFC 6454 serializes them: scheme and host in lowercase, a default port
-(80 for http/ws, 443 for https/wss) the same as none. An entry may name another scheme
-(``capacitor://localhost``, an app's webview); without a port it matches only without one.
 """
 
 from __future__ import annotations
