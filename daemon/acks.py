@@ -2,6 +2,12 @@
 
 A crash loses at most the acks of the last interval (``PGBRIDGE_ACK_FLUSH_INTERVAL``); that
 only means a few events are sent again, which clients de-duplicate by seq.
+
+What is written is what the bridge delivered: a client's ack past its subscription's cursor is
+refused before it reaches the buffer (``bad_request``), and the rows written are the bridge's
+alone (the application role may not write them: ``sql/triggers/50_resume_state.sql``). A stored
+seq past the room's head, which no bridge wrote, is replaced by the next ack
+(:meth:`daemon.store.Store.save_acks`), not kept as the greater.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ def resolve_from(*, room: str, since: int | None, acked: int | None, head: int,
     ``since`` if given, else the user's acknowledged seq (``acked``, from ``sync_state``), else
     ``head``. ``retained_from`` is the lowest seq still in the log (``head + 1`` when the log of
     the room is empty). Raises :class:`ProtocolError`: ``bad_request`` for ``since > head``,
-    ``cursor_expired`` when events after the cursor were already pruned.
+    ``cursor_expired`` when events after the cursor were already pruned, or when ``acked`` is
+    past ``head``: no bridge wrote that (acks never pass what was delivered), so where the
+    client really is is unknown, and resuming from the head would skip events in silence.
     """
     if since is not None:
         if since > head:
@@ -26,7 +28,12 @@ def resolve_from(*, room: str, since: int | None, acked: int | None, head: int,
                                 ref=ref, room=room)
         start = since
     elif acked is not None:
-        start = min(acked, head)
+        if acked > head:
+            raise ProtocolError(
+                "cursor_expired",
+                f"the acknowledged seq {acked} stored for you is ahead of the room's head "
+                f"{head}; resync and subscribe with since={head}", ref=ref, room=room)
+        start = acked
     else:
         return head
     if start + 1 < retained_from:

@@ -287,10 +287,11 @@ def _admit(gate: Gate, connection: Connection, request: Request,
                                               "message": "Origin and Host may be given once"})
     origin = origins[0] if origins else None
     if not origin_allowed(origin, hosts[0] if hosts else None,
-                          gate.settings.allowed_origins):
+                          gate.settings.allowed_origins, public=gate.settings.public_origins):
         return _refuse(gate, HTTPStatus.FORBIDDEN, "forbidden_origin",
                        f"origin {(origin or '')[:100]!r} may not connect: it is not this "
-                       "bridge's own origin nor in PGBRIDGE_ALLOWED_ORIGINS")
+                       "bridge's own origin (PGBRIDGE_PUBLIC_ORIGIN, or a loopback or IP "
+                       "address) nor in PGBRIDGE_ALLOWED_ORIGINS")
     limits = gate.limits
     if limits.at_capacity(pending=len(gate.handshakes)):
         return _refuse(gate, HTTPStatus.SERVICE_UNAVAILABLE, "overloaded",

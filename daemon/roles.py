@@ -3,9 +3,12 @@
 * **owner**: runs ``setup_db.py``, owns the schema, the chat tables, the event log and the
   capture functions, which run as the owner (SECURITY DEFINER). Nothing is granted to it.
 * **application** (``setup_db.py --grant-app ROLE``): reads and writes the chat tables
-  (:data:`APP_TABLES`). No privilege on the log (``change_events``, ``change_sequences``), the
-  NOTIFY signing key or the ledgers: its writes reach the log only through the triggers, so it
-  can neither forge nor rewrite events.
+  (:data:`APP_TABLES`), but of ``sync_state`` only the spec's columns
+  (:data:`APP_SYNC_STATE_COLUMNS`): the resume columns ``room_id`` and ``last_seq`` are the
+  bridge's, and the rows that have them are guarded as a whole by the trigger of
+  ``sql/triggers/50_resume_state.sql``. No privilege on the log (``change_events``,
+  ``change_sequences``), the NOTIFY signing key or the ledgers: its writes reach the log only
+  through the triggers, so it can neither forge nor rewrite events.
 * **bridge** (``setup_db.py --grant-bridge ROLE``): what the daemon reads and writes
   (:data:`BRIDGE_PRIVILEGES`): the log and the signing key, the columns that decide access
   (ids and ``deleted_at`` of users and rooms, memberships; no personal data), ``sync_state``,
@@ -27,11 +30,15 @@ from psycopg.rows import TupleRow
 
 from .errors import SchemaError
 
-__all__ = ["APP_FUNCTIONS", "APP_TABLES", "BRIDGE_FUNCTIONS", "BRIDGE_PRIVILEGES", "Grants",
-           "apply_grants"]
+__all__ = ["APP_FUNCTIONS", "APP_SYNC_STATE_COLUMNS", "APP_TABLES", "BRIDGE_FUNCTIONS",
+           "BRIDGE_PRIVILEGES", "Grants", "apply_grants"]
 
 APP_TABLES = ("users", "channels", "messages", "channel_members", "user_settings", "user_status",
               "sync_state", "reactions", "files", "message_reads")
+# What the application may INSERT and UPDATE of sync_state: spec 003's columns. SELECT and
+# DELETE are on the whole table; the resume rows (room_id or last_seq set) refuse the
+# application's DELETE and UPDATE all the same (sql/triggers/50_resume_state.sql).
+APP_SYNC_STATE_COLUMNS = ("id", "user_id", "last_sync", "sync_type", "metadata")
 # table -> (privileges, columns or None for the whole table)
 BRIDGE_PRIVILEGES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "users": ("SELECT", ("id", "deleted_at")),
@@ -113,7 +120,13 @@ async def apply_grants(conn: psycopg.AsyncConnection[TupleRow], schema: str,
         role = sql.Identifier(name)
         await _revoke_all(conn, s, role)
         await conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
-            sql.SQL(", ").join(sql.Identifier(schema, t) for t in APP_TABLES), role))
+            sql.SQL(", ").join(sql.Identifier(schema, t) for t in APP_TABLES
+                               if t != "sync_state"), role))
+        await conn.execute(sql.SQL("GRANT SELECT, DELETE ON {} TO {}").format(
+            sql.Identifier(schema, "sync_state"), role))
+        await conn.execute(sql.SQL("GRANT INSERT ({0}), UPDATE ({0}) ON {1} TO {2}").format(
+            sql.SQL(", ").join(map(sql.Identifier, APP_SYNC_STATE_COLUMNS)),
+            sql.Identifier(schema, "sync_state"), role))
         await _grant_functions(conn, schema, APP_FUNCTIONS, role)
     for name in grants.bridge:
         role = sql.Identifier(name)

@@ -74,7 +74,7 @@ FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_listen_channel", "pgbridg
              "pgbridge_lock_rooms", "pgbridge_lock_user_rooms", "pgbridge_typing_channel",
              "pgbridge_presence_set", "pgbridge_presence_sync", "pgbridge_presence_reap",
              "pgbridge_presence_retire", "pgbridge_status_truth", "pgbridge_presence_hint",
-             "pgbridge_doorbell")
+             "pgbridge_doorbell", "pgbridge_status_guard", "pgbridge_resume_guard")
 # Functions that run as the owner: SECURITY DEFINER, search_path pinned with pg_temp last, and
 # no EXECUTE for PUBLIC (sql/triggers/10_change_capture.sql, "Trust").
 DEFINER_FUNCTIONS = ("pgbridge_capture", "pgbridge_user_gone", "pgbridge_lock_rooms",
@@ -93,7 +93,10 @@ MAX_WAIT = 60.0
 USERS_TRIGGERS = ("users_access_update", "users_access_delete", "users_lock_rooms")
 # the triggers on user_status that keep 'online'/'offline' true and tell the daemon to read a
 # user's presence again (sql/triggers/40_presence.sql)
-USER_STATUS_TRIGGERS = ("user_status_truth", "user_status_hint", "user_status_hint_update")
+USER_STATUS_TRIGGERS = ("user_status_guard", "user_status_truth", "user_status_hint",
+                        "user_status_hint_update")
+# the trigger that keeps sync_state's resume rows the bridge's (sql/triggers/50_resume_state.sql)
+SYNC_STATE_TRIGGERS = ("sync_state_resume_guard",)
 
 
 def _sql_dir() -> Traversable:
@@ -340,6 +343,8 @@ async def _problems(conn: psycopg.AsyncConnection[TupleRow], schema: str, *,
                  for t in USERS_TRIGGERS if t not in triggers]
     problems += [f"trigger {t} on {schema}.user_status is missing or disabled"
                  for t in USER_STATUS_TRIGGERS if t not in triggers]
+    problems += [f"trigger {t} on {schema}.sync_state is missing or disabled"
+                 for t in SYNC_STATE_TRIGGERS if t not in triggers]
     if "change_notify_key" in tables:
         cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
             sql.Identifier(schema, "change_notify_key")))

@@ -18,7 +18,7 @@ from dotenv import dotenv_values
 
 from .doorbell import POLICIES
 from .errors import ConfigError
-from .origins import Allowlist, parse_allowlist
+from .origins import Allowlist, PublicOrigins, parse_allowlist, parse_public_origins
 
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")  # PGBRIDGE_EVENT_LOOP
 
@@ -231,7 +231,9 @@ class DaemonSettings:
     README, "Fan-out cost").
 
     ``allowed_origins``: browser origins admitted besides the bridge's own
-    (``PGBRIDGE_ALLOWED_ORIGINS``, :mod:`daemon.origins`). ``access_check_interval``: seconds
+    (``PGBRIDGE_ALLOWED_ORIGINS``, :mod:`daemon.origins`). ``public_origins``: the origins the
+    bridge is published at, its own (``PGBRIDGE_PUBLIC_ORIGIN``; empty: only pages on a loopback
+    name or an IP literal are its own). ``access_check_interval``: seconds
     between two checks of every connected user and subscription against the database.
     """
 
@@ -241,6 +243,7 @@ class DaemonSettings:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     allowed_origins: Allowlist = field(default_factory=Allowlist)
+    public_origins: PublicOrigins = frozenset()
     access_check_interval: float = 30.0
     schema: str = "public"
     queue_size: int = 1000
@@ -280,6 +283,10 @@ class DaemonSettings:
             origins = parse_allowlist(_get(env, "PGBRIDGE_ALLOWED_ORIGINS"))
         except ValueError as exc:
             raise ConfigError(f"PGBRIDGE_ALLOWED_ORIGINS: {exc}") from None
+        try:
+            public_origins = parse_public_origins(_get(env, "PGBRIDGE_PUBLIC_ORIGIN"))
+        except ValueError as exc:
+            raise ConfigError(f"PGBRIDGE_PUBLIC_ORIGIN: {exc}") from None
         send_timeout = _seconds(env, "PGBRIDGE_SEND_TIMEOUT", 5.0)
         if send_timeout <= 0:
             raise ConfigError("PGBRIDGE_SEND_TIMEOUT must be more than 0 seconds")
@@ -309,6 +316,7 @@ class DaemonSettings:
             jwt_audience=_get(env, "PGBRIDGE_JWT_AUDIENCE"),
             jwt_issuer=_get(env, "PGBRIDGE_JWT_ISSUER"),
             allowed_origins=origins,
+            public_origins=public_origins,
             access_check_interval=access_check_interval,
             schema=schema_name(_get(env, "PGBRIDGE_SCHEMA") or "public"),
             queue_size=_int(env, "PGBRIDGE_QUEUE_SIZE", 1000, minimum=1),

@@ -310,6 +310,14 @@ class Store:
         infos = {}
         for user, room, exists, allowed, head, low, acked in rows:
             status = "ok" if allowed else ("forbidden" if exists else "not_found")
+            if allowed and acked is not None and acked > head:
+                # never written by a bridge (acks never pass what was delivered, nor the head):
+                # by hand, or the room's log and counter were reset. Not trusted: the subscribe
+                # gets cursor_expired (daemon.cursor), the next ack replaces it (save_acks).
+                log.warning("sync_state of user %s in room %s says %s was acknowledged, past "
+                            "the room's head %s: not resuming from it", user, room, acked, head,
+                            extra={"event": "cursor_ahead", "user": str(user),
+                                   "room": str(room), "acked": int(acked), "head": int(head)})
             infos[str(user), str(room)] = RoomCursorInfo(
                 status=status, head=int(head),
                 retained_from=int(low) if low is not None else int(head) + 1,
@@ -378,7 +386,9 @@ class Store:
 
     async def save_acks(self, acks: list[tuple[str, str, int]]) -> None:
         """Upsert ``(user_id, room_id, seq)`` into ``sync_state`` (sync_type ``events``); a seq
-        never moves backwards. One statement for the whole batch."""
+        never moves backwards, except from a stored seq past the room's head
+        (``change_sequences``), which no bridge wrote and which the ack replaces. One statement
+        for the whole batch. Raises :class:`DatabaseError`."""
         from ulid import ULID
 
         if not acks:
@@ -393,7 +403,12 @@ class Store:
                  AS a(id, user_id, room_id, seq)
             WHERE EXISTS (SELECT 1 FROM channels c WHERE c.id = a.room_id)
             ON CONFLICT (user_id, room_id, sync_type) DO UPDATE
-               SET last_seq = GREATEST(sync_state.last_seq, EXCLUDED.last_seq),
+               SET last_seq = CASE
+                       WHEN sync_state.last_seq > COALESCE((
+                           SELECT h.last_seq FROM change_sequences h
+                           WHERE h.room_id = EXCLUDED.room_id), 0)
+                       THEN EXCLUDED.last_seq
+                       ELSE GREATEST(sync_state.last_seq, EXCLUDED.last_seq) END,
                    last_sync = EXCLUDED.last_sync
             RETURNING 1
             """, (ids, list(users), list(rooms), list(seqs)), "saving acknowledgements")

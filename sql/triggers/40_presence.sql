@@ -185,8 +185,62 @@ $$;
 REVOKE ALL ON FUNCTION pgbridge_presence_retire(text, double precision, text[],
                                                 double precision[]) FROM PUBLIC;
 
+-- What the bridge owns in a user_status row is written by the presence functions only (README,
+-- "Presence and typing"). A writer that may not run them (the application role: every role but
+-- the owner and superusers, who may also drop these triggers) may write status and
+-- custom_status (status through pgbridge_status_truth below), and nothing else:
+--   * INSERT: last_seen is now(), the spec's default, whatever the row says;
+--   * UPDATE: last_seen is kept; user_id may not change (a row moved from a connected user to a
+--     user who never connected made that user look online, issue 25 (7), and left the
+--     connected one without a row, looking offline): refused, SQLSTATE 42501;
+--   * DELETE of the row of a user who exists: the row stays, with what the application wrote
+--     cleared (custom_status; a status word of its own becomes the truth), so that no
+--     connected user looks offline and no DELETE then INSERT resets last_seen; the DELETE
+--     reports it did not delete the row. A row of a deleted user goes (ON DELETE CASCADE runs
+--     as the owner anyway).
+-- SECURITY INVOKER on purpose, unlike every other function here: the rule is about who writes,
+-- and a definer function sees only its owner. It reads no table the writer could not read
+-- (users, through its own UPDATE of user_status), and its search_path is pinned all the same.
+CREATE OR REPLACE FUNCTION pgbridge_status_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER SET search_path FROM CURRENT AS $$
+BEGIN
+    IF has_function_privilege('pgbridge_presence_set(text, text, boolean, timestamptz)',
+                              'EXECUTE') THEN
+        RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        IF NOT EXISTS (SELECT 1 FROM users WHERE id = OLD.user_id) THEN
+            RETURN OLD;
+        END IF;
+        UPDATE user_status SET custom_status = NULL, status = 'offline'
+        WHERE user_id = OLD.user_id;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.user_id IS DISTINCT FROM OLD.user_id THEN
+            RAISE EXCEPTION 'user_status.user_id cannot change: insert a row for the other user'
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'user_status describes the user it was created for '
+                             '(README, "Presence and typing")';
+        END IF;
+        NEW.last_seen := OLD.last_seen;
+    ELSE
+        NEW.last_seen := now();
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION pgbridge_status_guard() FROM PUBLIC;
+
+-- BEFORE triggers run in name order: the guard, then the truth.
+CREATE OR REPLACE TRIGGER user_status_guard
+    BEFORE INSERT OR UPDATE OR DELETE ON user_status
+    FOR EACH ROW EXECUTE FUNCTION pgbridge_status_guard();
+
 -- Whoever writes 'online' or 'offline' into status (the application ending its 'away', say)
--- gets what is true of the user's connections; other words are stored as written.
+-- gets what is true of the user's connections; other words are stored as written. Every INSERT
+-- and every UPDATE, whatever columns it sets: an UPDATE of custom_status alone, or of user_id
+-- by the owner, stores the truth of the row's user too.
 CREATE OR REPLACE FUNCTION pgbridge_status_truth() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
@@ -201,7 +255,7 @@ $$;
 REVOKE ALL ON FUNCTION pgbridge_status_truth() FROM PUBLIC;
 
 CREATE OR REPLACE TRIGGER user_status_truth
-    BEFORE INSERT OR UPDATE OF status ON user_status
+    BEFORE INSERT OR UPDATE ON user_status
     FOR EACH ROW EXECUTE FUNCTION pgbridge_status_truth();
 
 -- The presence hint (see the top of this file), signed like every payload of the channel.

@@ -458,3 +458,294 @@ async def test_setup_db_grants_from_the_command_line(trust_db: TrustDB, roles: R
         f"schema public at {describe(trust_db.owner)}: already up to date, nothing changed",
         f"granted role {roles.app} the application's privileges on schema public",
         f"granted role {roles.bridge} the bridge's privileges on schema public"]
+
+
+# --- false presence (issue 25, attack 7) ------------------------------------------------------
+
+async def test_false_presence_the_application_role_cannot_make_a_user_look_online_or_offline(
+        trust_db: TrustDB) -> None:
+    """``UPDATE user_status SET user_id = <a user who never connected>`` moved a connected
+    user's 'online' row to that user (the truth trigger fired only on INSERT and UPDATE OF
+    status): watchers saw them online, and the connected user, left without a row, offline.
+    Every write the application role may make (INSERT; UPDATE of status, custom_status,
+    last_seen, user_id; DELETE; DELETE then INSERT; upserts; a temporary presence_sessions) is
+    made here against a real daemon, and a watcher's every presence frame is checked against
+    the truth: who is connected, and the last_seen the bridge wrote. A fence (a custom_status
+    written afterwards) shows that nothing false arrived before it: frames of one user in one
+    room arrive in the order of the changes."""
+    from tests.integration.test_presence import presence_of, until_frame, watch
+
+    async with (connected(trust_db.owner) as owner, connected(trust_db.app) as app,
+                running_bridge(trust_db.bridge, presence_grace=0.3) as bridge):
+        watcher, online, never, other = [await make_user(app) for _ in range(4)]
+        room = await make_room(app, watcher, online, never, other)
+        online_ws = await connect(bridge.port, online)
+
+        async def row(user: str) -> tuple[Any, ...] | None:
+            cur = await owner.execute("SELECT status, last_seen, custom_status FROM user_status "
+                                      "WHERE user_id = %s", [user])
+            return await cur.fetchone()
+
+        async def is_online() -> bool:
+            return ((await row(online)) or ("",))[0] == "online"
+
+        await until(is_online, "the connected user's row to say online")
+        ws, snapshot = await watch(bridge.port, watcher, room)
+        connected_users = {watcher, online}
+        seen: dict[str, Any] = {f["user"]: f["last_seen"] for f in snapshot}
+        assert seen[never] is None and seen[other] is None
+
+        def truthful(frame: dict[str, Any]) -> None:
+            user = frame["user"]
+            if user == watcher and seen[user] is None:  # the bridge writes its coming online
+                seen[user] = frame["last_seen"]
+            assert frame["online"] is (user in connected_users), frame
+            if frame["status"] in ("online", "offline"):
+                assert frame["status"] == ("online" if frame["online"] else "offline"), frame
+            assert frame["last_seen"] == seen[user], frame
+
+        fences = 0
+
+        async def fence(*users: str) -> None:
+            nonlocal fences
+            for user in users:
+                fences += 1
+                mark = f"fence {fences}"
+                await app.execute("UPDATE user_status SET custom_status = %s WHERE user_id = %s",
+                                  (mark, user))
+                last, before = await until_frame(ws, presence_of(user, custom_status=mark))
+                for frame in [*before, last]:
+                    assert frame["type"] == "presence", frame
+                    truthful(frame)
+
+        users = {"online": online, "never": never, "other": other}
+        # a row of a user who never connected: 'online' is stored as the truth, last_seen as
+        # now() (the spec's default), not what the row says
+        await app.execute("INSERT INTO user_status (user_id, status, last_seen) "
+                          "VALUES (%(never)s, 'online', '2000-01-01')", users)
+        status, last_seen, _ = await row(never) or ("", None, None)
+        assert status == "offline" and last_seen.year > 2000
+        frame, _ = await until_frame(ws, presence_of(never))
+        seen[never] = frame["last_seen"]
+        truthful(frame)
+        await fence(never)
+
+        refused = [
+            "UPDATE user_status SET user_id = %(other)s WHERE user_id = %(online)s",  # the attack
+            "UPDATE user_status SET user_id = %(other)s",
+            "UPDATE user_status SET user_id = NULL WHERE user_id = %(online)s",
+            "INSERT INTO user_status (user_id) VALUES (%(online)s) "
+            "ON CONFLICT (user_id) DO UPDATE SET user_id = %(other)s",
+        ]
+        for statement in refused:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await app.execute(statement, users)
+        stored = [
+            "UPDATE user_status SET status = 'online' WHERE user_id = %(never)s",
+            "UPDATE user_status SET status = 'offline' WHERE user_id = %(online)s",
+            "UPDATE user_status SET last_seen = '2000-01-01'",
+            "UPDATE user_status SET last_seen = now() + interval '1 day', status = 'online'",
+            "UPDATE user_status SET custom_status = NULL",
+            "INSERT INTO user_status (user_id, status, last_seen) VALUES (%(online)s, 'offline', "
+            "'2000-01-01') ON CONFLICT (user_id) DO UPDATE SET status = EXCLUDED.status, "
+            "last_seen = EXCLUDED.last_seen",
+            "UPDATE user_status SET status = 'away' WHERE user_id = %(online)s",  # its own word
+            "DELETE FROM user_status WHERE user_id = %(online)s",  # the row stays: truth again
+            "DELETE FROM user_status",
+        ]
+        for statement in stored:
+            await app.execute(statement, users)
+            await fence(online, never)
+        # DELETE then INSERT: the row never went, so the INSERT is refused
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            async with app.transaction():
+                await app.execute("DELETE FROM user_status WHERE user_id = %(online)s", users)
+                await app.execute("INSERT INTO user_status (user_id, status) "
+                                  "VALUES (%(online)s, 'offline')", users)
+        # a temporary presence_sessions naming the user, and a temporary users table
+        await app.execute("CREATE TEMP TABLE presence_sessions (instance_id text, user_id text)")
+        await app.execute("INSERT INTO pg_temp.presence_sessions VALUES ('x', %(never)s)", users)
+        await app.execute("CREATE TEMP TABLE users (id text)")
+        await app.execute("UPDATE user_status SET status = 'online' WHERE user_id = %(never)s",
+                          users)
+        await app.execute("DELETE FROM user_status WHERE user_id = %(online)s", users)
+        await app.execute("DROP TABLE pg_temp.presence_sessions, pg_temp.users")
+        await fence(online, never)
+        assert await row(other) is None
+        assert [(await row(u) or ("",))[0] for u in (online, never)] == ["online", "offline"]
+
+        # the bridge itself still writes through the guard: the user goes offline
+        await online_ws.close()
+        connected_users.discard(online)
+        frame, before = await until_frame(ws, presence_of(online, online=False))
+        assert frame["status"] == "offline" and frame["last_seen"] != seen[online]
+        for earlier in before:
+            assert earlier["type"] == "presence" and earlier["user"] != online, earlier
+        seen[online] = frame["last_seen"]
+        await fence(online)
+        await ws.close()
+
+
+# --- silent gap through sync_state (issue 25, attack 6) ---------------------------------------
+
+async def stored_cursor(owner: AsyncConn, user: str, room: str) -> int | None:
+    cur = await owner.execute("SELECT last_seq FROM sync_state WHERE user_id = %s AND room_id = %s "
+                              "AND sync_type = 'events'", (user, room))
+    row = await cur.fetchone()
+    return None if row is None else int(row[0])
+
+
+async def acked_through(ws: Any, owner: AsyncConn, user: str, room: str, seq: int) -> None:
+    """Ack ``seq`` and wait until the bridge wrote it."""
+    await send(ws, type="ack", room=room, seq=seq)
+
+    async def written() -> bool:
+        return await stored_cursor(owner, user, room) == seq
+
+    await until(written, f"the ack of {seq} in sync_state")
+
+
+async def test_silent_gap_through_sync_state_the_application_role_cannot_move_a_cursor(
+        trust_db: TrustDB, bridge: Bridge) -> None:
+    """Before, ``UPDATE sync_state SET last_seq = 9e18`` as the application role made a victim
+    who resumes without ``since`` get ``subscribed from=9 head=9``: 5 events missed in silence.
+    Every other way to the same end is tried too: the resume columns, the row's other columns
+    (to another user or sync_type, so that the victim resumes from the head or someone else's
+    cursor), DELETE, DELETE then INSERT, an upsert on the row's id, NULLs, a temporary
+    sync_state. The victim then resumes exactly after what it acknowledged."""
+    user, room, ws, start = await setup_room(trust_db, bridge)
+    async with (connected(trust_db.owner) as owner, connected(trust_db.app) as app):
+        await expect_exactly(ws, app, room, user, start, owner, n=4)
+        await acked_through(ws, owner, user, room, start + 4)
+        await ws.close()
+        missed = [await post(app, room, user, f"while away {i}") for i in range(5)]
+        other = await make_user(app)
+        cur = await owner.execute("SELECT id FROM sync_state WHERE user_id = %s AND room_id = %s",
+                                  (user, room))
+        row_id = str((await cur.fetchone() or ("",))[0])
+        args = {"user": user, "room": room, "other": other, "id": row_id, "far": 9 * 10**18}
+        refused = [
+            "UPDATE sync_state SET last_seq = %(far)s WHERE user_id = %(user)s",  # the attack
+            "UPDATE sync_state SET last_seq = last_seq + 5",
+            "UPDATE sync_state SET last_seq = NULL",
+            "UPDATE sync_state SET room_id = NULL WHERE user_id = %(user)s",
+            "UPDATE sync_state SET sync_type = 'full' WHERE user_id = %(user)s",
+            "UPDATE sync_state SET user_id = %(other)s WHERE user_id = %(user)s",
+            "UPDATE sync_state SET metadata = '{}', last_sync = now()",
+            "DELETE FROM sync_state WHERE user_id = %(user)s",
+            "DELETE FROM sync_state",
+            "TRUNCATE sync_state",
+            "INSERT INTO sync_state (user_id, room_id, sync_type, last_seq) "
+            "VALUES (%(other)s, %(room)s, 'events', %(far)s)",
+            "INSERT INTO sync_state (user_id, sync_type, last_seq) "
+            "VALUES (%(user)s, 'events', %(far)s)",
+            "INSERT INTO sync_state (id, user_id, sync_type) VALUES (%(id)s, %(other)s, 'full') "
+            "ON CONFLICT (id) DO UPDATE SET user_id = EXCLUDED.user_id",
+            "INSERT INTO sync_state (id, user_id, sync_type) VALUES (%(id)s, %(other)s, 'full') "
+            "ON CONFLICT (id) DO UPDATE SET sync_type = 'incremental'",
+        ]
+        for statement in refused:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await app.execute(statement, args)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            async with app.transaction():  # DELETE then INSERT
+                await app.execute("DELETE FROM sync_state WHERE id = %(id)s", args)
+                await app.execute("INSERT INTO sync_state (user_id, sync_type) "
+                                  "VALUES (%(user)s, 'events')", args)
+        # The spec's rows stay the application's: a row without room_id, which no resume reads.
+        await app.execute("INSERT INTO sync_state (user_id, sync_type, metadata) "
+                          "VALUES (%(user)s, 'events', '{\"last_seq\": 9e18}')", args)
+        await app.execute("UPDATE sync_state SET last_sync = now(), sync_type = 'full', "
+                          "metadata = '{}' WHERE user_id = %(user)s AND room_id IS NULL", args)
+        await app.execute("DELETE FROM sync_state WHERE user_id = %(user)s AND room_id IS NULL",
+                          args)
+        # a temporary sync_state is the attacker's session's alone
+        await app.execute("CREATE TEMP TABLE sync_state (user_id varchar(26), room_id "
+                          "varchar(26), sync_type text, last_seq bigint)")
+        await app.execute("INSERT INTO pg_temp.sync_state VALUES (%(user)s, %(room)s, 'events', "
+                          "%(far)s)", args)
+        assert await stored_cursor(owner, user, room) == start + 4
+
+        ws = await connect(bridge.port, user)
+        resumed = await subscribe(ws, room)
+        assert (resumed["from"], resumed["head"]) == (start + 4, start + 9)
+        got = await events(ws, 5)
+        assert [(e["seq"], e["id"]) for e in got] == [
+            (start + 5 + i, missed[i]) for i in range(5)]
+        await expect_exactly(ws, app, room, user, start + 9, owner)
+        await app.execute("DROP TABLE pg_temp.sync_state")
+        # cascades (as the owner) still clear a deleted room's resume rows
+        await app.execute("DELETE FROM channels WHERE id = %s", [room])
+        assert await stored_cursor(owner, user, room) is None
+    await ws.close()
+
+
+async def test_a_stored_cursor_ahead_of_the_head_is_refused_logged_and_replaced(
+        trust_db: TrustDB, bridge: Bridge, caplog: pytest.LogCaptureFixture) -> None:
+    """A cursor past the room's head was never written by a bridge (acks never pass what was
+    delivered): here the owner (a superuser) writes one by hand, by UPDATE and by INSERT.
+    Before, a client resuming without ``since`` started at the head and missed, in silence,
+    everything after its real ack. Now the subscribe is refused with ``cursor_expired`` (the
+    client resyncs and subscribes with ``since`` = head), the bridge logs ``cursor_ahead``, and
+    the client's next ack replaces the cursor, so later resumes work again."""
+    user, room, ws, start = await setup_room(trust_db, bridge)
+    async with (connected(trust_db.owner) as owner, connected(trust_db.app) as app):
+        await expect_exactly(ws, app, room, user, start, owner, n=2)
+        await acked_through(ws, owner, user, room, start + 1)
+        await ws.close()
+        newcomer = await make_user(app)
+        await app.execute("INSERT INTO channel_members (channel_id, user_id) VALUES (%s, %s)",
+                          (room, newcomer))
+        head_now = start + 3  # the membership is an event of the room too
+        await owner.execute("UPDATE sync_state SET last_seq = %s WHERE user_id = %s "
+                            "AND room_id = %s", (9 * 10**18, user, room))
+        await owner.execute("INSERT INTO sync_state (user_id, room_id, sync_type, last_seq) "
+                            "VALUES (%s, %s, 'events', %s)", (newcomer, room, head_now + 1000))
+        for who, stored in ((user, 9 * 10**18), (newcomer, head_now + 1000)):
+            ws = await connect(bridge.port, who)
+            caplog.clear()
+            await send(ws, type="subscribe", room=room, ref="resume")
+            refused = await recv(ws)
+            assert refused["type"] == "error", refused
+            assert (refused["type"], refused["code"], refused["ref"], refused["room"]) == (
+                "error", "cursor_expired", "resume", room), refused
+            assert f"since={head_now}" in refused["message"]
+            [record] = [r for r in caplog.records if getattr(r, "event", "") == "cursor_ahead"]
+            assert (record.user, record.room, record.acked, record.head) == (  # type: ignore[attr-defined]
+                who, room, stored, head_now)
+            # the client resyncs and subscribes from the head; its next ack replaces the cursor
+            assert (await subscribe(ws, room, since=head_now))["from"] == head_now
+            await expect_exactly(ws, app, room, user, head_now, owner, n=1)
+            head_now += 1
+            await acked_through(ws, owner, who, room, head_now)
+            await ws.close()
+            ws = await connect(bridge.port, who)
+            assert (await subscribe(ws, room))["from"] == head_now
+            await ws.close()
+
+
+async def test_an_application_role_granted_by_an_older_setup_db_cannot_write_resume_rows(
+        trust_db: TrustDB, bridge: Bridge, roles: Roles) -> None:
+    """A role granted before the resume columns were the bridge's holds UPDATE and DELETE on the
+    whole of sync_state until --grant-app runs again; the trigger refuses it the resume rows
+    meanwhile (it reads no log), and the grant then takes the columns away."""
+    user, room, ws, start = await setup_room(trust_db, bridge)
+    async with (connected(trust_db.owner) as owner, connected(trust_db.app) as app):
+        await expect_exactly(ws, app, room, user, start, owner, n=1)
+        await acked_through(ws, owner, user, room, start + 1)
+        await owner.execute(sql.SQL("GRANT ALL ON sync_state TO {}").format(
+            sql.Identifier(roles.app)))
+        try:
+            for statement in ("UPDATE sync_state SET last_seq = 9000000000000000000",
+                              "DELETE FROM sync_state WHERE room_id = %(room)s",
+                              "INSERT INTO sync_state (user_id, room_id, sync_type, last_seq) "
+                              "VALUES (%(user)s, %(room)s, 'full', 1)"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    await app.execute(statement, {"room": room, "user": user})
+        finally:
+            await apply_schema(trust_db.owner, grants=Grants(app=(roles.app,)))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+            await app.execute("UPDATE sync_state SET last_seq = 9000000000000000000")
+        assert "permission denied" in str(refused.value)  # the column privilege, now
+        assert await stored_cursor(owner, user, room) == start + 1
+    await ws.close()

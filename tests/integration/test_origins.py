@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from daemon.app import Bridge
-from daemon.origins import parse_allowlist
+from daemon.origins import parse_allowlist, parse_public_origins
 from tests.browser import StaticServer, async_chromium, browser_paths, run_async
 from tests.fixtures import running_bridge
 from tests.helpers import make_user, recv, token
@@ -33,12 +33,15 @@ def refusals(bridge: Bridge, reason: str = "forbidden_origin") -> float:
 
 
 async def handshake(port: int, user: str, origin: str | None = None,
-                    headers: list[tuple[str, str]] | None = None) -> tuple[int, dict[str, Any]]:
-    """Open ``/ws`` as ``user`` with this ``Origin`` (``None``: none sent) and extra headers.
-    Returns ``(101, welcome)`` when admitted (then closes), else the refusal's status and
-    JSON body."""
+                    headers: list[tuple[str, str]] | None = None,
+                    host: str | None = None) -> tuple[int, dict[str, Any]]:
+    """Open ``/ws`` as ``user`` with this ``Origin`` (``None``: none sent) and extra headers,
+    over TCP to 127.0.0.1:``port`` whatever ``host`` (the ``Host`` header, default
+    ``127.0.0.1:<port>``) names. Returns ``(101, welcome)`` when admitted (then closes), else
+    the refusal's status and JSON body."""
     try:
-        ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?token={token(user)}",
+        ws = await websockets.connect(f"ws://{host or f'127.0.0.1:{port}'}/ws?token={token(user)}",
+                                      host="127.0.0.1", port=port,
                                       origin=None if origin is None else Origin(origin),
                                       additional_headers=headers, open_timeout=10)
     except InvalidStatus as refused:
@@ -118,6 +121,30 @@ async def test_allowlist_admits_its_origins_and_subdomains(db_url: str, conn: Co
         seen = {origin: (await handshake(bridge.port, user, origin))[0] for origin in expected}
         assert seen == expected
         assert refusals(bridge) == sum(1 for status in expected.values() if status == 403)
+
+
+async def test_dns_rebinding_is_refused_and_loopback_or_the_public_origin_admitted(
+        db_url: str, conn: Conn) -> None:
+    """Issue 25 (8): a page of ``attacker.example:PORT`` whose name was rebound to the bridge's
+    address sends ``Origin`` = ``Host`` = ``attacker.example:PORT``; before, the two agreeing
+    made it the bridge's own origin. Now a name is the bridge's own only when
+    ``PGBRIDGE_PUBLIC_ORIGIN`` names it; loopback and IP literals stay its own."""
+    user = await make_user(conn)
+    for public in ("", "https://chat.example.com"):
+        async with running_bridge(db_url,
+                                  public_origins=parse_public_origins(public)) as bridge:
+            port = bridge.port
+            rebound = f"attacker.example:{port}"
+            status, body = await handshake(port, user, f"http://{rebound}", host=rebound)
+            assert (status, body["error"]) == (403, "forbidden_origin"), body
+            assert "PGBRIDGE_PUBLIC_ORIGIN" in body["message"]
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+                status, welcome = await handshake(port, user, f"http://{host}", host=host)
+                assert (status, welcome["user"]) == (101, user), host
+            status, body = await handshake(port, user, "https://chat.example.com",
+                                           host="chat.example.com")
+            assert status == (101 if public else 403), body
+            assert refusals(bridge) == (1 if public else 2)
 
 
 async def test_any_origin_admits_every_page_null_included(db_url: str, conn: Conn) -> None:

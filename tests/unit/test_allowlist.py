@@ -2,7 +2,8 @@
 ``PGBRIDGE_ALLOWED_ORIGINS`` with :func:`~daemon.origins.parse_allowlist` (entries normalised
 like serialized origins, wildcards and ``*``, refusals, and the setting's
 :class:`~daemon.errors.ConfigError`), and :func:`~daemon.origins.origin_allowed` (the bridge's
-own origin from ``Host``, exact and subdomain entries, ``*``). Named ``test_allowlist`` because
+own origin: ``PGBRIDGE_PUBLIC_ORIGIN``, or ``Host`` when it cannot be rebound; exact and subdomain
+entries, ``*``). Named ``test_allowlist`` because
 ``tests/integration/test_origins.py`` (the handshake against a running bridge) already holds
 the basename."""
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.errors import ConfigError
-from daemon.origins import Allowlist, origin_allowed, parse_allowlist
+from daemon.origins import Allowlist, origin_allowed, parse_allowlist, parse_public_origins
 from daemon.settings import DaemonSettings
 
 
@@ -90,12 +91,19 @@ def test_null_in_the_allowlist_is_a_config_error_naming_the_variable() -> None:
     ("http://127.0.0.1", "127.0.0.1", True),
     ("http://127.0.0.1", "127.0.0.1:80", True),
     ("http://127.0.0.1:80", "127.0.0.1", True),
-    ("https://bridge.example", "bridge.example", True),
-    ("https://bridge.example", "bridge.example:443", True),
-    ("https://bridge.example:443", "bridge.example", True),
-    ("https://BRIDGE.Example", "bridge.example", True),
-    ("https://bridge.example", "BRIDGE.EXAMPLE:443", True),
+    ("http://127.9.8.7:8080", "127.9.8.7:8080", True),  # 127.0.0.0/8
+    ("http://192.0.2.7:8080", "192.0.2.7:8080", True),  # an IP literal cannot be rebound
+    ("http://localhost:8080", "localhost:8080", True),
+    ("http://LOCALHOST:8080", "localhost:8080", True),
     ("http://[::1]:8080", "[::1]:8080", True),
+    ("http://[2001:db8::7]", "[2001:db8::7]", True),
+    # a name is the bridge's own only when PGBRIDGE_PUBLIC_ORIGIN says so (DNS rebinding)
+    ("https://bridge.example", "bridge.example", False),
+    ("https://bridge.example", "bridge.example:443", False),
+    ("http://attacker.example:8080", "attacker.example:8080", False),
+    ("http://127.0.0.1.nip.io:8080", "127.0.0.1.nip.io:8080", False),
+    ("http://localhost.attacker.example:8080", "localhost.attacker.example:8080", False),
+    ("http://2130706433:8080", "2130706433:8080", False),  # a name, to the rule
     ("http://localhost:8080", "127.0.0.1:8080", False),  # another origin, same machine
     ("http://127.0.0.1:8081", "127.0.0.1:8080", False),
     ("http://bridge.example", "bridge.example:443", False),
@@ -117,8 +125,9 @@ def test_null_in_the_allowlist_is_a_config_error_naming_the_variable() -> None:
 ])
 def test_own_origin_is_the_host_header(origin: str | None, host: str | None,
                                        allowed: bool) -> None:
-    """With the default (empty) allowlist, only non-browsers and pages of the bridge's own
-    origin (the host and port the browser connected to, as ``Host`` names them) get in."""
+    """With the default (empty) allowlist and no public origin, only non-browsers and pages of
+    the bridge's own origin (the host and port the browser connected to, as ``Host`` names
+    them) get in, and only when that host is an IP literal or ``localhost``."""
     assert origin_allowed(origin, host, Allowlist()) is allowed
 
 
@@ -161,3 +170,59 @@ def test_allowlist_keeps_the_own_origin() -> None:
 def test_any_admits_every_origin_null_included(origin: str) -> None:
     assert origin_allowed(origin, "127.0.0.1:8080", parse_allowlist("*"))
     assert origin_allowed(origin, None, parse_allowlist("https://app.example,*"))
+
+
+def test_dns_rebinding_is_refused_without_a_public_origin() -> None:
+    """The attack of issue 25 (8): a page of ``attacker.example:PORT``, its name rebound to the
+    bridge's address, sends ``Origin`` = ``Host`` = ``attacker.example:PORT``. Before, the two
+    agreeing made it the bridge's own origin."""
+    for allowlist in (Allowlist(), parse_allowlist("https://app.example")):
+        assert not origin_allowed("http://attacker.example:8080", "attacker.example:8080",
+                                  allowlist)
+        assert not origin_allowed("http://attacker.example:8080", "attacker.example:8080",
+                                  allowlist, public=parse_public_origins(
+                                      "https://chat.example.com"))
+
+
+@pytest.mark.parametrize(("origin", "host", "allowed"), [
+    ("https://chat.example.com", "chat.example.com", True),
+    ("https://chat.example.com", "127.0.0.1:8080", True),  # behind a proxy that sets its own
+    ("https://chat.example.com", None, True),
+    ("https://CHAT.example.com:443", "chat.example.com", True),
+    ("http://chat.example.com", "chat.example.com", False),  # another scheme
+    ("https://chat.example.com:8443", "chat.example.com:8443", False),  # another port
+    ("https://www.chat.example.com", "www.chat.example.com", False),
+    ("https://attacker.example", "attacker.example", False),
+    ("http://127.0.0.1:8080", "127.0.0.1:8080", True),  # loopback stays the bridge's own
+    ("http://localhost:8080", "localhost:8080", True),
+])
+def test_a_public_origin_is_the_bridge_s_own(origin: str, host: str | None,
+                                             allowed: bool) -> None:
+    public = parse_public_origins("https://chat.example.com, http://chat.example.com:8080/")
+    assert origin_allowed(origin, host, Allowlist(), public=public) is allowed
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    (None, set()), ("", set()), (" , ", set()),
+    ("https://chat.example.com", {("https", "chat.example.com", 443)}),
+    ("https://Chat.Example.com:443/", {("https", "chat.example.com", 443)}),
+    ("https://a.example, http://b.example:8080",
+     {("https", "a.example", 443), ("http", "b.example", 8080)}),
+])
+def test_public_origins_are_parsed_like_origins(value: str | None,
+                                                parsed: set[tuple[str, str, int]]) -> None:
+    assert parse_public_origins(value) == parsed
+
+
+@pytest.mark.parametrize("value", [
+    "chat.example.com", "*", "null", "https://*.example.com", "https://chat.example.com/x",
+    "wss://chat.example.com", "capacitor://localhost", "https://chat.example.com, garbage",
+    "https://user@chat.example.com", "https://chat.example.com:0",
+])
+def test_a_bad_public_origin_is_a_one_line_config_error_naming_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^PGBRIDGE_PUBLIC_ORIGIN: .*not a web origin") as bad:
+        DaemonSettings.from_env({"PGBRIDGE_PUBLIC_ORIGIN": value})
+    assert "\n" not in str(bad.value)
+    settings = DaemonSettings.from_env({"PGBRIDGE_PUBLIC_ORIGIN": "https://Chat.example.com"})
+    assert settings.public_origins == {("https", "chat.example.com", 443)}
+    assert DaemonSettings.from_env({}).public_origins == frozenset()
