@@ -17,7 +17,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from importlib.abc import Traversable
+from importlib.resources.abc import Traversable
 
 __all__ = ["Asset", "asset_for"]
 
