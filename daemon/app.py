@@ -18,7 +18,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -263,9 +262,9 @@ async def run(env: dict[str, str]) -> int:
 
         def ready(b: Bridge) -> None:
             systemd.notify(f"READY=1\nSTATUS=listening on {settings.host}:{b.port}")
-            if demo is not None:
+            if demo is not None:  # stdout: a script takes the token from it; logs: stderr
                 print(banner(settings, secret, port=b.port, conninfo=conninfo, user=demo[0],
-                             room=demo[1]), file=sys.stderr, flush=True)
+                             room=demo[1]), flush=True)
 
         await bridge.serve(stop, on_ready=ready)
     systemd.notify("STOPPING=1")

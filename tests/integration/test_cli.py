@@ -22,11 +22,12 @@ from typing import Any
 import jwt
 import psycopg
 import pytest
+import websockets
 
 from daemon.embedded import start_embedded
 from tests.fixtures import ROOT, conninfo_env, running_bridge
 from tests.helpers import SECRET, make_room, make_user, token
-from tests.procs import PGBRIDGE, free_port, human_lines, run_cli
+from tests.procs import PGBRIDGE, DaemonProcess, free_port, human_lines, run_cli, until
 
 SETUP_DB = str(ROOT / "setup_db.py")
 PYTHON = sys.executable
@@ -303,3 +304,52 @@ async def test_tail_reconnect_lines_are_progress_and_ctrl_c_exits_130(tmp_path: 
             proc.kill()
             await proc.wait()
 
+
+
+# --- first contact: ./dev run with nothing configured ---------------------------------------
+
+async def test_first_run_prints_the_banner_on_stdout_and_only_log_lines_on_stderr(
+        tmp_path: Path) -> None:
+    """What `./dev run` does on a fresh machine: the embedded PostgreSQL, the demo user and
+    room, and a banner on stdout that a script can take the token from; stderr holds only the
+    daemon's JSON log lines (no banner, no third-party warning such as cryptography's DSA
+    deprecation printed by asyncssh's import)."""
+    port = free_port()
+    daemon = DaemonProcess(clean_env(PGBRIDGE_DATA_DIR=str(tmp_path / "data"),
+                                     PGBRIDGE_PORT=str(port)), tmp_path)
+    await daemon.start()
+    try:
+        await daemon.wait_event("ready", timeout=90)
+
+        async def banner_printed() -> bool:
+            return any(line.startswith("  token (24 h): ") for line in daemon.out)
+
+        await until(banner_printed, "the banner on stdout", timeout=10)
+        jwt_token = next(line.split(": ", 1)[1] for line in daemon.out
+                         if line.startswith("  token (24 h): "))
+        url = next(line.split()[1] for line in daemon.out if line.startswith("  WebSocket:"))
+        assert url.startswith(f"ws://127.0.0.1:{port}/ws"), daemon.out
+        async with websockets.connect(url.replace("<token>", jwt_token)) as ws:
+            welcome = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert welcome["type"] == "welcome", welcome
+    finally:
+        await daemon.stop()
+    not_json = []
+    for line in daemon.log:
+        try:
+            json.loads(line)
+        except ValueError:
+            not_json.append(line)
+    assert not_json == [], not_json
+
+
+def test_the_ssh_modules_import_with_warnings_as_errors() -> None:
+    """The daemon imports asyncssh (SSH_HOST set) without a warning on stderr: cryptography
+    51's DSA deprecation, raised by asyncssh's import, is ignored there by message and module
+    (daemon/_asyncssh.py), and any other warning would fail this."""
+    result = subprocess.run([sys.executable, "-W", "error", "-c",
+                             "import daemon.tunnel, daemon.sshkeys"],
+                            capture_output=True, text=True, cwd=ROOT, env=clean_env(),
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
