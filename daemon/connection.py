@@ -382,7 +382,12 @@ class Connection(asyncio.Protocol):
                 return
         except Exception:  # noqa: S110 - the abort below is the answer to any failure here
             pass
-        self._abort()
+        try:
+            self._abort()
+        except Exception:  # the server's bookkeeping failed: the socket goes all the same
+            log.error("connection %s could not be forgotten: incident %s", self.id, incident,
+                      exc_info=True, extra={"event": "connection_crashed", "incident": incident})
+            self.transport.abort()
 
     # --- inside: the opening handshake ------------------------------------------------------
 
@@ -571,12 +576,16 @@ class Connection(asyncio.Protocol):
         """Write what the protocol has to send; its end-of-stream half-closes the transport."""
         if self._corked is not None:
             self._uncork()
+        pending: list[bytes] = []  # consecutive frames (a pong per ping of a read) in one write
         for data in self.protocol.data_to_send():
-            if self._ending or self.transport.is_closing():
-                return
             if data:
-                self.transport.write(data)
-            elif self.transport.can_write_eof():  # half-close: the peer ends the connection
+                pending.append(data)
+                continue
+            self._write_all(pending)
+            pending = []
+            if self._ending:
+                return
+            if self.transport.can_write_eof():  # half-close: the peer ends the connection
                 self._end()
                 try:
                     self.transport.write_eof()
@@ -584,6 +593,11 @@ class Connection(asyncio.Protocol):
                     self.transport.abort()
             else:
                 self._close_transport()
+        self._write_all(pending)
+
+    def _write_all(self, frames: list[bytes]) -> None:
+        if frames and not self._ending and not self.transport.is_closing():
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def _uncork(self) -> None:
         corked, self._corked = self._corked, None
