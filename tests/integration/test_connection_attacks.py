@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import socket
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -234,6 +235,31 @@ async def test_one_read_of_pings_is_parsed_over_several_turns(
     finally:
         counter.cancel()
         writer.close()
+
+
+async def test_pongs_to_a_peer_that_is_gone_are_not_logged_one_by_one(
+        bridge: Bridge, conn: Conn, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 25, attack 2: the log grew by 68 MB in 9 s, "socket.send() raised exception." for
+    every pong written to a peer that had reset the connection. Once the peer is gone
+    (asyncio's transport is closing), nothing more is written to it, so asyncio logs nothing."""
+    caplog.set_level(logging.INFO)
+    user = await make_user(conn)
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   struct.pack("ii", 1, 0))
+        writer.write(upgrade(user) + client_frame(Opcode.PING, b"p") * 40000)
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(
+            b"HTTP/1.1 101 ")
+        writer.transport.abort()  # SO_LINGER 0: a reset, while pongs are still being written
+
+    async def all_gone() -> bool:
+        return not bridge.server.connections
+
+    await until(all_gone, "the reset connections to end", timeout=10)
+    sends = [r for r in caplog.records if "send() raised exception" in r.getMessage()]
+    assert sends == [], f"{len(sends)} lines like {sends[0].getMessage()!r}"
+    assert errors(caplog) == []
 
 
 # --- endless fragments -----------------------------------------------------------------------
