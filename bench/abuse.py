@@ -2,7 +2,7 @@
 """Abuse: do abusive clients hurt a legitimate one? The real daemon, its default limits, one
 legitimate subscriber, and one abuse after the other, measured in the same run.
 
-    python bench/abuse.py [--seconds S] [--rate INSERTS_PER_S] [--phases a,b,c,d,e] [--dsn DSN]
+    python bench/abuse.py [--seconds S] [--rate INSERTS_PER_S] [--phases a,b,c,d,e,f] [--dsn DSN]
 
 ``python -m daemon`` runs in a subprocess on a database of its own (created on ``--dsn``, which
 needs CREATEDB, and dropped at the end), with only ``PGBRIDGE_JWT_SECRET`` and
@@ -28,7 +28,11 @@ Phases, each ``--seconds`` long (writer and attacker start together and stop by 
 * ``d`` ping flood: protocol ``ping`` frames and WebSocket control pings, alternating, as fast
   as the socket takes them, on 20 connections;
 * ``e`` hostile frames: JSON nested 1,000 deep, lone surrogates and NUL in room ids, raw NUL,
-  invalid JSON, binary frames, in turn, as fast as the socket takes them, on 20 connections.
+  invalid JSON, binary frames, in turn, as fast as the socket takes them, on 20 connections;
+* ``f`` frames with the request: on 20 connections, the upgrade request and, in the same write,
+  256 KiB of empty pings (frames a client may not send before the 101), then every pong read;
+  again on a new connection (issue 25: 20 such connections once pushed a legitimate client's
+  latency to 18.7 s).
 
 Each abuse is done by a user of its own with valid tokens, in ``--attacker-procs`` processes
 of their own (so its client CPU never runs on the legitimate client's event loop), niced by
@@ -91,12 +95,14 @@ PHASES = {
     "c": "ghost-room subscribes",
     "d": "ping flood",
     "e": "hostile frames",
+    "f": "frames with the request",
 }
 FLOOD_ATTEMPTS, FLOOD_IN_FLIGHT = 2000, 200
 CHURN_CONNECTIONS = 40
 GHOST_CONNECTIONS, GHOST_RATE = 100, 45.0
 PING_CONNECTIONS = 20
 HOSTILE_CONNECTIONS = 20
+EARLY_CONNECTIONS, EARLY_TAIL = 20, 256 * 1024  # phase f: bytes of empty pings per request
 CONNECTS_PER_SLOT = 20  # a connection slot reopens a closed connection at most this often
 FRAMES_PER_CONNECTION = 200_000  # upper bound of frames one connection sends
 REFUSED_PAUSE = 0.1  # seconds before a refused or failed connection is retried
@@ -221,6 +227,42 @@ async def _hostile(ws: Any, tally: Counter[str], deadline: float) -> None:
             await asyncio.sleep(0)
 
 
+async def _early(url: str, deadline: float, tally: Counter[str]) -> None:
+    """Phase f: the upgrade request and EARLY_TAIL bytes of empty pings in one write, then
+    read the 101 and the pongs; again on a new connection, until ``deadline``."""
+    from urllib.parse import urlsplit
+
+    target = urlsplit(url)
+    request = (f"GET {target.path}?{target.query} HTTP/1.1\r\nHost: {target.netloc}\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               "\r\n").encode()
+    pings = EARLY_TAIL // 6
+    tail = b"\x89\x80\x00\x00\x00\x00" * pings  # masked, empty: 6 bytes each
+    loop = asyncio.get_running_loop()
+    for _ in range(CONNECTS_PER_SLOT):
+        if loop.time() >= deadline:
+            return
+        tally["connect attempts"] += 1
+        try:
+            async with asyncio.timeout_at(deadline):
+                reader, writer = await asyncio.open_connection(target.hostname, target.port)
+                writer.write(request + tail)
+                tally["sent"] += pings
+                head = await reader.readuntil(b"\r\n\r\n")
+                tally[f"answered HTTP {head[9:12].decode()}"] += 1
+                pongs = 0
+                while pongs < pings and (chunk := await reader.read(65536)):
+                    pongs += chunk.count(b"\x8a\x00")  # approximate: the pongs' two bytes
+                tally["got control pong"] += min(pongs, pings)
+                writer.close()
+        except TimeoutError:
+            tally["connect unfinished at the end"] += 1
+            return
+        except OSError as exc:
+            tally[f"connect failed: {type(exc).__name__}"] += 1
+
+
 async def _slot(phase: str, url: str, room: str, deadline: float, tally: Counter[str],
                 gate: asyncio.Semaphore) -> None:
     """One connection slot: connect, abuse until ``deadline`` (loop time), reconnect after a
@@ -228,6 +270,9 @@ async def _slot(phase: str, url: str, room: str, deadline: float, tally: Counter
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidHandshake, InvalidStatus
 
+    if phase == "f":
+        await _early(url, deadline, tally)
+        return
     loop = asyncio.get_running_loop()
     for _ in range(1 if phase == "a" else CONNECTS_PER_SLOT):
         if loop.time() >= deadline:
@@ -610,7 +655,7 @@ class Run:
 
 def slots_of(phase: str) -> int:
     return {"a": FLOOD_ATTEMPTS, "b": CHURN_CONNECTIONS, "c": GHOST_CONNECTIONS,
-            "d": PING_CONNECTIONS, "e": HOSTILE_CONNECTIONS}[phase]
+            "d": PING_CONNECTIONS, "e": HOSTILE_CONNECTIONS, "f": EARLY_CONNECTIONS}[phase]
 
 
 def write_until(conn: Any, room: str, user: str, rate: float, end: float, run: Run,
@@ -870,7 +915,7 @@ def parse_args() -> argparse.Namespace:
                         help="length of each phase in seconds (8)")
     parser.add_argument("--rate", type=float, default=100.0,
                         help="inserts per second into the legitimate client's room (100)")
-    parser.add_argument("--phases", default="a,b,c,d,e",
+    parser.add_argument("--phases", default="a,b,c,d,e,f",
                         help="comma-separated abuses to run after the baseline: "
                         + ", ".join(f"{k} ({v})" for k, v in PHASES.items()) + " (all)")
     parser.add_argument("--drain", type=float, default=10.0,
