@@ -50,8 +50,9 @@ every connected user is checked).
 A role that can name a channel (the owner, the bridge role) may still NOTIFY on it, so the
 reader acts only on payloads signed with the schema's key (:mod:`daemon.signing`): anything
 else is counted, logged (throttled) and dropped before it reaches the queue. Past
-``REJECT_LIMIT`` rejected payloads in a second (:class:`daemon.signing.RejectBudget`) the
-reader stops checking: until the second ends it drops every payload unchecked (counted in
+``REJECT_LIMIT`` (50) rejected payloads in ``REJECT_WINDOW`` (0.25 s;
+:class:`daemon.signing.RejectBudget`) the reader stops checking: until the window ends it
+drops every payload unchecked (counted in
 ``pgbridge_shed_notifies_total``), then reads every tracked room's log and checks every
 connected user, as after a reconnect: the log has whatever was dropped. Nothing moves a room's
 last seq past what the log holds: a NOTIFY only ever makes the processor read the log.
@@ -359,9 +360,9 @@ class Listener:
         user (as after a reconnect) and read every watched room's presence again. Typing
         signals dropped meanwhile are gone (they are never stored)."""
         self._forgeries.warning(
-            "shed", "more than %d NOTIFY payloads failed their signature check within %g s; "
-            "dropped %d more unchecked; reading every room's log instead", self.rejects.limit,
-            self.rejects.window, self._shed, extra={"event": "notify_shed"})
+            "shed", "%d NOTIFY payloads failed their signature check within %g s; dropped %d "
+            "more unchecked; reading every room's log and checking every connected user",
+            self.rejects.limit, self.rejects.window, self._shed, extra={"event": "notify_shed"})
         self._shed_timer = None
         self._users_checked = False
         self.feed.hint_all()

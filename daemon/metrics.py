@@ -152,8 +152,8 @@ class Metrics:
                                        "channels but signs without the key)", registry=r)
         self.shed_notifies = Counter("pgbridge_shed_notifies", "NOTIFY payloads on the "
                                      "bridge's channels dropped without a signature check, "
-                                     "because more than REJECT_LIMIT (200) failed it within a "
-                                     "second; the log is read instead", registry=r)
+                                     "because REJECT_LIMIT (50) failed it within REJECT_WINDOW "
+                                     "(0.25 s); the log is read instead", registry=r)
         self.presence_users = Gauge("pgbridge_presence_users", "Users this instance holds "
                                     "online (connected, or in their grace period)", registry=r)
         self.presence_transitions = Counter("pgbridge_presence_transitions", "user_status "
