@@ -16,17 +16,30 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psycopg
 import pytest
 import websockets
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from daemon.app import Bridge
-from tests.fixtures import running_bridge
-from tests.helpers import channels, connect, events, make_user, post, recv, send, subscribe
+from daemon.roles import Grants
+from daemon.schema import apply_schema, check_schema
+from tests.fixtures import ROOT, running_bridge
+from tests.helpers import (
+    channels,
+    connect,
+    events,
+    make_room,
+    make_user,
+    post,
+    recv,
+    send,
+    subscribe,
+)
 from tests.procs import until
 from tests.trust import Roles, TrustDB, connected, setup_room
 
@@ -280,3 +293,60 @@ async def test_a_shed_window_loses_no_hint(trust_db: TrustDB, bridge: Bridge) ->
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4003
     await ws.close()
 
+
+
+BEFORE = ROOT / "tests" / "data" / "before_secret_channels"  # the trigger files of 5864261
+
+
+async def test_setup_db_moves_an_install_from_before_onto_the_secret_channels(
+        create_database: Callable[[], str], roles: Roles) -> None:
+    """An install made by the version before (its trigger files: channels 'pgbridge' and
+    'pgbridge.typing', callable by anyone) leaks to a no-grant role; running setup_db.py again
+    drops the old channel functions, rings only the secret channels, and the daemon (restarted
+    on the new version) delivers."""
+    url = create_database()
+    grants = Grants(app=(roles.app,), bridge=(roles.bridge,))
+    await apply_schema(url, grants=grants)
+    app_url, nobody_url = (make_conninfo(url, user=r) for r in (roles.app, roles.nobody))
+    try:
+        async with connected(url) as owner:  # back to the version before
+            for function in ("pgbridge_listen()", "pgbridge_channels()",
+                             "pgbridge_channel(bytea, bytea, text, text)"):
+                await owner.execute(f"DROP FUNCTION public.{function}")
+            await owner.execute("SET search_path TO public, pg_temp")
+            for name in sorted(p.name for p in BEFORE.iterdir()):
+                await owner.execute((BEFORE / name).read_text().encode())
+        async with connected(app_url) as app, connected(nobody_url) as evil:
+            user = await make_user(app)
+            room = await make_room(app, user)
+            await evil.execute("LISTEN pgbridge")
+            await post(app, room, user, SECRET)
+            leaked = [n.payload async for n in evil.notifies(timeout=10, stop_after=1)]
+            assert SECRET in leaked[0]  # what attack 4 was
+
+            report = await apply_schema(url, grants=grants)  # python setup_db.py
+            assert {"triggers/10_change_capture.sql", "triggers/40_presence.sql"} <= set(
+                report.files)
+            async with connected(url) as owner:
+                cur = await owner.execute(
+                    "SELECT to_regprocedure('pgbridge_listen_channel(text)'), "
+                    "to_regprocedure('pgbridge_typing_channel(text)')")
+                assert await cur.fetchone() == (None, None)
+            await check_schema(url)
+            fence = f"fence_{uuid.uuid4().hex}"
+            await evil.execute(sql.SQL("LISTEN {}").format(sql.Identifier(fence)))
+            bridge_url = make_conninfo(url, user=roles.bridge)
+            async with running_bridge(bridge_url) as b:
+                ws = await connect(b.port, user)
+                start = int((await subscribe(ws, room))["from"])
+                message = await post(app, room, user, SECRET)
+                [event] = await events(ws, 1)
+                assert (event["seq"], event["id"]) == (start + 1, message)
+                await ws.close()
+            await app.execute("SELECT pg_notify(%s, 'fence')", [fence])
+            heard = [n.channel async for n in evil.notifies(timeout=10, stop_after=1)]
+            assert heard == [fence]
+    finally:
+        async with connected(url) as owner:
+            await owner.execute(sql.SQL("DROP OWNED BY {}, {}, {}").format(
+                *map(sql.Identifier, (roles.app, roles.bridge, roles.nobody))))
