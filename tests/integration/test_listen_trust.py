@@ -26,6 +26,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from daemon.app import Bridge
+from daemon.errors import DatabaseError
 from daemon.roles import Grants
 from daemon.schema import apply_schema, check_schema
 from tests.fixtures import ROOT, running_bridge
@@ -350,3 +351,23 @@ async def test_setup_db_moves_an_install_from_before_onto_the_secret_channels(
         async with connected(url) as owner:
             await owner.execute(sql.SQL("DROP OWNED BY {}, {}, {}").format(
                 *map(sql.Identifier, (roles.app, roles.bridge, roles.nobody))))
+
+
+async def test_a_bridge_role_granted_before_the_secret_channels_is_refused_in_one_line(
+        trust_db: TrustDB, roles: Roles) -> None:
+    """A role granted by an older setup_db.py may not call pgbridge_listen(): the daemon says how
+    to fix it instead of retrying a LISTEN that fails for ever."""
+    listen = sql.SQL("FUNCTION public.pgbridge_listen()")
+    async with connected(trust_db.owner) as owner:
+        await owner.execute(sql.SQL("REVOKE EXECUTE ON {} FROM {}").format(
+            listen, sql.Identifier(roles.bridge)))
+        try:
+            with pytest.raises(DatabaseError) as refused:
+                async with running_bridge(trust_db.bridge):
+                    pass
+        finally:
+            await owner.execute(sql.SQL("GRANT EXECUTE ON {} TO {}").format(
+                listen, sql.Identifier(roles.bridge)))
+    message = str(refused.value)
+    assert "pgbridge_listen" in message and f"--grant-bridge {roles.bridge}" in message
+    assert refused.value.sqlstate == "42501" and "\n" not in message
