@@ -374,9 +374,10 @@ class Listener:
             await asyncio.sleep(KEY_RECHECK)
             try:
                 key = NotifyKey(await self.store.notify_key())
-            except BridgeError as exc:
-                log.warning("could not read the NOTIFY signing key again (%s)", exc,
-                            extra={"event": "notify_key_failed"})
+            except BridgeError as exc:  # the database is away: once a minute is enough to say so
+                self._bell_failures.warning(
+                    "key", "could not read the NOTIFY signing key again (%s)", exc,
+                    extra={"event": "notify_key_failed"})
                 continue
             if self.key is not None and key.fingerprint == self.key.fingerprint:
                 continue
