@@ -26,7 +26,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from daemon.app import Bridge
-from daemon.errors import DatabaseError
+from daemon.errors import DatabaseError, SchemaError
 from daemon.roles import Grants
 from daemon.schema import apply_schema, check_schema
 from tests.fixtures import ROOT, running_bridge
@@ -371,3 +371,19 @@ async def test_a_bridge_role_granted_before_the_secret_channels_is_refused_in_on
     message = str(refused.value)
     assert "pgbridge_listen" in message and f"--grant-bridge {roles.bridge}" in message
     assert refused.value.sqlstate == "42501" and "\n" not in message
+
+
+async def test_a_channel_function_open_to_public_fails_the_check_and_setup_db_closes_it(
+        trust_db: TrustDB, roles: Roles) -> None:
+    """A GRANT to PUBLIC by hand would let any role name the channels: the daemon's start-up
+    check (and setup_db.py --verify) refuses the schema, and setup_db.py revokes it again."""
+    async with connected(trust_db.owner) as owner:
+        await owner.execute("GRANT EXECUTE ON FUNCTION pgbridge_channels() TO PUBLIC")
+        with pytest.raises(SchemaError, match="pgbridge_channels names the secret NOTIFY"):
+            await check_schema(trust_db.owner)
+        await apply_schema(trust_db.owner, grants=Grants(app=(roles.app,),
+                                                         bridge=(roles.bridge,)))
+        await check_schema(trust_db.owner)
+    async with connected(trust_db.nobody) as evil:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await evil.execute(CHANNEL_CALLS[0])
