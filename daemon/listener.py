@@ -190,8 +190,9 @@ class Listener:
     async def run(self) -> None:
         """Run reader, processor and probe until cancelled. Connection failures are retried
         forever; ``ready`` tells whether LISTEN was ever proven to deliver. Raises
-        :class:`DatabaseError` when the channel or the signing key cannot be read at the start
-        (a bridge role without ``setup_db.py --grant-bridge``, say)."""
+        :class:`DatabaseError` when the signing key cannot be read or ``pgbridge_listen()`` may
+        not be called at the start (a bridge role without ``setup_db.py --grant-bridge``, or
+        granted before the channels were secret)."""
         self.key = NotifyKey(await self.store.notify_key())
         await self.store.check_listen_grant()
         try:
