@@ -236,7 +236,8 @@ async def listener_pid(db: str) -> int:
     async with await psycopg.AsyncConnection.connect(db, autocommit=True) as conn:
         for _ in range(500):
             cur = await conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = "
-                                     "current_database() AND query ILIKE 'LISTEN %%'")
+                                     "current_database() AND pid <> pg_backend_pid() "
+                                     "AND query LIKE '%%pgbridge_listen\"()%%'")
             row = await cur.fetchone()
             if row is not None:
                 return int(row[0])

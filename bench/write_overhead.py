@@ -99,7 +99,7 @@ from fanout import (
 from psycopg import sql
 from ulid import ULID
 
-from daemon.db import channel_query, database, describe
+from daemon.db import channels_query, database, describe
 from daemon.events import capture_time
 from daemon.schema import apply_schema
 from daemon.settings import DatabaseSettings, load_environment
@@ -154,7 +154,8 @@ LOG_INSERT = """INSERT INTO change_events (room_id, seq, table_name, op, row_id,
 NO_LOG = "SELECT bumped.last_seq INTO v_seq FROM bumped;"
 LEASE_READ = """v_ring := clock_timestamp() >= to_timestamp((SELECT d.last_value FROM change_doorbell d)
                                                 / 1000.0);"""
-KEY_READ = "SELECT k.ipad, k.opad INTO v_ipad, v_opad FROM change_notify_key k;"
+KEY_READ = """SELECT k.ipad, k.opad, pgbridge_channel(k.ipad, k.opad, 'capture', TG_TABLE_SCHEMA)
+            INTO v_ipad, v_opad, v_channel FROM change_notify_key k;"""
 SIGNED = "pgbridge_hmac(v_ipad, v_opad, v_frame) || v_frame"
 ABLATIONS: list[Variant] = [
     Variant("quiet_no_log", "quiet, without the change_events insert", FAR,
@@ -168,7 +169,9 @@ ABLATIONS: list[Variant] = [
     Variant("quiet_no_lease", "quiet, lease not read (v_ring := false)", FAR,
             replacements=((LEASE_READ, "v_ring := false;"),)),
     Variant("ring_unsigned", "ring, NOTIFY unsigned (no key read, no HMAC)", 0,
-            replacements=((KEY_READ, "NULL;"), (SIGNED, "v_frame"))),
+            # the schema's secret channel as a constant ({capture_channel}: prepare_schema)
+            replacements=((KEY_READ, "v_ipad := ''::bytea; v_channel := '{capture_channel}';"),
+                          (SIGNED, "v_frame"))),
 ]
 
 
@@ -282,8 +285,9 @@ def connect(conninfo: str, schema: str | None = None,
 
 
 def channel_of(conn: psycopg.Connection[Any], schema: str) -> str:
-    """The NOTIFY channel of ``schema``, as the database derives it."""
-    row = conn.execute(channel_query(schema)).fetchone()
+    """The (secret) capture channel of ``schema``, as the database derives it (the bench runs
+    as the owner)."""
+    row = conn.execute(channels_query(schema)).fetchone()
     assert row is not None
     return str(row[0])
 
@@ -303,7 +307,9 @@ def prepare_schema(conninfo: str, variant: Variant, rooms: int, writers: int) ->
                                [f"{schema}.pgbridge_capture()"]).fetchone()
             assert row
             definition = str(row[0])
+            capture_channel = channel_of(conn, schema)
             for old, new in variant.replacements:
+                new = new.replace("{capture_channel}", capture_channel)
                 if old not in definition:
                     raise SystemExit(f"bench: pgbridge_capture no longer contains {old!r}: "
                                      "update ABLATIONS in bench/write_overhead.py")

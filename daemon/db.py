@@ -23,7 +23,7 @@ from .settings import DatabaseSettings, SSHSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["channel_query", "database", "describe", "translate", "translated"]
+__all__ = ["channels_query", "database", "describe", "listen_query", "translate", "translated"]
 
 # What the spec's error cases (and a few more we meet) mean for whoever runs pgbridge.
 _SQLSTATE_ADVICE: dict[str, str] = {
@@ -123,17 +123,26 @@ def translated(conninfo: str, *, doing: str = "connecting") -> Iterator[None]:
         raise translate(exc, conninfo, doing=doing) from exc
 
 
-def channel_query(schema: str, *, typing: bool = False) -> sql.Composed:
-    """The query whose one value is the NOTIFY channel of ``schema``'s capture triggers (with
-    ``typing``: of the typing signals instances relay to each other).
+def listen_query(schema: str) -> sql.Composed:
+    """The statement that LISTENs on ``schema``'s two secret NOTIFY channels in the calling
+    session and returns their names as one row ``(capture, typing)``: the capture triggers'
+    channel and the typing signals' (sql/triggers/10_change_capture.sql, "Secret channels").
 
-    Channels are derived in one place, the SQL functions ``pgbridge_listen_channel`` of
-    sql/triggers/10_change_capture.sql (``pgbridge`` for ``public``, ``pgbridge_<schema>``, or a
-    hash for names too long for a channel) and ``pgbridge_typing_channel`` of
-    sql/triggers/40_presence.sql, and everything else asks the database for them.
+    Channels are derived in one place, the SQL function ``pgbridge_channel``, from the schema's
+    key (``change_notify_key``), so only the owner and the bridge role can name them; the
+    statement's text names neither (``pg_stat_activity`` shows it to the same role and
+    ``pg_read_all_stats``). The bridge role needs ``setup_db.py --grant-bridge`` to run it; it
+    raises SQLSTATE 42501 otherwise, 55000 when the key is missing.
     """
-    function = "pgbridge_typing_channel" if typing else "pgbridge_listen_channel"
-    return sql.SQL("SELECT {}({})").format(sql.Identifier(schema, function), sql.Literal(schema))
+    return sql.SQL("SELECT capture, typing FROM {}()").format(
+        sql.Identifier(schema, "pgbridge_listen"))
+
+
+def channels_query(schema: str) -> sql.Composed:
+    """The owner's query of ``schema``'s two channels, one row ``(capture, typing)``, without
+    LISTENing (``pgbridge_channels``; only the owner may run it: tools and tests)."""
+    return sql.SQL("SELECT capture, typing FROM {}()").format(
+        sql.Identifier(schema, "pgbridge_channels"))
 
 
 def _base_conninfo(settings: DatabaseSettings) -> str:

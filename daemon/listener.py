@@ -40,11 +40,22 @@ capture time, read from the frame's fixed-width tail: :func:`daemon.events.captu
 every read of the log in ``pgbridge_log_read_seconds`` (``gap_fill``, ``catch_up``); the lag
 gauges are computed when ``/metrics`` is scraped, from two timestamps kept here.
 
-Any role may NOTIFY on the channel, so the reader acts only on payloads signed with the schema's
-key (:mod:`daemon.signing`): anything else is counted, logged (throttled) and dropped before it
-reaches the queue, and costs at most one read of the key per ``KEY_RECHECK`` seconds (the key
-may have been rotated; when it was, every tracked room catches up from the log). Nothing moves a
-room's last seq past what the log holds: a NOTIFY only ever makes the processor read the log.
+The channels are secret (sql/triggers/10_change_capture.sql, "Secret channels"): derived from
+the schema's key, and LISTENed on by calling ``pgbridge_listen()``, which returns their names
+(:func:`daemon.db.listen_query`), so no statement's text names them. The key is read again
+every ``KEY_RECHECK`` seconds; when it was rotated, the channels changed with it, and the
+LISTEN connection is replaced (a reconnect: every tracked room catches up from the log and
+every connected user is checked).
+
+A role that can name a channel (the owner, the bridge role) may still NOTIFY on it, so the
+reader acts only on payloads signed with the schema's key (:mod:`daemon.signing`): anything
+else is counted, logged (throttled) and dropped before it reaches the queue. Past
+``REJECT_LIMIT`` (50) rejected payloads in ``REJECT_WINDOW`` (0.25 s;
+:class:`daemon.signing.RejectBudget`) the reader stops checking: until the window ends it
+drops every payload unchecked (counted in
+``pgbridge_shed_notifies_total``), then reads every tracked room's log and checks every
+connected user, as after a reconnect: the log has whatever was dropped. Nothing moves a room's
+last seq past what the log holds: a NOTIFY only ever makes the processor read the log.
 """
 
 from __future__ import annotations
@@ -59,10 +70,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import psycopg
-from psycopg import sql
 
 from .backoff import Backoff
-from .db import describe
+from .db import describe, listen_query
 from .doorbell import Doorbell, Mode
 from .errors import BridgeError
 from .events import Event, PresenceHint, Probe, UserHint, capture_time, parse_notify
@@ -70,7 +80,7 @@ from .hub import Hub, Subscription
 from .logs import Throttled
 from .metrics import Metrics
 from .sequencer import Hole, Pass, Read, on_notify, page_size, take_page
-from .signing import NotifyKey
+from .signing import NotifyKey, RejectBudget
 from .store import READ_PAGE, Store
 
 if TYPE_CHECKING:
@@ -107,14 +117,17 @@ MAX_HINTED = 1000
 # again at most this long after the server accepts connections, however long it was down. Two
 # failed connection attempts a second (jittered) cost a down server nothing it would notice.
 RECONNECT_CAP = 1.0
-# Seconds between two reads of the signing key prompted by payloads that fail to verify: a flood
-# of forged NOTIFYs costs the database at most one one-row read per this interval.
+# Seconds between two reads of the signing key (one row): a rotated key changes the channels,
+# which the listener follows this long after the rotation at the latest (what was rung on the
+# new channels meanwhile is read from the log).
 KEY_RECHECK = 5.0
 
 
 class Listener:
-    """LISTEN on the schema's channel and feed ``hub``. :meth:`run` first reads the channel
-    (:func:`daemon.db.channel_query`) and the signing key from the database.
+    """LISTEN on the schema's channels and feed ``hub``. :meth:`run` first reads the signing
+    key from the database and checks that the role may call ``pgbridge_listen()``; each
+    connection learns the channels' names from that call (:attr:`channel`,
+    :attr:`typing_channel`).
 
     ``probe_interval`` and ``probe_timeout`` in seconds (``PGBRIDGE_PROBE_INTERVAL``);
     connecting and LISTEN together may take ``2 * probe_timeout`` before they are retried.
@@ -128,8 +141,8 @@ class Listener:
                  probe_interval: float = 10.0, probe_timeout: float = 5.0,
                  queue_size: int = 10000) -> None:
         self.conninfo = conninfo
-        self.channel = ""  # set by run()
-        self.typing_channel = ""  # set by run()
+        self.channel = ""  # set by each LISTEN connection (pgbridge_listen)
+        self.typing_channel = ""  # likewise
         self.feed = feed
         self.key: NotifyKey | None = None  # set by run()
         self.hub = hub
@@ -151,9 +164,12 @@ class Listener:
         self._retry: asyncio.Task[None] | None = None
         self._retry_now = asyncio.Event()
         self.retry_delay = 1.0  # seconds before a failed log read is retried
-        self._key_checked = -KEY_RECHECK  # time.monotonic() of the last read of the key
-        self._key_check: asyncio.Task[None] | None = None
+        self._rekeyed = False  # the LISTEN connection is being replaced for a new key
         self._forgeries = Throttled(log, interval=10.0)
+        self.rejects = RejectBudget()
+        self._shed = 0  # payloads dropped unchecked in the current shedding window
+        self._shed_timer: asyncio.TimerHandle | None = None  # ends the shedding window
+        self._shed_put: asyncio.Task[None] | None = None  # the catch-up after it
         self.bell = doorbell if doorbell is not None else Doorbell(now=time.monotonic())
         self._bell_wake = asyncio.Event()  # a hint arrived, or the bell wants a call now
         self._polling = asyncio.Event()  # set while the bell says to read the log on a timer
@@ -174,13 +190,11 @@ class Listener:
     async def run(self) -> None:
         """Run reader, processor and probe until cancelled. Connection failures are retried
         forever; ``ready`` tells whether LISTEN was ever proven to deliver. Raises
-        :class:`DatabaseError` when the channel or the signing key cannot be read at the start
-        (a bridge role without ``setup_db.py --grant-bridge``, say)."""
-        self.channel = await self.store.listen_channel()
-        self.typing_channel = await self.store.typing_channel()
+        :class:`DatabaseError` when the signing key cannot be read or ``pgbridge_listen()`` may
+        not be called at the start (a bridge role without ``setup_db.py --grant-bridge``, or
+        granted before the channels were secret)."""
         self.key = NotifyKey(await self.store.notify_key())
-        self.feed.configure(self.typing_channel, self.key)
-        self._key_checked = time.monotonic()
+        await self.store.check_listen_grant()
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._read_forever(), name="listener-reader")
@@ -188,8 +202,9 @@ class Listener:
                 tasks.create_task(self._probe_forever(), name="listener-probe")
                 tasks.create_task(self._ring_forever(), name="listener-doorbell")
                 tasks.create_task(self._poll_forever(), name="listener-poll")
+                tasks.create_task(self._key_forever(), name="listener-key")
         finally:
-            for task in (self._retry, self._key_check):
+            for task in (self._retry, self._shed_put, self._shed_timer):
                 if task is not None:
                     task.cancel()
 
@@ -222,7 +237,11 @@ class Listener:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
-                if self.ready.is_set():  # before, the probe said why (listener_not_ready)
+                if self._rekeyed:
+                    self._rekeyed = False
+                    log.info("LISTENing again, on the channels of the new key",
+                             extra={"event": "listener_rekeyed"})
+                elif self.ready.is_set():  # before, the probe said why (listener_not_ready)
                     log.warning("listener connection dropped on purpose (deaf); reconnecting",
                                 extra={"event": "listener_deaf"})
             except (psycopg.Error, OSError) as exc:  # OSError includes TimeoutError
@@ -248,34 +267,45 @@ class Listener:
             psycopg.AsyncConnection.connect(self.conninfo, autocommit=True),
             self.connect_timeout)
         async with conn:
-            await asyncio.wait_for(
-                conn.execute(sql.SQL("LISTEN {}; LISTEN {}").format(
-                    sql.Identifier(self.channel), sql.Identifier(self.typing_channel))),
-                self.connect_timeout)
+            cur = await asyncio.wait_for(conn.execute(listen_query(self.store.schema)),
+                                         self.connect_timeout)
+            row = await cur.fetchone()
+            assert row is not None and self.key is not None
+            self.channel, self.typing_channel = str(row[0]), str(row[1])
+            self.feed.configure(self.typing_channel, self.key)
             self.connected = True
             backoff.reset()
-            log.info("listening on channel %s at %s", self.channel, describe(self.conninfo),
-                     extra={"event": "listener_connected"})
+            # the channels' names are secret: the log names the key by its fingerprint only
+            log.info("listening on the channels of key %s at %s", self.key.fingerprint,
+                     describe(self.conninfo), extra={"event": "listener_connected"})
             self._users_checked = False
             await self._queue.put(_CatchUp())
             self.feed.hint_all()  # presence hints sent while away are lost too
             async for note in conn.notifies():
-                self.heard_at = time.monotonic()
+                self.heard_at = now = time.monotonic()
+                payload = note.payload
                 if note.channel == self.typing_channel:
-                    if not self.feed.typing_heard(note.payload):
-                        self._forged(note.channel, note.payload, note.pid)
+                    if self.rejects.shedding(now):
+                        self._dropped()
+                    elif not self.feed.typing_heard(payload):
+                        self._forged("typing", payload, note.pid, now)
                     continue
-                if note.payload.startswith('{"probe"'):
-                    self._probe_heard(note.payload)
+                if payload.startswith('{"probe"'):  # unsigned; ours or another instance's
+                    future = self._probes.get(payload)
+                    if future is not None and not future.done():
+                        future.set_result(None)
                     continue
-                if note.payload.startswith('{"doorbell"'):  # unsigned: it only makes us look
-                    self.bell.hinted(time.monotonic())
+                if payload.startswith('{"doorbell"'):  # unsigned: it only makes us look
+                    self.bell.hinted(now)
                     self._bell_wake.set()
                     continue
+                if self.rejects.shedding(now):
+                    self._dropped()
+                    continue
                 assert self.key is not None
-                text = self.key.open(note.payload)
+                text = self.key.open(payload)
                 if text is None:
-                    self._forged(note.channel, note.payload, note.pid)
+                    self._forged("capture", payload, note.pid, now)
                 elif text.startswith('{"access"'):
                     await self._user_hinted(text)
                 elif text.startswith('{"presence"'):
@@ -283,8 +313,8 @@ class Listener:
                     if isinstance(hint, PresenceHint):
                         self.feed.hint(hint.user)
                 else:
-                    self.bell.rang(self.heard_at)
-                    if self.bell.due(self.heard_at) == 0:
+                    self.bell.rang(now)
+                    if self.bell.due(now) == 0:
                         self._bell_wake.set()
                     await self._queue.put(text)
 
@@ -305,61 +335,78 @@ class Listener:
 
     # --- signatures -----------------------------------------------------------------------
 
-    def _forged(self, channel: str, payload: str, pid: int) -> None:
-        """A payload without a valid signature: a forgery (any role may NOTIFY), or signed with
-        a key this daemon does not hold yet (rotated). Dropped; the key is read again within
-        KEY_RECHECK seconds, and never more often (a rotation loses nothing: the log has it)."""
+    def _forged(self, kind: str, payload: str, pid: int, now: float) -> None:
+        """A payload of the ``kind`` channel (``capture``, ``typing``; the log does not name
+        the secret channels) without a valid signature, sent by a role that can name the
+        channel (the owner, the bridge role), or signed with a key this daemon does not hold
+        yet (rotated). Dropped; once :attr:`rejects` is spent, the rest of its window is shed."""
         self.metrics.forged_notifies.inc()
         self._forgeries.warning(
-            "forged", "ignored a NOTIFY on channel %s that failed its signature check (%d "
+            "forged", "ignored a NOTIFY on the %s channel that failed its signature check (%d "
             "characters, sent by backend pid %d); only the capture triggers and the bridge "
-            "hold the key", channel, len(payload), pid, extra={"event": "notify_forged"})
-        if self._key_check is None or self._key_check.done():
-            self._key_check = asyncio.create_task(self._recheck_key(), name="listener-key")
+            "hold the key", kind, len(payload), pid, extra={"event": "notify_forged"})
+        if self.rejects.rejected(now):
+            self._shed = 0
+            self._shed_timer = asyncio.get_running_loop().call_later(
+                max(0.0, self.rejects.until - now), self._shed_over)
 
-    async def _recheck_key(self) -> None:
-        """Read the key again, KEY_RECHECK seconds after the last read at the earliest."""
-        await asyncio.sleep(max(0.0, self._key_checked + KEY_RECHECK - time.monotonic()))
-        self._key_checked = time.monotonic()
-        try:
-            key = NotifyKey(await self.store.notify_key())
-        except BridgeError as exc:
-            log.warning("could not read the NOTIFY signing key again (%s)", exc,
-                        extra={"event": "notify_key_failed"})
-            return
-        if self.key is not None and key.fingerprint == self.key.fingerprint:
-            return
-        log.warning("the NOTIFY signing key changed (%s -> %s); catching up every room from "
-                    "the log and checking every connected user",
-                    self.key.fingerprint if self.key else "-", key.fingerprint,
-                    extra={"event": "notify_key_changed"})
-        self.key = key
-        self.feed.configure(self.typing_channel, key)
-        # what was signed with the new key and dropped meanwhile is in the log; user hints are
-        # not, so every connected user is checked first
-        await self._hint(None)
-        await self._queue.put(_CatchUp())
+    def _dropped(self) -> None:
+        """A payload dropped unchecked while :attr:`rejects` is spent."""
+        self._shed += 1
+        self.metrics.shed_notifies.inc()
+
+    def _shed_over(self) -> None:
+        """The shedding window ended: what was dropped unchecked may have held real events,
+        user and presence hints, so read every tracked room's log and check every connected
+        user (as after a reconnect) and read every watched room's presence again. Typing
+        signals dropped meanwhile are gone (they are never stored)."""
+        self._forgeries.warning(
+            "shed", "%d NOTIFY payloads failed their signature check within %g s; dropped %d "
+            "more unchecked; reading every room's log and checking every connected user",
+            self.rejects.limit, self.rejects.window, self._shed, extra={"event": "notify_shed"})
+        self._shed_timer = None
+        self._users_checked = False
+        self.feed.hint_all()
+        self._shed_put = asyncio.get_running_loop().create_task(self._queue.put(_CatchUp()))
+
+    async def _key_forever(self) -> None:
+        """Read the key every KEY_RECHECK seconds; follow a rotation."""
+        while True:
+            await asyncio.sleep(KEY_RECHECK)
+            try:
+                key = NotifyKey(await self.store.notify_key())
+            except BridgeError as exc:  # the database is away: once a minute is enough to say so
+                self._bell_failures.warning(
+                    "key", "could not read the NOTIFY signing key again (%s)", exc,
+                    extra={"event": "notify_key_failed"})
+                continue
+            if self.key is not None and key.fingerprint == self.key.fingerprint:
+                continue
+            log.warning("the NOTIFY signing key changed (%s -> %s), and with it the channels: "
+                        "LISTENing on the new ones, catching up every room from the log and "
+                        "checking every connected user",
+                        self.key.fingerprint if self.key else "-", key.fingerprint,
+                        extra={"event": "notify_key_changed"})
+            self.key = key
+            # the new connection LISTENs on the new channels, then catches every room up and
+            # checks every connected user (hints rung on the new channels meanwhile are lost)
+            self._rekeyed = self._session is not None and not self._session.done()
+            self.reconnect()
 
     # --- probe ----------------------------------------------------------------------------
-
-    def _probe_heard(self, payload: str) -> None:
-        # any role may NOTIFY on this channel: read it as untrusted text (parse_notify)
-        note = parse_notify(payload)
-        future = self._probes.get(note.token) if isinstance(note, Probe) else None
-        if future is not None and not future.done():
-            future.set_result(None)
 
     async def _probe_once(self) -> bool | None:
         """True: the probe came back; False: it did not (deaf listener); None: it could not be
         sent (the database or the pool is down: not the listener's fault)."""
-        token = secrets.token_hex(8)
+        # the reader recognises it by its exact text, without parsing (a flood of others costs
+        # a dictionary lookup each)
+        payload = json.dumps({"probe": secrets.token_hex(8)})
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._probes[token] = future
+        self._probes[payload] = future
         try:
             try:
-                await asyncio.wait_for(
-                    self.store.notify(self.channel, json.dumps({"probe": token})),
-                    self.probe_timeout)
+                await asyncio.wait_for(self.store.notify(self.channel, payload),
+                                       self.probe_timeout)
             except (BridgeError, TimeoutError):
                 return None
             await asyncio.wait_for(future, self.probe_timeout)
@@ -367,7 +414,7 @@ class Listener:
         except TimeoutError:
             return False
         finally:
-            self._probes.pop(token, None)
+            self._probes.pop(payload, None)
 
     async def _probe_forever(self) -> None:
         while True:

@@ -147,8 +147,13 @@ class Metrics:
                                    "subscriptions ended by the periodic check "
                                    "(periodic_check)", ["reason"], registry=r)
         self.forged_notifies = Counter("pgbridge_forged_notifies", "NOTIFY payloads on the "
-                                       "bridge's channel that failed their signature check "
-                                       "(ignored; sent by a role without the key)", registry=r)
+                                       "bridge's channels that failed their signature check "
+                                       "(ignored; sent by a role that can name the secret "
+                                       "channels but signs without the key)", registry=r)
+        self.shed_notifies = Counter("pgbridge_shed_notifies", "NOTIFY payloads on the "
+                                     "bridge's channels dropped without a signature check, "
+                                     "because REJECT_LIMIT (50) failed it within REJECT_WINDOW "
+                                     "(0.25 s); the log is read instead", registry=r)
         self.presence_users = Gauge("pgbridge_presence_users", "Users this instance holds "
                                     "online (connected, or in their grace period)", registry=r)
         self.presence_transitions = Counter("pgbridge_presence_transitions", "user_status "

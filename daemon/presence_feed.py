@@ -12,12 +12,15 @@ were read. Hints sent while the listener was away are lost, so after each reconn
 watched room is read again (:meth:`PresenceFeed.hint_all`).
 
 **Typing.** A client's signal passes the :class:`daemon.presence.TypingGate`, then this instance
-NOTIFYs it on the typing channel (``pgbridge_typing_channel``) without waiting; every instance,
-this one included, hears it on its LISTEN connection and sends a ``typing`` frame to the room's
-watchers but the typist. The payload is signed like the capture triggers' (a key derived from
-theirs, :meth:`daemon.signing.NotifyKey.derive`): any role may NOTIFY, and only instances hold
-the key. It carries the time it was sent; one older than ``TYPING_MAX_AGE`` seconds is dropped,
-so a recorded signal replayed later shows nothing. Nothing is stored or replayed.
+NOTIFYs it on the typing channel without waiting; every instance, this one included, hears it
+on its LISTEN connection and sends a ``typing`` frame to the room's watchers but the typist.
+The channel is secret (derived from the schema's key, sql/triggers/10_change_capture.sql,
+"Secret channels"), so no role but the owner and the bridge role can LISTEN to the room and
+user ids it carries; the payload is signed like the capture triggers' (a key derived from
+theirs, :meth:`daemon.signing.NotifyKey.derive`), so a role that can name the channel still
+cannot make an instance believe a signal it did not sign. It carries the time it was sent; one
+older than ``TYPING_MAX_AGE`` seconds is dropped, so a recorded signal replayed later shows
+nothing. Nothing is stored or replayed.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class _Snapshot:
 
 class PresenceFeed:
     """``hub``: whose watchers get the frames. The typing channel and key are set by the
-    listener (:meth:`configure`), which reads them from the database at its start."""
+    listener (:meth:`configure`) each time its LISTEN connection learns the channels."""
 
     def __init__(self, store: Store, hub: Hub, metrics: Metrics) -> None:
         self.store = store
@@ -72,8 +75,9 @@ class PresenceFeed:
         self._failures = Throttled(log, interval=30.0)
 
     def configure(self, typing_channel: str, key: NotifyKey) -> None:
-        """The typing channel, and the capture triggers' key (the typing key derives from it;
-        called again when the key is rotated)."""
+        """The typing channel (secret: ``pgbridge_listen()`` names it), and the capture
+        triggers' key (the typing key derives from it); called again on every LISTEN
+        connection, so a rotated key brings its channel."""
         self.typing_channel = typing_channel
         self._typing_key = key.derive("typing")
 

@@ -14,7 +14,8 @@
   (ids and ``deleted_at`` of users and rooms, memberships; no personal data), ``sync_state``,
   and ``DELETE`` on ``change_events`` for retention; for presence, ``user_status`` and the
   presence tables to read and the presence functions to call (:data:`BRIDGE_FUNCTIONS`), which
-  write them as the owner; the doorbell lease, through ``pgbridge_doorbell`` likewise.
+  write them as the owner; the doorbell lease, through ``pgbridge_doorbell`` likewise; and
+  ``pgbridge_listen``, which LISTENs on the schema's secret NOTIFY channels.
 
 Each grant first revokes everything the role holds on the schema's tables, so a role that was
 given more by hand ends with exactly this. The embedded database keeps one role (the owner).
@@ -58,9 +59,11 @@ BRIDGE_PRIVILEGES: dict[str, tuple[str, tuple[str, ...] | None]] = {
 # transaction in a fixed order (sql/triggers/30_room_lock_order.sql, README "Deadlocks").
 APP_FUNCTIONS: dict[str, str] = {"pgbridge_lock_rooms": "text[]"}
 # Functions the bridge calls: presence transitions, leases and their expiry
-# (sql/triggers/40_presence.sql), and the doorbell lease (sql/triggers/10_change_capture.sql).
+# (sql/triggers/40_presence.sql), the doorbell lease and the LISTEN on the schema's secret
+# channels (sql/triggers/10_change_capture.sql).
 BRIDGE_FUNCTIONS: dict[str, str] = {
     "pgbridge_doorbell": "integer, boolean, pg_snapshot",
+    "pgbridge_listen": "",
     "pgbridge_presence_sync": "text, double precision, boolean, text[], double precision[]",
     "pgbridge_presence_reap": "",
     "pgbridge_presence_retire": "text, double precision, text[], double precision[]",

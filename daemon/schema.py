@@ -41,7 +41,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from .db import channel_query, translated
+from .db import listen_query, translated
 from .errors import DatabaseError, SchemaError
 from .roles import Grants, apply_grants
 from .signing import SIGNATURE_HEX, NotifyKey
@@ -69,9 +69,10 @@ TABLES = (
     "presence_sessions",
 )
 PUBLISHED = ("channels", "messages", "channel_members", "reactions", "files", "message_reads")
-FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_listen_channel", "pgbridge_hmac",
+FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_channel", "pgbridge_channels",
+             "pgbridge_listen", "pgbridge_hmac",
              "pgbridge_event_frame", "pgbridge_capture", "pgbridge_user_gone",
-             "pgbridge_lock_rooms", "pgbridge_lock_user_rooms", "pgbridge_typing_channel",
+             "pgbridge_lock_rooms", "pgbridge_lock_user_rooms",
              "pgbridge_presence_set", "pgbridge_presence_sync", "pgbridge_presence_reap",
              "pgbridge_presence_retire", "pgbridge_status_truth", "pgbridge_presence_hint",
              "pgbridge_doorbell", "pgbridge_status_guard", "pgbridge_resume_guard")
@@ -80,7 +81,10 @@ FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_listen_channel", "pgbridg
 DEFINER_FUNCTIONS = ("pgbridge_capture", "pgbridge_user_gone", "pgbridge_lock_rooms",
                      "pgbridge_lock_user_rooms", "pgbridge_presence_set", "pgbridge_presence_sync",
                      "pgbridge_presence_reap", "pgbridge_presence_retire", "pgbridge_status_truth",
-                     "pgbridge_presence_hint", "pgbridge_doorbell")
+                     "pgbridge_presence_hint", "pgbridge_doorbell", "pgbridge_listen")
+# Functions that name the secret NOTIFY channels (sql/triggers/10_change_capture.sql, "Secret
+# channels"): no EXECUTE for PUBLIC (the bridge role is granted pgbridge_listen only).
+CHANNEL_FUNCTIONS = ("pgbridge_channel", "pgbridge_channels", "pgbridge_listen")
 # Bumped when the way the files are applied changes (the search_path they are applied with,
 # say): every file's recorded checksum then differs and the next run applies them again.
 APPLY_FORMAT = 2
@@ -359,6 +363,14 @@ async def _problems(conn: psycopg.AsyncConnection[TupleRow], schema: str, *,
         if not definer or public or not _pinned(config, schema):
             problems.append(f"function {schema}.{name} must run as the owner (SECURITY DEFINER, "
                             "search_path pinned with pg_temp last, no EXECUTE for PUBLIC)")
+    cur = await conn.execute(
+        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s AND p.proname = ANY(%s) "
+        "AND has_function_privilege('public', p.oid, 'EXECUTE')",
+        [schema, list(CHANNEL_FUNCTIONS)])
+    for (name,) in await cur.fetchall():
+        problems.append(f"function {schema}.{name} names the secret NOTIFY channels: PUBLIC "
+                        "must not EXECUTE it")
     if migrations and "schema_migrations" in tables:
         cur = await conn.execute(
             sql.SQL("SELECT version, checksum FROM {}.schema_migrations").format(
@@ -431,15 +443,13 @@ async def _probe_capture(conn: psycopg.AsyncConnection[TupleRow], conninfo: str,
     from ulid import ULID
 
     user, room, message = str(ULID()), str(ULID()), str(ULID())
-    cur = await conn.execute(channel_query(schema))
-    channel = str((await cur.fetchone() or ("",))[0])
     problems: list[str] = []
     await conn.execute("SELECT set_config('search_path', %s, false)",
                        [sql.Identifier(schema).as_string(conn)])
     cur = await conn.execute("SELECT key FROM change_notify_key")
     key = NotifyKey(bytes((await cur.fetchone() or (b"",))[0]))
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as listener:
-        await listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        await listener.execute(listen_query(schema))  # as the daemon does
         try:
             async with conn.transaction():
                 await conn.execute(
@@ -464,10 +474,11 @@ async def _probe_capture(conn: psycopg.AsyncConnection[TupleRow], conninfo: str,
                         heard, signed = True, text is not None
                         break
             if not heard:
-                problems.append(f"no NOTIFY on channel {channel} within {timeout:g} s")
+                problems.append(f"no NOTIFY on the schema's capture channel within "
+                                f"{timeout:g} s")
             elif not signed:
-                problems.append(f"the NOTIFY on channel {channel} is not signed with the key "
-                                "in change_notify_key")
+                problems.append("the NOTIFY on the schema's capture channel is not signed "
+                                "with the key in change_notify_key")
         finally:
             async with conn.transaction():
                 await conn.execute("DELETE FROM channels WHERE id = %s", [room])

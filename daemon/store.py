@@ -19,7 +19,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .batching import Batched
-from .db import channel_query, describe, translate, translated
+from .db import describe, translate, translated
 from .doorbell import Call, Reading
 from .errors import DatabaseError
 from .events import Event
@@ -197,11 +197,6 @@ class Store:
         rows = await self._all("SELECT pg_is_in_recovery()", (), "checking for a standby")
         return bool(rows[0][0])
 
-    async def listen_channel(self) -> str:
-        """The NOTIFY channel of the schema's triggers (:func:`daemon.db.channel_query`)."""
-        rows = await self._all(channel_query(self.schema), (), "reading the NOTIFY channel")
-        return str(rows[0][0])
-
     def _needs_grant(self, what: str) -> DatabaseError:
         """The one-line refusal of a daemon role without ``setup_db.py --grant-bridge``."""
         role = conninfo_to_dict(self.conninfo).get("user") or "the daemon's role"
@@ -209,6 +204,18 @@ class Store:
             f"{describe(self.conninfo)}: SQLSTATE 42501: {role} may not {what}: as the schema "
             f"owner, run python setup_db.py --grant-bridge {role}"
             f"{'' if self.schema == 'public' else ' --schema ' + self.schema}", sqlstate="42501")
+
+    async def check_listen_grant(self) -> None:
+        """Raise :class:`DatabaseError` (SQLSTATE 42501, naming ``--grant-bridge``) when the
+        daemon's role may not call ``pgbridge_listen()``, the only way the daemon LISTENs (on
+        the schema's secret channels: sql/triggers/10_change_capture.sql). A role granted before
+        the channels were secret lacks it."""
+        rows = await self._all(
+            "SELECT has_function_privilege(to_regprocedure(format('%%I.%%I()', %s::text, "
+            "'pgbridge_listen')), 'EXECUTE')", (self.schema,), "checking the bridge's privileges")
+        if not rows[0][0]:
+            raise self._needs_grant(f"LISTEN on the schema's secret NOTIFY channels (call "
+                                    f"{self.schema}.pgbridge_listen())")
 
     async def check_presence_grants(self) -> None:
         """Raise :class:`DatabaseError` (SQLSTATE 42501, naming ``--grant-bridge``) when the
@@ -477,9 +484,3 @@ class Store:
             _PRESENCE + " WHERE m.user_id = ANY(%s) AND m.channel_id = ANY(%s)",
             (list(users), list(rooms)), "reading presence")
         return [Presence(*row) for row in rows]
-
-    async def typing_channel(self) -> str:
-        """The NOTIFY channel of typing signals (``pgbridge_typing_channel``)."""
-        rows = await self._all(channel_query(self.schema, typing=True), (),
-                               "reading the typing channel")
-        return str(rows[0][0])

@@ -15,7 +15,7 @@ from ulid import ULID
 from websockets.asyncio.client import ClientConnection
 
 from daemon.auth import mint_token
-from daemon.db import channel_query
+from daemon.db import channels_query
 from daemon.signing import NotifyKey
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
@@ -125,10 +125,19 @@ async def events(ws: ClientConnection, n: int, timeout: float = 20.0) -> list[di
 
 async def notify_trust(conn: psycopg.AsyncConnection[Any],
                        schema: str = "public") -> tuple[str, NotifyKey]:
-    """The NOTIFY channel of ``schema`` and the key its triggers sign with (read as the owner:
-    what a test needs to listen like the daemon, or to forge like an attacker who has it)."""
-    cur = await conn.execute(channel_query(schema))
-    channel = str((await cur.fetchone() or ("",))[0])
+    """The (secret) capture channel of ``schema`` and the key its triggers sign with (read as
+    the owner: what a test needs to listen like the daemon, or to forge like an attacker who
+    has it)."""
+    channel, _ = await channels(conn, schema)
     cur = await conn.execute(psycopg.sql.SQL("SELECT key FROM {}").format(
         psycopg.sql.Identifier(schema, "change_notify_key")))
     return channel, NotifyKey(bytes((await cur.fetchone() or (b"",))[0]))
+
+
+async def channels(conn: psycopg.AsyncConnection[Any], schema: str = "public") -> tuple[str, str]:
+    """``schema``'s secret channels ``(capture, typing)``, asked as the owner
+    (``pgbridge_channels``; nobody else may)."""
+    cur = await conn.execute(channels_query(schema))
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0]), str(row[1])

@@ -46,11 +46,11 @@ class FreezingProxy(_Proxy):
     """TCP proxy to the test PostgreSQL.
 
     :meth:`freeze_listeners` black-holes the server→client direction of the connections that
-    have sent a LISTEN so far; :meth:`freeze_all` black-holes every connection, open or new,
-    both ways (a network path that drops packets); :meth:`refuse` closes every connection and
-    refuses new ones (a server that is down); :meth:`refuse_on` does that when a client sends a
-    given statement, which never reaches the server (a link that breaks at one exact step);
-    :meth:`resume` undoes them.
+    have LISTENed so far (called ``pgbridge_listen()``, as the daemon's listener does);
+    :meth:`freeze_all` black-holes every connection, open or new, both ways (a network path that
+    drops packets); :meth:`refuse` closes every connection and refuses new ones (a server that
+    is down); :meth:`refuse_on` does that when a client sends a given statement, which never
+    reaches the server (a link that breaks at one exact step); :meth:`resume` undoes them.
     """
 
     def __init__(self, upstream: dict[str, Any]) -> None:
@@ -91,7 +91,7 @@ class FreezingProxy(_Proxy):
                     return
                 if state["frozen"] and not state["listener"]:
                     continue  # a frozen connection's requests never arrive either
-                if b"LISTEN " in data and not state["listener"]:
+                if b'"pgbridge_listen"()' in data and not state["listener"]:
                     state["listener"] = True
                     state["frozen"] = self.freeze_new_listeners
                     self.listener_connections += 1

@@ -2,7 +2,9 @@
 -- room's next seq, written in the writer's own transaction, and, while the bridges want a
 -- doorbell, one signed NOTIFY.
 --
--- NOTIFY channel: pgbridge_listen_channel(schema), below (the daemon asks the database for it).
+-- NOTIFY channel: a secret one, pgbridge_channel(...'capture'...) below. Any role may LISTEN on
+-- any channel it can name, with no privilege check, so no channel the triggers ring may be
+-- guessable by a role that may not read the key (see "Secret channels" below).
 -- Payload: the HMAC-SHA256 of a JSON text, as 64 lower-case hex digits, followed by that text:
 -- the whole protocol `event` frame when it fits in NOTIFY_MAX bytes, else {"room": ..., "seq":
 -- ...} and the daemon reads the event from change_events. Any role may NOTIFY any channel; the
@@ -24,17 +26,28 @@
 -- table of any name is looked at last, and pg_temp is never searched for functions. Nobody but
 -- the owner may EXECUTE them, so nobody else can attach them to a table of their own.
 
--- The NOTIFY channel of a schema's triggers, the one place it is derived (the daemon asks the
--- database for it): 'pgbridge' for public, 'pgbridge_<schema>' for any other (so a --test schema
--- in the same database never rings the production daemon), and for a schema name too long for
--- that to fit in a channel name (63 bytes), 'pgbridge_' and 40 hex digits of its SHA-256.
-CREATE OR REPLACE FUNCTION pgbridge_listen_channel(p_schema text) RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN p_schema = 'public' THEN 'pgbridge'
-                WHEN octet_length(p_schema) <= 54 THEN 'pgbridge_' || p_schema
-                ELSE 'pgbridge_' || left(encode(sha256(convert_to(p_schema, 'UTF8')), 'hex'), 40)
-           END
-$$;
+-- Secret channels (README, "Database roles and what the daemon trusts"). LISTEN takes no
+-- privilege: a role that may not SELECT messages heard every message row on the old channels,
+-- 'pgbridge' and 'pgbridge.typing', named after the schema. Every channel of a schema is now
+--
+--     'pgbridge_' || the first 40 hex digits of HMAC-SHA256(change_notify_key.key,
+--                                                 'pgbridge channel:<purpose>:<schema>')
+--
+-- for the purposes 'capture' (events, access and presence hints, the doorbell's notice, the
+-- bridge's probe) and 'typing' (signals relayed between instances). Function source is public
+-- (pg_proc.prosrc) but the key is not, so only the owner and the bridge role can name them: 160
+-- bits nobody else can guess. Each schema has its own random key, and the schema's name is in
+-- the label too, so a --test schema or a schema restored from a dump of another (same key)
+-- never rings another schema's bridges. A rotated key (DELETE its row, run setup_db.py) gives
+-- new channels; the daemon reads the key every 5 s and LISTENs again on a new connection.
+--
+-- Who may name them: the owner (pgbridge_channels), the bridge role through pgbridge_listen,
+-- which LISTENs on both from inside the function (so the names appear in no query text that
+-- pg_stat_activity or pg_stat_statements keep) and returns them to the caller. Nobody else may
+-- EXECUTE either, nor pgbridge_channel (setup_db.py --verify refuses a schema where PUBLIC may).
+
+-- The channels of before: named after the schema and callable by anyone.
+DROP FUNCTION IF EXISTS pgbridge_listen_channel(text);
 
 -- HMAC-SHA256 of p_text (its UTF-8 bytes) as hex, given the key's precomputed pads
 -- (change_notify_key.ipad/opad): H(opad || H(ipad || text)).
@@ -47,6 +60,45 @@ CREATE OR REPLACE FUNCTION pgbridge_hmac(p_ipad bytea, p_opad bytea, p_text text
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT encode(sha256(p_opad || sha256(p_ipad || convert_to(p_text, 'UTF8'))), 'hex')
 $$;
+
+-- A schema's channel for p_purpose ('capture' or 'typing'), given the key's pads: see "Secret
+-- channels" above. 49 bytes, within NOTIFY's 63. Inlined into its callers like pgbridge_hmac.
+CREATE OR REPLACE FUNCTION pgbridge_channel(p_ipad bytea, p_opad bytea, p_purpose text,
+                                            p_schema text) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT 'pgbridge_' || left(pgbridge_hmac(p_ipad, p_opad,
+                                             'pgbridge channel:' || p_purpose || ':' || p_schema),
+                               40)
+$$;
+REVOKE ALL ON FUNCTION pgbridge_channel(bytea, bytea, text, text) FROM PUBLIC;
+
+-- The schema's two channels, for the owner's tools (setup_db.py --verify, tests). Run as the
+-- caller: only the owner may EXECUTE it, and only a role that can read the key could.
+CREATE OR REPLACE FUNCTION pgbridge_channels(OUT capture text, OUT typing text)
+LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
+    SELECT pgbridge_channel(k.ipad, k.opad, 'capture', current_schema()),
+           pgbridge_channel(k.ipad, k.opad, 'typing', current_schema())
+    FROM change_notify_key k
+$$;
+REVOKE ALL ON FUNCTION pgbridge_channels() FROM PUBLIC;
+
+-- The bridge's LISTEN (setup_db.py --grant-bridge may EXECUTE it; nobody else): LISTEN on both
+-- channels in the caller's session (LISTEN takes effect at the commit of the calling
+-- transaction) and return their names, which appear in no statement's text. Raises SQLSTATE
+-- 55000 when the key is missing (run setup_db.py).
+CREATE OR REPLACE FUNCTION pgbridge_listen(OUT capture text, OUT typing text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    SELECT c.capture, c.typing INTO capture, typing FROM pgbridge_channels() c;
+    IF capture IS NULL THEN
+        RAISE EXCEPTION 'pgbridge: %.change_notify_key holds no key', current_schema()
+            USING ERRCODE = '55000', HINT = 'Run setup_db.py as the schema owner.';
+    END IF;
+    EXECUTE format('LISTEN %I', capture);
+    EXECUTE format('LISTEN %I', typing);
+END
+$$;
+REVOKE ALL ON FUNCTION pgbridge_listen() FROM PUBLIC;
 
 -- The protocol's `event` frame (PROTOCOL.md), as text. Used for NOTIFY payloads and by the
 -- daemon when it replays from the log, so both paths produce the same bytes. Pure and touching
@@ -84,6 +136,7 @@ DECLARE
     v_ring boolean;
     v_ipad bytea;
     v_opad bytea;
+    v_channel text;
     v_row jsonb;
     v_old jsonb;
     -- the column that, with user_id, keys a two-column table; NULL: the key is id
@@ -171,14 +224,14 @@ BEGIN
         END IF;
         CONTINUE WHEN NOT v_ring;
         IF v_ipad IS NULL THEN
-            SELECT k.ipad, k.opad INTO v_ipad, v_opad FROM change_notify_key k;
+            SELECT k.ipad, k.opad, pgbridge_channel(k.ipad, k.opad, 'capture', TG_TABLE_SCHEMA)
+            INTO v_ipad, v_opad, v_channel FROM change_notify_key k;
         END IF;
         v_frame := pgbridge_event_frame(e_room, v_seq, TG_TABLE_NAME, e_op, e_id, e_data, v_ts);
         IF octet_length(v_frame) > notify_max THEN
             v_frame := json_build_object('room', e_room, 'seq', v_seq)::text;
         END IF;
-        PERFORM pg_notify(pgbridge_listen_channel(TG_TABLE_SCHEMA),
-                          pgbridge_hmac(v_ipad, v_opad, v_frame) || v_frame);
+        PERFORM pg_notify(v_channel, pgbridge_hmac(v_ipad, v_opad, v_frame) || v_frame);
     END LOOP;
     RETURN NULL;
 END
@@ -211,8 +264,8 @@ CREATE OR REPLACE TRIGGER message_reads_capture
 -- p_quiet_ms > 0 (at most 60000) asks writers to stop ringing for that long: the lease becomes
 -- now + p_quiet_ms unless it already runs longer (several bridges share it: writers ring again
 -- only once none of them renews it). Turning it on from off also sends {"doorbell":"quiet"} on
--- the capture channel, unsigned: a hint that makes every bridge call this function with 0 to
--- learn the truth, so a forged one costs a read and changes nothing. 0 only reads.
+-- the (secret) capture channel, unsigned: a hint that makes every bridge call this function
+-- with 0 to learn the truth, so a forged one costs a read and changes nothing. 0 only reads.
 --
 -- Returns the lease (quiet_until; NULL when writers ring), the server's clock (now), the count
 -- of change_events inserts from the statistics system (captured; NULL when track_counts is
@@ -243,7 +296,9 @@ BEGIN
     v_now_ms := floor(extract(epoch FROM now) * 1000)::bigint;
     IF p_quiet_ms > 0 THEN
         IF v_until <= v_now_ms THEN
-            PERFORM pg_notify(pgbridge_listen_channel(current_schema()), '{"doorbell":"quiet"}');
+            PERFORM pg_notify(pgbridge_channel(k.ipad, k.opad, 'capture', current_schema()),
+                              '{"doorbell":"quiet"}')
+            FROM change_notify_key k;
         END IF;
         v_until := greatest(v_until, v_now_ms + least(p_quiet_ms, 60000));
         PERFORM setval('change_doorbell', v_until);

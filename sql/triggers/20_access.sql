@@ -1,7 +1,7 @@
 -- Access hints: a user who is deleted (hard), soft-deleted (deleted_at set) or whose id changes
 -- loses every room at once, and the daemon must close that user's connections. users rows hold
--- personal data and are never published, so this rings the capture triggers' channel with a
--- hint that carries only the users.id (which every message event already carries):
+-- personal data and are never published, so this rings the capture triggers' (secret) channel
+-- with a hint that carries only the users.id (which every message event already carries):
 --
 --     {"access": "user", "user": "<users.id>"}
 --
@@ -16,7 +16,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     v_hint text := json_build_object('access', 'user', 'user', OLD.id)::text;
 BEGIN
-    PERFORM pg_notify(pgbridge_listen_channel(TG_TABLE_SCHEMA),
+    PERFORM pg_notify(pgbridge_channel(k.ipad, k.opad, 'capture', TG_TABLE_SCHEMA),
                       pgbridge_hmac(k.ipad, k.opad, v_hint) || v_hint)
     FROM change_notify_key k;
     RETURN NULL;

@@ -30,19 +30,11 @@
 -- search_path) for the reasons given in 10_change_capture.sql; the bridge role may call the
 -- three entry points (setup_db.py --grant-bridge), nobody else may call any of them.
 
--- The channel of typing signals (ephemeral, never stored): relayed between instances by the
--- instances themselves, signed with a key derived from change_notify_key (daemon/signing.py).
--- '<capture channel>.typing'; no capture channel contains a '.' (schema names cannot), so no
--- schema's typing channel is another schema's capture channel. For a capture channel too long
--- to take the suffix, 'pgbridge.typing.' and 40 hex digits of the schema's SHA-256.
-CREATE OR REPLACE FUNCTION pgbridge_typing_channel(p_schema text) RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN octet_length(c) <= 56 THEN c || '.typing'
-                ELSE 'pgbridge.typing.'
-                     || left(encode(sha256(convert_to(p_schema, 'UTF8')), 'hex'), 40)
-           END
-    FROM pgbridge_listen_channel(p_schema) AS c
-$$;
+-- The channel of typing signals (ephemeral, never stored), relayed between instances by the
+-- instances themselves and signed with a key derived from change_notify_key (daemon/signing.py),
+-- is the schema's secret 'typing' channel (pgbridge_channels, 10_change_capture.sql, "Secret
+-- channels"). The one of before, '<capture channel>.typing', was named after the schema.
+DROP FUNCTION IF EXISTS pgbridge_typing_channel(text);
 
 -- One user's connection to one instance begins (p_join) or ends (its grace passed, or the
 -- instance is reaped). Locks the user's status row first (creating it for a user who has none),
@@ -271,7 +263,7 @@ BEGIN
                                   CASE WHEN TG_OP <> 'INSERT' THEN OLD.user_id END] LOOP
         CONTINUE WHEN v_user IS NULL;
         v_hint := json_build_object('presence', 'user', 'user', v_user)::text;
-        PERFORM pg_notify(pgbridge_listen_channel(TG_TABLE_SCHEMA),
+        PERFORM pg_notify(pgbridge_channel(k.ipad, k.opad, 'capture', TG_TABLE_SCHEMA),
                           pgbridge_hmac(k.ipad, k.opad, v_hint) || v_hint)
         FROM change_notify_key k;
     END LOOP;

@@ -27,6 +27,7 @@ from tests.helpers import (
     events,
     make_room,
     make_user,
+    notify_trust,
     post,
     recv,
     send,
@@ -189,16 +190,18 @@ async def test_membership_given_to_another_user_reaches_the_new_member(
 
 
 async def test_forged_user_hint_closes_no_live_user(bridge: Bridge, conn: Conn) -> None:
-    """Any role may NOTIFY: a hint is checked against users, so a live user stays."""
+    """A role that can name the channel may NOTIFY on it: a hint is checked against users, so
+    a live user stays."""
     cast = await cast_of(conn)
     witness = await witness_of(bridge, cast)
     ws = await connect(bridge.port, cast.victim)
     await subscribe(ws, cast.room)
+    channel, _ = await notify_trust(conn)
     for _ in range(50):
-        await conn.execute("SELECT pg_notify('pgbridge', %s)",
-                           [f'{{"access": "user", "user": "{cast.victim}"}}'])
-    await conn.execute("SELECT pg_notify('pgbridge', %s)",
-                       [f' {{"access":"user","user":"{cast.victim}"}}'])  # past the prefix
+        await conn.execute("SELECT pg_notify(%s, %s)",
+                           [channel, f'{{"access": "user", "user": "{cast.victim}"}}'])
+    await conn.execute("SELECT pg_notify(%s, %s)",
+                       [channel, f' {{"access":"user","user":"{cast.victim}"}}'])  # past the prefix
     await post(conn, cast.room, cast.watcher, "still here")
     await fence(conn, cast, witness)
     assert contents(await frames_until_pong(ws)) == ["still here"]

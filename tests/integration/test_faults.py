@@ -148,7 +148,8 @@ async def test_listener_recovers_after_pg_terminate_backend(
         async def listener_pid() -> int | None:
             cur = await killer.execute(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND backend_type = 'client backend' AND query ILIKE 'LISTEN%%' "
+                "AND backend_type = 'client backend' AND query LIKE '%%pgbridge_listen\"()%%' "
+                "AND state = 'idle' "  # LISTENing: its pgbridge_listen() call has returned
                 "AND pid <> ALL(%s)", [spared])
             rows = await cur.fetchall()
             assert len(rows) <= 1, rows

@@ -23,9 +23,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from daemon.app import Bridge
-from daemon.db import channel_query
 from tests.fixtures import running_bridge
 from tests.helpers import (
+    channels,
     connect,
     make_room,
     make_user,
@@ -341,8 +341,7 @@ async def test_forged_and_stale_typing_signals_are_dropped(db_url: str, conn: Co
     room = await make_room(conn, typist, watcher)
     async with running_bridge(db_url, **options()) as a:
         ws, _ = await watch(a.port, watcher, room)
-        cur = await conn.execute(channel_query("public", typing=True))
-        channel = str((await cur.fetchone() or ("",))[0])
+        _, channel = await channels(conn)
         _, key = await notify_trust(conn)
         forged_before = float(a.metrics.forged_notifies._value.get())
         text = json.dumps({"room": room, "user": typist, "at": round(time.time() * 1000)})
@@ -376,7 +375,8 @@ async def test_presence_keeps_flowing_after_the_listener_reconnects(
     async with running_bridge(db_url, **options()) as a:
         ws, _ = await watch(a.port, watcher, room)
         await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           "WHERE query LIKE 'LISTEN%%' AND datname = current_database()")
+                           "WHERE query LIKE '%%pgbridge_listen\"()%%' "
+                           "AND datname = current_database() AND pid <> pg_backend_pid()")
         await conn.execute("INSERT INTO user_status (user_id, status) VALUES (%s, 'busy')",
                            [user])
         frame, _ = await until_frame(ws, presence_of(user, status="busy"))

@@ -159,7 +159,8 @@ async def test_events_flow_within_a_second_of_the_listener_being_killed(
     ws = await connect(bridge.port, user)
     await subscribe(ws, room)
     cur = await conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = "
-                             "current_database() AND query ILIKE 'LISTEN %%'")
+                             "current_database() AND query LIKE '%%pgbridge_listen\"()%%' "
+                             "AND pid <> pg_backend_pid()")
     [(pid,)] = await cur.fetchall()
     loop = asyncio.get_running_loop()
     async with conn.transaction():  # the kill is over before the write commits
