@@ -341,7 +341,9 @@ class Client:
         if self._drained is not None:
             self._drained.set()
 
-    def _close_soon(self, code: int, reason: str) -> None:
+    def _close_soon(self, code: int, reason: str, *, fail: bool = False) -> None:
+        """Stop sending and close with ``code``; ``fail``: without waiting for the client's
+        close frame, and without reading what it sent meanwhile (an abuser's frames)."""
         self._closing = True
         self._queue.clear()
         if self._writer is not None:
@@ -349,7 +351,10 @@ class Client:
         self._emptied()  # a replay waiting for room stops at _closing
         for sub in self.subs.values():
             self.server.hub.remove(sub)
-        self.ws.close(code, reason)
+        if fail:
+            self.ws.fail(code, reason)
+        else:
+            self.ws.close(code, reason)
 
     def _set_expiry(self, exp: float) -> None:
         if self._expiry is not None:
@@ -372,12 +377,14 @@ class Client:
     def _over_rate(self) -> bool:
         """Take one frame (or WebSocket ping) from the bucket; true when refused. A client that
         keeps sending into a refusing bucket (``rate_burst`` refusals beyond one a second) is
-        closed with 1008: answering its every frame would cost more than serving it."""
+        closed with 1008: answering its every frame would cost more than serving it, and so
+        would reading the frames it still sent, so the connection is failed, not closed (RFC
+        6455, 7.1.7: nothing more is read from it)."""
         if self._bucket.take():
             return False
         if not self._strikes.take() and not self._closing:
             self.server.metrics.refusals.labels("abuse").inc()
-            self._close_soon(CLOSE_POLICY, "rate limit exceeded repeatedly")
+            self._close_soon(CLOSE_POLICY, "rate limit exceeded repeatedly", fail=True)
         return True
 
     def _parse(self, message: str | bytes) -> Request | None:
