@@ -194,7 +194,7 @@ class Connection(asyncio.Protocol):
     the process (for logs); :attr:`receiver` is set once the connection is open."""
 
     __slots__ = ("__weakref__", "_corked", "_drain", "_ending", "_endpoint", "_fragments",
-                 "_handshake", "_lost", "_paused", "_ping", "_pumping", "_reading_held",
+                 "_handshake", "_lost", "_paused", "_ping", "_reading_held",
                  "_received_any", "_request_read", "_tail", "_text", "_timer", "_unparsed",
                  "id", "protocol", "receiver", "remote_address", "transport")
 
@@ -215,8 +215,9 @@ class Connection(asyncio.Protocol):
         self._request_read = False  # the end of the request's headers reached the protocol
         self._received_any = False
         self._tail = b""  # the last bytes of the request so far (CRLF CRLF across reads)
-        self._unparsed = bytearray()  # bytes read and not yet given to the protocol
-        self._pumping = False  # a later turn parses the rest of _unparsed
+        # bytes read and not yet given to the protocol: those after the request while it is
+        # answered, then what a turn left for the next (whose parse is scheduled); None: none
+        self._unparsed: bytearray | None = None
         self._reading_held = False  # the receiver asked to stop reading
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
@@ -237,20 +238,20 @@ class Connection(asyncio.Protocol):
             self._received_any = True
             if not self._request_read:
                 self._read_request(data)
-            elif self._handshake is not None:  # the upgrade is being answered: wait
+            elif self._unparsed is not None:  # the upgrade is being answered, or a backlog
                 self._unparsed += data
-                if len(self._unparsed) > EARLY_LIMIT:
+                if self._handshake is not None and len(self._unparsed) > EARLY_LIMIT:
                     self._update_reading()
+            elif self._handshake is not None:  # the upgrade is being answered: wait
+                self._unparsed = bytearray(data)
             else:
-                self._unparsed += data
-                if not self._pumping:
-                    self._parse_frames()
+                self._parse_frames(data)
         except Exception:
             self.crashed("reading from the socket")
 
     def eof_received(self) -> None:
         # returning None closes the transport: a WebSocket never writes after the peer's EOF
-        self._unparsed.clear()  # the peer will read no answer to what it sent last
+        self._unparsed = None  # the peer will read no answer to what it sent last
         if self._ending or self._handshake is not None:
             return  # answering the upgrade: _answer() finds the connection lost
         try:
@@ -272,7 +273,7 @@ class Connection(asyncio.Protocol):
             self._timer = None
         self._wake_drain()
         self._fragments = None
-        self._unparsed = bytearray()
+        self._unparsed = None
         code_sent = close_code_sent(protocol.close_exc) if protocol.state is State.CLOSED \
             else None
         self._endpoint.closed(self, code_sent)
@@ -402,7 +403,8 @@ class Connection(asyncio.Protocol):
         else:
             cut = end + len(_END_OF_HEADERS) - len(self._tail)
             head = data[:cut]
-            self._unparsed += data[cut:]
+            if cut < len(data):
+                self._unparsed = bytearray(data[cut:])
             self._request_read = True
             self._tail = b""
         protocol = self.protocol
@@ -480,7 +482,8 @@ class Connection(asyncio.Protocol):
             self.crashed("answering the opening handshake")
         finally:
             self._handshake = None
-        if self._unparsed and self.protocol.state is State.OPEN and not self._ending:
+        if self._unparsed is not None and self.protocol.state is State.OPEN \
+                and not self._ending:
             self._parse_frames()  # what the client sent with its request
         self._update_reading()
 
@@ -491,20 +494,22 @@ class Connection(asyncio.Protocol):
 
     # --- inside: frames -----------------------------------------------------------------------
 
-    def _parse_frames(self) -> None:
-        """Give the protocol what was read, :data:`FEED_CHUNK` bytes at a time, until it
-        yielded :data:`FRAMES_PER_TURN` frames; hand the messages they complete to the
-        receiver. What is left is parsed in a later turn of the event loop, the connection not
-        reading meanwhile."""
-        self._pumping = False
-        if self._ending:
+    def _parse_frames(self, data: bytes | bytearray | None = None) -> None:
+        """Give the protocol ``data`` (by default, what waits in :attr:`_unparsed`),
+        :data:`FEED_CHUNK` bytes at a time, until it yielded :data:`FRAMES_PER_TURN` frames;
+        hand the messages they complete to the receiver. What is left is parsed in a later turn
+        of the event loop, the connection not reading meanwhile."""
+        if data is None:
+            data, self._unparsed = self._unparsed, None
+        if data is None or self._ending:
             return
-        protocol, unparsed = self.protocol, self._unparsed
+        protocol = self.protocol
         messages: list[str | bytes] = []
         frames = offset = 0
         try:
-            while offset < len(unparsed) and frames < FRAMES_PER_TURN and not self._ending:
-                protocol.receive_data(unparsed[offset:offset + FEED_CHUNK])
+            while offset < len(data) and frames < FRAMES_PER_TURN and not self._ending:
+                protocol.receive_data(data if len(data) <= FEED_CHUNK else
+                                      data[offset:offset + FEED_CHUNK])
                 offset += FEED_CHUNK
                 events = protocol.events_received()
                 frames += len(events)
@@ -512,15 +517,14 @@ class Connection(asyncio.Protocol):
                     if isinstance(event, Frame):
                         self._frame(event, messages)
                 self._send_data()  # pongs, the echo of a close frame
-            del unparsed[:offset]
             if messages and self.receiver is not None:
                 self.receiver.received(messages)
             self._watch_close()
         except Exception:
             self.crashed("handling a frame")
             return
-        if unparsed and not self._ending:
-            self._pumping = True
+        if offset < len(data) and not self._ending:
+            self._unparsed = bytearray(data[offset:])
             asyncio.get_running_loop().call_soon(self._parse_frames)
         self._update_reading()
 
@@ -619,7 +623,7 @@ class Connection(asyncio.Protocol):
         if self._ending:
             return
         self._ending = True
-        self._unparsed.clear()
+        self._unparsed = None
         self._endpoint.closing(self)
 
     def _watch_close(self, *, force: bool = False) -> None:
@@ -634,8 +638,9 @@ class Connection(asyncio.Protocol):
         is being answered."""
         if self._lost or self._ending:
             return
-        hold = self._reading_held or self._pumping or (
-            self._handshake is not None and len(self._unparsed) > EARLY_LIMIT)
+        unparsed = self._unparsed
+        hold = self._reading_held or (unparsed is not None and (
+            self._handshake is None or len(unparsed) > EARLY_LIMIT))
         if hold == self.transport.is_reading():
             if hold:
                 self.transport.pause_reading()
