@@ -182,3 +182,32 @@ async def test_a_client_backed_up_by_pongs_is_still_pinged_and_closed(
             assert not attacker.open, (
                 f"a client that reads nothing is still open after 3 heartbeat rounds, "
                 f"{attacker.transport.get_write_buffer_size()} bytes waiting, never pinged")
+
+
+# --- a refused request: its answer must reach the client -------------------------------------
+
+KEY_HEADERS = (b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+
+
+async def test_a_refused_request_with_a_long_tail_still_gets_its_answer(bridge: Bridge) -> None:
+    """Docstring: "A 101 is followed by those bytes' frames; any other answer by the end of the
+    connection, the waiting bytes unread". A client that sends its frames with its request
+    (allowed: they wait for the 101) and is refused (here 401; as well 429, 503 with its
+    Retry-After) must read that answer. With more than EARLY_LIMIT bytes after the request,
+    the connection stopped reading; the answer is written and the socket closed with those
+    bytes unread in the kernel, so the kernel resets the connection (RST, not FIN) and the
+    client gets ECONNRESET instead of its 401."""
+    request = b"GET /ws?token=bad HTTP/1.1\r\n" + KEY_HEADERS + b"\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    try:
+        writer.write(request + client_frame(Opcode.PING) * (300_000 // 6))
+        answer = b""
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:100]
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
