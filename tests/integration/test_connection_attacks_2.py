@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
+import pytest
 from websockets.frames import Opcode
 from websockets.protocol import State
 
@@ -242,3 +244,27 @@ async def test_a_closed_subscriber_is_not_kept_by_the_listener(bridge: Bridge, c
     gc.collect()
     kept = [o for o in gc.get_objects() if type(o) is Connection and o._endpoint is bridge.server]
     assert kept == [], f"{len(kept)} Connection object(s) kept after the connection ended"
+
+
+# --- what the client sends is never a 500, nor an ERROR in the log -----------------------------
+
+async def test_a_bracket_in_the_request_target_is_a_400_not_an_error(
+        bridge: Bridge, caplog: pytest.LogCaptureFixture) -> None:
+    """handshake.py: "answers every refusal with a 4xx ..., never a 500 for what the client
+    sent". A request target whose authority has an unbalanced bracket (``//[/ws``) makes
+    ``urlsplit`` raise ValueError ("Invalid IPv6 URL") outside the ``try`` of ``_target``: the
+    client gets a 500, and every such request logs a traceback at ERROR (not throttled: any
+    client floods the log)."""
+    caplog.set_level(logging.INFO)
+    for target in (b"//[/ws", b"http://[x]/ws"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        try:
+            writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
