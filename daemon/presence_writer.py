@@ -92,8 +92,9 @@ class PresenceWriter:
                     if renew:
                         next_renew = self.clock() + renew_every
                         await self._reap()
-                else:
-                    next_renew = min(next_renew, self.clock() + RETRY_DELAY)
+                else:  # again in RETRY_DELAY s: a renewal that was due is due again then
+                    retry = self.clock() + RETRY_DELAY
+                    next_renew = retry if renew else min(next_renew, retry)
             deadline = min(next_renew, self.roster.next_due() or math.inf)
             if self.changes or self._resync:  # left by a failed write
                 deadline = min(deadline, self.clock() + RETRY_DELAY)

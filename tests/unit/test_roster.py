@@ -8,7 +8,14 @@ basename."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import Any, cast
+
+from daemon.errors import BridgeError
+from daemon.metrics import Metrics
 from daemon.presence import Changes, Roster, TypingGate
+from daemon.presence_writer import RETRY_DELAY, PresenceWriter
 
 
 def test_a_reconnect_within_the_grace_is_no_transition() -> None:
@@ -80,3 +87,25 @@ def test_typing_gate_forgets_full_buckets() -> None:
     now[0] = 60.0  # every bucket has refilled
     gate.allow("d", "r")
     assert list(gate._buckets) == [("d", "r")] and list(gate._users) == ["d"]
+
+
+class _FailingStore:
+    """A store whose every presence write fails, as a closed pool's does at once."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    async def presence_sync(self, *args: object, **kwargs: object) -> tuple[bool, int]:
+        self.writes += 1
+        raise BridgeError("the pool 'pgbridge' is already closed")
+
+
+async def test_a_failing_presence_write_is_retried_after_the_delay_not_at_once() -> None:
+    """A renewal that was due and failed left the next renewal in the past: the writer retried
+    without waiting, 144,759 times in one test's shutdown. It waits RETRY_DELAY between tries."""
+    store = _FailingStore()
+    writer = PresenceWriter(cast(Any, store), Metrics(), grace=1.0, lease=30.0)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(RETRY_DELAY / 2):
+            await writer.run()
+    assert store.writes == 1
