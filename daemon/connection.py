@@ -22,17 +22,23 @@ What this driver owns, since it drives the protocol itself (DESIGN.md, "Trust bo
 
 * **No frame before the answer.** Only the bytes up to the end of the request's headers
   (the first CRLF CRLF) reach the handshake protocol. What the client sends after them waits,
-  unparsed, until the upgrade is answered: up to :data:`EARLY_LIMIT` bytes, past which the
-  connection stops reading (TCP pushes back). A 101 is followed by those bytes' frames; any
-  other answer by the end of the connection, the waiting bytes unread.
+  unparsed, until the upgrade is answered: up to :data:`EARLY_LIMIT` bytes; past that they
+  are dropped, the connection stops reading (TCP pushes back) and an upgrade that would be
+  accepted is answered 400. A 101 is followed by those bytes' frames; any other answer by
+  the end of the connection, the waiting bytes unread.
 * **A bounded share of the loop.** One turn of the event loop parses at most
   :data:`FRAMES_PER_TURN` frames of a connection (plus what one :data:`FEED_CHUNK` holds); the
   rest of a read waits, the connection not reading meanwhile, for later turns.
+* **No reading while the client does not read.** While the transport's buffer is above its
+  high-water mark, nothing is parsed and the connection is not read: what a read makes
+  (pongs at least) cannot pile up for a client that reads nothing.
 * **Bounded messages.** A message is at most ``max_size`` bytes (the protocol checks) in at
   most :data:`MAX_FRAGMENTS` frames; past that, 1009.
 * **Nothing written after the end.** Once this side half-closed, closed or aborted the
   transport, nothing more is written to it, and a connection whose peer is gone is not written
-  to either (asyncio would log a line per write).
+  to either (asyncio would log a line per write). After an HTTP answer other than 101 the
+  connection is half-closed and read, discarding, until the peer closes (``close_timeout`` s
+  at most): closing with bytes unread would reset it, and the peer lose its answer.
 * **Fault isolation.** A bug met in a callback of this connection, or in a call that code
   shared by all connections makes into it (the :func:`contained` boundary), ends this
   connection with 1011 and an incident id in the log; never the caller's task.
@@ -176,8 +182,10 @@ class Endpoint(Protocol):
     def opened(self, conn: Connection) -> None:
         """``conn`` was upgraded: set its :attr:`Connection.receiver`, or close it."""
 
-    def abandoned(self, conn: Connection) -> None:
-        """``conn``'s client left before its handshake was answered."""
+    def abandoned(self, conn: Connection, reason: str) -> None:
+        """``conn``'s upgrade, accepted by :meth:`process_request`, will not be opened:
+        ``client_gone`` (its client left before the answer) or ``early_data`` (it sent more
+        than :data:`EARLY_LIMIT` bytes before the answer; it is answered 400)."""
 
     def closing(self, conn: Connection) -> None:
         """``conn`` is ending (this side half-closed, closed or aborted it, or the peer is
@@ -194,7 +202,7 @@ class Connection(asyncio.Protocol):
     the process (for logs); :attr:`receiver` is set once the connection is open."""
 
     __slots__ = ("__weakref__", "_corked", "_drain", "_ending", "_endpoint", "_fragments",
-                 "_handshake", "_lost", "_paused", "_ping", "_reading_held",
+                 "_handshake", "_lost", "_overflowed", "_paused", "_ping", "_reading_held",
                  "_received_any", "_request_read", "_tail", "_text", "_timer", "_unparsed",
                  "id", "protocol", "receiver", "remote_address", "transport")
 
@@ -218,6 +226,7 @@ class Connection(asyncio.Protocol):
         # bytes read and not yet given to the protocol: those after the request while it is
         # answered, then what a turn left for the next (whose parse is scheduled); None: none
         self._unparsed: bytearray | None = None
+        self._overflowed = False  # more than EARLY_LIMIT bytes came before the answer
         self._reading_held = False  # the receiver asked to stop reading
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
@@ -238,12 +247,10 @@ class Connection(asyncio.Protocol):
             self._received_any = True
             if not self._request_read:
                 self._read_request(data)
-            elif self._unparsed is not None:  # the upgrade is being answered, or a backlog
-                self._unparsed += data
-                if self._handshake is not None and len(self._unparsed) > EARLY_LIMIT:
-                    self._update_reading()
             elif self._handshake is not None:  # the upgrade is being answered: wait
-                self._unparsed = bytearray(data)
+                self._hold_early(data)
+            elif self._unparsed is not None:  # a backlog: parsed in the next turns
+                self._unparsed += data
             else:
                 self._parse_frames(data)
         except Exception:
@@ -281,10 +288,14 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._paused = False
         self._wake_drain()
+        if self._unparsed is not None and self._handshake is None and not self._ending:
+            asyncio.get_running_loop().call_soon(self._parse_frames)  # what waited for room
+        self._update_reading()
 
     # --- for the receiver and the server ----------------------------------------------------
 
@@ -399,12 +410,10 @@ class Connection(asyncio.Protocol):
         end = seen.find(_END_OF_HEADERS)
         if end < 0:
             self._tail = seen[-3:]
-            head = data
+            head, early = data, b""
         else:
             cut = end + len(_END_OF_HEADERS) - len(self._tail)
-            head = data[:cut]
-            if cut < len(data):
-                self._unparsed = bytearray(data[cut:])
+            head, early = data[:cut], data[cut:]
             self._request_read = True
             self._tail = b""
         protocol = self.protocol
@@ -416,8 +425,26 @@ class Connection(asyncio.Protocol):
                     self._answer(event), name=f"handshake-{self.id}")
         if protocol.handshake_exc is not None and self._handshake is None:
             self._refuse_unparsable()
+        elif early and self._handshake is not None:
+            self._hold_early(early)
         elif self._request_read and self._handshake is None:  # cannot happen: parsed above
             self._abort()
+
+    def _hold_early(self, data: bytes) -> None:
+        """Keep bytes sent after the request until it is answered, :data:`EARLY_LIMIT` at
+        most: past that they are dropped, the connection stops reading, and an upgrade that
+        would be accepted is answered 400 instead (a client must wait for the 101, RFC 6455,
+        4.1)."""
+        if self._overflowed:
+            return
+        if self._unparsed is None:
+            self._unparsed = bytearray(data)
+        else:
+            self._unparsed += data
+        if len(self._unparsed) > EARLY_LIMIT:
+            self._overflowed = True
+            self._unparsed = None
+            self._update_reading()
 
     def _refuse_unparsable(self) -> None:
         """The handshake protocol could not parse the request: send its answer (414 or 431),
@@ -450,10 +477,18 @@ class Connection(asyncio.Protocol):
                 # the client closed (or half-closed) while the database answered: nobody to
                 # answer, and its choice, not a fault of the bridge
                 self._abort()
-                endpoint.abandoned(self)
+                endpoint.abandoned(self, "client_gone")
                 _refusals.info("gone", "client %s left before its handshake was answered",
                                self.remote_address, extra={"event": "handshake_abandoned"})
                 return
+            if response is None and self._overflowed:
+                _refusals.info("early", "client %s sent more than %d bytes before its upgrade "
+                               "was answered; answered 400", self.remote_address, EARLY_LIMIT,
+                               extra={"event": "http_refused"})
+                endpoint.abandoned(self, "early_data")
+                response = protocol.reject(
+                    HTTPStatus.BAD_REQUEST, f"more than {EARLY_LIMIT} bytes were sent before "
+                    "the upgrade was answered; wait for the 101 (RFC 6455, 4.1)\n")
             if response is None:
                 response = (protocol.accept(request) if endpoint.serving() else
                             protocol.reject(503, "Server is shutting down.\n"))
@@ -507,7 +542,8 @@ class Connection(asyncio.Protocol):
         messages: list[str | bytes] = []
         frames = offset = 0
         try:
-            while offset < len(data) and frames < FRAMES_PER_TURN and not self._ending:
+            while offset < len(data) and frames < FRAMES_PER_TURN and not self._ending \
+                    and not self._paused:
                 protocol.receive_data(data if len(data) <= FEED_CHUNK else
                                       data[offset:offset + FEED_CHUNK])
                 offset += FEED_CHUNK
@@ -525,7 +561,8 @@ class Connection(asyncio.Protocol):
             return
         if offset < len(data) and not self._ending:
             self._unparsed = bytearray(data[offset:])
-            asyncio.get_running_loop().call_soon(self._parse_frames)
+            if not self._paused:  # else resume_writing() parses the rest
+                asyncio.get_running_loop().call_soon(self._parse_frames)
         self._update_reading()
 
     def _frame(self, frame: Frame, messages: list[str | bytes]) -> None:
@@ -609,9 +646,21 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"".join(corked))
 
     def _close_transport(self) -> None:
-        """Close after what was written is sent; the peer has ``close_timeout`` s to read it."""
+        """End the connection after what was written (an HTTP answer): half-close, so that the
+        peer reads the answer and then the end, and read on, discarding, until the peer closes
+        too (``close_timeout`` s at most). Closing with bytes unread would make the kernel
+        reset the connection, and the peer lose the answer (a lingering close)."""
         self._end()
-        self.transport.close()
+        transport = self.transport
+        try:
+            if not transport.can_write_eof():
+                transport.close()
+            else:
+                transport.write_eof()
+                if not transport.is_reading():
+                    transport.resume_reading()
+        except Exception:  # OSError; uvloop raises RuntimeError once closing
+            transport.abort()
         self._watch_close(force=True)
 
     def _abort(self) -> None:
@@ -633,14 +682,14 @@ class Connection(asyncio.Protocol):
                 self._endpoint.close_timeout, self.transport.abort)
 
     def _update_reading(self) -> None:
-        """Read while nobody holds it: the receiver (:meth:`pause_reading`), frames still
-        waiting to be parsed, or more than :data:`EARLY_LIMIT` bytes after a request that
-        is being answered."""
+        """Read while nobody holds it: the receiver (:meth:`pause_reading`), a write buffer
+        above its high-water mark (what is read makes answers, pongs at least, that the
+        client does not read), frames still waiting to be parsed, or more than
+        :data:`EARLY_LIMIT` bytes after a request that is being answered."""
         if self._lost or self._ending:
             return
-        unparsed = self._unparsed
-        hold = self._reading_held or (unparsed is not None and (
-            self._handshake is None or len(unparsed) > EARLY_LIMIT))
+        hold = self._reading_held or self._paused or (
+            self._overflowed if self._handshake is not None else self._unparsed is not None)
         if hold == self.transport.is_reading():
             if hold:
                 self.transport.pause_reading()

@@ -72,7 +72,10 @@ def _target(request: Request) -> tuple[str, dict[str, list[str]]]:
     target as surrogates; such a target, or a query that is not UTF-8, is refused."""
     if not request.path.isascii():
         raise _BadTarget("the request target must be ASCII (percent-encode other bytes)")
-    parts = urlsplit(request.path)
+    try:
+        parts = urlsplit(request.path)
+    except ValueError:  # a bracket that opens no IPv6 host ("//[", "http://[x]/")
+        raise _BadTarget("the request target is not a valid URL path") from None
     try:
         query = parse_qs(parts.query, errors="strict", max_num_fields=32)
     except (UnicodeDecodeError, ValueError):
@@ -252,8 +255,9 @@ async def _route(gate: Gate, connection: Connection,
         asset = asset_for(path, demo=gate.settings.demo is True)
         if asset is None:
             return _json(HTTPStatus.NOT_FOUND, {"error": "not found; the WebSocket is at /ws"})
-        status = (HTTPStatus.NOT_MODIFIED if asset.fresh(request.headers.get("If-None-Match"))
-                  else HTTPStatus.OK)
+        # several lines of a list header are one comma-separated list (RFC 9110, 5.3)
+        tags = ", ".join(request.headers.get_all("If-None-Match"))
+        status = HTTPStatus.NOT_MODIFIED if asset.fresh(tags) else HTTPStatus.OK
         return _response(status, asset.body if status is HTTPStatus.OK else b"",
                          asset.content_type, asset.headers(), cache="no-cache")
     async with gate.turns:

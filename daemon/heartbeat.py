@@ -6,7 +6,9 @@ connections are spread over :data:`SLICES` slices, and one task pings a slice ev
 ``interval / SLICES`` seconds, so each connection gets a ping every ``interval`` seconds and the
 pings of 10,000 connections are 20 small bursts per interval, not one large one. A connection
 whose previous ping got no pong by its next turn (one interval later, what websockets'
-``ping_timeout`` set to the interval did) is closed with 1011, "keepalive ping timeout".
+``ping_timeout`` set to the interval did) is closed with 1011, "keepalive ping timeout". A
+connection whose write buffer is backed up is pinged too: only a pong shows that its client
+still reads (its own send timeout acts only on frames its client queued, not on pongs).
 """
 
 from __future__ import annotations
@@ -65,5 +67,5 @@ class Heartbeat:
                 # at once, without waiting for the peer's close frame: what websockets' own
                 # keepalive does on a ping timeout
                 conn.fail(CLOSE_INTERNAL, "keepalive ping timeout")
-            elif not conn.backed_up():  # behind: its send timeout acts, not a ping
+            else:  # a backed-up one too: only a pong shows that its client still reads
                 conn.ping()

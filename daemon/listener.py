@@ -535,6 +535,9 @@ class Listener:
                           exc_info=True, extra={"event": "listener_crashed",
                                                 "incident": incident})
                 self._failed(item, BridgeError(f"internal error (incident {incident})"))
+            # not kept while the next item is awaited: a _Track holds its subscription, and
+            # through it a connection that may end meanwhile
+            del item
 
     def _failed(self, item: str | _Track | _CatchUp | _CheckUsers, exc: BridgeError) -> None:
         if isinstance(item, _Track):

@@ -137,8 +137,10 @@ class Metrics:
         self.handshake_refusals = Counter("pgbridge_handshake_refusals", "Upgrades refused, by "
                                           "reason (unauthorized 401, forbidden_origin 403, "
                                           "too_many_connections 429, overloaded and "
-                                          "unavailable 503), or given up because the client "
-                                          "left first (client_gone)", ["reason"], registry=r)
+                                          "unavailable 503, early_data 400: more than 64 KiB "
+                                          "sent before the answer), or given up because the "
+                                          "client left first (client_gone)", ["reason"],
+                                          registry=r)
         self.refusals = Counter("pgbridge_refusals", "Client frames refused, by error code "
                                 "(rate_limited, bad_request, ...), and connections closed "
                                 "for abuse or over a limit", ["reason"], registry=r)

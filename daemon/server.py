@@ -127,9 +127,9 @@ class Server:
     def process_request(self, conn: Connection, request: Request) -> Awaitable[Response | None]:
         return process_request(self.gate, conn, request)
 
-    def abandoned(self, conn: Connection) -> None:
+    def abandoned(self, conn: Connection, reason: str) -> None:
         self.gate.handshakes.pop(conn, None)
-        self.metrics.handshake_refusals.labels("client_gone").inc()
+        self.metrics.handshake_refusals.labels(reason).inc()
 
     def opened(self, conn: Connection) -> None:
         upgrade = self.gate.handshakes.pop(conn, None)

@@ -151,7 +151,7 @@ class _Echo:
     def opened(self, conn: Connection) -> None:
         conn.receiver = self.receiver
 
-    def abandoned(self, conn: Connection) -> None:
+    def abandoned(self, conn: Connection, reason: str) -> None:
         pass
 
     def closing(self, conn: Connection) -> None:
