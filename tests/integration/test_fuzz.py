@@ -541,7 +541,7 @@ def test_bytes_sent_with_a_request_never_come_before_its_answer(world: World) ->
     def attacker(sent: EarlyWrites, content: str) -> None:
         world.errors.records.clear()
         loop.loop.call_soon_threadsafe(writer.queue.put_nowait, content)
-        answer = loop.run(early_exchange(world.port, sent.writes))
+        answer = loop.run(http_exchange(world.port, *sent.writes))
         match = re.match(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n", answer)
         assert match, f"the answer does not begin with a status line: {answer[:300]!r}"
         status = int(match.group(1))
@@ -569,10 +569,10 @@ def test_bytes_sent_with_a_request_never_come_before_its_answer(world: World) ->
     assert_still_serving(world)
 
 
-async def early_exchange(port: int, writes: tuple[bytes, ...]) -> bytes:
-    """Send ``writes`` on one new TCP connection, each its own write; return what came back
-    until EOF, or, after a 101, until the end of its first frame (the hostile tail may keep
-    the connection open), or what arrived within ``ANSWER_TIMEOUT``."""
+async def http_exchange(port: int, *writes: bytes) -> bytes:
+    """Send ``writes`` on a new TCP connection, each its own write; return the answer read
+    until EOF, or, after a 101, until the end of its first frame (bytes sent with the request
+    may keep the connection open), or what arrived within ``ANSWER_TIMEOUT``."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     answer = b""
     try:
@@ -587,28 +587,6 @@ async def early_exchange(port: int, writes: tuple[bytes, ...]) -> bytes:
                     _, end, rest = answer.partition(b"\r\n\r\n")
                     if answer.startswith(b"HTTP/1.1 101 ") and end and len(rest) >= 2 \
                             and len(rest) >= 2 + (rest[1] & 0x7F):
-                        break
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return answer
-
-
-async def http_exchange(port: int, data: bytes) -> bytes:
-    """Send ``data`` on a new TCP connection; return the answer read until EOF (until the end
-    of the head for a 101), or what arrived within ``ANSWER_TIMEOUT``."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    answer = b""
-    try:
-        writer.write(data)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        with contextlib.suppress(ConnectionError, TimeoutError):
-            async with asyncio.timeout(ANSWER_TIMEOUT):
-                while chunk := await reader.read(65536):
-                    answer += chunk
-                    if answer.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in answer:
                         break
     finally:
         writer.close()
