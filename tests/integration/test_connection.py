@@ -196,3 +196,23 @@ async def test_a_bug_met_by_a_frame_closes_that_connection_with_1011(
         await until(both_ended, "both connections to end with 1011 sent")
     finally:
         server.close()
+
+
+def test_websockets_is_the_release_the_connection_layer_is_written_for() -> None:
+    """daemon/connection.py drives websockets' sans-I/O protocol through its public API only,
+    as documented for websockets 17 (pyproject.toml: >=17,<18). A new major may change that
+    API: this fails first, naming what to check, rather than the connection layer in some
+    stranger way (./dev upgrade moves only within the range)."""
+    major = int(websockets.__version__.split(".")[0])
+    assert major == 17, (
+        f"websockets {websockets.__version__}: daemon/connection.py is written for 17; read "
+        "the changelog's sans-I/O entries (ServerProtocol, Request, Frame), then move the range "
+        "in pyproject.toml and this test together")
+    used = ("receive_data", "receive_eof", "events_received", "data_to_send", "accept",
+            "reject", "send_response", "send_close", "send_ping", "fail", "close_expected")
+    missing = [name for name in used if not callable(getattr(ServerProtocol, name, None))]
+    assert missing == [], f"websockets' ServerProtocol lost {missing}"
+    protocol = ServerProtocol(state=State.OPEN, max_size=65536)
+    assert protocol.state is State.OPEN and protocol.handshake_exc is None
+    protocol.receive_eof()
+    assert protocol.state is State.CLOSED and protocol.close_exc.sent is None
