@@ -68,10 +68,12 @@ class _BadTarget(Exception):
 
 
 def _target(request: Request) -> tuple[str, dict[str, list[str]]]:
-    """Path and query of the request target. websockets keeps the raw bytes of a non-ASCII
-    target as surrogates; such a target, or a query that is not UTF-8, is refused."""
-    if not request.path.isascii():
-        raise _BadTarget("the request target must be ASCII (percent-encode other bytes)")
+    """Path and query of the request target. A target with a control character (websockets
+    17 refuses a non-ASCII one itself, but passes those; RFC 3986 has none), one that is not
+    a URL path, or a query that is not UTF-8 is refused."""
+    if not (request.path.isascii() and request.path.isprintable()):
+        raise _BadTarget("the request target must be printable ASCII (percent-encode other "
+                         "bytes)")
     try:
         parts = urlsplit(request.path)
     except ValueError:  # a bracket that opens no IPv6 host ("//[", "http://[x]/")

@@ -436,3 +436,16 @@ async def test_refused_frames_are_forgiven_as_time_passes(db_url: str, conn: Con
             await asyncio.sleep(2.1)  # both buckets refill (1 a second, bursts of 2)
         await send(ws, type="ping", ref="still open")
         assert await recv(ws) == {"type": "pong", "ref": "still open"}
+
+
+async def test_a_control_character_in_the_request_target_is_400(
+        bridge: Bridge, conn: Conn) -> None:
+    """websockets 17 passes any ASCII request target, NUL and other control characters too
+    (found by test_fuzz.py: ``/ws?token=\\x00`` with a valid bearer token was answered 401
+    for the query's token instead of 400 for the target)."""
+    user = await make_user(conn)
+    for target in (b"/ws?token=\x00", b"/ws?token=a\x7fb", b"/healthz\x01"):
+        status, _ = await http(bridge.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                               + UPGRADE + b"Authorization: Bearer " + token(user).encode()
+                               + b"\r\n\r\n")
+        assert status == 400, (target, status)
