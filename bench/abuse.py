@@ -30,8 +30,8 @@ Phases, each ``--seconds`` long (writer and attacker start together and stop by 
 * ``e`` hostile frames: JSON nested 1,000 deep, lone surrogates and NUL in room ids, raw NUL,
   invalid JSON, binary frames, in turn, as fast as the socket takes them, on 20 connections;
 * ``f`` frames with the request: on 20 connections, the upgrade request and, in the same write,
-  256 KiB of empty pings (frames a client may not send before the 101), then every pong read;
-  again on a new connection (issue 25: 20 such connections once pushed a legitimate client's
+  256 KiB of empty pings (frames a client may not send before the 101; past 64 KiB the bridge
+  answers 400), then the answer and every pong read; again on a new connection (issue 25: 20 such connections once pushed a legitimate client's
   latency to 18.7 s).
 
 Each abuse is done by a user of its own with valid tokens, in ``--attacker-procs`` processes
@@ -250,7 +250,8 @@ async def _early(url: str, deadline: float, tally: Counter[str]) -> None:
                 writer.write(request + tail)
                 tally["sent"] += pings
                 head = await reader.readuntil(b"\r\n\r\n")
-                tally[f"answered HTTP {head[9:12].decode()}"] += 1
+                status = head[9:12].decode()
+                tally["accepted" if status == "101" else f"refused HTTP {status}"] += 1
                 pongs = 0
                 while pongs < pings and (chunk := await reader.read(65536)):
                     pongs += chunk.count(b"\x8a\x00")  # approximate: the pongs' two bytes
