@@ -461,45 +461,30 @@ def test_hostile_frames_get_documented_answers_while_an_honest_subscriber_misses
     or a documented close, nothing is logged at ERROR, and a member subscribed meanwhile
     receives every message written to its room during the run, once, in order."""
     loop, ctx = world.loop, world.frames
-    honest = loop.run(Honest.open(world.port, world.honest, world.honest_room))
-    world.keep_current_connections()
-    writer = loop.run(Writer.start(world.conn, world.honest_room, world.honest))
     sentinels = itertools.count()
 
-    @fuzz_settings(150)
-    @given(messages=st.lists(frames(ctx), min_size=1, max_size=6), content=contents)
-    def hostile_client(messages: list[Frame], content: str) -> None:
-        world.errors.records.clear()
-        loop.loop.call_soon_threadsafe(writer.queue.put_nowait, content)
-        client: HostileClient | None = None
-        try:
-            for frame in messages:
-                client = client or HostileClient(world.port, ctx.token)
-                outcome = client.exchange(frame, f"sentinel-{next(sentinels)}")
-                check_outcome(frame, expected_answer(frame, ctx), outcome)
-                if outcome.close is not None:
-                    client = None
-        finally:
-            if client is not None:
-                client.close()
-        world.assert_no_errors_logged()
+    def fuzz(writer: Writer) -> None:
+        @fuzz_settings(150)
+        @given(messages=st.lists(frames(ctx), min_size=1, max_size=6), content=contents)
+        def hostile_client(messages: list[Frame], content: str) -> None:
+            world.errors.records.clear()
+            loop.loop.call_soon_threadsafe(writer.queue.put_nowait, content)
+            client: HostileClient | None = None
+            try:
+                for frame in messages:
+                    client = client or HostileClient(world.port, ctx.token)
+                    outcome = client.exchange(frame, f"sentinel-{next(sentinels)}")
+                    check_outcome(frame, expected_answer(frame, ctx), outcome)
+                    if outcome.close is not None:
+                        client = None
+            finally:
+                if client is not None:
+                    client.close()
+            world.assert_no_errors_logged()
 
-    try:
-        try:
-            hostile_client()
-        finally:
-            loop.run(writer.stop(), timeout=90)
-        assert not writer.failures, f"the writer failed: {writer.failures[:3]}"
-        got = loop.run(honest.finish(len(writer.posted)), timeout=90)
-    finally:
-        loop.run(honest.close())
-    events = [f for f in got if f["type"] == "event"]
-    assert [f for f in got if f["type"] != "event"] == [{"type": "pong", "ref": "honest-end"}]
-    first = honest.start_seq + 1
-    assert [e["seq"] for e in events] == list(range(first, first + len(writer.posted)))
-    assert all(e["room"] == world.honest_room and e["table"] == "messages" for e in events)
-    assert [e["data"]["content"] for e in events] == writer.posted
-    assert_still_serving(world)
+        hostile_client()
+
+    with_an_honest_member(world, fuzz)
 
 
 def test_every_http_request_gets_an_answer_never_a_5xx(world: World) -> None:
@@ -532,30 +517,41 @@ def test_bytes_sent_with_a_request_never_come_before_its_answer(world: World) ->
     welcome; nothing is logged at ERROR; the daemon serves, and a member subscribed
     meanwhile receives every message written to its room during the run, once, in order."""
     loop = world.loop
+
+    def fuzz(writer: Writer) -> None:
+        @fuzz_settings(100)
+        @given(sent=early_writes(world.handshakes), content=contents)
+        def attacker(sent: EarlyWrites, content: str) -> None:
+            world.errors.records.clear()
+            loop.loop.call_soon_threadsafe(writer.queue.put_nowait, content)
+            answer = loop.run(http_exchange(world.port, *sent.writes))
+            match = re.match(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n", answer)
+            assert match, f"the answer does not begin with a status line: {answer[:300]!r}"
+            status = int(match.group(1))
+            assert status in sent.allowed, f"{status} for {sent.why}: {answer[:300]!r}"
+            _, end, rest = answer.partition(b"\r\n\r\n")
+            assert end, f"the answer's head never ended: {answer[:300]!r}"
+            if status == 101:
+                assert rest[:1] == b"\x81" and b'"welcome"' in rest[:200], (
+                    f"the first frame after the 101 is not the welcome: {rest[:100]!r}")
+            world.assert_no_errors_logged()
+
+        attacker()
+
+    with_an_honest_member(world, fuzz)
+
+
+def with_an_honest_member(world: World, fuzz: Callable[[Writer], None]) -> None:
+    """Run ``fuzz`` (a Hypothesis test that puts a content in the writer's queue per example)
+    while a member of the honest room is subscribed; then check that the member received every
+    message written meanwhile, once, in order, and nothing else, and that the bridge serves."""
+    loop = world.loop
     honest = loop.run(Honest.open(world.port, world.honest, world.honest_room))
     world.keep_current_connections()
     writer = loop.run(Writer.start(world.conn, world.honest_room, world.honest))
-
-    @fuzz_settings(100)
-    @given(sent=early_writes(world.handshakes), content=contents)
-    def attacker(sent: EarlyWrites, content: str) -> None:
-        world.errors.records.clear()
-        loop.loop.call_soon_threadsafe(writer.queue.put_nowait, content)
-        answer = loop.run(http_exchange(world.port, *sent.writes))
-        match = re.match(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n", answer)
-        assert match, f"the answer does not begin with a status line: {answer[:300]!r}"
-        status = int(match.group(1))
-        assert status in sent.allowed, f"{status} for {sent.why}: {answer[:300]!r}"
-        _, end, rest = answer.partition(b"\r\n\r\n")
-        assert end, f"the answer's head never ended: {answer[:300]!r}"
-        if status == 101:
-            assert rest[:1] == b"\x81" and b'"welcome"' in rest[:200], (
-                f"the first frame after the 101 is not the welcome: {rest[:100]!r}")
-        world.assert_no_errors_logged()
-
     try:
         try:
-            attacker()
+            fuzz(writer)
         finally:
             loop.run(writer.stop(), timeout=90)
         assert not writer.failures, f"the writer failed: {writer.failures[:3]}"
@@ -563,8 +559,10 @@ def test_bytes_sent_with_a_request_never_come_before_its_answer(world: World) ->
     finally:
         loop.run(honest.close())
     events = [f for f in got if f["type"] == "event"]
+    assert [f for f in got if f["type"] != "event"] == [{"type": "pong", "ref": "honest-end"}]
     first = honest.start_seq + 1
     assert [e["seq"] for e in events] == list(range(first, first + len(writer.posted)))
+    assert all(e["room"] == world.honest_room and e["table"] == "messages" for e in events)
     assert [e["data"]["content"] for e in events] == writer.posted
     assert_still_serving(world)
 
