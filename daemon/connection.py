@@ -456,7 +456,7 @@ class Connection(asyncio.Protocol):
         if not answer and self._received_any:
             cause = exc.__cause__ if exc is not None else None
             why = ("lines end with CRLF" if isinstance(cause, EOFError) else
-                   "the request target must be ASCII" if isinstance(cause, UnicodeError) else
+                   "the request line must be ASCII" if isinstance(cause, UnicodeError) else
                    "not a valid HTTP/1.1 request")
             response = protocol.reject(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {why}\n")
             response.headers["Server"] = self._endpoint.server_header
