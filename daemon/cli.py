@@ -36,7 +36,6 @@ import asyncio
 import importlib.metadata
 import logging
 import os
-import secrets
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -117,11 +116,10 @@ def guarded(prog: str, command: Callable[[], int]) -> int:
 
 
 def _internal(prog: str, exc: BaseException) -> int:
-    incident = secrets.token_hex(4)
     daemon = _json_logging()
-    log.log(logging.ERROR if daemon else logging.DEBUG, "internal error, incident %s: %s: %s",
-            incident, type(exc).__name__, exc, exc_info=exc,
-            extra={"event": "internal_error", "incident": incident})
+    incident = logs.incident(log, "internal_error", "internal error, %s: %s",
+                             type(exc).__name__, exc, exc_info=exc,
+                             level=logging.ERROR if daemon else logging.DEBUG)
     where = ("its traceback is in the log" if daemon
              else "PGBRIDGE_LOG_LEVEL=DEBUG shows its traceback")
     _error(prog, f"internal error ({type(exc).__name__}: {_one_line(str(exc), 300)}; incident "

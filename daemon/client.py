@@ -30,15 +30,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from . import logs
 from .acks import AckBuffer
 from .auth import AuthError, Claims
+from .closes import Close
 from .connection import Connection, contained
 from .cursor import resolve_from
 from .errors import BridgeError
@@ -70,15 +71,8 @@ from .store import READ_PAGE, Store
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLOSE_INTERNAL", "CLOSE_OVERLOADED", "CLOSE_POLICY", "Client", "Services"]
+__all__ = ["Client", "Services"]
 
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_INTERNAL = 1011
-CLOSE_OVERLOADED = 1013
-CLOSE_TOKEN_EXPIRED = 4001
-CLOSE_USER_GONE = 4003
-CLOSE_TOO_SLOW = 4008
 
 INBOX_HIGH = 16  # frames waiting for a request's answer before the connection stops reading
 INBOX_LOW = 4  # ... and after which it reads again (websockets' max_queue, 16 and 4)
@@ -219,7 +213,7 @@ class Client:
         self.server.metrics.slow_closes.inc()
         log.warning("client %s of user %s is too slow: %s; closing with 4008", self.ws.id,
                     self.user, why, extra={"event": "slow_client"})
-        self._close_soon(CLOSE_TOO_SLOW, "too slow: outgoing queue overflowed")
+        self._close_soon(Close.TOO_SLOW, "too slow: outgoing queue overflowed")
 
     @contained("ending a subscription")
     def subscription_ended(self, sub: Subscription) -> None:
@@ -235,7 +229,7 @@ class Client:
     @contained("closing for a deleted user")
     def user_gone(self) -> None:
         if not self._closing:
-            self._close_soon(CLOSE_USER_GONE, "user deleted")
+            self._close_soon(Close.USER_GONE, "user deleted")
 
     @contained("revoking a subscription")
     def revoke(self, sub: Subscription, reason: str) -> None:
@@ -246,7 +240,7 @@ class Client:
     @contained("closing for a failed access check")
     def retry_later(self) -> None:
         if not self._closing:
-            self._close_soon(CLOSE_OVERLOADED, "access could not be checked; retry later")
+            self._close_soon(Close.OVERLOADED, "access could not be checked; retry later")
 
     def crashed(self, doing: str) -> None:
         """A bug met while ``doing``: the connection ends with 1011 and an incident id."""
@@ -341,7 +335,7 @@ class Client:
         if self._drained is not None:
             self._drained.set()
 
-    def _close_soon(self, code: int, reason: str, *, fail: bool = False) -> None:
+    def _close_soon(self, code: Close, reason: str, *, fail: bool = False) -> None:
         """Stop sending and close with ``code``; ``fail``: without waiting for the client's
         close frame, and without reading what it sent meanwhile (an abuser's frames)."""
         self._closing = True
@@ -361,7 +355,7 @@ class Client:
             self._expiry.cancel()
         loop = asyncio.get_running_loop()
         delay = max(0.0, exp - time.time())
-        self._expiry = loop.call_later(delay, self._close_soon, CLOSE_TOKEN_EXPIRED,
+        self._expiry = loop.call_later(delay, self._close_soon, Close.TOKEN_EXPIRED,
                                        "token expired")
 
     async def _room_for(self, frames: int) -> None:
@@ -384,7 +378,7 @@ class Client:
             return False
         if not self._strikes.take() and not self._closing:
             self.server.metrics.refusals.labels("abuse").inc()
-            self._close_soon(CLOSE_POLICY, "rate limit exceeded repeatedly", fail=True)
+            self._close_soon(Close.POLICY, "rate limit exceeded repeatedly", fail=True)
         return True
 
     def _parse(self, message: str | bytes) -> Request | None:
@@ -455,9 +449,8 @@ class Client:
             self.send(error("internal", "temporary failure; retry", ref=_ref(request),
                             room=_room(request)))
         except Exception:  # a bug: it ends this request, not the connection or the bridge
-            incident = secrets.token_hex(4)
-            log.error("%s of user %s crashed: incident %s", _kind(request), self.user, incident,
-                      exc_info=True, extra={"event": "request_crashed", "incident": incident})
+            incident = logs.incident(log, "request_crashed", "%s of user %s crashed",
+                                     _kind(request), self.user)
             self.send(error("internal", f"internal error (incident {incident}); retry",
                             ref=_ref(request), room=_room(request)))
 

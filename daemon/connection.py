@@ -69,7 +69,6 @@ import functools
 import itertools
 import logging
 import os
-import secrets
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Concatenate, Protocol, TypeVar, cast
@@ -81,6 +80,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
+from . import logs
+from .closes import Close
 from .logs import Throttled
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,6 @@ _refusals = Throttled(log)  # clients cause these at will: counted in metrics, l
 __all__ = ["EARLY_LIMIT", "FEED_CHUNK", "FRAMES_PER_TURN", "MAX_FRAGMENTS", "Connection",
            "Endpoint", "Receiver", "close_code_sent", "contained"]
 
-CLOSE_TOO_BIG = 1009
-CLOSE_INVALID_DATA = 1007
-CLOSE_INTERNAL = 1011
 
 EARLY_LIMIT = 64 * 1024  # bytes after the request held until it is answered
 FRAMES_PER_TURN = 64  # frames of one connection parsed per turn of the event loop ...
@@ -330,7 +328,7 @@ class Connection(asyncio.Protocol):
                 self._drain = None
 
     @contained("closing")
-    def close(self, code: int, reason: str = "") -> None:
+    def close(self, code: Close, reason: str = "") -> None:
         """Start the closing handshake with ``code`` and ``reason``; the peer then has
         ``close_timeout`` seconds to end the TCP connection. Nothing when it already started."""
         if self.protocol.state is State.OPEN and not self._ending:
@@ -339,7 +337,7 @@ class Connection(asyncio.Protocol):
             self._watch_close()
 
     @contained("failing the connection")
-    def fail(self, code: int, reason: str = "") -> None:
+    def fail(self, code: Close, reason: str = "") -> None:
         """Send a close frame and end the connection without waiting for the peer's (RFC 6455,
         "Fail the WebSocket Connection"), as websockets does on a keepalive timeout."""
         self._fail(code, reason)
@@ -372,7 +370,7 @@ class Connection(asyncio.Protocol):
         self._update_reading()
 
     @contained("shutting down")
-    def shutdown(self, code: int) -> None:
+    def shutdown(self, code: Close) -> None:
         """The server is stopping: an open connection is closed with ``code``; one whose
         request did not arrive yet is dropped (one whose request is being answered gets 503,
         :meth:`Endpoint.serving`)."""
@@ -385,20 +383,19 @@ class Connection(asyncio.Protocol):
         """A bug met while ``doing``: logged once with an incident id; the connection is
         failed with 1011 (the client reconnects and resumes), or aborted when even that fails.
         The other connections go on. Never raises."""
-        incident = secrets.token_hex(4)
+        incident = logs.incident(log, "connection_crashed", "connection %s failed %s", self.id,
+                                 doing)
         try:
-            log.error("connection %s failed %s: incident %s", self.id, doing, incident,
-                      exc_info=True, extra={"event": "connection_crashed", "incident": incident})
             if self.protocol.state is State.OPEN and not self._ending:
-                self._fail(CLOSE_INTERNAL, f"internal error (incident {incident})")
+                self._fail(Close.INTERNAL, f"internal error (incident {incident})")
                 return
         except Exception:  # noqa: S110 - the abort below is the answer to any failure here
             pass
         try:
             self._abort()
         except Exception:  # the server's bookkeeping failed: the socket goes all the same
-            log.error("connection %s could not be forgotten: incident %s", self.id, incident,
-                      exc_info=True, extra={"event": "connection_crashed", "incident": incident})
+            logs.incident(log, "connection_crashed", "connection %s could not be forgotten",
+                          self.id)
             self.transport.abort()
 
     # --- inside: the opening handshake ------------------------------------------------------
@@ -584,7 +581,7 @@ class Connection(asyncio.Protocol):
                 self._message(self._text, b"".join(fragments), messages)
             elif len(fragments) >= MAX_FRAGMENTS:
                 self._fragments = None
-                self._fail(CLOSE_TOO_BIG, f"a message may have at most {MAX_FRAGMENTS} "
+                self._fail(Close.TOO_BIG, f"a message may have at most {MAX_FRAGMENTS} "
                                           "fragments")
         elif opcode is Opcode.PING:
             if self.receiver is not None:
@@ -603,11 +600,11 @@ class Connection(asyncio.Protocol):
         try:
             messages.append(data.decode())
         except UnicodeDecodeError as exc:
-            self._fail(CLOSE_INVALID_DATA, f"{exc.reason} at position {exc.start}")
+            self._fail(Close.INVALID_DATA, f"{exc.reason} at position {exc.start}")
 
     # --- inside: writing and ending -----------------------------------------------------------
 
-    def _fail(self, code: int, reason: str) -> None:
+    def _fail(self, code: Close, reason: str) -> None:
         if self.protocol.state is State.OPEN and not self._ending:
             self.protocol.fail(code, reason)
             self._send_data()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from . import logs
 from .auth import AuthError, Claims
 from .errors import BridgeError
 from .logs import Throttled
@@ -228,9 +228,8 @@ async def process_request(gate: Gate, connection: Connection,
         response = await _route(gate, connection, request)
     except Exception:
         gate.handshakes.pop(connection, None)
-        incident = secrets.token_hex(4)
-        log.error("handshake from %s failed: incident %s", connection.remote_address, incident,
-                  exc_info=True, extra={"event": "handshake_crashed", "incident": incident})
+        incident = logs.incident(log, "handshake_crashed", "handshake from %s failed",
+                                 connection.remote_address)
         return _json(HTTPStatus.INTERNAL_SERVER_ERROR,
                      {"error": "internal", "message": f"internal error (incident {incident})"})
     if response is not None:  # refused: give back the slot it may have held

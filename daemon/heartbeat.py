@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .connection import CLOSE_INTERNAL, Connection
+from .closes import Close
+from .connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,6 @@ class Heartbeat:
                          conn.id, self.interval, extra={"event": "keepalive_timeout"})
                 # at once, without waiting for the peer's close frame: what websockets' own
                 # keepalive does on a ping timeout
-                conn.fail(CLOSE_INTERNAL, "keepalive ping timeout")
+                conn.fail(Close.INTERNAL, "keepalive ping timeout")
             else:  # a backed-up one too: only a pong shows that its client still reads
                 conn.ping()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -78,3 +79,20 @@ class Throttled:
         if left_out:
             msg += f" (and {left_out} more like it in the last {self.interval:g} s)"
         self.logger.log(level, msg, *args, **kwargs)
+
+
+def incident(logger: logging.Logger, event: str, what: str, *args: Any,
+             exc_info: BaseException | bool = True, level: int = logging.ERROR) -> str:
+    """Log a bug once, with its traceback, under a new incident id, and return the id.
+
+    The line reads ``<what % args>: incident <id>`` with the fields ``event`` and ``incident``
+    (in the daemon's JSON log, journald keeps them); the id is what the bug's visible answer
+    names (a 1011 reason, an ``error`` frame, a 500 body, a CLI line), so a report can be
+    matched to its traceback. ``what`` must not hold the peer's bytes. Never raises."""
+    incident_id = secrets.token_hex(4)
+    try:
+        logger.log(level, what + ": incident %s", *args, incident_id, exc_info=exc_info,
+                   extra={"event": event, "incident": incident_id})
+    except Exception:  # noqa: S110 - a broken handler must not turn one bug into two
+        pass
+    return incident_id

@@ -17,11 +17,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .closes import Close
+
 __all__ = ["CLOSE_CODES", "LATENCY_BUCKETS", "READ_BUCKETS", "Metrics"]
 
-# The close codes the server sends (PROTOCOL.md, "Close codes"); each is exported from the start
-# (at 0), so that rate() and increase() see the first one.
-CLOSE_CODES = ("1001", "1007", "1008", "1009", "1011", "1013", "4001", "4003", "4008")
+# The close codes the server sends (daemon/closes.py); each is exported from the start (at 0), so
+# that rate() and increase() see the first one.
+CLOSE_CODES = tuple(str(int(code)) for code in Close)
 # Seconds. Live deliveries take about a millisecond on a quiet machine; replayed events can be
 # days old (the log's retention), so the top buckets only say "long ago".
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -127,11 +129,9 @@ class Metrics:
         self.slow_closes = Counter("pgbridge_slow_client_closes", "Connections closed with 4008",
                                    registry=r)
         self.closes = Counter("pgbridge_closes", "WebSocket connections the bridge closed, by "
-                              "the close code it sent first: 1001 shutting down, 1007 not "
-                              "UTF-8, 1008 policy (abuse, too many connections of the user), "
-                              "1009 frame too large, 1011 internal error or keepalive timeout, "
-                              "1013 overloaded or access could not be checked, 4001 token "
-                              "expired, 4003 user deleted, 4008 too slow", ["code"], registry=r)
+                              "the close code it sent first: " + ", ".join(
+                                  f"{int(code)} {code.meaning}" for code in Close),
+                              ["code"], registry=r)
         for code in CLOSE_CODES:
             self.closes.labels(code)
         self.handshake_refusals = Counter("pgbridge_handshake_refusals", "Upgrades refused, by "

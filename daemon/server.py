@@ -18,7 +18,8 @@ from websockets.server import ServerProtocol
 from .access import Access
 from .acks import AckBuffer
 from .auth import Claims
-from .client import CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_OVERLOADED, CLOSE_POLICY, Client
+from .client import Client
+from .closes import Close
 from .connection import Connection
 from .errors import ConfigError
 from .handshake import Gate, Health, process_request
@@ -101,7 +102,7 @@ class Server:
             return
         self._server.close()
         for conn in list(self.connections):
-            conn.shutdown(CLOSE_GOING_AWAY)
+            conn.shutdown(Close.GOING_AWAY)
         if self.connections:
             self._all_closed = asyncio.Event()
             try:
@@ -134,18 +135,18 @@ class Server:
     def opened(self, conn: Connection) -> None:
         upgrade = self.gate.handshakes.pop(conn, None)
         if upgrade is None:  # cannot happen: process_request accepted it
-            conn.close(CLOSE_INTERNAL, "internal error")
+            conn.close(Close.INTERNAL, "internal error")
             return
         claims = upgrade.claims
         # process_request checked the limits before its awaits; concurrent upgrades may have
         # passed together, so check again where nothing can interleave.
         if self.limits.at_capacity():
             self.metrics.refusals.labels("overloaded").inc()
-            conn.close(CLOSE_OVERLOADED, "too many connections; retry later")
+            conn.close(Close.OVERLOADED, "too many connections; retry later")
             return
         if self.limits.user_at_capacity(claims.sub):
             self.metrics.refusals.labels("too_many_connections").inc()
-            conn.close(CLOSE_POLICY, "too many connections for this user")
+            conn.close(Close.POLICY, "too many connections for this user")
             return
         client = Client(self, conn, claims, batch=upgrade.batch)
         conn.receiver = client
