@@ -18,7 +18,6 @@ A loss of access reaches the daemon three ways (README, "Authorization"):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Protocol
@@ -26,6 +25,7 @@ from typing import Protocol
 from .errors import BridgeError
 from .hub import Subscription
 from .metrics import Metrics
+from .periodic import every
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,8 @@ class Access:
     async def run(self) -> None:
         """Sweep every ``interval`` seconds until cancelled; a failed sweep is logged and
         retried at the next interval."""
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.sweep()
-            except BridgeError as exc:
-                log.warning("access check failed (%s); retrying in %.0f s", exc, self.interval,
-                            extra={"event": "access_check_failed"})
+        def failed(exc: BridgeError) -> None:
+            log.warning("access check failed (%s); retrying in %.0f s", exc, self.interval,
+                        extra={"event": "access_check_failed"})
+
+        await every(self.interval, self.sweep, failed=failed)

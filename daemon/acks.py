@@ -12,11 +12,11 @@ seq past the room's head, which no bridge wrote, is replaced by the next ack
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from .errors import BridgeError
 from .metrics import Metrics
+from .periodic import every
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,8 @@ class AckWriter:
         self.metrics.acks_saved.inc(len(acks))
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.flush()
-            except BridgeError as exc:
-                log.warning("could not save acknowledgements (%s); retrying", exc,
-                            extra={"event": "ack_flush_failed"})
+        def failed(exc: BridgeError) -> None:
+            log.warning("could not save acknowledgements (%s); retrying", exc,
+                        extra={"event": "ack_flush_failed"})
+
+        await every(self.interval, self.flush, failed=failed)

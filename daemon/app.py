@@ -34,6 +34,7 @@ from .handshake import Health
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
+from .periodic import every
 from .presence_feed import PresenceFeed
 from .presence_writer import PresenceWriter
 from .ratelimit import ClientLimits
@@ -109,16 +110,17 @@ class Bridge:
                             issuer=self.settings.jwt_issuer)
 
     async def _prune_forever(self) -> None:
-        while True:
-            try:
-                deleted = await self.store.prune(self.settings.retention)
-                self.metrics.pruned.inc(deleted)
-                if deleted:
-                    log.info("pruned %d events older than %.0f s", deleted,
-                             self.settings.retention, extra={"event": "pruned"})
-            except BridgeError as exc:
-                log.warning("pruning failed (%s); retrying later", exc, extra={"event": "prune"})
-            await asyncio.sleep(self.settings.prune_interval)
+        async def prune() -> None:
+            deleted = await self.store.prune(self.settings.retention)
+            self.metrics.pruned.inc(deleted)
+            if deleted:
+                log.info("pruned %d events older than %.0f s", deleted, self.settings.retention,
+                         extra={"event": "pruned"})
+
+        def failed(exc: BridgeError) -> None:
+            log.warning("pruning failed (%s); retrying later", exc, extra={"event": "prune"})
+
+        await every(self.settings.prune_interval, prune, failed=failed, first=True)
 
     async def serve(self, stop: asyncio.Event, *,
                     on_ready: Callable[[Bridge], None] | None = None) -> None:
