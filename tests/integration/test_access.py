@@ -1,4 +1,4 @@
-"""Access follows every change of the data (README, "Authorization"; PROTOCOL.md, "Losing
+"""Access follows every change of the data (docs/topics/authorization.md; PROTOCOL.md, "Losing
 access"): a subscriber that loses a room receives no event committed after the change, writes
 in the same transaction included, a member who keeps it receives everything, and a deleted
 user's sockets close with 4003.

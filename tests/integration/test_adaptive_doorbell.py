@@ -1,5 +1,5 @@
-"""The adaptive doorbell against a real PostgreSQL and real WebSocket clients (README, "The
-adaptive doorbell"; daemon/doorbell.py decides, sql/triggers/10_change_capture.sql holds the
+"""The adaptive doorbell against a real PostgreSQL and real WebSocket clients
+(docs/topics/doorbell.md; daemon/doorbell.py decides, sql/triggers/10_change_capture.sql holds the
 lease):
 
 * under load writers stop ringing and the bridge reads the log instead; when load falls it asks

@@ -165,8 +165,8 @@ async def recv_nothing_left(bridge: Bridge) -> None:
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_the_daemon_runs_on_the_event_loop_asked_for(db_url: str, conn: Conn,
                                                            tmp_path: Path, loop: str) -> None:
-    """``PGBRIDGE_EVENT_LOOP`` (README, "Fan-out cost"): events flow, coalesced or not, on
-    either loop."""
+    """``PGBRIDGE_EVENT_LOOP`` (docs/topics/fan-out-cost.md, "uvloop"): events flow, coalesced
+    or not, on either loop."""
     user = await make_user(conn)
     room = await make_room(conn, user)
     port = free_port()

@@ -1,5 +1,5 @@
-"""No database role but the owner can forge, rewrite or silence events (DESIGN.md, "Trust
-boundaries"; README, "Database roles").
+"""No database role but the owner can forge, rewrite or silence events (docs/design.md, "Trust
+boundaries"; docs/topics/security.md, "Database roles").
 
 Three roles, as in production: the owner (the test's superuser, runs setup), the application
 (``setup_db.py --grant-app``) and the bridge (``--grant-bridge``; the daemon under test connects
@@ -336,9 +336,9 @@ async def test_a_63_character_schema_name_gets_a_channel_that_works(
 
 async def test_a_rotated_key_loses_no_event(trust_db: TrustDB, create_database: Callable[[], str]
                                             ) -> None:
-    """README: delete the key's row and run setup_db.py again. The key names the channels, so
-    the triggers ring new ones, unheard until the daemon reads the key again (every 5 s) and
-    LISTENs on them; the log fills what was rung meanwhile."""
+    """docs/topics/security.md: delete the key's row and run setup_db.py again. The key names
+    the channels, so the triggers ring new ones, unheard until the daemon reads the key again
+    (every 5 s) and LISTENs on them; the log fills what was rung meanwhile."""
     url = create_database()
     await apply_schema(url)
     async with connected(url) as owner, running_bridge(url) as b:

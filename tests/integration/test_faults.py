@@ -114,7 +114,7 @@ async def test_resume_after_daemon_kill_9(conn: psycopg.AsyncConnection[Any], db
         assert (sub["from"], sub["head"]) == (base + 5, base + 10)
         missed = await events(ws, 5)
         # a client that reconnects at once has its events within the bound after the
-        # restarted daemon is ready (README, "Faults and how fast they heal"; loose for CI)
+        # restarted daemon is ready (docs/topics/faults.md; loose for CI)
         healed = loop.time() - ready
         assert healed < 2.0, f"events flowed {healed:.2f} s after the daemon was ready"
         await write(5)  # live, after the resume

@@ -1,5 +1,5 @@
-"""LISTEN is not a secret channel, and NOTIFY floods (issue 25, attacks 4 and 5; DESIGN.md,
-"Trust boundaries"; README, "Database roles and what the daemon trusts").
+"""LISTEN is not a secret channel, and NOTIFY floods (issue 25, attacks 4 and 5; docs/design.md,
+"Trust boundaries"; docs/topics/security.md, "Secret channels", "NOTIFY floods").
 
 Any role that can connect may LISTEN on any channel it can name, with no privilege check, and
 NOTIFY on it. Before, the channels were named after the schema ('pgbridge', 'pgbridge.typing'):
@@ -230,7 +230,8 @@ async def test_a_forged_flood_costs_bounded_cpu_and_real_events_still_arrive(
               f"{counted(bridge, 'pgbridge_shed_notifies_total'):.0f} shed")
         windows = (time.monotonic() - sent) / bridge.listener.rejects.window + 1
         # the bound on the CPU spent: at most REJECT_LIMIT payloads checked per window (the CPU
-        # figure printed above is the README's, not asserted: it moves with the machine's load)
+        # figure printed above is docs/topics/security.md's, not asserted: it moves with the
+        # machine's load)
         assert checked <= windows * bridge.listener.rejects.limit
         await send(ws, type="ping", ref="end")
         assert await recv(ws) == {"type": "pong", "ref": "end"}  # nothing more, no duplicate

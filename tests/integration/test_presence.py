@@ -1,5 +1,5 @@
-"""Presence and typing across instances (PROTOCOL.md, "Presence and typing"; README, "Presence
-and typing"): real bridges on one database, real clients over loopback.
+"""Presence and typing across instances (PROTOCOL.md, "Presence and typing";
+docs/topics/presence-and-typing.md): real bridges on one database, real clients over loopback.
 
 Absence is shown with a fence, as in test_access.py: frames of one user in one room arrive in the
 order of the changes, so once a later change's frame arrives, a frame that was never received

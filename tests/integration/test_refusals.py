@@ -1,6 +1,6 @@
-"""The start-up refusals the README promises, met for real: a daemon pointed at a hot standby,
-or at a connection LISTEN does not work on (a transaction-mode PgBouncer), stops with one line
-on stderr naming the problem and exit code 1 (a database error).
+"""The start-up refusals docs/howto/own-postgresql.md promises, met for real: a daemon pointed
+at a hot standby, or at a connection LISTEN does not work on (a transaction-mode PgBouncer),
+stops with one line on stderr naming the problem and exit code 1 (a database error).
 
 The servers are this module's own (tests/pgcluster.py): a throwaway primary with the pgbridge
 schema, a hot standby streaming from it, and PgBouncers in front of it, one in transaction mode

@@ -185,7 +185,7 @@ SPEC_COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
         ("metadata", "JSONB", False),
     ],
 }
-# What resume needs (DESIGN.md, "sync_state"), added by migration 0002.
+# What resume needs (docs/design.md, "sync_state"), added by migration 0002.
 SYNC_STATE_EXTRA = [("room_id", "VARCHAR(26)", False), ("last_seq", "BIGINT", False)]
 
 # ON DELETE rule of every foreign key in sql/schema.sql: (table, column) -> rule.

@@ -1,5 +1,5 @@
 """No stalls: a fault heals within a stated bound, and no client is left waiting in silence
-(README, "Faults and how fast they heal").
+(docs/topics/faults.md).
 
 The database link is broken through a proxy that only the bridge uses, so the test's own
 connection keeps writing while the bridge sees the database go away.
