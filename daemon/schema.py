@@ -1,7 +1,7 @@
 """Apply, check and verify the pgbridge schema (``sql/``).
 
 The SQL lives in ``.sql`` files, read with :mod:`importlib.resources` from the installed package
-(``daemon/sql`` in a wheel) or from the checkout's top-level ``sql/``:
+(``daemon/sql`` in a wheel) or from the checkout's top-level ``sql/`` (:mod:`daemon.schema_files`):
 
 * ``schema.sql``: tables by dependency level, indexes, change log; idempotent;
 * ``migrations/NNNN_name.sql``: applied once each, in order, recorded in ``schema_migrations``
@@ -13,38 +13,38 @@ Everything runs in one transaction under an advisory lock, so two concurrent run
 
 Safe on a live database: ``schema.sql`` and each trigger file run only when their SHA-256 differs
 from the one recorded in ``schema_files`` or the catalog shows something missing or changed
-(:func:`_problems`), so a run over an unchanged, intact schema takes no lock a writer waits for.
-What must run takes its locks under ``lock_timeout``: a run that would queue writers behind a
-long transaction gives up after that long, rolls back, and tries again later (up to ``max_wait``
-seconds in all), so writers are never blocked much longer than the lock timeout.
+(:func:`daemon.schema_check.catalog_problems`), so a run over an unchanged, intact schema
+takes no lock a writer waits for. What must run takes its locks under ``lock_timeout``: a run
+that would queue writers behind a long transaction gives up after that long, rolls back, and
+tries again later (up to ``max_wait`` seconds in all), so writers are never blocked much
+longer than the lock timeout.
 
 The files are applied with ``search_path`` set to ``"<schema>", pg_temp``: the trigger functions
 pin it (``SET search_path FROM CURRENT``), with the temporary schema last.
+
+This module applies; checking (:func:`check_schema`, :func:`verify_schema`, and what the catalog
+must hold) is :mod:`daemon.schema_check`, reading the files :mod:`daemon.schema_files`; the
+names others import from here are exported here still.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import json
 import logging
 import random
-import re
 import time
 from dataclasses import dataclass, field
-from importlib import resources
-from importlib.resources.abc import Traversable
-from pathlib import Path
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from .db import listen_query, translated
-from .errors import DatabaseError, SchemaError
+from .db import translated
+from .errors import DatabaseError
 from .roles import Grants, apply_grants
-from .signing import SIGNATURE_HEX, NotifyKey
+from .schema_check import catalog_problems, check_schema, verify_schema
+from .schema_files import Migration, load_migrations, schema_sql, sql_dir_path, trigger_files
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ __all__ = [
     "apply_schema_sync",
     "check_schema",
     "dry_run_sql",
+    "load_migrations",
+    "sql_dir_path",
     "verify_schema",
 ]
 
@@ -62,29 +64,6 @@ __all__ = [
 # CREATE EXTENSION and the like are database-wide.
 _LOCK = (0x70676272, 1)  # "pgbr"
 
-TABLES = (
-    "users", "channels", "messages", "channel_members", "user_settings", "user_status",
-    "sync_state", "reactions", "files", "message_reads", "change_sequences", "change_events",
-    "change_notify_key", "schema_migrations", "schema_files", "presence_instances",
-    "presence_sessions",
-)
-PUBLISHED = ("channels", "messages", "channel_members", "reactions", "files", "message_reads")
-FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_channel", "pgbridge_channels",
-             "pgbridge_listen", "pgbridge_hmac",
-             "pgbridge_event_frame", "pgbridge_capture", "pgbridge_user_gone",
-             "pgbridge_lock_rooms", "pgbridge_lock_user_rooms",
-             "pgbridge_presence_set", "pgbridge_presence_sync", "pgbridge_presence_reap",
-             "pgbridge_presence_retire", "pgbridge_status_truth", "pgbridge_presence_hint",
-             "pgbridge_doorbell", "pgbridge_status_guard", "pgbridge_resume_guard")
-# Functions that run as the owner: SECURITY DEFINER, search_path pinned with pg_temp last, and
-# no EXECUTE for PUBLIC (sql/triggers/10_change_capture.sql, "Trust").
-DEFINER_FUNCTIONS = ("pgbridge_capture", "pgbridge_user_gone", "pgbridge_lock_rooms",
-                     "pgbridge_lock_user_rooms", "pgbridge_presence_set", "pgbridge_presence_sync",
-                     "pgbridge_presence_reap", "pgbridge_presence_retire", "pgbridge_status_truth",
-                     "pgbridge_presence_hint", "pgbridge_doorbell", "pgbridge_listen")
-# Functions that name the secret NOTIFY channels (sql/triggers/10_change_capture.sql, "Secret
-# channels"): no EXECUTE for PUBLIC (the bridge role is granted pgbridge_listen only).
-CHANNEL_FUNCTIONS = ("pgbridge_channel", "pgbridge_channels", "pgbridge_listen")
 # Bumped when the way the files are applied changes (the search_path they are applied with,
 # say): every file's recorded checksum then differs and the next run applies them again.
 APPLY_FORMAT = 2
@@ -93,60 +72,7 @@ APPLY_FORMAT = 2
 LOCK_TIMEOUT = 1.0
 MAX_WAIT = 60.0
 # the triggers on users: that tell the daemon a user lost access (sql/triggers/20_access.sql),
-# and that take a deleted user's rooms in a fixed order (sql/triggers/30_room_lock_order.sql)
-USERS_TRIGGERS = ("users_access_update", "users_access_delete", "users_lock_rooms")
-# the triggers on user_status that keep 'online'/'offline' true and tell the daemon to read a
-# user's presence again (sql/triggers/40_presence.sql)
-USER_STATUS_TRIGGERS = ("user_status_guard", "user_status_truth", "user_status_hint",
-                        "user_status_hint_update")
-# the trigger that keeps sync_state's resume rows the bridge's (sql/triggers/50_resume_state.sql)
-SYNC_STATE_TRIGGERS = ("sync_state_resume_guard",)
 
-
-def _sql_dir() -> Traversable:
-    packaged = resources.files("daemon") / "sql"
-    if packaged.is_dir():
-        return packaged
-    return resources.files("daemon").joinpath("..", "sql")  # a source checkout
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    text: str
-
-    @property
-    def checksum(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
-
-
-def _read_dir(directory: Traversable) -> list[tuple[str, str]]:
-    files = sorted((f.name, f) for f in directory.iterdir() if f.name.endswith(".sql"))
-    return [(name, f.read_text(encoding="utf-8")) for name, f in files]
-
-
-def load_migrations() -> list[Migration]:
-    """The files of ``sql/migrations/`` in version order. Raises :class:`SchemaError` for a
-    file not named ``NNNN_name.sql`` or a repeated version."""
-    result: list[Migration] = []
-    for name, text in _read_dir(_sql_dir() / "migrations"):
-        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", name)
-        if not match:
-            raise SchemaError(f"sql/migrations/{name}: migration files must be named NNNN_name.sql")
-        result.append(Migration(int(match.group(1)), match.group(2), text))
-    versions = [m.version for m in result]
-    if len(set(versions)) != len(versions):
-        raise SchemaError("sql/migrations/: two migration files share a version number")
-    return result
-
-
-def _schema_sql() -> str:
-    return (_sql_dir() / "schema.sql").read_text(encoding="utf-8")
-
-
-def _trigger_files() -> list[tuple[str, str]]:
-    return _read_dir(_sql_dir() / "triggers")
 
 
 @dataclass
@@ -173,7 +99,7 @@ def dry_run_sql(schema: str = "public") -> str:
         f'SET LOCAL search_path TO "{schema}", pg_temp;',
         "-- sql/schema.sql (only if its checksum differs from schema_files, or objects are "
         "missing)",
-        _schema_sql(),
+        schema_sql(),
     ]
     for m in load_migrations():
         parts.append(f"-- sql/migrations/{m.version:04d}_{m.name}.sql "
@@ -181,7 +107,7 @@ def dry_run_sql(schema: str = "public") -> str:
         parts.append(m.text)
         parts.append(f"INSERT INTO schema_migrations (version, name, checksum) VALUES "
                      f"({m.version}, '{m.name}', '{m.checksum}');")
-    for name, text in _trigger_files():
+    for name, text in trigger_files():
         parts.append(f"-- sql/triggers/{name} (only if changed, as schema.sql)")
         parts.append(text)
     parts.append("-- then the checksum of each file run is recorded in schema_files")
@@ -223,9 +149,9 @@ async def _apply(conn: psycopg.AsyncConnection[TupleRow], schema: str, grants: G
         recorded = await _recorded(conn, schema)
         # Something missing or altered in the catalog: run every file again, whatever the ledger
         # says (a dropped trigger, functions from before they ran as the owner).
-        intact = not await _problems(conn, schema, migrations=False)
-        files = [("schema.sql", _schema_sql()),
-                 *((f"triggers/{name}", text) for name, text in _trigger_files())]
+        intact = not await catalog_problems(conn, schema, migrations=False)
+        files = [("schema.sql", schema_sql()),
+                 *((f"triggers/{name}", text) for name, text in trigger_files())]
         ran: list[tuple[str, str]] = []
 
         async def run(name: str, text: str) -> None:
@@ -321,173 +247,3 @@ def apply_schema_sync(conninfo: str, *, schema: str = "public", grants: Grants |
                                     lock_timeout=lock_timeout, max_wait=max_wait))
 
 
-async def _problems(conn: psycopg.AsyncConnection[TupleRow], schema: str, *,
-                    migrations: bool = True) -> list[str]:
-    """What is missing or wrong in ``schema``'s catalog (and, with ``migrations``, its ledger),
-    as short phrases; empty when all is in place."""
-    problems: list[str] = []
-    cur = await conn.execute(
-        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relkind IN ('r', 'p')", [schema])
-    tables = {str(r[0]) for r in await cur.fetchall()}
-    problems += [f"table {schema}.{t} is missing" for t in TABLES if t not in tables]
-    cur = await conn.execute(
-        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-        "WHERE n.nspname = %s", [schema])
-    functions = {str(r[0]) for r in await cur.fetchall()}
-    problems += [f"function {schema}.{f} is missing" for f in FUNCTIONS if f not in functions]
-    cur = await conn.execute(
-        "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND NOT t.tgisinternal "
-        "AND t.tgenabled <> 'D'", [schema])
-    triggers = {str(r[0]) for r in await cur.fetchall()}
-    problems += [f"trigger {t}_capture on {schema}.{t} is missing or disabled"
-                 for t in PUBLISHED if f"{t}_capture" not in triggers]
-    problems += [f"trigger {t} on {schema}.users is missing or disabled"
-                 for t in USERS_TRIGGERS if t not in triggers]
-    problems += [f"trigger {t} on {schema}.user_status is missing or disabled"
-                 for t in USER_STATUS_TRIGGERS if t not in triggers]
-    problems += [f"trigger {t} on {schema}.sync_state is missing or disabled"
-                 for t in SYNC_STATE_TRIGGERS if t not in triggers]
-    if "change_notify_key" in tables:
-        cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
-            sql.Identifier(schema, "change_notify_key")))
-        if (await cur.fetchone() or (0,))[0] != 1:
-            problems.append(f"table {schema}.change_notify_key holds no key")
-    cur = await conn.execute(
-        "SELECT p.proname, p.prosecdef, p.proconfig, "
-        "       has_function_privilege('public', p.oid, 'EXECUTE') "
-        "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-        "WHERE n.nspname = %s AND p.proname = ANY(%s)", [schema, list(DEFINER_FUNCTIONS)])
-    for name, definer, config, public in await cur.fetchall():
-        if not definer or public or not _pinned(config, schema):
-            problems.append(f"function {schema}.{name} must run as the owner (SECURITY DEFINER, "
-                            "search_path pinned with pg_temp last, no EXECUTE for PUBLIC)")
-    cur = await conn.execute(
-        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-        "WHERE n.nspname = %s AND p.proname = ANY(%s) "
-        "AND has_function_privilege('public', p.oid, 'EXECUTE')",
-        [schema, list(CHANNEL_FUNCTIONS)])
-    for (name,) in await cur.fetchall():
-        problems.append(f"function {schema}.{name} names the secret NOTIFY channels: PUBLIC "
-                        "must not EXECUTE it")
-    if migrations and "schema_migrations" in tables:
-        cur = await conn.execute(
-            sql.SQL("SELECT version, checksum FROM {}.schema_migrations").format(
-                sql.Identifier(schema)))
-        done = {int(v): str(c) for v, c in await cur.fetchall()}
-        for m in load_migrations():
-            if m.version not in done:
-                problems.append(f"migration {m.version:04d}_{m.name} is not applied")
-            elif done[m.version] != m.checksum:
-                problems.append(f"migration {m.version:04d}_{m.name} changed after it was applied")
-    return problems
-
-
-def _pinned(config: list[str] | None, schema: str) -> bool:
-    """Whether a function's ``proconfig`` pins ``search_path`` to ``schema`` with ``pg_temp``
-    last (how sql/triggers/ are applied)."""
-    for item in config or ():
-        if item.startswith("search_path="):
-            path = [part.strip().strip('"') for part in item.removeprefix("search_path=")
-                    .split(",")]
-            return len(path) == 2 and path[0] == schema and path[1] == "pg_temp"
-    return False
-
-
-async def check_schema(conninfo: str, *, schema: str = "public") -> None:
-    """Raise :class:`SchemaError` when the schema is missing or outdated (what the daemon checks
-    at start-up with a configured database), naming the first problems and the fix."""
-    with translated(conninfo):
-        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-            problems = await _problems(conn, schema)
-            others = [] if not problems else await _applied_schemas(conn, besides=schema)
-    if problems:
-        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
-        flag = "" if schema == "public" else f" --schema {schema}"
-        elsewhere = (f", or set PGBRIDGE_SCHEMA to the schema it was applied to "
-                     f"({', '.join(others)})" if others else "")
-        raise SchemaError(f"schema {schema} (PGBRIDGE_SCHEMA) is missing or outdated: "
-                          f"{'; '.join(problems[:2])}{more}: run python setup_db.py{flag}"
-                          f"{elsewhere}")
-
-
-async def _applied_schemas(conn: psycopg.AsyncConnection[TupleRow], *, besides: str
-                           ) -> list[str]:
-    """Other schemas of the database that setup_db.py applied (they hold its ledger)."""
-    cur = await conn.execute(
-        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relname = 'schema_files' AND c.relkind = 'r' AND n.nspname <> %s "
-        "ORDER BY 1", [besides])
-    return [str(name) for (name,) in await cur.fetchall()]
-
-
-async def verify_schema(conninfo: str, *, schema: str = "public",
-                        timeout: float = 10.0) -> list[str]:
-    """Check every table, function, trigger and migration, then prove the capture path end to
-    end: a committed message reaches ``change_events`` and a LISTEN connection. The probe rows
-    (a user, a room, a message and their log entries) are removed afterwards.
-
-    Returns the problems found (empty: all good). ``timeout`` is in seconds.
-    """
-    with translated(conninfo, doing="verifying the schema"):
-        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-            problems = await _problems(conn, schema)
-            if problems:
-                return problems
-            return await _probe_capture(conn, conninfo, schema, timeout)
-
-
-async def _probe_capture(conn: psycopg.AsyncConnection[TupleRow], conninfo: str, schema: str,
-                         timeout: float) -> list[str]:
-    from ulid import ULID
-
-    user, room, message = str(ULID()), str(ULID()), str(ULID())
-    problems: list[str] = []
-    await conn.execute("SELECT set_config('search_path', %s, false)",
-                       [sql.Identifier(schema).as_string(conn)])
-    cur = await conn.execute("SELECT key FROM change_notify_key")
-    key = NotifyKey(bytes((await cur.fetchone() or (b"",))[0]))
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as listener:
-        await listener.execute(listen_query(schema))  # as the daemon does
-        try:
-            async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO users (id, auth0_id, email, username) VALUES (%s, %s, %s, %s)",
-                    (user, f"pgbridge-verify|{user}", f"verify-{user}@pgbridge.invalid", "verify"))
-                await conn.execute("INSERT INTO channels (id, name) VALUES (%s, 'verify')", [room])
-                await conn.execute(
-                    "INSERT INTO messages (id, channel_id, user_id, content) "
-                    "VALUES (%s, %s, %s, 'verify')", (message, room, user))
-            cur = await conn.execute(
-                "SELECT count(*) FROM change_events WHERE room_id = %s AND table_name = 'messages'"
-                " AND row_id = %s", (room, message))
-            row = await cur.fetchone()
-            if not row or row[0] != 1:
-                problems.append("a committed message did not reach change_events")
-            heard = signed = False
-            async for note in listener.notifies(timeout=timeout):
-                text = key.open(note.payload)
-                body = text if text is not None else note.payload[SIGNATURE_HEX:]
-                with contextlib.suppress(ValueError):
-                    if json.loads(body).get("room") == room:
-                        heard, signed = True, text is not None
-                        break
-            if not heard:
-                problems.append(f"no NOTIFY on the schema's capture channel within "
-                                f"{timeout:g} s")
-            elif not signed:
-                problems.append("the NOTIFY on the schema's capture channel is not signed "
-                                "with the key in change_notify_key")
-        finally:
-            async with conn.transaction():
-                await conn.execute("DELETE FROM channels WHERE id = %s", [room])
-                await conn.execute("DELETE FROM users WHERE id = %s", [user])
-                await conn.execute("DELETE FROM change_events WHERE room_id = %s", [room])
-                await conn.execute("DELETE FROM change_sequences WHERE room_id = %s", [room])
-    return problems
-
-
-def sql_dir_path() -> Path:
-    """Filesystem path of the SQL directory (for messages and tests)."""
-    return Path(str(_sql_dir()))

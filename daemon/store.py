@@ -2,30 +2,30 @@
 connections whose search_path is the bridge's schema (``PGBRIDGE_SCHEMA``).
 
 Every psycopg error leaves this module as :class:`DatabaseError` (SQLSTATE kept).
+
+This module holds the queries (:class:`Store`); the pool they run on, its timeouts and the
+retry of a statement whose connection was lost are :class:`daemon.store_pool.Pooled`, the
+base of :class:`Store`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .batching import Batched
-from .db import describe, translate, translated
+from .db import describe
 from .doorbell import Call, Reading
 from .errors import DatabaseError
 from .events import Event
 from .presence import Presence
 from .protocol import is_id
 from .sequencer import READ_PAGE
+from .store_pool import Pooled
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +44,6 @@ _PRESENCE = f"""
     JOIN users u ON u.id = m.user_id AND u.deleted_at IS NULL
     LEFT JOIN user_status s ON s.user_id = m.user_id
 """
-
-# Seconds a statement waits for a pooled connection. While the database is down every request
-# fails after this wait (a subscribe gets `error` `internal` with its ref and room, a handshake
-# 503): short enough that no client waits long in silence, long enough to ride over a busy pool.
-POOL_WAIT = 5.0
-# Seconds psycopg_pool keeps retrying, with its own backoff (1, 2, 4, ... s), to replace a lost
-# connection before it gives up; the next request then starts a new attempt at once. Left at
-# its default (5 min), the backoff grown during a long outage delayed the first connection for
-# seconds after the server was back, and with it the listener's catch-up (bench/recovery.py).
-POOL_RECONNECT = 2.0
-# Seconds a new pooled connection may take to be established and configured (libpq
-# connect_timeout, unless the conninfo sets its own, and the search_path statement), and
-# seconds any statement of the daemon may run. A request lost on a path that black-holes packets
-# is never answered, even once the path heals: a connection attempt or a statement waiting for
-# it waited for ever, holding a pooled connection or one of the pool's three workers, and once
-# they were all stuck so, every request failed after POOL_WAIT for good (the black-holed
-# /healthz test of tests/integration/test_hostile_input.py failed about one run in four). A
-# statement that overruns is cancelled; psycopg then closes the connection if the server does
-# not confirm within 5 s, and the pool replaces it.
-CONNECT_TIMEOUT = 5
-STATEMENT_TIMEOUT = 30.0
-
-
-def _connection_lost(exc: psycopg.OperationalError) -> bool:
-    """True for errors that mean the connection is gone rather than the statement failed."""
-    return exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P"))
-
 
 @dataclass(frozen=True, slots=True)
 class RoomCursorInfo:
@@ -105,93 +78,17 @@ def _event(row: tuple[Any, ...]) -> Event:
                  ends_room=bool(ends_room), joins=joins if is_id(joins) else None)
 
 
-class Store:
+class Store(Pooled):
     """Queries of the daemon. ``conninfo`` from :func:`daemon.db.database`; ``schema`` from
     ``PGBRIDGE_SCHEMA``; ``max_size`` connections at most (``PGBRIDGE_POOL_SIZE``)."""
 
     def __init__(self, conninfo: str, *, schema: str, max_size: int = 10) -> None:
-        self.conninfo = conninfo
-        self.schema = schema
-        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
-            conninfo, min_size=1, max_size=max_size, open=False, name="pgbridge",
-            kwargs={"autocommit": True, **({} if "connect_timeout" in conninfo_to_dict(
-                conninfo) else {"connect_timeout": CONNECT_TIMEOUT})},
-            configure=self._configure, timeout=POOL_WAIT,
-            reconnect_timeout=POOL_RECONNECT,
-        )
+        super().__init__(conninfo, schema=schema, max_size=max_size)
         # every handshake and every subscribe asks one of these: concurrent ones share a query
         # (daemon.batching; README, "Fan-out cost")
         self.live_user: Batched[str, bool] = Batched(self._live_users)
         self._cursor_info: Batched[tuple[str, str], RoomCursorInfo] = Batched(
             self._cursor_infos)
-
-    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            await conn.execute("SELECT set_config('search_path', %s, false)",
-                               [sql.Identifier(self.schema).as_string(conn)])
-
-    async def open(self) -> None:
-        with translated(self.conninfo):
-            try:
-                await self.pool.open(wait=True, timeout=15.0)
-            except PoolTimeout:  # the first connection never came: connect once to say why
-                await (await psycopg.AsyncConnection.connect(self.conninfo)).close()
-                raise
-
-    async def close(self) -> None:
-        await self.pool.close()
-
-    def pool_stats(self) -> dict[str, int]:
-        """The pool's statistics since it was created (``psycopg_pool``'s ``get_stats()``:
-        ``requests_num``, ``requests_queued``, ``requests_wait_ms``, ``requests_errors``, ...,
-        and now: ``pool_size``, ``pool_available``, ``requests_waiting``), for
-        :meth:`daemon.metrics.Metrics.watch_pool`. A request that waits longer than
-        ``POOL_WAIT`` seconds is one of ``requests_errors``."""
-        return self.pool.get_stats()
-
-    async def _all(self, query: str | sql.Composed, params: Sequence[Any] | Mapping[str, Any],
-                   doing: str) -> list[tuple[Any, ...]]:
-        """Run one statement on a pooled connection. Every statement of this module is
-        idempotent, so one that failed because its connection was broken (server restart,
-        ``pg_terminate_backend``) is retried once on a fresh connection."""
-        with translated(self.conninfo, doing=doing):
-            for attempt in (1, 2):
-                try:
-                    async with self.pool.connection() as conn:
-                        async with asyncio.timeout(STATEMENT_TIMEOUT):
-                            cur = await conn.execute(
-                                query.encode() if isinstance(query, str) else query, params)
-                            return await cur.fetchall()
-                except psycopg.OperationalError as exc:
-                    if attempt == 2 or not _connection_lost(exc):
-                        raise
-                    log.info("pooled connection lost while %s; retrying once", doing,
-                             extra={"event": "pool_retry"})
-                    await self.pool.check()  # one broken connection: the others may be too
-                except PoolTimeout as exc:
-                    raise DatabaseError(f"{describe(self.conninfo)}: no database connection "
-                                        f"available while {doing}; is the server up?") from exc
-                except TimeoutError as exc:
-                    raise DatabaseError(f"{describe(self.conninfo)}: no answer within "
-                                        f"{STATEMENT_TIMEOUT:g} s while {doing}") from exc
-        raise AssertionError("unreachable")
-
-    async def ping(self, timeout: float) -> str | None:
-        """``None`` when a pooled connection answers ``SELECT 1`` within ``timeout`` seconds,
-        else why not in a few words that name no host (for /healthz; the log has details)."""
-        try:
-            async with asyncio.timeout(timeout):
-                async with self.pool.connection(timeout=timeout) as conn:
-                    await conn.execute("SELECT 1")
-        except (TimeoutError, PoolTimeout):
-            return f"no answer within {timeout:g} s"
-        except psycopg.Error as exc:
-            log.warning("health check failed: %s", translate(exc, self.conninfo).args[0],
-                        extra={"event": "health_failed"})
-            return f"error{f' (SQLSTATE {exc.sqlstate})' if exc.sqlstate else ''}"
-        except Exception as exc:  # e.g. the pool is closing
-            return f"error ({type(exc).__name__})"
-        return None
 
     async def in_recovery(self) -> bool:
         rows = await self._all("SELECT pg_is_in_recovery()", (), "checking for a standby")

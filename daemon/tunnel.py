@@ -2,7 +2,8 @@
 
 I/O only: connect to the SSH server with asyncssh, open a local port forward on ``127.0.0.1`` to
 the database host and port *as seen from the SSH host*, and translate every failure into one
-:class:`~daemon.errors.TunnelError` whose one-line message says what to fix.
+:class:`~daemon.errors.TunnelError` whose one-line message says what to fix (the translation
+itself, plain functions of the exception, is :mod:`daemon.tunnel_errors`).
 
 * :func:`open_tunnel` is a one-shot tunnel (``setup_db.py``): retried on network errors, closed
   when the ``async with`` block ends.
@@ -41,11 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import getpass
 import logging
-import re
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -60,11 +57,10 @@ from .sshkeys import (
     RecordingClient,
     describe_key,
     endpoint,
-    host_key_error,
     load_credentials,
-    matching_lines,
     read_known_hosts,
 )
+from .tunnel_errors import connect_error, forward_error, is_retryable
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -84,93 +80,8 @@ DEFAULT_KEEPALIVE_INTERVAL = 15.0
 """Seconds between SSH keepalives; after 3 unanswered ones the connection counts as dropped."""
 _KEEPALIVE_COUNT_MAX = 3
 
-_RETRYABLE = frozenset(
-    {"refused", "not_found", "timeout", "unreachable", "disconnected", "forward_failed"}
-)
-
-
-def _is_retryable(exc: TunnelError) -> bool:
-    return exc.reason in _RETRYABLE
-
 
 # --------------------------------------------------------------------------- one attempt
-
-
-def _all_refused(exc: BaseException) -> bool:
-    """asyncio reports failures on several addresses of one name (IPv6 and IPv4) as a plain
-    ``OSError("Multiple exceptions: [Errno 111] ..., [Errno 111] ...")``."""
-    if not isinstance(exc, OSError) or exc.errno is not None:
-        return False
-    numbers = re.findall(r"\[Errno (\d+)\]", str(exc))
-    return bool(numbers) and all(int(n) == errno.ECONNREFUSED for n in numbers)
-
-
-def _connect_error(settings: SSHSettings, credentials: Credentials, client: RecordingClient,
-                   exc: BaseException, connect_timeout: float) -> TunnelError:
-    """Translate an exception of :func:`asyncssh.connect` into one clear TunnelError."""
-    where = endpoint(settings)
-    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-        return host_key_error(settings, client)
-    if isinstance(exc, asyncssh.PermissionDenied):
-        user = settings.user or getpass.getuser()
-        return TunnelError(
-            f"SSH authentication as {user!r} on {where} failed with {credentials.description}. "
-            f"Check SSH_USER and SSH_KEY_PATH, and that the public key is in {user}'s "
-            "~/.ssh/authorized_keys on the SSH host.",
-            reason="auth_failed",
-        )
-    if isinstance(exc, asyncssh.KeyExchangeFailed):
-        lines = matching_lines(settings.known_hosts, settings.host, client.addr, settings.port)
-        if lines and "host key" in str(exc).lower():
-            # known_hosts pins key types the server no longer offers: treat as a changed key.
-            return host_key_error(settings, client)
-        return TunnelError(f"SSH key exchange with {where} failed: {exc.reason}.",
-                           reason="error")
-    if isinstance(exc, asyncssh.DisconnectError):
-        return TunnelError(
-            f"SSH server {where} closed the connection during login ({exc.reason}). Check "
-            "SSH_HOST and SSH_PORT, and the SSH server's logs.",
-            reason="disconnected",
-        )
-    if isinstance(exc, ConnectionRefusedError) or _all_refused(exc):
-        return TunnelError(f"SSH connection to {where} refused. Check SSH_HOST and SSH_PORT.",
-                           reason="refused")
-    if isinstance(exc, socket.gaierror):
-        return TunnelError(
-            f"SSH host {settings.host!r} not found ({exc.strerror}). Check DNS or SSH_HOST.",
-            reason="not_found",
-        )
-    if isinstance(exc, TimeoutError):
-        return TunnelError(
-            f"SSH connection to {where} timed out after {connect_timeout:g} s. Check SSH_HOST, "
-            "SSH_PORT and firewalls.",
-            reason="timeout",
-        )
-    if isinstance(exc, OSError):
-        return TunnelError(
-            f"SSH connection to {where} failed: {exc.strerror or exc}. Check SSH_HOST, SSH_PORT "
-            "and the network.",
-            reason="unreachable",
-        )
-    return TunnelError(f"SSH connection to {where} failed: {exc}.", reason="error")
-
-
-def _forward_error(settings: SSHSettings, remote_host: str, remote_port: int,
-                   exc: asyncssh.ChannelOpenError) -> TunnelError:
-    target = f"{remote_host}:{remote_port}"
-    if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
-        return TunnelError(
-            f"SSH server {endpoint(settings)} refused to forward to {target} ({exc.reason}). Allow "
-            "TCP forwarding for this user on the SSH host (sshd_config AllowTcpForwarding, "
-            "PermitOpen).",
-            reason="forward_refused",
-        )
-    return TunnelError(
-        f"SSH host {settings.host} could not connect to {target} ({exc.reason}). Check "
-        "POSTGRES_HOST and POSTGRES_PORT (or the host in DATABASE_URL) as seen from the SSH "
-        "host, and that PostgreSQL is running.",
-        reason="forward_failed",
-    )
 
 
 @dataclass
@@ -220,8 +131,8 @@ async def _open_once(settings: SSHSettings, credentials: Credentials, remote_hos
             keepalive_count_max=_KEEPALIVE_COUNT_MAX,
         )
     except (OSError, asyncssh.Error) as exc:
-        raise _connect_error(settings, credentials, client, exc,
-                             options.connect_timeout) from exc
+        raise connect_error(settings, credentials, client, exc,
+                            options.connect_timeout) from exc
 
     if not settings.strict_host_key_checking:
         log.warning(
@@ -246,7 +157,7 @@ async def _open_once(settings: SSHSettings, credentials: Credentials, remote_hos
             with contextlib.suppress(Exception):
                 await conn.wait_closed()
         if isinstance(exc, asyncssh.ChannelOpenError):
-            raise _forward_error(settings, remote_host, remote_port, exc) from exc
+            raise forward_error(settings, remote_host, remote_port, exc) from exc
         if isinstance(exc, OSError):
             raise TunnelError(
                 f"Cannot listen on {LOCAL_HOST}:{local_port} for the SSH tunnel: "
@@ -273,7 +184,7 @@ async def _open_with_retries(settings: SSHSettings, credentials: Credentials, re
             return await _open_once(settings, credentials, remote_host, remote_port, local_port,
                                     options)
         except TunnelError as exc:
-            if not _is_retryable(exc):
+            if not is_retryable(exc):
                 raise
             if attempt == attempts:
                 if attempts == 1:
@@ -485,7 +396,7 @@ class SupervisedTunnel:
                 return await _open_once(self.settings, self._credentials, self.remote_host,
                                         self.remote_port, self._local_port, self._options)
             except TunnelError as exc:
-                level = logging.WARNING if _is_retryable(exc) else logging.ERROR
+                level = logging.WARNING if is_retryable(exc) else logging.ERROR
                 log.log(level, "SSH tunnel reopen attempt %d failed: %s", attempt, exc,
                         extra={"event": "tunnel_reopen_failed", "attempt": attempt,
                                "reason": exc.reason})

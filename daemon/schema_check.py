@@ -1,0 +1,226 @@
+"""Whether a database holds the pgbridge schema: every table, function and trigger it must
+have, the owner-only functions as they must be, every migration applied and unchanged
+(:func:`catalog_problems`); :func:`check_schema` (the daemon's start-up check) and
+:func:`verify_schema` (``setup_db.py --verify``, which also proves the capture path end to
+end).
+
+Why a module of its own: what the catalog must hold is one list, read by the checks and by
+:mod:`daemon.schema`'s apply (which runs every file again when :func:`catalog_problems` finds
+something missing or altered, whatever the ledger says); applying the files is another job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from .db import listen_query, translated
+from .errors import SchemaError
+from .schema_files import load_migrations
+from .signing import SIGNATURE_HEX, NotifyKey
+
+__all__ = ["catalog_problems", "check_schema", "verify_schema"]
+
+TABLES = (
+    "users", "channels", "messages", "channel_members", "user_settings", "user_status",
+    "sync_state", "reactions", "files", "message_reads", "change_sequences", "change_events",
+    "change_notify_key", "schema_migrations", "schema_files", "presence_instances",
+    "presence_sessions",
+)
+PUBLISHED = ("channels", "messages", "channel_members", "reactions", "files", "message_reads")
+FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_channel", "pgbridge_channels",
+             "pgbridge_listen", "pgbridge_hmac",
+             "pgbridge_event_frame", "pgbridge_capture", "pgbridge_user_gone",
+             "pgbridge_lock_rooms", "pgbridge_lock_user_rooms",
+             "pgbridge_presence_set", "pgbridge_presence_sync", "pgbridge_presence_reap",
+             "pgbridge_presence_retire", "pgbridge_status_truth", "pgbridge_presence_hint",
+             "pgbridge_doorbell", "pgbridge_status_guard", "pgbridge_resume_guard")
+# Functions that run as the owner: SECURITY DEFINER, search_path pinned with pg_temp last, and
+# no EXECUTE for PUBLIC (sql/triggers/10_change_capture.sql, "Trust").
+DEFINER_FUNCTIONS = ("pgbridge_capture", "pgbridge_user_gone", "pgbridge_lock_rooms",
+                     "pgbridge_lock_user_rooms", "pgbridge_presence_set", "pgbridge_presence_sync",
+                     "pgbridge_presence_reap", "pgbridge_presence_retire", "pgbridge_status_truth",
+                     "pgbridge_presence_hint", "pgbridge_doorbell", "pgbridge_listen")
+# Functions that name the secret NOTIFY channels (sql/triggers/10_change_capture.sql, "Secret
+# channels"): no EXECUTE for PUBLIC (the bridge role is granted pgbridge_listen only).
+CHANNEL_FUNCTIONS = ("pgbridge_channel", "pgbridge_channels", "pgbridge_listen")
+# the triggers on users: that tell the daemon a user lost access (sql/triggers/20_access.sql),
+# and that take a deleted user's rooms in a fixed order (sql/triggers/30_room_lock_order.sql)
+USERS_TRIGGERS = ("users_access_update", "users_access_delete", "users_lock_rooms")
+# the triggers on user_status that keep 'online'/'offline' true and tell the daemon to read a
+# user's presence again (sql/triggers/40_presence.sql)
+USER_STATUS_TRIGGERS = ("user_status_guard", "user_status_truth", "user_status_hint",
+                        "user_status_hint_update")
+# the trigger that keeps sync_state's resume rows the bridge's (sql/triggers/50_resume_state.sql)
+SYNC_STATE_TRIGGERS = ("sync_state_resume_guard",)
+
+
+async def catalog_problems(conn: psycopg.AsyncConnection[TupleRow], schema: str, *,
+                    migrations: bool = True) -> list[str]:
+    """What is missing or wrong in ``schema``'s catalog (and, with ``migrations``, its ledger),
+    as short phrases; empty when all is in place."""
+    problems: list[str] = []
+    cur = await conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relkind IN ('r', 'p')", [schema])
+    tables = {str(r[0]) for r in await cur.fetchall()}
+    problems += [f"table {schema}.{t} is missing" for t in TABLES if t not in tables]
+    cur = await conn.execute(
+        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s", [schema])
+    functions = {str(r[0]) for r in await cur.fetchall()}
+    problems += [f"function {schema}.{f} is missing" for f in FUNCTIONS if f not in functions]
+    cur = await conn.execute(
+        "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND NOT t.tgisinternal "
+        "AND t.tgenabled <> 'D'", [schema])
+    triggers = {str(r[0]) for r in await cur.fetchall()}
+    problems += [f"trigger {t}_capture on {schema}.{t} is missing or disabled"
+                 for t in PUBLISHED if f"{t}_capture" not in triggers]
+    problems += [f"trigger {t} on {schema}.users is missing or disabled"
+                 for t in USERS_TRIGGERS if t not in triggers]
+    problems += [f"trigger {t} on {schema}.user_status is missing or disabled"
+                 for t in USER_STATUS_TRIGGERS if t not in triggers]
+    problems += [f"trigger {t} on {schema}.sync_state is missing or disabled"
+                 for t in SYNC_STATE_TRIGGERS if t not in triggers]
+    if "change_notify_key" in tables:
+        cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+            sql.Identifier(schema, "change_notify_key")))
+        if (await cur.fetchone() or (0,))[0] != 1:
+            problems.append(f"table {schema}.change_notify_key holds no key")
+    cur = await conn.execute(
+        "SELECT p.proname, p.prosecdef, p.proconfig, "
+        "       has_function_privilege('public', p.oid, 'EXECUTE') "
+        "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s AND p.proname = ANY(%s)", [schema, list(DEFINER_FUNCTIONS)])
+    for name, definer, config, public in await cur.fetchall():
+        if not definer or public or not _pinned(config, schema):
+            problems.append(f"function {schema}.{name} must run as the owner (SECURITY DEFINER, "
+                            "search_path pinned with pg_temp last, no EXECUTE for PUBLIC)")
+    cur = await conn.execute(
+        "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = %s AND p.proname = ANY(%s) "
+        "AND has_function_privilege('public', p.oid, 'EXECUTE')",
+        [schema, list(CHANNEL_FUNCTIONS)])
+    for (name,) in await cur.fetchall():
+        problems.append(f"function {schema}.{name} names the secret NOTIFY channels: PUBLIC "
+                        "must not EXECUTE it")
+    if migrations and "schema_migrations" in tables:
+        cur = await conn.execute(
+            sql.SQL("SELECT version, checksum FROM {}.schema_migrations").format(
+                sql.Identifier(schema)))
+        done = {int(v): str(c) for v, c in await cur.fetchall()}
+        for m in load_migrations():
+            if m.version not in done:
+                problems.append(f"migration {m.version:04d}_{m.name} is not applied")
+            elif done[m.version] != m.checksum:
+                problems.append(f"migration {m.version:04d}_{m.name} changed after it was applied")
+    return problems
+
+
+def _pinned(config: list[str] | None, schema: str) -> bool:
+    """Whether a function's ``proconfig`` pins ``search_path`` to ``schema`` with ``pg_temp``
+    last (how sql/triggers/ are applied)."""
+    for item in config or ():
+        if item.startswith("search_path="):
+            path = [part.strip().strip('"') for part in item.removeprefix("search_path=")
+                    .split(",")]
+            return len(path) == 2 and path[0] == schema and path[1] == "pg_temp"
+    return False
+
+
+async def check_schema(conninfo: str, *, schema: str = "public") -> None:
+    """Raise :class:`SchemaError` when the schema is missing or outdated (what the daemon checks
+    at start-up with a configured database), naming the first problems and the fix."""
+    with translated(conninfo):
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+            problems = await catalog_problems(conn, schema)
+            others = [] if not problems else await _applied_schemas(conn, besides=schema)
+    if problems:
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        flag = "" if schema == "public" else f" --schema {schema}"
+        elsewhere = (f", or set PGBRIDGE_SCHEMA to the schema it was applied to "
+                     f"({', '.join(others)})" if others else "")
+        raise SchemaError(f"schema {schema} (PGBRIDGE_SCHEMA) is missing or outdated: "
+                          f"{'; '.join(problems[:2])}{more}: run python setup_db.py{flag}"
+                          f"{elsewhere}")
+
+
+async def _applied_schemas(conn: psycopg.AsyncConnection[TupleRow], *, besides: str
+                           ) -> list[str]:
+    """Other schemas of the database that setup_db.py applied (they hold its ledger)."""
+    cur = await conn.execute(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = 'schema_files' AND c.relkind = 'r' AND n.nspname <> %s "
+        "ORDER BY 1", [besides])
+    return [str(name) for (name,) in await cur.fetchall()]
+
+
+async def verify_schema(conninfo: str, *, schema: str = "public",
+                        timeout: float = 10.0) -> list[str]:
+    """Check every table, function, trigger and migration, then prove the capture path end to
+    end: a committed message reaches ``change_events`` and a LISTEN connection. The probe rows
+    (a user, a room, a message and their log entries) are removed afterwards.
+
+    Returns the problems found (empty: all good). ``timeout`` is in seconds.
+    """
+    with translated(conninfo, doing="verifying the schema"):
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+            problems = await catalog_problems(conn, schema)
+            if problems:
+                return problems
+            return await _probe_capture(conn, conninfo, schema, timeout)
+
+
+async def _probe_capture(conn: psycopg.AsyncConnection[TupleRow], conninfo: str, schema: str,
+                         timeout: float) -> list[str]:
+    from ulid import ULID
+
+    user, room, message = str(ULID()), str(ULID()), str(ULID())
+    problems: list[str] = []
+    await conn.execute("SELECT set_config('search_path', %s, false)",
+                       [sql.Identifier(schema).as_string(conn)])
+    cur = await conn.execute("SELECT key FROM change_notify_key")
+    key = NotifyKey(bytes((await cur.fetchone() or (b"",))[0]))
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as listener:
+        await listener.execute(listen_query(schema))  # as the daemon does
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO users (id, auth0_id, email, username) VALUES (%s, %s, %s, %s)",
+                    (user, f"pgbridge-verify|{user}", f"verify-{user}@pgbridge.invalid", "verify"))
+                await conn.execute("INSERT INTO channels (id, name) VALUES (%s, 'verify')", [room])
+                await conn.execute(
+                    "INSERT INTO messages (id, channel_id, user_id, content) "
+                    "VALUES (%s, %s, %s, 'verify')", (message, room, user))
+            cur = await conn.execute(
+                "SELECT count(*) FROM change_events WHERE room_id = %s AND table_name = 'messages'"
+                " AND row_id = %s", (room, message))
+            row = await cur.fetchone()
+            if not row or row[0] != 1:
+                problems.append("a committed message did not reach change_events")
+            heard = signed = False
+            async for note in listener.notifies(timeout=timeout):
+                text = key.open(note.payload)
+                body = text if text is not None else note.payload[SIGNATURE_HEX:]
+                with contextlib.suppress(ValueError):
+                    if json.loads(body).get("room") == room:
+                        heard, signed = True, text is not None
+                        break
+            if not heard:
+                problems.append(f"no NOTIFY on the schema's capture channel within "
+                                f"{timeout:g} s")
+            elif not signed:
+                problems.append("the NOTIFY on the schema's capture channel is not signed "
+                                "with the key in change_notify_key")
+        finally:
+            async with conn.transaction():
+                await conn.execute("DELETE FROM channels WHERE id = %s", [room])
+                await conn.execute("DELETE FROM users WHERE id = %s", [user])
+                await conn.execute("DELETE FROM change_events WHERE room_id = %s", [room])
+                await conn.execute("DELETE FROM change_sequences WHERE room_id = %s", [room])
+    return problems
