@@ -94,13 +94,13 @@ def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _bounded(setting: Setting, value: float, raw: str) -> None:
-    """Raise :class:`ConfigError` when ``value`` is outside the setting's bounds."""
+def _bounded(setting: Setting, value: float, shown: str) -> None:
+    """Raise :class:`ConfigError` when ``value`` is outside the setting's bounds (``shown``: the
+    value as the message quotes it)."""
     low, high, above = setting.minimum, setting.maximum, setting.above
     if ((low is None or value >= low) and (high is None or value <= high)
             and (above is None or value > above)):
         return
-    shown = repr(raw) if setting.kind == "duration" else f"{value:g}"
     raise ConfigError(f"{setting.name}={shown} must be {setting.bounds()}")
 
 
@@ -140,10 +140,10 @@ def _value(env: Mapping[str, str], setting: Setting) -> Any:
             return _choice(name, text, setting.choices)
         case "duration":
             seconds = _seconds(name, text)
-            _bounded(setting, seconds, text)
+            _bounded(setting, seconds, repr(text))
             return seconds
     number = _int(name, text)
-    _bounded(setting, number, text)
+    _bounded(setting, number, str(number))
     return float(number) if setting.kind == "rate" else number
 
 
@@ -260,7 +260,7 @@ class DaemonSettings:
 
     host: str = _DEFAULTS["PGBRIDGE_HOST"]
     port: int = _DEFAULTS["PGBRIDGE_PORT"]
-    jwt_secret: str | None = None
+    jwt_secret: str | None = field(default=None, repr=False)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     allowed_origins: Allowlist = _DEFAULTS["PGBRIDGE_ALLOWED_ORIGINS"]

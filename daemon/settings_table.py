@@ -29,7 +29,8 @@ EVENT_LOOPS = ("auto", "asyncio", "uvloop")  # PGBRIDGE_EVENT_LOOP
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # PGBRIDGE_LOG_LEVEL
 
 Group = Literal["database", "ssh", "daemon", "tests"]
-# How a value is parsed (daemon.settings._value): text as is; path with ~ expanded; integer
+# How a value is parsed (daemon.settings._value): text as is (secret: kept out of the settings'
+# reprs); path with ~ expanded; integer
 # (rate: an integer, given as a float); duration: seconds, or with a unit (500ms, 30s, 5m, 12h,
 # 7d); yes/no; choice (case-insensitive); schema: a lower-case SQL identifier; origins and
 # allowlist: comma-separated origins (daemon.origins).
@@ -99,8 +100,8 @@ _DOORBELL = 'README, "The adaptive doorbell"'
 SETTINGS: tuple[Setting, ...] = (
     # -- where PostgreSQL is (DatabaseSettings)
     Setting("DATABASE_URL", "database", "url", "secret", None,
-            "libpq URI or conninfo of the database; wins over the `POSTGRES_*` variables; never "
-            "logged", unset="the `POSTGRES_*` variables", see="DESIGN.md",
+            "libpq URI or conninfo of the database; wins over the `POSTGRES_*` variables",
+            unset="the `POSTGRES_*` variables", see="DESIGN.md",
             example="postgresql://pgbridge:change-me@db.internal:5432/chatgenius"),
     Setting("POSTGRES_HOST", "database", "host", "text", "localhost",
             "name or address of PostgreSQL (with an SSH tunnel: as the bastion sees it)",
@@ -115,7 +116,7 @@ SETTINGS: tuple[Setting, ...] = (
             see='spec 003; README, "Database roles and what the daemon trusts"',
             example="pgbridge", required=True),
     Setting("POSTGRES_PASSWORD", "database", "password", "secret", None,
-            "password of `POSTGRES_USER`; never logged", unset="none, or libpq's `~/.pgpass`",
+            "password of `POSTGRES_USER`", unset="none, or libpq's `~/.pgpass`",
             see="spec 003", example="change-me", required=True),
     Setting("PGBRIDGE_DATA_DIR", "database", "data_dir", "path", ".pgbridge",
             "directory of the embedded PostgreSQL (its cluster in `pgdata/`) and of its "
@@ -190,7 +191,9 @@ SETTINGS: tuple[Setting, ...] = (
             example="https://app.example.com,https://*.example.com"),
     Setting("PGBRIDGE_ACCESS_CHECK_INTERVAL", "daemon", "access_check_interval", "duration", "30",
             "time between two checks of every connected user and subscription against the "
-            "database (the backstop for changes that bypass the triggers)", unit="seconds",
+            "database, the backstop for changes that bypass the triggers: a deleted user is "
+            "closed with 4003 and a lost subscription ends with `membership_revoked` within it",
+            unit="seconds",
             above=0, see='README, "Authorization"'),
     Setting("PGBRIDGE_SCHEMA", "daemon", "schema", "schema", "public",
             "schema the bridge reads (`test` after `setup_db.py --test`)"),
@@ -248,8 +251,9 @@ SETTINGS: tuple[Setting, ...] = (
             "pooled database connections (the listener has its own)", unit="connections",
             minimum=2),
     Setting("PGBRIDGE_LOG_LEVEL", "daemon", "log_level", "choice", "INFO",
-            "logging level; the daemon logs JSON lines on stderr, the tools (setup, token, tail) "
-            "plain text", choices=LOG_LEVELS),
+            "logging level; the daemon logs JSON lines on stderr; the tools log plain text, at "
+            "this level when it is set, else at INFO (setup) or WARNING (token, tail)",
+            choices=LOG_LEVELS),
     Setting("PGBRIDGE_DEMO", "daemon", "demo", "yes/no", None,
             "serve the demo page at `/` (`/client.js` is always served)",
             unset="yes with the embedded database, else no", see='README, "From a web page"',
@@ -269,7 +273,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGBRIDGE_DOORBELL_QUIET_ABOVE", "daemon", "doorbell_quiet_above", "rate", "500",
             "captured events per second above which an `adaptive` bridge asks writers to stop "
             "ringing; it asks for the doorbell again once the rate over the last 2 s is under half "
-            "of it", unit="events per second", minimum=1, see=_DOORBELL),
+            "of it; raise it where writers have headroom and latency matters more, lower it "
+            "where writes dominate", unit="events per second", minimum=1, see=_DOORBELL),
     Setting("PGBRIDGE_POLL_INTERVAL", "daemon", "poll_interval", "duration", "10ms",
             "how often a bridge reads the log of its rooms while writers do not ring: the added "
             "delivery delay at most", unit="seconds", minimum=0.001, maximum=1.0, see=_DOORBELL),

@@ -117,6 +117,16 @@ def test_each_bound_is_enforced_with_the_variable_named(setting: Setting) -> Non
         assert setting.bounds() in str(caught.value)
 
 
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.kind == "secret"],
+                         ids=lambda s: s.name)
+def test_secrets_stay_out_of_the_reprs(setting: Setting) -> None:
+    secret = "s3cret-" * 6
+    settings = CLASSES[setting.group].from_env(  # type: ignore[attr-defined]
+        {"SSH_HOST": "h", setting.name: secret})
+    assert getattr(settings, setting.attr or "") == secret
+    assert "s3cret" not in repr(settings)
+
+
 def test_the_env_example_parses() -> None:
     env = {k: v for k, v in dotenv_values(ROOT / ENV_EXAMPLE).items() if v is not None}
     assert env["POSTGRES_HOST"] == "db.internal"
