@@ -58,7 +58,7 @@ class Access:
     """Connected sessions by user, and the checks that end access. ``interval`` in seconds
     (``PGBRIDGE_ACCESS_CHECK_INTERVAL``) between two sweeps."""
 
-    def __init__(self, store: Store, metrics: Metrics, *, interval: float = 30.0) -> None:
+    def __init__(self, store: Store, metrics: Metrics, *, interval: float) -> None:
         self.store = store
         self.metrics = metrics
         self.interval = interval
