@@ -34,10 +34,12 @@ from .handshake import Health
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
+from .notes import Change, DoorbellHint, PresenceHint, Typing, Unreadable, UserHint
 from .periodic import every
 from .presence_feed import PresenceFeed
 from .presence_writer import PresenceWriter
 from .ratelimit import ClientLimits
+from .rooms import Rooms
 from .server import Server
 from .settings import DaemonSettings, DatabaseSettings, SSHSettings
 from .store import Store
@@ -79,10 +81,20 @@ class Bridge:
                                        lease=settings.presence_lease)
         doorbell = Doorbell(settings.doorbell, quiet_above=settings.doorbell_quiet_above,
                             poll_interval=settings.poll_interval, now=time.monotonic())
-        self.listener = Listener(conninfo, self.hub, self.store, self.metrics, self.access,
-                                 self.presence_feed, doorbell=doorbell,
+        self.rooms = Rooms(self.hub, self.store, self.metrics, self.access,
+                           joined=self.presence_feed.joined, doorbell=doorbell)
+        self.listener = Listener(conninfo, self.store, self.metrics,
+                                 followers=(self.rooms, self.presence_feed),
                                  probe_interval=settings.probe_interval,
                                  probe_timeout=max(2.0, min(settings.probe_interval, 10.0)))
+        listen = self.listener.on
+        listen(Change, self.rooms.changed)
+        listen(UserHint, self.rooms.user_hinted)
+        listen(Unreadable, self.rooms.unreadable)
+        listen(DoorbellHint, self.rooms.polls.hinted)
+        listen(PresenceHint, self.presence_feed.hinted)
+        listen(Typing, self.presence_feed.typing)
+        self.listener.subscribe = self.rooms.add  # until daemon.client asks the rooms itself
         self.acks = AckBuffer()
         self.ack_writer = AckWriter(self.acks, self.store, self.metrics,
                                     interval=settings.ack_flush_interval)
@@ -138,6 +150,7 @@ class Bridge:
                 raise DatabaseError(f"{describe(self.conninfo)} is a hot standby (read-only): "
                                     "LISTEN/NOTIFY needs the primary; point pgbridge at it")
             tasks.add(asyncio.create_task(self.listener.run(), name="listener"))
+            tasks.add(asyncio.create_task(self.rooms.run(), name="rooms"))
             tasks.add(asyncio.create_task(self.presence_feed.run(), name="presence-feed"))
             await self._wait_ready(tasks)
             await self.store.check_presence_grants()

@@ -3,7 +3,7 @@ on an interval instead (README, "The adaptive doorbell"; sql/triggers/10_change_
 
 Pure: :class:`Doorbell` takes what the listener heard and what ``pgbridge_doorbell()`` returned
 (:class:`Reading`), and answers with the next call to make (:class:`Call`) and whether to poll.
-The listener (:mod:`daemon.listener`) does the I/O.
+:mod:`daemon.polls` does the I/O.
 
 Every transaction that NOTIFYs takes one lock of the whole server at commit and holds it through
 its WAL flush, so capturing writers commit one at a time under load. At light load the doorbell

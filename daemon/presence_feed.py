@@ -3,17 +3,21 @@
 
 **Presence.** Whatever changes a user's ``user_status`` row (an instance's transition, the
 application) rings the capture triggers' channel with a signed hint naming the user
-(sql/triggers/40_presence.sql); the listener hands it to :meth:`PresenceFeed.hint`. One task,
-:meth:`PresenceFeed.run`, reads the hinted users' presence in the rooms watched here, in one
-query per batch, and offers each frame to the room's watchers. The same task reads snapshots
-(:meth:`PresenceFeed.snapshot`), and registers the new watcher as it reads: reads happen one
-after another, so a watcher is offered only states read after its snapshot, in the order they
-were read. Hints sent while the listener was away are lost, so after each reconnect every
-watched room is read again (:meth:`PresenceFeed.hint_all`).
+(sql/triggers/40_presence.sql); the listener hands it to :meth:`PresenceFeed.hinted`, and the
+rooms (:mod:`daemon.rooms`) tell :meth:`PresenceFeed.joined` of every member who joins a
+room. One task, :meth:`PresenceFeed.run`, reads the hinted users' presence in the rooms
+watched here, in one query per batch, and offers each frame to the room's watchers. The same
+task reads snapshots (:meth:`PresenceFeed.snapshot`), and registers the new watcher as it
+reads: reads happen one after another, so a watcher is offered only states read after its
+snapshot, in the order they were read. Hints sent while the listener was away are lost, so
+after each reconnect every watched room is read again (:meth:`PresenceFeed.missed`, a
+:class:`daemon.listener.Follower`).
 
 **Typing.** A client's signal passes the :class:`daemon.presence.TypingGate`, then this instance
 NOTIFYs it on the typing channel without waiting; every instance, this one included, hears it
-on its LISTEN connection and sends a ``typing`` frame to the room's watchers but the typist.
+on its LISTEN connection, which checks it (:func:`daemon.notes.read_typing`) and hands it to
+:meth:`PresenceFeed.typing`, which sends a ``typing`` frame to the room's watchers but the
+typist.
 The channel is secret (derived from the schema's key, sql/triggers/10_change_capture.sql,
 "Secret channels"), so no role but the owner and the bridge role can LISTEN to the room and
 user ids it carries; the payload is signed like the capture triggers' (a key derived from
@@ -32,11 +36,13 @@ import time
 from dataclasses import dataclass
 
 from .errors import BridgeError
+from .events import PresenceHint
 from .hub import Hub, Subscription
 from .logs import Throttled
 from .metrics import Metrics
+from .notes import Forged, Keys, Typing, read_typing
 from .presence import Presence, TypingGate
-from .protocol import is_id, load_json, typing
+from .protocol import typing
 from .signing import NotifyKey
 from .store import Store
 
@@ -58,7 +64,8 @@ class _Snapshot:
 
 class PresenceFeed:
     """``hub``: whose watchers get the frames. The typing channel and key are set by the
-    listener (:meth:`configure`) each time its LISTEN connection learns the channels."""
+    listener (:meth:`missed`, or :meth:`configure`) each time its LISTEN connection learns the
+    channels."""
 
     def __init__(self, store: Store, hub: Hub, metrics: Metrics) -> None:
         self.store = store
@@ -80,6 +87,27 @@ class PresenceFeed:
         connection, so a rotated key brings its channel."""
         self.typing_channel = typing_channel
         self._typing_key = key.derive("typing")
+
+    # --- from the listener (daemon.listener.Follower, and the notes registered) -------------
+
+    def deaf(self) -> None:
+        """The LISTEN connection is down: nothing to do until :meth:`missed`."""
+
+    async def missed(self, keys: Keys) -> None:
+        """LISTEN is up on ``keys``' channels, but presence hints sent before were lost: take
+        the typing channel and key, and read every watched room again."""
+        self.configure(keys.typing_channel, keys.key)
+        self.hint_all()
+
+    def hinted(self, note: PresenceHint) -> None:
+        """A presence hint (``user_status`` of ``note.user`` changed): read it again."""
+        self.hint(note.user)
+
+    def joined(self, user: str, room: str) -> None:
+        """``user`` joined ``room`` (or their membership changed: a published event's
+        :attr:`~daemon.events.Event.joins`): its watchers, if any, learn their presence."""
+        if self.hub.watchers(room):
+            self.hint(user, room)
 
     # --- presence -------------------------------------------------------------------------
 
@@ -195,23 +223,20 @@ class PresenceFeed:
     def typing_heard(self, payload: str) -> bool:
         """A payload of the typing channel (from any instance, this one included); false when
         its signature fails (the caller treats it as a forgery)."""
-        text = self._typing_key.open(payload) if self._typing_key is not None else None
-        if text is None:
+        if self._typing_key is None:
             return False
-        try:
-            obj = load_json(text, max_depth=1, max_brackets=1)
-        except ValueError:
-            return True  # signed but unreadable: nothing to act on
-        room, user, at = (obj.get("room"), obj.get("user"), obj.get("at")) if isinstance(
-            obj, dict) else (None, None, None)
-        if not (is_id(room) and is_id(user) and isinstance(at, int)
-                and not isinstance(at, bool) and 0 <= at < 2**53):  # a float holds it exactly
-            return True
-        if abs(time.time() - at / 1000) > TYPING_MAX_AGE:
+        note = read_typing(self._typing_key, payload)
+        if isinstance(note, Typing):
+            self.typing(note)
+        return not isinstance(note, Forged)
+
+    def typing(self, note: Typing) -> None:
+        """A signed typing signal: send it to the room's watchers but the typist, unless it is
+        older than ``TYPING_MAX_AGE`` seconds (counted as stale)."""
+        if abs(time.time() - note.at / 1000) > TYPING_MAX_AGE:
             self.metrics.typing.labels("stale").inc()
-            return True
-        frame = typing(room, user)
-        delivered = sum(sub.offer_typing(frame) for sub in self.hub.watchers(room)
-                        if sub.sink.user != user)
+            return
+        frame = typing(note.room, note.user)
+        delivered = sum(sub.offer_typing(frame) for sub in self.hub.watchers(note.room)
+                        if sub.sink.user != note.user)
         self.metrics.typing.labels("delivered").inc(delivered)
-        return True

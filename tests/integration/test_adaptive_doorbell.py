@@ -86,7 +86,7 @@ async def write_hard(url: str, room: str, user: str, stop: asyncio.Event,
 
 
 def mode(bridge: Bridge) -> Mode:
-    return bridge.listener.bell.mode
+    return bridge.rooms.bell.mode
 
 
 async def test_writers_stop_ringing_under_load_and_nothing_is_lost_across_both_switches(
@@ -261,7 +261,7 @@ async def test_a_hole_in_the_log_ends_live_subscriptions_that_needed_it(
         start = int((await subscribe(ws, room))["from"])
         # writers quiet: the bridge finds events by reading the log
         await owner.execute("SELECT * FROM pgbridge_doorbell(60000)")
-        await until(lambda: asyncio.sleep(0, bridge.listener.bell.polling), "polling")
+        await until(lambda: asyncio.sleep(0, bridge.rooms.bell.polling), "polling")
         async with owner.transaction():
             await post(owner, room, user, "lost")
             await post(owner, room, user, "after the hole")
