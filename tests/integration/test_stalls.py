@@ -41,7 +41,7 @@ Conn = psycopg.AsyncConnection[Any]
 # What the bridge sends at each step of a subscribe (daemon/client.py, Client._subscribe).
 SUBSCRIBE_STEPS = {
     "membership_check": b"AS room_exists",  # Store.cursor_info
-    "room_head": b"\x00SELECT last_seq FROM change_sequences",  # Listener._on_track
+    "room_head": b"\x00SELECT last_seq FROM change_sequences",  # Rooms._on_track
     "replay": b"AND e.seq <= ",  # Store.read_events, after `subscribed`
 }
 ERROR_BOUND = 30.0  # seconds: pool wait (POOL_WAIT, 5 s) and one retry, loosely
