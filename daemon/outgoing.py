@@ -25,15 +25,48 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from .closes import Close
-from .connection import Connection, contained
+from .connection import contained
 from .metrics import Metrics
 from .outbox import Flusher, take_frames, wire_message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OutgoingQueue"]
+__all__ = ["OutgoingQueue", "Wire"]
+
+
+class Wire(Protocol):
+    """What the queue needs of its connection (:class:`daemon.connection.Connection`): its
+    ``id`` (for the log), its asyncio ``transport`` (write buffer size and limits in bytes,
+    the socket), and the methods below."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def transport(self) -> asyncio.WriteTransport: ...
+
+    @property
+    def open(self) -> bool:
+        """True while frames may be sent."""
+
+    def write(self, data: bytes) -> None:
+        """Write encoded frames (:func:`daemon.outbox.wire_message`) without waiting."""
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below its low-water mark, or the connection
+        ended."""
+
+    def close(self, code: Close, reason: str = "") -> None:
+        """Start the closing handshake."""
+
+    def fail(self, code: Close, reason: str = "") -> None:
+        """Send a close frame and end the connection without waiting for the peer's."""
+
+    def crashed(self, doing: str) -> None:
+        """A bug met while ``doing``: end the connection with 1011 and an incident id."""
 
 
 _NO_FRAMES: deque[bytes | str] = deque(maxlen=0)  # the queue of every client with none waiting
@@ -61,7 +94,7 @@ class OutgoingQueue:
                  "_metrics", "_on_close", "_page", "_queue", "_send_timeout", "_user",
                  "_writer", "_writing", "closing", "ws")
 
-    def __init__(self, ws: Connection, *, user: str, size: int, page: int, send_timeout: float,
+    def __init__(self, ws: Wire, *, user: str, size: int, page: int, send_timeout: float,
                  send_buffer: int, batch_ms: int | None, flusher: Flusher, metrics: Metrics,
                  on_close: Callable[[], None]) -> None:
         self.ws = ws
