@@ -20,6 +20,7 @@ from .acks import AckBuffer
 from .auth import Claims
 from .client import Client
 from .closes import Close
+from .collaborators import Collaborators
 from .connection import Connection
 from .errors import ConfigError
 from .handshake import Gate, Health, process_request
@@ -67,6 +68,11 @@ class Server:
         self.presence_feed = presence_feed
         self.verify_token = verify_token
         self.flusher = Flusher()
+        # what each connection's Client works with, the same for all
+        self._client_parts = Collaborators(
+            settings=settings, metrics=metrics, hub=hub, rooms=listener, store=store, acks=acks,
+            limits=limits, presence_feed=presence_feed, flusher=self.flusher,
+            verify_token=verify_token)
         self.heartbeat = Heartbeat(settings.heartbeat)
         self.clients: set[Client] = set()
         self.connections: set[Connection] = set()  # every TCP connection, upgraded or not
@@ -148,7 +154,7 @@ class Server:
             self.metrics.refusals.labels("too_many_connections").inc()
             conn.close(Close.POLICY, "too many connections for this user")
             return
-        client = Client(self, conn, claims, batch=upgrade.batch)
+        client = Client(self._client_parts, conn, claims, batch=upgrade.batch)
         conn.receiver = client
         self.clients.add(client)
         self.heartbeat.add(conn)

@@ -22,6 +22,7 @@ from websockets.frames import Frame, Opcode
 from daemon.app import Bridge
 from daemon.client import Client
 from daemon.connection import EARLY_LIMIT, FRAMES_PER_TURN, MAX_FRAGMENTS, Connection
+from daemon.outgoing import OutgoingQueue
 from tests.fixtures import running_bridge
 from tests.helpers import connect, events, make_room, make_user, post, recv, send, subscribe, token
 from tests.procs import until
@@ -360,7 +361,7 @@ async def test_a_fault_in_one_connection_ends_only_that_connection(
             if fault == "transport-write":  # the heartbeat's next ping meets it
                 client.ws.transport = _BrokenTransport(client.ws.transport)
             elif fault == "client-queue":  # the fan-out's next send meets it
-                client._queue = _BrokenQueue()  # type: ignore[assignment]
+                client.outgoing._queue = _BrokenQueue()  # type: ignore[assignment]
             else:  # the next frame the victim sends meets it
                 client._inbox = _BrokenQueue()  # type: ignore[assignment]
                 await send(victim, type="ping", ref="trip")
@@ -396,10 +397,12 @@ def test_every_entry_point_shared_tasks_call_is_behind_the_boundary() -> None:
     """The hub, the listener, presence, the flusher, access checks and the heartbeat call into
     a connection only through methods decorated with ``contained``: a new entry point without
     it fails here."""
-    client_entry_points = {"send", "flush", "overflow", "subscription_ended", "user_gone",
-                           "revoke", "retry_later"}
+    client_entry_points = {"send", "overflow", "subscription_ended", "user_gone", "revoke",
+                           "retry_later"}
+    outgoing_entry_points = {"flush", "overflow"}  # the flusher's; the writer task's
     connection_entry_points = {"write", "close", "fail", "ping", "pause_reading",
                                "resume_reading", "shutdown"}
-    for cls, names in ((Client, client_entry_points), (Connection, connection_entry_points)):
+    for cls, names in ((Client, client_entry_points), (OutgoingQueue, outgoing_entry_points),
+                       (Connection, connection_entry_points)):
         for name in names:
             assert hasattr(getattr(cls, name), "__contained__"), f"{cls.__name__}.{name}"
