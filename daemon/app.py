@@ -94,7 +94,6 @@ class Bridge:
         listen(DoorbellHint, self.rooms.polls.hinted)
         listen(PresenceHint, self.presence_feed.hinted)
         listen(Typing, self.presence_feed.typing)
-        self.listener.subscribe = self.rooms.add  # until daemon.client asks the rooms itself
         self.acks = AckBuffer()
         self.ack_writer = AckWriter(self.acks, self.store, self.metrics,
                                     interval=settings.ack_flush_interval)
@@ -104,7 +103,7 @@ class Bridge:
                                    user_burst=settings.user_subscribe_burst)
         self.health = Health(self.store, self.listener)
         self.server = Server(settings=settings, metrics=self.metrics, hub=self.hub,
-                             listener=self.listener, store=self.store, acks=self.acks,
+                             rooms=self.rooms, store=self.store, acks=self.acks,
                              access=self.access, limits=self.limits, presence=self.presence,
                              presence_feed=self.presence_feed, health=self.health,
                              verify_token=self.verify_token)

@@ -24,8 +24,8 @@ __all__ = ["Collaborators", "Rooms"]
 
 
 class Rooms(Protocol):
-    """Where a subscription is registered for live events (:meth:`daemon.listener.Listener.add`
-    today)."""
+    """Where a subscription is registered for live events: :meth:`daemon.rooms.Rooms.add`
+    (typed narrowly here so that the request side depends on this one method only)."""
 
     async def add(self, sub: Subscription) -> int:
         """Register ``sub`` (tracking its room if new) and return ``L``: events after ``L`` will

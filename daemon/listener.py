@@ -54,7 +54,6 @@ import psycopg
 from .backoff import Backoff
 from .db import describe, listen_query
 from .errors import BridgeError
-from .hub import Subscription
 from .logs import Throttled
 from .metrics import Metrics
 from .notes import Forged, Keys, Note, ProbeEcho, Shed, classify
@@ -167,17 +166,6 @@ class Listener:
             for task in (self._shed_put, self._shed_timer):
                 if task is not None:
                     task.cancel()
-
-    # Transitional: daemon.client subscribes through the listener (``server.listener.add``)
-    # until it is handed the rooms (daemon.rooms.Rooms.add) itself; the app sets this.
-    subscribe: Callable[[Subscription], Awaitable[int]] | None = None
-
-    async def add(self, sub: Subscription) -> int:
-        """:meth:`daemon.rooms.Rooms.add`, through :attr:`subscribe` (kept for
-        :mod:`daemon.client` only). Raises :class:`BridgeError`."""
-        if self.subscribe is None:
-            raise BridgeError("nothing subscribes here (Listener.subscribe is not set)")
-        return await self.subscribe(sub)
 
     def reconnect(self) -> None:
         """Drop the LISTEN connection now; the reader reconnects and its followers catch up."""

@@ -20,13 +20,12 @@ from .acks import AckBuffer
 from .auth import Claims
 from .client import Client
 from .closes import Close
-from .collaborators import Collaborators
+from .collaborators import Collaborators, Rooms
 from .connection import Connection
 from .errors import ConfigError
 from .handshake import Gate, Health, process_request
 from .heartbeat import Heartbeat
 from .hub import Hub
-from .listener import Listener
 from .metrics import Metrics
 from .outbox import Flusher
 from .presence_feed import PresenceFeed
@@ -53,13 +52,12 @@ class Server:
     :class:`~daemon.client.Client` of each one upgraded, and forgets it when it ends."""
 
     def __init__(self, *, settings: DaemonSettings, metrics: Metrics, hub: Hub,
-                 listener: Listener, store: Store, acks: AckBuffer, access: Access,
+                 rooms: Rooms, store: Store, acks: AckBuffer, access: Access,
                  limits: ClientLimits, presence: PresenceWriter, presence_feed: PresenceFeed,
                  health: Health, verify_token: Callable[[str], Claims]) -> None:
         self.settings = settings
         self.metrics = metrics
         self.hub = hub
-        self.listener = listener
         self.store = store
         self.acks = acks
         self.access = access
@@ -70,7 +68,7 @@ class Server:
         self.flusher = Flusher()
         # what each connection's Client works with, the same for all
         self._client_parts = Collaborators(
-            settings=settings, metrics=metrics, hub=hub, rooms=listener, store=store, acks=acks,
+            settings=settings, metrics=metrics, hub=hub, rooms=rooms, store=store, acks=acks,
             limits=limits, presence_feed=presence_feed, flusher=self.flusher,
             verify_token=verify_token)
         self.heartbeat = Heartbeat(settings.heartbeat)
