@@ -19,7 +19,7 @@ Faults, each ``--rounds`` times:
   connections again;
 * ``PostgreSQL down N s``: stopped for ``N`` seconds (``--outages``), then started;
 * ``SSH cut``: the daemon reaches the database through a real SSH server (asyncssh, from
-  tests/sshd.py) whose connections are all aborted; over when the daemon logs
+  tests/support/sshd.py) whose connections are all aborted; over when the daemon logs
   ``tunnel_reopened``;
 * ``daemon SIGKILL`` / ``daemon SIGTERM``: the daemon killed and started again; over when the
   new process logs ``ready``.
@@ -322,7 +322,7 @@ async def run(args: argparse.Namespace) -> int:
         baseline = await phase(env, port, faults)
 
     if not args.no_ssh and not args.slow_only:
-        from tests.sshd import TestSSHServer, postgres_target
+        from tests.support.sshd import TestSSHServer, postgres_target
 
         sshd = TestSSHServer(work, {("db.internal", 5432): postgres_target(db)})
         await sshd.start()

@@ -21,8 +21,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
-from tests.fixtures import bridge_behind_proxy, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import bridge_behind_proxy, running_bridge
+from tests.support.helpers import (
     connect,
     events,
     make_room,

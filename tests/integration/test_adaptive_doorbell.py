@@ -31,8 +31,8 @@ from daemon.app import Bridge
 from daemon.doorbell import Mode
 from daemon.schema import apply_schema_sync
 from daemon.signing import NotifyKey
-from tests.fixtures import running_bridge
-from tests.helpers import (
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
     connect,
     head,
     make_room,
@@ -42,7 +42,7 @@ from tests.helpers import (
     recv,
     subscribe,
 )
-from tests.procs import until
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 

@@ -1,5 +1,5 @@
 """The JavaScript client (clients/js/pgbridge.js) and the demo page, in a real headless Chromium
-against a real daemon and PostgreSQL (tests/browser.py).
+against a real daemon and PostgreSQL (tests/support/browser.py).
 
 * The demo page shows inserted messages in commit order; an edit, a delete and a reaction change
   them; hostile content stays text.
@@ -26,11 +26,11 @@ import pytest
 
 from daemon.auth import mint_token
 from daemon.origins import parse_allowlist
-from tests.browser import StaticServer, async_chromium, run_async
-from tests.fixtures import running_bridge
-from tests.helpers import SECRET, connect, head, make_room, make_user, post, send, subscribe
-from tests.procs import DaemonProcess, free_port, until
-from tests.proxy import PausingProxy
+from tests.support.browser import StaticServer, async_chromium, run_async
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import SECRET, connect, head, make_room, make_user, post, send, subscribe
+from tests.support.procs import DaemonProcess, free_port, until
+from tests.support.proxy import PausingProxy
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
@@ -154,7 +154,7 @@ import('/client.js').then(({PgBridge}) => {
 async def test_a_page_keeps_every_event_across_4001_sigkill_and_4008(
         create_database: Callable[[], str], tmp_path: Path) -> None:
     from daemon.schema import apply_schema
-    from tests.fixtures import conninfo_env
+    from tests.support.fixtures import conninfo_env
 
     url = create_database()
     await apply_schema(url)

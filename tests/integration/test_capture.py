@@ -29,7 +29,7 @@ from ulid import ULID
 
 from daemon.schema import apply_schema_sync
 from daemon.signing import NotifyKey
-from tests.helpers import channels, notify_trust
+from tests.support.helpers import channels, notify_trust
 
 AsyncConn = psycopg.AsyncConnection[Any]
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")

@@ -25,9 +25,9 @@ import pytest
 import websockets
 
 from daemon.embedded import start_embedded
-from tests.fixtures import ROOT, conninfo_env, running_bridge
-from tests.helpers import SECRET, make_room, make_user, token
-from tests.procs import PGBRIDGE, DaemonProcess, free_port, human_lines, run_cli, until
+from tests.support.fixtures import ROOT, conninfo_env, running_bridge
+from tests.support.helpers import SECRET, make_room, make_user, token
+from tests.support.procs import PGBRIDGE, DaemonProcess, free_port, human_lines, run_cli, until
 
 SETUP_DB = str(ROOT / "setup_db.py")
 PYTHON = sys.executable

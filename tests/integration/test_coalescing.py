@@ -17,8 +17,8 @@ from websockets.exceptions import InvalidStatus
 
 from daemon.app import Bridge
 from daemon.outbox import BATCH_BYTES
-from tests.fixtures import running_bridge
-from tests.helpers import (
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
     connect,
     events,
     head,
@@ -30,7 +30,7 @@ from tests.helpers import (
     subscribe,
     token,
 )
-from tests.procs import daemon_process, free_port
+from tests.support.procs import daemon_process, free_port
 
 Conn = psycopg.AsyncConnection[Any]
 

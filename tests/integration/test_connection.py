@@ -18,9 +18,9 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from daemon.connection import Connection
-from tests.fixtures import running_bridge
-from tests.helpers import connect, make_room, make_user, recv, send, subscribe
-from tests.procs import until
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import connect, make_room, make_user, recv, send, subscribe
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 

@@ -22,9 +22,19 @@ from websockets.frames import Frame, Opcode
 from daemon.app import Bridge
 from daemon.client import Client
 from daemon.connection import EARLY_LIMIT, FRAMES_PER_TURN, MAX_FRAGMENTS, Connection
-from tests.fixtures import running_bridge
-from tests.helpers import connect, events, make_room, make_user, post, recv, send, subscribe, token
-from tests.procs import until
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
+    connect,
+    events,
+    make_room,
+    make_user,
+    post,
+    recv,
+    send,
+    subscribe,
+    token,
+)
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 

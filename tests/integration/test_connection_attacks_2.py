@@ -20,10 +20,10 @@ from websockets.protocol import State
 from daemon.app import Bridge
 from daemon.connection import EARLY_LIMIT, Connection
 from daemon.server import WRITE_LIMIT
-from tests.fixtures import running_bridge
-from tests.helpers import make_user
 from tests.integration.test_connection_attacks import client_frame, upgrade
-from tests.procs import until
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import make_user
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -234,7 +234,7 @@ async def test_a_closed_subscriber_is_not_kept_by_the_listener(bridge: Bridge, c
     Connection object may remain: the listener's processing task still holds the last
     ``_Track`` it took from its queue (its subscription, whose sink is the Client, whose ``ws``
     is the Connection) until the next item arrives, on a quiet bridge for ever."""
-    from tests.helpers import connect, make_room, subscribe
+    from tests.support.helpers import connect, make_room, subscribe
 
     user = await make_user(conn)
     room = await make_room(conn, user)

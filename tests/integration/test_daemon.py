@@ -14,8 +14,8 @@ from ulid import ULID
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
-from tests.fixtures import running_bridge
-from tests.helpers import (
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
     SECRET,
     connect,
     events,

@@ -26,8 +26,8 @@ from daemon.db import describe
 from daemon.errors import DatabaseError, SchemaError
 from daemon.roles import Grants
 from daemon.schema import apply_schema, check_schema
-from tests.fixtures import ROOT, conninfo_env, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import ROOT, conninfo_env, running_bridge
+from tests.support.helpers import (
     connect,
     events,
     head,
@@ -39,8 +39,8 @@ from tests.helpers import (
     send,
     subscribe,
 )
-from tests.procs import run_cli, until
-from tests.trust import Roles, TrustDB, connected, setup_room
+from tests.support.procs import run_cli, until
+from tests.support.trust import Roles, TrustDB, connected, setup_room
 
 AsyncConn = psycopg.AsyncConnection[Any]
 

@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.fixtures import running_bridge
-from tests.helpers import events, post, subscribed_member
-from tests.proxy import FreezingProxy
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import events, post, subscribed_member
+from tests.support.proxy import FreezingProxy
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The daemon under failure: real PostgreSQL, real WebSocket clients over loopback, and the
-daemon run both in-process (:func:`tests.fixtures.running_bridge`) and as ``python -m daemon``.
+daemon run both in-process (:func:`tests.support.fixtures.running_bridge`) and as
+``python -m daemon``.
 
 Each test is named after the failure it pins: the daemon killed with SIGKILL, its database
 backends terminated under load, a client that stops reading, SIGTERM, a database that is empty,
@@ -26,8 +27,8 @@ from psycopg.conninfo import make_conninfo
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.fixtures import bridge_behind_proxy, conninfo_env, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import bridge_behind_proxy, conninfo_env, running_bridge
+from tests.support.helpers import (
     SECRET,
     connect,
     events,
@@ -40,7 +41,7 @@ from tests.helpers import (
     subscribe,
     token,
 )
-from tests.procs import (
+from tests.support.procs import (
     PGBRIDGE,
     daemon_process,
     free_port,

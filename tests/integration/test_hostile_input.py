@@ -20,8 +20,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
 from daemon.connection import Connection
-from tests.fixtures import running_bridge
-from tests.helpers import (
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
     connect,
     events,
     make_room,
@@ -34,8 +34,8 @@ from tests.helpers import (
     subscribed_member,
     token,
 )
-from tests.procs import until
-from tests.proxy import FreezingProxy
+from tests.support.procs import until
+from tests.support.proxy import FreezingProxy
 
 Conn = psycopg.AsyncConnection[Any]
 

@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from tests.fixtures import ROOT
+from tests.support.fixtures import ROOT
 
 
 def node() -> str:

@@ -14,9 +14,9 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
-from tests.fixtures import running_bridge
-from tests.helpers import make_user, recv, send, token
-from tests.procs import until
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import make_user, recv, send, token
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 HEARTBEAT = 0.5

@@ -10,9 +10,16 @@ from pathlib import Path
 import jwt
 import psycopg
 
-from tests.fixtures import conninfo_env
-from tests.helpers import SECRET, make_user
-from tests.procs import PGBRIDGE, DaemonProcess, free_port, http_status, human_lines, run_cli
+from tests.support.fixtures import conninfo_env
+from tests.support.helpers import SECRET, make_user
+from tests.support.procs import (
+    PGBRIDGE,
+    DaemonProcess,
+    free_port,
+    http_status,
+    human_lines,
+    run_cli,
+)
 
 
 async def test_ready_is_sent_only_once_serving_and_stopping_on_sigterm(db_url: str,

@@ -29,8 +29,8 @@ from daemon.app import Bridge
 from daemon.errors import DatabaseError, SchemaError
 from daemon.roles import Grants
 from daemon.schema import apply_schema, check_schema
-from tests.fixtures import ROOT, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import ROOT, running_bridge
+from tests.support.helpers import (
     channels,
     connect,
     events,
@@ -41,8 +41,8 @@ from tests.helpers import (
     send,
     subscribe,
 )
-from tests.procs import until
-from tests.trust import Roles, TrustDB, connected, setup_room
+from tests.support.procs import until
+from tests.support.trust import Roles, TrustDB, connected, setup_room
 
 # What a role without the key can derive or guess: the channels of every version before, for
 # the public schema and for --test, and the typing channels beside them.

@@ -21,8 +21,8 @@ from psycopg_pool import PoolTimeout
 from daemon.app import Bridge
 from daemon.connection import close_code_sent
 from daemon.metrics import CLOSE_CODES
-from tests.fixtures import ROOT, bridge_behind_proxy, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import ROOT, bridge_behind_proxy, running_bridge
+from tests.support.helpers import (
     connect,
     events,
     head,
@@ -35,7 +35,7 @@ from tests.helpers import (
     subscribed_member,
     token,
 )
-from tests.procs import until
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

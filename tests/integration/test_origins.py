@@ -19,9 +19,9 @@ from websockets.typing import Origin
 
 from daemon.app import Bridge
 from daemon.origins import parse_allowlist, parse_public_origins
-from tests.browser import StaticServer, async_chromium, browser_paths, run_async
-from tests.fixtures import running_bridge
-from tests.helpers import make_user, recv, token
+from tests.support.browser import StaticServer, async_chromium, browser_paths, run_async
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import make_user, recv, token
 
 Conn = psycopg.AsyncConnection[Any]
 

@@ -23,8 +23,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from daemon.app import Bridge
-from tests.fixtures import running_bridge
-from tests.helpers import (
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
     channels,
     connect,
     make_room,
@@ -35,7 +35,7 @@ from tests.helpers import (
     send,
     subscribe,
 )
-from tests.procs import daemon_process, free_port, until
+from tests.support.procs import daemon_process, free_port, until
 
 Conn = psycopg.AsyncConnection[Any]
 Frame = dict[str, Any]

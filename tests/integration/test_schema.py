@@ -1,7 +1,7 @@
 """The chat schema (spec 003, "Schema Documentation") as applied by daemon.schema / setup_db.py.
 
-Against a real PostgreSQL (tests/fixtures.py): fresh apply, idempotence, in-place upgrade of a
-database built from the bare spec DDL, ``--test`` isolation, concurrent applies, tampered
+Against a real PostgreSQL (tests/support/fixtures.py): fresh apply, idempotence, in-place upgrade
+of a database built from the bare spec DDL, ``--test`` isolation, concurrent applies, tampered
 migrations, the constraints the spec asks for, ULID keys, ``updated_at``, and the CLI's
 ``--dry-run`` and ``--verify``.
 """
@@ -31,7 +31,7 @@ from daemon.schema import (
     load_migrations,
     verify_schema,
 )
-from tests.fixtures import ROOT, conninfo_env
+from tests.support.fixtures import ROOT, conninfo_env
 
 SPEC_TABLES = (
     "users", "channels", "messages", "channel_members", "reactions", "files", "user_settings",

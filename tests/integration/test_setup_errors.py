@@ -29,7 +29,7 @@ from psycopg.conninfo import make_conninfo
 
 from daemon.db import translate
 from daemon.embedded import start_embedded
-from tests.fixtures import ROOT, conninfo_env, dbname_of
+from tests.support.fixtures import ROOT, conninfo_env, dbname_of
 
 SETUP_DB = str(ROOT / "setup_db.py")
 

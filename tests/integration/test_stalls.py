@@ -20,8 +20,8 @@ import pytest
 import websockets
 
 from daemon.app import Bridge
-from tests.fixtures import bridge_behind_proxy, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import bridge_behind_proxy, running_bridge
+from tests.support.helpers import (
     connect,
     events,
     head,
@@ -33,8 +33,8 @@ from tests.helpers import (
     subscribe,
     token,
 )
-from tests.procs import PGBRIDGE, run_cli, until
-from tests.proxy import FreezingProxy
+from tests.support.procs import PGBRIDGE, run_cli, until
+from tests.support.proxy import FreezingProxy
 
 Conn = psycopg.AsyncConnection[Any]
 

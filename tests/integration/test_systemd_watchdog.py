@@ -21,8 +21,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from daemon import systemd
 from daemon.logs import Throttled
-from tests.procs import DaemonProcess, daemon_process, free_port, http_status, until
-from tests.proxy import FreezingProxy
+from tests.support.procs import DaemonProcess, daemon_process, free_port, http_status, until
+from tests.support.proxy import FreezingProxy
 
 # --- systemd.notify ---------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """setup_db.py and the daemon as real processes, reaching PostgreSQL only through a real SSH
-tunnel (tests/sshd.py) to ``db.internal:5432`` as the bastion sees it.
+tunnel (tests/support/sshd.py) to ``db.internal:5432`` as the bastion sees it.
 
 The SSH server runs in this test's event loop, so everything here is async (subprocesses,
 database access): a blocking call would stop the loop that carries the tunnel. The test's own
@@ -25,8 +25,8 @@ from websockets.asyncio.client import ClientConnection
 
 from daemon.errors import EXIT_TUNNEL
 from daemon.schema import apply_schema_sync
-from tests.fixtures import DB_HOST, DB_PORT, ROOT, conninfo_env, dbname_of
-from tests.helpers import (
+from tests.support.fixtures import DB_HOST, DB_PORT, ROOT, conninfo_env, dbname_of
+from tests.support.helpers import (
     SECRET,
     connect,
     head,
@@ -37,8 +37,8 @@ from tests.helpers import (
     send,
     subscribe,
 )
-from tests.procs import DaemonProcess
-from tests.sshd import TestSSHServer
+from tests.support.procs import DaemonProcess
+from tests.support.sshd import TestSSHServer
 
 WAIT = 20.0  # seconds; only reached when a test is failing
 SCHEMA_TABLES = {
