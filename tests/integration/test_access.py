@@ -131,6 +131,7 @@ async def witness_of(bridge: Bridge, cast: Cast) -> ClientConnection:
     return ws
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CHANGES))
 async def test_losing_access_ends_it_before_any_later_event(
         bridge: Bridge, conn: Conn, name: str) -> None:

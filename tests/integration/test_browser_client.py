@@ -59,6 +59,7 @@ TIMELINE = ("[...document.querySelectorAll('.timeline li[data-id]')].map(li => "
             "li.querySelector('.edited').textContent, li.querySelector('.reactions').textContent])")
 
 
+@pytest.mark.slow
 async def test_the_demo_page_shows_a_live_timeline(db_url: str, conn: AsyncConn) -> None:
     user = await make_user(conn)
     room = await make_room(conn, user)
@@ -96,6 +97,7 @@ MEMBERS = ("[...document.querySelectorAll('.members li[data-user]')].map(li => "
            "[li.dataset.user, li.textContent])")
 
 
+@pytest.mark.slow
 async def test_the_demo_page_shows_who_is_online_and_typing(db_url: str,
                                                             conn: AsyncConn) -> None:
     """The page subscribes with presence: the viewer is listed online, then a member who
@@ -151,6 +153,7 @@ import('/client.js').then(({PgBridge}) => {
 """
 
 
+@pytest.mark.slow
 async def test_a_page_keeps_every_event_across_4001_sigkill_and_4008(
         create_database: Callable[[], str], tmp_path: Path) -> None:
     from daemon.schema import apply_schema
@@ -248,6 +251,7 @@ import(bridgeOrigin + '/client.js').then(({PgBridge}) => {
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("allowed", [True, False])
 async def test_a_page_of_another_origin_works_once_allowed(db_url: str, conn: AsyncConn,
                                                            allowed: bool) -> None:

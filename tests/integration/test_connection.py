@@ -25,6 +25,7 @@ from tests.support.procs import until
 Conn = psycopg.AsyncConnection[Any]
 
 
+@pytest.mark.slow
 async def test_an_idle_connection_holds_no_task(db_url: str, conn: Conn) -> None:
     """The handshake's task ends with the handshake, a subscribe's with its answer: twenty
     idle subscribed connections leave the loop with the tasks it had without them (the

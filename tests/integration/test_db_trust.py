@@ -83,6 +83,7 @@ async def expect_exactly(ws: Any, app: AsyncConn, room: str, user: str, start: i
 
 # --- forged NOTIFY ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_forged_notifies_change_nothing_a_subscriber_receives(
         trust_db: TrustDB, bridge: Bridge, attacker: str) -> None:
     """A forged event with the room's next seq (extra keys, markup), a forged membership DELETE,
@@ -334,6 +335,7 @@ async def test_a_63_character_schema_name_gets_a_channel_that_works(
 
 # --- key rotation -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_a_rotated_key_loses_no_event(trust_db: TrustDB, create_database: Callable[[], str]
                                             ) -> None:
     """README: delete the key's row and run setup_db.py again. The key names the channels, so

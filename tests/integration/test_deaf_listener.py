@@ -29,6 +29,7 @@ async def proxy(db_url: str) -> AsyncIterator[tuple[FreezingProxy, str]]:
     await p.close()
 
 
+@pytest.mark.slow
 async def test_deaf_listener_is_replaced_after_its_probe_fails(
         proxy: tuple[FreezingProxy, str], conn: psycopg.AsyncConnection[Any]) -> None:
     freezer, via_proxy = proxy

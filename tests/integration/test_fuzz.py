@@ -464,6 +464,7 @@ contents = st.text(_content_chars, max_size=200) | repeated(
 
 # --- the tests --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hostile_frames_get_documented_answers_while_an_honest_subscriber_misses_nothing(
         world: World) -> None:
     """Every hostile frame gets well-formed answers with documented codes (never ``internal``)

@@ -35,6 +35,7 @@ def node() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_the_javascript_client_passes_its_node_tests() -> None:
     done = subprocess.run([node(), "--test", "clients/js/test/"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

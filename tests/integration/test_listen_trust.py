@@ -84,6 +84,7 @@ async def probed(bridge: Bridge) -> None:
     await until(came, "a probe round trip")
 
 
+@pytest.mark.slow
 async def test_no_grant_role_hears_nothing_by_listening(
         trust_db: TrustDB, bridge: Bridge, attacker: str) -> None:
     """The attacker LISTENs on every name it can derive or guess (the old ones, whatever
@@ -143,6 +144,7 @@ async def test_no_grant_role_hears_nothing_by_listening(
     await watching.close()
 
 
+@pytest.mark.slow
 async def test_the_daemon_s_statements_name_no_channel(trust_db: TrustDB,
                                                        bridge: Bridge) -> None:
     """pg_stat_activity shows a session's last statement to its own role, superusers and
@@ -192,6 +194,7 @@ def daemon_cpu() -> float:
 FLOOD = 100_000  # forged NOTIFYs, sent by one statement in well under a second
 
 
+@pytest.mark.slow
 async def test_a_forged_flood_costs_bounded_cpu_and_real_events_still_arrive(
         trust_db: TrustDB, bridge: Bridge) -> None:
     """The bridge role can name the capture channel (it calls pgbridge_listen) and floods it

@@ -136,6 +136,7 @@ def assert_refused(code: int, lines: list[str], stderr: str, port: int, *words: 
     assert f"127.0.0.1:{port}" in line, line
     assert all(word in line for word in words), line
 
+@pytest.mark.slow
 async def test_a_hot_standby_is_refused(primary: Cluster, standby: Cluster,
                                         tmp_path: Path) -> None:
     # The standby really is one, and has replayed the primary's schema.
@@ -180,6 +181,7 @@ async def test_a_transaction_mode_pgbouncer_is_refused(pgbouncer: PgBouncer,
     assert '"level": "error"' not in stderr and "listener_deaf" not in stderr, stderr
 
 
+@pytest.mark.slow
 async def test_a_session_mode_pgbouncer_is_served(session_pgbouncer: PgBouncer,
                                                   tmp_path: Path) -> None:
     """The control: the refusal above is for the pool mode, not for PgBouncer. In session mode

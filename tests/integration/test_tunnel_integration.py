@@ -95,6 +95,7 @@ async def run_setup_db(env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
 # --------------------------------------------------------------------------- setup_db.py
 
 
+@pytest.mark.slow
 async def test_setup_db_applies_schema_through_tunnel(
     sshd: TestSSHServer, create_database: Callable[[], str], tmp_path: Path
 ) -> None:
@@ -220,6 +221,7 @@ class Writer:
         return self.written
 
 
+@pytest.mark.slow
 async def test_daemon_through_tunnel_delivers_events_and_survives_ssh_cut(
     sshd: TestSSHServer, create_database: Callable[[], str], tmp_path: Path,
     unused_tcp_port: int,
