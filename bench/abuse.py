@@ -2,7 +2,7 @@
 """Abuse: do abusive clients hurt a legitimate one? The real daemon, its default limits, one
 legitimate subscriber, and one abuse after the other, measured in the same run.
 
-    python bench/abuse.py [--seconds S] [--rate INSERTS_PER_S] [--phases a,b,c,d,e,f] [--dsn DSN]
+    python -m bench.abuse [--seconds S] [--rate INSERTS_PER_S] [--phases a,b,c,d,e,f] [--dsn DSN]
 
 ``python -m daemon`` runs in a subprocess on a database of its own (created on ``--dsn``, which
 needs CREATEDB, and dropped at the end), with only ``PGBRIDGE_JWT_SECRET`` and
@@ -75,11 +75,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from fanout import (  # noqa: E402
+from bench.common import (
+    ROOT,
     SECRET,
     WRITE,
     clean_env,

@@ -2,7 +2,7 @@
 """Multi-room transactions: how often they deadlock on the per-room counters, and what taking the
 counters in a fixed order (sql/triggers/30_room_lock_order.sql) changes.
 
-    python bench/deadlocks.py [--dsn DSN] [--rooms 12] [--member-of 6] [--users 48]
+    python -m bench.deadlocks [--dsn DSN] [--rooms 12] [--member-of 6] [--users 48]
                               [--connections 8] [--reactions 6] [--reads 6] [--batch 4] [--pairs 8]
                               [--messages 20] [--rounds 3] [--deadlock-timeout MS]
                               [--seed N] [--keep]
@@ -53,18 +53,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import psycopg
-from fanout import scratch_database
 from psycopg import sql
 from ulid import ULID
-from write_overhead import target
 
+from bench.common import scratch_database
+from bench.write_overhead import target
 from daemon.db import describe
 from daemon.schema import apply_schema
 

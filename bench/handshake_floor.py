@@ -2,7 +2,7 @@
 """The floor under a handshake: what accepting a WebSocket connection and answering one request
 on it costs a Python server, with nothing of pgbridge around it.
 
-    python bench/handshake_floor.py [--connections 3000] [--event-loop asyncio,uvloop]
+    python -m bench.handshake_floor [--connections 3000] [--event-loop asyncio,uvloop]
                                     [--rounds 2]
 
 Three servers, each in its own process, answer the same clients: a ``GET`` with an upgrade, then

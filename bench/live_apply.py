@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What re-running ``setup_db.py`` on a live database costs its writers.
 
-    python bench/live_apply.py [--dsn DSN] [--runs 10] [--writers 4] [--long-tx 2.0]
+    python -m bench.live_apply [--dsn DSN] [--runs 10] [--writers 4] [--long-tx 2.0]
                                [--idle 10] [--setup-root DIR]
 
 Writers insert into ``messages`` continuously (one connection each, autocommit, one row per
@@ -39,12 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import psycopg
-from fanout import scratch_database, server_conninfo
 from ulid import ULID
+
+from bench.common import scratch_database, server_conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
 

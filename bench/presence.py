@@ -2,7 +2,7 @@
 """Presence under churn: what users connecting and disconnecting cost the daemon and the
 database, with the grace period absorbing quick reconnects.
 
-    python bench/presence.py [--users N] [--seconds S] [--grace G] [--procs P]
+    python -m bench.presence [--users N] [--seconds S] [--grace G] [--procs P]
                              [--scenarios a,b,c] [--dsn DSN]
 
 One daemon (``python -m daemon`` in a subprocess, ``PGBRIDGE_PRESENCE_GRACE`` = ``--grace``)
@@ -79,10 +79,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fanout import (
+from bench.common import (
     SECRET,
     CpuMeter,
     Scenario,

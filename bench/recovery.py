@@ -2,7 +2,7 @@
 """How fast pgbridge heals: for each kind of fault, the time from "the fault is over" to
 "events flow again" (README, "Faults and how fast they heal").
 
-    python bench/recovery.py [--rounds 3] [--outages 10,30] [--no-ssh] [--daemon-root DIR]
+    python -m bench.recovery [--rounds 3] [--outages 10,30] [--no-ssh] [--daemon-root DIR]
                              [--slow-only]
 
 One run: a private embedded PostgreSQL (it is stopped and started, so never the machine's own
@@ -19,7 +19,7 @@ Faults, each ``--rounds`` times:
   connections again;
 * ``PostgreSQL down N s``: stopped for ``N`` seconds (``--outages``), then started;
 * ``SSH cut``: the daemon reaches the database through a real SSH server (asyncssh, from
-  tests/sshd.py) whose connections are all aborted; over when the daemon logs
+  tests/support/sshd.py) whose connections are all aborted; over when the daemon logs
   ``tunnel_reopened``;
 * ``daemon SIGKILL`` / ``daemon SIGTERM``: the daemon killed and started again; over when the
   new process logs ``ready``.
@@ -52,16 +52,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import psycopg
+import websockets
+from psycopg.conninfo import conninfo_to_dict
 
-import psycopg  # noqa: E402
-import websockets  # noqa: E402
-from fanout import clean_env, free_port  # noqa: E402
-from psycopg.conninfo import conninfo_to_dict  # noqa: E402
-
-from daemon.auth import mint_token  # noqa: E402
+from bench.common import ROOT, clean_env, free_port
+from daemon.auth import mint_token
 
 SECRET = "bench-recovery-secret-0123456789-0123456789"
 WRITE_EVERY = 0.02  # seconds between two commits of the writer
@@ -326,7 +322,7 @@ async def run(args: argparse.Namespace) -> int:
         baseline = await phase(env, port, faults)
 
     if not args.no_ssh and not args.slow_only:
-        from tests.sshd import TestSSHServer, postgres_target
+        from tests.support.sshd import TestSSHServer, postgres_target
 
         sshd = TestSSHServer(work, {("db.internal", 5432): postgres_target(db)})
         await sshd.start()

@@ -2,7 +2,7 @@
 """The floor under fan-out: what one write to a loopback TCP socket costs the writing process,
 with nothing of pgbridge around it.
 
-    python bench/send_floor.py [--connections 1000] [--rounds 200] [--size 400]
+    python -m bench.send_floor [--connections 1000] [--rounds 200] [--size 400]
                                [--frames 1,2,5]
 
 ``--connections`` sockets are accepted from a reader process that drains them all; the writer

@@ -2,7 +2,7 @@
 """What change capture costs the writers: insert rate of ``messages`` with and without it, with
 the doorbell ringing and quiet, over a matrix of rooms x writers.
 
-    python bench/write_overhead.py [--dsn DSN] [--rooms 1,10,100] [--writers 4,8,16]
+    python -m bench.write_overhead [--dsn DSN] [--rooms 1,10,100] [--writers 4,8,16]
                                    [--seconds 2] [--rounds 2] [--profile] [--async-commit]
                                    [--no-listener] [--daemon [--subscribers 100]
                                    [--drain 10]] [--keep]
@@ -82,11 +82,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import psycopg
-from fanout import (
+from psycopg import sql
+from ulid import ULID
+
+from bench.common import (
     SECRET,
     SEQ,
     CpuMeter,
@@ -96,9 +96,6 @@ from fanout import (
     open_clients,
     process,
 )
-from psycopg import sql
-from ulid import ULID
-
 from daemon.db import channels_query, database, describe
 from daemon.events import capture_time
 from daemon.schema import apply_schema

@@ -21,8 +21,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
-from tests.fixtures import bridge_behind_proxy, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import bridge_behind_proxy, running_bridge
+from tests.support.helpers import (
     connect,
     events,
     make_room,
@@ -131,6 +131,7 @@ async def witness_of(bridge: Bridge, cast: Cast) -> ClientConnection:
     return ws
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CHANGES))
 async def test_losing_access_ends_it_before_any_later_event(
         bridge: Bridge, conn: Conn, name: str) -> None:

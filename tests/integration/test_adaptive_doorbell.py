@@ -31,8 +31,8 @@ from daemon.app import Bridge
 from daemon.doorbell import Mode
 from daemon.schema import apply_schema_sync
 from daemon.signing import NotifyKey
-from tests.fixtures import running_bridge
-from tests.helpers import (
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
     connect,
     head,
     make_room,
@@ -42,7 +42,7 @@ from tests.helpers import (
     recv,
     subscribe,
 )
-from tests.procs import until
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -89,6 +89,7 @@ def mode(bridge: Bridge) -> Mode:
     return bridge.rooms.bell.mode
 
 
+@pytest.mark.slow
 async def test_writers_stop_ringing_under_load_and_nothing_is_lost_across_both_switches(
         own_db: str, owner: Conn) -> None:
     # the subscribers read in this event loop, beside the bridge and the writers: a queue that
@@ -181,6 +182,7 @@ async def write_read_the_lease(bridge: Bridge, owner: Conn, own_db: str
         yield ws, start, writer
 
 
+@pytest.mark.slow
 async def test_a_writer_that_read_the_lease_is_awaited_before_the_polls_stop(
         own_db: str, owner: Conn) -> None:
     async with running_bridge(own_db, doorbell="on", poll_interval=0.01) as bridge:
@@ -194,6 +196,7 @@ async def test_a_writer_that_read_the_lease_is_awaited_before_the_polls_stop(
         await until(lambda: asyncio.sleep(0, mode(bridge) is Mode.RINGING), "ringing again")
 
 
+@pytest.mark.slow
 async def test_an_event_committed_just_before_the_barrier_passed_is_still_read(
         own_db: str, owner: Conn) -> None:
     """The reading that found the barrier over switched the polls off; the last poll could have

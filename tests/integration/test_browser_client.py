@@ -1,5 +1,5 @@
 """The JavaScript client (clients/js/pgbridge.js) and the demo page, in a real headless Chromium
-against a real daemon and PostgreSQL (tests/browser.py).
+against a real daemon and PostgreSQL (tests/support/browser.py).
 
 * The demo page shows inserted messages in commit order; an edit, a delete and a reaction change
   them; hostile content stays text.
@@ -26,11 +26,11 @@ import pytest
 
 from daemon.auth import mint_token
 from daemon.origins import parse_allowlist
-from tests.browser import StaticServer, async_chromium, run_async
-from tests.fixtures import running_bridge
-from tests.helpers import SECRET, connect, head, make_room, make_user, post, send, subscribe
-from tests.procs import DaemonProcess, free_port, until
-from tests.proxy import PausingProxy
+from tests.support.browser import StaticServer, async_chromium, run_async
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import SECRET, connect, head, make_room, make_user, post, send, subscribe
+from tests.support.procs import DaemonProcess, free_port, until
+from tests.support.proxy import PausingProxy
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
@@ -59,6 +59,7 @@ TIMELINE = ("[...document.querySelectorAll('.timeline li[data-id]')].map(li => "
             "li.querySelector('.edited').textContent, li.querySelector('.reactions').textContent])")
 
 
+@pytest.mark.slow
 async def test_the_demo_page_shows_a_live_timeline(db_url: str, conn: AsyncConn) -> None:
     user = await make_user(conn)
     room = await make_room(conn, user)
@@ -96,6 +97,7 @@ MEMBERS = ("[...document.querySelectorAll('.members li[data-user]')].map(li => "
            "[li.dataset.user, li.textContent])")
 
 
+@pytest.mark.slow
 async def test_the_demo_page_shows_who_is_online_and_typing(db_url: str,
                                                             conn: AsyncConn) -> None:
     """The page subscribes with presence: the viewer is listed online, then a member who
@@ -151,10 +153,11 @@ import('/client.js').then(({PgBridge}) => {
 """
 
 
+@pytest.mark.slow
 async def test_a_page_keeps_every_event_across_4001_sigkill_and_4008(
         create_database: Callable[[], str], tmp_path: Path) -> None:
     from daemon.schema import apply_schema
-    from tests.fixtures import conninfo_env
+    from tests.support.fixtures import conninfo_env
 
     url = create_database()
     await apply_schema(url)
@@ -248,6 +251,7 @@ import(bridgeOrigin + '/client.js').then(({PgBridge}) => {
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("allowed", [True, False])
 async def test_a_page_of_another_origin_works_once_allowed(db_url: str, conn: AsyncConn,
                                                            allowed: bool) -> None:

@@ -29,7 +29,7 @@ from ulid import ULID
 
 from daemon.schema import apply_schema_sync
 from daemon.signing import NotifyKey
-from tests.helpers import channels, notify_trust
+from tests.support.helpers import channels, notify_trust
 
 AsyncConn = psycopg.AsyncConnection[Any]
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
@@ -213,6 +213,7 @@ CASES: dict[str, dict[str, str]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table", list(CASES))
 async def test_each_row_change_of_a_published_table_is_one_event_and_one_notify(
         capture_db: str, schema: str, table: str) -> None:
@@ -348,6 +349,7 @@ async def test_private_tables_emit_nothing(capture_db: str, schema: str) -> None
 
 # --- ordering and gaps ------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_concurrent_writers_in_one_room_get_seqs_1_to_n_in_commit_order(
         capture_db: str, schema: str) -> None:
     writers, per_writer = 8, 250

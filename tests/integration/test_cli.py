@@ -25,9 +25,9 @@ import pytest
 import websockets
 
 from daemon.embedded import start_embedded
-from tests.fixtures import ROOT, conninfo_env, running_bridge
-from tests.helpers import SECRET, make_room, make_user, token
-from tests.procs import PGBRIDGE, DaemonProcess, free_port, human_lines, run_cli, until
+from tests.support.fixtures import ROOT, conninfo_env, running_bridge
+from tests.support.helpers import SECRET, make_room, make_user, token
+from tests.support.procs import PGBRIDGE, DaemonProcess, free_port, human_lines, run_cli, until
 
 SETUP_DB = str(ROOT / "setup_db.py")
 PYTHON = sys.executable
@@ -66,6 +66,7 @@ COMMANDS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 async def test_data_dir_under_a_file_is_one_line_naming_PGBRIDGE_DATA_DIR(
         tmp_path: Path, command: str) -> None:
@@ -79,6 +80,7 @@ async def test_data_dir_under_a_file_is_one_line_naming_PGBRIDGE_DATA_DIR(
     assert out == ""
 
 
+@pytest.mark.slow
 async def test_pgdata_that_is_a_file_is_one_line_naming_PGBRIDGE_DATA_DIR(
         tmp_path: Path) -> None:
     (tmp_path / "pgdata").write_text("not a cluster")
@@ -111,6 +113,7 @@ async def test_setup_says_attaching_when_the_embedded_server_already_runs(
 
 # --- the daemon's port -----------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_taken_port_is_one_line_naming_PGBRIDGE_PORT(db_url: str, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -142,6 +145,7 @@ async def test_python_m_daemon_without_the_dependencies_says_so(tmp_path: Path) 
 
 # --- pgbridge token --------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_token_for_a_missing_user_is_refused(db_url: str, tmp_path: Path) -> None:
     env = conninfo_env(db_url) | {"PGBRIDGE_JWT_SECRET": SECRET}
     code, out, err = await run_cli(str(PGBRIDGE), "token", "nosuchuser", env=env, cwd=tmp_path)
@@ -154,6 +158,7 @@ async def test_token_for_a_missing_user_is_refused(db_url: str, tmp_path: Path) 
     assert jwt.decode(out.strip(), SECRET, algorithms=["HS256"])["sub"] == "nosuchuser"
 
 
+@pytest.mark.slow
 async def test_token_for_a_live_user_and_not_for_a_deleted_one(
         conn: Conn, db_url: str, tmp_path: Path) -> None:
     live, deleted = await make_user(conn), await make_user(conn)
@@ -169,6 +174,7 @@ async def test_token_for_a_live_user_and_not_for_a_deleted_one(
     assert out == ""
 
 
+@pytest.mark.slow
 async def test_token_without_the_schema_says_apply_it(fresh_db: str, tmp_path: Path) -> None:
     env = conninfo_env(fresh_db) | {"PGBRIDGE_JWT_SECRET": SECRET}
     code, _, err = await run_cli(str(PGBRIDGE), "token", "someone", env=env, cwd=tmp_path)
@@ -184,6 +190,7 @@ async def test_token_for_a_malformed_user_id_is_a_usage_error(tmp_path: Path) ->
 
 # --- --version and usage ---------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [
     [str(PGBRIDGE), "--version"], [str(PGBRIDGE), "run", "--version"],
     [PYTHON, "-m", "daemon", "--version"], [PYTHON, SETUP_DB, "--version"],
@@ -308,6 +315,7 @@ async def test_tail_reconnect_lines_are_progress_and_ctrl_c_exits_130(tmp_path: 
 
 # --- first contact: ./dev run with nothing configured ---------------------------------------
 
+@pytest.mark.slow
 async def test_first_run_prints_the_banner_on_stdout_and_only_log_lines_on_stderr(
         tmp_path: Path) -> None:
     """What `./dev run` does on a fresh machine: the embedded PostgreSQL, the demo user and
@@ -343,6 +351,7 @@ async def test_first_run_prints_the_banner_on_stdout_and_only_log_lines_on_stder
     assert not_json == [], not_json
 
 
+@pytest.mark.slow
 def test_the_ssh_modules_import_with_warnings_as_errors() -> None:
     """The daemon imports asyncssh (SSH_HOST set) without a warning on stderr: cryptography
     51's DSA deprecation, raised by asyncssh's import, is ignored there by message and module

@@ -17,8 +17,8 @@ from websockets.exceptions import InvalidStatus
 
 from daemon.app import Bridge
 from daemon.outbox import BATCH_BYTES
-from tests.fixtures import running_bridge
-from tests.helpers import (
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
     connect,
     events,
     head,
@@ -30,7 +30,7 @@ from tests.helpers import (
     subscribe,
     token,
 )
-from tests.procs import daemon_process, free_port
+from tests.support.procs import daemon_process, free_port
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -53,6 +53,7 @@ async def messages_until(ws: websockets.ClientConnection, room: str,
             return got
 
 
+@pytest.mark.slow
 async def test_a_replay_reaches_a_coalescing_client_in_few_messages_in_order(
         bridge: Bridge, conn: Conn) -> None:
     user = await make_user(conn)
@@ -109,6 +110,7 @@ async def test_a_client_that_does_not_ask_gets_one_frame_per_message(bridge: Bri
     await ws.close()
 
 
+@pytest.mark.slow
 async def test_frames_wait_at_most_the_batch_and_those_ready_meanwhile_join_them(
         bridge: Bridge, conn: Conn) -> None:
     user = await make_user(conn)
@@ -143,6 +145,7 @@ async def test_live_events_and_a_coalescing_subscriber_beside_a_plain_one(
     await batched.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("query", ["batch=fast", "batch=1001", "batch=-1", "batch=1.5",
                                    "batch=%EF%BC%91", "batch=00000", "batch=1&batch=2"])
 async def test_a_malformed_batch_is_refused_with_400(bridge: Bridge, conn: Conn,
@@ -162,6 +165,7 @@ async def recv_nothing_left(bridge: Bridge) -> None:
     assert bridge.metrics.registry.get_sample_value("pgbridge_connections") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_the_daemon_runs_on_the_event_loop_asked_for(db_url: str, conn: Conn,
                                                            tmp_path: Path, loop: str) -> None:
@@ -184,6 +188,7 @@ async def test_the_daemon_runs_on_the_event_loop_asked_for(db_url: str, conn: Co
             await ws.close()
 
 
+@pytest.mark.slow
 async def test_a_long_wait_never_overflows_the_queue_of_a_client_that_reads(
         db_url: str, conn: Conn) -> None:
     """Frames held by ``batch=1000`` count in PGBRIDGE_QUEUE_SIZE: half a queue waiting is sent

@@ -18,13 +18,14 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from daemon.connection import Connection
-from tests.fixtures import running_bridge
-from tests.helpers import connect, make_room, make_user, recv, send, subscribe
-from tests.procs import until
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import connect, make_room, make_user, recv, send, subscribe
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 
 
+@pytest.mark.slow
 async def test_an_idle_connection_holds_no_task(db_url: str, conn: Conn) -> None:
     """The handshake's task ends with the handshake, a subscribe's with its answer: twenty
     idle subscribed connections leave the loop with the tasks it had without them (the

@@ -23,9 +23,19 @@ from daemon.app import Bridge
 from daemon.client import Client
 from daemon.connection import EARLY_LIMIT, FRAMES_PER_TURN, MAX_FRAGMENTS, Connection
 from daemon.outgoing import OutgoingQueue
-from tests.fixtures import running_bridge
-from tests.helpers import connect, events, make_room, make_user, post, recv, send, subscribe, token
-from tests.procs import until
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
+    connect,
+    events,
+    make_room,
+    make_user,
+    post,
+    recv,
+    send,
+    subscribe,
+    token,
+)
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -121,6 +131,7 @@ async def full_heartbeat_rounds(bridge: Bridge, rounds: int = 2) -> None:
 
 # --- bytes with the request ------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tail", [close_frame(), b"\x88", b"\xff\xff", b"junk after the request",
                                   client_frame(Opcode.CONT, b"x", fin=False)],
                          ids=["close", "half-a-header", "two-junk-bytes", "junk", "cont"])
@@ -207,6 +218,7 @@ async def test_a_tail_of_pings_with_the_request_is_bounded(
     assert worst < 1.0, f"an honest ping waited {worst:.3f} s"
 
 
+@pytest.mark.slow
 async def test_one_read_of_pings_is_parsed_over_several_turns(db_url: str, conn: Conn) -> None:
     """One read of many empty pings is not parsed in one callback: the connection parses
     FRAMES_PER_TURN frames (and the rest of one FEED_CHUNK) and yields to the loop. (The rate
@@ -271,6 +283,7 @@ async def test_pongs_to_a_peer_that_is_gone_are_not_logged_one_by_one(
     assert errors(caplog) == []
 
 
+@pytest.mark.slow
 async def test_a_ping_flood_is_failed_without_reading_the_rest(
         bridge: Bridge, conn: Conn) -> None:
     """A client that goes on pinging into a refusing rate limit is closed with 1008 and failed
@@ -291,6 +304,7 @@ async def test_a_ping_flood_is_failed_without_reading_the_rest(
 
 # --- endless fragments -----------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_a_message_in_too_many_fragments_is_closed_with_1009(
         bridge: Bridge, conn: Conn) -> None:
     """Issue 25, attack 3: empty continuation frames had no count limit (1 M of them held
@@ -345,6 +359,7 @@ class _BrokenQueue:
         raise RuntimeError("a bug in the client's queue (len)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["transport-write", "client-queue", "client-inbox"])
 async def test_a_fault_in_one_connection_ends_only_that_connection(
         db_url: str, conn: Conn, fault: str, caplog: pytest.LogCaptureFixture) -> None:

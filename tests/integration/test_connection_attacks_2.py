@@ -20,10 +20,10 @@ from websockets.protocol import State
 from daemon.app import Bridge
 from daemon.connection import EARLY_LIMIT, Connection
 from daemon.server import WRITE_LIMIT
-from tests.fixtures import running_bridge
-from tests.helpers import make_user
 from tests.integration.test_connection_attacks import client_frame, upgrade
-from tests.procs import until
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import make_user
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -59,6 +59,7 @@ async def the_connection(bridge: Bridge) -> Connection:
 
 # --- early bytes: at most EARLY_LIMIT held while the request is answered -------------------
 
+@pytest.mark.slow
 async def test_bytes_read_with_the_request_beyond_early_limit_stop_reading(
         db_url: str, conn: Conn) -> None:
     """Docstring: "What the client sends after [the request] waits, unparsed, until the upgrade
@@ -120,6 +121,7 @@ async def test_a_single_read_past_early_limit_pauses_reading(db_url: str, conn: 
 
 # --- pongs to a client that reads nothing ------------------------------------------------------
 
+@pytest.mark.slow
 async def test_pings_after_the_bridge_closed_do_not_grow_its_buffer_without_bound(
         db_url: str, conn: Conn) -> None:
     """A client that reads nothing sends pings. The rate limit closes it (1008) after a few
@@ -155,6 +157,7 @@ async def test_pings_after_the_bridge_closed_do_not_grow_its_buffer_without_boun
                 f"{buffered} bytes of pongs buffered for a client that reads nothing")
 
 
+@pytest.mark.slow
 async def test_a_client_backed_up_by_pongs_is_still_pinged_and_closed(
         db_url: str, conn: Conn) -> None:
     """heartbeat.py: "behind: its send timeout acts, not a ping". A client that reads nothing
@@ -203,6 +206,7 @@ KEY_HEADERS = (b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\
                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
 
 
+@pytest.mark.slow
 async def test_a_refused_request_with_a_long_tail_still_gets_its_answer(bridge: Bridge) -> None:
     """Docstring: "A 101 is followed by those bytes' frames; any other answer by the end of the
     connection, the waiting bytes unread". A client that sends its frames with its request
@@ -234,7 +238,7 @@ async def test_a_closed_subscriber_is_not_kept_by_the_listener(bridge: Bridge, c
     Connection object may remain: the listener's processing task still holds the last
     ``_Track`` it took from its queue (its subscription, whose sink is the Client, whose ``ws``
     is the Connection) until the next item arrives, on a quiet bridge for ever."""
-    from tests.helpers import connect, make_room, subscribe
+    from tests.support.helpers import connect, make_room, subscribe
 
     user = await make_user(conn)
     room = await make_room(conn, user)

@@ -14,8 +14,8 @@ from ulid import ULID
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
-from tests.fixtures import running_bridge
-from tests.helpers import (
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
     SECRET,
     connect,
     events,
@@ -127,6 +127,7 @@ async def test_subscribe_since_replays_then_live_without_gap_or_duplicate(
     await ws.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "malformed", "bad_signature", "expired",
                                   "unknown_user", "deleted_user", "no_exp", "exp_string",
                                   "exp_1e300", "exp_true", "nbf_string", "not_yet_valid",
@@ -370,6 +371,7 @@ async def test_unsubscribe_stops_events(bridge: Bridge, conn: Conn) -> None:
     await ws.close()
 
 
+@pytest.mark.slow
 async def test_expired_token_closes_4001_and_refresh_extends(bridge: Bridge,
                                                             conn: Conn) -> None:
     user = await make_user(conn)

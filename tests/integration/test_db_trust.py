@@ -26,8 +26,8 @@ from daemon.db import describe
 from daemon.errors import DatabaseError, SchemaError
 from daemon.roles import Grants
 from daemon.schema import apply_schema, check_schema
-from tests.fixtures import ROOT, conninfo_env, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import ROOT, conninfo_env, running_bridge
+from tests.support.helpers import (
     connect,
     events,
     head,
@@ -39,8 +39,8 @@ from tests.helpers import (
     send,
     subscribe,
 )
-from tests.procs import run_cli, until
-from tests.trust import Roles, TrustDB, connected, setup_room
+from tests.support.procs import run_cli, until
+from tests.support.trust import Roles, TrustDB, connected, setup_room
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
@@ -83,6 +83,7 @@ async def expect_exactly(ws: Any, app: AsyncConn, room: str, user: str, start: i
 
 # --- forged NOTIFY ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_forged_notifies_change_nothing_a_subscriber_receives(
         trust_db: TrustDB, bridge: Bridge, attacker: str) -> None:
     """A forged event with the room's next seq (extra keys, markup), a forged membership DELETE,
@@ -334,6 +335,7 @@ async def test_a_63_character_schema_name_gets_a_channel_that_works(
 
 # --- key rotation -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_a_rotated_key_loses_no_event(trust_db: TrustDB, create_database: Callable[[], str]
                                             ) -> None:
     """docs/topics/security.md: delete the key's row and run setup_db.py again. The key names

@@ -175,6 +175,7 @@ async def test_lock_rooms_takes_the_rooms_in_room_id_order_whatever_the_order_gi
 
 # --- hard deletes -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ordered", [True, False], ids=["trigger", "control-no-trigger"])
 @pytest.mark.parametrize("via", ["reactions", "message_reads"])
 async def test_deletions_of_users_sharing_rooms_met_in_opposite_orders(
@@ -231,6 +232,7 @@ async def test_deletions_of_users_sharing_rooms_met_in_opposite_orders(
         await assert_gap_free(setup, [a, b, c])
 
 
+@pytest.mark.slow
 async def test_concurrent_hard_deletes_of_users_sharing_rooms_never_deadlock(
         lock_db: str) -> None:
     """24 users, each in 4 of the same 6 rooms (joined in random orders) and with reactions and

@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.fixtures import running_bridge
-from tests.helpers import events, post, subscribed_member
-from tests.proxy import FreezingProxy
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import events, post, subscribed_member
+from tests.support.proxy import FreezingProxy
 
 
 @pytest.fixture
@@ -29,6 +29,7 @@ async def proxy(db_url: str) -> AsyncIterator[tuple[FreezingProxy, str]]:
     await p.close()
 
 
+@pytest.mark.slow
 async def test_deaf_listener_is_replaced_after_its_probe_fails(
         proxy: tuple[FreezingProxy, str], conn: psycopg.AsyncConnection[Any]) -> None:
     freezer, via_proxy = proxy

@@ -1,5 +1,6 @@
 """The daemon under failure: real PostgreSQL, real WebSocket clients over loopback, and the
-daemon run both in-process (:func:`tests.fixtures.running_bridge`) and as ``python -m daemon``.
+daemon run both in-process (:func:`tests.support.fixtures.running_bridge`) and as
+``python -m daemon``.
 
 Each test is named after the failure it pins: the daemon killed with SIGKILL, its database
 backends terminated under load, a client that stops reading, SIGTERM, a database that is empty,
@@ -26,8 +27,8 @@ from psycopg.conninfo import make_conninfo
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.fixtures import bridge_behind_proxy, conninfo_env, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import bridge_behind_proxy, conninfo_env, running_bridge
+from tests.support.helpers import (
     SECRET,
     connect,
     events,
@@ -40,7 +41,7 @@ from tests.helpers import (
     subscribe,
     token,
 )
-from tests.procs import (
+from tests.support.procs import (
     PGBRIDGE,
     daemon_process,
     free_port,
@@ -80,6 +81,7 @@ async def member_room(conn: psycopg.AsyncConnection[Any], *names: str) -> tuple[
 
 # --- SIGKILL ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_resume_after_daemon_kill_9(conn: psycopg.AsyncConnection[Any], db_url: str,
                                           tmp_path: Path) -> None:
     (user,), room = await member_room(conn, "kill9")
@@ -129,6 +131,7 @@ async def test_resume_after_daemon_kill_9(conn: psycopg.AsyncConnection[Any], db
 
 # --- backends terminated ------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_listener_recovers_after_pg_terminate_backend(
         conn: psycopg.AsyncConnection[Any], db_url: str) -> None:
     """The daemon's LISTEN connection and every pooled connection are terminated again and
@@ -269,6 +272,7 @@ async def test_slow_client_closed_4008_fast_client_unaffected(
 
 # --- SIGTERM ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_sigterm_closes_clients_1001_and_exits_0(
         conn: psycopg.AsyncConnection[Any], db_url: str, tmp_path: Path) -> None:
     (user,), room = await member_room(conn, "sigterm")
@@ -308,6 +312,7 @@ def _assert_one_error_line(stderr: str, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 async def test_startup_refuses_missing_schema(fresh_db: str, tmp_path: Path) -> None:
     env = conninfo_env(fresh_db) | {"PGBRIDGE_JWT_SECRET": SECRET,
                                     "PGBRIDGE_PORT": str(free_port())}
@@ -316,6 +321,7 @@ async def test_startup_refuses_missing_schema(fresh_db: str, tmp_path: Path) -> 
     _assert_one_error_line(err, "setup_db.py")
 
 
+@pytest.mark.slow
 async def test_startup_refuses_missing_jwt_secret(db_url: str, tmp_path: Path) -> None:
     env = conninfo_env(db_url) | {"PGBRIDGE_PORT": str(free_port())}
     code, _, err = await run_cli(sys.executable, "-m", "daemon", env=env, cwd=tmp_path)
@@ -323,6 +329,7 @@ async def test_startup_refuses_missing_jwt_secret(db_url: str, tmp_path: Path) -
     _assert_one_error_line(err, "PGBRIDGE_JWT_SECRET")
 
 
+@pytest.mark.slow
 async def test_startup_refuses_unreachable_server(tmp_path: Path) -> None:
     closed = free_port()  # nothing listens there
     url = make_conninfo("", host="127.0.0.1", port=closed, user="postgres", dbname="postgres",
@@ -335,6 +342,7 @@ async def test_startup_refuses_unreachable_server(tmp_path: Path) -> None:
 
 # --- the reference client -----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [[], ["--batch", "-1"], ["--batch", "50"]],
                          ids=["coalesced", "one_frame_per_message", "held_50ms"])
 async def test_tail_reference_client_prints_events(
@@ -369,6 +377,7 @@ async def test_tail_reference_client_prints_events(
     assert all(f["room"] == room and f["table"] == "messages" for f in frames)
 
 
+@pytest.mark.slow
 async def test_acks_whose_write_failed_are_written_once_the_database_is_back(
         db_url: str, conn: psycopg.AsyncConnection[Any]) -> None:
     """AckWriter puts a batch back when its write fails; the next flush writes it."""

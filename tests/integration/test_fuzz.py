@@ -4,9 +4,9 @@ over loopback to a :class:`Bridge` on a real PostgreSQL; docs/PROTOCOL.md is the
 The bridge, an honest subscriber and a writer run on an event loop in a background thread
 (Hypothesis drives synchronous tests); the hostile client is websockets' synchronous client,
 raw HTTP goes through asyncio streams on that loop. Strategies and the oracle are in
-``tests/fuzz_strategies.py``. ``PGBRIDGE_FUZZ_EXAMPLES=<n>`` runs n examples per test instead
-of the CI default (150 frame examples, 100 requests); a failure prints the falsifying example
-and a ``@reproduce_failure`` blob.
+``tests/support/fuzz_strategies.py``. ``PGBRIDGE_FUZZ_EXAMPLES=<n>`` runs n examples per test
+instead of the CI default (150 frame examples, 100 requests); a failure prints the falsifying
+example and a ``@reproduce_failure`` blob.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from websockets.sync.client import connect as sync_connect
 from daemon.app import Bridge
 from daemon.connection import Connection
 from daemon.settings import DaemonSettings
-from tests.fixtures import running_bridge
-from tests.fuzz_strategies import (
+from tests.support.fixtures import running_bridge
+from tests.support.fuzz_strategies import (
     ERROR_CODES,
     Answer,
     EarlyWrites,
@@ -58,8 +58,17 @@ from tests.fuzz_strategies import (
     ref_verdict,
     repeated,
 )
-from tests.helpers import SECRET, connect, make_room, make_user, post, send, subscribe, token
-from tests.procs import until
+from tests.support.helpers import (
+    SECRET,
+    connect,
+    make_room,
+    make_user,
+    post,
+    send,
+    subscribe,
+    token,
+)
+from tests.support.procs import until
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
@@ -455,6 +464,7 @@ contents = st.text(_content_chars, max_size=200) | repeated(
 
 # --- the tests --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hostile_frames_get_documented_answers_while_an_honest_subscriber_misses_nothing(
         world: World) -> None:
     """Every hostile frame gets well-formed answers with documented codes (never ``internal``)

@@ -20,8 +20,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
 from daemon.connection import Connection
-from tests.fixtures import running_bridge
-from tests.helpers import (
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
     connect,
     events,
     make_room,
@@ -34,8 +34,8 @@ from tests.helpers import (
     subscribed_member,
     token,
 )
-from tests.procs import until
-from tests.proxy import FreezingProxy
+from tests.support.procs import until
+from tests.support.proxy import FreezingProxy
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -105,6 +105,7 @@ async def test_deep_json_gets_an_error_frame_and_the_connection_stays_open(
     assert no_errors(caplog) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frame, code", [
     ('{"type":"refresh","token":"\\ud800"}', "unauthorized"),
     ('{"type":"refresh","token":"a.b.c\\u0000"}', "unauthorized"),
@@ -259,6 +260,7 @@ async def timed_healthz(port: int) -> tuple[float, int, dict[str, Any]]:
     return time.monotonic() - started, status, json.loads(body)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("outage", ["refused", "black-holed"])
 async def test_healthz_answers_503_within_a_second_while_the_database_is_gone(
         proxied_bridge: tuple[Bridge, FreezingProxy], outage: str) -> None:
@@ -421,6 +423,7 @@ async def test_rooms_per_connection_are_capped(db_url: str, conn: Conn) -> None:
         await subscribe(ws, rooms[2])
 
 
+@pytest.mark.slow
 async def test_refused_frames_are_forgiven_as_time_passes(db_url: str, conn: Conn) -> None:
     """The refusals a connection may collect before it is closed (1008) come back at one a
     second: a client that overran the limit once is not closed for overrunning it again much

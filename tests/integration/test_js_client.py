@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from tests.fixtures import ROOT
+from tests.support.fixtures import ROOT
 
 
 def node() -> str:
@@ -35,6 +35,7 @@ def node() -> str:
     return path
 
 
+@pytest.mark.slow
 def test_the_javascript_client_passes_its_node_tests() -> None:
     done = subprocess.run([node(), "--test", "clients/js/test/"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

@@ -10,13 +10,14 @@ import os
 from typing import Any
 
 import psycopg
+import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.frames import Frame, Opcode
 
-from tests.fixtures import running_bridge
-from tests.helpers import make_user, recv, send, token
-from tests.procs import until
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import make_user, recv, send, token
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 HEARTBEAT = 0.5
@@ -33,6 +34,7 @@ class CountingPings(ClientConnection):
         super().process_event(event)
 
 
+@pytest.mark.slow
 async def test_an_idle_client_is_pinged_every_heartbeat_and_stays(db_url: str,
                                                                   conn: Conn) -> None:
     user = await make_user(conn)
@@ -53,6 +55,7 @@ async def test_an_idle_client_is_pinged_every_heartbeat_and_stays(db_url: str,
         await ws.close()
 
 
+@pytest.mark.slow
 async def test_a_client_that_answers_no_ping_is_closed_with_1011(db_url: str,
                                                                 conn: Conn) -> None:
     user = await make_user(conn)

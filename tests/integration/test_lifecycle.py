@@ -9,12 +9,21 @@ from pathlib import Path
 
 import jwt
 import psycopg
+import pytest
 
-from tests.fixtures import conninfo_env
-from tests.helpers import SECRET, make_user
-from tests.procs import PGBRIDGE, DaemonProcess, free_port, http_status, human_lines, run_cli
+from tests.support.fixtures import conninfo_env
+from tests.support.helpers import SECRET, make_user
+from tests.support.procs import (
+    PGBRIDGE,
+    DaemonProcess,
+    free_port,
+    http_status,
+    human_lines,
+    run_cli,
+)
 
 
+@pytest.mark.slow
 async def test_ready_is_sent_only_once_serving_and_stopping_on_sigterm(db_url: str,
                                                                       tmp_path: Path) -> None:
     notify_path = tmp_path / "notify.sock"
@@ -41,6 +50,7 @@ async def test_ready_is_sent_only_once_serving_and_stopping_on_sigterm(db_url: s
             await daemon.kill()
 
 
+@pytest.mark.slow
 async def test_token_cli_mints_a_token_for_the_configured_secret(db_url: str,
                                                                 tmp_path: Path) -> None:
     env = conninfo_env(db_url) | {"PGBRIDGE_JWT_SECRET": SECRET}

@@ -29,8 +29,8 @@ from daemon.app import Bridge
 from daemon.errors import DatabaseError, SchemaError
 from daemon.roles import Grants
 from daemon.schema import apply_schema, check_schema
-from tests.fixtures import ROOT, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import ROOT, running_bridge
+from tests.support.helpers import (
     channels,
     connect,
     events,
@@ -41,8 +41,8 @@ from tests.helpers import (
     send,
     subscribe,
 )
-from tests.procs import until
-from tests.trust import Roles, TrustDB, connected, setup_room
+from tests.support.procs import until
+from tests.support.trust import Roles, TrustDB, connected, setup_room
 
 # What a role without the key can derive or guess: the channels of every version before, for
 # the public schema and for --test, and the typing channels beside them.
@@ -84,6 +84,7 @@ async def probed(bridge: Bridge) -> None:
     await until(came, "a probe round trip")
 
 
+@pytest.mark.slow
 async def test_no_grant_role_hears_nothing_by_listening(
         trust_db: TrustDB, bridge: Bridge, attacker: str) -> None:
     """The attacker LISTENs on every name it can derive or guess (the old ones, whatever
@@ -143,6 +144,7 @@ async def test_no_grant_role_hears_nothing_by_listening(
     await watching.close()
 
 
+@pytest.mark.slow
 async def test_the_daemon_s_statements_name_no_channel(trust_db: TrustDB,
                                                        bridge: Bridge) -> None:
     """pg_stat_activity shows a session's last statement to its own role, superusers and
@@ -192,6 +194,7 @@ def daemon_cpu() -> float:
 FLOOD = 100_000  # forged NOTIFYs, sent by one statement in well under a second
 
 
+@pytest.mark.slow
 async def test_a_forged_flood_costs_bounded_cpu_and_real_events_still_arrive(
         trust_db: TrustDB, bridge: Bridge) -> None:
     """The bridge role can name the capture channel (it calls pgbridge_listen) and floods it

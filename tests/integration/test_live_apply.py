@@ -20,8 +20,8 @@ import pytest
 
 from daemon.errors import DatabaseError
 from daemon.schema import apply_schema, verify_schema
-from tests.helpers import make_user
-from tests.procs import until
+from tests.support.helpers import make_user
+from tests.support.procs import until
 
 AsyncConn = psycopg.AsyncConnection[Any]
 WRITTEN = "users, channels, messages, channel_members, reactions, files, message_reads"

@@ -21,8 +21,8 @@ from psycopg_pool import PoolTimeout
 from daemon.app import Bridge
 from daemon.connection import close_code_sent
 from daemon.metrics import CLOSE_CODES
-from tests.fixtures import ROOT, bridge_behind_proxy, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import ROOT, bridge_behind_proxy, running_bridge
+from tests.support.helpers import (
     connect,
     events,
     head,
@@ -35,7 +35,7 @@ from tests.helpers import (
     subscribed_member,
     token,
 )
-from tests.procs import until
+from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -150,6 +150,7 @@ async def test_log_reads_are_timed_by_purpose_and_catch_up_leaves_no_room_behind
     await ws.close()
 
 
+@pytest.mark.slow
 async def test_listener_lag_grows_while_deaf_and_falls_when_it_hears_again(db_url: str) -> None:
     async with bridge_behind_proxy(db_url, probe_interval=0.2) as (bridge, proxy):
         m = await scrape(bridge)
@@ -181,6 +182,7 @@ async def test_listener_lag_grows_while_deaf_and_falls_when_it_hears_again(db_ur
 # --- closes -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_closes_are_counted_by_code(db_url: str, conn: Conn) -> None:
     """4008 (too slow), 4001 (token expired) and 1001 (shutdown), each with its own code; a
     close the client starts is not the bridge's."""

@@ -19,9 +19,9 @@ from websockets.typing import Origin
 
 from daemon.app import Bridge
 from daemon.origins import parse_allowlist, parse_public_origins
-from tests.browser import StaticServer, async_chromium, browser_paths, run_async
-from tests.fixtures import running_bridge
-from tests.helpers import make_user, recv, token
+from tests.support.browser import StaticServer, async_chromium, browser_paths, run_async
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import make_user, recv, token
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -171,6 +171,7 @@ ws.onclose = (e) => finish("closed:" + e.code);
 PAGE = "<!doctype html><meta charset=utf-8><title>{name}</title><p>{name}</p>"
 
 
+@pytest.mark.slow
 async def test_browser_page_of_another_origin_cannot_connect(db_url: str, conn: Conn) -> None:
     """Chromium on page A (allowlisted) gets the welcome; the same script with the same valid
     token on page B (another port, so another origin) gets no connection, and the bridge

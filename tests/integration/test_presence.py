@@ -23,8 +23,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from daemon.app import Bridge
-from tests.fixtures import running_bridge
-from tests.helpers import (
+from tests.support.fixtures import running_bridge
+from tests.support.helpers import (
     channels,
     connect,
     make_room,
@@ -35,7 +35,7 @@ from tests.helpers import (
     send,
     subscribe,
 )
-from tests.procs import daemon_process, free_port, until
+from tests.support.procs import daemon_process, free_port, until
 
 Conn = psycopg.AsyncConnection[Any]
 Frame = dict[str, Any]
@@ -97,6 +97,7 @@ def transitions(bridge: Bridge) -> float:
     return float(bridge.metrics.presence_transitions._value.get())
 
 
+@pytest.mark.slow
 async def test_presence_across_two_instances_follows_the_last_connection(
         db_url: str, conn: Conn) -> None:
     watcher, user = await make_user(conn, "watcher"), await make_user(conn, "target")
@@ -132,6 +133,7 @@ async def test_presence_across_two_instances_follows_the_last_connection(
         await ws.close()
 
 
+@pytest.mark.slow
 async def test_a_reconnect_within_the_grace_period_is_never_seen_offline(
         db_url: str, conn: Conn) -> None:
     watcher, user = await make_user(conn, "watcher"), await make_user(conn, "target")
@@ -161,6 +163,7 @@ async def test_a_reconnect_within_the_grace_period_is_never_seen_offline(
         await ws.close()
 
 
+@pytest.mark.slow
 async def test_a_killed_instance_s_users_go_offline_within_the_lease_bound(
         db_url: str, conn: Conn, tmp_path: Path) -> None:
     watcher, user, both = (await make_user(conn, "watcher"), await make_user(conn, "target"),

@@ -2,10 +2,11 @@
 at a hot standby, or at a connection LISTEN does not work on (a transaction-mode PgBouncer),
 stops with one line on stderr naming the problem and exit code 1 (a database error).
 
-The servers are this module's own (tests/pgcluster.py): a throwaway primary with the pgbridge
-schema, a hot standby streaming from it, and PgBouncers in front of it, one in transaction mode
-(refused) and one in session mode (the control: served). The test server of tests/fixtures.py cannot
-be a standby, so these tests run the same with and without ``PGBRIDGE_TEST_DSN``. Without
+The servers are this module's own (tests/support/pgcluster.py): a throwaway primary with the
+pgbridge schema, a hot standby streaming from it, and PgBouncers in front of it, one in
+transaction mode (refused) and one in session mode (the control: served). The test server of
+tests/support/fixtures.py cannot be a standby, so these tests run the same with and without
+``PGBRIDGE_TEST_DSN``. Without
 server binaries or pgbouncer they skip (fail under ``CI=true``).
 
 The standby is refused at once (its recovery check); the transaction-mode PgBouncer only once
@@ -25,9 +26,9 @@ import pytest
 
 from daemon.app import READY_TIMEOUT
 from daemon.schema import apply_schema_sync
-from tests.fixtures import conninfo_env
-from tests.helpers import SECRET, events, post, subscribed_member
-from tests.pgcluster import (
+from tests.support.fixtures import conninfo_env
+from tests.support.helpers import SECRET, events, post, subscribed_member
+from tests.support.pgcluster import (
     Cluster,
     PgBouncer,
     pgbouncer_path,
@@ -36,7 +37,7 @@ from tests.pgcluster import (
     standby_of,
     work_dir,
 )
-from tests.procs import DaemonProcess, daemon_process, free_port, human_lines, until
+from tests.support.procs import DaemonProcess, daemon_process, free_port, human_lines, until
 
 DBNAME = "pgbridge"
 
@@ -135,6 +136,7 @@ def assert_refused(code: int, lines: list[str], stderr: str, port: int, *words: 
     assert f"127.0.0.1:{port}" in line, line
     assert all(word in line for word in words), line
 
+@pytest.mark.slow
 async def test_a_hot_standby_is_refused(primary: Cluster, standby: Cluster,
                                         tmp_path: Path) -> None:
     # The standby really is one, and has replayed the primary's schema.
@@ -179,6 +181,7 @@ async def test_a_transaction_mode_pgbouncer_is_refused(pgbouncer: PgBouncer,
     assert '"level": "error"' not in stderr and "listener_deaf" not in stderr, stderr
 
 
+@pytest.mark.slow
 async def test_a_session_mode_pgbouncer_is_served(session_pgbouncer: PgBouncer,
                                                   tmp_path: Path) -> None:
     """The control: the refusal above is for the pool mode, not for PgBouncer. In session mode

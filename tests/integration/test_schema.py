@@ -1,7 +1,7 @@
 """The chat schema (spec 003, "Schema Documentation") as applied by daemon.schema / setup_db.py.
 
-Against a real PostgreSQL (tests/fixtures.py): fresh apply, idempotence, in-place upgrade of a
-database built from the bare spec DDL, ``--test`` isolation, concurrent applies, tampered
+Against a real PostgreSQL (tests/support/fixtures.py): fresh apply, idempotence, in-place upgrade
+of a database built from the bare spec DDL, ``--test`` isolation, concurrent applies, tampered
 migrations, the constraints the spec asks for, ULID keys, ``updated_at``, and the CLI's
 ``--dry-run`` and ``--verify``.
 """
@@ -31,7 +31,7 @@ from daemon.schema import (
     load_migrations,
     verify_schema,
 )
-from tests.fixtures import ROOT, conninfo_env
+from tests.support.fixtures import ROOT, conninfo_env
 
 SPEC_TABLES = (
     "users", "channels", "messages", "channel_members", "reactions", "files", "user_settings",
@@ -477,6 +477,7 @@ async def test_test_schema_leaves_public_untouched(fresh_db: str) -> None:
     assert await verify_schema(fresh_db, schema="public") != []
 
 
+@pytest.mark.slow
 def test_setup_db_test_flag_leaves_public_untouched(fresh_db: str, tmp_path: Path) -> None:
     with connect(fresh_db) as conn:
         public_before = schema_objects(conn, "public")
@@ -497,6 +498,7 @@ async def test_concurrent_applies_on_a_fresh_database_both_succeed(fresh_db: str
     assert await verify_schema(fresh_db) == []
 
 
+@pytest.mark.slow
 def test_concurrent_setup_db_processes_on_a_fresh_database_both_succeed(
         fresh_db: str, tmp_path: Path) -> None:
     env = conninfo_env(fresh_db)
@@ -511,6 +513,7 @@ def test_concurrent_setup_db_processes_on_a_fresh_database_both_succeed(
     assert asyncio.run(verify_schema(fresh_db)) == []
 
 
+@pytest.mark.slow
 async def test_changed_checksum_of_an_applied_migration_is_reported(
         applied_db: str, tmp_path: Path) -> None:
     async with await psycopg.AsyncConnection.connect(applied_db, autocommit=True) as conn:
@@ -771,6 +774,7 @@ def test_updated_at_is_bumped_on_update(chat: psycopg.Connection[Any], table: st
 
 # --- setup_db.py --dry-run and --verify -------------------------------------------------------
 
+@pytest.mark.slow
 def test_dry_run_prints_sql_and_connects_to_nothing(tmp_path: Path) -> None:
     env = conninfo_env("")
     del env["DATABASE_URL"]
@@ -788,6 +792,7 @@ def test_dry_run_prints_sql_and_connects_to_nothing(tmp_path: Path) -> None:
     assert 'SET LOCAL search_path TO "test", pg_temp;' in test_run.stdout
 
 
+@pytest.mark.slow
 def test_dry_run_sql_builds_a_schema_that_verifies(fresh_db: str, tmp_path: Path) -> None:
     result = run_setup("--dry-run", "--test", env=conninfo_env("unused"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -797,6 +802,7 @@ def test_dry_run_sql_builds_a_schema_that_verifies(fresh_db: str, tmp_path: Path
     assert asyncio.run(verify_schema(fresh_db, schema="test")) == []
 
 
+@pytest.mark.slow
 def test_verify_on_an_applied_database_exits_0_and_leaves_no_trace(
         applied_db: str, tmp_path: Path) -> None:
     with connect(applied_db) as conn:
@@ -810,6 +816,7 @@ def test_verify_on_an_applied_database_exits_0_and_leaves_no_trace(
         assert data_snapshot(conn) == before
 
 
+@pytest.mark.slow
 def test_verify_on_an_empty_database_exits_1(fresh_db: str, tmp_path: Path) -> None:
     result = run_setup("--verify", env=conninfo_env(fresh_db), cwd=tmp_path)
     assert result.returncode == 1

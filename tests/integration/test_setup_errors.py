@@ -29,7 +29,7 @@ from psycopg.conninfo import make_conninfo
 
 from daemon.db import translate
 from daemon.embedded import start_embedded
-from tests.fixtures import ROOT, conninfo_env, dbname_of
+from tests.support.fixtures import ROOT, conninfo_env, dbname_of
 
 SETUP_DB = str(ROOT / "setup_db.py")
 
@@ -85,6 +85,7 @@ def make_role(pg_server_conninfo: str) -> Iterator[Callable[[str], str]]:
 
 # --- network -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_connection_refused(tmp_path: Path) -> None:
     port = closed_port()
     result = run_setup(clean_env(POSTGRES_HOST="127.0.0.1", POSTGRES_PORT=str(port)), tmp_path)
@@ -93,12 +94,14 @@ def test_connection_refused(tmp_path: Path) -> None:
     assert "POSTGRES_HOST" in line and "POSTGRES_PORT" in line
 
 
+@pytest.mark.slow
 def test_connection_refused_through_database_url(tmp_path: Path) -> None:
     url = f"postgresql://postgres@127.0.0.1:{closed_port()}/chat"
     line = one_line_error(run_setup(clean_env(DATABASE_URL=url), tmp_path), 1)
     assert "connection refused" in line
 
 
+@pytest.mark.slow
 def test_host_not_found(tmp_path: Path) -> None:
     result = run_setup(clean_env(POSTGRES_HOST="nohost.invalid"), tmp_path)
     line = one_line_error(result, 1)
@@ -147,6 +150,7 @@ def password_server() -> Iterator[str]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_wrong_password_28P01(password_server: str, tmp_path: Path) -> None:
     url = make_conninfo(password_server, user="pgbridge_pw", password="wrong-secret-42")
     line = one_line_error(run_setup(conninfo_env(url), tmp_path), 1)
@@ -160,6 +164,7 @@ def test_wrong_password_28P01(password_server: str, tmp_path: Path) -> None:
         assert conn.execute("SELECT current_user").fetchone() == ("pgbridge_pw",)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", [[], ["--test"]])
 def test_role_without_create_privilege_42501(
         fresh_db: str, make_role: Callable[[str], str], tmp_path: Path, flag: list[str]) -> None:
@@ -173,6 +178,7 @@ def test_role_without_create_privilege_42501(
                             "('public', 'test')").fetchone() == (0,)
 
 
+@pytest.mark.slow
 def test_role_connection_limit_reached_53300(
         fresh_db: str, make_role: Callable[[str], str], tmp_path: Path) -> None:
     role = make_role("CONNECTION LIMIT 1")
@@ -210,6 +216,7 @@ def test_duplicate_database_42P04_translation(pg_server_conninfo: str, fresh_db:
 
 # --- usage and configuration (exit 2), tunnel (exit 3) ---------------------------------------
 
+@pytest.mark.slow
 def test_bad_schema_name_is_a_usage_error(tmp_path: Path) -> None:
     env = clean_env(POSTGRES_HOST="127.0.0.1", POSTGRES_PORT=str(closed_port()))
     line = one_line_error(run_setup(env, tmp_path, "--schema", "Bad;"), 2)
@@ -228,6 +235,7 @@ def test_bad_port_names_the_variable(tmp_path: Path) -> None:
     assert "POSTGRES_PORT" in line and "not an integer" in line
 
 
+@pytest.mark.slow
 def test_conflicting_flags_are_a_usage_error(tmp_path: Path) -> None:
     result = run_setup(clean_env(), tmp_path, "--test", "--schema", "x")
     assert result.returncode == 2
@@ -242,6 +250,7 @@ def test_help_documents_the_exit_codes(tmp_path: Path) -> None:
         assert code in text
 
 
+@pytest.mark.slow
 def test_ssh_tunnel_refused_exits_3(tmp_path: Path) -> None:
     """Only the exit code and the one line here; tests/integration/test_tunnel.py covers the
     tunnel."""

@@ -20,8 +20,8 @@ import pytest
 import websockets
 
 from daemon.app import Bridge
-from tests.fixtures import bridge_behind_proxy, running_bridge
-from tests.helpers import (
+from tests.support.fixtures import bridge_behind_proxy, running_bridge
+from tests.support.helpers import (
     connect,
     events,
     head,
@@ -33,8 +33,8 @@ from tests.helpers import (
     subscribe,
     token,
 )
-from tests.procs import PGBRIDGE, run_cli, until
-from tests.proxy import FreezingProxy
+from tests.support.procs import PGBRIDGE, run_cli, until
+from tests.support.proxy import FreezingProxy
 
 Conn = psycopg.AsyncConnection[Any]
 
@@ -59,6 +59,7 @@ async def small_buffered_client(port: int, user: str,
                          ping_interval=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("outage", ["brief", "until_answered"])
 @pytest.mark.parametrize("step", list(SUBSCRIBE_STEPS))
 async def test_subscribe_with_the_database_link_broken_at_each_step_completes_or_fails_cleanly(
@@ -121,6 +122,7 @@ async def retry_subscribe(ws: Any, room: str, *, since: int) -> dict[str, Any]:
     raise AssertionError("subscribe kept failing after the database came back")
 
 
+@pytest.mark.slow
 async def test_events_flow_within_a_second_of_the_database_coming_back(
         proxied_bridge: tuple[Bridge, FreezingProxy], conn: Conn,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -174,6 +176,7 @@ async def test_events_flow_within_a_second_of_the_listener_being_killed(
     await ws.close()
 
 
+@pytest.mark.slow
 async def test_tail_subscribes_again_after_a_transient_error(
         db_url: str, conn: Conn, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """``pgbridge tail`` exited 1 on ``error`` ``internal``; it now tries again with backoff
@@ -205,6 +208,7 @@ async def test_tail_subscribes_again_after_a_transient_error(
     assert [json.loads(line)["id"] for line in out.splitlines()] == ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client_end", ["half_close", "close"])
 async def test_client_gone_during_a_slow_handshake_is_no_internal_error(
         proxied_bridge: tuple[Bridge, FreezingProxy], conn: Conn,
@@ -240,6 +244,7 @@ async def test_client_gone_during_a_slow_handshake_is_no_internal_error(
     assert errors == [], [(r.name, r.getMessage()) for r in errors]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [None, 0])
 async def test_client_that_stops_reading_is_closed_4008_within_the_send_timeout(
         db_url: str, conn: Conn, caplog: pytest.LogCaptureFixture, batch: int | None) -> None:

@@ -21,8 +21,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from daemon import systemd
 from daemon.logs import Throttled
-from tests.procs import DaemonProcess, daemon_process, free_port, http_status, until
-from tests.proxy import FreezingProxy
+from tests.support.procs import DaemonProcess, daemon_process, free_port, http_status, until
+from tests.support.proxy import FreezingProxy
 
 # --- systemd.notify ---------------------------------------------------------------------------
 
@@ -101,6 +101,7 @@ def _logged(daemon: DaemonProcess, event: str) -> int:
                and json.loads(line).get("event") == event)
 
 
+@pytest.mark.slow
 async def test_watchdog_is_petted_only_while_the_listener_hears_its_probes(
         proxy: tuple[FreezingProxy, str], receiver: tuple[socket.socket, Path],
         tmp_path: Path) -> None:
@@ -153,6 +154,7 @@ async def test_watchdog_is_petted_only_while_the_listener_hears_its_probes(
         assert _logged(daemon, "notify_failed") == 1  # throttled, not one line per pet
 
 
+@pytest.mark.slow
 async def test_no_watchdog_task_without_watchdog_usec(
         db_url: str, receiver: tuple[socket.socket, Path], tmp_path: Path) -> None:
     sock, path = receiver

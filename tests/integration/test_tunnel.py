@@ -1,4 +1,4 @@
-"""daemon.tunnel against a real SSH server (tests/sshd.py) and the real test PostgreSQL.
+"""daemon.tunnel against a real SSH server (tests/support/sshd.py) and the real test PostgreSQL.
 
 The SSH server runs in this process, so every PostgreSQL connection here is async: a blocking
 connect would stop the loop that serves the tunnel.
@@ -20,8 +20,8 @@ from psycopg.conninfo import make_conninfo
 
 from daemon.errors import EXIT_TUNNEL, TunnelError
 from daemon.tunnel import LOCAL_HOST, SupervisedTunnel, open_tunnel
-from tests.fixtures import DB_HOST, DB_PORT
-from tests.sshd import TestSSHServer, write_key
+from tests.support.fixtures import DB_HOST, DB_PORT
+from tests.support.sshd import TestSSHServer, write_key
 
 WAIT = 10.0  # seconds; only reached when a test is failing
 

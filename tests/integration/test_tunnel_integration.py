@@ -1,5 +1,5 @@
 """setup_db.py and the daemon as real processes, reaching PostgreSQL only through a real SSH
-tunnel (tests/sshd.py) to ``db.internal:5432`` as the bastion sees it.
+tunnel (tests/support/sshd.py) to ``db.internal:5432`` as the bastion sees it.
 
 The SSH server runs in this test's event loop, so everything here is async (subprocesses,
 database access): a blocking call would stop the loop that carries the tunnel. The test's own
@@ -25,8 +25,8 @@ from websockets.asyncio.client import ClientConnection
 
 from daemon.errors import EXIT_TUNNEL
 from daemon.schema import apply_schema_sync
-from tests.fixtures import DB_HOST, DB_PORT, ROOT, conninfo_env, dbname_of
-from tests.helpers import (
+from tests.support.fixtures import DB_HOST, DB_PORT, ROOT, conninfo_env, dbname_of
+from tests.support.helpers import (
     SECRET,
     connect,
     head,
@@ -37,8 +37,8 @@ from tests.helpers import (
     send,
     subscribe,
 )
-from tests.procs import DaemonProcess
-from tests.sshd import TestSSHServer
+from tests.support.procs import DaemonProcess
+from tests.support.sshd import TestSSHServer
 
 WAIT = 20.0  # seconds; only reached when a test is failing
 SCHEMA_TABLES = {
@@ -95,6 +95,7 @@ async def run_setup_db(env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
 # --------------------------------------------------------------------------- setup_db.py
 
 
+@pytest.mark.slow
 async def test_setup_db_applies_schema_through_tunnel(
     sshd: TestSSHServer, create_database: Callable[[], str], tmp_path: Path
 ) -> None:
@@ -220,6 +221,7 @@ class Writer:
         return self.written
 
 
+@pytest.mark.slow
 async def test_daemon_through_tunnel_delivers_events_and_survives_ssh_cut(
     sshd: TestSSHServer, create_database: Callable[[], str], tmp_path: Path,
     unused_tcp_port: int,

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.hub import Hub, Subscription
-from tests.unit.doubles import RecordingSink, event
+from tests.support.doubles import RecordingSink, event
 
 
 @given(st.data())

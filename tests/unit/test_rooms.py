@@ -19,7 +19,7 @@ from daemon.metrics import Metrics
 from daemon.notes import Change, Keys
 from daemon.rooms import Rooms
 from daemon.signing import NotifyKey
-from tests.unit.doubles import RecordingSink, event
+from tests.support.doubles import RecordingSink, event
 
 KEYS = Keys.of("capture", "typing", NotifyKey(bytes(range(32))))
 

@@ -11,7 +11,7 @@ from daemon.hub import Hub, Subscription
 from daemon.metrics import Metrics
 from daemon.presence_feed import PresenceFeed
 from daemon.signing import NotifyKey
-from tests.unit.doubles import RecordingSink
+from tests.support.doubles import RecordingSink
 
 KEY = NotifyKey(bytes(range(32)))
 

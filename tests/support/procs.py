@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures import conninfo_env
-from tests.helpers import SECRET
+from tests.support.fixtures import conninfo_env
+from tests.support.helpers import SECRET
 
 PGBRIDGE = Path(sys.executable).with_name("pgbridge")
 

@@ -1,4 +1,4 @@
-"""Fixtures of the database-trust tests, a pytest plugin (``tests/conftest.py`` loads it): the
+"""Fixtures of the database-trust tests (``tests/integration/conftest.py`` imports them): the
 three roles of a production set-up, the owner (the test's superuser, runs setup), the
 application (``setup_db.py --grant-app``) and the bridge (``--grant-bridge``), plus a role with
 no privilege at all, and a database with the schema applied and the roles granted
@@ -20,7 +20,7 @@ from psycopg.conninfo import make_conninfo
 from daemon.app import Bridge
 from daemon.roles import Grants
 from daemon.schema import apply_schema_sync
-from tests.helpers import connect, make_room, make_user, subscribe
+from tests.support.helpers import connect, make_room, make_user, subscribe
 
 AsyncConn = psycopg.AsyncConnection[Any]
 

@@ -172,7 +172,7 @@ def run_as_server_user(args: Sequence[str | Path], home: Path, timeout: float = 
 
 def free_ports(count: int) -> list[int]:
     """``count`` distinct free ports of 127.0.0.1."""
-    from tests.procs import free_port
+    from tests.support.procs import free_port
 
     ports: list[int] = []
     while len(ports) < count:

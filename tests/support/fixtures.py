@@ -1,5 +1,5 @@
-"""The test suite's fixtures, a pytest plugin (``tests/conftest.py`` loads it): a real PostgreSQL
-for every test, and bridges to test against.
+"""The integration tests' fixtures (``tests/integration/conftest.py`` imports them): a real
+PostgreSQL for every test, and bridges to test against.
 
 The server is ``PGBRIDGE_TEST_DSN`` when set (for example this machine's PostgreSQL 15:
 ``postgresql://postgres@127.0.0.1:5432/postgres``), else an embedded PostgreSQL started for the
@@ -27,10 +27,10 @@ from daemon.app import Bridge
 from daemon.embedded import start_embedded
 from daemon.schema import apply_schema_sync
 from daemon.settings import DaemonSettings
-from tests.proxy import FreezingProxy
-from tests.sshd import TestSSHServer, postgres_target
+from tests.support.proxy import FreezingProxy
+from tests.support.sshd import TestSSHServer, postgres_target
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DB_HOST, DB_PORT = "db.internal", 5432  # the database as the test SSH server's forwards see it
 
 
@@ -110,7 +110,7 @@ async def conn(db_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
 @asynccontextmanager
 async def running_bridge(conninfo: str, **overrides: Any) -> AsyncIterator[Bridge]:
     """A :class:`Bridge` served in this event loop on a free port until the block ends."""
-    from tests.helpers import SECRET
+    from tests.support.helpers import SECRET
 
     options: dict[str, Any] = {"port": 0, "jwt_secret": SECRET, "probe_interval": 1.0,
                                "ack_flush_interval": 0.05, "heartbeat": 5.0}
