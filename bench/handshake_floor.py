@@ -19,7 +19,7 @@ The client (this process) opens ``--connections`` connections, 50 at a time, and
 open. Reported per server and event loop, each ``--rounds`` times: the server's CPU (user +
 system, from ``/proc``) per connection from the first connect to the last reply, its RSS
 growth per connection once the last reply arrived, and both as ratios to ``socket`` of the same
-round. The README's "Fan-out cost" compares the daemon's handshake + subscribe
+round. docs/topics/fan-out-cost.md compares the daemon's handshake + subscribe
 (``bench/fanout.py --scenario idle``) with these.
 """
 

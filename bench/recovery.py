@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """How fast pgbridge heals: for each kind of fault, the time from "the fault is over" to
-"events flow again" (README, "Faults and how fast they heal").
+"events flow again" (docs/topics/faults.md).
 
     python -m bench.recovery [--rounds 3] [--outages 10,30] [--no-ssh] [--daemon-root DIR]
                              [--slow-only]

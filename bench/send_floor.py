@@ -9,8 +9,8 @@ with nothing of pgbridge around it.
 sends, round after round (2 ms apart, so every write finds its socket empty as a fan-out's
 does), one message of ``--size`` x F bytes to each socket, with ``TCP_NODELAY`` as asyncio sets
 it, for each F of ``--frames`` (frames per message, as coalescing makes them). Reported per F:
-the writer's CPU (user + system, getrusage) per ``send()`` and per frame carried. The README's
-"Fan-out cost" compares the daemon's CPU per delivery (bench/fanout.py) with this: what is left
+the writer's CPU (user + system, getrusage) per ``send()`` and per frame carried. docs/topics/fan-out-cost.md
+compares the daemon's CPU per delivery (bench/fanout.py) with this: what is left
 above it is the daemon's own work.
 """
 

@@ -1,7 +1,7 @@
 """Access that follows the database: who is connected, closing the connections of users who are
 gone, and ending subscriptions the database no longer grants.
 
-A loss of access reaches the daemon three ways (README, "Authorization"):
+A loss of access reaches the daemon three ways (docs/topics/authorization.md):
 
 1. **In the room's own events**: a membership deleted or given to another user or room, a room
    deleted or soft-deleted. :mod:`daemon.hub` ends the subscription in seq order, before any

@@ -1,7 +1,7 @@
 """Many lookups, one query: :class:`Batched` answers concurrent ``await lookup(key)`` calls with
 one call of a bulk function, group-commit style.
 
-Why (README, "Fan-out cost"): a round trip through psycopg costs the daemon about 200 µs of
+Why (docs/topics/fan-out-cost.md): a round trip through psycopg costs the daemon about 200 µs of
 CPU, whatever the statement does, and every handshake and every subscribe needs one (is the
 token's user live; may this user read this room). When connections arrive by the thousand, as
 after a restart of the bridge or of a load balancer, those round trips were most of the cost of
@@ -10,7 +10,7 @@ a connection. Batched, a burst of N lookups costs about one round trip per
 lookups that arrive while a query runs wait for it, to go together in the next one.
 
 Nothing is cached: every answer comes from a query that started after it was asked for, so a
-revocation committed before a lookup was asked is always seen (DESIGN.md, "Rooms, users,
+revocation committed before a lookup was asked is always seen (docs/design.md, "Rooms, users,
 authorization").
 """
 

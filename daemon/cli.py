@@ -109,7 +109,7 @@ def _setup_parser(prog: str) -> argparse.ArgumentParser:
                       help="check tables, functions, triggers and migrations, and prove that a "
                       "change reaches change_events and a LISTEN connection (leaves no trace)")
     roles = parser.add_argument_group(
-        "roles", "production set-up with three roles (README, 'Database roles'): run as the "
+        "roles", "production set-up with three roles (docs/howto/database-roles.md): run as the "
         "owner, and grant the others exactly what they need")
     roles.add_argument("--grant-app", metavar="ROLE", action="append", default=[],
                        help="the application role: read and write the chat tables, nothing of "
@@ -196,7 +196,7 @@ def setup_main(argv: Sequence[str] | None = None, prog: str = "setup_db.py") -> 
 def _run_command(argv: Sequence[str]) -> int:
     _parser("pgbridge run", "Run the pgbridge daemon: LISTEN for chat changes and fan them out "
             "to WebSocket clients. Settings come from the environment, .env and .env.local "
-            "(see README).").parse_args(list(argv))
+            "(docs/reference/settings.md).").parse_args(list(argv))
     from .settings import DaemonSettings, DatabaseSettings, load_environment
 
     env = load_environment()

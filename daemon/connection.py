@@ -1,7 +1,7 @@
 """One TCP connection of the WebSocket server: bytes in and out of websockets' sans-I/O
 :class:`~websockets.server.ServerProtocol`, driven from a plain :class:`asyncio.Protocol`.
 
-Why not websockets' asyncio server (README, "Fan-out cost"): its connection object holds a task
+Why not websockets' asyncio server (docs/topics/fan-out-cost.md): its connection object holds a task
 for the connection's whole life, a message assembler and a queue of drain waiters, about
 13 KB of an idle connection, and costs about 200 µs more per handshake than the same sans-I/O
 protocol driven by callbacks (``bench/handshake_floor.py``). Here a connection holds the
@@ -18,7 +18,7 @@ API allows: one in state CONNECTING that reads the request and writes the answer
 the upgrade is answered 101, one created in state OPEN for the frames; the first, and the
 request it parsed, are then dropped.
 
-What this driver owns, since it drives the protocol itself (DESIGN.md, "Trust boundaries"):
+What this driver owns, since it drives the protocol itself (docs/design.md, "Trust boundaries"):
 
 * **No frame before the answer.** Only the bytes up to the end of the request's headers
   (the first CRLF CRLF) reach the handshake protocol. What the client sends after them waits,

@@ -1,5 +1,5 @@
 """The adaptive doorbell: when this bridge wants writers to NOTIFY, and when it reads the log
-on an interval instead (README, "The adaptive doorbell"; sql/triggers/10_change_capture.sql).
+on an interval instead (docs/topics/doorbell.md; sql/triggers/10_change_capture.sql).
 
 Pure: :class:`Doorbell` takes what the listener heard and what ``pgbridge_doorbell()`` returned
 (:class:`Reading`), and answers with the next call to make (:class:`Call`) and whether to poll.

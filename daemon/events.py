@@ -123,7 +123,7 @@ def capture_time(frame: bytes) -> float | None:
     ``ts`` (not one built by ``pgbridge_event_frame``).
 
     Reads the fixed-width tail of the frame only, never the JSON: about 1 µs, whatever the
-    event's size (measured: README, "Metrics and alerts")."""
+    event's size (measured: docs/reference/metrics.md)."""
     if frame[-_TS_TAIL:-_TS_LEN - 2] != _TS_KEY or frame[-2:] != b'"}':
         return None
     try:

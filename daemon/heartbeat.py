@@ -1,7 +1,7 @@
 """WebSocket keepalive for every connection from one task (``PGBRIDGE_HEARTBEAT``).
 
 websockets' own keepalive is a task per connection, sleeping between pings: 1.7 KB of an idle
-connection's 13.5 and a task to create per handshake (README, "Fan-out cost"). Here the
+connection's 13.5 and a task to create per handshake (docs/topics/fan-out-cost.md). Here the
 connections are spread over :data:`SLICES` slices, and one task pings a slice every
 ``interval / SLICES`` seconds, so each connection gets a ping every ``interval`` seconds and the
 pings of 10,000 connections are 20 small bursts per interval, not one large one. A connection

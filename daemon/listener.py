@@ -1,5 +1,5 @@
 """The listener: one dedicated autocommit connection that LISTENs, and hands what it hears to
-whoever registered for it (DESIGN.md, "Listener reconnect").
+whoever registered for it (docs/design.md, "Listener reconnect").
 
 Tasks:
 
@@ -33,7 +33,7 @@ reader stops checking: until the window ends it drops every payload unchecked (c
 after a reconnect: the log has whatever was dropped. Nothing moves a room's last seq past what
 the log holds: a NOTIFY only ever makes the rooms read the log.
 
-Metrics (README, "Metrics and alerts"): ``pgbridge_listener_up``, the lag gauges (computed when
+Metrics (docs/reference/metrics.md): ``pgbridge_listener_up``, the lag gauges (computed when
 ``/metrics`` is scraped, from :attr:`Listener.heard_at` and :attr:`Listener.probed_at`),
 ``pgbridge_listener_reconnects_total``, ``pgbridge_forged_notifies_total``.
 """

@@ -1,7 +1,7 @@
 """Prometheus metrics of one bridge (served at ``GET /metrics``). Each bridge has its own
 registry, so several bridges can live in one process (tests).
 
-What each metric means and what to alert on: README, "Metrics and alerts";
+What each metric means and what to alert on: docs/reference/metrics.md;
 ``deploy/prometheus-alerts.yml`` and ``deploy/grafana-dashboard.json`` use them.
 
 Nothing here is computed on the fan-out path beyond a counter increment or one histogram

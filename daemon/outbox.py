@@ -1,9 +1,9 @@
 """What leaves a connection, and in what: WebSocket frames encoded once per fan-out, and frames
 coalesced into one message for clients that asked (PROTOCOL.md, "Coalesced messages").
 
-Why (README, "Fan-out cost"): writing to a TCP socket costs the daemon about 7 µs of kernel time
-per write on this kind of machine, whatever the size, more than all of its own Python work per
-delivery. Two levers follow:
+Why (docs/topics/fan-out-cost.md): writing to a TCP socket costs the daemon about 7 µs of
+kernel time per write on this kind of machine, whatever the size, more than all of its own
+Python work per delivery. Two levers follow:
 
 * **encode once**: a frame sent to the subscribers of a room is the same bytes on every
   connection (a server's frames are not masked, and the bridge negotiates no compression), so

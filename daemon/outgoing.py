@@ -100,7 +100,7 @@ class OutgoingQueue:
         self.ws = ws
         self._user = user
         # An idle connection holds no queue of its own (an empty deque is 760 bytes) and no
-        # event: both are made when frames first wait (README, "Fan-out cost").
+        # event: both are made when frames first wait (docs/topics/fan-out-cost.md).
         self._queue: deque[bytes | str] = _NO_FRAMES
         self._drained: asyncio.Event | None = None  # set when the queue was emptied
         self.closing = False

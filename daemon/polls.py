@@ -1,6 +1,6 @@
 """The doorbell's I/O: the ``pgbridge_doorbell()`` calls the pure
 :class:`daemon.doorbell.Doorbell` asks for, and the polls of the log while writers do not ring
-(README, "The adaptive doorbell").
+(docs/topics/doorbell.md).
 
 Two tasks. The **doorbell** task makes the calls when the bell says (and at once after a
 ``{"doorbell"}`` hint or a burst of rings), and logs each change of mode. The **poll** task,

@@ -1,4 +1,4 @@
-"""Presence and typing, the decisions (DESIGN.md, "Presence and ephemeral signals").
+"""Presence and typing, the decisions (docs/design.md, "Presence and ephemeral signals").
 
 Pure: no sockets, no database; times are seconds of a monotonic clock passed in by the caller.
 

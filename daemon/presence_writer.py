@@ -1,5 +1,6 @@
 """This instance's part of presence: its lease, and its users' transitions, written to the
-database in batches (DESIGN.md, "Presence and ephemeral signals"; sql/triggers/40_presence.sql).
+database in batches (docs/design.md, "Presence and ephemeral signals";
+sql/triggers/40_presence.sql).
 
 One task, :meth:`PresenceWriter.run`. Connections report to :meth:`PresenceWriter.opened` and
 :meth:`PresenceWriter.closed` (never awaiting); the :class:`daemon.presence.Roster` decides

@@ -1,4 +1,4 @@
-"""The rooms: the one task that moves rooms forward in the hub, in order (DESIGN.md, "The event
+"""The rooms: the one task that moves rooms forward in the hub, in order (docs/design.md, "The event
 log is the truth; NOTIFY is the doorbell").
 
 The **processor** takes one queue in order and is the only code that advances a room's last
@@ -23,11 +23,11 @@ nothing is published until every connected user was checked, since hints sent wh
 listener was away are lost.
 
 The **doorbell** task makes the ``pgbridge_doorbell()`` calls :class:`daemon.doorbell.Doorbell`
-asks for (README, "The adaptive doorbell"), and the **poll** task, while writers do not ring,
+asks for (docs/topics/doorbell.md), and the **poll** task, while writers do not ring,
 queues a catch-up every ``PGBRIDGE_POLL_INTERVAL``: every tracked room in one query
 (:mod:`daemon.polls`).
 
-Metrics (README, "Metrics and alerts"): every published event is observed once, whatever the
+Metrics (docs/reference/metrics.md): every published event is observed once, whatever the
 number of its subscribers, in ``pgbridge_commit_to_send_seconds{kind="live"}`` (from its
 capture time, read from the frame's fixed-width tail: :func:`daemon.events.capture_time`);
 every read of the log in ``pgbridge_log_read_seconds`` (``gap_fill``, ``catch_up``, ``poll``).

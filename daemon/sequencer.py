@@ -1,5 +1,5 @@
 """Sequencing: which events of a room the listener publishes, in which order, and when it must
-read the log instead (DESIGN.md, "The event log is the truth; NOTIFY is the doorbell").
+read the log instead (docs/design.md, "The event log is the truth; NOTIFY is the doorbell").
 
 Pure, like :mod:`daemon.hub`: the listener (:mod:`daemon.listener`) does the reading and calls
 these to decide. A room's cursor is the last seq published in it (:meth:`daemon.hub.Hub.last`);

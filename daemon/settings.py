@@ -4,7 +4,7 @@ Precedence (highest first): the process environment, ``.env.local``, ``.env`` (p
 files read from the working directory). Every variable, its type, default, unit, bounds and
 meaning is declared once, in :data:`daemon.settings_table.SETTINGS` (rendered as
 ``docs/reference/settings.md``); this module parses by it, and the dataclasses below take their
-defaults from it. Names follow spec 003 (``POSTGRES_*``, ``SSH_*``) and DESIGN.md
+defaults from it. Names follow spec 003 (``POSTGRES_*``, ``SSH_*``) and docs/design.md
 (``DATABASE_URL``, ``PGBRIDGE_*``). Every parse error is a :class:`ConfigError` whose one-line
 message names the variable.
 """

@@ -16,12 +16,16 @@ template ``deploy/pgbridge.env.example``::
 from __future__ import annotations
 
 import argparse
+import posixpath
+import re
 import textwrap
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Literal
 
 from .doorbell import POLICIES
+
+_DOC_PAGE = re.compile(r"(docs/[\w./-]+\.md)(#[\w-]+)?")  # a page of the manual
 
 __all__ = ["EVENT_LOOPS", "GROUPS", "SETTINGS", "Setting", "env_example", "reference_page"]
 
@@ -94,14 +98,14 @@ def _duration(seconds: float) -> str:
 
 
 _LIMITS = 'docs/PROTOCOL.md, "Limits"'
-_BASTION = 'spec 003, "SSH tunnel"; README, "Running through a bastion (SSH tunnel)"'
-_DOORBELL = 'README, "The adaptive doorbell"'
+_BASTION = 'spec 003, "SSH tunnel"; docs/howto/bastion.md'
+_DOORBELL = 'docs/topics/doorbell.md'
 
 SETTINGS: tuple[Setting, ...] = (
     # -- where PostgreSQL is (DatabaseSettings)
     Setting("DATABASE_URL", "database", "url", "secret", None,
             "libpq URI or conninfo of the database; wins over the `POSTGRES_*` variables",
-            unset="the `POSTGRES_*` variables", see="DESIGN.md",
+            unset="the `POSTGRES_*` variables", see="docs/design.md#configuration",
             example="postgresql://pgbridge:change-me@db.internal:5432/chatgenius"),
     Setting("POSTGRES_HOST", "database", "host", "text", "localhost",
             "name or address of PostgreSQL (with an SSH tunnel: as the bastion sees it)",
@@ -113,7 +117,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("POSTGRES_USER", "database", "user", "text", None,
             "role to connect as: for the daemon its own role, given its privileges by the schema "
             "owner with `setup_db.py --grant-bridge <role>`", unset="libpq's default",
-            see='spec 003; README, "Database roles and what the daemon trusts"',
+            see='spec 003; docs/howto/database-roles.md',
             example="pgbridge", required=True),
     Setting("POSTGRES_PASSWORD", "database", "password", "secret", None,
             "password of `POSTGRES_USER`", unset="none, or libpq's `~/.pgpass`",
@@ -168,33 +172,33 @@ SETTINGS: tuple[Setting, ...] = (
             "HS256 secret tokens are signed with, at least 32 characters; generate one with "
             "`python3 -c 'import secrets; print(secrets.token_urlsafe(48))'`",
             unset="required with a configured database; the embedded one gets a generated "
-            "development secret", see='README, "Authorization"', example="", required=True),
+            "development secret", see='docs/topics/authorization.md', example="", required=True),
     Setting("PGBRIDGE_JWT_AUDIENCE", "daemon", "jwt_audience", "text", None,
             "the `aud` a token must carry, so tokens minted for another service are refused",
-            unset="a token with an `aud` is refused", see='README, "Authorization"',
+            unset="a token with an `aud` is refused", see='docs/topics/authorization.md',
             example="pgbridge"),
     Setting("PGBRIDGE_JWT_ISSUER", "daemon", "jwt_issuer", "text", None,
-            "the `iss` a token must carry", unset="any", see='README, "Authorization"',
+            "the `iss` a token must carry", unset="any", see='docs/topics/authorization.md',
             example="https://auth.example.com/"),
     Setting("PGBRIDGE_PUBLIC_ORIGIN", "daemon", "public_origins", "origins", None,
             "the origin(s) the bridge's pages are published at, comma-separated "
             "`http(s)://host[:port]`, e.g. `https://chat.example.com`: the bridge's own origin; "
             "**set it in production** whenever browsers reach the bridge by a name (DNS rebinding)",
             unset="only loopback names and IP addresses are the bridge's own",
-            see='README, "Authorization", "Origins"', example="https://chat.example.com",
+            see='docs/topics/authorization.md#origins', example="https://chat.example.com",
             required=True),
     Setting("PGBRIDGE_ALLOWED_ORIGINS", "daemon", "allowed_origins", "allowlist", None,
             "browser origins besides the bridge's own that may connect, comma-separated: "
             "`https://app.example.com`, `https://*.example.com` (any subdomain), or `*` (any, for "
             "development); requests without `Origin` (non-browser clients) are always admitted",
-            unset="the bridge's own origin only", see='README, "Authorization", "Origins"',
+            unset="the bridge's own origin only", see='docs/topics/authorization.md#origins',
             example="https://app.example.com,https://*.example.com"),
     Setting("PGBRIDGE_ACCESS_CHECK_INTERVAL", "daemon", "access_check_interval", "duration", "30",
             "time between two checks of every connected user and subscription against the "
             "database, the backstop for changes that bypass the triggers: a deleted user is "
             "closed with 4003 and a lost subscription ends with `membership_revoked` within it",
             unit="seconds",
-            above=0, see='README, "Authorization"'),
+            above=0, see='docs/topics/authorization.md'),
     Setting("PGBRIDGE_SCHEMA", "daemon", "schema", "schema", "public",
             "schema the bridge reads (`test` after `setup_db.py --test`)"),
     Setting("PGBRIDGE_RETENTION", "daemon", "retention", "duration", "7d",
@@ -204,14 +208,14 @@ SETTINGS: tuple[Setting, ...] = (
             "time between two prunes of `change_events`", unit="seconds"),
     Setting("PGBRIDGE_QUEUE_SIZE", "daemon", "queue_size", "integer", "1000",
             "frames queued per connection before it is closed with 4008", unit="frames", minimum=1,
-            see='README, "Faults and how fast they heal"'),
+            see='docs/topics/faults.md'),
     Setting("PGBRIDGE_SEND_TIMEOUT", "daemon", "send_timeout", "duration", "5",
             "time a frame may wait for a client's socket before the client is closed with 4008",
-            unit="seconds", above=0, see='README, "Faults and how fast they heal"'),
+            unit="seconds", above=0, see='docs/topics/faults.md'),
     Setting("PGBRIDGE_SEND_BUFFER", "daemon", "send_buffer", "integer", "65536",
             "kernel send buffer per connection (SO_SNDBUF; a fixed size turns auto-tuning off), so "
             "a client that stops reading is noticed after that much rather than megabytes",
-            unit="bytes", minimum=4096, see='README, "Faults and how fast they heal"'),
+            unit="bytes", minimum=4096, see='docs/topics/faults.md'),
     Setting("PGBRIDGE_MAX_SUBSCRIPTIONS", "daemon", "max_subscriptions", "integer", "100",
             "rooms one connection may subscribe to", unit="rooms", minimum=1, see=_LIMITS),
     Setting("PGBRIDGE_RATE_LIMIT", "daemon", "rate_limit", "rate", "50",
@@ -239,14 +243,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGBRIDGE_HEARTBEAT", "daemon", "heartbeat", "duration", "20",
             "time between two WebSocket pings to each client (spread over 20 slices); one that "
             "answered no ping by the next is closed with 1011", unit="seconds", minimum=0.1,
-            see='README, "Fan-out cost"'),
+            see='docs/topics/fan-out-cost.md'),
     Setting("PGBRIDGE_ACK_FLUSH_INTERVAL", "daemon", "ack_flush_interval", "duration", "1",
             "time between two batched `sync_state` writes of acknowledgements (a crash loses at "
             "most the last interval's)", unit="seconds"),
     Setting("PGBRIDGE_PROBE_INTERVAL", "daemon", "probe_interval", "duration", "10",
             "time between two NOTIFY round-trip probes of the listener (a probe's timeout is the "
             "interval, kept between 2 and 10 s); the systemd watchdog is petted only while they "
-            "come back", unit="seconds", see='README, "Running under systemd"'),
+            "come back", unit="seconds", see='docs/howto/systemd.md'),
     Setting("PGBRIDGE_POOL_SIZE", "daemon", "pool_size", "integer", "10",
             "pooled database connections (the listener has its own)", unit="connections",
             minimum=2),
@@ -256,15 +260,15 @@ SETTINGS: tuple[Setting, ...] = (
             choices=LOG_LEVELS),
     Setting("PGBRIDGE_DEMO", "daemon", "demo", "yes/no", None,
             "serve the demo page at `/` (`/client.js` is always served)",
-            unset="yes with the embedded database, else no", see='README, "From a web page"',
+            unset="yes with the embedded database, else no", see='docs/howto/web-page.md',
             example="no"),
     Setting("PGBRIDGE_PRESENCE_GRACE", "daemon", "presence_grace", "duration", "15",
             "time a user stays online after their last connection closed, so a reconnect (to any "
-            "instance) is not seen", unit="seconds", see='README, "Presence and typing"'),
+            "instance) is not seen", unit="seconds", see='docs/topics/presence-and-typing.md'),
     Setting("PGBRIDGE_PRESENCE_LEASE", "daemon", "presence_lease", "duration", "30",
             "how long an instance's presence lease lasts without renewal (renewed every third of "
             "it); a dead instance's users go offline within 4/3 of it", unit="seconds", minimum=1,
-            see='README, "Presence and typing"'),
+            see='docs/topics/presence-and-typing.md'),
     Setting("PGBRIDGE_DOORBELL", "daemon", "doorbell", "choice", "adaptive",
             "`adaptive`: writers NOTIFY at light load, and above `PGBRIDGE_DOORBELL_QUIET_ABOVE` "
             "the bridges ask them to stop and read the log instead; `on`: this bridge never asks "
@@ -281,17 +285,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGBRIDGE_EVENT_LOOP", "daemon", "event_loop", "choice", "auto",
             "`auto`: uvloop when it is installed (the `uvloop` extra; `./dev` installs it), else "
             "asyncio's own loop; `asyncio` or `uvloop` to choose (a missing uvloop is then a "
-            "start-up error)", choices=EVENT_LOOPS, see='README, "Fan-out cost"'),
+            "start-up error)", choices=EVENT_LOOPS, see='docs/topics/fan-out-cost.md'),
     # -- read by the test suite (tests/), never by the daemon
     Setting("PGBRIDGE_TEST_DSN", "tests", None, "text", None,
             "a PostgreSQL the tests create and drop their databases on (a superuser's conninfo, "
             "e.g. `postgresql://postgres@127.0.0.1:5432/postgres`)",
-            unset="an embedded server in `PGBRIDGE_TEST_DATA_DIR`", see='README, "Tests"'),
+            unset="an embedded server in `PGBRIDGE_TEST_DATA_DIR`",
+            see="docs/contributing.md#tests"),
     Setting("PGBRIDGE_TEST_DATA_DIR", "tests", None, "path", None,
             "directory of the tests' embedded server", unset="`$TMPDIR/pgbridge-test`"),
     Setting("PGBRIDGE_FUZZ_EXAMPLES", "tests", None, "integer", None,
             "examples per property of `tests/integration/test_fuzz.py`, for a longer run (e.g. "
-            "5000)", unset="each test's own number", see='README, "The protocol"'),
+            "5000)", unset="each test's own number", see='docs/reference/protocol.md'),
     Setting("PGBRIDGE_PG_BINDIR", "tests", None, "path", None,
             "directory of `initdb`, `pg_ctl`, `pg_basebackup` and `postgres` for the tests that "
             "make their own clusters", unset="looked for as `tests/pgcluster.py` says"),
@@ -350,10 +355,16 @@ def reference_page() -> str:
                 "| variable | type | default | unit | meaning |", "|---|---|---|---|---|"]
         for s in SETTINGS:
             if s.group == group:
-                meaning = f"{s.meaning} ({s.see})" if s.see else s.meaning
+                meaning = f"{s.meaning} ({_linked(s.see)})" if s.see else s.meaning
                 out.append(f"| `{s.name}` | {s.type_text()} | {_cell(_default_text(s))} | "
                            f"{s.unit or '—'} | {_cell(meaning)} |")
     return "\n".join(out) + "\n"
+
+
+def _linked(see: str) -> str:
+    """``see`` with each ``docs/...`` page made a link relative to docs/reference/."""
+    return _DOC_PAGE.sub(
+        lambda m: f"[{m[0]}]({posixpath.relpath(m[1], 'docs/reference')}{m[2] or ''})", see)
 
 
 def _comment(text: str) -> list[str]:

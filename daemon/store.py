@@ -85,7 +85,7 @@ class Store(Pooled):
     def __init__(self, conninfo: str, *, schema: str, max_size: int = 10) -> None:
         super().__init__(conninfo, schema=schema, max_size=max_size)
         # every handshake and every subscribe asks one of these: concurrent ones share a query
-        # (daemon.batching; README, "Fan-out cost")
+        # (daemon.batching; docs/topics/fan-out-cost.md)
         self.live_user: Batched[str, bool] = Batched(self._live_users)
         self._cursor_info: Batched[tuple[str, str], RoomCursorInfo] = Batched(
             self._cursor_infos)
