@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 
+from websockets.frames import Frame
+from websockets.streams import StreamReader
+
 from daemon.events import Event
 from daemon.hub import Subscription
 
@@ -35,3 +38,16 @@ class RecordingSink:
 def event(seq: int, room: str = "R", **kw: object) -> Event:
     return Event(room=room, seq=seq, frame=json.dumps({"type": "event", "seq": seq}).encode(),
                  **kw)  # type: ignore[arg-type]
+
+
+def parse_wire(data: bytes) -> Frame:
+    """Read back one frame as a client does (unmasked, from a server)."""
+    reader = StreamReader()
+    reader.feed_data(data)
+    parser = Frame.parse(reader.read_exact, mask=False)
+    try:
+        next(parser)
+    except StopIteration as done:
+        frame: Frame = done.value
+        return frame
+    raise AssertionError(f"not one whole frame: {data[:40]!r}")

@@ -7,24 +7,11 @@ from collections import deque
 
 from hypothesis import given
 from hypothesis import strategies as st
-from websockets.frames import Frame, Opcode
-from websockets.streams import StreamReader
+from websockets.frames import Opcode
 
 from daemon.outbox import BATCH_BYTES, joined, take_frames, wire_message
 from daemon.protocol import error, pong, welcome
-
-
-def parse_wire(data: bytes) -> Frame:
-    """Read back one frame as a client does (unmasked from a server)."""
-    reader = StreamReader()
-    reader.feed_data(data)
-    parser = Frame.parse(reader.read_exact, mask=False)
-    try:
-        next(parser)
-    except StopIteration as done:
-        frame: Frame = done.value
-        return frame
-    raise AssertionError("incomplete frame")
+from tests.support.doubles import parse_wire
 
 
 @given(st.lists(st.binary(max_size=70_000), min_size=1, max_size=3))

@@ -10,13 +10,12 @@ import logging
 from typing import Any
 
 import pytest
-from websockets.frames import Frame
-from websockets.streams import StreamReader
 
 from daemon.closes import Close
 from daemon.metrics import Metrics
 from daemon.outbox import Flusher
 from daemon.outgoing import OutgoingQueue
+from tests.support.doubles import parse_wire
 
 HIGH = 1000  # bytes: the peer's write buffer high-water mark
 
@@ -83,16 +82,7 @@ class Peer:
 
     def messages(self) -> list[list[bytes]]:
         """What the client received: the frames of each message, in order."""
-        out = []
-        for data in self.writes:
-            reader = StreamReader()
-            reader.feed_data(data)
-            parser = Frame.parse(reader.read_exact, mask=False)
-            try:
-                next(parser)
-            except StopIteration as done:
-                out.append(done.value.data.split(b"\n"))
-        return out
+        return [parse_wire(data).data.split(b"\n") for data in self.writes]
 
 
 class Owner:
