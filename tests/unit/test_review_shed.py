@@ -46,6 +46,7 @@ async def test_a_change_heard_as_the_shedding_window_ends_waits_for_the_user_che
     rooms.access.check_users = recording_check  # type: ignore[method-assign]
     sink.send = lambda frame: (timeline.append("publish"), send(frame))  # type: ignore[method-assign]
     listener = _listener(rooms)
+    listener.connected = True  # the LISTEN connection is up
     # In the window, a user's deletion hint was shed (dropped unchecked). The reader's step that
     # hears the next signed change and the timer that ends the window run in the same turn:
     rooms.store.append(event(1))
