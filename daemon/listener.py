@@ -284,7 +284,13 @@ class Listener:
             "more unchecked; reading every room's log and checking every connected user",
             self.rejects.limit, self.rejects.window, self._shed, extra={"event": "notify_shed"})
         self._shed_timer = None
-        self._shed_put = asyncio.get_running_loop().create_task(self._missed())
+        # at once, as before issue 26: nothing heard from now on is published before the
+        # followers caught up (every connected user checked); and only while LISTEN is up (else
+        # the reconnect's own missed() does it, and the polls must keep waiting)
+        for follower in self.followers:
+            follower.deaf()
+        if self.connected:
+            self._shed_put = asyncio.get_running_loop().create_task(self._missed())
 
     # --- key ------------------------------------------------------------------------------
 
