@@ -19,7 +19,9 @@ from psycopg import sql
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.app import Bridge
+from daemon.client import Client
 from daemon.connection import Connection
+from daemon.outgoing import OutgoingQueue
 from tests.support.fixtures import running_bridge
 from tests.support.helpers import (
     connect,
@@ -403,6 +405,36 @@ async def test_closed_connections_are_freed_without_the_cycle_collector(
         finally:
             gc.enable()
         await pong(kept, "kept")
+
+
+async def test_closed_subscribed_clients_are_freed_without_the_cycle_collector(
+        db_url: str, conn: Conn) -> None:
+    """The same for clients that subscribed and had frames queued when they closed: the
+    connection, its client and its outgoing queue (which calls back into the client when it
+    closes) are freed by reference counting alone (issue 26 split the queue off the client)."""
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    async with running_bridge(db_url) as bridge:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(5):
+                ws = await connect(bridge.port, user)
+                await subscribe(ws, room)
+                for _ in range(3):
+                    await post(conn, room, user)
+                await ws.close()
+
+            def alive() -> list[str]:
+                return [type(o).__name__ for o in gc.get_objects()
+                        if type(o) in (Connection, Client, OutgoingQueue)]
+
+            async def none_left() -> bool:
+                return alive() == []
+
+            await until(none_left, "closed clients to be freed", timeout=10)
+        finally:
+            gc.enable()
 
 
 async def test_rooms_per_connection_are_capped(db_url: str, conn: Conn) -> None:

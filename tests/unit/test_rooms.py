@@ -15,6 +15,7 @@ import pytest
 from daemon.doorbell import Doorbell
 from daemon.events import Event, Pointer, UserHint
 from daemon.hub import Hub, Subscription
+from daemon.listener import Listener
 from daemon.metrics import Metrics
 from daemon.notes import Change, Keys
 from daemon.rooms import Rooms
@@ -156,3 +157,56 @@ async def test_while_deaf_the_poll_waits_and_users_are_checked_again(rooms: Fixt
     await rooms.rooms.missed(KEYS)
     await rooms.settle()
     assert rooms.access.checks == [(None, False), (None, False)]
+
+
+# --- the end of a window in which the listener shed notifications -------------------------
+# Hints (a user's deletion among them) may have been dropped unchecked in the window: nothing
+# heard after it may be published before every connected user was checked again, and the polls
+# wait for LISTEN as they do after any loss.
+
+def _listener(fixture: Fixture) -> Listener:
+    listener = Listener("", cast(Any, fixture.store), Metrics(), followers=(fixture.rooms,))
+    listener.keys = KEYS
+    return listener
+
+
+async def test_a_change_heard_as_a_shedding_window_ends_waits_for_the_user_check(
+        rooms: Fixture) -> None:
+    sink = await rooms.subscribe()
+    await rooms.rooms.missed(KEYS)  # LISTEN up, users checked once
+    await rooms.settle()
+    timeline: list[str] = []
+    check = rooms.access.check_users
+
+    async def recording_check(*args: Any, **kwargs: Any) -> None:
+        timeline.append("check")
+        await check(*args, **kwargs)
+
+    send = sink.send
+    rooms.access.check_users = recording_check  # type: ignore[method-assign]
+    sink.send = lambda frame: (timeline.append("publish"), send(frame))  # type: ignore[method-assign]
+    listener = _listener(rooms)
+    listener.connected = True
+    # the reader hears a signed change and the timer that ends the window fires, same turn
+    rooms.store.append(event(1))
+    await rooms.rooms.changed(Change(event(1)))  # never suspends: the queue is not full
+    listener._shed_over()
+    for _ in range(300):  # published once checked: at the latest after one retry_delay (1 s)
+        if sink.seqs():
+            break
+        await asyncio.sleep(0.01)
+    assert sink.seqs() == [1]
+    assert timeline[:2] == ["check", "publish"], timeline
+
+
+async def test_a_shedding_window_that_ends_while_listen_is_down_does_not_start_the_polls(
+        rooms: Fixture) -> None:
+    await rooms.rooms.missed(KEYS)
+    await rooms.settle()
+    listener = _listener(rooms)
+    rooms.rooms.deaf()  # the LISTEN connection dropped
+    assert not rooms.rooms.polls.listening
+    listener._shed_over()  # the window's timer fires while the reader waits to reconnect
+    await rooms.settle()
+    assert not rooms.rooms.polls.listening, (
+        "polls run (and publish from the log, users checked once) while LISTEN is down")
