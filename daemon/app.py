@@ -149,7 +149,7 @@ class Bridge:
                 raise DatabaseError(f"{describe(self.conninfo)} is a hot standby (read-only): "
                                     "LISTEN/NOTIFY needs the primary; point pgbridge at it")
             tasks.add(asyncio.create_task(self.listener.run(), name="listener"))
-            tasks.add(asyncio.create_task(self.rooms.run(), name="rooms"))
+            tasks.add(asyncio.create_task(self._rooms_once_checked(), name="rooms"))
             tasks.add(asyncio.create_task(self.presence_feed.run(), name="presence-feed"))
             await self._wait_ready(tasks)
             await self.store.check_presence_grants()
@@ -204,6 +204,12 @@ class Bridge:
                 log.error("could not save the last acknowledgements: %s", exc,
                           extra={"event": "ack_flush_failed"})
             await self.store.close()
+
+    async def _rooms_once_checked(self) -> None:
+        """The rooms (and with them the doorbell) start once the listener read the key and may
+        LISTEN: a bridge that cannot LISTEN never takes the doorbell's lease from the others."""
+        await self.listener.checked.wait()
+        await self.rooms.run()
 
     async def _watchdog_forever(self, interval: float) -> None:
         """Every ``interval`` seconds, ``WATCHDOG=1`` if the last NOTIFY round trip is recent

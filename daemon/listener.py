@@ -121,6 +121,8 @@ class Listener:
         self.connect_timeout = 2 * probe_timeout
         self.connected = False
         self.ready = asyncio.Event()  # set once LISTEN is proven to deliver (first probe back)
+        # set once the key was read and pgbridge_listen() may be called: what LISTENs may start
+        self.checked = asyncio.Event()
         self._probes: dict[str, asyncio.Future[None]] = {}
         self._session: asyncio.Task[None] | None = None
         self._retry_now = asyncio.Event()
@@ -156,6 +158,7 @@ class Listener:
         granted before the channels were secret)."""
         self.key = NotifyKey(await self.store.notify_key())
         await self.store.check_listen_grant()
+        self.checked.set()
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._read_forever(), name="listener-reader")

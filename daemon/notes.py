@@ -28,7 +28,7 @@ Notes of a kind nobody registered for are dropped by the listener.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .events import Event, Pointer, PresenceHint, Probe, UserHint, parse_notify
 from .protocol import is_id, load_json
@@ -46,10 +46,11 @@ class Keys:
     """What one LISTEN connection learnt from ``pgbridge_listen()``: the names of the capture
     and typing channels, and the schema's signing key (``change_notify_key.key``)."""
 
-    channel: str
-    typing_channel: str
-    key: NotifyKey
-    typing_key: NotifyKey
+    # secret (only the roles that may LISTEN learn them): kept out of the repr, as the keys are
+    channel: str = field(repr=False)
+    typing_channel: str = field(repr=False)
+    key: NotifyKey = field(repr=False)
+    typing_key: NotifyKey = field(repr=False)
 
     @classmethod
     def of(cls, channel: str, typing_channel: str, key: NotifyKey) -> Keys:

@@ -110,6 +110,7 @@ class Rooms:
         self._hinted_all = False  # more than MAX_HINTED: check every connected user
         self._users_checked = False  # every connected user checked since the last connect
         self._retry: asyncio.Task[None] | None = None
+        self._stopped = False  # run() ended: nothing may start a task of its own any more
         self.retry_delay = 1.0  # seconds before a failed log read is retried
         self.polls = Polls(doorbell if doorbell is not None else Doorbell(now=time.monotonic()),
                            store, metrics, self.catch_up)
@@ -129,6 +130,7 @@ class Rooms:
                 tasks.create_task(self.polls.ring_forever(), name="listener-doorbell")
                 tasks.create_task(self.polls.poll_forever(), name="listener-poll")
         finally:
+            self._stopped = True
             if self._retry is not None:
                 self._retry.cancel()
 
@@ -227,7 +229,7 @@ class Rooms:
     def _catch_up_soon(self) -> None:
         """One catch-up of every tracked room after ``retry_delay``; calls meanwhile coalesce
         into it, so whatever triggers them costs at most one pass over the log per delay."""
-        if self._retry is None or self._retry.done():
+        if not self._stopped and (self._retry is None or self._retry.done()):
             self._retry = asyncio.create_task(self._catch_up_later())
 
     async def _catch_up_later(self) -> None:

@@ -156,3 +156,8 @@ def test_a_rotated_key_brings_its_own_channels() -> None:
     assert classify("capture_2", payload, rotated) == Change(Pointer("R", 1))
     assert classify(CAPTURE, payload, rotated) == Ignored("channel")
     assert classify(CAPTURE, payload, KEYS) == Forged("capture", len(payload))
+
+
+def test_the_secret_channel_names_and_keys_stay_out_of_the_repr() -> None:
+    keys = Keys.of("c_4f9a1e", "t_77b2c0", NotifyKey(bytes(range(32))))
+    assert not any(secret in repr(keys) for secret in ("c_4f9a1e", "t_77b2c0", "000102"))
