@@ -74,7 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import cast
+from typing import Self, cast
 
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
@@ -142,7 +142,7 @@ class Connection(Opening):
         except Exception:
             self.crashed("reading the end of the stream")
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self: Self, exc: Exception | None) -> None:  # Self: see _endpoint
         self._lost = True
         self._end()
         protocol = self.protocol

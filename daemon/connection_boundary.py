@@ -8,21 +8,25 @@ implements or calls it (:mod:`daemon.server`, :mod:`daemon.client`, :mod:`daemon
 while how a connection keeps them (``daemon/connection.py`` and the modules it is built from)
 is read by whoever changes the driver. Nothing here does I/O; :mod:`daemon.connection` exports
 every name.
+
+Nothing here imports the connection either: a connection hands its server itself, so
+:class:`Endpoint` is generic in the type of what it is handed (the server is an
+``Endpoint[Connection]``), and the connection's base class asks for an ``Endpoint[Self]``
+(:class:`~daemon.connection_transport.ConnectionBase`). The contracts come first, the
+connection is built on them, and no module of the connection layer imports
+:mod:`daemon.connection` back (``tests/unit/test_no_import_cycles.py``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Concatenate, Protocol, TypeVar
+from typing import Concatenate, Protocol, TypeVar
 
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 __all__ = ["Endpoint", "Receiver", "close_code_sent", "contained"]
 
@@ -83,8 +87,13 @@ class Receiver(Protocol):
         """The peer sent a ping (already answered with a pong)."""
 
 
-class Endpoint(Protocol):
-    """What a :class:`Connection` asks of its server (:class:`daemon.server.Server`).
+_Conn_contra = TypeVar("_Conn_contra", contravariant=True)
+
+
+class Endpoint(Protocol[_Conn_contra]):
+    """What a connection asks of its server (:class:`daemon.server.Server`, an
+    ``Endpoint[Connection]``); the type parameter is the connection's class
+    (:class:`daemon.connection.Connection`), which the server's methods are handed.
     ``open_timeout``: seconds from the TCP connection to the end of the opening handshake;
     ``close_timeout``: seconds for the peer to end the TCP connection once a close frame was
     sent or received; ``write_limit``: the transport's high-water mark in bytes (low-water: a
@@ -102,25 +111,25 @@ class Endpoint(Protocol):
     def serving(self) -> bool:
         """False once the server is shutting down: upgrades are then answered 503."""
 
-    def process_request(self, conn: Connection,
+    def process_request(self, conn: _Conn_contra,
                         request: Request) -> Awaitable[Response | None]:
         """The answer to ``request``; ``None`` to accept the upgrade. Never raises."""
 
-    def opened(self, conn: Connection) -> None:
-        """``conn`` was upgraded: set its :attr:`Connection.receiver`, or close it."""
+    def opened(self, conn: _Conn_contra) -> None:
+        """``conn`` was upgraded: set its ``receiver``, or close it."""
 
-    def abandoned(self, conn: Connection, reason: str) -> None:
+    def abandoned(self, conn: _Conn_contra, reason: str) -> None:
         """``conn``'s upgrade, accepted by :meth:`process_request`, will not be opened:
         ``client_gone`` (its client left before the answer) or ``early_data`` (it sent more
         than :data:`~daemon.connection_opening.EARLY_LIMIT` bytes before the answer; it is
         answered 400)."""
 
-    def closing(self, conn: Connection) -> None:
+    def closing(self, conn: _Conn_contra) -> None:
         """``conn`` is ending (this side half-closed, closed or aborted it, or the peer is
         gone): forget it wherever it is shared; nothing is written to it from now on. Called
         once, before :meth:`closed`."""
 
-    def closed(self, conn: Connection, code_sent: int | None) -> None:
+    def closed(self, conn: _Conn_contra, code_sent: int | None) -> None:
         """``conn`` ended. ``code_sent``: the close code this side sent first, ``None`` when
         the peer closed first or no close frame was sent."""
 

@@ -16,24 +16,24 @@ takes over (:mod:`daemon.connection` parses its frames); the first protocol and 
 parsed are then dropped. :class:`Opening` is the layer of :class:`~daemon.connection.Connection`
 that holds this phase's methods (its state is declared with the others in
 :class:`~daemon.connection_transport.ConnectionBase`). What the endpoint is handed is the
-whole :class:`~daemon.connection.Connection` (a cast: the layers are never instantiated alone).
+connection itself, typed ``Self`` (the endpoint is an ``Endpoint[Self]``); the frames that came
+with the request are parsed by :meth:`Opening._parse_frames`, declared here and implemented by
+the frames phase.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from abc import abstractmethod
 from http import HTTPStatus
-from typing import TYPE_CHECKING, cast
+from typing import Self
 
 from websockets.http11 import Request
 from websockets.protocol import State
 
 from .connection_transport import ConnectionBase
 from .logs import Throttled
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 log = logging.getLogger("daemon.connection")  # the connection layer's one logger name
 _refusals = Throttled(log)  # clients cause these at will: counted in metrics, logged sparingly
@@ -49,6 +49,13 @@ class Opening(ConnectionBase):
     """The opening handshake's layer of a connection (see the module docstring)."""
 
     __slots__ = ()
+
+    @abstractmethod
+    def _parse_frames(self, data: bytes | bytearray | None = None) -> None:
+        """Parse ``data`` (by default, what waits unparsed) as frames of the open connection:
+        the frames phase's (:class:`daemon.connection.Connection`). Called here once a 101 was
+        sent, for what the client sent with its request."""
+        raise NotImplementedError
 
     def _read_request(self, data: bytes) -> None:
         """Give the handshake protocol the request's bytes up to the end of its headers; keep
@@ -115,17 +122,16 @@ class Opening(ConnectionBase):
             self.transport.write(answer)
         self._close_transport()
 
-    async def _answer(self, request: Request) -> None:
+    async def _answer(self: Self, request: Request) -> None:  # Self: see ConnectionBase._endpoint
         """Answer the opening request: :meth:`Endpoint.process_request`, then 101 or not."""
         endpoint, protocol = self._endpoint, self.protocol
-        conn = cast("Connection", self)  # what the endpoint is handed: the layers' one object
         try:
-            response = await endpoint.process_request(conn, request)
+            response = await endpoint.process_request(self, request)
             if self._lost or self._ending:
                 # the client closed (or half-closed) while the database answered: nobody to
                 # answer, and its choice, not a fault of the bridge
                 self._abort()
-                endpoint.abandoned(conn, "client_gone")
+                endpoint.abandoned(self, "client_gone")
                 _refusals.info("gone", "client %s left before its handshake was answered",
                                self.remote_address, extra={"event": "handshake_abandoned"})
                 return
@@ -133,7 +139,7 @@ class Opening(ConnectionBase):
                 _refusals.info("early", "client %s sent more than %d bytes before its upgrade "
                                "was answered; answered 400", self.remote_address, EARLY_LIMIT,
                                extra={"event": "http_refused"})
-                endpoint.abandoned(conn, "early_data")
+                endpoint.abandoned(self, "early_data")
                 response = protocol.reject(
                     HTTPStatus.BAD_REQUEST, f"more than {EARLY_LIMIT} bytes were sent before "
                     "the upgrade was answered; wait for the 101 (RFC 6455, 4.1)\n")
@@ -157,7 +163,7 @@ class Opening(ConnectionBase):
             self._corked = list(protocol.data_to_send())
             self.protocol = endpoint.new_protocol(State.OPEN)  # the request is dropped here
             try:
-                endpoint.opened(conn)
+                endpoint.opened(self)
             except Exception:
                 self.crashed("opening the connection")  # the 101 leaves before the 1011
             self._uncork()
@@ -167,7 +173,7 @@ class Opening(ConnectionBase):
             self._handshake = None
         if self._unparsed is not None and self.protocol.state is State.OPEN \
                 and not self._ending:
-            conn._parse_frames()  # what the client sent with its request
+            self._parse_frames()  # what the client sent with its request
         self._update_reading()
 
     def _open_timed_out(self) -> None:

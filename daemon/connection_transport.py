@@ -14,7 +14,10 @@ the same way, and "nothing written after the end" (``daemon/connection.py``'s do
 only if every write and every end goes through these few methods. The phases are subclasses
 (:class:`~daemon.connection_opening.Opening`, then :class:`~daemon.connection.Connection`)
 rather than objects of their own: the state they share (the unparsed bytes, the timer, the
-ending flag) stays in one place, and a connection costs no more memory than one object. Log
+ending flag) stays in one place, and a connection costs no more memory than one object. The
+layers do not name the class built on them: the endpoint is an ``Endpoint[Self]``, handed the
+connection itself whatever its class, and the one step of the frames phase the opening needs
+is a method it declares (:meth:`~daemon.connection_opening.Opening._parse_frames`). Log
 lines keep the logger ``daemon.connection``: one name for the whole connection layer.
 """
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Self
 
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -32,9 +35,6 @@ from websockets.typing import BytesLike
 from . import logs
 from .closes import Close
 from .connection_boundary import Endpoint, Receiver
-
-if TYPE_CHECKING:
-    from .connection import Connection
 
 log = logging.getLogger("daemon.connection")  # the connection layer's one logger name
 
@@ -53,7 +53,7 @@ class ConnectionBase(asyncio.Protocol):
                  "_received_any", "_request_read", "_tail", "_text", "_timer", "_unparsed",
                  "id", "protocol", "receiver", "remote_address", "transport")
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint[Self]) -> None:
         self._endpoint = endpoint
         self.id = next(_ids)
         self.receiver: Receiver | None = None
@@ -76,6 +76,9 @@ class ConnectionBase(asyncio.Protocol):
         self._overflowed = False  # more than EARLY_LIMIT bytes came before the answer
         self._reading_held = False  # the receiver asked to stop reading
 
+    # handed this connection itself, whatever its class; a method that hands it ``self``
+    # annotates ``self: Self`` (mypy binds Self in ``self._endpoint`` only then)
+    _endpoint: Endpoint[Self]
     transport: asyncio.Transport  # or uvloop's
     protocol: ServerProtocol  # CONNECTING for the handshake, then OPEN for the frames
     remote_address: Any  # the transport's "peername"
@@ -162,13 +165,13 @@ class ConnectionBase(asyncio.Protocol):
         self._end()
         self.transport.abort()
 
-    def _end(self) -> None:
+    def _end(self: Self) -> None:  # Self: see _endpoint
         """From here on nothing is written or read; the server forgets the connection."""
         if self._ending:
             return
         self._ending = True
         self._unparsed = None
-        self._endpoint.closing(cast("Connection", self))  # the layers' one object
+        self._endpoint.closing(self)
 
     def _watch_close(self, *, force: bool = False) -> None:
         """Once the connection is expected to close, give the peer ``close_timeout`` s."""
