@@ -146,6 +146,13 @@ class Opening(ConnectionBase):
             if response is None:
                 response = (protocol.accept(request) if endpoint.serving() else
                             protocol.reject(503, "Server is shutting down.\n"))
+            if response.status_code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+                # websockets answers an upgrade in another HTTP version than 1.1 with 505 (RFC
+                # 9110, 15.6.6); what a client sent gets a 4xx here (PROTOCOL.md, "HTTP answers
+                # before the upgrade"), as any other request the upgrade cannot be built from
+                response = protocol.reject(
+                    HTTPStatus.BAD_REQUEST, f"a WebSocket upgrade needs HTTP/1.1 (RFC 6455, "
+                    f"4.1): {protocol.handshake_exc}\n")
             response.headers["Server"] = endpoint.server_header
             protocol.send_response(response)
             if protocol.state is not State.OPEN:

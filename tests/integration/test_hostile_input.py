@@ -232,6 +232,8 @@ async def test_malformed_handshakes_get_a_4xx_and_no_traceback(
          b"Authorization: Bearer b\r\n\r\n", 400),
         (b"GET /ws?token=a&token=b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET /healthz HTTP/1.1\n\n", 400),
+        # a valid upgrade but in HTTP/1.0: websockets 17 says 505; the contract, a 4xx
+        (b"GET /ws?token=" + tok + b" HTTP/1.0\r\nHost: x\r\n" + UPGRADE + b"\r\n", 400),
     ]
     for request, expected in cases:
         status, _ = await http(bridge.port, request)
