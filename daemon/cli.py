@@ -131,11 +131,11 @@ async def _setup(args: argparse.Namespace, env: dict[str, str], prog: str) -> in
     from .errors import SchemaError
     from .roles import Grants
     from .schema import apply_schema, dry_run_sql, verify_schema
-    from .settings import DatabaseSettings, SSHSettings, schema_name
+    from .settings import DatabaseSettings, SSHSettings, schema_name, value
 
-    schema = "test" if args.test else schema_name(
-        args.schema or env.get("PGBRIDGE_SCHEMA") or "public",
-        variable="--schema" if args.schema else "PGBRIDGE_SCHEMA")
+    schema: str = ("test" if args.test else
+                   schema_name(args.schema, variable="--schema") if args.schema else
+                   value(env, "PGBRIDGE_SCHEMA"))
     if args.dry_run:
         print(dry_run_sql(schema))
         return EXIT_OK

@@ -30,6 +30,7 @@ __all__ = [
     "SSHSettings",
     "load_environment",
     "schema_name",
+    "value",
 ]
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -145,6 +146,14 @@ def _value(env: Mapping[str, str], setting: Setting) -> Any:
     number = _int(name, text)
     _bounded(setting, number, str(number))
     return float(number) if setting.kind == "rate" else number
+
+
+def value(env: Mapping[str, str], name: str) -> Any:
+    """One variable's value from ``env`` (its default from the table when unset), parsed as
+    the settings classes parse it: for the tools that need one setting, not a whole group.
+    Raises :class:`ConfigError` naming the variable, ``KeyError`` for a name not in the
+    table."""
+    return _value(env, _BY_NAME[name])
 
 
 def _values(env: Mapping[str, str], group: Group) -> dict[str, Any]:
