@@ -1,8 +1,8 @@
-"""The layer contract of daemon/ (STYLE.md 1, 10 and 11), as pyproject.toml [tool.importlinter]
-states it: the composition root (``__main__``, ``cli``, ``app``) over the I/O modules over the
-pure ones; no module imports one of a higher layer, no pure module imports an I/O package, and
-no module imports another that imports it back, however indirectly (``TYPE_CHECKING`` imports
-count: a base class that names its own subclass is a cycle too).
+"""The layer contract of daemon/ (docs/contributing.md, "Lint and types"), as pyproject.toml
+[tool.importlinter] states it: the composition root (``__main__``, ``cli``, ``app``) over the
+I/O modules over the pure ones; no module imports one of a higher layer, no pure module imports
+an I/O package, and no module imports another that imports it back, however indirectly
+(``TYPE_CHECKING`` imports count: a base class that names its own subclass is a cycle too).
 
 Run here so that ``./dev test`` (so CI) checks it: import-linter's own report is the failure
 message. A second check makes the contract cover every module: each module of daemon/ is in
