@@ -4,6 +4,7 @@ factory of :class:`daemon.events.Event` objects whose frame carries only the seq
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from websockets.frames import Frame
@@ -14,15 +15,20 @@ from daemon.hub import Subscription
 
 
 class RecordingSink:
+    """A hub :class:`~daemon.hub.Sink` that keeps what it is sent; ``sent`` is set at each
+    frame (clear it to wait for the next)."""
+
     def __init__(self, user: str = "u1") -> None:
         self.user = user
         self.frames: list[bytes | str] = []
+        self.sent = asyncio.Event()
         self.overflowed = False
         self.why = ""
         self.ended: list[Subscription] = []
 
     def send(self, frame: bytes | str) -> None:
         self.frames.append(frame)
+        self.sent.set()
 
     def overflow(self, why: str) -> None:
         self.overflowed = True

@@ -81,6 +81,10 @@ class Fixture:
         for _ in range(20):
             await asyncio.sleep(0)
 
+    async def published(self, sink: RecordingSink, timeout: float = 5.0) -> None:
+        """Wait until ``sink`` got a frame (one published after a ``retry_delay`` timer)."""
+        await asyncio.wait_for(sink.sent.wait(), timeout)
+
 
 @pytest.fixture
 async def rooms() -> AsyncIterator[Fixture]:
@@ -113,7 +117,7 @@ async def test_nothing_is_published_before_every_connected_user_was_checked(
     await rooms.settle()
     assert sink.seqs() == [] and rooms.access.checks == []
     rooms.store.append(event(1))
-    await asyncio.sleep(0.05)  # the catch-up that the change asked for checks users first
+    await rooms.published(sink)  # the catch-up that the change asked for checks users first
     assert rooms.access.checks == [(None, False)] and sink.seqs() == [1]
 
 
@@ -191,10 +195,7 @@ async def test_a_change_heard_as_a_shedding_window_ends_waits_for_the_user_check
     rooms.store.append(event(1))
     await rooms.rooms.changed(Change(event(1)))  # never suspends: the queue is not full
     listener._shed_over()
-    for _ in range(300):  # published once checked: at the latest after one retry_delay (1 s)
-        if sink.seqs():
-            break
-        await asyncio.sleep(0.01)
+    await rooms.published(sink)  # once checked: at the latest after one retry_delay (1 s)
     assert sink.seqs() == [1]
     assert timeline[:2] == ["check", "publish"], timeline
 
