@@ -150,9 +150,8 @@ class Opening(ConnectionBase):
                 # websockets answers an upgrade in another HTTP version than 1.1 with 505 (RFC
                 # 9110, 15.6.6); what a client sent gets a 4xx here (PROTOCOL.md, "HTTP answers
                 # before the upgrade"), as any other request the upgrade cannot be built from
-                response = protocol.reject(
-                    HTTPStatus.BAD_REQUEST, f"a WebSocket upgrade needs HTTP/1.1 (RFC 6455, "
-                    f"4.1): {protocol.handshake_exc}\n")
+                response = protocol.reject(HTTPStatus.BAD_REQUEST,
+                                           "a WebSocket upgrade needs HTTP/1.1 (RFC 6455, 4.1)\n")
             response.headers["Server"] = endpoint.server_header
             protocol.send_response(response)
             if protocol.state is not State.OPEN:
