@@ -120,7 +120,7 @@ class Listener:
         self.probe_timeout = probe_timeout
         self.connect_timeout = 2 * probe_timeout
         self.connected = False
-        self.ready = asyncio.Event()  # set once LISTEN is proven to deliver (first probe back)
+        self.ready = asyncio.Event()  # set once LISTEN is proven to deliver (two probes back)
         # set once the key was read and pgbridge_listen() may be called: what LISTENs may start
         self.checked = asyncio.Event()
         self._probes: dict[str, asyncio.Future[None]] = {}
@@ -347,6 +347,12 @@ class Listener:
                 await asyncio.sleep(0.05 if not self.ready.is_set() else self.probe_interval)
                 continue
             ok = await self._probe_once()
+            if ok and not self.ready.is_set():
+                # Proven by a second round trip only: through a transaction-mode pooler, a
+                # NOTIFY can reach the listener by chance while its LISTEN statement runs on a
+                # server connection an earlier session left LISTENing; a listener that runs no
+                # statement hears the second one only if LISTEN truly delivers to it.
+                ok = await self._probe_once()
             if ok:
                 self.probed_at = time.monotonic()
                 if not self.ready.is_set():
