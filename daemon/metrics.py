@@ -120,8 +120,9 @@ class _IndexScansCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "pgbridge_index_scans", "Index scans started on each index of the bridge's schema "
-            "(pg_stat_user_indexes.idx_scan, read every INDEX_STATS_INTERVAL seconds; reset "
-            "with the server's statistics)", labels=["table", "index"])
+            "(pg_stat_user_indexes.idx_scan, every session's scans; read by the bridge every "
+            "5 s, INDEX_STATS_INTERVAL in daemon/app.py; reset with the server's statistics)",
+            labels=["table", "index"])
         for table, index, scans in self.rows:
             family.add_metric([table, index], scans)
         yield family

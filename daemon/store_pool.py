@@ -108,10 +108,10 @@ class Pooled:
                    doing: str, *, purpose: QueryPurpose,
                    timeout: float = STATEMENT_TIMEOUT) -> list[tuple[Any, ...]]:
         """Run one statement on a pooled connection; ``doing`` says what for in an error,
-        ``purpose`` labels its duration, ``timeout`` bounds each attempt's run (seconds, after
-        the wait for a connection: at most ``POOL_WAIT``). Every statement of this module is
-        idempotent, so one that failed because its connection was broken (server restart,
-        ``pg_terminate_backend``) is retried once on a fresh connection.
+        ``purpose`` labels its duration, ``timeout`` bounds each attempt's statement (seconds;
+        the wait for a connection is bounded apart, by ``POOL_WAIT``). Every statement of this
+        module is idempotent, so one that failed because its connection was broken (server
+        restart, ``pg_terminate_backend``) is retried once on a fresh connection.
 
         Timed in ``pgbridge_query_duration_seconds{purpose}`` from the request for a pooled
         connection to the last row fetched, as the caller waits: the wait for a connection
