@@ -53,6 +53,12 @@ READY_TIMEOUT = 15.0  # seconds for the first NOTIFY round trip
 # Seconds the supervised tasks get to end once cancelled at shutdown (psycopg may take 10 s to
 # give up on a query whose connection no longer answers); systemd's TimeoutStopSec is 30 s.
 STOP_TIMEOUT = 12.0
+# Seconds between two reads of pg_stat_user_indexes into pgbridge_index_scans_total's cache (the
+# scrape reads the cache: it is rendered on the event loop and may not wait for the database),
+# and the most one read may run. PostgreSQL publishes a session's counts when its transaction
+# ends, or up to 10 s later (PostgreSQL 15+), so reading more often shows little sooner.
+INDEX_STATS_INTERVAL = 5.0
+INDEX_STATS_TIMEOUT = 2.0
 
 
 class Bridge:
@@ -73,7 +79,8 @@ class Bridge:
         self.watchdog = watchdog
         self.hub = Hub()
         self.metrics = Metrics()
-        self.store = Store(conninfo, schema=settings.schema, max_size=settings.pool_size)
+        self.store = Store(conninfo, schema=settings.schema, metrics=self.metrics,
+                           max_size=settings.pool_size)
         self.metrics.watch_pool(self.store.pool_stats)
         self.access = Access(self.store, self.metrics, interval=settings.access_check_interval)
         self.presence_feed = PresenceFeed(self.store, self.hub, self.metrics)
@@ -133,6 +140,24 @@ class Bridge:
 
         await every(self.settings.prune_interval, prune, failed=failed, first=True)
 
+    async def _index_stats_forever(self) -> None:
+        failing = False
+
+        async def read() -> None:
+            nonlocal failing
+            self.metrics.index_scans_read(await self.store.index_scans(
+                timeout=INDEX_STATS_TIMEOUT))
+            failing = False
+
+        def failed(exc: BridgeError) -> None:
+            nonlocal failing
+            if not failing:  # once per run of failures: the database's absence is logged anyway
+                log.warning("reading index statistics failed (%s); pgbridge_index_scans_total "
+                            "keeps the last values read", exc, extra={"event": "index_stats"})
+            failing = True
+
+        await every(INDEX_STATS_INTERVAL, read, failed=failed, first=True)
+
     async def serve(self, stop: asyncio.Event, *,
                     on_ready: Callable[[Bridge], None] | None = None) -> None:
         """Run until ``stop`` is set (clean shutdown) or a task fails (its error is raised).
@@ -158,6 +183,7 @@ class Bridge:
             tasks.add(asyncio.create_task(self.server.heartbeat.run(), name="heartbeat"))
             tasks.add(asyncio.create_task(self.ack_writer.run(), name="ack-writer"))
             tasks.add(asyncio.create_task(self._prune_forever(), name="pruner"))
+            tasks.add(asyncio.create_task(self._index_stats_forever(), name="index-stats"))
             tasks.add(asyncio.create_task(self.access.run(), name="access-check"))
             tasks.add(asyncio.create_task(self.presence.run(), name="presence-writer"))
             self.started.set()

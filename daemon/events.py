@@ -24,6 +24,8 @@ class Event:
     DELETE), ``ends_room`` is true for a room deleted or soft-deleted (``channels`` DELETE, or
     UPDATE with ``deleted_at`` set), ``joins`` the ``users.id`` whose membership it adds or
     changes (a ``channel_members`` INSERT or UPDATE: the room's presence watchers learn of them).
+    ``table`` and ``op`` are the captured row's table and ``INSERT``, ``UPDATE`` or ``DELETE``
+    (the frame's ``table`` and ``op``), for ``pgbridge_trigger_executions_total``.
     """
 
     room: str
@@ -32,6 +34,8 @@ class Event:
     revokes: str | None = None
     ends_room: bool = False
     joins: str | None = None
+    table: str = ""
+    op: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +106,10 @@ def parse_notify(payload: str) -> Event | Pointer | Probe | UserHint | PresenceH
         return None
     if obj.get("type") != "event":
         return Pointer(room, seq)
-    revokes, ends_room, joins = _effects(str(obj.get("table")), str(obj.get("op")),
-                                         obj.get("data"))
+    table, op = str(obj.get("table")), str(obj.get("op"))
+    revokes, ends_room, joins = _effects(table, op, obj.get("data"))
     return Event(room=room, seq=seq, frame=payload.encode(), revokes=revokes, ends_room=ends_room,
-                 joins=joins)
+                 joins=joins, table=table, op=op)
 
 
 # An event frame ends with its capture time: pgbridge_event_frame (sql/triggers/

@@ -6,12 +6,21 @@ What each metric means and what to alert on: docs/reference/metrics.md;
 
 Nothing here is computed on the fan-out path beyond a counter increment or one histogram
 observation per event: the listener's lag and the pool's state are read when ``/metrics`` is
-scraped (:meth:`Metrics.watch_pool`, and the listener's function gauges).
+scraped (:meth:`Metrics.watch_pool`, and the listener's function gauges). The scrape is
+rendered synchronously on the event loop (daemon/handshake.py), so nothing read at scrape time
+may wait for the database: the indexes' scan counts (``pgbridge_index_scans_total``) are read
+by a periodic task (``daemon.app``) into a cache, and the scrape reads the cache
+(:meth:`Metrics.index_scans_read`).
+
+The spec's metrics (spec 003, "Monitoring Requirements": ``queryDuration``, ``indexUsage``,
+``triggerExecution``) are ``pgbridge_query_duration_seconds``, ``pgbridge_index_scans_total``
+and ``pgbridge_trigger_executions_total``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,7 +28,8 @@ from prometheus_client.registry import Collector
 
 from .closes import Close
 
-__all__ = ["CLOSE_CODES", "LATENCY_BUCKETS", "READ_BUCKETS", "Metrics"]
+__all__ = ["CAPTURED_TABLES", "CLOSE_CODES", "LATENCY_BUCKETS", "MAX_INDEX_SERIES",
+           "QUERY_PURPOSES", "READ_BUCKETS", "SPEC_TABLES", "Metrics", "QueryPurpose"]
 
 # The close codes the server sends (daemon/closes.py); each is exported from the start (at 0), so
 # that rate() and increase() see the first one.
@@ -32,6 +42,40 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # (2,000) over many (daemon/sequencer.py).
 READ_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0)
+# Why the daemon runs a statement on its pool (``pgbridge_query_duration_seconds{purpose}``): a
+# fixed set, never a room or user id, so the label's cardinality is bounded (mypy checks that
+# every call of daemon.store_pool.Pooled._all names one of these).
+QueryPurpose = Literal[
+    "startup_check",    # standby? privileges? (once per start)
+    "notify_key",       # the NOTIFY signing key (at start, and when the listener reconnects)
+    "notify",           # the listener's probe, a typing signal relayed to the other instances
+    "user_check",       # a token's user still live (every handshake; batched)
+    "access",           # deleted users, lost memberships (hints and the periodic check)
+    "room_head",        # a room's last seq, when a subscribe starts tracking it
+    "cursor_info",      # what a subscribe needs (batched)
+    "read_events",      # one room's events: a gap fill, a replay
+    "read_rooms",       # many rooms' events: a catch-up, a poll
+    "doorbell",         # pgbridge_doorbell(): the doorbell lease
+    "ack_flush",        # sync_state upserts
+    "prune",            # change_events past the retention
+    "presence_write",   # presence leases and transitions (sync, reap, retire)
+    "presence_read",    # members' presence for a presence frame
+    "health",           # /healthz's SELECT 1
+    "index_stats",      # pg_stat_user_indexes, for pgbridge_index_scans_total
+]
+QUERY_PURPOSES: tuple[str, ...] = get_args(QueryPurpose)
+# The spec's ten tables (spec 003, "Schema Documentation"): pgbridge_trigger_executions_total's
+# table label is one of these or "other", its op label INSERT, UPDATE, DELETE or "other".
+SPEC_TABLES = frozenset({
+    "users", "channels", "messages", "channel_members", "reactions", "files", "user_settings",
+    "user_status", "message_reads", "sync_state"})
+_OPS = frozenset({"INSERT", "UPDATE", "DELETE"})
+# The tables the capture trigger publishes (sql/triggers/10_change_capture.sql): their series
+# are exported from the start (at 0), so that rate() and increase() see the first change.
+CAPTURED_TABLES = ("channels", "messages", "channel_members", "reactions", "files",
+                   "message_reads")
+# pgbridge_index_scans_total exports at most this many indexes (the schema holds about 30).
+MAX_INDEX_SERIES = 200
 
 
 class _PoolCollector(Collector):
@@ -64,6 +108,24 @@ class _PoolCollector(Collector):
                  "connection: waited POOL_WAIT (5 s) in vain, or were cancelled while waiting",
                  1.0)):
             yield CounterMetricFamily(name, text, value=s.get(key, 0) * scale)
+
+
+class _IndexScansCollector(Collector):
+    """``pgbridge_index_scans_total{table, index}`` from the last rows handed to
+    :meth:`Metrics.index_scans_read`: read from a cache, never from the database."""
+
+    def __init__(self) -> None:
+        self.rows: tuple[tuple[str, str, int], ...] = ()
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "pgbridge_index_scans", "Index scans started on each index of the bridge's schema "
+            "(pg_stat_user_indexes.idx_scan, every session's scans; read by the bridge every "
+            "5 s, INDEX_STATS_INTERVAL in daemon/app.py; reset with the server's statistics)",
+            labels=["table", "index"])
+        for table, index, scans in self.rows:
+            family.add_metric([table, index], scans)
+        yield family
 
 
 class Metrics:
@@ -173,6 +235,40 @@ class Metrics:
                               ["outcome"], registry=r)
         self.acks_saved = Counter("pgbridge_acks_saved", "sync_state rows upserted", registry=r)
         self.pruned = Counter("pgbridge_pruned_events", "change_events rows pruned", registry=r)
+        self.query_duration = Histogram(
+            "pgbridge_query_duration_seconds", "Seconds per statement the daemon runs on its "
+            "pool, by purpose, as its caller waits for it: from the request for a pooled "
+            "connection (the wait for one included: pgbridge_pool_wait_seconds_total tells it "
+            "apart) to the last row fetched, a retry on a lost connection included; failed "
+            "statements included. The LISTEN connection's own statements are not counted",
+            ["purpose"], buckets=READ_BUCKETS, registry=r)
+        self.trigger_executions = Counter(
+            "pgbridge_trigger_executions", "Captured changes (one capture trigger execution "
+            "that published an event) this bridge published to its subscribers, by table and "
+            "op, counted once per event whatever the number of subscribers; changes of rooms "
+            "with no subscriber here are not seen", ["table", "op"], registry=r)
+        self._captured: dict[tuple[str, str], Counter] = {}
+        for table in CAPTURED_TABLES:
+            for op in _OPS:
+                self._captured[table, op] = self.trigger_executions.labels(table, op)
+        self._index_scans = _IndexScansCollector()
+        r.register(self._index_scans)
+
+    def captured(self, table: str, op: str) -> None:
+        """Count one published event of ``table`` (``op``: ``INSERT``, ``UPDATE``,
+        ``DELETE``) in ``pgbridge_trigger_executions_total``; a table not among the spec's ten,
+        or another op, is counted as ``other`` (at most 44 series: 11 tables, 4 ops)."""
+        key = (table if table in SPEC_TABLES else "other", op if op in _OPS else "other")
+        child = self._captured.get(key)
+        if child is None:
+            child = self._captured[key] = self.trigger_executions.labels(*key)
+        child.inc()
+
+    def index_scans_read(self, rows: Iterable[tuple[str, str, int]]) -> None:
+        """Replace what ``pgbridge_index_scans_total`` exports with ``rows``: ``(table, index,
+        idx_scan)`` as read from ``pg_stat_user_indexes`` (the first
+        :data:`MAX_INDEX_SERIES`)."""
+        self._index_scans.rows = tuple(rows)[:MAX_INDEX_SERIES]
 
     def watch_pool(self, stats: Callable[[], Mapping[str, int]]) -> None:
         """Export the connection pool's statistics (``pgbridge_pool_*``), read from ``stats``

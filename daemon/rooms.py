@@ -30,7 +30,8 @@ queues a catch-up every ``PGBRIDGE_POLL_INTERVAL``: every tracked room in one qu
 Metrics (docs/reference/metrics.md): every published event is observed once, whatever the
 number of its subscribers, in ``pgbridge_commit_to_send_seconds{kind="live"}`` (from its
 capture time, read from the frame's fixed-width tail: :func:`daemon.events.capture_time`);
-every read of the log in ``pgbridge_log_read_seconds`` (``gap_fill``, ``catch_up``, ``poll``).
+every read of the log in ``pgbridge_log_read_seconds`` (``gap_fill``, ``catch_up``, ``poll``);
+every published event, by its table and op, in ``pgbridge_trigger_executions_total``.
 A member who joins a room is told to the room's presence watchers (``joined``), nothing more:
 presence rules are :mod:`daemon.presence_feed`'s.
 """
@@ -329,6 +330,7 @@ class Rooms:
                           extra={"event": "log_hole"})
                 continue
             self.metrics.events.inc()
+            self.metrics.captured(step.table, step.op)  # pgbridge_trigger_executions_total
             self.metrics.deliveries.inc(self.hub.publish(step))
             # once per event, not per subscriber: every live subscriber has it written or queued
             captured = capture_time(step.frame)

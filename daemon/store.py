@@ -22,6 +22,7 @@ from .db import describe
 from .doorbell import Call, Reading
 from .errors import DatabaseError
 from .events import Event
+from .metrics import MAX_INDEX_SERIES, Metrics
 from .presence import Presence
 from .protocol import is_id
 from .sequencer import READ_PAGE
@@ -61,7 +62,7 @@ class RoomCursorInfo:
 # them from a NOTIFY: the row's JSON is never decoded here, so no payload, however large or deeply
 # nested, can fail the listener.
 _EVENT_COLUMNS = """
-    e.room_id, e.seq,
+    e.room_id, e.seq, e.table_name, e.op,
     CASE WHEN e.table_name = 'channel_members' AND e.op = 'DELETE'
          THEN e.payload->>'user_id' END,
     CASE WHEN e.table_name = 'channel_members' AND e.op <> 'DELETE'
@@ -73,17 +74,20 @@ _EVENT_COLUMNS = """
 
 
 def _event(row: tuple[Any, ...]) -> Event:
-    room, seq, revokes, joins, ends_room, frame = row
+    room, seq, table, op, revokes, joins, ends_room, frame = row
     return Event(room=str(room), seq=int(seq), frame=frame.encode(), revokes=revokes,
-                 ends_room=bool(ends_room), joins=joins if is_id(joins) else None)
+                 ends_room=bool(ends_room), joins=joins if is_id(joins) else None,
+                 table=str(table), op=str(op))
 
 
 class Store(Pooled):
     """Queries of the daemon. ``conninfo`` from :func:`daemon.db.database`; ``schema`` from
-    ``PGBRIDGE_SCHEMA``; ``max_size`` connections at most (``PGBRIDGE_POOL_SIZE``)."""
+    ``PGBRIDGE_SCHEMA``; ``max_size`` connections at most (``PGBRIDGE_POOL_SIZE``); ``metrics``
+    times every statement (:class:`~daemon.store_pool.Pooled`)."""
 
-    def __init__(self, conninfo: str, *, schema: str, max_size: int = 10) -> None:
-        super().__init__(conninfo, schema=schema, max_size=max_size)
+    def __init__(self, conninfo: str, *, schema: str, metrics: Metrics,
+                 max_size: int = 10) -> None:
+        super().__init__(conninfo, schema=schema, metrics=metrics, max_size=max_size)
         # every handshake and every subscribe asks one of these: concurrent ones share a query
         # (daemon.batching; docs/topics/fan-out-cost.md)
         self.live_user: Batched[str, bool] = Batched(self._live_users)
@@ -91,7 +95,8 @@ class Store(Pooled):
             self._cursor_infos)
 
     async def in_recovery(self) -> bool:
-        rows = await self._all("SELECT pg_is_in_recovery()", (), "checking for a standby")
+        rows = await self._all("SELECT pg_is_in_recovery()", (), "checking for a standby",
+                               purpose="startup_check")
         return bool(rows[0][0])
 
     def _needs_grant(self, what: str) -> DatabaseError:
@@ -109,7 +114,8 @@ class Store(Pooled):
         the channels were secret lacks it."""
         rows = await self._all(
             "SELECT has_function_privilege(to_regprocedure(format('%%I.%%I()', %s::text, "
-            "'pgbridge_listen')), 'EXECUTE')", (self.schema,), "checking the bridge's privileges")
+            "'pgbridge_listen')), 'EXECUTE')", (self.schema,), "checking the bridge's privileges",
+            purpose="startup_check")
         if not rows[0][0]:
             raise self._needs_grant(f"LISTEN on the schema's secret NOTIFY channels (call "
                                     f"{self.schema}.pgbridge_listen())")
@@ -126,7 +132,7 @@ class Store(Pooled):
             "SELECT bool_and(has_function_privilege(f, 'EXECUTE')) "
             "AND has_table_privilege('user_status', 'SELECT') "
             "AND has_table_privilege('presence_sessions', 'SELECT') FROM unnest(%s::text[]) f",
-            (functions,), "checking the bridge's privileges")
+            (functions,), "checking the bridge's privileges", purpose="startup_check")
         if not rows[0][0]:
             raise self._needs_grant("keep presence and the doorbell lease (call the "
                                     "pgbridge_presence_* functions and pgbridge_doorbell, read "
@@ -137,7 +143,7 @@ class Store(Pooled):
         bridge role needs ``setup_db.py --grant-bridge``). Raises :class:`DatabaseError`."""
         try:
             rows = await self._all("SELECT key FROM change_notify_key", (),
-                                   "reading the NOTIFY signing key")
+                                   "reading the NOTIFY signing key", purpose="notify_key")
         except DatabaseError as exc:
             if exc.sqlstate != "42501":
                 raise
@@ -149,13 +155,14 @@ class Store(Pooled):
         return bytes(rows[0][0])
 
     async def notify(self, channel: str, payload: str, *, doing: str = "sending a probe") -> None:
-        await self._all("SELECT pg_notify(%s, %s)", (channel, payload), doing)
+        await self._all("SELECT pg_notify(%s, %s)", (channel, payload), doing, purpose="notify")
 
     async def _live_users(self, users: Sequence[str]) -> dict[str, bool]:
         """Whether each of ``users`` has a live ``users`` row (:attr:`live_user` asks for
         many at once)."""
         rows = await self._all("SELECT id FROM users WHERE id = ANY(%s::varchar[]) "
-                               "AND deleted_at IS NULL", (list(users),), "checking a token's user")
+                               "AND deleted_at IS NULL", (list(users),), "checking a token's user",
+                               purpose="user_check")
         live = {str(user) for (user,) in rows}
         return {user: user in live for user in users}
 
@@ -165,7 +172,7 @@ class Store(Pooled):
             """
             SELECT a.id FROM unnest(%s::varchar[]) AS a(id)
             WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = a.id AND u.deleted_at IS NULL)
-            """, (list(users),), "checking for deleted users")
+            """, (list(users),), "checking for deleted users", purpose="access")
         return [str(user) for (user,) in rows]
 
     async def lost_memberships(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -181,12 +188,12 @@ class Store(Pooled):
                 SELECT 1 FROM channel_members m JOIN channels c ON c.id = m.channel_id
                 WHERE m.channel_id = a.room_id AND m.user_id = a.user_id
                   AND c.deleted_at IS NULL)
-            """, (list(users), list(rooms)), "checking memberships")
+            """, (list(users), list(rooms)), "checking memberships", purpose="access")
         return [(str(user), str(room)) for user, room in rows]
 
     async def head(self, room: str) -> int:
         rows = await self._all("SELECT last_seq FROM change_sequences WHERE room_id = %s",
-                               (room,), "reading a room's head")
+                               (room,), "reading a room's head", purpose="room_head")
         return int(rows[0][0]) if rows else 0
 
     async def cursor_info(self, user_id: str, room: str) -> RoomCursorInfo:
@@ -210,7 +217,7 @@ class Store(Pooled):
             LEFT JOIN users u ON u.id = a.user_id
             LEFT JOIN channel_members m ON m.channel_id = a.room_id AND m.user_id = a.user_id
             LEFT JOIN change_sequences h ON h.room_id = a.room_id
-            """, (list(users), list(rooms)), "checking a subscription")
+            """, (list(users), list(rooms)), "checking a subscription", purpose="cursor_info")
         infos = {}
         for user, room, exists, allowed, head, low, acked in rows:
             status = "ok" if allowed else ("forbidden" if exists else "not_found")
@@ -246,9 +253,11 @@ class Store(Pooled):
             ORDER BY e.seq LIMIT %s
             """
         end = min(upto, after + limit)
-        rows = await self._all(query, (room, after, end, limit), "reading the log")
+        rows = await self._all(query, (room, after, end, limit), "reading the log",
+                               purpose="read_events")
         if len(rows) < end - after and end < upto:
-            rows = await self._all(query, (room, after, upto, limit), "reading the log")
+            rows = await self._all(query, (room, after, upto, limit), "reading the log",
+                                   purpose="read_events")
         return [_event(row) for row in rows]
 
     async def read_rooms(self, cursors: Mapping[str, int], *, limit: int
@@ -268,7 +277,7 @@ class Store(Pooled):
                 WHERE e.room_id = c.room_id AND e.seq > c.after
                 ORDER BY e.seq LIMIT %s
             ) AS e
-            """, (list(rooms), list(afters), limit), "reading the log")
+            """, (list(rooms), list(afters), limit), "reading the log", purpose="read_rooms")
         found: dict[str, list[Event]] = {}
         for row in rows:
             event = _event(row)
@@ -283,7 +292,8 @@ class Store(Pooled):
             SELECT extract(epoch FROM quiet_until)::float8, extract(epoch FROM now)::float8,
                    captured, barrier::text, settled
             FROM pgbridge_doorbell(%s, %s, %s::pg_snapshot)
-            """, (call.quiet_ms, call.new_barrier, call.barrier), "ringing the doorbell")
+            """, (call.quiet_ms, call.new_barrier, call.barrier), "ringing the doorbell",
+            purpose="doorbell")
         quiet_until, now, captured, barrier, settled = rows[0]
         return Reading(quiet_until=quiet_until, now=now, captured=captured, barrier=barrier,
                        settled=settled)
@@ -315,7 +325,8 @@ class Store(Pooled):
                        ELSE GREATEST(sync_state.last_seq, EXCLUDED.last_seq) END,
                    last_sync = EXCLUDED.last_sync
             RETURNING 1
-            """, (ids, list(users), list(rooms), list(seqs)), "saving acknowledgements")
+            """, (ids, list(users), list(rooms), list(seqs)), "saving acknowledgements",
+            purpose="ack_flush")
 
     async def prune(self, older_than: float, *, batch: int = 10000) -> int:
         """Delete ``change_events`` older than ``older_than`` seconds, in batches; returns the
@@ -330,10 +341,22 @@ class Store(Pooled):
                 DELETE FROM change_events e USING doomed d
                 WHERE e.room_id = d.room_id AND e.seq = d.seq
                 RETURNING 1
-                """, (older_than, batch), "pruning the log")
+                """, (older_than, batch), "pruning the log", purpose="prune")
             total += len(rows)
             if len(rows) < batch:
                 return total
+
+    async def index_scans(self, *, timeout: float) -> list[tuple[str, str, int]]:
+        """``(table, index, idx_scan)`` of every index of the bridge's schema
+        (``pg_stat_user_indexes``; readable by any role), at most
+        :data:`~daemon.metrics.MAX_INDEX_SERIES`, by table and index; the statement runs
+        ``timeout`` seconds at most. Raises :class:`DatabaseError`."""
+        rows = await self._all(
+            "SELECT relname, indexrelname, idx_scan FROM pg_stat_user_indexes "
+            "WHERE schemaname = %s ORDER BY relname, indexrelname LIMIT %s",
+            (self.schema, MAX_INDEX_SERIES), "reading index statistics", purpose="index_stats",
+            timeout=timeout)
+        return [(str(table), str(index), int(scans or 0)) for table, index, scans in rows]
 
     # --- presence (sql/triggers/40_presence.sql) ----------------------------------------------
 
@@ -348,14 +371,15 @@ class Store(Pooled):
         users = [user for user, _ in changes]
         ago = [closed for _, closed in changes]
         rows = await self._all("SELECT * FROM pgbridge_presence_sync(%s, %s, %s, %s, %s)",
-                               (instance, lease, renew, users, ago), "writing presence")
+                               (instance, lease, renew, users, ago), "writing presence",
+                               purpose="presence_write")
         return bool(rows[0][0]), int(rows[0][1])
 
     async def presence_reap(self) -> tuple[int, int]:
         """Expire the instances whose lease ran out; returns ``(instances, users now
         offline)``."""
         rows = await self._all("SELECT * FROM pgbridge_presence_reap()", (),
-                               "expiring presence leases")
+                               "expiring presence leases", purpose="presence_write")
         return int(rows[0][0]), int(rows[0][1])
 
     async def presence_retire(self, instance: str, grace: float,
@@ -364,14 +388,14 @@ class Store(Pooled):
         ``(user_id, seconds since their last connection closed)``."""
         await self._all("SELECT 1 FROM pgbridge_presence_retire(%s, %s, %s, %s)",
                         (instance, grace, [u for u, _ in closed], [s for _, s in closed]),
-                        "retiring the presence lease")
+                        "retiring the presence lease", purpose="presence_write")
 
     async def rooms_presence(self, rooms: Sequence[str]) -> list[Presence]:
         """Presence of every member of ``rooms`` who is not a deleted user, by room and
         ``user_id``."""
         rows = await self._all(
             _PRESENCE + " WHERE m.channel_id = ANY(%s) ORDER BY m.channel_id, m.user_id",
-            (list(rooms),), "reading presence")
+            (list(rooms),), "reading presence", purpose="presence_read")
         return [Presence(*row) for row in rows]
 
     async def members_presence(self, users: Sequence[str],
@@ -379,5 +403,5 @@ class Store(Pooled):
         """Presence of each of ``users`` in each of ``rooms`` they are a member of."""
         rows = await self._all(
             _PRESENCE + " WHERE m.user_id = ANY(%s) AND m.channel_id = ANY(%s)",
-            (list(users), list(rooms)), "reading presence")
+            (list(users), list(rooms)), "reading presence", purpose="presence_read")
         return [Presence(*row) for row in rows]

@@ -1,7 +1,9 @@
 """How a statement of the daemon reaches the database: a psycopg_pool of autocommit connections
 whose search_path is the bridge's schema (``PGBRIDGE_SCHEMA``), the timeouts that bound every
 wait, one statement run with its retry on a lost connection (:meth:`Pooled._all`), and the
-health check (:meth:`Pooled.ping`).
+health check (:meth:`Pooled.ping`). Every statement is timed here, in one place, by the
+purpose its caller names (``pgbridge_query_duration_seconds{purpose}``:
+:data:`daemon.metrics.QueryPurpose`).
 
 Why a module of its own: :class:`daemon.store.Store` is built on :class:`Pooled` and says what
 is asked (its queries); how any statement is run, waited for, retried and translated into
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .db import describe, translate, translated
 from .errors import DatabaseError
+from .metrics import Metrics, QueryPurpose
 
 log = logging.getLogger("daemon.store")  # the store's one logger name
 
@@ -60,11 +64,14 @@ def _connection_lost(exc: psycopg.OperationalError) -> bool:
 class Pooled:
     """The pool of :class:`daemon.store.Store`, the one class built on it. ``conninfo`` from
     :func:`daemon.db.database`; ``schema`` from ``PGBRIDGE_SCHEMA``; ``max_size`` connections
-    at most (``PGBRIDGE_POOL_SIZE``)."""
+    at most (``PGBRIDGE_POOL_SIZE``); ``metrics`` gets every statement's duration
+    (``pgbridge_query_duration_seconds``)."""
 
-    def __init__(self, conninfo: str, *, schema: str, max_size: int = 10) -> None:
+    def __init__(self, conninfo: str, *, schema: str, metrics: Metrics,
+                 max_size: int = 10) -> None:
         self.conninfo = conninfo
         self.schema = schema
+        self.query_duration = metrics.query_duration
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
             conninfo, min_size=1, max_size=max_size, open=False, name="pgbridge",
             kwargs={"autocommit": True, **({} if "connect_timeout" in conninfo_to_dict(
@@ -98,15 +105,32 @@ class Pooled:
         return self.pool.get_stats()
 
     async def _all(self, query: str | sql.Composed, params: Sequence[Any] | Mapping[str, Any],
-                   doing: str) -> list[tuple[Any, ...]]:
-        """Run one statement on a pooled connection. Every statement of this module is
-        idempotent, so one that failed because its connection was broken (server restart,
-        ``pg_terminate_backend``) is retried once on a fresh connection."""
+                   doing: str, *, purpose: QueryPurpose,
+                   timeout: float = STATEMENT_TIMEOUT) -> list[tuple[Any, ...]]:
+        """Run one statement on a pooled connection; ``doing`` says what for in an error,
+        ``purpose`` labels its duration, ``timeout`` bounds each attempt's statement (seconds;
+        the wait for a connection is bounded apart, by ``POOL_WAIT``). Every statement of this
+        module is idempotent, so one that failed because its connection was broken (server
+        restart, ``pg_terminate_backend``) is retried once on a fresh connection.
+
+        Timed in ``pgbridge_query_duration_seconds{purpose}`` from the request for a pooled
+        connection to the last row fetched, as the caller waits: the wait for a connection
+        and a retry included, failed and timed out statements included (an exhausted pool then
+        shows as slow queries of every purpose; ``pgbridge_pool_wait_seconds_total`` says how
+        much of it was waiting)."""
+        started = time.perf_counter()
+        try:
+            return await self._run(query, params, doing, timeout)
+        finally:
+            self.query_duration.labels(purpose).observe(time.perf_counter() - started)
+
+    async def _run(self, query: str | sql.Composed, params: Sequence[Any] | Mapping[str, Any],
+                   doing: str, timeout: float) -> list[tuple[Any, ...]]:
         with translated(self.conninfo, doing=doing):
             for attempt in (1, 2):
                 try:
                     async with self.pool.connection() as conn:
-                        async with asyncio.timeout(STATEMENT_TIMEOUT):
+                        async with asyncio.timeout(timeout):
                             cur = await conn.execute(
                                 query.encode() if isinstance(query, str) else query, params)
                             return await cur.fetchall()
@@ -121,12 +145,21 @@ class Pooled:
                                         f"available while {doing}; is the server up?") from exc
                 except TimeoutError as exc:
                     raise DatabaseError(f"{describe(self.conninfo)}: no answer within "
-                                        f"{STATEMENT_TIMEOUT:g} s while {doing}") from exc
+                                        f"{timeout:g} s while {doing}") from exc
         raise AssertionError("unreachable")
 
     async def ping(self, timeout: float) -> str | None:
         """``None`` when a pooled connection answers ``SELECT 1`` within ``timeout`` seconds,
-        else why not in a few words that name no host (for /healthz; the log has details)."""
+        else why not in a few words that name no host (for /healthz; the log has details).
+        Timed as ``pgbridge_query_duration_seconds{purpose="health"}``, the wait for a
+        connection included."""
+        started = time.perf_counter()
+        try:
+            return await self._ping(timeout)
+        finally:
+            self.query_duration.labels("health").observe(time.perf_counter() - started)
+
+    async def _ping(self, timeout: float) -> str | None:
         try:
             async with asyncio.timeout(timeout):
                 async with self.pool.connection(timeout=timeout) as conn:

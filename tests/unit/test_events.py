@@ -15,6 +15,7 @@ def test_parse_notify_kinds() -> None:
                        "op": "DELETE", "data": {"user_id": "U"}})
     parsed = parse_notify(full)
     assert isinstance(parsed, Event) and parsed.revokes == "U" and parsed.frame == full.encode()
+    assert (parsed.table, parsed.op) == ("channel_members", "DELETE")
     assert parse_notify('{"room": "R", "seq": 4}') == Pointer("R", 4)
     assert parse_notify('{"probe": "abc"}') == Probe("abc")
     assert parse_notify("garbage") is None and parse_notify("[1]") is None

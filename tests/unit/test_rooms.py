@@ -66,7 +66,8 @@ class Fixture:
         self.store = LogStore()
         self.access = CheckingAccess()
         self.joins: list[tuple[str, str]] = []
-        self.rooms = Rooms(self.hub, cast(Any, self.store), Metrics(), cast(Any, self.access),
+        self.metrics = Metrics()
+        self.rooms = Rooms(self.hub, cast(Any, self.store), self.metrics, cast(Any, self.access),
                            joined=lambda user, room: self.joins.append((user, room)),
                            doorbell=Doorbell("on", now=0.0))
 
@@ -133,6 +134,22 @@ async def test_a_gap_and_a_pointer_read_the_log_in_order(rooms: Fixture) -> None
     await rooms.settle()
     assert sink.seqs() == [1, 2, 3, 4, 5]
     assert rooms.store.reads == [("R", 1, 4), ("R", 4, 5)]
+
+
+async def test_each_published_event_is_counted_once_by_its_table_and_op(rooms: Fixture) -> None:
+    """pgbridge_trigger_executions_total: an event published from a NOTIFY or read from the log
+    counts once, a duplicate NOTIFY of it not again, whatever the number of subscribers."""
+    sinks = [await rooms.subscribe(), await rooms.subscribe()]
+    await rooms.rooms.missed(KEYS)
+    await rooms.settle()
+    rooms.store.append(*(event(seq, table="messages", op="INSERT") for seq in range(1, 4)))
+    await rooms.rooms.changed(Change(event(1, table="messages", op="INSERT")))
+    await rooms.rooms.changed(Change(Pointer("R", 3)))  # 2 and 3 from the log
+    await rooms.rooms.changed(Change(event(2, table="messages", op="INSERT")))  # duplicate
+    await rooms.settle()
+    assert all(sink.seqs() == [1, 2, 3] for sink in sinks)
+    assert rooms.metrics.registry.get_sample_value(
+        "pgbridge_trigger_executions_total", {"table": "messages", "op": "INSERT"}) == 3
 
 
 async def test_user_hints_arriving_together_cost_one_check(rooms: Fixture) -> None:
