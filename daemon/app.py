@@ -29,7 +29,7 @@ from .auth import Claims, resolve_secret, verify_token
 from .db import database, describe
 from .demo import banner, ensure_demo
 from .doorbell import Doorbell
-from .errors import BridgeError, DatabaseError
+from .errors import BridgeError, DatabaseError, SchemaError
 from .handshake import Health
 from .hub import Hub
 from .listener import Listener
@@ -59,6 +59,8 @@ STOP_TIMEOUT = 12.0
 # ends, or up to 10 s later (PostgreSQL 15+), so reading more often shows little sooner.
 INDEX_STATS_INTERVAL = 5.0
 INDEX_STATS_TIMEOUT = 2.0
+# Seconds between two checks that pgbridge is still in the schema, at most (Bridge._schema_watch).
+SCHEMA_RECHECK = 1.0
 
 
 class Bridge:
@@ -174,6 +176,7 @@ class Bridge:
                 raise DatabaseError(f"{describe(self.conninfo)} is a hot standby (read-only): "
                                     "LISTEN/NOTIFY needs the primary; point pgbridge at it")
             tasks.add(asyncio.create_task(self.listener.run(), name="listener"))
+            tasks.add(asyncio.create_task(self._schema_watch(), name="schema-watch"))
             tasks.add(asyncio.create_task(self._rooms_once_checked(), name="rooms"))
             tasks.add(asyncio.create_task(self.presence_feed.run(), name="presence-feed"))
             await self._wait_ready(tasks)
@@ -230,6 +233,37 @@ class Bridge:
                 log.error("could not save the last acknowledgements: %s", exc,
                           extra={"event": "ack_flush_failed"})
             await self.store.close()
+
+    async def _schema_watch(self) -> None:
+        """Stop the bridge, with one line, once pgbridge is no longer in its schema.
+
+        A statement that names a missing object (SQLSTATE of
+        :data:`daemon.store_pool.SCHEMA_GONE`: the key re-read every few seconds does, on any
+        bridge) makes this task ask the catalog (:meth:`daemon.store.Store.installed`). Gone
+        (``setup_db.py --rollback``, docs/howto/rollback.md, or dropped by hand): raises
+        :class:`SchemaError`, which stops the bridge with exit 1, rather than retrying for
+        ever what can no longer work. Still there: the failure was another one (its own log
+        line says which); asked at most once per ``SCHEMA_RECHECK`` seconds."""
+        suspect = self.store.schema_suspect
+        while True:
+            await suspect.wait()
+            try:
+                installed = await self.store.installed()
+            except BridgeError:  # the database cannot be asked now: its own lines say so
+                installed = True
+            if not installed:
+                schema = self.settings.schema
+                raise SchemaError(
+                    f"schema {schema} at {describe(self.conninfo)}: pgbridge was removed from "
+                    "it while the bridge ran (setup_db.py --rollback, or its objects dropped "
+                    "by hand), so the bridge stops; to bridge again, apply it (python "
+                    f"setup_db.py{'' if schema == 'public' else ' --schema ' + schema}) and "
+                    "start the bridge")
+            log.debug("a statement found an object missing, but pgbridge is still installed in "
+                      "schema %s: carrying on", self.settings.schema,
+                      extra={"event": "schema_present"})
+            await asyncio.sleep(SCHEMA_RECHECK)
+            suspect.clear()
 
     async def _rooms_once_checked(self) -> None:
         """The rooms (and with them the doorbell) start once the listener read the key and may

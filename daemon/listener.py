@@ -200,6 +200,8 @@ class Listener:
                     log.warning("listener connection dropped on purpose (deaf); reconnecting",
                                 extra={"event": "listener_deaf"})
             except (psycopg.Error, OSError) as exc:  # OSError includes TimeoutError
+                # pgbridge_listen() gone: the schema may have been rolled back (daemon.app)
+                self.store.suspect(getattr(exc, "sqlstate", None))
                 delay = backoff.next()
                 log.warning("listener connection to %s lost (%s); reconnecting in %.2f s",
                             describe(self.conninfo), str(exc).strip().splitlines()[0] if str(exc)

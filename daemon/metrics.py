@@ -47,6 +47,7 @@ READ_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 # every call of daemon.store_pool.Pooled._all names one of these).
 QueryPurpose = Literal[
     "startup_check",    # standby? privileges? (once per start)
+    "schema_check",     # pgbridge still installed? (after a statement found an object missing)
     "notify_key",       # the NOTIFY signing key (at start, and when the listener reconnects)
     "notify",           # the listener's probe, a typing signal relayed to the other instances
     "user_check",       # a token's user still live (every handshake; batched)

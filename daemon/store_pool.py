@@ -31,7 +31,8 @@ from .metrics import Metrics, QueryPurpose
 
 log = logging.getLogger("daemon.store")  # the store's one logger name
 
-__all__ = ["CONNECT_TIMEOUT", "POOL_RECONNECT", "POOL_WAIT", "STATEMENT_TIMEOUT", "Pooled"]
+__all__ = ["CONNECT_TIMEOUT", "POOL_RECONNECT", "POOL_WAIT", "SCHEMA_GONE", "STATEMENT_TIMEOUT",
+           "Pooled"]
 
 # Seconds a statement waits for a pooled connection. While the database is down every request
 # fails after this wait (a subscribe gets `error` `internal` with its ref and room, a handshake
@@ -53,6 +54,14 @@ POOL_RECONNECT = 2.0
 # not confirm within 5 s, and the pool replaces it.
 CONNECT_TIMEOUT = 5
 STATEMENT_TIMEOUT = 30.0
+
+
+# SQLSTATEs of a statement that names what is not there (undefined_table, undefined_function,
+# undefined_column, invalid_schema_name): on a schema the daemon checked at start, they mean its
+# objects were removed under it (setup_db.py --rollback, or by hand). A statement failing so
+# sets :attr:`Pooled.schema_suspect`; the bridge then asks the catalog (:meth:`Pooled.installed`)
+# and stops with one line if pgbridge is gone (daemon.app).
+SCHEMA_GONE = frozenset({"42P01", "42883", "42703", "3F000"})
 
 
 def _connection_lost(exc: psycopg.OperationalError) -> bool:
@@ -79,6 +88,9 @@ class Pooled:
             configure=self._configure, timeout=POOL_WAIT,
             reconnect_timeout=POOL_RECONNECT,
         )
+        # set when a statement failed with a SQLSTATE of SCHEMA_GONE (here, or on the LISTEN
+        # connection: :meth:`suspect`); whoever waits on it clears it
+        self.schema_suspect = asyncio.Event()
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -121,8 +133,31 @@ class Pooled:
         started = time.perf_counter()
         try:
             return await self._run(query, params, doing, timeout)
+        except DatabaseError as exc:
+            self.suspect(exc.sqlstate)
+            raise
         finally:
             self.query_duration.labels(purpose).observe(time.perf_counter() - started)
+
+    def suspect(self, sqlstate: str | None) -> None:
+        """A statement failed with ``sqlstate``: if it is one of :data:`SCHEMA_GONE`, set
+        :attr:`schema_suspect` (the schema may have been rolled back under the bridge)."""
+        if sqlstate in SCHEMA_GONE:
+            self.schema_suspect.set()
+
+    async def installed(self) -> bool:
+        """Whether pgbridge is (still) in the schema: its log, its ledger and its capture
+        function exist. Asks the catalog only (``to_regclass``/``to_regprocedure`` answer NULL
+        for what is missing, the schema included), so it fails only when the database cannot
+        be asked. Raises :class:`DatabaseError`."""
+        names = [sql.Identifier(self.schema, name).as_string(None) for name in
+                 ("change_events", "schema_migrations")]
+        capture = sql.Identifier(self.schema, "pgbridge_capture").as_string(None) + "()"
+        rows = await self._all(
+            "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL "
+            "AND to_regprocedure(%s) IS NOT NULL", (*names, capture),
+            "checking that the schema is installed", purpose="schema_check")
+        return bool(rows and rows[0][0])
 
     async def _run(self, query: str | sql.Composed, params: Sequence[Any] | Mapping[str, Any],
                    doing: str, timeout: float) -> list[tuple[Any, ...]]:
