@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
 import time
@@ -175,6 +176,21 @@ async def test_setup_database_without_ssh_uses_public_schema_by_default(fresh_db
     assert await one(fresh_db, "SELECT count(*) FROM public.users WHERE id = %s", user) == 1
     assert await one(fresh_db, "SELECT to_regnamespace('test')") is None
     assert await sessions_left(fresh_db) == 0
+
+
+async def test_setup_database_reads_env_local_of_the_working_directory_like_setup_db(
+        fresh_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = [name for name in os.environ if name == "DATABASE_URL" or (
+        name.startswith(("POSTGRES_", "SSH_", "PGBRIDGE_"))
+        and not name.startswith("PGBRIDGE_TEST_"))]
+    for name in settings:  # the machine's own settings would win over the files
+        monkeypatch.delenv(name)
+    (tmp_path / ".env").write_text("DATABASE_URL=postgresql://nobody@127.0.0.1:1/nothing\n")
+    (tmp_path / ".env.local").write_text(f"DATABASE_URL={fresh_db}\nPGBRIDGE_SCHEMA=local\n")
+    monkeypatch.chdir(tmp_path)
+    async with setup_database() as pool, pool.connection() as conn:  # no env=: the files
+        assert await (await conn.execute("SELECT current_schema()")).fetchone() == ("local",)
+    assert await one(fresh_db, "SELECT to_regclass('local.users') IS NOT NULL") is True
 
 
 async def test_setup_database_keeps_the_conninfos_own_options(fresh_db: str) -> None:
