@@ -213,6 +213,19 @@ async def test_setup_database_schema_argument_and_pgbridge_schema(fresh_db: str)
                      "schemaname IN ('chat', 'chat2')") == 2
 
 
+async def test_temporary_table_does_not_shadow_the_test_schemas_tables(fresh_db: str) -> None:
+    """pg_temp is last in the pool's search_path (as the schema is applied with): a temporary
+    table named like a chat table, made by whoever holds the connection, is not what an
+    unqualified name resolves to."""
+    async with setup_database(test=True, env=conninfo_env(fresh_db)) as pool, \
+            pool.connection() as conn:
+        await conn.execute("CREATE TEMPORARY TABLE users (id text, stolen boolean)")
+        user = await make_user(conn)
+        cur = await conn.execute("SELECT count(*) FROM pg_temp.users")
+        assert await cur.fetchone() == (0,)
+    assert await one(fresh_db, "SELECT count(*) FROM test.users WHERE id = %s", user) == 1
+
+
 async def test_setup_database_apply_false_on_unapplied_database_returns_a_pool(
         fresh_db: str) -> None:
     """apply=False only connects (the application role of a three-role set-up, the owner
