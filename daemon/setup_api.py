@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -105,12 +105,14 @@ def _target_schema(test: bool, schema: str | None, env: Mapping[str, str]) -> st
     return name
 
 
-async def _check_connection(conninfo: str, schema: str, where: str) -> None:
-    """Connect once as the pool will, so that a refused connection fails now with its SQLSTATE
-    (a pool retries in the background and says only "timeout"), and check that the server
-    applied the search_path (a pooler may drop the ``options`` startup parameter)."""
+async def _check_connection(conninfo: str, schema: str, where: str,
+                            kwargs: dict[str, Any]) -> None:
+    """Connect once as the pool will (``kwargs``: its connection arguments), so that a refused
+    connection fails now with its SQLSTATE (a pool retries in the background and says only
+    "timeout"), and check that the server applied the search_path (a pooler may drop the
+    ``options`` startup parameter)."""
     with translated(conninfo, doing="connecting for the pool"):
-        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **kwargs)
         async with conn:
             row = await (await conn.execute("SELECT current_setting('search_path')")).fetchone()
     if schema == "public" or (row is not None and row[0] == search_path_of(schema)):
@@ -189,9 +191,9 @@ async def setup_database(
                      "applied" if report.files or report.applied else "up to date",
                      extra={"event": "setup_applied", "schema": target})
         pool_conninfo = _pool_conninfo(conninfo, target)
-        await _check_connection(pool_conninfo, target, where)
-        timeout = {} if "connect_timeout" in conninfo_to_dict(conninfo) else {
+        timeout: dict[str, Any] = {} if "connect_timeout" in conninfo_to_dict(conninfo) else {
             "connect_timeout": CONNECT_TIMEOUT}
+        await _check_connection(pool_conninfo, target, where, timeout)
         pool: Pool = AsyncConnectionPool(
             pool_conninfo, min_size=min_size, max_size=max_size, open=False,
             name=f"pgbridge-{target}", kwargs=timeout,
