@@ -65,7 +65,8 @@ CONNECT_TIMEOUT = 10
 """Seconds a connection of the pool may take to be established (libpq ``connect_timeout``),
 unless the conninfo sets its own."""
 OPEN_TIMEOUT = 30.0
-"""Seconds the pool may take to open its first ``min_size`` connections at entry."""
+"""Seconds the pool may take to open its first ``min_size`` connections at entry (default of
+``setup_database(timeout=...)``)."""
 
 
 def search_path_of(schema: str) -> str:
@@ -124,6 +125,36 @@ async def _check_connection(conninfo: str, schema: str, where: str,
         "PostgreSQL directly for a schema other than public")
 
 
+async def _open_pool(conninfo: str, schema: str, where: str, *, min_size: int, max_size: int,
+                     checked: bool, timeout: float) -> Pool:
+    """The open pool on ``conninfo`` for ``schema``, its first ``min_size`` connections made
+    (``checked``: each connection checked as it is taken); on failure nothing is left open."""
+    pool_conninfo = _pool_conninfo(conninfo, schema)
+    kwargs: dict[str, Any] = {} if "connect_timeout" in conninfo_to_dict(conninfo) else {
+        "connect_timeout": CONNECT_TIMEOUT}
+    await _check_connection(pool_conninfo, schema, where, kwargs)
+    pool: Pool = AsyncConnectionPool(
+        pool_conninfo, min_size=min_size, max_size=max_size, open=False, kwargs=kwargs,
+        name=f"pgbridge-{schema}", check=AsyncConnectionPool.check_connection if checked else None)
+    try:
+        try:
+            await pool.open(wait=True, timeout=timeout)
+        except PoolTimeout as exc:
+            # The pool retried in the background, logging each failure as a warning, and has
+            # closed what it made: connect once more, so that a server that now refuses
+            # outright (gone, or its connections taken by others) is named with its SQLSTATE.
+            await _check_connection(pool_conninfo, schema, where, kwargs)
+            raise DatabaseError(f"{where}: the pool could not open {min_size} connection(s) in "
+                                f"{timeout:g} s; lower min_size, or check the server's "
+                                "max_connections and the role's CONNECTION LIMIT") from exc
+    except BaseException:
+        await pool.close()
+        raise
+    log.info("pool on schema %s at %s open (%d to %d connections)", schema, where, min_size,
+             max_size, extra={"event": "setup_pool_open", "schema": schema})
+    return pool
+
+
 @asynccontextmanager
 async def setup_database(
     test: bool = False,
@@ -134,6 +165,7 @@ async def setup_database(
     min_size: int = 1,
     max_size: int = 10,
     grants: Grants | None = None,
+    timeout: float = OPEN_TIMEOUT,
 ) -> AsyncIterator[Pool]:
     """Set up the database and yield an open pool on it; close both when the block exits.
 
@@ -167,9 +199,11 @@ async def setup_database(
       (its ``min_size`` connections made), closed after it. Connections are psycopg's default
       (not autocommit): ``async with pool.connection()`` commits at the end of the block. Through
       a tunnel, each connection is checked as it is taken (a dropped tunnel breaks them all).
+      ``timeout``: seconds the pool may take to make its ``min_size`` connections at entry.
 
     Raises, before the block runs and with nothing left open: :class:`ConfigError` (a setting,
-    ``test`` with another ``schema``, sizes not ``1 <= min_size <= max_size``);
+    ``test`` with another ``schema``, sizes not ``1 <= min_size <= max_size``, ``timeout`` not
+    positive);
     :class:`TunnelError` (``reason``, and ``code`` ``ECONNREFUSED``/``ENOTFOUND``/``ENOENT``
     for the spec's cases); :class:`DatabaseError` (``sqlstate``: ``3D000`` no such database,
     ``42501`` no privilege to create the schema, ``28P01`` wrong password, ...; ``None`` when
@@ -181,6 +215,8 @@ async def setup_database(
     if not 1 <= min_size <= max_size:
         raise ConfigError(f"setup_database(min_size={min_size}, max_size={max_size}): need "
                           "1 <= min_size <= max_size")
+    if not timeout > 0:
+        raise ConfigError(f"setup_database(timeout={timeout}): must be more than 0 (seconds)")
     db = DatabaseSettings.from_env(source)
     ssh = SSHSettings.from_env(source)
     async with database(db, ssh, supervised_tunnel=ssh is not None) as conninfo:
@@ -190,23 +226,9 @@ async def setup_database(
             log.info("schema %s at %s: %s", target, where,
                      "applied" if report.files or report.applied else "up to date",
                      extra={"event": "setup_applied", "schema": target})
-        pool_conninfo = _pool_conninfo(conninfo, target)
-        timeout: dict[str, Any] = {} if "connect_timeout" in conninfo_to_dict(conninfo) else {
-            "connect_timeout": CONNECT_TIMEOUT}
-        await _check_connection(pool_conninfo, target, where, timeout)
-        pool: Pool = AsyncConnectionPool(
-            pool_conninfo, min_size=min_size, max_size=max_size, open=False,
-            name=f"pgbridge-{target}", kwargs=timeout,
-            check=AsyncConnectionPool.check_connection if ssh is not None else None)
+        pool = await _open_pool(conninfo, target, where, min_size=min_size, max_size=max_size,
+                                checked=ssh is not None, timeout=timeout)
         try:
-            try:
-                await pool.open(wait=True, timeout=OPEN_TIMEOUT)
-            except PoolTimeout as exc:
-                raise DatabaseError(f"{where}: the pool could not open {min_size} connection(s) "
-                                    f"in {OPEN_TIMEOUT:g} s; check the server's max_connections "
-                                    "and the role's CONNECTION LIMIT, or lower min_size") from exc
-            log.info("pool on schema %s at %s open (%d to %d connections)", target, where,
-                     min_size, max_size, extra={"event": "setup_pool_open", "schema": target})
             yield pool
         finally:
             await pool.close()

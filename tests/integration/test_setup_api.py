@@ -100,14 +100,16 @@ def tunnel_ports(caplog: pytest.LogCaptureFixture) -> list[int]:
 
 
 @pytest.fixture
-def make_role(pg_server_conninfo: str) -> Iterator[Callable[[], str]]:
-    """Factory: a new login role, not superuser, with no privilege granted; dropped after."""
+def make_role(pg_server_conninfo: str) -> Iterator[Callable[..., str]]:
+    """Factory: a new login role, not superuser, with no privilege granted (``limit``: its
+    CONNECTION LIMIT); dropped after."""
     created: list[str] = []
 
-    def make() -> str:
+    def make(limit: int = -1) -> str:
         name = f"pgbridge_r_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER CONNECTION LIMIT {}").format(
+                sql.Identifier(name), sql.Literal(limit)))
         created.append(name)
         return name
 
@@ -287,7 +289,7 @@ async def test_missing_database_through_tunnel_raises_3D000_and_closes_the_tunne
 
 @pytest.mark.parametrize("test", [True, False])
 async def test_role_without_create_privilege_raises_42501_and_leaves_nothing(
-        fresh_db: str, make_role: Callable[[], str], test: bool) -> None:
+        fresh_db: str, make_role: Callable[..., str], test: bool) -> None:
     role = make_role()
     with pytest.raises(DatabaseError) as caught:
         async with setup_database(test, env=conninfo_env(make_conninfo(fresh_db, user=role))):
@@ -299,6 +301,24 @@ async def test_role_without_create_privilege_raises_42501_and_leaves_nothing(
     assert await sessions_left(fresh_db) == 0
 
 
+@pytest.mark.slow
+async def test_pool_that_cannot_fill_raises_the_servers_reason_and_closes_what_it_opened(
+        fresh_db: str, make_role: Callable[..., str]) -> None:
+    """min_size above the role's CONNECTION LIMIT: the pool waits ``timeout`` for connections
+    the server refuses (psycopg_pool logs each refusal, 53300), then closes those it made; the
+    error names the limits to check."""
+    role = make_role(limit=1)
+    env = conninfo_env(make_conninfo(fresh_db, user=role))
+    started = time.monotonic()
+    with pytest.raises(DatabaseError) as caught:
+        async with setup_database(env=env, apply=False, min_size=2, timeout=2.0):
+            pytest.fail("the block ran")
+    assert 2.0 <= time.monotonic() - started < 2.0 + WAIT
+    assert "could not open 2 connection(s) in 2 s" in str(caught.value)
+    assert "CONNECTION LIMIT" in str(caught.value) and "\n" not in str(caught.value)
+    assert await sessions_left(fresh_db) == 0
+
+
 async def test_bad_arguments_raise_config_error_before_connecting(
         sshd: TestSSHServer, fresh_db: str) -> None:
     env = tunnel_env(fresh_db, sshd)
@@ -306,6 +326,7 @@ async def test_bad_arguments_raise_config_error_before_connecting(
         ({"test": True, "schema": "chat"}, "pass one or the other"),
         ({"schema": "Bad;"}, "schema='Bad;' is not a valid schema name"),
         ({"min_size": 3, "max_size": 2}, "1 <= min_size <= max_size"),
+        ({"timeout": 0}, "timeout=0): must be more than 0"),
         ({"env": env | {"SSH_PORT": "twenty-two"}}, "SSH_PORT"),
     ]
     for kwargs, text in cases:
