@@ -26,10 +26,10 @@ How the schema is chosen, per connection: the libpq startup parameter ``options`
 with). A startup parameter is the session's default, so it survives ``RESET ALL`` and ``DISCARD
 ALL`` and needs no statement after connecting; a ``SET`` in a pool's ``configure`` callback does
 neither, and through a transaction pooler (PgBouncer ``pool_mode=transaction``) it would leak
-to other clients' server connections. A pooler may also drop the parameter: PgBouncer (1.20
-and later) keeps a ``-c`` of ``options`` only for a parameter it tracks
-(``track_extra_parameters``), refuses the others, and drops them silently when ``options`` is
-in its ``ignore_startup_parameters``. So the first connection is checked at entry, and a pool
+to other clients' server connections. A pooler may also refuse or drop the parameter:
+PgBouncer before 1.20 refuses ``options``, 1.20 and later keep a ``-c`` of it only for a
+parameter they track (``track_extra_parameters``), and all drop it silently when ``options``
+is in their ``ignore_startup_parameters``. So the first connection is checked at entry, and a pool
 that would not resolve names in the asked schema is never returned. ``public`` sets nothing:
 its connections are exactly those of the conninfo (they work through any pooler).
 """

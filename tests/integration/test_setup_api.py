@@ -10,6 +10,7 @@ PostgreSQL directly, never through the tunnel. ``env=`` gives each call its whol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -29,6 +31,8 @@ from daemon import ConfigError, DatabaseError, TunnelError, setup_database
 from daemon.setup_api import search_path_of
 from tests.support.fixtures import DB_HOST, DB_PORT, conninfo_env, dbname_of
 from tests.support.helpers import make_room, make_user
+from tests.support.pgcluster import PgBouncer, work_dir
+from tests.support.procs import until
 from tests.support.sshd import TestSSHServer
 
 WAIT = 10.0  # seconds; only reached when a test is failing
@@ -243,6 +247,57 @@ async def test_setup_database_apply_false_on_unapplied_database_returns_a_pool(
                 await conn.execute("SELECT * FROM users")
     assert await one(fresh_db, "SELECT to_regnamespace('test')") is None
     assert await one(fresh_db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+
+
+@contextlib.contextmanager
+def pgbouncer_for(conninfo: str, *, ignore: str) -> Iterator[PgBouncer]:
+    """A transaction-mode PgBouncer on 127.0.0.1 in front of the database of ``conninfo``, with
+    ``ignore_startup_parameters = ignore``. Skips when pgbouncer is not installed, and for a
+    server on a unix socket (the embedded one's is in its data directory, which only the
+    server's OS user may enter)."""
+    parts = conninfo_to_dict(conninfo)
+    if str(parts.get("host") or "").startswith("/"):
+        pytest.skip("PgBouncer reaches the test server over TCP only (PGBRIDGE_TEST_DSN)")
+    port = int(parts.get("port") or 5432)
+    with work_dir("pgbridge-setup-api-pgbouncer-") as base:
+        target: Any = SimpleNamespace(port=port)  # PgBouncer reads only the target's port
+        bouncer = PgBouncer(base, target, dbname_of(conninfo))
+        bouncer.ini.write_text(f"{bouncer.ini.read_text()}ignore_startup_parameters = {ignore}\n")
+        bouncer.start()
+        try:
+            yield bouncer
+        finally:
+            bouncer.stop()
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+async def test_through_pgbouncer_a_test_pool_is_refused_at_entry_and_public_works(
+        fresh_db: str, ignored: bool) -> None:
+    """PgBouncer refuses the options startup parameter, or drops it when told to ignore it:
+    either way no pool that would write to another schema than asked is returned."""
+    ignore = "extra_float_digits, options" if ignored else "extra_float_digits"
+    with pgbouncer_for(fresh_db, ignore=ignore) as bouncer:
+
+        async def answers() -> bool:
+            try:
+                await (await psycopg.AsyncConnection.connect(bouncer.conninfo())).close()
+            except psycopg.OperationalError:
+                return False
+            return True
+
+        await until(answers, f"pgbouncer to answer ({bouncer.log()})")
+        env = conninfo_env(bouncer.conninfo())
+        with pytest.raises(DatabaseError) as caught:
+            async with setup_database(test=True, env=env):
+                pytest.fail("the block ran")
+        expected = ("search_path '\"$user\", public', not '\"test\", pg_temp'" if ignored
+                    else "unsupported startup parameter")
+        assert expected in str(caught.value)
+        async with setup_database(env=env) as pool, pool.connection() as conn:
+            assert await (await conn.execute("SHOW search_path")).fetchone() == (
+                '"$user", public',)
+            user = await make_user(conn)
+    assert await one(fresh_db, "SELECT count(*) FROM public.users WHERE id = %s", user) == 1
 
 
 # --------------------------------------------------------------------------- errors at entry
