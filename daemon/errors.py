@@ -10,6 +10,7 @@ original kept as ``__cause__`` and the SQLSTATE or OS error number kept on the n
     ├── RefusedError              the request cannot be done: no such user         exit 1
     │                             (pgbridge token), the bridge refused (pgbridge tail)
     └── TunnelError               the SSH tunnel could not be opened               exit 3
+                                  (keeps ``reason``, and spec 003's ``code``)
 
 Every message is one line that says what is wrong and what to do about it; the CLI
 (:mod:`daemon.cli`, its one error boundary) prints it without a traceback. Anything else that
@@ -79,3 +80,15 @@ class TunnelError(BridgeError):
     def __init__(self, message: str, *, reason: str = "error") -> None:
         super().__init__(message)
         self.reason = reason
+
+    @property
+    def code(self) -> str | None:
+        """The error code spec 003's "Error Handling" switches on (Node.js's, for the same
+        failure): ``ECONNREFUSED`` (``reason`` ``refused``), ``ENOTFOUND`` (``not_found``),
+        ``ENOENT`` (``key_missing``); ``None`` for every other reason, which the spec's
+        ``default:`` branch handles (``reason`` tells them apart)."""
+        return _SPEC_TUNNEL_CODES.get(self.reason)
+
+
+# TunnelError.reason -> the code spec 003's switch names; no others (the spec has none).
+_SPEC_TUNNEL_CODES = {"refused": "ECONNREFUSED", "not_found": "ENOTFOUND", "key_missing": "ENOENT"}
