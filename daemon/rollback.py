@@ -353,9 +353,9 @@ async def _run(conn: psycopg.AsyncConnection[TupleRow], schema: str,
             what = ("columns" if was[0] != now[0] else
                     f"rows {was[1]} -> {now[1]}" if was[1] != now[1] else "row checksum")
             raise SchemaError(
-                f"schema {schema}: chat table {table} differs before and after the rollback "
-                f"({what}): rolled back, nothing was changed; this is a bug of pgbridge, "
-                "please report it")
+                f"schema {schema}: chat table {table} changed during the rollback ({what}): "
+                "rolled back, nothing was changed; look for an event trigger or rule of yours "
+                "that writes it, else report a bug of pgbridge")
     report.tables = len(tables)
     report.rows = sum(int(str(fp[1])) for fp in after.values())
 
