@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,8 +23,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from daemon.rollback import CHAT_TABLES, installed
 from daemon.roles import Grants
+from daemon.rollback import CHAT_TABLES, installed
 from daemon.schema import apply_schema, apply_schema_sync
 from daemon.schema_check import catalog_problems
 from tests.support.fixtures import ROOT, conninfo_env, running_bridge
@@ -624,6 +623,7 @@ def test_the_rollback_waits_for_an_apply_holding_the_advisory_lock(fresh_db: str
         apply.commit()
         out, err = process.communicate(timeout=60)
         assert process.returncode == 0, err
+        assert "verified 10 chat tables, 0 rows, identical before and after" in out
         assert leftovers(conn) == []
 
 

@@ -51,7 +51,7 @@ def test_a_down_script_without_its_migration_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["1_a.sql", "0001-a.sql", "0001_a.up.sql", "0001_a.down.txt.sql"])
 def test_a_file_named_otherwise_is_refused(tmp_path: Path, name: str) -> None:
     write(tmp_path, **{"0001_a.sql": "up", "0001_a.down.sql": "down", name: "x"})
-    with pytest.raises(SchemaError, match="must be named NNNN_name.sql"):
+    with pytest.raises(SchemaError, match=r"must be named NNNN_name\.sql"):
         load_migrations(tmp_path)
 
 
