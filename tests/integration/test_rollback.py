@@ -118,9 +118,10 @@ def leftovers(conn: psycopg.Connection[Any], schema: str = "public") -> list[str
             "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
             "AND NOT attisdropped ORDER BY attnum", [f'"{schema}".{table}']).fetchall()]
         found += [f"column {table}.{c}" for c in got if c not in columns]
+    # (PostgreSQL 18 records each NOT NULL as a constraint too, contype 'n': the columns above)
     found += [f"constraint {name}" for (name,) in conn.execute(
-        "SELECT conname FROM pg_constraint WHERE connamespace = %(s)s::regnamespace",
-        s).fetchall() if name not in CHAT_CONSTRAINTS]
+        "SELECT conname FROM pg_constraint WHERE connamespace = %(s)s::regnamespace "
+        "AND contype <> 'n'", s).fetchall() if name not in CHAT_CONSTRAINTS]
     found += [f"function {name}" for (name,) in conn.execute(
         "SELECT proname FROM pg_proc p WHERE pronamespace = %(s)s::regnamespace AND "
         + NOT_MEMBER.format("pg_proc", "p"), s).fetchall() if name not in CHAT_FUNCTIONS]
