@@ -8,8 +8,9 @@
     python setup_db.py --rollback    # take pgbridge off again, keep the chat tables and rows
 
 A thin CLI over :mod:`daemon.schema` and :mod:`daemon.rollback` (same as ``pgbridge setup``);
-``--help`` lists the flags, settings and exit codes. Run by a Python without pgbridge's dependencies (``python3`` outside
-the venv), it says so in one line and exits 2: use ``./dev setup``.
+``--help`` lists the flags, settings and exit codes. Run by a Python without pgbridge's
+dependencies (``python3`` outside the venv), it says so in one line and exits 2: use
+``./dev setup``.
 """
 
 import os
