@@ -25,8 +25,8 @@ stay, without their resume columns. The application role keeps its privileges on
 tables: the application goes on without the bridge.
 
 **Extensions** (``--drop-extensions``): only those an apply into this schema created, as
-recorded in its ``schema_extensions``, and recorded in no other schema's ledger (extensions are
-database-wide: the other schema's pgbridge, or its user, may rely on one it created too); each
+recorded in its ``schema_extensions``, and recorded in no other schema's ledger of the same owner
+(extensions are database-wide: the other schema's pgbridge, or its user, may rely on it); each
 ``DROP EXTENSION ... RESTRICT`` in a savepoint, so one the user's objects now depend on is kept
 with a line naming them. A rollback without the flag forgets the ledger with its table: the
 extensions are the user's from then on.
@@ -209,13 +209,16 @@ async def _exists(conn: psycopg.AsyncConnection[TupleRow], schema: str, table: s
     return bool((await cur.fetchone() or (False,))[0])
 
 
-async def _recorded_extensions(conn: psycopg.AsyncConnection[TupleRow], schema: str
-                               ) -> dict[str, list[str]]:
-    """Extension -> the schemas whose ``schema_extensions`` record it (``schema`` first)."""
+async def _recorded_extensions(conn: psycopg.AsyncConnection[TupleRow], schema: str,
+                               owner: str) -> dict[str, list[str]]:
+    """Extension -> the schemas whose ``schema_extensions`` record it (``schema`` first): the
+    ledgers ``owner`` owns, as pgbridge's apply made them (another role's table of that name,
+    made to break or sway the rollback, is not pgbridge's)."""
     cur = await conn.execute(
         "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.relname = 'schema_extensions' AND c.relkind = 'r' "
-        "ORDER BY n.nspname <> %s, n.nspname", [schema])
+        "AND c.relowner = (SELECT oid FROM pg_roles WHERE rolname = %s) "
+        "ORDER BY n.nspname <> %s, n.nspname", [owner, schema])
     result: dict[str, list[str]] = {}
     for (ledger,) in await cur.fetchall():
         rows = await conn.execute(sql.SQL("SELECT name FROM {}").format(
@@ -228,8 +231,7 @@ async def _recorded_extensions(conn: psycopg.AsyncConnection[TupleRow], schema: 
 def _drop_statements(schema: str, objects: dict[str, list[tuple[str, ...]]]) -> list[sql.Composed]:
     s = sql.Identifier(schema)
     out = [sql.SQL("DROP TRIGGER IF EXISTS {} ON {}.{} RESTRICT").format(
-        sql.Identifier(trigger), s, sql.Identifier(table))
-        for table, trigger in objects["triggers"]]
+        sql.Identifier(g), s, sql.Identifier(table)) for table, g in objects["triggers"]]
     out += [sql.SQL("DROP FUNCTION IF EXISTS {}.{}({}) RESTRICT").format(
         s, sql.Identifier(name), sql.SQL(args)) for name, args in objects["functions"]]
     out += [sql.SQL("DROP TABLE IF EXISTS {}.{} RESTRICT").format(s, sql.Identifier(name))
@@ -292,7 +294,7 @@ async def _rollback(conn: psycopg.AsyncConnection[TupleRow], schema: str, lock_t
                 f"pgbridge's objects: run setup_db.py --rollback as the owner of schema "
                 f"{schema} (role {owner}); nothing was changed", sqlstate="42501")
         try:
-            await _run(conn, schema, objects, drop_extensions, report)
+            await _run(conn, schema, owner, objects, drop_extensions, report)
         except psycopg.Error as exc:
             refusal = _refusal(exc, schema, owner)
             if refusal is None:
@@ -301,7 +303,7 @@ async def _rollback(conn: psycopg.AsyncConnection[TupleRow], schema: str, lock_t
     return report
 
 
-async def _run(conn: psycopg.AsyncConnection[TupleRow], schema: str,
+async def _run(conn: psycopg.AsyncConnection[TupleRow], schema: str, owner: str,
                objects: dict[str, list[tuple[str, ...]]], drop_extensions: bool,
                report: RollbackReport) -> None:
     tables = [t for t in CHAT_TABLES if await _exists(conn, schema, t)]
@@ -314,13 +316,11 @@ async def _run(conn: psycopg.AsyncConnection[TupleRow], schema: str,
         "JOIN pg_roles r ON r.oid = a.grantee WHERE c.oid = to_regclass(%s) "
         "AND a.grantee <> c.relowner ORDER BY 1"),
         [sql.Identifier(schema, "change_events").as_string(conn)])]
-    recorded = await _recorded_extensions(conn, schema)
+    recorded = await _recorded_extensions(conn, schema, owner)
     migrations = load_migrations()
     done = {m.version for m in migrations}
     if await _exists(conn, schema, "schema_migrations"):
-        cur = await conn.execute(sql.SQL("SELECT version FROM {}").format(
-            sql.Identifier(schema, "schema_migrations")))
-        done = {int(v) for (v,) in await cur.fetchall()}
+        done = {int(v) for (v,) in await _rows(conn, "SELECT version FROM schema_migrations", [])}
     for m in reversed(migrations):
         if m.version in done:
             log.info("running the down script of migration %04d_%s in schema %s", m.version,

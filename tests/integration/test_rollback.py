@@ -588,6 +588,24 @@ def test_a_role_that_is_not_the_owner_gets_42501_and_who_to_run_it_as(
 
 
 @pytest.mark.slow
+def test_a_ledger_planted_by_another_role_neither_breaks_nor_sways_the_rollback(
+        granted_db: str, roles: Roles) -> None:
+    """A role that may CREATE in the database plants a schema_extensions of its own (recording
+    every extension, with a column the rollback cannot read): not pgbridge's, ignored."""
+    with connect_sync(granted_db) as conn:
+        conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+            sql.Identifier(conn.info.dbname), sql.Identifier(roles.nobody)))
+        with connect_sync(make_conninfo(granted_db, user=roles.nobody)) as attacker:
+            attacker.execute("CREATE SCHEMA evil")
+            attacker.execute("CREATE TABLE evil.schema_extensions (x int)")
+        result = run_setup(granted_db, "--rollback", "--drop-extensions")
+        assert result.returncode == 0, result.stderr
+        assert leftovers(conn) == []
+        conn.execute(sql.SQL("REVOKE CREATE ON DATABASE {} FROM {}").format(
+            sql.Identifier(conn.info.dbname), sql.Identifier(roles.nobody)))
+
+
+@pytest.mark.slow
 def test_a_transaction_holding_a_chat_table_makes_the_rollback_retry_then_give_up(
         fresh_db: str) -> None:
     apply_schema_sync(fresh_db)
