@@ -5,10 +5,12 @@
     python setup_db.py --test        # schema "test", public untouched
     python setup_db.py --dry-run     # print the SQL, connect to nothing
     python setup_db.py --verify      # check objects and prove capture end to end
+    python setup_db.py --rollback    # take pgbridge off again, keep the chat tables and rows
 
-A thin CLI over :mod:`daemon.schema` (same as ``pgbridge setup``); ``--help`` lists the flags,
-settings and exit codes. Run by a Python without pgbridge's dependencies (``python3`` outside
-the venv), it says so in one line and exits 2: use ``./dev setup``.
+A thin CLI over :mod:`daemon.schema` and :mod:`daemon.rollback` (same as ``pgbridge setup``);
+``--help`` lists the flags, settings and exit codes. Run by a Python without pgbridge's
+dependencies (``python3`` outside the venv), it says so in one line and exits 2: use
+``./dev setup``.
 """
 
 import os

@@ -96,18 +96,26 @@ def _setup_parser(prog: str) -> argparse.ArgumentParser:
     from .schema import LOCK_TIMEOUT, MAX_WAIT
 
     parser = _parser(prog, "Apply the pgbridge chat schema, change capture and migrations "
-                     "(idempotent; one transaction under an advisory lock).")
+                     "(idempotent; one transaction under an advisory lock), or take pgbridge "
+                     "off again with --rollback.")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--test", action="store_true",
                         help="apply into schema 'test' (created if needed); public is untouched")
     target.add_argument("--schema", metavar="NAME",
                         help="apply into this schema (default: PGBRIDGE_SCHEMA or public)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the SQL that would run (with --rollback: the rollback's), "
+                        "without connecting")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true",
-                      help="print the SQL that would run, without connecting")
     mode.add_argument("--verify", action="store_true",
                       help="check tables, functions, triggers and migrations, and prove that a "
                       "change reaches change_events and a LISTEN connection (leaves no trace)")
+    mode.add_argument("--rollback", action="store_true",
+                      help="remove pgbridge from the schema, keeping the chat tables and every "
+                      "row in them, verified (docs/howto/rollback.md)")
+    parser.add_argument("--drop-extensions", action="store_true",
+                        help="with --rollback: also drop the extensions pgbridge's apply "
+                        "created (uuid-ossp, pgcrypto, citext; only those, and only unused)")
     roles = parser.add_argument_group(
         "roles", "production set-up with three roles (docs/howto/database-roles.md): run as the "
         "owner, and grant the others exactly what they need")
@@ -137,12 +145,24 @@ async def _setup(args: argparse.Namespace, env: dict[str, str], prog: str) -> in
                    schema_name(args.schema, variable="--schema") if args.schema else
                    value(env, "PGBRIDGE_SCHEMA"))
     if args.dry_run:
-        print(dry_run_sql(schema))
+        from .rollback import rollback_sql
+
+        print(rollback_sql(schema, drop_extensions=args.drop_extensions) if args.rollback
+              else dry_run_sql(schema))
         return EXIT_OK
     db = DatabaseSettings.from_env(env)
     ssh = SSHSettings.from_env(env)
     async with database(db, ssh) as conninfo:
         where = f"{describe(conninfo)} (embedded)" if db.embedded else describe(conninfo)
+        if args.rollback:
+            from .rollback import rollback_schema
+
+            rolled = await rollback_schema(conninfo, schema=schema,
+                                           drop_extensions=args.drop_extensions,
+                                           lock_timeout=args.lock_timeout,
+                                           max_wait=args.max_wait)
+            print("\n".join(rolled.lines(where)))
+            return EXIT_OK
         if args.verify:
             problems = await verify_schema(conninfo, schema=schema)
             for problem in problems:
@@ -179,6 +199,13 @@ def _setup_command(argv: Sequence[str] | None, prog: str) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.lock_timeout <= 600 or not 0 <= args.max_wait <= 86400:
         parser.error("--lock-timeout must be in (0, 600] and --max-wait in [0, 86400] seconds")
+    if args.dry_run and args.verify:
+        parser.error("argument --dry-run: not allowed with argument --verify")
+    if args.drop_extensions and not args.rollback:
+        parser.error("argument --drop-extensions: only with --rollback")
+    if args.rollback and (args.grant_app or args.grant_bridge):
+        parser.error("--grant-app and --grant-bridge are for the apply, not --rollback (it "
+                     "revokes the bridge roles' privileges itself)")
     from .settings import load_environment
 
     env = load_environment()

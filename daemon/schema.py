@@ -34,7 +34,9 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
@@ -47,6 +49,7 @@ from .schema_check import catalog_problems, check_schema, verify_schema
 from .schema_files import Migration, load_migrations, schema_sql, sql_dir_path, trigger_files
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "ApplyReport",
@@ -56,6 +59,7 @@ __all__ = [
     "check_schema",
     "dry_run_sql",
     "load_migrations",
+    "run_locked",
     "sql_dir_path",
     "verify_schema",
 ]
@@ -71,8 +75,6 @@ APPLY_FORMAT = 2
 # (setup_db.py --lock-timeout), and seconds of retrying before it gives up (--max-wait).
 LOCK_TIMEOUT = 1.0
 MAX_WAIT = 60.0
-# the triggers on users: that tell the daemon a user lost access (sql/triggers/20_access.sql),
-
 
 
 @dataclass
@@ -195,6 +197,46 @@ async def _apply(conn: psycopg.AsyncConnection[TupleRow], schema: str, grants: G
     return report
 
 
+async def run_locked(conninfo: str,
+                     work: Callable[[psycopg.AsyncConnection[TupleRow]], Awaitable[T]], *,
+                     doing: str, what: str, lock_timeout: float, max_wait: float
+                     ) -> tuple[T, int]:
+    """Run ``work`` on a new connection until it gets through without a lock timeout (SQLSTATE
+    55P03) or a deadlock (40P01), which roll its transaction back; retried with jittered
+    backoff from ``lock_timeout`` seconds for up to ``max_wait`` seconds. What the apply and
+    the rollback (:mod:`daemon.rollback`) share: ``work`` takes :data:`_LOCK` and sets
+    ``lock_timeout`` itself, in its transaction. ``doing`` is for the error translation
+    (``"applying the schema"``), ``what`` for the give-up line (``"apply schema public"``).
+
+    Returns ``work``'s result and the attempts it took. Raises :class:`DatabaseError` (every
+    psycopg error, translated; the give-up line with the SQLSTATE of the last lock failure).
+    """
+    deadline = time.monotonic() + max_wait
+    delay = lock_timeout
+    attempt = 1
+    while True:
+        with translated(conninfo, doing=doing):
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+                    conn.add_notice_handler(_log_notice)
+                    return await work(conn), attempt
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
+                wait = random.uniform(0.5, 1.0) * delay
+                if time.monotonic() + wait > deadline:
+                    raise DatabaseError(
+                        f"SQLSTATE {exc.sqlstate}: could not take the locks to {what} in "
+                        f"{attempt} attempt(s) over {max_wait:g} s, waiting at most "
+                        f"{lock_timeout:g} s each time ({exc.diag.message_primary}): a long "
+                        "transaction holds them; find it in pg_stat_activity and retry, or "
+                        "raise --max-wait", sqlstate=exc.sqlstate) from exc
+                log.warning("%s: %s (SQLSTATE %s); nothing was changed, retrying in %.1f s",
+                            what, exc.diag.message_primary, exc.sqlstate, wait,
+                            extra={"event": "schema_lock_retry"})
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 10.0)
+                attempt += 1
+
+
 async def apply_schema(conninfo: str, *, schema: str = "public", grants: Grants | None = None,
                        lock_timeout: float = LOCK_TIMEOUT, max_wait: float = MAX_WAIT
                        ) -> ApplyReport:
@@ -208,32 +250,14 @@ async def apply_schema(conninfo: str, *, schema: str = "public", grants: Grants 
     (SQLSTATE and advice in the message) on failure, in which case nothing was changed.
     """
     grants = grants or Grants()
-    deadline = time.monotonic() + max_wait
-    delay = lock_timeout
-    attempt = 1
-    while True:
-        with translated(conninfo, doing="applying the schema"):
-            try:
-                async with await psycopg.AsyncConnection.connect(conninfo) as conn:
-                    conn.add_notice_handler(_log_notice)
-                    report = await _apply(conn, schema, grants, lock_timeout)
-                    report.attempts = attempt
-                    break
-            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
-                wait = random.uniform(0.5, 1.0) * delay
-                if time.monotonic() + wait > deadline:
-                    raise DatabaseError(
-                        f"SQLSTATE {exc.sqlstate}: could not take the locks to apply schema "
-                        f"{schema} in {attempt} attempt(s) over {max_wait:g} s, waiting at most "
-                        f"{lock_timeout:g} s each time ({exc.diag.message_primary}): a long "
-                        "transaction holds them; find it in pg_stat_activity and retry, or "
-                        "raise --max-wait", sqlstate=exc.sqlstate) from exc
-                log.warning("applying schema %s: %s (SQLSTATE %s); nothing was changed, "
-                            "retrying in %.1f s", schema, exc.diag.message_primary, exc.sqlstate,
-                            wait, extra={"event": "schema_lock_retry"})
-                await asyncio.sleep(wait)
-                delay = min(delay * 2, 10.0)
-                attempt += 1
+
+    async def work(conn: psycopg.AsyncConnection[TupleRow]) -> ApplyReport:
+        return await _apply(conn, schema, grants, lock_timeout)
+
+    report, attempts = await run_locked(
+        conninfo, work, doing="applying the schema", what=f"apply schema {schema}",
+        lock_timeout=lock_timeout, max_wait=max_wait)
+    report.attempts = attempts
     for warning in report.warnings:
         log.warning("%s", warning, extra={"event": "schema_warning"})
     return report

@@ -1,7 +1,8 @@
 """The SQL files of the pgbridge schema (``sql/``), read with :mod:`importlib.resources` from
 the installed package (``daemon/sql`` in a wheel) or from the checkout's top-level ``sql/``:
-``schema.sql`` (:func:`schema_sql`), ``migrations/NNNN_name.sql`` (:func:`load_migrations`) and
-``triggers/*.sql`` (:func:`trigger_files`).
+``schema.sql`` (:func:`schema_sql`), ``migrations/NNNN_name.sql`` each with its down script
+``migrations/NNNN_name.down.sql`` (:func:`load_migrations`) and ``triggers/*.sql``
+(:func:`trigger_files`).
 
 Why a module of its own: both :mod:`daemon.schema` (which applies the files) and
 :mod:`daemon.schema_check` (which checks the migrations' ledger against them) read the files;
@@ -31,9 +32,14 @@ def _sql_dir() -> Traversable:
 
 @dataclass(frozen=True)
 class Migration:
+    """One file of ``sql/migrations/``: ``text`` is applied once (its SHA-256, ``checksum``, is
+    recorded in ``schema_migrations``), ``down`` undoes it (``setup_db.py --rollback``,
+    :mod:`daemon.rollback`); the down script is not part of the checksum."""
+
     version: int
     name: str
     text: str
+    down: str = ""
 
     @property
     def checksum(self) -> str:
@@ -45,18 +51,34 @@ def _read_dir(directory: Traversable) -> list[tuple[str, str]]:
     return [(name, f.read_text(encoding="utf-8")) for name, f in files]
 
 
-def load_migrations() -> list[Migration]:
-    """The files of ``sql/migrations/`` in version order. Raises :class:`SchemaError` for a
-    file not named ``NNNN_name.sql`` or a repeated version."""
-    result: list[Migration] = []
-    for name, text in _read_dir(_sql_dir() / "migrations"):
-        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", name)
+def load_migrations(directory: Traversable | None = None) -> list[Migration]:
+    """The files of ``sql/migrations/`` (or ``directory``) in version order, each paired with
+    its down script. Raises :class:`SchemaError` for a file named neither ``NNNN_name.sql`` nor
+    ``NNNN_name.down.sql``, a repeated version, a migration without its down script or a down
+    script without its migration (spec 003, "Rollback Plan": every migration can be undone)."""
+    where = "sql/migrations"
+    ups: dict[str, tuple[int, str, str]] = {}
+    downs: dict[str, str] = {}
+    for name, text in _read_dir(directory or _sql_dir() / "migrations"):
+        match = re.fullmatch(r"(\d{4})_(\w+)(\.down)?\.sql", name)
         if not match:
-            raise SchemaError(f"sql/migrations/{name}: migration files must be named NNNN_name.sql")
-        result.append(Migration(int(match.group(1)), match.group(2), text))
+            raise SchemaError(f"{where}/{name}: migration files must be named NNNN_name.sql "
+                              "(and its down script NNNN_name.down.sql)")
+        stem = f"{match.group(1)}_{match.group(2)}"
+        if match.group(3):
+            downs[stem] = text
+        else:
+            ups[stem] = (int(match.group(1)), match.group(2), text)
+    for stem in sorted(ups.keys() - downs.keys()):
+        raise SchemaError(f"{where}/{stem}.sql has no down script: add {where}/{stem}.down.sql "
+                          "(setup_db.py --rollback runs it; a deliberate no-op says why)")
+    for stem in sorted(downs.keys() - ups.keys()):
+        raise SchemaError(f"{where}/{stem}.down.sql has no migration {where}/{stem}.sql")
+    result = [Migration(version, name, text, downs[stem])
+              for stem, (version, name, text) in sorted(ups.items())]
     versions = [m.version for m in result]
     if len(set(versions)) != len(versions):
-        raise SchemaError("sql/migrations/: two migration files share a version number")
+        raise SchemaError(f"{where}/: two migration files share a version number")
     return result
 
 

@@ -17,6 +17,14 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
+-- Ledger of the extensions below that an apply into this schema created (it did not exist in
+-- the database before): setup_db.py --rollback --drop-extensions drops those and only those
+-- (daemon/rollback.py). An extension that was already there is the user's, and is not recorded.
+CREATE TABLE IF NOT EXISTS schema_extensions (
+    name TEXT PRIMARY KEY,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
 -- Extensions named by the spec: created when the server has them (contrib installed, enough
 -- privilege), skipped with a notice otherwise. Nothing below depends on them.
 DO $$
@@ -27,6 +35,7 @@ BEGIN
         IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = ext) THEN
             BEGIN
                 EXECUTE format('CREATE EXTENSION IF NOT EXISTS %I', ext);
+                INSERT INTO schema_extensions (name) VALUES (ext) ON CONFLICT (name) DO NOTHING;
             EXCEPTION WHEN OTHERS THEN
                 RAISE NOTICE 'pgbridge: extension % not available (%), skipped', ext, SQLERRM;
             END;
@@ -324,5 +333,5 @@ CREATE TABLE IF NOT EXISTS schema_files (
 
 -- Tables only the owner writes: nobody else gets anything unless setup_db.py grants it.
 REVOKE ALL ON change_sequences, change_events, change_notify_key, schema_migrations, schema_files,
-    presence_instances, presence_sessions FROM PUBLIC;
+    schema_extensions, presence_instances, presence_sessions FROM PUBLIC;
 REVOKE ALL ON SEQUENCE change_doorbell FROM PUBLIC;

@@ -38,7 +38,7 @@ SPEC_TABLES = (
     "user_status", "message_reads", "sync_state",
 )
 LOG_TABLES = ("change_sequences", "change_events", "change_notify_key", "schema_migrations",
-              "schema_files", "presence_instances", "presence_sessions")
+              "schema_files", "schema_extensions", "presence_instances", "presence_sessions")
 
 # Spec 003, "Schema Documentation", verbatim: the ten CREATE TABLE statements (foreign keys
 # without ON DELETE, no CHECKs, no key defaults). A database built from this is what an

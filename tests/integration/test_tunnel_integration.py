@@ -44,8 +44,8 @@ WAIT = 20.0  # seconds; only reached when a test is failing
 SCHEMA_TABLES = {
     "users", "channels", "messages", "channel_members", "reactions", "files", "user_settings",
     "user_status", "message_reads", "sync_state", "change_sequences", "change_events",
-    "change_notify_key", "schema_migrations", "schema_files", "presence_instances",
-    "presence_sessions",
+    "change_notify_key", "schema_migrations", "schema_files", "schema_extensions",
+    "presence_instances", "presence_sessions",
 }
 
 Conn = psycopg.AsyncConnection[Any]

@@ -1,0 +1,11 @@
+-- Down script of 0001_spec_constraints.sql (setup_db.py --rollback, spec 003 "Rollback Plan"):
+-- deliberately nothing.
+--
+-- What 0001 added belongs to the chat schema, not to pgbridge: the ON DELETE rules of the
+-- foreign keys, the CHECKs of the enum-like columns and the ULID key defaults are the ones
+-- sql/schema.sql gives a new database, and the rollback keeps the chat schema as it is
+-- (docs/howto/rollback.md, "What stays, what goes"). Undoing them would leave the user's data
+-- less protected (orphans, words outside the spec's lists, inserts without a key) for no gain.
+-- The file exists so that every migration has its down script (daemon/schema_files.py refuses a
+-- migration without one); its one statement reads nothing and changes nothing.
+SELECT 1;

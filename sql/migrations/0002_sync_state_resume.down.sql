@@ -1,0 +1,47 @@
+-- Down script of 0002_sync_state_resume.sql (setup_db.py --rollback, spec 003 "Rollback Plan"):
+-- sync_state goes back to the spec's columns. Its rows stay, acks the bridge wrote included
+-- (they are chat rows); only the resume columns room_id and last_seq go, with the CHECK, the
+-- foreign key and the unique index 0002 added. Never CASCADE: an object of the user's built on
+-- them (a view, a foreign key to the unique index) makes the DROP fail with SQLSTATE 2BP01, and
+-- the rollback then names it and changes nothing.
+--
+-- Run with search_path set to the schema rolled back, inside the rollback's transaction.
+
+DO $$
+DECLARE
+    v_room text := (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                    WHERE a.attrelid = to_regclass('sync_state') AND a.attname = 'room_id'
+                      AND a.attnum > 0 AND NOT a.attisdropped);
+    v_seq text := (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                   WHERE a.attrelid = to_regclass('sync_state') AND a.attname = 'last_seq'
+                     AND a.attnum > 0 AND NOT a.attisdropped);
+BEGIN
+    -- Both gone: nothing of 0002 is left to undo (rolled back by hand, or never applied).
+    IF v_room IS NULL AND v_seq IS NULL THEN
+        RETURN;
+    END IF;
+    -- Anything else this script does not expect was changed by hand: refuse, naming it.
+    IF v_room IS DISTINCT FROM 'character varying(26)' THEN
+        RAISE EXCEPTION 'pgbridge: %.sync_state.room_id is %, not the character varying(26) '
+                        'migration 0002 added: it was changed by hand', current_schema(),
+                        coalesce(v_room, 'missing')
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'restore it or drop both room_id and last_seq by hand, then run '
+                         'setup_db.py --rollback again';
+    END IF;
+    IF v_seq IS DISTINCT FROM 'bigint' THEN
+        RAISE EXCEPTION 'pgbridge: %.sync_state.last_seq is %, not the bigint migration 0002 '
+                        'added: it was changed by hand', current_schema(),
+                        coalesce(v_seq, 'missing')
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'restore it or drop both room_id and last_seq by hand, then run '
+                         'setup_db.py --rollback again';
+    END IF;
+END
+$$;
+
+DROP INDEX IF EXISTS sync_state_user_room_type_key RESTRICT;
+ALTER TABLE sync_state DROP CONSTRAINT IF EXISTS sync_state_last_seq_check RESTRICT;
+ALTER TABLE sync_state DROP CONSTRAINT IF EXISTS sync_state_room_id_fkey RESTRICT;
+ALTER TABLE sync_state DROP COLUMN IF EXISTS last_seq RESTRICT;
+ALTER TABLE sync_state DROP COLUMN IF EXISTS room_id RESTRICT;
