@@ -19,8 +19,8 @@ from websockets.exceptions import ConnectionClosed
 
 from daemon.schema import apply_schema_sync
 from tests.support.fixtures import ROOT, conninfo_env
-from tests.support.helpers import events, make_room, make_user, post, subscribe
 from tests.support.helpers import connect as ws_connect
+from tests.support.helpers import events, make_room, make_user, post, subscribe
 from tests.support.procs import daemon_process, free_port, human_lines, run_cli
 
 pytestmark = pytest.mark.slow
@@ -51,6 +51,7 @@ async def test_rollback_under_a_running_bridge_stops_it_with_one_line(db_url: st
         code, out, err = await run_cli(sys.executable, str(ROOT / "setup_db.py"), "--rollback",
                                        env=conninfo_env(db_url), cwd=tmp_path)
         assert code == 0, err
+        assert "rolled back" in out, out
 
         assert await daemon.wait(timeout=30) == 1, daemon.tail()
         with pytest.raises(ConnectionClosed) as closed:
