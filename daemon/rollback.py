@@ -57,7 +57,7 @@ from .schema_files import load_migrations
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHAT_TABLES", "PGBRIDGE_TABLES", "RollbackReport", "installed", "rollback_schema",
+__all__ = ["CHAT_TABLES", "PGBRIDGE_TABLES", "RollbackReport", "rollback_schema",
            "rollback_sql"]
 
 CHAT_TABLES = APP_TABLES  # spec 003's ten tables
@@ -111,18 +111,6 @@ class RollbackReport:
             out.append(f"dropped extensions {', '.join(self.extensions_dropped)}")
         out += [f"kept extension {name}: {why}" for name, why in self.extensions_kept.items()]
         return out
-
-
-async def installed(conn: psycopg.AsyncConnection[TupleRow], schema: str) -> bool:
-    """Whether pgbridge is applied in ``schema``: its log (``change_events``) and its ledger
-    (``schema_migrations``) exist. One catalog query, no lock; for a running daemon to notice
-    a rollback. Raises what ``conn.execute`` raises (psycopg errors, untranslated)."""
-    cur = await conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL",
-        [sql.Identifier(schema, "change_events").as_string(conn),
-         sql.Identifier(schema, "schema_migrations").as_string(conn)])
-    row = await cur.fetchone()
-    return bool(row and row[0])
 
 
 def _fingerprint_query(schema: str, table: str, columns: list[str] | None) -> sql.Composed:

@@ -23,10 +23,12 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from daemon.metrics import Metrics
 from daemon.roles import Grants
-from daemon.rollback import CHAT_TABLES, installed
+from daemon.rollback import CHAT_TABLES
 from daemon.schema import apply_schema, apply_schema_sync
 from daemon.schema_check import catalog_problems
+from daemon.store import Store
 from tests.support.fixtures import ROOT, conninfo_env, running_bridge
 from tests.support.helpers import (
     connect,
@@ -40,6 +42,16 @@ from tests.support.helpers import (
 )
 from tests.support.procs import until
 from tests.support.trust import Roles
+
+
+async def installed(conninfo: str) -> bool:
+    """What a running bridge asks after a statement found an object missing (daemon.app)."""
+    store = Store(conninfo, schema="public", metrics=Metrics())
+    await store.open()
+    try:
+        return await store.installed()
+    finally:
+        await store.close()
 
 SETUP_DB = str(ROOT / "setup_db.py")
 LOCK = (0x70676272, 1)  # daemon/schema.py's advisory lock
@@ -327,8 +339,7 @@ async def test_apply_after_rollback_gives_back_the_same_catalog_data_and_capture
     with connect_sync(granted_db) as conn:
         seed(conn)
         schema_before, rows_before = catalog(conn), chat_rows(conn)
-        async with await psycopg.AsyncConnection.connect(granted_db) as aconn:
-            assert await installed(aconn, "public")
+        assert await installed(granted_db)
         result = run_setup(granted_db, "--rollback")
         assert result.returncode == 0, result.stderr
         assert f"revoked role {roles.bridge}'s bridge privileges" in result.stdout
@@ -338,8 +349,7 @@ async def test_apply_after_rollback_gives_back_the_same_catalog_data_and_capture
         for table in CHAT_TABLES:
             assert f"{table} SELECT" in app_privileges
         assert "messages INSERT" in app_privileges and "schema USAGE" in app_privileges
-        async with await psycopg.AsyncConnection.connect(granted_db) as aconn:
-            assert not await installed(aconn, "public")
+        assert not await installed(granted_db)
         await apply_schema(granted_db, grants=grants)
         assert catalog(conn) == schema_before
         assert chat_rows(conn) == rows_before
