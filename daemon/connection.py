@@ -99,7 +99,9 @@ MAX_FRAGMENTS = 256  # frames of one fragmented message
 
 class Connection(Opening):
     """One TCP connection, from its first byte to its end. ``id`` is a small integer unique in
-    the process (for logs); :attr:`receiver` is set once the connection is open. Its state and
+    the process (for logs); ``correlation_id`` (16 hex digits, also sent to the client in
+    ``welcome``) is on every log line about it (docs/reference/logs.md); :attr:`receiver` is
+    set once the connection is open. Its state and
     transport handling are :class:`~daemon.connection_transport.ConnectionBase`'s, its opening
     handshake :class:`~daemon.connection_opening.Opening`'s."""
 
