@@ -36,9 +36,13 @@ BATCH = 5000  # users or (user, room) pairs per query of a sweep
 
 
 class Session(Protocol):
-    """A connection as :class:`Access` sees it (:class:`daemon.client.Client`)."""
+    """A connection as :class:`Access` sees it (:class:`daemon.client.Client`);
+    ``correlation_id`` is its connection's, for the lines about it."""
 
     user: str
+
+    @property
+    def correlation_id(self) -> str: ...
 
     def subscriptions(self) -> list[Subscription]:
         """The connection's current subscriptions."""
@@ -81,10 +85,11 @@ class Access:
         for user in users:
             sessions = list(self._sessions.get(user, ()))
             if sessions:
-                log.info("user %s is deleted (%s): closing its %d connection(s) with 4003",
-                         user, why, len(sessions), extra={"event": "user_gone"})
                 self.metrics.revocations.labels("user_deleted").inc(len(sessions))
-            for session in sessions:
+            for session in sessions:  # a line each: the kick is about that connection
+                log.info("user %s is deleted (%s): closing its connection with 4003", user, why,
+                         extra={"event": "user_gone", "user": user,
+                                "correlation_id": session.correlation_id})
                 session.user_gone()
 
     async def check_users(self, users: Iterable[str] | None = None, *, fail_closed: bool,
@@ -135,7 +140,8 @@ class Access:
             if (session.user, sub.room) in lost and not sub.ended:
                 log.info("user %s lost room %s without an event saying so; ending the "
                          "subscription", session.user, sub.room,
-                         extra={"event": "access_swept"})
+                         extra={"event": "access_swept", "room": sub.room,
+                                "correlation_id": session.correlation_id})
                 self.metrics.revocations.labels("periodic_check").inc()
                 session.revoke(sub, "membership_revoked")
 

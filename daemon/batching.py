@@ -17,6 +17,7 @@ authorization").
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from typing import Generic, TypeVar
 
@@ -46,7 +47,10 @@ class Batched(Generic[K, V]):
         future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         self._waiting.append((key, future))
         if self._runner is None:
-            self._runner = asyncio.create_task(self._run(), name="batched-lookup")
+            # shared by every caller: none of the first one's context (its correlation id,
+            # daemon/logs.py)
+            self._runner = asyncio.create_task(self._run(), name="batched-lookup",
+                                               context=contextvars.Context())
         return await future
 
     async def _run(self) -> None:

@@ -7,7 +7,10 @@ and an exit code: a :class:`~daemon.errors.BridgeError` is one line on stderr an
 a bug one line naming an incident and exit 70 (that module's docstring lists every case).
 
 The tools (setup, token, tail) log as plain text at ``PGBRIDGE_LOG_LEVEL`` when it is set
-(default INFO for setup, WARNING for token and tail); the daemon logs JSON lines.
+(default INFO for setup, WARNING for token and tail); the daemon logs JSON lines. A setup run
+has a correlation id (docs/reference/logs.md): every log line of the run carries it (the first
+one shown names it), and its database sessions are named ``pgbridge setup <id>``
+(``application_name``: pg_stat_activity, the server's log).
 
 Progress is not an error and is printed where it happens: ``pgbridge tail``'s "reconnecting in
 0.4 s" lines and the frames it does not print on stdout, ``setup_db.py``'s warnings and the
@@ -71,6 +74,18 @@ def _tool_logging(env: dict[str, str], default: str) -> None:
     ``default``."""
     level = (env.get("PGBRIDGE_LOG_LEVEL") or "").upper()
     logs.configure(level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else default)
+
+
+def _run_session(conninfo: str) -> str:
+    """``conninfo`` naming its sessions ``pgbridge setup <id>`` (``application_name``, over any
+    the settings gave), ``<id>`` the run's correlation id, so that a DBA finds the run in
+    pg_stat_activity and the server's log."""
+    from psycopg.conninfo import make_conninfo
+
+    run = logs.current_id()
+    log.debug("setup run %s: sessions named 'pgbridge setup %s'", run, run,
+              extra={"event": "setup_run"})
+    return make_conninfo(conninfo, application_name=f"pgbridge setup {run}")
 
 
 def _prepare_embedded(db: DatabaseSettings) -> None:
@@ -153,6 +168,7 @@ async def _setup(args: argparse.Namespace, env: dict[str, str], prog: str) -> in
     db = DatabaseSettings.from_env(env)
     ssh = SSHSettings.from_env(env)
     async with database(db, ssh) as conninfo:
+        conninfo = _run_session(conninfo)
         where = f"{describe(conninfo)} (embedded)" if db.embedded else describe(conninfo)
         if args.rollback:
             from .rollback import rollback_schema
@@ -210,7 +226,8 @@ def _setup_command(argv: Sequence[str] | None, prog: str) -> int:
 
     env = load_environment()
     _tool_logging(env, "INFO")
-    return asyncio.run(_setup(args, env, prog))
+    with logs.correlated(logs.new_id()):  # the run's id, on each of its lines
+        return asyncio.run(_setup(args, env, prog))
 
 
 def setup_main(argv: Sequence[str] | None = None, prog: str = "setup_db.py") -> int:

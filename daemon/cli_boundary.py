@@ -12,7 +12,7 @@ exit code:
 * ``BrokenPipeError`` (stdout closed by the reader: ``pgbridge tail ROOM | head``): exit 141
   (128 + SIGPIPE, as a shell reports a writer killed by SIGPIPE), nothing printed;
 * anything else is a bug: one line ``<prog>: error: internal error (<type>: <text>; incident
-  <8 hex digits>) ...``, exit 70 (``EX_SOFTWARE``). The traceback goes to the log with the
+  <16 hex digits>) ...``, exit 70 (``EX_SOFTWARE``). The traceback goes to the log with the
   same ``incident`` field: at ERROR in the daemon's JSON log (journald keeps it), at DEBUG for
   the tools (``PGBRIDGE_LOG_LEVEL=DEBUG`` shows it). It is never printed otherwise.
 

@@ -98,6 +98,12 @@ class Client:
         self._expiry: asyncio.TimerHandle | None = None
         self._set_expiry(claims.exp)
 
+    @property
+    def correlation_id(self) -> str:
+        """The connection's correlation id (:mod:`daemon.logs`): every line about it carries
+        it, and its ``welcome`` says it."""
+        return self.ws.correlation_id
+
     # --- Sink -------------------------------------------------------------------------------
     # What the hub, the listener, presence and access checks (code shared by all connections)
     # call here goes through the connection's fault boundary (contained): a bug met in one
@@ -117,6 +123,12 @@ class Client:
         if self.subs.get(sub.room) is sub:
             del self.subs[sub.room]
             self._parts.metrics.subscriptions.dec()
+            if sub.ended:  # by the bridge (the client's own unsubscribe logs its own line)
+                log.debug("subscription of user %s to room %s ended: %s", self.user,
+                          sub.room, sub.end_reason,
+                          extra={"event": "subscription_ended", "room": sub.room,
+                                 "reason": sub.end_reason,
+                                 "correlation_id": self.ws.correlation_id})
 
     # --- Session ----------------------------------------------------------------------------
 
@@ -149,7 +161,8 @@ class Client:
         """The connection is open: greet the client. Its frames then arrive in
         :meth:`received`, and :meth:`lost` ends it."""
         self.outgoing.write_now(welcome(self.user, self._parts.settings.heartbeat,
-                                        batch=self._batch_ms))
+                                        batch=self._batch_ms,
+                                        correlation_id=self.ws.correlation_id))
 
     def received(self, messages: list[str | bytes]) -> None:
         """The frames of one read from the client. The first is answered at once when nothing
@@ -283,15 +296,23 @@ class Client:
             yield
         except ProtocolError as exc:
             self._parts.metrics.refusals.labels(exc.code).inc()
+            # ref and room were checked by daemon.protocol (printable, at most 128 characters;
+            # a channels.id); the message is the bridge's own
+            log.debug("%s of user %s refused: %s", _kind(request), self.user, exc.code,
+                      extra={"event": "request_refused", "code": exc.code, "ref": exc.ref,
+                             "room": exc.room, "correlation_id": self.ws.correlation_id})
             self.send(exc.frame())
         except BridgeError as exc:  # the database failed: the client may retry
             log.error("%s of user %s failed: %s", _kind(request), self.user, exc,
-                      extra={"event": "request_failed"})
+                      extra={"event": "request_failed", "ref": _ref(request),
+                             "room": _room(request), "correlation_id": self.ws.correlation_id})
             self.send(error("internal", "temporary failure; retry", ref=_ref(request),
                             room=_room(request)))
         except Exception:  # a bug: it ends this request, not the connection or the bridge
-            incident = logs.incident(log, "request_crashed", "%s of user %s crashed",
-                                     _kind(request), self.user)
+            with logs.correlated(self.ws.correlation_id):
+                incident = logs.incident(log, "request_crashed", "%s (ref %r, room %s) of "
+                                         "user %s crashed", _kind(request), _ref(request),
+                                         _room(request), self.user)
             self.send(error("internal", f"internal error (incident {incident}); retry",
                             ref=_ref(request), room=_room(request)))
 
@@ -335,7 +356,12 @@ class Client:
             if self.outgoing.closing:
                 self._drop(sub)
                 return
-            self.send(subscribed(room, from_seq, max(info.head, live_from), ref))
+            head = max(info.head, live_from)
+            self.send(subscribed(room, from_seq, head, ref))
+            log.debug("user %s subscribed to room %s: from seq %d, head %d", self.user, room,
+                      from_seq, head, extra={"event": "subscribed", "room": room, "ref": ref,
+                                             "from": from_seq, "head": head,
+                                             "correlation_id": self.ws.correlation_id})
             parts, page, outgoing = self._parts, self._page, self.outgoing
             if sub.presence:
                 await send_snapshot(sub, page=page, presence_feed=parts.presence_feed,
@@ -373,6 +399,9 @@ class Client:
                                 room=request.room)
         self._drop(sub)
         sub.end("client", request.ref)
+        log.debug("user %s unsubscribed from room %s", self.user, request.room,
+                  extra={"event": "unsubscribed", "room": request.room, "ref": request.ref,
+                         "correlation_id": self.ws.correlation_id})
 
     def _ack(self, request: Ack) -> None:
         sub = self.subs.get(request.room)
@@ -383,6 +412,10 @@ class Client:
             raise ProtocolError("bad_request", f"seq {request.seq} was not delivered yet "
                                 f"(latest: {sub.cursor})", ref=request.ref, room=request.room)
         self._parts.acks.record(self.user, request.room, request.seq)
+        log.debug("user %s acknowledged seq %d of room %s", self.user, request.seq,
+                  request.room, extra={"event": "ack", "room": request.room,
+                                       "seq": request.seq, "ref": request.ref,
+                                       "correlation_id": self.ws.correlation_id})
 
     async def _refresh(self, request: Refresh) -> None:
         try:

@@ -73,6 +73,7 @@ server call. Every name the others import is exported here.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Self, cast
 
@@ -80,9 +81,12 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.typing import BytesLike
 
+from . import logs
 from .closes import Close
 from .connection_boundary import Endpoint, Receiver, close_code_sent, contained
 from .connection_opening import EARLY_LIMIT, Opening
+
+log = logging.getLogger("daemon.connection")  # the connection layer's one logger name
 
 __all__ = ["EARLY_LIMIT", "FEED_CHUNK", "FRAMES_PER_TURN", "MAX_FRAGMENTS", "Connection",
            "Endpoint", "Receiver", "close_code_sent", "contained"]
@@ -95,7 +99,9 @@ MAX_FRAGMENTS = 256  # frames of one fragmented message
 
 class Connection(Opening):
     """One TCP connection, from its first byte to its end. ``id`` is a small integer unique in
-    the process (for logs); :attr:`receiver` is set once the connection is open. Its state and
+    the process (for logs); ``correlation_id`` (16 hex digits, also sent to the client in
+    ``welcome``) is on every log line about it (docs/reference/logs.md); :attr:`receiver` is
+    set once the connection is open. Its state and
     transport handling are :class:`~daemon.connection_transport.ConnectionBase`'s, its opening
     handshake :class:`~daemon.connection_opening.Opening`'s."""
 
@@ -103,15 +109,24 @@ class Connection(Opening):
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
+    # The event loop runs these callbacks in the context their handle was made in, which may
+    # be another connection's or a shared task's: each makes this connection's correlation id
+    # current while it runs (daemon.logs.correlating), and the tasks and timers it starts
+    # keep it. pause_writing() is called inside someone else's write: it logs nothing.
+
+    @logs.correlating
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         endpoint = self._endpoint
         self.transport = transport = cast(asyncio.Transport, transport)  # or uvloop's
         self.remote_address = transport.get_extra_info("peername")
+        log.debug("connection %s accepted from %s", self.id, self.remote_address,
+                  extra={"event": "connection_accepted"})
         transport.set_write_buffer_limits(endpoint.write_limit)
         self.protocol = endpoint.new_protocol(State.CONNECTING)
         self._timer = asyncio.get_running_loop().call_later(endpoint.open_timeout,
                                                             self._open_timed_out)
 
+    @logs.correlating
     def data_received(self, data: bytes) -> None:
         if self._ending:
             return  # ending: what the peer still sends is not read
@@ -128,6 +143,7 @@ class Connection(Opening):
         except Exception:
             self.crashed("reading from the socket")
 
+    @logs.correlating
     def eof_received(self) -> None:
         # returning None closes the transport: a WebSocket never writes after the peer's EOF
         self._unparsed = None  # the peer will read no answer to what it sent last
@@ -142,6 +158,7 @@ class Connection(Opening):
         except Exception:
             self.crashed("reading the end of the stream")
 
+    @logs.correlating
     def connection_lost(self: Self, exc: Exception | None) -> None:  # Self: see _endpoint
         self._lost = True
         self._end()
@@ -162,6 +179,7 @@ class Connection(Opening):
         self._paused = True
         self._update_reading()
 
+    @logs.correlating
     def resume_writing(self) -> None:
         self._paused = False
         self._wake_drain()

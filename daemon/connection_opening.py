@@ -32,6 +32,7 @@ from typing import Self
 from websockets.http11 import Request
 from websockets.protocol import State
 
+from . import logs
 from .connection_transport import ConnectionBase
 from .logs import Throttled
 
@@ -182,6 +183,7 @@ class Opening(ConnectionBase):
             self._parse_frames()  # what the client sent with its request
         self._update_reading()
 
+    @logs.correlating
     def _open_timed_out(self) -> None:
         self._timer = None
         if self.protocol.state is State.CONNECTING:

@@ -51,11 +51,14 @@ class ConnectionBase(asyncio.Protocol):
     __slots__ = ("__weakref__", "_corked", "_drain", "_ending", "_endpoint", "_fragments",
                  "_handshake", "_lost", "_overflowed", "_paused", "_ping", "_reading_held",
                  "_received_any", "_request_read", "_tail", "_text", "_timer", "_unparsed",
-                 "id", "protocol", "receiver", "remote_address", "transport")
+                 "correlation_id", "id", "protocol", "receiver", "remote_address", "transport")
 
     def __init__(self, endpoint: Endpoint[Self]) -> None:
         self._endpoint = endpoint
         self.id = next(_ids)
+        # every line about this connection carries it (docs/reference/logs.md); its client
+        # gets it in welcome
+        self.correlation_id = logs.new_id()
         self.receiver: Receiver | None = None
         self._handshake: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -79,14 +82,17 @@ class ConnectionBase(asyncio.Protocol):
     # handed this connection itself, whatever its class; a method that hands it ``self``
     # annotates ``self: Self`` (mypy binds Self in ``self._endpoint`` only then)
     _endpoint: Endpoint[Self]
+    correlation_id: str  # 16 hex digits (daemon.logs.new_id), for the log and the client
     transport: asyncio.Transport  # or uvloop's
     protocol: ServerProtocol  # CONNECTING for the handshake, then OPEN for the frames
     remote_address: Any  # the transport's "peername"
 
+    @logs.correlating  # called by code shared by all connections too (contained)
     def crashed(self, doing: str) -> None:
-        """A bug met while ``doing``: logged once with an incident id; the connection is
-        failed with 1011 (the client reconnects and resumes), or aborted when even that fails.
-        The other connections go on. Never raises."""
+        """A bug met while ``doing``: logged once with an incident id (and this connection's
+        correlation id); the connection is failed with 1011 (the client reconnects and
+        resumes), or aborted when even that fails. The other connections go on. Never
+        raises."""
         incident = logs.incident(log, "connection_crashed", "connection %s failed %s", self.id,
                                  doing)
         try:

@@ -14,6 +14,7 @@ handshake, health.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -143,8 +144,11 @@ class Health:
             probe.add_done_callback(self._abandoned.discard)
             probe = None
         if probe is None or probe.done():
+            # shared by the requests that come meanwhile: none of this one's context (its
+            # connection's correlation id): its lines are daemon-wide
             probe = self._probe = asyncio.create_task(self.store.ping(self.stale),
-                                                      name="health-probe")
+                                                      name="health-probe",
+                                                      context=contextvars.Context())
             self._probe_started = now
         return probe
 
@@ -157,8 +161,9 @@ class Health:
         reason = probe.result() if done else f"no answer within {self.timeout:g} s"
         self._result = (time.monotonic(), reason)
         if reason != self._last_reason:
+            # daemon-wide, whichever request noticed the change
             log.warning("health: database %s", reason or "answers again",
-                        extra={"event": "health"})
+                        extra={"event": "health", "correlation_id": None})
             self._last_reason = reason
         return reason
 

@@ -64,7 +64,9 @@ class Heartbeat:
             if conn.awaiting_pong:
                 self.remove(conn)
                 log.info("client %s answered no ping for %g s; closing it with 1011",
-                         conn.id, self.interval, extra={"event": "keepalive_timeout"})
+                         conn.id, self.interval,
+                         extra={"event": "keepalive_timeout",
+                                "correlation_id": conn.correlation_id})
                 # at once, without waiting for the peer's close frame: what websockets' own
                 # keepalive does on a ping timeout
                 conn.fail(Close.INTERNAL, "keepalive ping timeout")

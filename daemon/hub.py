@@ -36,9 +36,13 @@ __all__ = ["Hub", "Sink", "Subscription"]
 
 
 class Sink(Protocol):
-    """The client side of a subscription (a WebSocket connection)."""
+    """The client side of a subscription (a WebSocket connection); ``correlation_id`` is its
+    connection's (:mod:`daemon.logs`), for the lines about it."""
 
     user: str
+
+    @property
+    def correlation_id(self) -> str: ...
 
     def send(self, frame: bytes | str) -> None:
         """Queue a frame (bytes: an encoded text frame); never blocks."""
@@ -54,7 +58,7 @@ class Sink(Protocol):
 class Subscription:
     """One client's subscription to one room."""
 
-    __slots__ = ("checked_at", "ended", "from_seq", "last_sent", "live", "pending",
+    __slots__ = ("checked_at", "end_reason", "ended", "from_seq", "last_sent", "live", "pending",
                  "pending_limit", "presence", "presence_pending", "presence_ready", "room", "sink",
                  "watching")
 
@@ -67,6 +71,7 @@ class Subscription:
         self.last_sent = 0
         self.live = False
         self.ended = False
+        self.end_reason: str | None = None  # the unsubscribed frame's reason, once ended
         self.pending: list[Event] = []
         self.pending_limit = pending_limit
         self.presence = presence  # asked for the members' presence and typing
@@ -140,6 +145,7 @@ class Subscription:
     def end(self, reason: str, ref: str | None = None) -> None:
         if not self.ended:
             self.ended = True
+            self.end_reason = reason
             self.pending.clear()
             self.presence_pending.clear()
             self.sink.send(unsubscribed(self.room, reason, ref))
@@ -188,6 +194,13 @@ class Hub:
     def subscribers(self, room: str) -> int:
         state = self._rooms.get(room)
         return len(state.subs) if state else 0
+
+    def sent(self, room: str, seq: int) -> list[Subscription]:
+        """The subscriptions of ``room`` that were last sent event ``seq`` (just after its
+        :meth:`publish`: those it was sent to and that are still subscribed). For the log only:
+        it walks the room's subscribers."""
+        state = self._rooms.get(room)
+        return [sub for sub in state.subs if sub.last_sent == seq] if state else []
 
     def track(self, room: str, head: int) -> None:
         """Start tracking ``room`` whose log currently ends at ``head``."""

@@ -20,6 +20,7 @@ Pure except :class:`Flusher`, which only schedules callbacks on the running loop
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -109,10 +110,13 @@ class Flusher:
         if waiting is None:
             waiting = self._waiting[delay] = []
             loop = asyncio.get_running_loop()
+            # for every connection marked: none of the first one's context (its correlation
+            # id, daemon/logs.py)
+            context = contextvars.Context()
             if delay > 0:
-                loop.call_later(delay, self._flush, delay)
+                loop.call_later(delay, self._flush, delay, context=context)
             else:
-                loop.call_soon(self._flush, delay)
+                loop.call_soon(self._flush, delay, context=context)
         waiting.append(conn)
 
     def _flush(self, delay: float) -> None:

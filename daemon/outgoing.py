@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from . import logs
 from .closes import Close
 from .connection import contained
 from .metrics import Metrics
@@ -39,11 +40,14 @@ __all__ = ["OutgoingQueue", "Wire"]
 
 class Wire(Protocol):
     """What the queue needs of its connection (:class:`daemon.connection.Connection`): its
-    ``id`` (for the log), its asyncio ``transport`` (write buffer size and limits in bytes,
-    the socket), and the methods below."""
+    ``id`` and ``correlation_id`` (for the log), its asyncio ``transport`` (write buffer size
+    and limits in bytes, the socket), and the methods below."""
 
     @property
     def id(self) -> int: ...
+
+    @property
+    def correlation_id(self) -> str: ...
 
     @property
     def transport(self) -> asyncio.WriteTransport: ...
@@ -186,7 +190,8 @@ class OutgoingQueue:
             return
         self._metrics.slow_closes.inc()
         log.warning("client %s of user %s is too slow: %s; closing with 4008", self.ws.id,
-                    self._user, why, extra={"event": "slow_client"})
+                    self._user, why, extra={"event": "slow_client",
+                                            "correlation_id": self.ws.correlation_id})
         self.close(Close.TOO_SLOW, "too slow: outgoing queue overflowed")
 
     def crashed(self, doing: str) -> None:
@@ -196,6 +201,9 @@ class OutgoingQueue:
     def close(self, code: Close, reason: str, *, fail: bool = False) -> None:
         """Stop sending and close with ``code``; ``fail``: without waiting for the client's
         close frame, and without reading what it sent meanwhile (an abuser's frames)."""
+        log.debug("closing connection %s of user %s with %d: %s", self.ws.id, self._user,
+                  code, reason, extra={"event": "closing", "code": int(code), "reason": reason,
+                                       "correlation_id": self.ws.correlation_id})
         self.closing = True
         self._queue.clear()
         if self._writer is not None:
@@ -236,6 +244,8 @@ class OutgoingQueue:
 
     async def _write_queued(self) -> None:
         ws, queue = self.ws, self._queue
+        # started by whoever sent (the fan-out, another connection): its lines are this one's
+        logs.adopt(ws.correlation_id)
         try:
             while queue and ws.open:
                 frames = [queue.popleft()] if self._batch is None else take_frames(queue)

@@ -236,12 +236,14 @@ def _dump(obj: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in obj.items() if v is not None}, separators=(",", ":"))
 
 
-def welcome(user: str, heartbeat: float, *, batch: int | None = None) -> str:
+def welcome(user: str, heartbeat: float, *, batch: int | None = None,
+            correlation_id: str | None = None) -> str:
     """First frame after the upgrade; ``heartbeat`` in seconds (server pings that often);
     ``batch``, the coalescing wait in ms the client asked for (``?batch=``; PROTOCOL.md,
-    "Coalesced messages"), only when it did."""
+    "Coalesced messages"), only when it did; ``correlation_id``, the connection's id in the
+    server's log (16 hex digits, daemon/logs.py), for a user's report to name."""
     return _dump({"type": "welcome", "user": user, "protocol": PROTOCOL_VERSION,
-                  "heartbeat": heartbeat, "batch": batch})
+                  "heartbeat": heartbeat, "batch": batch, "correlation_id": correlation_id})
 
 
 def subscribed(room: str, from_seq: int, head: int, ref: str | None) -> str:

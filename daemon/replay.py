@@ -50,13 +50,19 @@ async def replay(sub: Subscription, *, after: int, upto: int, page: int, store: 
                 if captured is not None:
                     metrics.latency_replay.observe(max(0.0, now - captured))
         metrics.replayed.inc(sent)
+        if sent and log.isEnabledFor(logging.DEBUG):  # once per page
+            log.debug("replayed %d event(s) of room %s after seq %d, up to seq %d", sent, room,
+                      after, sub.last_sent,
+                      extra={"event": "replayed", "room": room, "after": after,
+                             "seq": sub.last_sent, "correlation_id": sub.sink.correlation_id})
         hole = next((s for s in taken.steps if isinstance(s, Hole)), taken.missing)
         if hole is not None and not sub.ended:
             # events the subscription needs are gone from the log: never a silent gap
             log.warning("events %s..%s of room %s are missing from change_events; the "
                         "subscription of user %s replaying them ended with cursor_expired",
                         hole.first, hole.last, room, sub.sink.user,
-                        extra={"event": "log_hole"})
+                        extra={"event": "log_hole", "room": room, "first": hole.first,
+                               "last": hole.last, "correlation_id": sub.sink.correlation_id})
             sub.end("cursor_expired")
         if not taken.more:
             break

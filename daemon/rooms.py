@@ -312,13 +312,18 @@ class Rooms:
             if page.missing is not None and room in self.hub:
                 log.error("events %s..%s of room %s were announced but are not in "
                           "change_events (deleted or pruned?)", page.missing.first,
-                          page.missing.last, room, extra={"event": "log_hole"})
+                          page.missing.last, room,
+                          extra={"event": "log_hole", "room": room,
+                                 "first": page.missing.first, "last": page.missing.last})
             if not page.more:
                 return
 
     def _apply(self, steps: list[Event | Hole]) -> int:
-        """Publish a page's events and report its holes, in order; return how many events."""
+        """Publish a page's events and report its holes, in order; return how many events.
+        At DEBUG, each event's line and one per connection it was sent to (with its
+        correlation id); the level is checked once per page, never per delivery."""
         published = 0
+        debug = log.isEnabledFor(logging.DEBUG)
         for step in steps:
             if step.room not in self.hub:
                 break
@@ -327,11 +332,14 @@ class Rooms:
                 log.error("events %s..%s of room %s are missing from change_events (deleted "
                           "or pruned?); %d subscription(s) that needed them ended with "
                           "cursor_expired", step.first, step.last, step.room, ended,
-                          extra={"event": "log_hole"})
+                          extra={"event": "log_hole", "room": step.room, "first": step.first,
+                                 "last": step.last})
                 continue
             self.metrics.events.inc()
             self.metrics.captured(step.table, step.op)  # pgbridge_trigger_executions_total
             self.metrics.deliveries.inc(self.hub.publish(step))
+            if debug:
+                self._log_sent(step)
             # once per event, not per subscriber: every live subscriber has it written or queued
             captured = capture_time(step.frame)
             if captured is not None:
@@ -340,3 +348,16 @@ class Rooms:
                 self.joined(step.joins, step.room)
             published += 1
         return published
+
+    def _log_sent(self, event: Event) -> None:
+        """DEBUG: ``event`` was published; one line per connection it was sent to (written or
+        queued), carrying that connection's correlation id."""
+        sent = self.hub.sent(event.room, event.seq)
+        log.debug("event seq %d of room %s (%s %s) published to %d subscriber(s)", event.seq,
+                  event.room, event.op, event.table, len(sent),
+                  extra={"event": "event_published", "room": event.room, "seq": event.seq})
+        for sub in sent:
+            log.debug("event seq %d of room %s sent to user %s", event.seq, event.room,
+                      sub.sink.user, extra={"event": "event_sent", "room": event.room,
+                                            "seq": event.seq,
+                                            "correlation_id": sub.sink.correlation_id})

@@ -137,12 +137,33 @@ async def _recorded(conn: psycopg.AsyncConnection[TupleRow], schema: str) -> dic
     return {str(f): str(c) for f, c in await cur.fetchall()}
 
 
+async def _lock_holder(conn: psycopg.AsyncConnection[TupleRow]) -> str:
+    """Who holds the schema's advisory lock: ``session <pid> ('<application_name>')``, as far
+    as pg_stat_activity shows it to this role."""
+    cur = await conn.execute(
+        "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+        "AND l.classid = %s::oid AND l.objid = %s::oid "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        _LOCK)
+    row = await cur.fetchone()
+    if row is None:
+        return "another session"
+    return f"session {row[0]}" + (f" ({str(row[1])!r})" if row[1] else "")
+
+
 async def _apply(conn: psycopg.AsyncConnection[TupleRow], schema: str, grants: Grants,
                  lock_timeout: float) -> ApplyReport:
     report = ApplyReport(schema=schema)
     async with conn.transaction():
         # Concurrent runs wait for each other here, without a timeout: no writer waits on it.
-        await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _LOCK)
+        # A run that waits says for whom (a setup run's sessions are named after its id).
+        got = await (await conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)",
+                                        _LOCK)).fetchone()
+        if not (got and got[0]):
+            log.info("waiting for %s to finish applying the schema (it holds the advisory lock)",
+                     await _lock_holder(conn), extra={"event": "schema_lock_wait"})
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _LOCK)
         await conn.execute("SELECT set_config('lock_timeout', %s, true)",
                            [f"{max(1, round(lock_timeout * 1000))}ms"])
         await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))

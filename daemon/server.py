@@ -9,6 +9,7 @@ composition root (:mod:`daemon.app`) builds the collaborators and hands them to
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 from websockets.http11 import Request, Response
@@ -33,6 +34,8 @@ from .presence_writer import PresenceWriter
 from .ratelimit import ClientLimits
 from .settings import DaemonSettings
 from .store import Store
+
+log = logging.getLogger("daemon.connection")  # lines about one connection: its layer's name
 
 __all__ = ["Server"]
 
@@ -160,6 +163,9 @@ class Server:
         self.limits.opened(claims.sub)
         self.presence.opened(claims.sub)
         self.metrics.connections.inc()
+        log.debug("connection %s of user %s open", conn.id, claims.sub,
+                  extra={"event": "connection_open", "user": claims.sub,
+                         "correlation_id": conn.correlation_id})
         client.start()
 
     def closing(self, conn: Connection) -> None:
@@ -178,5 +184,13 @@ class Server:
         self.connections.discard(conn)
         if code_sent is not None:
             self.metrics.closes.labels(str(code_sent)).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            client = conn.receiver
+            log.debug("connection %s closed (%s)", conn.id,
+                      f"this side sent {code_sent}" if code_sent is not None else
+                      "no close frame sent first by this side",
+                      extra={"event": "connection_closed", "code": code_sent,
+                             "user": client.user if isinstance(client, Client) else None,
+                             "correlation_id": conn.correlation_id})
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()

@@ -255,8 +255,10 @@ SETTINGS: tuple[Setting, ...] = (
             "pooled database connections (the listener has its own)", unit="connections",
             minimum=2),
     Setting("PGBRIDGE_LOG_LEVEL", "daemon", "log_level", "choice", "INFO",
-            "logging level; the daemon logs JSON lines on stderr; the tools log plain text, at "
-            "this level when it is set, else at INFO (setup) or WARNING (token, tail)",
+            "logging level; the daemon logs JSON lines on stderr, each line about a connection "
+            "with its correlation id (DEBUG adds a line per connection, request and delivery: "
+            "[docs/reference/logs.md](logs.md)); the tools log plain text, at this level when it "
+            "is set, else at INFO (setup) or WARNING (token, tail)",
             choices=LOG_LEVELS),
     Setting("PGBRIDGE_DEMO", "daemon", "demo", "yes/no", None,
             "serve the demo page at `/` (`/client.js` is always served)",

@@ -1,6 +1,8 @@
 """``pgbridge tail ROOM``: the reference client of the protocol (PROTOCOL.md).
 
-Prints each ``event`` frame of the room as one JSON line on stdout (other frames go to stderr),
+Prints each ``event`` frame of the room as one JSON line on stdout (other frames go to stderr,
+and, on each ``welcome``, ``pgbridge tail: connected as user U, correlation id C``: C names the
+connection's lines in the bridge's log),
 reconnects with backoff when the server goes away (1001, 1011, 1013, 4008, network, HTTP 429 or
 503), resuming with ``since`` = the last seq it printed, so nothing is missed or printed twice.
 A subscribe refused for a reason that passes (``internal``: the database failed; ``rate_limited``)
@@ -81,7 +83,11 @@ async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
                             return EXIT_OK
                         continue
                     print(json.dumps(frame), file=sys.stderr, flush=True)
-                    if frame.get("type") == "subscribed":
+                    if frame.get("type") == "welcome":
+                        print(f"pgbridge tail: connected as user {frame.get('user')}, "
+                              f"correlation id {frame.get('correlation_id') or '(none)'}",
+                              file=sys.stderr, flush=True)
+                    elif frame.get("type") == "subscribed":
                         backoff.reset()
                         last = frame["from"] if last is None else last
                     elif (frame.get("type") == "error" and frame.get("code") in RETRIED_ERRORS

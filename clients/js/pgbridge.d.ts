@@ -89,6 +89,8 @@ export interface StateDetail {
   attempt: number;
   /** Milliseconds before the next attempt ("reconnecting"), else null. */
   delay: number | null;
+  /** With "open" only: the new connection's correlation id (as `PgBridge.correlationId`). */
+  correlationId?: string | null;
 }
 
 export interface PgBridgeOptions {
@@ -181,6 +183,11 @@ export declare class PgBridge extends EventTarget {
   constructor(url: string, options: PgBridgeOptions);
   readonly url: string;
   readonly state: BridgeState;
+  /** The correlation id of the last welcomed connection (`welcome`'s `correlation_id`: its
+   * lines in the server's log carry it; name it when reporting a problem). Kept after the
+   * connection ends, until the next welcome; null before the first or from a server that does
+   * not send it. */
+  readonly correlationId: string | null;
   /** Throws TypeError for a bad room id, since, presence or typingTimeout, Error if already
    * subscribed or closed. */
   subscribe(room: string, options?: SubscribeOptions): Subscription;

@@ -140,7 +140,8 @@ export class Subscription {
  * - `state` `{state, code, reason, attempt, delay}`: `state` is the new `bridge.state`;
  *   `code`/`reason` those of the close that caused it (else null); `attempt` the reconnection
  *   attempts since the last connection that stayed open 5 s (1 = first retry); `delay` the ms
- *   before the next attempt when "reconnecting", else null.
+ *   before the next attempt when "reconnecting", else null; with "open", also
+ *   `correlationId` (the new connection's, as `bridge.correlationId`).
  * - `error` `{code, message, room?, fatal, closeCode?, status?}`: `fatal` without a room: the
  *   bridge gave up and is "closed" (`unauthorized`, `forbidden_origin`, `user_deleted` (4003),
  *   `policy_violation` (1008), `message_too_big` (1009), `invalid_payload` (1007),
@@ -175,6 +176,11 @@ export class PgBridge extends EventTarget {
     }
     /** @type {"connecting" | "open" | "reconnecting" | "closed"} */
     this.state = "connecting";
+    /** The correlation id of the last welcomed connection (its `welcome`'s `correlation_id`,
+     * the id of its lines in the server's log: name it when reporting a problem), kept after
+     * it ends until the next welcome; null before the first, or from a server without it.
+     * @type {string | null} */
+    this.correlationId = null;
     Object.assign(this, { _tokenSource: token, _WebSocket: WS, _batch: batch,
       _fetch: options.fetch === undefined ? globalThis.fetch?.bind(globalThis) ?? null
         : options.fetch || null,
@@ -438,8 +444,10 @@ export class PgBridge extends EventTarget {
     for (const sub of this._subs.values()) this._sendSubscribe(sub);
     const reconnected = this._everWelcomed;
     this._everWelcomed = true;
+    this.correlationId = typeof f.correlation_id === "string" ? f.correlation_id : null;
     this.state = "open";
-    this._emit("state", { state: "open", code: null, reason: null, attempt, delay: null });
+    this._emit("state", { state: "open", code: null, reason: null, attempt, delay: null,
+      correlationId: this.correlationId });
     if (reconnected) this._emit("reconnect", { attempt });
   }
 

@@ -284,6 +284,9 @@ async def test_tail_not_a_member_is_one_line_after_the_frame(
             "--token", token(outsider), env=clean_env(), cwd=tmp_path)
     assert code == 1 and out == "", err
     lines = err.strip().splitlines()
+    welcome = json.loads(lines[0])
+    assert lines[1] == (f"pgbridge tail: connected as user {outsider}, correlation id "
+                        f"{welcome['correlation_id']}")  # its lines in the bridge's log
     assert json.loads(lines[-2])["type"] == "error"  # the frame, as tail shows every frame
     assert lines[-1].startswith("pgbridge tail: error: refused: forbidden"), lines[-1]
     assert "Traceback" not in err

@@ -18,8 +18,9 @@ class RecordingSink:
     """A hub :class:`~daemon.hub.Sink` that keeps what it is sent; ``sent`` is set at each
     frame (clear it to wait for the next)."""
 
-    def __init__(self, user: str = "u1") -> None:
+    def __init__(self, user: str = "u1", correlation_id: str = "00000000000000a1") -> None:
         self.user = user
+        self.correlation_id = correlation_id
         self.frames: list[bytes | str] = []
         self.sent = asyncio.Event()
         self.overflowed = False

@@ -43,6 +43,7 @@ class Peer:
     :meth:`daemon.connection.Connection.drain` does above the high-water mark."""
 
     id = 1
+    correlation_id = "00000000000000c1"
 
     def __init__(self) -> None:
         self.transport = _Transport()

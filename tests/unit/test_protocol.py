@@ -21,6 +21,7 @@ from daemon.protocol import (
     is_token,
     load_json,
     parse_frame,
+    welcome,
 )
 
 
@@ -94,3 +95,14 @@ def test_subscribe_takes_presence_as_a_boolean_only() -> None:
     assert parse_frame('{"type":"typing","room":"r","ref":"t"}') == Typing(room="r", ref="t")
     with pytest.raises(ProtocolError):
         parse_frame('{"type":"typing","room":"r\\u0000"}')
+
+
+def test_welcome_names_the_connection_s_correlation_id() -> None:
+    """PROTOCOL.md, "After the upgrade": ``correlation_id`` is added to welcome (a field more
+    changes no meaning: clients ignore unknown fields); ``batch`` only when coalescing."""
+    assert json.loads(welcome("u1", 20.0, correlation_id="00112233aabbccdd")) == {
+        "type": "welcome", "user": "u1", "protocol": 1, "heartbeat": 20.0,
+        "correlation_id": "00112233aabbccdd"}
+    assert json.loads(welcome("u1", 0.5, batch=0, correlation_id="ffffffffffffffff")) == {
+        "type": "welcome", "user": "u1", "protocol": 1, "heartbeat": 0.5, "batch": 0,
+        "correlation_id": "ffffffffffffffff"}

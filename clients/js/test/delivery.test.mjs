@@ -213,3 +213,19 @@ test("randomized: replays, duplicates and drops never break once-and-in-order", 
   a.events.forEach((seq, i) => assert.equal(seq, i + 1, "each seq once, in order, no gap"));
   bridge.close();
 });
+
+test("exposes each connection's correlation id from its welcome", async () => {
+  const { bridge, ws, log } = await connect();
+  assert.equal(bridge.correlationId, null, "none before the first welcome");
+  ws().welcome(20, { correlation_id: "00112233aabbccdd" });
+  assert.equal(bridge.correlationId, "00112233aabbccdd");
+  assert.equal(log.state.at(-1).correlationId, "00112233aabbccdd");
+  ws().drop(1011);
+  assert.equal(bridge.correlationId, "00112233aabbccdd", "kept once the connection ended");
+  await advance(60000);
+  ws().welcome(); // a server that does not send one
+  assert.equal(bridge.state, "open");
+  assert.equal(bridge.correlationId, null);
+  assert.equal(log.state.at(-1).correlationId, null);
+  bridge.close();
+});
