@@ -43,9 +43,9 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from .db import translated
-from .errors import DatabaseError
+from .errors import DatabaseError, SchemaError
 from .roles import Grants, apply_grants
-from .schema_check import catalog_problems, check_schema, verify_schema
+from .schema_check import adoption_problems, catalog_problems, check_schema, verify_schema
 from .schema_files import Migration, load_migrations, schema_sql, sql_dir_path, trigger_files
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,13 @@ async def _apply(conn: psycopg.AsyncConnection[TupleRow], schema: str, grants: G
             await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _LOCK)
         await conn.execute("SELECT set_config('lock_timeout', %s, true)",
                            [f"{max(1, round(lock_timeout * 1000))}ms"])
+        # Before anything is created or changed: adopt nothing another role made (a planted
+        # schema, table or function would keep its owner; docs/topics/security.md).
+        adopted = await adoption_problems(conn, schema)
+        if adopted:
+            more = f" (and {len(adopted) - 1} more)" if len(adopted) > 1 else ""
+            raise SchemaError(f"SQLSTATE 42501: {adopted[0]}{more}; nothing was changed",
+                              sqlstate="42501")
         await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         await conn.execute("SELECT set_config('search_path', %s, true)",
                            [f"{sql.Identifier(schema).as_string(conn)}, pg_temp"])
