@@ -19,6 +19,11 @@ that would queue writers behind a long transaction gives up after that long, rol
 tries again later (up to ``max_wait`` seconds in all), so writers are never blocked much
 longer than the lock timeout.
 
+Nothing another role made is adopted: before anything is created or changed, the target schema
+and every object in it with a name the files create must be owned by the role running the apply
+or a role it is an explicit member of (:func:`daemon.schema_check.adoption_problems`), else the
+run fails with SQLSTATE 42501 naming the object and its owner.
+
 The files are applied with ``search_path`` set to ``"<schema>", pg_temp``: the trigger functions
 pin it (``SET search_path FROM CURRENT``), with the temporary schema last.
 
@@ -275,7 +280,10 @@ async def apply_schema(conninfo: str, *, schema: str = "public", grants: Grants 
     and on a live database: an unchanged schema is not touched. ``lock_timeout`` (seconds) bounds
     each lock wait; a run that hits it (SQLSTATE 55P03) or a deadlock (40P01) is rolled back and
     retried with jittered backoff for up to ``max_wait`` seconds. Raises :class:`DatabaseError`
-    (SQLSTATE and advice in the message) on failure, in which case nothing was changed.
+    (SQLSTATE and advice in the message) on failure, in which case nothing was changed; a
+    :class:`SchemaError` with SQLSTATE 42501 when the schema, or an object in it with a name the
+    apply creates, is owned by a role the current role is not (nor an explicit member of),
+    naming it, its owner and the fix (docs/topics/security.md, "Planted objects").
     """
     grants = grants or Grants()
 

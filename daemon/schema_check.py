@@ -1,8 +1,9 @@
 """Whether a database holds the pgbridge schema: every table, function and trigger it must
 have, the owner-only functions as they must be, every migration applied and unchanged
-(:func:`catalog_problems`); :func:`check_schema` (the daemon's start-up check) and
-:func:`verify_schema` (``setup_db.py --verify``, which also proves the capture path end to
-end).
+(:func:`catalog_problems`); what the apply would adopt from another role
+(:func:`adoption_problems`); :func:`check_schema` (the daemon's start-up check) and
+:func:`verify_schema` (``setup_db.py --verify``, which also reports objects owned by a role the
+one running it is not, and proves the capture path end to end).
 
 Why a module of its own: what the catalog must hold is one list, read by the checks and by
 :mod:`daemon.schema`'s apply (which runs every file again when :func:`catalog_problems` finds
@@ -180,13 +181,22 @@ async def adoption_problems(conn: psycopg.AsyncConnection[TupleRow], schema: str
         "ELSE 'TYPE' END, format('%%I.%%I', %s::text, t.typname), o.rolname "
         f"FROM pg_type t JOIN pg_roles o ON o.oid = t.typowner WHERE t.typnamespace = {nsp} "
         "AND t.typname = ANY(%s) AND t.typrelid = 0 AND o.oid NOT IN (SELECT oid FROM mine) "
-        ") found ORDER BY kind <> 'SCHEMA', name").encode(),
+        ") found, (SELECT quote_ident(d.datname), r.rolname FROM pg_database d JOIN pg_roles r "
+        "ON r.oid = d.datdba WHERE d.datname = current_database()) db "
+        "ORDER BY kind <> 'SCHEMA', name").encode(),
         [schema, schema, schema, sorted(names.relations), sorted(names.relations), schema, schema,
          sorted(names.functions), schema, schema, sorted(names.types)])
     problems = []
-    for me, kind, name, owner in await cur.fetchall():
+    for me, kind, name, owner, database, datowner in await cur.fetchall():
         if kind == "INDEX":  # an index is its table's owner's: only dropping it helps
             fix = f"DROP INDEX {name} if it is not yours"
+        elif owner == "pg_database_owner":  # public, from PostgreSQL 15
+            fix = (f"it is the database owner's (role {datowner}): ALTER DATABASE {database} "
+                   f"OWNER TO {me} if {me} is to own the database, else choose another schema")
+            problems.append(f"schema {name} is owned by role pg_database_owner, not by role "
+                            f"{me} (running this) or a role it is a member of: {fix}, or run "
+                            f"this as role {datowner}")
+            continue
         else:
             fix = (f"ALTER {kind} {name} OWNER TO {me} if role {owner} is legitimately the "
                    f"application's, else drop it" + (" or choose another schema"
@@ -237,7 +247,9 @@ async def _applied_schemas(conn: psycopg.AsyncConnection[TupleRow], *, besides: 
 
 async def verify_schema(conninfo: str, *, schema: str = "public",
                         timeout: float = 10.0) -> list[str]:
-    """Check every table, function, trigger and migration, then prove the capture path end to
+    """Check every table, function, trigger and migration, and that the current role (the
+    owner, who runs ``setup_db.py --verify``) or a role it is a member of owns the schema and
+    pgbridge's objects (:func:`adoption_problems`), then prove the capture path end to
     end: a committed message reaches ``change_events`` and a LISTEN connection. The probe rows
     (a user, a room, a message and their log entries) are removed afterwards.
 

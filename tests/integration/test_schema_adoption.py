@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -158,9 +157,10 @@ def test_verify_and_the_next_apply_report_a_table_handed_to_another_role(
         conn.execute(sql.SQL("ALTER TABLE public.messages OWNER TO {}").format(
             sql.Identifier(mallory)))
     problems = asyncio.run(verify_schema(fresh_db))
+    runner = me(fresh_db)
     assert [p for p in problems if "owned by" in p] == [
-        f"table public.messages is owned by role {mallory}, not by role {me(fresh_db)} (running "
-        f"this) or a role it is a member of: ALTER TABLE public.messages OWNER TO {me(fresh_db)} if "
+        f"table public.messages is owned by role {mallory}, not by role {runner} (running "
+        f"this) or a role it is a member of: ALTER TABLE public.messages OWNER TO {runner} if "
         f"role {mallory} is legitimately the application's, else drop it, or run this as role "
         f"{mallory}"]
     with pytest.raises(SchemaError, match=f"table public.messages is owned by role {mallory}"):
