@@ -173,11 +173,7 @@ async def _apply(conn: psycopg.AsyncConnection[TupleRow], schema: str, grants: G
                            [f"{max(1, round(lock_timeout * 1000))}ms"])
         # Before anything is created or changed: adopt nothing another role made (a planted
         # schema, table or function would keep its owner; docs/topics/security.md).
-        adopted = await adoption_problems(conn, schema)
-        if adopted:
-            more = f" (and {len(adopted) - 1} more)" if len(adopted) > 1 else ""
-            raise SchemaError(f"SQLSTATE 42501: {adopted[0]}{more}; nothing was changed",
-                              sqlstate="42501")
+        await _refuse_adoption(conn, schema)
         await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         await conn.execute("SELECT set_config('search_path', %s, true)",
                            [f"{sql.Identifier(schema).as_string(conn)}, pg_temp"])
@@ -227,7 +223,22 @@ async def _apply(conn: psycopg.AsyncConnection[TupleRow], schema: str, grants: G
                 "applied_at = now()", (list(names), list(checksums)))
         report.files = [name for name, _ in ran]
         report.warnings += await apply_grants(conn, schema, grants)
+        # And again before the commit: an object another role committed between the first
+        # check and the statement that would have created it was skipped (IF NOT EXISTS);
+        # from here on every name is this transaction's or was checked.
+        await _refuse_adoption(conn, schema)
     return report
+
+
+async def _refuse_adoption(conn: psycopg.AsyncConnection[TupleRow], schema: str) -> None:
+    """Raise :class:`SchemaError` (SQLSTATE 42501, the first problem of
+    :func:`daemon.schema_check.adoption_problems` and how many more) when the apply would adopt
+    what another role owns; the caller's transaction then rolls back."""
+    adopted = await adoption_problems(conn, schema)
+    if adopted:
+        more = f" (and {len(adopted) - 1} more)" if len(adopted) > 1 else ""
+        raise SchemaError(f"SQLSTATE 42501: {adopted[0]}{more}; nothing was changed",
+                          sqlstate="42501")
 
 
 async def run_locked(conninfo: str,
