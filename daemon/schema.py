@@ -19,6 +19,11 @@ that would queue writers behind a long transaction gives up after that long, rol
 tries again later (up to ``max_wait`` seconds in all), so writers are never blocked much
 longer than the lock timeout.
 
+Nothing another role made is adopted: before anything is created or changed, the target schema
+and every object in it with a name the files create must be owned by the role running the apply
+or a role it is an explicit member of (:func:`daemon.schema_check.adoption_problems`), else the
+run fails with SQLSTATE 42501 naming the object and its owner.
+
 The files are applied with ``search_path`` set to ``"<schema>", pg_temp``: the trigger functions
 pin it (``SET search_path FROM CURRENT``), with the temporary schema last.
 
@@ -43,9 +48,9 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from .db import translated
-from .errors import DatabaseError
+from .errors import DatabaseError, SchemaError
 from .roles import Grants, apply_grants
-from .schema_check import catalog_problems, check_schema, verify_schema
+from .schema_check import adoption_problems, catalog_problems, check_schema, verify_schema
 from .schema_files import Migration, load_migrations, schema_sql, sql_dir_path, trigger_files
 
 log = logging.getLogger(__name__)
@@ -166,6 +171,9 @@ async def _apply(conn: psycopg.AsyncConnection[TupleRow], schema: str, grants: G
             await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _LOCK)
         await conn.execute("SELECT set_config('lock_timeout', %s, true)",
                            [f"{max(1, round(lock_timeout * 1000))}ms"])
+        # Before anything is created or changed: adopt nothing another role made (a planted
+        # schema, table or function would keep its owner; docs/topics/security.md).
+        await _refuse_adoption(conn, schema)
         await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         await conn.execute("SELECT set_config('search_path', %s, true)",
                            [f"{sql.Identifier(schema).as_string(conn)}, pg_temp"])
@@ -215,7 +223,22 @@ async def _apply(conn: psycopg.AsyncConnection[TupleRow], schema: str, grants: G
                 "applied_at = now()", (list(names), list(checksums)))
         report.files = [name for name, _ in ran]
         report.warnings += await apply_grants(conn, schema, grants)
+        # And again before the commit: an object another role committed between the first
+        # check and the statement that would have created it was skipped (IF NOT EXISTS);
+        # from here on every name is this transaction's or was checked.
+        await _refuse_adoption(conn, schema)
     return report
+
+
+async def _refuse_adoption(conn: psycopg.AsyncConnection[TupleRow], schema: str) -> None:
+    """Raise :class:`SchemaError` (SQLSTATE 42501, the first problem of
+    :func:`daemon.schema_check.adoption_problems` and how many more) when the apply would adopt
+    what another role owns; the caller's transaction then rolls back."""
+    adopted = await adoption_problems(conn, schema)
+    if adopted:
+        more = f" (and {len(adopted) - 1} more)" if len(adopted) > 1 else ""
+        raise SchemaError(f"SQLSTATE 42501: {adopted[0]}{more}; nothing was changed",
+                          sqlstate="42501")
 
 
 async def run_locked(conninfo: str,
@@ -268,7 +291,10 @@ async def apply_schema(conninfo: str, *, schema: str = "public", grants: Grants 
     and on a live database: an unchanged schema is not touched. ``lock_timeout`` (seconds) bounds
     each lock wait; a run that hits it (SQLSTATE 55P03) or a deadlock (40P01) is rolled back and
     retried with jittered backoff for up to ``max_wait`` seconds. Raises :class:`DatabaseError`
-    (SQLSTATE and advice in the message) on failure, in which case nothing was changed.
+    (SQLSTATE and advice in the message) on failure, in which case nothing was changed; a
+    :class:`SchemaError` with SQLSTATE 42501 when the schema, or an object in it with a name the
+    apply creates, is owned by a role the current role is not (nor an explicit member of),
+    naming it, its owner and the fix (docs/topics/security.md, "Planted objects").
     """
     grants = grants or Grants()
 

@@ -1,8 +1,9 @@
 """Whether a database holds the pgbridge schema: every table, function and trigger it must
 have, the owner-only functions as they must be, every migration applied and unchanged
-(:func:`catalog_problems`); :func:`check_schema` (the daemon's start-up check) and
-:func:`verify_schema` (``setup_db.py --verify``, which also proves the capture path end to
-end).
+(:func:`catalog_problems`); what the apply would adopt from another role
+(:func:`adoption_problems`); :func:`check_schema` (the daemon's start-up check) and
+:func:`verify_schema` (``setup_db.py --verify``, which also reports objects owned by a role the
+one running it is not, and proves the capture path end to end).
 
 Why a module of its own: what the catalog must hold is one list, read by the checks and by
 :mod:`daemon.schema`'s apply (which runs every file again when :func:`catalog_problems` finds
@@ -20,10 +21,10 @@ from psycopg.rows import TupleRow
 
 from .db import listen_query, translated
 from .errors import SchemaError
-from .schema_files import load_migrations
+from .schema_files import created_names, load_migrations
 from .signing import SIGNATURE_HEX, NotifyKey
 
-__all__ = ["catalog_problems", "check_schema", "verify_schema"]
+__all__ = ["adoption_problems", "catalog_problems", "check_schema", "verify_schema"]
 
 TABLES = (
     "users", "channels", "messages", "channel_members", "user_settings", "user_status",
@@ -122,6 +123,91 @@ async def catalog_problems(conn: psycopg.AsyncConnection[TupleRow], schema: str,
     return problems
 
 
+# The roles the current role may act as: itself, and every role it is a member of through
+# explicit grants, transitively (pg_auth_members; from PostgreSQL 16 a grant with neither
+# INHERIT nor SET, such as CREATEROLE's implicit ADMIN grant, does not count). Not pg_has_role,
+# which is true for a superuser on every role.
+_MINE = (
+    "WITH RECURSIVE mine(oid) AS (SELECT oid FROM pg_roles WHERE rolname = current_user "
+    "UNION SELECT m.roleid FROM pg_auth_members m JOIN mine ON m.member = mine.oid "
+    "WHERE coalesce((to_jsonb(m) ->> 'inherit_option')::bool "
+    "OR (to_jsonb(m) ->> 'set_option')::bool, true)) ")
+
+
+async def adoption_problems(conn: psycopg.AsyncConnection[TupleRow], schema: str) -> list[str]:
+    """What the apply would adopt although a role the current role may not act as owns it,
+    one phrase each with the fix; empty when all is the current role's (and before a first
+    apply, when nothing is there).
+
+    Looked at: the schema, if it exists, and every object in it with a name the SQL files
+    create (:func:`daemon.schema_files.created_names`: tables, sequences, indexes, functions,
+    types). Trusted owners of an object: the current role and the roles it is a member of by
+    explicit grants (:data:`_MINE`), nothing else; a superuser running the apply refuses a
+    table a plain role planted too. The schema's owner may besides be a superuser (the bootstrap
+    role owned ``public`` before PostgreSQL 15; a superuser can do anything anyway), or
+    ``pg_database_owner`` (``public`` from PostgreSQL 15) when the database's owner is trusted
+    as above or a superuser: the database owner is who owns ``public`` then, and a schema's
+    owner can drop and replace any object in it, so it must be a role the set-up trusts.
+
+    Why: ``CREATE TABLE IF NOT EXISTS`` and ``CREATE OR REPLACE FUNCTION`` keep what is there
+    with its owner, who could then read the personal data written to it, add triggers, swap a
+    function the capture triggers (which run as the owner) call, or, owning the schema, drop and
+    replace the log (docs/topics/security.md, "Planted objects")."""
+    nsp = "(SELECT oid FROM pg_namespace WHERE nspname = %s)"
+    names = created_names()
+    cur = await conn.execute((
+        _MINE + "SELECT * FROM (SELECT quote_ident(current_user) AS me, 'SCHEMA' AS kind, "
+        "quote_ident(n.nspname) AS name, o.rolname "
+        "FROM pg_namespace n JOIN pg_roles o ON o.oid = n.nspowner WHERE n.nspname = %s "
+        "AND o.oid NOT IN (SELECT oid FROM mine) AND NOT o.rolsuper "
+        "AND NOT (o.rolname = 'pg_database_owner' AND EXISTS (SELECT 1 FROM pg_database d "
+        "JOIN pg_roles r ON r.oid = d.datdba WHERE d.datname = current_database() "
+        "AND (r.rolsuper OR r.oid IN (SELECT oid FROM mine)))) "
+        "UNION ALL SELECT quote_ident(current_user), CASE c.relkind WHEN 'S' THEN 'SEQUENCE' "
+        "WHEN 'i' THEN 'INDEX' WHEN 'I' THEN 'INDEX' WHEN 'v' THEN 'VIEW' "
+        "WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'f' THEN 'FOREIGN TABLE' WHEN 'c' THEN 'TYPE' "
+        "ELSE 'TABLE' END, "
+        "format('%%I.%%I', %s::text, c.relname), o.rolname "
+        f"FROM pg_class c JOIN pg_roles o ON o.oid = c.relowner WHERE c.relnamespace = {nsp} "
+        "AND c.relname = ANY(%s) AND o.oid NOT IN (SELECT oid FROM mine) "
+        # an index of a table of those names is reported with its table
+        "AND NOT EXISTS (SELECT 1 FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid "
+        "WHERE x.indexrelid = c.oid AND t.relname = ANY(%s)) "
+        "UNION ALL SELECT quote_ident(current_user), CASE p.prokind WHEN 'p' THEN 'PROCEDURE' "
+        "WHEN 'a' THEN 'AGGREGATE' ELSE 'FUNCTION' END, format('%%I.%%I(%%s)', %s::text, "
+        "p.proname, pg_get_function_identity_arguments(p.oid)), o.rolname "
+        f"FROM pg_proc p JOIN pg_roles o ON o.oid = p.proowner WHERE p.pronamespace = {nsp} "
+        "AND p.proname = ANY(%s) AND o.oid NOT IN (SELECT oid FROM mine) "
+        "UNION ALL SELECT quote_ident(current_user), CASE t.typtype WHEN 'd' THEN 'DOMAIN' "
+        "ELSE 'TYPE' END, format('%%I.%%I', %s::text, t.typname), o.rolname "
+        f"FROM pg_type t JOIN pg_roles o ON o.oid = t.typowner WHERE t.typnamespace = {nsp} "
+        "AND t.typname = ANY(%s) AND t.typrelid = 0 AND o.oid NOT IN (SELECT oid FROM mine) "
+        ") found, (SELECT quote_ident(d.datname), r.rolname FROM pg_database d JOIN pg_roles r "
+        "ON r.oid = d.datdba WHERE d.datname = current_database()) db "
+        "ORDER BY kind <> 'SCHEMA', name").encode(),
+        [schema, schema, schema, sorted(names.relations), sorted(names.relations), schema, schema,
+         sorted(names.functions), schema, schema, sorted(names.types)])
+    problems = []
+    for me, kind, name, owner, database, datowner in await cur.fetchall():
+        if kind == "INDEX":  # an index is its table's owner's: only dropping it helps
+            fix = f"DROP INDEX {name} if it is not yours"
+        elif owner == "pg_database_owner":  # public, from PostgreSQL 15
+            fix = (f"it is the database owner's (role {datowner}): ALTER DATABASE {database} "
+                   f"OWNER TO {me} if {me} is to own the database, else choose another schema")
+            problems.append(f"schema {name} is owned by role pg_database_owner, not by role "
+                            f"{me} (running this) or a role it is a member of: {fix}, or run "
+                            f"this as role {datowner}")
+            continue
+        else:
+            fix = (f"ALTER {kind} {name} OWNER TO {me} if role {owner} is legitimately the "
+                   f"application's, else drop it" + (" or choose another schema"
+                                                     if kind == "SCHEMA" else ""))
+        problems.append(f"{kind.lower()} {name} is owned by role {owner}, not by role {me} "
+                        f"(running this) or a role it is a member of: {fix}, or run this as "
+                        f"role {owner}")
+    return problems
+
+
 def _pinned(config: list[str] | None, schema: str) -> bool:
     """Whether a function's ``proconfig`` pins ``search_path`` to ``schema`` with ``pg_temp``
     last (how sql/triggers/ are applied)."""
@@ -162,7 +248,9 @@ async def _applied_schemas(conn: psycopg.AsyncConnection[TupleRow], *, besides: 
 
 async def verify_schema(conninfo: str, *, schema: str = "public",
                         timeout: float = 10.0) -> list[str]:
-    """Check every table, function, trigger and migration, then prove the capture path end to
+    """Check every table, function, trigger and migration, and that the current role (the
+    owner, who runs ``setup_db.py --verify``) or a role it is a member of owns the schema and
+    pgbridge's objects (:func:`adoption_problems`), then prove the capture path end to
     end: a committed message reaches ``change_events`` and a LISTEN connection. The probe rows
     (a user, a room, a message and their log entries) are removed afterwards.
 
@@ -170,7 +258,8 @@ async def verify_schema(conninfo: str, *, schema: str = "public",
     """
     with translated(conninfo, doing="verifying the schema"):
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-            problems = await catalog_problems(conn, schema)
+            problems = [*await adoption_problems(conn, schema),
+                        *await catalog_problems(conn, schema)]
             if problems:
                 return problems
             return await _probe_capture(conn, conninfo, schema, timeout)

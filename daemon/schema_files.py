@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .errors import SchemaError
 
-__all__ = ["Migration", "load_migrations", "schema_sql", "sql_dir_path", "trigger_files"]
+__all__ = ["Created", "Migration", "created_names", "load_migrations", "schema_sql",
+           "sql_dir_path", "trigger_files"]
 
 
 def _sql_dir() -> Traversable:
@@ -88,6 +89,41 @@ def schema_sql() -> str:
 
 def trigger_files() -> list[tuple[str, str]]:
     return _read_dir(_sql_dir() / "triggers")
+
+
+# "CREATE [OR REPLACE] [UNIQUE] <kind> [IF NOT EXISTS] <name>", comments left out beforehand
+_CREATE = re.compile(
+    r"\bCREATE\s+(?:OR\s+REPLACE\s+)?(?:UNIQUE\s+)?(TABLE|SEQUENCE|INDEX|VIEW|MATERIALIZED\s+VIEW"
+    r"|FUNCTION|PROCEDURE|AGGREGATE|TYPE|DOMAIN)\s+(?:IF\s+NOT\s+EXISTS\s+)?\"?(\w+)",
+    re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Created:
+    """Names of the objects the files create in the target schema, by catalog:
+    ``relations`` (``pg_class``: tables, sequences, indexes, views), ``functions``
+    (``pg_proc``: functions, procedures, aggregates) and ``types`` (``pg_type``: types,
+    domains)."""
+
+    relations: frozenset[str]
+    functions: frozenset[str]
+    types: frozenset[str]
+
+
+def created_names() -> Created:
+    """What ``schema.sql``, the migrations (up scripts) and the trigger files create, read from
+    their ``CREATE`` statements: the names the apply would adopt if another role made them
+    first (:func:`daemon.schema_check.adoption_problems`). Names are lower case."""
+    texts = [schema_sql(), *(m.text for m in load_migrations()),
+             *(text for _, text in trigger_files())]
+    found: dict[str, set[str]] = {"relations": set(), "functions": set(), "types": set()}
+    for text in texts:
+        for kind, name in _CREATE.findall(re.sub(r"--[^\n]*", "", text)):
+            kind = kind.upper()
+            catalog = ("functions" if kind in ("FUNCTION", "PROCEDURE", "AGGREGATE") else
+                       "types" if kind in ("TYPE", "DOMAIN") else "relations")
+            found[catalog].add(name.lower())
+    return Created(**{k: frozenset(v) for k, v in found.items()})
 
 
 def sql_dir_path() -> Path:
