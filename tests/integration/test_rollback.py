@@ -383,6 +383,29 @@ def test_rollback_without_pgbridge_and_a_second_rollback_change_nothing(fresh_db
         assert catalog(conn) == after_first and chat_rows(conn) == rows
 
 
+def test_tables_of_another_tool_named_like_pgbridges_are_not_taken_for_it(fresh_db: str) -> None:
+    """golang-migrate's and dbmate's ``schema_migrations`` and an audit table of the user's
+    called ``change_events``, in a schema pgbridge was never applied to (or in public while it
+    was applied to test): a rollback there finds nothing of pgbridge's and drops nothing."""
+    with connect_sync(fresh_db) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version bigint PRIMARY KEY, "
+                     "dirty boolean NOT NULL)")
+        conn.execute("INSERT INTO schema_migrations VALUES (20240101120000, false), (2, false)")
+        conn.execute("CREATE TABLE change_events (id serial PRIMARY KEY, what text)")
+        conn.execute("INSERT INTO change_events (what) VALUES ('audit')")
+        conn.execute("CREATE SCHEMA app")
+        conn.execute("CREATE TABLE app.schema_files (file text PRIMARY KEY, body bytea)")
+        before = catalog(conn), catalog(conn, "app")
+        result = run_setup(fresh_db, "--rollback")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith("no pgbridge objects, nothing to roll back")
+        result = run_setup(fresh_db, "--rollback", "--schema", "app")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith("no pgbridge objects, nothing to roll back")
+        assert (catalog(conn), catalog(conn, "app")) == before
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
+
+
 def test_a_partly_removed_install_is_rolled_back_for_what_remains(fresh_db: str) -> None:
     from daemon.rollback import rollback_schema
 
