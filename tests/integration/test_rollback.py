@@ -11,6 +11,7 @@ CLI cases run ``setup_db.py`` as a subprocess, where the exit code and the one l
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import subprocess
 import sys
@@ -106,8 +107,10 @@ def run_setup(conninfo: str, *args: str, timeout: float = 60) -> subprocess.Comp
 
 def one_line_error(result: subprocess.CompletedProcess[str], exit_code: int = 1) -> str:
     assert result.returncode == exit_code, (result.returncode, result.stdout, result.stderr)
+    # the progress lines, each after the setup run's correlation id ("run <16 hex>: ")
     lines = [line for line in result.stderr.strip().splitlines()
-             if not line.startswith(("running the down", "roll back schema"))]
+             if not re.sub(r"^run [0-9a-f]{16}: ", "", line).startswith(
+                 ("running the down", "roll back schema"))]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("setup_db.py: error: "), lines[0]
     return lines[0]
