@@ -63,10 +63,16 @@ __all__ = ["CHAT_TABLES", "PGBRIDGE_TABLES", "RollbackReport", "rollback_schema"
 CHAT_TABLES = APP_TABLES  # spec 003's ten tables
 # pgbridge's columns in a chat table (migration 0002), left out of the verification
 PGBRIDGE_COLUMNS: dict[str, tuple[str, ...]] = {"sync_state": ("room_id", "last_seq")}
-# in drop order (presence_sessions references presence_instances)
-PGBRIDGE_TABLES = ("presence_sessions", "presence_instances", "change_events",
-                   "change_sequences", "change_notify_key", "schema_files", "schema_migrations",
-                   "schema_extensions")
+# in drop order (presence_sessions references presence_instances), with the columns that make
+# a table of that name pgbridge's: another tool's (golang-migrate's schema_migrations, an audit
+# table called change_events) lacks them, and is neither dropped nor taken for an install
+PGBRIDGE_TABLES = {
+    "presence_sessions": "instance_id user_id closed_at",
+    "presence_instances": "instance_id started_at heartbeat_at expires_at",
+    "change_events": "room_id seq table_name op row_id payload created_at",
+    "change_sequences": "room_id last_seq", "change_notify_key": "id key ipad opad created_at",
+    "schema_files": "file checksum applied_at", "schema_migrations": "version name checksum "
+    "applied_at", "schema_extensions": "name created_at"}
 PGBRIDGE_SEQUENCES = ("change_doorbell",)
 # (table, trigger) of sql/triggers/, dropped when their function is a pgbridge_* one
 PGBRIDGE_TRIGGERS = (*((t, f"{t}_capture") for t in check.PUBLISHED),
@@ -171,9 +177,13 @@ async def _objects(conn: psycopg.AsyncConnection[TupleRow], schema: str
             "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass "
             "AND d.objid = p.oid AND d.deptype = 'e') ORDER BY 1, 2"), [schema]),
         "tables": await _rows(conn, (
-            f"SELECT relname FROM pg_class WHERE relnamespace = {nsp} AND relkind IN ('r', 'p') "
-            "AND relname = ANY(%s) ORDER BY array_position(%s, relname::text)"),
-            [schema, list(PGBRIDGE_TABLES), list(PGBRIDGE_TABLES)]),
+            f"SELECT relname FROM pg_class c, unnest(%s::text[], %s::text[]) e(name, cols) "
+            f"WHERE relnamespace = {nsp} AND relkind IN ('r', 'p') AND relname = e.name AND "
+            "(SELECT array_agg(attname::text) FROM pg_attribute WHERE attrelid = c.oid AND "
+            "attnum > 0 AND NOT attisdropped) @> string_to_array(e.cols, ' ') "
+            "ORDER BY array_position(%s, relname::text)"),
+            [list(PGBRIDGE_TABLES), list(PGBRIDGE_TABLES.values()), schema,
+             list(PGBRIDGE_TABLES)]),
         "sequences": await _rows(conn, (
             f"SELECT relname FROM pg_class WHERE relnamespace = {nsp} AND relkind = 'S' "
             "AND relname = ANY(%s) ORDER BY 1"), [schema, list(PGBRIDGE_SEQUENCES)]),
@@ -310,7 +320,7 @@ async def _run(conn: psycopg.AsyncConnection[TupleRow], schema: str, owner: str,
     recorded = await _recorded_extensions(conn, schema, owner)
     migrations = load_migrations()
     done = {m.version for m in migrations}
-    if await _exists(conn, schema, "schema_migrations"):
+    if ("schema_migrations",) in objects["tables"]:
         done = {int(v) for (v,) in await _rows(conn, "SELECT version FROM schema_migrations", [])}
     for m in reversed(migrations):
         if m.version in done:
