@@ -586,6 +586,35 @@ def test_a_chat_table_changed_by_hand_stops_the_rollback_naming_the_column(
         assert catalog(conn) == schema and chat_rows(conn) == rows
 
 
+@pytest.mark.parametrize("own", ["room_id varchar(26), last_seq bigint", "room_id varchar(26)",
+                                 "last_seq bigint"])
+def test_resume_columns_the_user_had_before_the_apply_are_never_dropped(
+        fresh_db: str, own: str) -> None:
+    """sync_state from the bare spec plus columns of the user's own named like 0002's: the
+    apply finds them there (ADD COLUMN IF NOT EXISTS), so they are not pgbridge's to drop."""
+    with connect_sync(fresh_db) as conn:
+        conn.execute("CREATE TABLE users (id varchar(26) PRIMARY KEY, auth0_id varchar(128) "
+                     "UNIQUE NOT NULL, email varchar(255) UNIQUE NOT NULL, username varchar(255) "
+                     "NOT NULL, deleted_at timestamptz)")
+        conn.execute(f"CREATE TABLE sync_state (id varchar(26) PRIMARY KEY, user_id varchar(26) "
+                     f"NOT NULL REFERENCES users(id), last_sync timestamptz NOT NULL DEFAULT "
+                     f"now(), sync_type varchar(50) NOT NULL, metadata jsonb, {own})")
+        conn.execute("INSERT INTO users VALUES ('U1', 'a|1', 'u1@example.test', 'u1', NULL)")
+        mine = [c.split()[0] for c in own.split(", ")]
+        conn.execute(sql.SQL("INSERT INTO sync_state (id, user_id, sync_type, {}) VALUES "
+                             "('S1', 'U1', 'full', {})").format(
+            sql.SQL(", ").join(map(sql.Identifier, mine)),
+            sql.SQL(", ").join(sql.Literal("7") for _ in mine)))
+        apply_schema_sync(fresh_db)
+        schema = catalog(conn)
+        line = one_line_error(run_setup(fresh_db, "--rollback"))
+        assert "sync_state" in line and "nothing was changed" in line
+        assert catalog(conn) == schema
+        assert conn.execute(sql.SQL("SELECT {} FROM sync_state").format(
+            sql.SQL(", ").join(map(sql.Identifier, mine)))).fetchall() == [
+                tuple("7" if c == "room_id" else 7 for c in mine)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("meddling, what", [
     ("UPDATE public.messages SET content = content || '!'", "messages changed during the "
