@@ -37,6 +37,24 @@ BEGIN
                   HINT = 'restore it or drop both room_id and last_seq by hand, then run '
                          'setup_db.py --rollback again';
     END IF;
+    -- 0002 adds room_id with its foreign key, then last_seq: a room_id without that key, or a
+    -- last_seq older than room_id, was found there by the apply (ADD COLUMN IF NOT EXISTS
+    -- skipped it): the user's, with the user's data, never dropped here.
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint c JOIN pg_attribute a
+                   ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+                   WHERE c.conrelid = to_regclass('sync_state') AND c.contype = 'f'
+                     AND c.conname = 'sync_state_room_id_fkey' AND a.attname = 'room_id')
+       OR (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass('sync_state')
+           AND attname = 'last_seq') < (SELECT attnum FROM pg_attribute
+           WHERE attrelid = to_regclass('sync_state') AND attname = 'room_id') THEN
+        RAISE EXCEPTION 'pgbridge: %.sync_state.room_id and last_seq are not both the columns '
+                        'migration 0002 added (room_id lacks its foreign key '
+                        'sync_state_room_id_fkey, or last_seq was there first): one is yours '
+                        'or was changed by hand', current_schema()
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'rename a column of yours, or drop pgbridge''s by hand, then run '
+                         'setup_db.py --rollback again';
+    END IF;
 END
 $$;
 
