@@ -652,6 +652,24 @@ def test_a_role_that_is_not_the_owner_gets_42501_and_who_to_run_it_as(
         assert catalog(conn) == schema
 
 
+def test_a_read_only_role_granted_every_table_keeps_its_chat_privileges(
+        granted_db: str, roles: Roles) -> None:
+    """``GRANT SELECT ON ALL TABLES IN SCHEMA`` to a reporting role gives it SELECT on
+    change_events too: it is not a bridge role, and keeps SELECT on every chat table."""
+    reader = roles.nobody
+    with connect_sync(granted_db) as conn:
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {0}; "
+                             "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {0}").format(
+            sql.Identifier(reader)))
+        chat = [p for p in privileges_of(conn, reader)
+                if p.split()[0] in ("schema", *CHAT_TABLES)]
+        result = run_setup(granted_db, "--rollback")
+        assert result.returncode == 0, result.stderr
+        assert f"revoked role {reader}'s" not in result.stdout
+        assert privileges_of(conn, reader) == chat
+        assert privileges_of(conn, roles.bridge) == []
+
+
 @pytest.mark.slow
 def test_a_ledger_planted_by_another_role_neither_breaks_nor_sways_the_rollback(
         granted_db: str, roles: Roles) -> None:
