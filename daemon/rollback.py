@@ -17,12 +17,12 @@ row count, an order-independent checksum (the sums of two 64-bit pieces of the M
 text, pgbridge's columns left out: memory stays bounded) and its column list are taken; the
 down scripts run in reverse version order (those recorded in ``schema_migrations``; every one
 when the ledger itself is gone, since they find nothing to do once their objects are gone);
-pgbridge's objects are dropped, never with CASCADE; the bridge roles (roles holding a privilege
-on ``change_events``) lose what ``--grant-bridge`` gave them on the chat tables, and USAGE on
-the schema when nothing else of it is granted to them; the checks are taken again, and any
-difference rolls everything back. Acks the bridge wrote into ``sync_state`` are chat rows: they
-stay, without their resume columns. The application role keeps its privileges on the chat
-tables: the application goes on without the bridge.
+pgbridge's objects are dropped, never with CASCADE; the bridge roles (roles granted EXECUTE
+on ``pgbridge_listen()``, as ``--grant-bridge`` alone does) lose what it gave them on the chat
+tables, and USAGE on the schema when nothing else of it is granted to them; the checks are
+taken again, and any difference rolls everything back. Acks the bridge wrote into
+``sync_state`` are chat rows: they stay, without their resume columns. The application role
+keeps its privileges on the chat tables: the application goes on without the bridge.
 
 **Extensions** (``--drop-extensions``): only those an apply into this schema created, as
 recorded in its ``schema_extensions``, and recorded in no other schema's ledger of the same owner
@@ -312,11 +312,12 @@ async def _run(conn: psycopg.AsyncConnection[TupleRow], schema: str, owner: str,
         await conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(
             sql.SQL(", ").join(sql.Identifier(schema, t) for t in tables)))
     before = await _fingerprint(conn, schema, tables)
+    # (not "any privilege on change_events": GRANT SELECT ON ALL TABLES to a reporting role)
     bridges = [r for (r,) in await _rows(conn, (
-        "SELECT DISTINCT r.rolname FROM pg_class c, aclexplode(c.relacl) a "
-        "JOIN pg_roles r ON r.oid = a.grantee WHERE c.oid = to_regclass(%s) "
-        "AND a.grantee <> c.relowner ORDER BY 1"),
-        [sql.Identifier(schema, "change_events").as_string(conn)])]
+        "SELECT DISTINCT r.rolname FROM pg_proc p, aclexplode(p.proacl) a "
+        "JOIN pg_roles r ON r.oid = a.grantee WHERE p.oid = to_regprocedure(%s) "
+        "AND a.grantee <> p.proowner AND a.privilege_type = 'EXECUTE' ORDER BY 1"),
+        [sql.Identifier(schema, "pgbridge_listen").as_string(conn) + "()"])]
     recorded = await _recorded_extensions(conn, schema, owner)
     migrations = load_migrations()
     done = {m.version for m in migrations}
@@ -434,7 +435,7 @@ def rollback_sql(schema: str = "public", *, drop_extensions: bool = False) -> st
     parts.append("-- each that exists; functions: every pgbridge_* of the schema, by signature")
     parts += [d.as_string(None).replace("(...)", "(<arguments>)") + ";"
               for d in _drop_statements(schema, objects)]
-    parts.append("-- for each bridge role (a role holding a privilege on change_events):")
+    parts.append("-- for each bridge role (a role granted EXECUTE on pgbridge_listen()):")
     parts += [r.as_string(None) + ";" for r in _revoke_statements(schema, "<bridge role>",
                                                                   list(CHAT_TABLES))]
     parts.append(f'REVOKE USAGE ON SCHEMA {s} FROM "<bridge role>";  -- unless it holds '
