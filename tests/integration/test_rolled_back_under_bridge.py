@@ -127,6 +127,8 @@ async def test_rollback_and_apply_again_under_a_running_bridge_is_not_missed(
                     frames.append(await recv(ws, 20))
         except ConnectionClosed:
             assert await daemon.wait(timeout=30) == 1, daemon.tail()
+            assert [line for line in human_lines(daemon.dump())
+                    if line.startswith("pgbridge: error: schema public at ")], daemon.tail()
         except TimeoutError:
             raise AssertionError(f"neither stopped nor delivered: {frames}") from None
         else:
