@@ -258,7 +258,9 @@ class Bridge:
             try:
                 now = await self.store.install_id()
             except BridgeError:  # the database cannot be asked now: its own lines say so
-                now = started
+                suspect.set()  # ask again after the pause
+                await asyncio.sleep(SCHEMA_RECHECK)
+                continue
             if now is None:
                 raise SchemaError(
                     f"schema {schema} at {describe(self.conninfo)}: pgbridge was removed from "
