@@ -409,6 +409,21 @@ def test_tables_of_another_tool_named_like_pgbridges_are_not_taken_for_it(fresh_
         assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
 
 
+def test_a_table_of_the_owners_named_schema_extensions_elsewhere_is_no_ledger(
+        fresh_db: str) -> None:
+    """The owner's own ``schema_extensions`` in another schema, without pgbridge's columns:
+    not a ledger, neither read (it has no ``name``) nor in the way of the rollback."""
+    apply_schema_sync(fresh_db)
+    with connect_sync(fresh_db) as conn:
+        conn.execute("CREATE SCHEMA reports")
+        conn.execute("CREATE TABLE reports.schema_extensions (ext text, enabled boolean)")
+        result = run_setup(fresh_db, "--rollback", "--drop-extensions")
+        assert result.returncode == 0, result.stderr
+        assert leftovers(conn) == []
+        assert conn.execute("SELECT to_regclass('reports.schema_extensions') IS NOT NULL"
+                            ).fetchone() == (True,)
+
+
 def test_a_partly_removed_install_is_rolled_back_for_what_remains(fresh_db: str) -> None:
     from daemon.rollback import rollback_schema
 
