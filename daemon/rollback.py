@@ -217,7 +217,8 @@ async def _recorded_extensions(conn: psycopg.AsyncConnection[TupleRow], schema: 
     made to break or sway the rollback, is not pgbridge's)."""
     cur = await conn.execute(
         "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relname = 'schema_extensions' AND c.relkind = 'r' "
+        "WHERE c.relname = 'schema_extensions' AND c.relkind = 'r' AND EXISTS (SELECT 1 FROM "
+        "pg_attribute WHERE attrelid = c.oid AND attname = 'name' AND NOT attisdropped) "
         "AND c.relowner = (SELECT oid FROM pg_roles WHERE rolname = %s) "
         "ORDER BY n.nspname <> %s, n.nspname", [owner, schema])
     result: dict[str, list[str]] = {}
