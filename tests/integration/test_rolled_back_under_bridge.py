@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from daemon.schema import apply_schema_sync
 from tests.support.fixtures import ROOT, conninfo_env
 from tests.support.helpers import connect as ws_connect
-from tests.support.helpers import events, make_room, make_user, post, recv, subscribe
+from tests.support.helpers import events, make_room, make_user, post, recv, send, subscribe
 from tests.support.procs import daemon_process, free_port, human_lines, run_cli
 
 pytestmark = pytest.mark.slow
@@ -67,6 +67,33 @@ async def test_rollback_under_a_running_bridge_stops_it_with_one_line(db_url: st
     assert "python setup_db.py" in lines[0]
     assert "Traceback" not in stderr
     assert not [r for r in daemon.records if "exception" in r or "incident" in r], stderr
+
+
+async def test_a_bridge_stopping_for_a_rollback_does_not_write_into_what_is_left(
+        db_url: str, tmp_path: Path) -> None:
+    """An ack still buffered and the presence lease when the rollback stops the bridge: they
+    belong to the install that is gone (or, rolled back and applied again, to the old log), so
+    the stop neither saves the one nor hands over the other, and logs no failure of either."""
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        user = await make_user(conn)
+        room = await make_room(conn, user)
+    port = free_port()
+    async with daemon_process(db_url, port, tmp_path, PGBRIDGE_ACK_FLUSH_INTERVAL="600",
+                              PGBRIDGE_LOG_LEVEL="DEBUG") as daemon:
+        ws = await ws_connect(port, user)
+        await subscribe(ws, room)
+        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+            await post(conn, room, user)
+        (event,) = await events(ws, 1)
+        await send(ws, type="ack", room=room, seq=event["seq"])
+        await daemon.wait_event("ack")
+        code, _, err = await run_cli(sys.executable, str(ROOT / "setup_db.py"), "--rollback",
+                                     env=conninfo_env(db_url), cwd=tmp_path)
+        assert code == 0, err
+        assert await daemon.wait(timeout=30) == 1, daemon.tail()
+    failed = [r for r in daemon.records
+              if r["event"] in ("ack_flush_failed", "presence_retire_failed")]
+    assert failed == [], failed
 
 
 async def test_a_missing_object_that_is_not_a_rollback_does_not_stop_the_bridge(
