@@ -117,6 +117,7 @@ class Bridge:
                              presence_feed=self.presence_feed, health=self.health,
                              verify_token=self.verify_token)
         self.started = asyncio.Event()
+        self._schema_lost = False  # rolled back (and maybe applied again) under the bridge
 
     @property
     def port(self) -> int:
@@ -225,10 +226,12 @@ class Bridge:
                     log.error("task %s did not stop within %g s of being cancelled; exiting "
                               "without it", task.get_name(), STOP_TIMEOUT,
                               extra={"event": "task_stuck"})
-            if started:
+            # a lost schema's acks and presence are of the install that is gone
+            if started and not self._schema_lost:
                 await self.presence.retire()
             try:
-                await self.ack_writer.flush()
+                if not self._schema_lost:
+                    await self.ack_writer.flush()
             except BridgeError as exc:
                 log.error("could not save the last acknowledgements: %s", exc,
                           extra={"event": "ack_flush_failed"})
@@ -261,6 +264,7 @@ class Bridge:
                 suspect.set()  # ask again after the pause
                 await asyncio.sleep(SCHEMA_RECHECK)
                 continue
+            self._schema_lost = now is None or started not in (None, now)
             if now is None:
                 raise SchemaError(
                     f"schema {schema} at {describe(self.conninfo)}: pgbridge was removed from "
