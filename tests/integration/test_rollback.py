@@ -569,6 +569,11 @@ def test_rollback_flags_misused_are_usage_errors(args: list[str], message: str) 
      "trigger mine on table users depends on function pgbridge_user_gone()"),
     ("CREATE VIEW resume AS SELECT user_id, room_id FROM sync_state",
      "view resume depends on column room_id of table sync_state"),
+    # dropping a column takes its table's indexes and constraints with it, even RESTRICT
+    ("CREATE INDEX mine ON sync_state (user_id, last_sync) WHERE room_id IS NULL",
+     "index mine depends on column room_id of table sync_state"),
+    ("ALTER TABLE sync_state ADD CONSTRAINT mine CHECK (last_seq < 1000000000)",
+     "constraint mine on table sync_state depends on column last_seq of table sync_state"),
 ])
 def test_an_object_of_the_users_built_on_pgbridges_stops_the_rollback_naming_it(
         fresh_db: str, built: str, named: str) -> None:
