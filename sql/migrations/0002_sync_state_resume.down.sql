@@ -15,6 +15,7 @@ DECLARE
     v_seq text := (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
                    WHERE a.attrelid = to_regclass('sync_state') AND a.attname = 'last_seq'
                      AND a.attnum > 0 AND NOT a.attisdropped);
+    v_mine text;
 BEGIN
     -- Both gone: nothing of 0002 is left to undo (rolled back by hand, or never applied).
     IF v_room IS NULL AND v_seq IS NULL THEN
@@ -54,6 +55,29 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'rename a column of yours, or drop pgbridge''s by hand, then run '
                          'setup_db.py --rollback again';
+    END IF;
+    -- DROP COLUMN takes the table's indexes and constraints on the column with it, RESTRICT
+    -- or not: one of the user's (anything but 0002's and pgbridge's triggers) is named instead,
+    -- as PostgreSQL names a view built on the column.
+    SELECT string_agg(format('%s depends on column %s of table sync_state',
+                             pg_describe_object(d.classid, d.objid, 0), a.attname), '; '
+                      ORDER BY 1)
+      INTO v_mine
+      FROM pg_depend d JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+     WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = to_regclass('sync_state')
+       AND a.attname IN ('room_id', 'last_seq') AND d.deptype = 'a'
+       AND NOT (d.classid = 'pg_class'::regclass
+                AND d.objid = to_regclass('sync_state_user_room_type_key'))
+       AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid IN (
+                SELECT oid FROM pg_constraint WHERE conrelid = to_regclass('sync_state')
+                AND conname IN ('sync_state_last_seq_check', 'sync_state_room_id_fkey')))
+       AND NOT (d.classid = 'pg_trigger'::regclass AND d.objid IN (
+                SELECT t.oid FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                WHERE t.tgrelid = to_regclass('sync_state') AND p.proname LIKE 'pgbridge\_%'));
+    IF v_mine IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot drop columns room_id and last_seq of table %.sync_state because '
+                        'other objects depend on them', current_schema()
+            USING ERRCODE = 'dependent_objects_still_exist', DETAIL = v_mine;
     END IF;
 END
 $$;
