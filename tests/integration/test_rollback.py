@@ -424,6 +424,19 @@ def test_a_table_of_the_owners_named_schema_extensions_elsewhere_is_no_ledger(
                             ).fetchone() == (True,)
 
 
+def test_a_chat_table_dropped_by_the_user_does_not_stop_the_rollback(fresh_db: str) -> None:
+    """The user dropped sync_state (their choice): the down script of 0002 finds nothing to
+    undo, and the rest of pgbridge goes."""
+    apply_schema_sync(fresh_db)
+    with connect_sync(fresh_db) as conn:
+        seed(conn)
+        conn.execute("DROP TABLE sync_state")
+        result = run_setup(fresh_db, "--rollback")
+        assert result.returncode == 0, result.stderr
+        assert "verified 9 chat tables" in result.stdout
+        assert conn.execute("SELECT to_regclass('change_events') IS NULL").fetchone() == (True,)
+
+
 def test_a_partly_removed_install_is_rolled_back_for_what_remains(fresh_db: str) -> None:
     from daemon.rollback import rollback_schema
 
