@@ -117,6 +117,7 @@ class Bridge:
                              presence_feed=self.presence_feed, health=self.health,
                              verify_token=self.verify_token)
         self.started = asyncio.Event()
+        self._schema_lost = False  # rolled back (and maybe applied again) under the bridge
 
     @property
     def port(self) -> int:
@@ -225,10 +226,12 @@ class Bridge:
                     log.error("task %s did not stop within %g s of being cancelled; exiting "
                               "without it", task.get_name(), STOP_TIMEOUT,
                               extra={"event": "task_stuck"})
-            if started:
+            # a lost schema's acks and presence are of the install that is gone
+            if started and not self._schema_lost:
                 await self.presence.retire()
             try:
-                await self.ack_writer.flush()
+                if not self._schema_lost:
+                    await self.ack_writer.flush()
             except BridgeError as exc:
                 log.error("could not save the last acknowledgements: %s", exc,
                           extra={"event": "ack_flush_failed"})
@@ -239,31 +242,46 @@ class Bridge:
 
         A statement that names a missing object (SQLSTATE of
         :data:`daemon.store_pool.SCHEMA_GONE`: the key re-read every few seconds does, on any
-        bridge) makes this task ask the catalog (:meth:`daemon.store.Store.installed`). Gone
-        (``setup_db.py --rollback``, docs/howto/rollback.md, or dropped by hand): raises
-        :class:`SchemaError`, which stops the bridge with exit 1, rather than retrying for
-        ever what can no longer work. Still there: the failure was another one (its own log
-        line says which); asked at most once per ``SCHEMA_RECHECK`` seconds."""
-        suspect = self.store.schema_suspect
+        bridge), or a new signing key, makes this task ask the catalog
+        (:meth:`daemon.store.Store.install_id`). Gone (``setup_db.py --rollback``,
+        docs/howto/rollback.md, or dropped by hand), or another install than the one at start
+        (rolled back and applied again: the rooms' counters start again at 1, which the
+        bridge's heads and cursors do not follow): raises :class:`SchemaError`, which stops the
+        bridge with exit 1, rather than retrying for ever what can no longer work, or holding
+        back every new event. Still there: the failure was another one (its own log line says
+        which); asked at most once per ``SCHEMA_RECHECK`` seconds."""
+        suspect, schema = self.store.schema_suspect, self.settings.schema
+        try:
+            started: int | None = await self.store.install_id()
+        except BridgeError:  # asked again on the first suspicion
+            started = None
         while True:
             await suspect.wait()
+            suspect.clear()  # a suspicion raised while asking or sleeping is kept for the next
             try:
-                installed = await self.store.installed()
+                now = await self.store.install_id()
             except BridgeError:  # the database cannot be asked now: its own lines say so
-                installed = True
-            if not installed:
-                schema = self.settings.schema
+                suspect.set()  # ask again after the pause
+                await asyncio.sleep(SCHEMA_RECHECK)
+                continue
+            self._schema_lost = now is None or started not in (None, now)
+            if now is None:
                 raise SchemaError(
                     f"schema {schema} at {describe(self.conninfo)}: pgbridge was removed from "
                     "it while the bridge ran (setup_db.py --rollback, or its objects dropped "
                     "by hand), so the bridge stops; to bridge again, apply it (python "
                     f"setup_db.py{'' if schema == 'public' else ' --schema ' + schema}) and "
                     "start the bridge")
-            log.debug("a statement found an object missing, but pgbridge is still installed in "
-                      "schema %s: carrying on", self.settings.schema,
+            if started is not None and now != started:  # its seqs start again at 1
+                raise SchemaError(
+                    f"schema {schema} at {describe(self.conninfo)}: pgbridge was rolled back "
+                    "and applied again while the bridge ran (a new log, the rooms' counters "
+                    "started again), so the bridge stops; start it again")
+            started = now
+            log.debug("a statement found an object missing, or the key changed, but pgbridge is "
+                      "still installed in schema %s: carrying on", schema,
                       extra={"event": "schema_present"})
             await asyncio.sleep(SCHEMA_RECHECK)
-            suspect.clear()
 
     async def _rooms_once_checked(self) -> None:
         """The rooms (and with them the doorbell) start once the listener read the key and may

@@ -310,6 +310,7 @@ class Listener:
                     self.key.fingerprint if self.key else "-", key.fingerprint,
                     extra={"event": "notify_key_changed"})
         self.key = key
+        self.store.schema_suspect.set()  # a rollback and an apply change it too (daemon.app)
         # the new connection LISTENs on the new channels, then its followers catch up (hints
         # rung on the new channels meanwhile are lost)
         self._rekeyed = self._session is not None and not self._session.done()

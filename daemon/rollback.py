@@ -17,12 +17,12 @@ row count, an order-independent checksum (the sums of two 64-bit pieces of the M
 text, pgbridge's columns left out: memory stays bounded) and its column list are taken; the
 down scripts run in reverse version order (those recorded in ``schema_migrations``; every one
 when the ledger itself is gone, since they find nothing to do once their objects are gone);
-pgbridge's objects are dropped, never with CASCADE; the bridge roles (roles holding a privilege
-on ``change_events``) lose what ``--grant-bridge`` gave them on the chat tables, and USAGE on
-the schema when nothing else of it is granted to them; the checks are taken again, and any
-difference rolls everything back. Acks the bridge wrote into ``sync_state`` are chat rows: they
-stay, without their resume columns. The application role keeps its privileges on the chat
-tables: the application goes on without the bridge.
+pgbridge's objects are dropped, never with CASCADE; the bridge roles (roles granted EXECUTE
+on ``pgbridge_listen()``, as ``--grant-bridge`` alone does) lose what it gave them on the chat
+tables, and USAGE on the schema when nothing else of it is granted to them; the checks are
+taken again, and any difference rolls everything back. Acks the bridge wrote into
+``sync_state`` are chat rows: they stay, without their resume columns. The application role
+keeps its privileges on the chat tables: the application goes on without the bridge.
 
 **Extensions** (``--drop-extensions``): only those an apply into this schema created, as
 recorded in its ``schema_extensions``, and recorded in no other schema's ledger of the same owner
@@ -63,10 +63,16 @@ __all__ = ["CHAT_TABLES", "PGBRIDGE_TABLES", "RollbackReport", "rollback_schema"
 CHAT_TABLES = APP_TABLES  # spec 003's ten tables
 # pgbridge's columns in a chat table (migration 0002), left out of the verification
 PGBRIDGE_COLUMNS: dict[str, tuple[str, ...]] = {"sync_state": ("room_id", "last_seq")}
-# in drop order (presence_sessions references presence_instances)
-PGBRIDGE_TABLES = ("presence_sessions", "presence_instances", "change_events",
-                   "change_sequences", "change_notify_key", "schema_files", "schema_migrations",
-                   "schema_extensions")
+# in drop order (presence_sessions references presence_instances), with the columns that make
+# a table of that name pgbridge's: another tool's (golang-migrate's schema_migrations, an audit
+# table called change_events) lacks them, and is neither dropped nor taken for an install
+PGBRIDGE_TABLES = {
+    "presence_sessions": "instance_id user_id closed_at",
+    "presence_instances": "instance_id started_at heartbeat_at expires_at",
+    "change_events": "room_id seq table_name op row_id payload created_at",
+    "change_sequences": "room_id last_seq", "change_notify_key": "id key ipad opad created_at",
+    "schema_files": "file checksum applied_at", "schema_migrations": "version name checksum "
+    "applied_at", "schema_extensions": "name created_at"}
 PGBRIDGE_SEQUENCES = ("change_doorbell",)
 # (table, trigger) of sql/triggers/, dropped when their function is a pgbridge_* one
 PGBRIDGE_TRIGGERS = (*((t, f"{t}_capture") for t in check.PUBLISHED),
@@ -171,9 +177,13 @@ async def _objects(conn: psycopg.AsyncConnection[TupleRow], schema: str
             "AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass "
             "AND d.objid = p.oid AND d.deptype = 'e') ORDER BY 1, 2"), [schema]),
         "tables": await _rows(conn, (
-            f"SELECT relname FROM pg_class WHERE relnamespace = {nsp} AND relkind IN ('r', 'p') "
-            "AND relname = ANY(%s) ORDER BY array_position(%s, relname::text)"),
-            [schema, list(PGBRIDGE_TABLES), list(PGBRIDGE_TABLES)]),
+            f"SELECT relname FROM pg_class c, unnest(%s::text[], %s::text[]) e(name, cols) "
+            f"WHERE relnamespace = {nsp} AND relkind IN ('r', 'p') AND relname = e.name AND "
+            "(SELECT array_agg(attname::text) FROM pg_attribute WHERE attrelid = c.oid AND "
+            "attnum > 0 AND NOT attisdropped) @> string_to_array(e.cols, ' ') "
+            "ORDER BY array_position(%s, relname::text)"),
+            [list(PGBRIDGE_TABLES), list(PGBRIDGE_TABLES.values()), schema,
+             list(PGBRIDGE_TABLES)]),
         "sequences": await _rows(conn, (
             f"SELECT relname FROM pg_class WHERE relnamespace = {nsp} AND relkind = 'S' "
             "AND relname = ANY(%s) ORDER BY 1"), [schema, list(PGBRIDGE_SEQUENCES)]),
@@ -207,7 +217,8 @@ async def _recorded_extensions(conn: psycopg.AsyncConnection[TupleRow], schema: 
     made to break or sway the rollback, is not pgbridge's)."""
     cur = await conn.execute(
         "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relname = 'schema_extensions' AND c.relkind = 'r' "
+        "WHERE c.relname = 'schema_extensions' AND c.relkind = 'r' AND EXISTS (SELECT 1 FROM "
+        "pg_attribute WHERE attrelid = c.oid AND attname = 'name' AND NOT attisdropped) "
         "AND c.relowner = (SELECT oid FROM pg_roles WHERE rolname = %s) "
         "ORDER BY n.nspname <> %s, n.nspname", [owner, schema])
     result: dict[str, list[str]] = {}
@@ -302,15 +313,16 @@ async def _run(conn: psycopg.AsyncConnection[TupleRow], schema: str, owner: str,
         await conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(
             sql.SQL(", ").join(sql.Identifier(schema, t) for t in tables)))
     before = await _fingerprint(conn, schema, tables)
+    # (not "any privilege on change_events": GRANT SELECT ON ALL TABLES to a reporting role)
     bridges = [r for (r,) in await _rows(conn, (
-        "SELECT DISTINCT r.rolname FROM pg_class c, aclexplode(c.relacl) a "
-        "JOIN pg_roles r ON r.oid = a.grantee WHERE c.oid = to_regclass(%s) "
-        "AND a.grantee <> c.relowner ORDER BY 1"),
-        [sql.Identifier(schema, "change_events").as_string(conn)])]
+        "SELECT DISTINCT r.rolname FROM pg_proc p, aclexplode(p.proacl) a "
+        "JOIN pg_roles r ON r.oid = a.grantee WHERE p.oid = to_regprocedure(%s) "
+        "AND a.grantee <> p.proowner AND a.privilege_type = 'EXECUTE' ORDER BY 1"),
+        [sql.Identifier(schema, "pgbridge_listen").as_string(conn) + "()"])]
     recorded = await _recorded_extensions(conn, schema, owner)
     migrations = load_migrations()
     done = {m.version for m in migrations}
-    if await _exists(conn, schema, "schema_migrations"):
+    if ("schema_migrations",) in objects["tables"]:
         done = {int(v) for (v,) in await _rows(conn, "SELECT version FROM schema_migrations", [])}
     for m in reversed(migrations):
         if m.version in done:
@@ -424,7 +436,7 @@ def rollback_sql(schema: str = "public", *, drop_extensions: bool = False) -> st
     parts.append("-- each that exists; functions: every pgbridge_* of the schema, by signature")
     parts += [d.as_string(None).replace("(...)", "(<arguments>)") + ";"
               for d in _drop_statements(schema, objects)]
-    parts.append("-- for each bridge role (a role holding a privilege on change_events):")
+    parts.append("-- for each bridge role (a role granted EXECUTE on pgbridge_listen()):")
     parts += [r.as_string(None) + ";" for r in _revoke_statements(schema, "<bridge role>",
                                                                   list(CHAT_TABLES))]
     parts.append(f'REVOKE USAGE ON SCHEMA {s} FROM "<bridge role>";  -- unless it holds '

@@ -150,14 +150,22 @@ class Pooled:
         function exist. Asks the catalog only (``to_regclass``/``to_regprocedure`` answer NULL
         for what is missing, the schema included), so it fails only when the database cannot
         be asked. Raises :class:`DatabaseError`."""
+        return await self.install_id() is not None
+
+    async def install_id(self) -> int | None:
+        """Which install of pgbridge the schema holds, as :meth:`installed` finds it: the OID
+        of its log ``change_events`` (a new one once the schema was rolled back and applied
+        again: the rooms' counters start again at 1), ``None`` when it is not installed.
+        Raises :class:`DatabaseError`."""
         names = [sql.Identifier(self.schema, name).as_string(None) for name in
                  ("change_events", "schema_migrations")]
         capture = sql.Identifier(self.schema, "pgbridge_capture").as_string(None) + "()"
         rows = await self._all(
-            "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL "
-            "AND to_regprocedure(%s) IS NOT NULL", (*names, capture),
-            "checking that the schema is installed", purpose="schema_check")
-        return bool(rows and rows[0][0])
+            "SELECT CASE WHEN to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL "
+            "AND to_regprocedure(%s) IS NOT NULL THEN to_regclass(%s)::oid::bigint END",
+            (*names, capture, names[0]), "checking that the schema is installed",
+            purpose="schema_check")
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def _run(self, query: str | sql.Composed, params: Sequence[Any] | Mapping[str, Any],
                    doing: str, timeout: float) -> list[tuple[Any, ...]]:

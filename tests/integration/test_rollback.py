@@ -107,11 +107,10 @@ def run_setup(conninfo: str, *args: str, timeout: float = 60) -> subprocess.Comp
 
 def one_line_error(result: subprocess.CompletedProcess[str], exit_code: int = 1) -> str:
     assert result.returncode == exit_code, (result.returncode, result.stdout, result.stderr)
-    # the progress lines at INFO (the first names the run's correlation id: "run <id>: ...")
-    progress = [re.sub(r"^run [0-9a-f]{16}: ", "", line)
-                for line in result.stderr.strip().splitlines()]
-    lines = [line for line in progress
-             if not line.startswith(("running the down", "roll back schema"))]
+    # the progress lines, each after the setup run's correlation id ("run <16 hex>: ")
+    lines = [line for line in result.stderr.strip().splitlines()
+             if not re.sub(r"^run [0-9a-f]{16}: ", "", line).startswith(
+                 ("running the down", "roll back schema"))]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("setup_db.py: error: "), lines[0]
     return lines[0]
@@ -387,6 +386,57 @@ def test_rollback_without_pgbridge_and_a_second_rollback_change_nothing(fresh_db
         assert catalog(conn) == after_first and chat_rows(conn) == rows
 
 
+def test_tables_of_another_tool_named_like_pgbridges_are_not_taken_for_it(fresh_db: str) -> None:
+    """golang-migrate's and dbmate's ``schema_migrations`` and an audit table of the user's
+    called ``change_events``, in a schema pgbridge was never applied to (or in public while it
+    was applied to test): a rollback there finds nothing of pgbridge's and drops nothing."""
+    with connect_sync(fresh_db) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version bigint PRIMARY KEY, "
+                     "dirty boolean NOT NULL)")
+        conn.execute("INSERT INTO schema_migrations VALUES (20240101120000, false), (2, false)")
+        conn.execute("CREATE TABLE change_events (id serial PRIMARY KEY, what text)")
+        conn.execute("INSERT INTO change_events (what) VALUES ('audit')")
+        conn.execute("CREATE SCHEMA app")
+        conn.execute("CREATE TABLE app.schema_files (file text PRIMARY KEY, body bytea)")
+        before = catalog(conn), catalog(conn, "app")
+        result = run_setup(fresh_db, "--rollback")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith("no pgbridge objects, nothing to roll back")
+        result = run_setup(fresh_db, "--rollback", "--schema", "app")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith("no pgbridge objects, nothing to roll back")
+        assert (catalog(conn), catalog(conn, "app")) == before
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
+
+
+def test_a_table_of_the_owners_named_schema_extensions_elsewhere_is_no_ledger(
+        fresh_db: str) -> None:
+    """The owner's own ``schema_extensions`` in another schema, without pgbridge's columns:
+    not a ledger, neither read (it has no ``name``) nor in the way of the rollback."""
+    apply_schema_sync(fresh_db)
+    with connect_sync(fresh_db) as conn:
+        conn.execute("CREATE SCHEMA reports")
+        conn.execute("CREATE TABLE reports.schema_extensions (ext text, enabled boolean)")
+        result = run_setup(fresh_db, "--rollback", "--drop-extensions")
+        assert result.returncode == 0, result.stderr
+        assert leftovers(conn) == []
+        assert conn.execute("SELECT to_regclass('reports.schema_extensions') IS NOT NULL"
+                            ).fetchone() == (True,)
+
+
+def test_a_chat_table_dropped_by_the_user_does_not_stop_the_rollback(fresh_db: str) -> None:
+    """The user dropped sync_state (their choice): the down script of 0002 finds nothing to
+    undo, and the rest of pgbridge goes."""
+    apply_schema_sync(fresh_db)
+    with connect_sync(fresh_db) as conn:
+        seed(conn)
+        conn.execute("DROP TABLE sync_state")
+        result = run_setup(fresh_db, "--rollback")
+        assert result.returncode == 0, result.stderr
+        assert "verified 9 chat tables" in result.stdout
+        assert conn.execute("SELECT to_regclass('change_events') IS NULL").fetchone() == (True,)
+
+
 def test_a_partly_removed_install_is_rolled_back_for_what_remains(fresh_db: str) -> None:
     from daemon.rollback import rollback_schema
 
@@ -501,7 +551,7 @@ def test_rollback_dry_run_prints_the_sql_and_connects_to_nothing() -> None:
     assert 'SET LOCAL search_path TO "test", pg_temp;' in text
     down_2 = text.index("sql/migrations/0002_sync_state_resume.down.sql")
     assert down_2 < text.index("sql/migrations/0001_spec_constraints.down.sql")
-    assert "ALTER TABLE sync_state DROP COLUMN IF EXISTS room_id RESTRICT;" in text
+    assert "ALTER TABLE IF EXISTS sync_state DROP COLUMN IF EXISTS room_id RESTRICT;" in text
     for drop in ('DROP TABLE IF EXISTS "test"."change_events" RESTRICT;',
                  'DROP SEQUENCE IF EXISTS "test"."change_doorbell" RESTRICT;',
                  'DROP TRIGGER IF EXISTS "messages_capture" ON "test"."messages" RESTRICT;',
@@ -532,6 +582,11 @@ def test_rollback_flags_misused_are_usage_errors(args: list[str], message: str) 
      "trigger mine on table users depends on function pgbridge_user_gone()"),
     ("CREATE VIEW resume AS SELECT user_id, room_id FROM sync_state",
      "view resume depends on column room_id of table sync_state"),
+    # dropping a column takes its table's indexes and constraints with it, even RESTRICT
+    ("CREATE INDEX mine ON sync_state (user_id, last_sync) WHERE room_id IS NULL",
+     "index mine depends on column room_id of table sync_state"),
+    ("ALTER TABLE sync_state ADD CONSTRAINT mine CHECK (last_seq < 1000000000)",
+     "constraint mine on table sync_state depends on column last_seq of table sync_state"),
 ])
 def test_an_object_of_the_users_built_on_pgbridges_stops_the_rollback_naming_it(
         fresh_db: str, built: str, named: str) -> None:
@@ -562,6 +617,35 @@ def test_a_chat_table_changed_by_hand_stops_the_rollback_naming_the_column(
         line = one_line_error(run_setup(fresh_db, "--rollback"))
         assert named in line and "changed by hand" in line and "nothing was changed" in line
         assert catalog(conn) == schema and chat_rows(conn) == rows
+
+
+@pytest.mark.parametrize("own", ["room_id varchar(26), last_seq bigint", "room_id varchar(26)",
+                                 "last_seq bigint"])
+def test_resume_columns_the_user_had_before_the_apply_are_never_dropped(
+        fresh_db: str, own: str) -> None:
+    """sync_state from the bare spec plus columns of the user's own named like 0002's: the
+    apply finds them there (ADD COLUMN IF NOT EXISTS), so they are not pgbridge's to drop."""
+    with connect_sync(fresh_db) as conn:
+        conn.execute("CREATE TABLE users (id varchar(26) PRIMARY KEY, auth0_id varchar(128) "
+                     "UNIQUE NOT NULL, email varchar(255) UNIQUE NOT NULL, username varchar(255) "
+                     "NOT NULL, deleted_at timestamptz)")
+        conn.execute(f"CREATE TABLE sync_state (id varchar(26) PRIMARY KEY, user_id varchar(26) "
+                     f"NOT NULL REFERENCES users(id), last_sync timestamptz NOT NULL DEFAULT "
+                     f"now(), sync_type varchar(50) NOT NULL, metadata jsonb, {own})")
+        conn.execute("INSERT INTO users VALUES ('U1', 'a|1', 'u1@example.test', 'u1', NULL)")
+        mine = [c.split()[0] for c in own.split(", ")]
+        conn.execute(sql.SQL("INSERT INTO sync_state (id, user_id, sync_type, {}) VALUES "
+                             "('S1', 'U1', 'full', {})").format(
+            sql.SQL(", ").join(map(sql.Identifier, mine)),
+            sql.SQL(", ").join(sql.Literal("7") for _ in mine)))
+        apply_schema_sync(fresh_db)
+        schema = catalog(conn)
+        line = one_line_error(run_setup(fresh_db, "--rollback"))
+        assert "sync_state" in line and "nothing was changed" in line
+        assert catalog(conn) == schema
+        assert conn.execute(sql.SQL("SELECT {} FROM sync_state").format(
+            sql.SQL(", ").join(map(sql.Identifier, mine)))).fetchall() == [
+                tuple("7" if c == "room_id" else 7 for c in mine)]
 
 
 @pytest.mark.slow
@@ -599,6 +683,24 @@ def test_a_role_that_is_not_the_owner_gets_42501_and_who_to_run_it_as(
         assert (f"run setup_db.py --rollback as the owner of schema public (role {owner})"
                 in line)
         assert catalog(conn) == schema
+
+
+def test_a_read_only_role_granted_every_table_keeps_its_chat_privileges(
+        granted_db: str, roles: Roles) -> None:
+    """``GRANT SELECT ON ALL TABLES IN SCHEMA`` to a reporting role gives it SELECT on
+    change_events too: it is not a bridge role, and keeps SELECT on every chat table."""
+    reader = roles.nobody
+    with connect_sync(granted_db) as conn:
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {0}; "
+                             "GRANT SELECT ON ALL TABLES IN SCHEMA public TO {0}").format(
+            sql.Identifier(reader)))
+        chat = [p for p in privileges_of(conn, reader)
+                if p.split()[0] in ("schema", *CHAT_TABLES)]
+        result = run_setup(granted_db, "--rollback")
+        assert result.returncode == 0, result.stderr
+        assert f"revoked role {reader}'s" not in result.stdout
+        assert privileges_of(conn, reader) == chat
+        assert privileges_of(conn, roles.bridge) == []
 
 
 @pytest.mark.slow
