@@ -41,6 +41,17 @@ async def _frames(ws: ClientConnection) -> AsyncIterator[tuple[str, dict[str, An
             yield text, json.loads(text)
 
 
+def _shown(value: object) -> str:
+    """A value the server sent, fit for a terminal: a short printable string as it is, anything
+    else as JSON (whose escapes keep control characters, an escape sequence included, from
+    reaching the terminal), cut at 128 characters; ``(none)`` when absent."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, str) and value.isprintable() and len(value) <= 128:
+        return value
+    return json.dumps(value)[:128]
+
+
 def _with_batch(url: str, batch: int | None) -> str:
     if batch is None:
         return url
@@ -84,8 +95,8 @@ async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
                         continue
                     print(json.dumps(frame), file=sys.stderr, flush=True)
                     if frame.get("type") == "welcome":
-                        print(f"pgbridge tail: connected as user {frame.get('user')}, "
-                              f"correlation id {frame.get('correlation_id') or '(none)'}",
+                        print(f"pgbridge tail: connected as user {_shown(frame.get('user'))}, "
+                              f"correlation id {_shown(frame.get('correlation_id'))}",
                               file=sys.stderr, flush=True)
                     elif frame.get("type") == "subscribed":
                         backoff.reset()
