@@ -5,17 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import threading
+from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from ulid import ULID
 from websockets.asyncio.client import ClientConnection
 
 from daemon.app import Bridge
 from tests.support.fixtures import running_bridge
-from tests.support.helpers import connect, events, head, make_room, make_user, post, recv, send
+from tests.support.helpers import (
+    connect,
+    events,
+    head,
+    make_room,
+    make_user,
+    post,
+    recv,
+    send,
+    token,
+)
+from tests.support.procs import PGBRIDGE, run_cli, until
 
 Conn = psycopg.AsyncConnection[Any]
 Row = dict[str, Any]
@@ -270,3 +284,30 @@ async def test_a_snapshot_frame_holds_no_raw_newline_when_coalesced(bridge: Brid
     _, snap = await snapshot_subscribe(ws, room, 3)
     assert [m["content"] for m in snap["messages"]] == [f"line {i}\nnext" for i in range(3)]
     await ws.close()
+
+
+async def test_pgbridge_tail_prints_the_snapshot_then_the_events(
+        bridge: Bridge, conn: Conn, tmp_path: Path) -> None:
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    before = [await post(conn, room, user, f"before {i}") for i in range(5)]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PGBRIDGE_", "POSTGRES_", "SSH_")) and k != "DATABASE_URL"}
+    tail = asyncio.create_task(run_cli(
+        str(PGBRIDGE), "tail", room, "--snapshot", "3", "--count", "2", "--url",
+        f"ws://127.0.0.1:{bridge.port}/ws", "--token", token(user), env=env, cwd=tmp_path))
+
+    async def subscribed() -> bool:
+        if tail.done():
+            pytest.fail(f"pgbridge tail ended early: {tail.result()}")
+        return bridge.hub.subscribers(room) == 1
+
+    await until(subscribed, "pgbridge tail to subscribe")
+    after = [await post(conn, room, user, f"after {i}") for i in range(2)]
+    code, out, err = await tail
+    assert code == 0, err
+    frames = [json.loads(line) for line in out.splitlines()]
+    assert [f["type"] for f in frames] == ["snapshot", "event", "event"], out
+    assert [m["id"] for m in frames[0]["messages"]] == before[-3:]
+    assert [f["id"] for f in frames[1:]] == after
+    assert frames[1]["seq"] == frames[0]["seq"] + 1
