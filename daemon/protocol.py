@@ -258,7 +258,7 @@ def subscribed(room: str, from_seq: int, head: int, ref: str | None) -> str:
 
 def snapshot(room: str, seq: int, messages: str, *, truncated: bool, ref: str | None) -> str:
     """The ``snapshot`` frame ("Snapshot then live"): ``messages``, a JSON array as text (the
-    rows, oldest first, as PostgreSQL's ``jsonb`` writes them: no raw newline), as of ``seq``;
+    rows, oldest first, each as PostgreSQL writes a ``jsonb``: no raw newline), as of ``seq``;
     ``truncated``: older messages were left out to keep it within PGBRIDGE_SNAPSHOT_MAX_BYTES."""
     head = _dump({"type": "snapshot", "room": room, "seq": seq, "truncated": truncated,
                   "ref": ref})
