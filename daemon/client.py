@@ -364,7 +364,7 @@ class Client:
                                              "from": from_seq, "head": head,
                                              "correlation_id": self.ws.correlation_id})
             parts, page, outgoing = self._parts, self._page, self.outgoing
-            await send_recent(snap, sub, outgoing, page=page)  # "snapshot": N, if asked
+            await send_recent(snap, sub, outgoing)  # "snapshot": N, if asked (daemon.snapshot)
             if sub.presence:
                 await send_snapshot(sub, page=page, presence_feed=parts.presence_feed,
                                     metrics=parts.metrics, outgoing=outgoing)

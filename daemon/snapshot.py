@@ -26,10 +26,14 @@ index ``messages_channel_created_idx``; the frame lists them oldest first. Each 
 SQL, so a room of huge rows never reaches the daemon whole): the most recent messages that fit;
 when older ones of the N were left out, ``"truncated": true``. It is one frame in the
 connection's queue (``PGBRIDGE_QUEUE_SIZE`` counts frames, as for an event of any size), sent
-when the queue has room for a replay page (:meth:`daemon.outgoing.OutgoingQueue.room_for`).
+only once nothing else waits in that queue (:meth:`daemon.outgoing.OutgoingQueue.room_for`):
+a connection that subscribes to many rooms with snapshots holds at most one not yet written
+to its socket, so its memory is bounded by about two frames, not by the queue's length.
 """
 
 from __future__ import annotations
+
+import sys
 
 from .errors import DatabaseError
 from .hub import Subscription
@@ -88,14 +92,14 @@ async def check_subscribe(store: Store, user: str, request: Subscribe,
     return await read_snapshot(store, user, request, settings)
 
 
-async def send_recent(frame: str | None, sub: Subscription, outgoing: OutgoingQueue, *,
-                      page: int) -> None:
-    """Send the ``snapshot`` frame (none: nothing) to ``sub`` once the queue has room for
-    ``page`` frames (it waits as a replay does), unless the subscription ended or the
+async def send_recent(frame: str | None, sub: Subscription, outgoing: OutgoingQueue) -> None:
+    """Send the ``snapshot`` frame (none: nothing) to ``sub`` once nothing waits in the
+    connection's queue (so a connection holds at most one snapshot not yet written to its
+    socket, however many rooms it subscribes to), unless the subscription ended or the
     connection closes meanwhile."""
     if frame is None:
         return
-    await outgoing.room_for(page)
+    await outgoing.room_for(sys.maxsize)  # waits until the queue is empty
     if not sub.ended and not outgoing.closing:
         sub.sink.send(frame)
 
