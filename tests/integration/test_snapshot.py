@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,37 @@ async def test_pgbridge_tail_prints_the_snapshot_then_the_events(
     assert [m["id"] for m in frames[0]["messages"]] == before[-3:]
     assert [f["id"] for f in frames[1:]] == after
     assert frames[1]["seq"] == frames[0]["seq"] + 1
+
+
+async def test_a_connection_that_does_not_read_holds_at_most_one_unsent_snapshot(
+        bridge: Bridge, conn: Conn) -> None:
+    """The queue counts frames, not bytes: each snapshot frame waits until nothing else is
+    queued, so the subscribes with snapshots of a client that stops reading wait too, rather
+    than pile megabytes up in the daemon; once it reads, every one is answered."""
+    user = await make_user(conn)
+    rooms = [await make_room(conn, user) for _ in range(6)]
+    for room in rooms:
+        await conn.execute(
+            "INSERT INTO messages (channel_id, user_id, content) "
+            "SELECT %s, %s, repeat('x', 9000) FROM generate_series(1, 100)", (room, user))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the client reads nothing more
+    sock.connect(("127.0.0.1", bridge.port))
+    ws = await connect(bridge.port, user, sock=sock, max_queue=1)
+    for i, room in enumerate(rooms):
+        await send(ws, type="subscribe", room=room, snapshot=100, ref=f"s{i}")
+
+    async def first_two() -> bool:
+        return all(bridge.hub.subscribers(room) == 1 for room in rooms[:2])
+
+    await until(first_two, "the first subscribes to be answered")
+    # nothing to await for what must not happen: give the daemon time to go wrong
+    await asyncio.sleep(0.5)
+    assert sum(bridge.hub.subscribers(room) for room in rooms) <= 3
+    got = {}
+    while len(got) < len(rooms):
+        frame = await recv(ws, 20)
+        if frame["type"] == "snapshot":
+            got[frame["room"]] = frame
+    assert all(len(got[room]["messages"]) == 100 for room in rooms)
+    await ws.close()
