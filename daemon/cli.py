@@ -351,8 +351,11 @@ def _tail_command(argv: Sequence[str], prog: str) -> int:
     parser = _parser(prog, "Subscribe to a room and print its events as JSON lines "
                      "(reconnects and resumes).")
     parser.add_argument("room", help="channels.id")
-    parser.add_argument("--since", type=int, help="last seq you hold (default: sync_state or "
-                        "live only)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--since", type=int, help="last seq you hold (default: sync_state or "
+                       "live only)")
+    start.add_argument("--snapshot", type=int, metavar="N", help="first print the room's N "
+                       "most recent messages (one `snapshot` line), then the events after them")
     parser.add_argument("--url", help="WebSocket URL (default ws://PGBRIDGE_HOST:PGBRIDGE_PORT/ws)")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--token", help="a JWT (see pgbridge token)")
@@ -379,7 +382,7 @@ def _tail_command(argv: Sequence[str], prog: str) -> int:
                            audience=settings.jwt_audience, issuer=settings.jwt_issuer)
     url = args.url or f"ws://{settings.host}:{settings.port}/ws"
     return asyncio.run(tail(url, token, args.room, since=args.since, ack=args.ack,
-                            max_events=args.count,
+                            max_events=args.count, snapshot=args.snapshot,
                             batch=None if args.batch < 0 else args.batch))
 
 

@@ -51,6 +51,7 @@ from .protocol import (
 )
 from .ratelimit import TokenBucket
 from .replay import replay, send_snapshot
+from .snapshot import check_subscribe, send_recent
 from .store import READ_PAGE
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ class Client:
             raise ProtocolError("rate_limited", f"at most {settings.max_subscriptions} "
                                 "subscriptions per connection", ref=ref, room=room)
         # Membership first: a room the user may not read never reaches the listener.
-        info = await self._parts.store.cursor_info(self.user, room)
+        info, snap = await check_subscribe(self._parts.store, self.user, request, settings)
         if info.status == "not_found":
             raise ProtocolError("not_found", "no such room", ref=ref, room=room)
         if info.status != "ok":
@@ -363,6 +364,7 @@ class Client:
                                              "from": from_seq, "head": head,
                                              "correlation_id": self.ws.correlation_id})
             parts, page, outgoing = self._parts, self._page, self.outgoing
+            await send_recent(snap, sub, outgoing)  # "snapshot": N, if asked (daemon.snapshot)
             if sub.presence:
                 await send_snapshot(sub, page=page, presence_feed=parts.presence_feed,
                                     metrics=parts.metrics, outgoing=outgoing)

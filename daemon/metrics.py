@@ -55,6 +55,7 @@ QueryPurpose = Literal[
     "room_head",        # a room's last seq, when a subscribe starts tracking it
     "cursor_info",      # what a subscribe needs (batched)
     "read_events",      # one room's events: a gap fill, a replay
+    "snapshot",         # a subscribe's snapshot of the room's recent messages
     "read_rooms",       # many rooms' events: a catch-up, a poll
     "doorbell",         # pgbridge_doorbell(): the doorbell lease
     "ack_flush",        # sync_state upserts

@@ -31,7 +31,7 @@ _TOKEN = re.compile(rf"[0-9A-Za-z_.=-]{{1,{MAX_TOKEN_LENGTH}}}")
 __all__ = [
     "MAX_TOKEN_LENGTH", "Ack", "Ping", "ProtocolError", "Refresh", "Request", "Subscribe",
     "Typing", "Unsubscribe", "error", "is_id", "is_token", "load_json", "parse_frame", "pong",
-    "presence", "subscribed", "typing", "unsubscribed", "welcome",
+    "presence", "snapshot", "subscribed", "typing", "unsubscribed", "welcome",
 ]
 
 
@@ -56,6 +56,7 @@ class Subscribe:
     since: int | None = None
     ref: str | None = None
     presence: bool = False  # also the members' presence and typing ("Presence and typing")
+    snapshot: int | None = None  # the N most recent messages first ("Snapshot then live")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +222,13 @@ def parse_frame(data: str | bytes) -> Request:
         if not isinstance(wants, bool):
             raise ProtocolError("bad_request", "field 'presence' must be true or false", ref=ref,
                                 room=room)
-        return Subscribe(room=room, since=_field_int(obj, "since", ref=ref, room=room,
-                                                     required=False), ref=ref, presence=wants)
+        since = _field_int(obj, "since", ref=ref, room=room, required=False)
+        recent = _field_int(obj, "snapshot", ref=ref, room=room, required=False)
+        if recent is not None and (recent < 1 or since is not None):
+            raise ProtocolError("bad_request", "field 'snapshot' must be at least 1" if recent < 1
+                                else "'snapshot' and 'since' exclude each other", ref=ref,
+                                room=room)
+        return Subscribe(room=room, since=since, ref=ref, presence=wants, snapshot=recent)
     if kind == "typing":
         return Typing(room=room, ref=ref)
     if kind == "unsubscribe":
@@ -248,6 +254,15 @@ def welcome(user: str, heartbeat: float, *, batch: int | None = None,
 
 def subscribed(room: str, from_seq: int, head: int, ref: str | None) -> str:
     return _dump({"type": "subscribed", "room": room, "from": from_seq, "head": head, "ref": ref})
+
+
+def snapshot(room: str, seq: int, messages: str, *, truncated: bool, ref: str | None) -> str:
+    """The ``snapshot`` frame ("Snapshot then live"): ``messages``, a JSON array as text (the
+    rows, oldest first, each as PostgreSQL writes a ``jsonb``: no raw newline), as of ``seq``;
+    ``truncated``: older messages were left out to keep it within PGBRIDGE_SNAPSHOT_MAX_BYTES."""
+    head = _dump({"type": "snapshot", "room": room, "seq": seq, "truncated": truncated,
+                  "ref": ref})
+    return f'{head[:-1]},"messages":{messages}}}'
 
 
 def unsubscribed(room: str, reason: str, ref: str | None = None) -> str:

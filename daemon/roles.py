@@ -45,6 +45,9 @@ BRIDGE_PRIVILEGES: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "users": ("SELECT", ("id", "deleted_at")),
     "channels": ("SELECT", ("id", "deleted_at")),
     "channel_members": ("SELECT", ("channel_id", "user_id")),
+    # whole rows, for the snapshot of a subscribe (daemon/snapshot.py): what the log already
+    # holds of every message since the retention, and the messages older than that
+    "messages": ("SELECT", None),
     "change_events": ("SELECT, DELETE", None),
     "change_sequences": ("SELECT", None),
     "change_notify_key": ("SELECT", None),

@@ -288,6 +288,8 @@ class DaemonSettings:
     user_subscribe_burst: int = _DEFAULTS["PGBRIDGE_USER_SUBSCRIBE_BURST"]
     max_connections: int = _DEFAULTS["PGBRIDGE_MAX_CONNECTIONS"]
     max_connections_per_user: int = _DEFAULTS["PGBRIDGE_MAX_CONNECTIONS_PER_USER"]
+    snapshot_max: int = _DEFAULTS["PGBRIDGE_SNAPSHOT_MAX"]
+    snapshot_max_bytes: int = _DEFAULTS["PGBRIDGE_SNAPSHOT_MAX_BYTES"]
     max_frame_bytes: int = 64 * 1024
     heartbeat: float = _DEFAULTS["PGBRIDGE_HEARTBEAT"]
     retention: float = _DEFAULTS["PGBRIDGE_RETENTION"]

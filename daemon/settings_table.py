@@ -218,6 +218,13 @@ SETTINGS: tuple[Setting, ...] = (
             unit="bytes", minimum=4096, see='docs/topics/faults.md'),
     Setting("PGBRIDGE_MAX_SUBSCRIPTIONS", "daemon", "max_subscriptions", "integer", "100",
             "rooms one connection may subscribe to", unit="rooms", minimum=1, see=_LIMITS),
+    Setting("PGBRIDGE_SNAPSHOT_MAX", "daemon", "snapshot_max", "integer", "1000",
+            "the largest `snapshot` a `subscribe` may ask for (its N most recent messages)",
+            unit="messages", minimum=1, maximum=100000, see=_LIMITS),
+    Setting("PGBRIDGE_SNAPSHOT_MAX_BYTES", "daemon", "snapshot_max_bytes", "integer", "1000000",
+            "bytes of message rows one `snapshot` frame holds at most; older messages that do not "
+            "fit are left out (`\"truncated\": true`)", unit="bytes", minimum=1024,
+            maximum=64 * 1024 * 1024, see=_LIMITS),
     Setting("PGBRIDGE_RATE_LIMIT", "daemon", "rate_limit", "rate", "50",
             "client frames (WebSocket pings included) per second, per connection; a client that "
             "keeps sending past the limit (more than `PGBRIDGE_RATE_BURST` refusals beyond one a "

@@ -1,6 +1,7 @@
 """``pgbridge tail ROOM``: the reference client of the protocol (PROTOCOL.md).
 
-Prints each ``event`` frame of the room as one JSON line on stdout (other frames go to stderr,
+Prints each ``event`` frame of the room as one JSON line on stdout (with ``--snapshot N``, the
+``snapshot`` frame of its N most recent messages first; other frames go to stderr,
 and, on each ``welcome``, ``pgbridge tail: connected as user U, correlation id C``: C names the
 connection's lines in the bridge's log),
 reconnects with backoff when the server goes away (1001, 1011, 1013, 4008, network, HTTP 429 or
@@ -58,19 +59,24 @@ def _with_batch(url: str, batch: int | None) -> str:
     return f"{url}{'&' if '?' in url else '?'}batch={batch}"
 
 
-def _subscribe_frame(room: str, since: int | None) -> str:
+def _subscribe_frame(room: str, since: int | None, snapshot: int | None = None) -> str:
     request: dict[str, object] = {"type": "subscribe", "room": room, "ref": "tail"}
     if since is not None:
         request["since"] = since
+    elif snapshot is not None:
+        request["snapshot"] = snapshot
     return json.dumps(request)
 
 
 async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
-               max_events: int | None = None, batch: int | None = 0) -> int:
+               max_events: int | None = None, batch: int | None = 0,
+               snapshot: int | None = None) -> int:
     """Follow ``room`` at ``url`` (``ws://host:port/ws``) with ``token``; returns 0 after
     ``max_events`` events (``None``: follow until interrupted). Frames are coalesced for at
     most ``batch`` ms (``?batch=``, PROTOCOL.md "Coalesced messages"; ``None``: one frame per
-    message).
+    message). ``snapshot``: first print the ``snapshot`` frame of the room's N most recent
+    messages as one line (PROTOCOL.md, "Snapshot then live"), then the events after it; asked
+    until one arrived, then reconnects resume with ``since``.
 
     Raises :class:`RefusedError` on a refusal a retry cannot fix (module docstring)."""
     backoff = Backoff(base=0.2, cap=10.0)
@@ -80,7 +86,7 @@ async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
         try:
             async with websockets.connect(_with_batch(url, batch), additional_headers={
                     "Authorization": f"Bearer {token}"}, max_size=2**24) as ws:
-                await ws.send(_subscribe_frame(room, last))
+                await ws.send(_subscribe_frame(room, last, snapshot))
                 async for text, frame in _frames(ws):
                     if frame.get("type") == "event":
                         if last is not None and frame["seq"] <= last:
@@ -93,6 +99,10 @@ async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
                         if max_events is not None and printed >= max_events:
                             return EXIT_OK
                         continue
+                    if frame.get("type") == "snapshot" and snapshot is not None:
+                        print(text, flush=True)
+                        last, snapshot = frame["seq"], None  # held: resume after it
+                        continue
                     print(json.dumps(frame), file=sys.stderr, flush=True)
                     if frame.get("type") == "welcome":
                         print(f"pgbridge tail: connected as user {_shown(frame.get('user'))}, "
@@ -100,14 +110,15 @@ async def tail(url: str, token: str, room: str, *, since: int | None, ack: bool,
                               file=sys.stderr, flush=True)
                     elif frame.get("type") == "subscribed":
                         backoff.reset()
-                        last = frame["from"] if last is None else last
+                        if snapshot is None:  # else its seq is held once it is printed
+                            last = frame["from"] if last is None else last
                     elif (frame.get("type") == "error" and frame.get("code") in RETRIED_ERRORS
                           and frame.get("ref") == "tail"):
                         delay = backoff.next()
                         print(f"pgbridge tail: subscribe failed ({frame.get('code')}); trying "
                               f"again in {delay:.1f} s (since={last})", file=sys.stderr)
                         await asyncio.sleep(delay)
-                        await ws.send(_subscribe_frame(room, last))
+                        await ws.send(_subscribe_frame(room, last, snapshot))
                     elif frame.get("type") == "error":
                         raise RefusedError(f"refused: {frame.get('code')}: "
                                            f"{frame.get('message')} (room {room})")

@@ -28,6 +28,17 @@ export interface SubscribedFrame {
 
 /** A room member's presence, from a protocol `presence` frame (subscriptions with
  * `presence: true` only); the last one received for a user is their current state. */
+/** The `snapshot` frame (PROTOCOL.md, "Snapshot then live"): the room's most recent messages
+ * as of `seq`, oldest first; events after `seq` follow. */
+export interface Snapshot {
+  room: string;
+  seq: number;
+  /** Rows of `messages` not soft-deleted, shaped like an event's `data`, oldest first. */
+  messages: Array<Record<string, unknown>>;
+  /** Older messages of the N asked for were left out (PGBRIDGE_SNAPSHOT_MAX_BYTES). */
+  truncated: boolean;
+}
+
 export interface Presence {
   readonly room: string;
   /** The member's `users.id`. */
@@ -132,6 +143,13 @@ export interface SubscribeOptions {
    * membership_revoked, room_deleted, bad_request); subscribe again if appropriate (after
    * cursor_expired, without `since`). `fatal: false`: informative, it goes on. */
   onError?(error: BridgeError): void;
+  /** The first subscribe asks for the room's `snapshot` most recent messages (1 to the
+   * server's PGBRIDGE_SNAPSHOT_MAX, default 1000; not with `since`): onSnapshot gets them
+   * after the first onSubscribed, then onEvent every event after them. Resubscribes (after a
+   * reconnect) resume with `since` = `lastSeq` instead: nothing is lost or repeated. */
+  snapshot?: number;
+  /** With `snapshot`: the `snapshot` frame, once. */
+  onSnapshot?(snapshot: Snapshot): void;
   /** The `subscribed` frame of every (re)subscribe. */
   onSubscribed?(frame: SubscribedFrame): void;
   /** Ack each delivered event (batched; default true). */
@@ -188,7 +206,7 @@ export declare class PgBridge extends EventTarget {
    * connection ends, until the next welcome; null before the first or from a server that does
    * not send it. */
   readonly correlationId: string | null;
-  /** Throws TypeError for a bad room id, since, presence or typingTimeout, Error if already
+  /** Throws TypeError for a bad room id, since, snapshot, presence or typingTimeout, Error if already
    * subscribed or closed. */
   subscribe(room: string, options?: SubscribeOptions): Subscription;
   /** Sends pending acks, closes with 1000, clears every timer; never reconnects. */

@@ -99,6 +99,7 @@ export class Subscription {
     Object.assign(this, { _bridge: bridge, _options: options, _autoAck: options.autoAck !== false,
       _ref: null, // ref of the subscribe sent on the current connection, if any
       _confirmed: false, // `subscribed` received on the current connection
+      _snapshotDue: options.snapshot != null, // asked for, not received yet: ask again
       _retries: 0, _retryTimer: null, _ackPending: -1, _acked: -1,
       _members: members,
       _typists: new Map(), // user -> Date.now() of their last typing signal, until it expires
@@ -202,18 +203,22 @@ export class PgBridge extends EventTarget {
    * `since`; Error if this bridge already follows the room or is closed.
    * @param {string} room a `channels.id` (1 to 26 of A-Z a-z 0-9 _ -)
    * @param {object} [options] `since` (integer), `onEvent(event)`, `onError(error)`,
-   *   `onSubscribed(frame)`, `autoAck` (default true); `presence` (boolean, default false),
+   *   `onSubscribed(frame)`, `autoAck` (default true); `snapshot` (N, first subscribe only),
+   *   `onSnapshot(snapshot)`; `presence` (boolean, default false),
    *   `onPresence(presence)`, `onTyping(signal)`, `onTypists(users)`, `typingTimeout` (ms,
    *   default 5000). See pgbridge.d.ts.
    * @returns {Subscription}
    */
   subscribe(room, options = {}) {
     if (this.state === "closed") throw new Error("pgbridge: the bridge is closed");
-    const { since, presence, typingTimeout } = options;
+    const { since, presence, typingTimeout, snapshot } = options;
     if (typeof room !== "string" || !ROOM.test(room)) {
       throw new TypeError(`pgbridge: not a room id: ${room}`);
     } else if (since != null && !(Number.isSafeInteger(since) && since >= 0)) {
       throw new TypeError(`pgbridge: since must be an integer >= 0, not ${since}`);
+    } else if (snapshot != null && !(Number.isSafeInteger(snapshot) && snapshot >= 1
+      && since == null)) {
+      throw new TypeError(`pgbridge: snapshot must be an integer >= 1 without since, not ${snapshot}`);
     } else if (presence != null && typeof presence !== "boolean") {
       throw new TypeError(`pgbridge: presence must be a boolean, not ${presence}`);
     } else if (typingTimeout != null && !(typeof typingTimeout === "number"
@@ -426,6 +431,7 @@ export class PgBridge extends EventTarget {
     if (f.type === "welcome") this._onWelcome(f);
     else if (f.type === "subscribed") this._onSubscribed(f);
     else if (f.type === "event") this._onEvent(f);
+    else if (f.type === "snapshot") this._onSnapshot(f);
     else if (f.type === "unsubscribed") this._onUnsubscribed(f);
     else if (f.type === "error") this._onError(f);
     else if (f.type === "presence") this._onPresence(f);
@@ -456,6 +462,7 @@ export class PgBridge extends EventTarget {
     sub._ref = this._ref("s", { kind: "subscribe", sub });
     const frame = { type: "subscribe", room: sub.room, ref: sub._ref };
     if (sub.lastSeq !== null) frame.since = sub.lastSeq;
+    else if (sub._snapshotDue) frame.snapshot = sub._options.snapshot; // until one arrives
     if (sub.presence) frame.presence = true; // never sent otherwise: older servers, same frames
     this._send(frame);
   }
@@ -475,7 +482,10 @@ export class PgBridge extends EventTarget {
     this._refs.delete(f.ref);
     clearTimeout(sub._retryTimer);
     Object.assign(sub, { _confirmed: true, _retries: 0, _retryTimer: null });
-    if (sub.lastSeq === null && Number.isSafeInteger(f.from)) sub.lastSeq = f.from;
+    // a snapshot's seq is held once the snapshot is: a drop before it asks for it again
+    if (sub.lastSeq === null && !sub._snapshotDue && Number.isSafeInteger(f.from)) {
+      sub.lastSeq = f.from;
+    }
     if (sub._ackPending > sub._acked) this._scheduleAcks();
     // Presence is not replayed: the snapshot that follows is the whole truth, and a member
     // absent from it is no longer one.
@@ -490,6 +500,17 @@ export class PgBridge extends EventTarget {
     sub.lastSeq = f.seq;
     if (sub._autoAck) this._ack(sub, f.seq);
     call(sub._options.onEvent, f);
+  }
+
+  // "Snapshot then live" (PROTOCOL.md): the room's recent messages as of `seq`, between the
+  // first `subscribed` (from = seq) and the events after it. A resubscribe resumes with `since`.
+  _onSnapshot(f) {
+    const sub = this._subs.get(f.room);
+    if (!sub?._confirmed || !sub._snapshotDue || !Number.isSafeInteger(f.seq)
+      || !Array.isArray(f.messages)) return;
+    Object.assign(sub, { lastSeq: f.seq, _snapshotDue: false });
+    call(sub._options.onSnapshot, Object.freeze({ room: f.room, seq: f.seq,
+      messages: f.messages, truncated: f.truncated === true }));
   }
 
   _onUnsubscribed(f) {
