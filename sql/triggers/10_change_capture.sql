@@ -157,7 +157,7 @@ DECLARE
     v_frame text;
     -- the write receipt (pgbridge_receipt, below): this transaction's events as they are
     -- recorded in the transaction-local setting pgbridge.receipt, and their prefix
-    receipt_max CONSTANT int := 65536;  -- bytes: about 700 events of messages
+    receipt_max CONSTANT int := 8192;  -- bytes: about 90 events of messages
     v_tag text;
     v_receipt text;
 BEGIN
@@ -282,10 +282,13 @@ REVOKE ALL ON FUNCTION pgbridge_capture() FROM PUBLIC;
 --   neither fail the trigger nor reach another session. A session can fool only itself (SET
 --   inside its own transaction, or a function of its own with a SET pgbridge.receipt clause,
 --   whose end restores the value): the receipt is the writer's own account, not an authority.
--- * The cap: each append copies the value, so a bulk transaction would copy quadratically. Past
---   64 KiB (receipt_max in pgbridge_capture: about 700 events of messages) the trigger replaces
---   the value with '<xid>:!' and records no more; this function then raises SQLSTATE 54000
---   (program_limit_exceeded). The transaction's writes are not affected.
+-- * The cap: each append copies the value several times (read, concatenation, set_config and
+--   the save of the previous value at each trigger call), so its cost grows with the receipt:
+--   measured 2.6 to 3.4 us for a transaction's first event, 4 to 8 us per event on average up to
+--   8 KiB, 70 us at 64 KiB (docs/benchmarks/write-overhead.md, "The write receipt"). Past 8 KiB
+--   (receipt_max in pgbridge_capture: about 90 events of messages) the trigger replaces the
+--   value with '<xid>:!' and records no more (a few us per event, as a first one); this
+--   function then raises SQLSTATE 54000 (program_limit_exceeded). The writes are not affected.
 -- VOLATILE: the triggers of a statement change it. SECURITY INVOKER: it reads only the caller's
 -- own setting. The application role may EXECUTE it (setup_db.py --grant-app), PUBLIC may not.
 CREATE OR REPLACE FUNCTION pgbridge_receipt()
@@ -304,7 +307,7 @@ BEGIN
     v_receipt := substr(v_receipt, length(v_tag) + 1);
     IF v_receipt = '!' THEN
         RAISE EXCEPTION 'pgbridge: this transaction produced more events than the receipt holds '
-                        '(64 KiB, about 700 events)'
+                        '(8 KiB, about 90 events)'
             USING ERRCODE = '54000',
                   HINT = 'Read the seqs of a bulk transaction from the delivered events instead.';
     END IF;
