@@ -10,6 +10,8 @@ seq check the daemon connected as the bridge role with a real WebSocket client.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -22,8 +24,9 @@ from psycopg import errors
 from ulid import ULID
 
 from daemon.app import Bridge
+from tests.integration.test_js_client import node
 from tests.support.fixtures import ROOT, conninfo_env, running_bridge
-from tests.support.helpers import events, make_room, make_user, post
+from tests.support.helpers import events, make_room, make_user, post, token
 from tests.support.trust import Roles, TrustDB, connected, setup_room
 
 AsyncConn = psycopg.AsyncConnection[Any]
@@ -67,6 +70,41 @@ async def test_receipt_gives_the_seq_the_subscriber_then_receives(
     (event,) = await events(ws, 1)
     assert (event["room"], event["seq"], event["table"], event["op"], event["id"]) == got[0]
     await ws.close()
+
+
+@pytest.mark.slow
+async def test_the_js_client_confirms_the_optimistic_id_with_the_receipt_s_seq(
+        trust_db: TrustDB, bridge: Bridge) -> None:
+    """clients/js/pgbridge.js in Node (tests/support/optimistic_send.mjs) against the daemon:
+    sub.pending(id) resolves with the INSERT of the id the writer chose, its seq the one
+    pgbridge_receipt() gave the writer; an id never written times out."""
+    user, room = await room_with_user(trust_db)
+    mid = str(ULID())
+    proc = await asyncio.create_subprocess_exec(
+        node(), "--experimental-websocket", str(ROOT / "tests/support/optimistic_send.mjs"),
+        f"ws://127.0.0.1:{bridge.port}/ws", token(user), room, mid,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert line.strip() == b"subscribed", (line, await proc.stderr.read() if proc.stderr
+                                               else b"")
+        async with connected(trust_db.app) as app:
+            async with app.transaction():
+                await app.execute("INSERT INTO messages (id, channel_id, user_id, content) "
+                                  "VALUES (%s, %s, %s, 'optimistic')", [mid, room, user])
+                (got,) = await receipt(app)
+        outcomes = [json.loads(await asyncio.wait_for(proc.stdout.readline(), 20))
+                    for _ in range(2)]
+        assert sorted(outcomes, key=lambda o: str(o["id"])) == [
+            {"id": mid, "seq": got[1], "op": "INSERT"},
+            {"id": f"{mid}-never", "error": "timeout"}]
+        assert got[:3] == (room, got[1], "messages")
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_receipt_lists_multi_row_multi_room_events_in_capture_order(
