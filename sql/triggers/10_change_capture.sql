@@ -285,7 +285,7 @@ REVOKE ALL ON FUNCTION pgbridge_capture() FROM PUBLIC;
 -- * The cap: each append copies the value several times (read, concatenation, set_config and
 --   the save of the previous value at each trigger call), so its cost grows with the receipt:
 --   measured 2.6 to 3.4 us for a transaction's first event, 4 to 8 us per event on average up to
---   8 KiB, 70 us at 64 KiB (docs/benchmarks/write-overhead.md, "The write receipt"). Past 8 KiB
+--   8 KiB, 70 us up to 64 KiB (docs/benchmarks/write-overhead.md, "The write receipt"). Past 8 KiB
 --   (receipt_max in pgbridge_capture: about 90 events of messages) the trigger replaces the
 --   value with '<xid>:!' and records no more (a few us per event, as a first one); this
 --   function then raises SQLSTATE 54000 (program_limit_exceeded). The writes are not affected.
