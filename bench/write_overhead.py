@@ -55,8 +55,8 @@ subscribers' process. On a small machine those compete with the writers for the 
 
 ``--profile`` adds variants of ``pgbridge_capture`` with one part changed (ABLATIONS: in quiet
 mode, without the change_events insert, without the change_sequences UPDATE, without the BRIN
-index, with the old INSERT ... ON CONFLICT upsert, without the lease read; in ring mode,
-unsigned), each in its own schema, and a server-side cost per variant: a DO block that inserts
+index, with the old INSERT ... ON CONFLICT upsert, without the lease read, without the write
+receipt; in ring mode, unsigned), each in its own schema, and a server-side cost per variant: a DO block that inserts
 and COMMITs one row at a time in one room, no client, with its time and WAL bytes per row, and
 the share of HOT updates of change_sequences (pg_stat_user_tables) in the matrix and in the DO
 blocks. The shipped SQL files are not changed.
@@ -154,6 +154,9 @@ LEASE_READ = """v_ring := clock_timestamp() >= to_timestamp((SELECT d.last_value
 KEY_READ = """SELECT k.ipad, k.opad, pgbridge_channel(k.ipad, k.opad, 'capture', TG_TABLE_SCHEMA)
             INTO v_ipad, v_opad, v_channel FROM change_notify_key k;"""
 SIGNED = "pgbridge_hmac(v_ipad, v_opad, v_frame) || v_frame"
+RECEIPT_APPEND = """        IF v_tag IS NULL THEN
+            v_tag := pg_current_xact_id()::text || ':';"""
+RECEIPT_SET = "        PERFORM set_config('pgbridge.receipt', v_receipt, true);"
 ABLATIONS: list[Variant] = [
     Variant("quiet_no_log", "quiet, without the change_events insert", FAR,
             replacements=((LOG_INSERT, NO_LOG),)),
@@ -165,6 +168,10 @@ ABLATIONS: list[Variant] = [
             replacements=((SEQ_UPDATE, SEQ_UPSERT),)),
     Variant("quiet_no_lease", "quiet, lease not read (v_ring := false)", FAR,
             replacements=((LEASE_READ, "v_ring := false;"),)),
+    # the write receipt: the append never runs (v_tag stays NULL), nor the set_config
+    Variant("quiet_no_receipt", "quiet, without the write receipt (pgbridge_receipt)", FAR,
+            replacements=((RECEIPT_APPEND, "        IF false THEN\n            NULL;"),
+                          (RECEIPT_SET, "        NULL;"))),
     Variant("ring_unsigned", "ring, NOTIFY unsigned (no key read, no HMAC)", 0,
             # the schema's secret channel as a constant ({capture_channel}: prepare_schema)
             replacements=((KEY_READ, "v_ipad := ''::bytea; v_channel := '{capture_channel}';"),

@@ -59,8 +59,10 @@ BRIDGE_PRIVILEGES: dict[str, tuple[str, tuple[str, ...] | None]] = {
 }
 # Functions of the schema the application may call besides those open to PUBLIC (gen_ulid, ...):
 # name -> argument types. pgbridge_lock_rooms takes the room counters of a multi-room
-# transaction in a fixed order (sql/triggers/30_room_lock_order.sql, docs/topics/deadlocks.md).
-APP_FUNCTIONS: dict[str, str] = {"pgbridge_lock_rooms": "text[]"}
+# transaction in a fixed order (sql/triggers/30_room_lock_order.sql, docs/topics/deadlocks.md);
+# pgbridge_receipt gives a transaction its own events and their seqs
+# (sql/triggers/10_change_capture.sql, docs/howto/optimistic-send.md).
+APP_FUNCTIONS: dict[str, str] = {"pgbridge_lock_rooms": "text[]", "pgbridge_receipt": ""}
 # Functions the bridge calls: presence transitions, leases and their expiry
 # (sql/triggers/40_presence.sql), the doorbell lease and the LISTEN on the schema's secret
 # channels (sql/triggers/10_change_capture.sql).

@@ -39,7 +39,8 @@ FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_channel", "pgbridge_chann
              "pgbridge_lock_rooms", "pgbridge_lock_user_rooms",
              "pgbridge_presence_set", "pgbridge_presence_sync", "pgbridge_presence_reap",
              "pgbridge_presence_retire", "pgbridge_status_truth", "pgbridge_presence_hint",
-             "pgbridge_doorbell", "pgbridge_status_guard", "pgbridge_resume_guard")
+             "pgbridge_doorbell", "pgbridge_status_guard", "pgbridge_resume_guard",
+             "pgbridge_receipt")
 # Functions that run as the owner: SECURITY DEFINER, search_path pinned with pg_temp last, and
 # no EXECUTE for PUBLIC (sql/triggers/10_change_capture.sql, "Trust").
 DEFINER_FUNCTIONS = ("pgbridge_capture", "pgbridge_user_gone", "pgbridge_lock_rooms",

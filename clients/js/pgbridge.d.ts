@@ -193,6 +193,29 @@ export declare class Subscription {
   typists(): string[];
   /** Stop following the room; pending acks are sent first. Idempotent. */
   unsubscribe(): void;
+  /** Optimistic send (docs/howto/optimistic-send.md): resolves with the INSERT event of the
+   * row with this `id` in this room (call it before sending the row; an event that arrived
+   * just before the call, among the room's last 256 INSERTs since the first pending(), counts
+   * too). Rejects with a {@link PendingError}. Twice for one id: the same promise. TypeError
+   * for an empty id or a bad timeout. */
+  pending(id: string, options?: PendingOptions): Promise<BridgeEvent>;
+  /** Give up on a pending id (the request that was to write it failed): its promise rejects
+   * with code `failed` and `cause` = `reason`. Returns whether the id was pending. */
+  fail(id: string, reason?: unknown): boolean;
+}
+
+export interface PendingOptions {
+  /** Ms to wait for the event before rejecting with code `timeout` (default 30000;
+   * Infinity: never). */
+  timeout?: number;
+}
+
+/** Why an optimistic row was not confirmed. */
+export interface PendingError extends Error {
+  /** `timeout`, `failed` (`fail()`), `unsubscribed` (the subscription ended) or `closed`. */
+  code: "timeout" | "failed" | "unsubscribed" | "closed";
+  room: string;
+  id: string;
 }
 
 export declare class PgBridge extends EventTarget {

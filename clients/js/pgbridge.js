@@ -132,6 +132,87 @@ export class Subscription {
 
   /** Stop following the room (a pending ack is sent first). Idempotent. */
   unsubscribe() { this._bridge._unsubscribe(this); }
+
+  /** Optimistic send (docs/howto/optimistic-send.md): wait for the INSERT event of the row
+   * with this `id` (the client-generated ULID of `messages.id`) in this room. Call it before
+   * sending the row, show the row as pending, replace it with the event when this resolves.
+   * Resolves with the event (its `seq` is the one `pgbridge_receipt()` gave the writer);
+   * rejects with an Error whose `code` is `timeout` (none within `timeout` ms, default 30000;
+   * Infinity: never), `failed` (`fail(id)` was called; `cause`: its reason), `unsubscribed`
+   * or `closed`. Twice for the same id: the same promise. TypeError for an empty id or a bad
+   * timeout. @param {string} id @param {{timeout?: number}} [options]
+   * @returns {Promise<object>} */
+  pending(id, options = {}) { return awaitInsert(this, id, options); }
+
+  /** Give up on a pending id (e.g. the request that should have written it failed): its
+   * promise rejects with code `failed` and `cause` = `reason`. @param {string} id
+   * @param {unknown} [reason] @returns {boolean} whether the id was pending */
+  fail(id, reason) {
+    return settleInsert(this, id, null, optimisticError("failed", this.room, id,
+      `pgbridge: the write of ${id} failed`, reason));
+  }
+}
+
+// --- optimistic sends ----------------------------------------------------------------------
+// A subscription's pending ids and, once pending() was first called, the ids of its last
+// RECENT_INSERTS INSERT events, so that an id asked for just after its event arrived (the
+// event can beat the response of the request that wrote it) still resolves.
+const RECENT_INSERTS = 256;
+const PENDING_TIMEOUT_MS = 30000;
+
+function optimisticError(code, room, id, message, cause) {
+  return Object.assign(new Error(message, cause === undefined ? undefined : { cause }),
+    { code, room, id });
+}
+
+function awaitInsert(sub, id, options) {
+  if (typeof id !== "string" || !id) throw new TypeError("pgbridge: pending() needs a row id");
+  const timeout = options.timeout ?? PENDING_TIMEOUT_MS;
+  if (!(timeout === Infinity || (Number.isFinite(timeout) && timeout >= 0))) {
+    throw new TypeError(`pgbridge: pending timeout must be ms >= 0 or Infinity, not ${timeout}`);
+  }
+  const state = (sub._optimistic ??= { waiting: new Map(), recent: new Map() });
+  const seen = state.recent.get(id);
+  if (seen) return Promise.resolve(seen);
+  const waiting = state.waiting.get(id);
+  if (waiting) return waiting.promise;
+  if (!sub.active) {
+    return Promise.reject(optimisticError("unsubscribed", sub.room, id,
+      `pgbridge: ${sub.room} is no longer followed`));
+  }
+  const entry = { timer: null };
+  entry.promise = new Promise((resolve, reject) => Object.assign(entry, { resolve, reject }));
+  if (timeout !== Infinity) {
+    entry.timer = setTimeout(() => settleInsert(sub, id, null, optimisticError("timeout",
+      sub.room, id, `pgbridge: no INSERT of ${id} in ${sub.room} within ${timeout} ms`)),
+    Math.min(timeout, MAX_TIMER_MS));
+  }
+  state.waiting.set(id, entry);
+  return entry.promise;
+}
+
+function settleInsert(sub, id, event, error) {
+  const entry = sub._optimistic?.waiting.get(id);
+  if (!entry) return false;
+  sub._optimistic.waiting.delete(id);
+  clearTimeout(entry.timer);
+  if (error) entry.reject(error);
+  else entry.resolve(event);
+  return true;
+}
+
+function confirmInsert(sub, event) { // every event delivered to the subscription
+  const state = sub._optimistic;
+  if (!state || event.op !== "INSERT" || typeof event.id !== "string") return;
+  state.recent.set(event.id, event);
+  if (state.recent.size > RECENT_INSERTS) state.recent.delete(state.recent.keys().next().value);
+  settleInsert(sub, event.id, event, null);
+}
+
+function failAllInserts(sub, code, message) { // the subscription ended
+  for (const id of [...(sub._optimistic?.waiting.keys() ?? [])]) {
+    settleInsert(sub, id, null, optimisticError(code, sub.room, id, message));
+  }
 }
 
 /**
@@ -373,6 +454,7 @@ export class PgBridge extends EventTarget {
     for (const sub of this._subs.values()) {
       sub.active = false;
       this._clearTypists(sub);
+      failAllInserts(sub, "closed", "pgbridge: the bridge is closed");
     }
     this._subs.clear();
   }
@@ -500,6 +582,7 @@ export class PgBridge extends EventTarget {
     sub.lastSeq = f.seq;
     if (sub._autoAck) this._ack(sub, f.seq);
     call(sub._options.onEvent, f);
+    confirmInsert(sub, f);
   }
 
   // "Snapshot then live" (PROTOCOL.md): the room's recent messages as of `seq`, between the
@@ -568,6 +651,7 @@ export class PgBridge extends EventTarget {
     this._clearTypists(sub);
     if (this._subs.get(sub.room) === sub) this._subs.delete(sub.room);
     if (err) this._error(err, sub);
+    failAllInserts(sub, "unsubscribed", `pgbridge: ${sub.room} is no longer followed`);
   }
 
   // --- presence and typing ----------------------------------------------------------------

@@ -155,6 +155,11 @@ DECLARE
     v_seq bigint;
     v_ts timestamptz;
     v_frame text;
+    -- the write receipt (pgbridge_receipt, below): this transaction's events as they are
+    -- recorded in the transaction-local setting pgbridge.receipt, and their prefix
+    receipt_max CONSTANT int := 8192;  -- bytes: about 90 events of messages
+    v_tag text;
+    v_receipt text;
 BEGIN
     IF TG_OP = 'DELETE' THEN
         v_row := to_jsonb(OLD);
@@ -222,6 +227,22 @@ BEGIN
             RAISE EXCEPTION 'pgbridge: could not take the next seq of room %', e_room
                 USING ERRCODE = '40001', HINT = 'Retry the transaction.';
         END IF;
+        IF v_tag IS NULL THEN
+            v_tag := pg_current_xact_id()::text || ':';
+            v_receipt := current_setting('pgbridge.receipt', true);
+            -- another transaction's value, or anything the session SET: start afresh
+            IF v_receipt IS NULL OR NOT starts_with(v_receipt, v_tag)
+               OR octet_length(v_receipt) > receipt_max THEN
+                v_receipt := v_tag;
+            END IF;
+        END IF;
+        IF v_receipt <> v_tag || '!' THEN
+            v_receipt := v_receipt || json_build_array(e_room, v_seq, TG_TABLE_NAME, e_op, e_id)
+                                      || ',';
+            IF octet_length(v_receipt) > receipt_max THEN
+                v_receipt := v_tag || '!';  -- past the cap: the receipt says it is incomplete
+            END IF;
+        END IF;
         CONTINUE WHEN NOT v_ring;
         IF v_ipad IS NULL THEN
             SELECT k.ipad, k.opad, pgbridge_channel(k.ipad, k.opad, 'capture', TG_TABLE_SCHEMA)
@@ -233,10 +254,77 @@ BEGIN
         END IF;
         PERFORM pg_notify(v_channel, pgbridge_hmac(v_ipad, v_opad, v_frame) || v_frame);
     END LOOP;
+    IF v_tag IS NOT NULL THEN
+        PERFORM set_config('pgbridge.receipt', v_receipt, true);
+    END IF;
     RETURN NULL;
 END
 $$;
 REVOKE ALL ON FUNCTION pgbridge_capture() FROM PUBLIC;
+
+-- The write receipt (docs/howto/optimistic-send.md): the events the calling transaction has
+-- produced so far, (room_id, seq, table_name, op, row_id) in capture order, none when it has
+-- produced none. Called in the writer's transaction (INSERT ...; SELECT * FROM
+-- pgbridge_receipt();), it gives the seq each event will carry when the bridges deliver it.
+--
+-- Where it comes from: pgbridge_capture appends each event it writes, as a JSON array and a
+-- comma, to the transaction-local setting pgbridge.receipt (set_config(..., true)), prefixed with
+-- the top-level transaction id ('<xid>:'; pg_current_xact_id() is the same in a subtransaction
+-- and never reused). Chosen over a transaction-id column on change_events read through a
+-- SECURITY DEFINER function (docs/design.md, "The write receipt"), measured
+-- (docs/benchmarks/write-overhead.md): no index on the hottest table, no migration, and the
+-- setting is the session's own, so no function can read another transaction's events.
+-- * Savepoints: a setting changed in a subtransaction is restored by its rollback, so the events
+--   of a rolled-back savepoint leave the receipt with their rows; a released one keeps them.
+-- * The value ends with the transaction (SET LOCAL semantics); a value left by the session (SET
+--   pgbridge.receipt = ..., ALTER ROLE ... SET) lacks this transaction's id and is ignored, and
+--   the trigger only ever appends to a value with the current id: what the session sets can
+--   neither fail the trigger nor reach another session. A session can fool only itself (SET
+--   inside its own transaction, or a function of its own with a SET pgbridge.receipt clause,
+--   whose end restores the value): the receipt is the writer's own account, not an authority.
+-- * The cap: each append copies the value several times (read, concatenation, set_config and
+--   the save of the previous value at each trigger call), so its cost grows with the receipt:
+--   measured 2.6 to 3.4 us for a transaction's first event, 4 to 8 us per event on average up to
+--   8 KiB, 70 us up to 64 KiB (docs/benchmarks/write-overhead.md, "The write receipt"). Past 8 KiB
+--   (receipt_max in pgbridge_capture: about 90 events of messages) the trigger replaces the
+--   value with '<xid>:!' and records no more (a few us per event, as a first one); this
+--   function then raises SQLSTATE 54000 (program_limit_exceeded). The writes are not affected.
+-- VOLATILE: the triggers of a statement change it. SECURITY INVOKER: it reads only the caller's
+-- own setting. The application role may EXECUTE it (setup_db.py --grant-app), PUBLIC may not.
+CREATE OR REPLACE FUNCTION pgbridge_receipt()
+RETURNS TABLE (room_id text, seq bigint, table_name text, op text, row_id text)
+LANGUAGE plpgsql VOLATILE SET search_path FROM CURRENT AS $$
+DECLARE
+    v_xid xid8 := pg_current_xact_id_if_assigned();
+    v_receipt text := current_setting('pgbridge.receipt', true);
+    v_tag text := v_xid::text || ':';
+    v_events jsonb;
+BEGIN
+    -- no transaction id yet: this transaction has written nothing, so captured nothing
+    IF v_xid IS NULL OR v_receipt IS NULL OR NOT starts_with(v_receipt, v_tag) THEN
+        RETURN;
+    END IF;
+    v_receipt := substr(v_receipt, length(v_tag) + 1);
+    IF v_receipt = '!' THEN
+        RAISE EXCEPTION 'pgbridge: this transaction produced more events than the receipt holds '
+                        '(8 KiB, about 90 events)'
+            USING ERRCODE = '54000',
+                  HINT = 'Read the seqs of a bulk transaction from the delivered events instead.';
+    END IF;
+    BEGIN
+        v_events := ('[' || rtrim(v_receipt, ',') || ']')::jsonb;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION 'pgbridge: the receipt of this transaction was overwritten by the session'
+            USING ERRCODE = '22023',
+                  HINT = 'Do not SET pgbridge.receipt: pgbridge''s capture trigger writes it.';
+    END;
+    RETURN QUERY
+        SELECT e->>0, (e->>1)::bigint, e->>2, e->>3, e->>4
+        FROM jsonb_array_elements(v_events) WITH ORDINALITY AS t (e, n)
+        ORDER BY t.n;
+END
+$$;
+REVOKE ALL ON FUNCTION pgbridge_receipt() FROM PUBLIC;
 
 -- Published tables. users, user_settings, user_status and sync_state are never published: they
 -- hold personal data and belong to no room.
