@@ -45,8 +45,12 @@ from .store import RoomCursorInfo, Store
 __all__ = ["check_subscribe", "read_snapshot", "send_recent"]
 
 # One statement, one MVCC snapshot (see the module's docstring). Parameters: user, room, N,
-# max_bytes. Each row's JSON text is made once (``jsonb`` text: no raw newline) and joined as
-# text (jsonb_agg would build the array as jsonb and write it out again: twice the time); the
+# max_bytes. ``recent`` picks the N rows by their index and a lower bound of each one's JSON
+# text (its content's bytes, read from the TOAST header without detoasting: JSON escaping only
+# adds): a row whose running bound is past max_bytes cannot fit and is never read whole nor
+# serialized, so the statement's work is bounded by max_bytes, not by N times the rows' size.
+# Each kept row's JSON text is made once (``jsonb`` text: no raw newline) and joined as text
+# (jsonb_agg would build the array as jsonb and write it out again: twice the time); the
 # running total counts each row's text and the "," that separates it.
 _SNAPSHOT = """
     WITH auth AS (
@@ -58,24 +62,29 @@ _SNAPSHOT = """
         LEFT JOIN users u ON u.id = a.user_id
         LEFT JOIN channel_members m ON m.channel_id = a.room_id AND m.user_id = a.user_id
     ), recent AS (
-        SELECT to_jsonb(m)::text AS data, m.created_at, m.id
-        FROM messages m
-        WHERE m.channel_id = %(room)s AND m.deleted_at IS NULL
-          AND (SELECT allowed FROM auth)
-        ORDER BY m.created_at DESC, m.id DESC
-        LIMIT %(n)s
+        SELECT r.id, r.created_at,
+               sum(r.len + 1) OVER (ORDER BY r.created_at DESC, r.id DESC) AS floor
+        FROM (SELECT m.id, m.created_at, octet_length(m.content) AS len
+              FROM messages m
+              WHERE m.channel_id = %(room)s AND m.deleted_at IS NULL
+                AND (SELECT allowed FROM auth)
+              ORDER BY m.created_at DESC, m.id DESC
+              LIMIT %(n)s) AS r
     ), sized AS (
-        SELECT data, created_at, id,
-               sum(octet_length(data) + 1) OVER (ORDER BY created_at DESC, id DESC)
+        SELECT j.data, j.created_at, j.id,
+               sum(octet_length(j.data) + 1) OVER (ORDER BY j.created_at DESC, j.id DESC)
                    AS used
-        FROM recent
+        FROM (SELECT to_jsonb(m)::text AS data, r.created_at, r.id
+              FROM recent r JOIN messages m ON m.id = r.id
+              WHERE r.floor <= %(max_bytes)s) AS j
     )
     SELECT a.room_exists, a.allowed,
            COALESCE((SELECT h.last_seq FROM change_sequences h
                      WHERE h.room_id = %(room)s), 0),
            (SELECT '[' || string_agg(s.data, ',' ORDER BY s.created_at, s.id) || ']'
             FROM sized s WHERE s.used <= %(max_bytes)s),
-           (SELECT count(*) FROM sized s WHERE s.used > %(max_bytes)s)
+           (SELECT count(*) FROM recent)
+               - (SELECT count(*) FROM sized s WHERE s.used <= %(max_bytes)s)
     FROM auth a
 """
 
