@@ -119,3 +119,26 @@ test("refuses an empty id or a bad timeout", async () => {
   }
   bridge.close();
 });
+
+test("a row already in the room's snapshot resolves its pending id, not a timeout", async () => {
+  // The app subscribes with a snapshot and sends at once: a write committed before the
+  // snapshot's read is in the snapshot and never comes as an event.
+  const { bridge, ws } = await connect();
+  const a = follow(bridge, "roomA", { snapshot: 5 });
+  const p = a.sub.pending("sent-early", { timeout: 5000 });
+  ws().welcome();
+  const [sub] = ws().frames("subscribe");
+  ws().recv({ type: "subscribed", room: "roomA", from: 7, head: 7, ref: sub.ref });
+  const row = { id: "sent-early", channel_id: "roomA", content: "hi" };
+  ws().recv({ type: "snapshot", room: "roomA", seq: 7, truncated: false, ref: sub.ref,
+    messages: [{ id: "older" }, row] });
+  let outcome = ["pending"];
+  p.then((v) => { outcome = ["resolved", v]; }, (e) => { outcome = ["rejected", e]; });
+  await advance(5000);
+  await settle();
+  const [how, got] = outcome;
+  assert.equal(how, "resolved", `rejected: ${got?.code}`);
+  assert.deepEqual({ ...got }, { type: "snapshot", room: "roomA", seq: 7, table: "messages",
+    op: "INSERT", id: "sent-early", data: row });
+  bridge.close();
+});
