@@ -2,6 +2,19 @@
 // (docs/PROTOCOL.md).
 
 /** A protocol `event` frame: one change of a room, delivered once per seq, in order. */
+/** What `pending(id)` resolves with when the row was already in the room's snapshot. */
+export interface SnapshotInsert {
+  type: "snapshot";
+  room: string;
+  /** The snapshot's seq: the row's INSERT is at or before it. */
+  seq: number;
+  table: "messages";
+  op: "INSERT";
+  id: string;
+  /** The row, as in the snapshot. */
+  data: Record<string, unknown>;
+}
+
 export interface BridgeEvent {
   type: "event";
   room: string;
@@ -196,9 +209,11 @@ export declare class Subscription {
   /** Optimistic send (docs/howto/optimistic-send.md): resolves with the INSERT event of the
    * row with this `id` in this room (call it before sending the row; an event that arrived
    * just before the call, among the room's last 256 INSERTs since the first pending(), counts
-   * too). Rejects with a {@link PendingError}. Twice for one id: the same promise. TypeError
-   * for an empty id or a bad timeout. */
-  pending(id: string, options?: PendingOptions): Promise<BridgeEvent>;
+   * too; a row already in the room's snapshot resolves it with `type: "snapshot"` and the
+   * snapshot's `seq`, at or after the row's, and no `ts`). Rejects with a
+   * {@link PendingError}. Twice for one id: the same promise. TypeError for an empty id or a
+   * bad timeout. */
+  pending(id: string, options?: PendingOptions): Promise<BridgeEvent | SnapshotInsert>;
   /** Give up on a pending id (the request that was to write it failed): its promise rejects
    * with code `failed` and `cause` = `reason`. Returns whether the id was pending. */
   fail(id: string, reason?: unknown): boolean;

@@ -136,7 +136,9 @@ export class Subscription {
   /** Optimistic send (docs/howto/optimistic-send.md): wait for the INSERT event of the row
    * with this `id` (the client-generated ULID of `messages.id`) in this room. Call it before
    * sending the row, show the row as pending, replace it with the event when this resolves.
-   * Resolves with the event (its `seq` is the one `pgbridge_receipt()` gave the writer);
+   * Resolves with the event (its `seq` is the one `pgbridge_receipt()` gave the writer), or,
+   * for a row already in the room's snapshot, with `{type: "snapshot", room, seq, table:
+   * "messages", op: "INSERT", id, data}` (`seq`: the snapshot's, at or after the row's);
    * rejects with an Error whose `code` is `timeout` (none within `timeout` ms, default 30000;
    * Infinity: never), `failed` (`fail(id)` was called; `cause`: its reason), `unsubscribed`
    * or `closed`. Twice for the same id: the same promise. TypeError for an empty id or a bad
@@ -594,6 +596,12 @@ export class PgBridge extends EventTarget {
     Object.assign(sub, { lastSeq: f.seq, _snapshotDue: false });
     call(sub._options.onSnapshot, Object.freeze({ room: f.room, seq: f.seq,
       messages: f.messages, truncated: f.truncated === true }));
+    // a row written before the snapshot's read is in it and never comes as an event
+    for (const m of f.messages) {
+      if (typeof m?.id !== "string") continue;
+      confirmInsert(sub, { type: "snapshot", room: f.room, seq: f.seq, table: "messages",
+        op: "INSERT", id: m.id, data: m });
+    }
   }
 
   _onUnsubscribed(f) {
