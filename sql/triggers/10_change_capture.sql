@@ -277,11 +277,13 @@ REVOKE ALL ON FUNCTION pgbridge_capture() FROM PUBLIC;
 -- * Savepoints: a setting changed in a subtransaction is restored by its rollback, so the events
 --   of a rolled-back savepoint leave the receipt with their rows; a released one keeps them.
 -- * The value ends with the transaction (SET LOCAL semantics); a value left by the session (SET
---   pgbridge.receipt = ..., ALTER ROLE ... SET) lacks this transaction's id and is ignored, and
---   the trigger only ever appends to a value with the current id: what the session sets can
---   neither fail the trigger nor reach another session. A session can fool only itself (SET
---   inside its own transaction, or a function of its own with a SET pgbridge.receipt clause,
---   whose end restores the value): the receipt is the writer's own account, not an authority.
+--   pgbridge.receipt = ..., ALTER ROLE ... SET) lacks this transaction's id and is ignored
+--   (unless the session predicted its next transaction id and wrote it in: transaction ids are
+--   sequential), and the trigger only ever appends to a value with the current id: what the
+--   session sets can neither fail the trigger nor reach another session. A session can fool
+--   only itself (SET inside its own transaction, a value tagged with its next transaction id,
+--   or a function of its own with a SET pgbridge.receipt clause, whose end restores the
+--   value): the receipt is the writer's own account, not an authority.
 -- * The cap: each append copies the value several times (read, concatenation, set_config and
 --   the save of the previous value at each trigger call), so its cost grows with the receipt:
 --   measured 2.6 to 3.4 us for a transaction's first event, 4 to 8 us per event on average up to
