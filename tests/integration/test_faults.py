@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import sys
@@ -42,11 +41,11 @@ from tests.support.helpers import (
     token,
 )
 from tests.support.procs import (
-    PGBRIDGE,
     daemon_process,
     free_port,
     human_lines,
     run_cli,
+    tail_subscribed,
     until,
 )
 
@@ -352,19 +351,8 @@ async def test_tail_reference_client_prints_events(
     base = await head(conn, room)
     before = [await post(conn, room, user, f"before {i}") for i in range(3)]
     async with running_bridge(db_url) as bridge:
-        url = f"ws://127.0.0.1:{bridge.port}/ws"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PGBRIDGE_", "POSTGRES_", "SSH_")) and k != "DATABASE_URL"}
-        tail = asyncio.create_task(run_cli(
-            str(PGBRIDGE), "tail", room, "--since", str(base), "--count", "6", "--url", url,
-            "--token", token(user), *batch, env=env, cwd=tmp_path))
-
-        async def subscribed() -> bool:
-            if tail.done():
-                pytest.fail(f"pgbridge tail ended early: {tail.result()}")
-            return bridge.hub.subscribers(room) == 1
-
-        await until(subscribed, "pgbridge tail to subscribe")
+        tail = await tail_subscribed(bridge, room, token(user), "--since", str(base),
+                                     "--count", "6", *batch, cwd=tmp_path)
         after = [await post(conn, room, user, f"after {i}") for i in range(3)]
         code, out, err = await tail
     assert code == 0, err

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import socket
 import threading
@@ -30,7 +29,7 @@ from tests.support.helpers import (
     send,
     token,
 )
-from tests.support.procs import PGBRIDGE, run_cli, until
+from tests.support.procs import tail_subscribed, until
 
 Conn = psycopg.AsyncConnection[Any]
 Row = dict[str, Any]
@@ -292,18 +291,8 @@ async def test_pgbridge_tail_prints_the_snapshot_then_the_events(
     user = await make_user(conn)
     room = await make_room(conn, user)
     before = [await post(conn, room, user, f"before {i}") for i in range(5)]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PGBRIDGE_", "POSTGRES_", "SSH_")) and k != "DATABASE_URL"}
-    tail = asyncio.create_task(run_cli(
-        str(PGBRIDGE), "tail", room, "--snapshot", "3", "--count", "2", "--url",
-        f"ws://127.0.0.1:{bridge.port}/ws", "--token", token(user), env=env, cwd=tmp_path))
-
-    async def subscribed() -> bool:
-        if tail.done():
-            pytest.fail(f"pgbridge tail ended early: {tail.result()}")
-        return bridge.hub.subscribers(room) == 1
-
-    await until(subscribed, "pgbridge tail to subscribe")
+    tail = await tail_subscribed(bridge, room, token(user), "--snapshot", "3", "--count", "2",
+                                 cwd=tmp_path)
     after = [await post(conn, room, user, f"after {i}") for i in range(2)]
     code, out, err = await tail
     assert code == 0, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import sys
@@ -187,6 +188,27 @@ async def run_cli(*args: str, env: dict[str, str], cwd: Path,
         raise
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def tail_subscribed(bridge: Any, room: str, bearer: str, *args: str,
+                          cwd: Path) -> asyncio.Task[tuple[int, str, str]]:
+    """``pgbridge tail ROOM ARGS`` against the in-process ``bridge`` (a
+    :class:`daemon.app.Bridge`), as the user of the token ``bearer``, in an environment without
+    the machine's database settings; returned, as the task of its :func:`run_cli`, once the
+    bridge holds its subscription (writes committed from then on reach it live)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PGBRIDGE_", "POSTGRES_", "SSH_")) and k != "DATABASE_URL"}
+    tail = asyncio.create_task(run_cli(
+        str(PGBRIDGE), "tail", room, *args, "--url", f"ws://127.0.0.1:{bridge.port}/ws",
+        "--token", bearer, env=env, cwd=cwd))
+
+    async def subscribed() -> bool:
+        if tail.done():
+            pytest.fail(f"pgbridge tail ended early: {tail.result()}")
+        return bool(bridge.hub.subscribers(room) == 1)
+
+    await until(subscribed, "pgbridge tail to subscribe")
+    return tail
 
 
 def human_lines(stderr: str) -> list[str]:
