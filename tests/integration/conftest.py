@@ -14,7 +14,7 @@ from tests.support.fixtures import (
     proxied_bridge,
     sshd,
 )
-from tests.support.trust import attacker, roles, trust_db
+from tests.support.trust import attacker, make_role, roles, trust_db
 
 __all__ = ["attacker", "bridge", "conn", "create_database", "db_url", "fresh_db",
-           "pg_server_conninfo", "proxied_bridge", "roles", "sshd", "trust_db"]
+           "make_role", "pg_server_conninfo", "proxied_bridge", "roles", "sshd", "trust_db"]

@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import errors, sql
+from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from daemon import ConfigError, DatabaseError, TunnelError, setup_database
@@ -101,26 +101,6 @@ def tunnel_ports(caplog: pytest.LogCaptureFixture) -> list[int]:
     """The local ports of the tunnels opened during the test (the ``tunnel_open`` log event)."""
     return [record.local_port for record in caplog.records  # type: ignore[attr-defined]
             if getattr(record, "event", None) == "tunnel_open"]
-
-
-@pytest.fixture
-def make_role(pg_server_conninfo: str) -> Iterator[Callable[..., str]]:
-    """Factory: a new login role, not superuser, with no privilege granted (``limit``: its
-    CONNECTION LIMIT); dropped after."""
-    created: list[str] = []
-
-    def make(limit: int = -1) -> str:
-        name = f"pgbridge_r_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER CONNECTION LIMIT {}").format(
-                sql.Identifier(name), sql.Literal(limit)))
-        created.append(name)
-        return name
-
-    yield make
-    with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
-        for name in created:
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 # --------------------------------------------------------------------------- through the tunnel
@@ -362,7 +342,7 @@ async def test_pool_that_cannot_fill_raises_the_servers_reason_and_closes_what_i
     """min_size above the role's CONNECTION LIMIT: the pool waits ``timeout`` for connections
     the server refuses (psycopg_pool logs each refusal, 53300), then closes those it made; the
     error names the limits to check."""
-    role = make_role(limit=1)
+    role = make_role("CONNECTION LIMIT 1")
     env = conninfo_env(make_conninfo(fresh_db, user=role))
     started = time.monotonic()
     with pytest.raises(DatabaseError) as caught:

@@ -63,26 +63,6 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def make_role(pg_server_conninfo: str) -> Iterator[Callable[[str], str]]:
-    """Factory: a new login role (unique name, not superuser) with extra options; dropped
-    after the test."""
-    created: list[str] = []
-
-    def make(options: str = "") -> str:
-        name = f"pgbridge_r_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER ").format(sql.Identifier(name))
-                         + sql.SQL(options))  # type: ignore[arg-type]
-        created.append(name)
-        return name
-
-    yield make
-    with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
-        for name in created:
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
-
-
 # --- network -----------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -45,6 +45,26 @@ class TrustDB:
         return str(getattr(self, who))
 
 
+@pytest.fixture
+def make_role(pg_server_conninfo: str) -> Iterator[Callable[..., str]]:
+    """Factory: a new login role (unique name, not superuser, no privilege granted), with the
+    extra ``CREATE ROLE`` options given (``"CONNECTION LIMIT 1"``); dropped after the test."""
+    created: list[str] = []
+
+    def make(options: str = "") -> str:
+        name = f"pgbridge_r_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER {}").format(
+                sql.Identifier(name), sql.SQL(options)))  # type: ignore[arg-type]
+        created.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(pg_server_conninfo, autocommit=True) as conn:
+        for name in created:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
 @pytest.fixture(scope="module")
 def roles(pg_server_conninfo: str) -> Iterator[Roles]:
     suffix = uuid.uuid4().hex[:8]
