@@ -141,7 +141,9 @@ async def test_every_message_once_under_concurrent_writers(conn: Conn, db_url: s
         writers = [asyncio.create_task(asyncio.to_thread(writer, n)) for n in range(4)]
         try:
             for _ in range(40):
-                ws = await connect(bridge.port, user)
+                # read nothing until the writers stop: the client buffers every frame
+                # (max_queue=None), or the bridge would close it as too slow (4008) first
+                ws = await connect(bridge.port, user, max_queue=None)
                 _, snap = await snapshot_subscribe(ws, room, 1000)
                 clients.append((snap, ws))
                 await asyncio.sleep(0.005)
