@@ -20,7 +20,16 @@ from websockets.exceptions import ConnectionClosed
 from daemon.schema import apply_schema_sync
 from tests.support.fixtures import ROOT, conninfo_env
 from tests.support.helpers import connect as ws_connect
-from tests.support.helpers import events, make_room, make_user, post, recv, send, subscribe
+from tests.support.helpers import (
+    events,
+    make_room,
+    make_user,
+    post,
+    recv,
+    send,
+    subscribe,
+    subscribed_member,
+)
 from tests.support.procs import daemon_process, free_port, human_lines, run_cli
 
 pytestmark = pytest.mark.slow
@@ -36,16 +45,11 @@ def db_url(fresh_db: str) -> str:
 
 async def test_rollback_under_a_running_bridge_stops_it_with_one_line(db_url: str,
                                                                       tmp_path: Path) -> None:
-    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-        user = await make_user(conn)
-        room = await make_room(conn, user)
     port = free_port()
-    async with daemon_process(db_url, port, tmp_path) as daemon:
-        ws = await ws_connect(port, user)
-
-        await subscribe(ws, room)
-        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-            await post(conn, room, user)
+    async with (daemon_process(db_url, port, tmp_path) as daemon,
+                await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn):
+        user, room, ws, _ = await subscribed_member(conn, port)
+        await post(conn, room, user)
         await events(ws, 1)
 
         code, out, err = await run_cli(sys.executable, str(ROOT / "setup_db.py"), "--rollback",
@@ -129,24 +133,19 @@ async def test_rollback_and_apply_again_under_a_running_bridge_is_not_missed(
     start again at 1 and the signing key is new, so the bridge's state (heads, cursors) no
     longer matches the schema. It must not carry on as if nothing happened, silently holding
     back the new events: it either stops (exit 1, as for a rollback) or delivers them."""
-    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-        user = await make_user(conn)
-        room = await make_room(conn, user)
     port = free_port()
-    async with daemon_process(db_url, port, tmp_path) as daemon:
-        ws = await ws_connect(port, user)
-        await subscribe(ws, room)
-        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-            for _ in range(3):
-                await post(conn, room, user)
+    async with (daemon_process(db_url, port, tmp_path) as daemon,
+                await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn):
+        user, room, ws, _ = await subscribed_member(conn, port)
+        for _ in range(3):
+            await post(conn, room, user)
         await events(ws, 3)
         env = conninfo_env(db_url)
         for args in (["--rollback"], []):
             code, _, err = await run_cli(sys.executable, str(ROOT / "setup_db.py"), *args,
                                          env=env, cwd=tmp_path)
             assert code == 0, err
-        async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
-            await post(conn, room, user)  # seq 1 of the new log
+        await post(conn, room, user)  # seq 1 of the new log
         frames = []
         try:
             async with asyncio.timeout(20):
