@@ -108,23 +108,30 @@ def apply(state: dict[str, Row], event: Row) -> None:
 
 
 async def test_every_message_once_under_concurrent_writers(conn: Conn, db_url: str) -> None:
-    """Writers insert, edit and soft-delete messages without pause while clients subscribe
-    with a snapshot: each client's snapshot is the room's state exactly as of its seq (as the
-    log says it), no message in it arrives again as an INSERT, and snapshot plus events give
-    the final state. A snapshot read in two statements fails this."""
+    """Writers insert, edit and soft-delete messages while clients subscribe with a snapshot:
+    each client's snapshot is the room's state exactly as of its seq (as the log says it), no
+    message in it arrives again as an INSERT, and snapshot plus events give the final state.
+    A snapshot read in two statements fails this."""
     user = await make_user(conn)
     room = await make_room(conn, user)
     for i in range(20):
         await post(conn, room, user, f"seed {i}")
     stop = threading.Event()
+    # Writes the writers may still do: each subscribe lets 40 more go, so the writes overlap
+    # every snapshot read, yet the events in flight stay bounded. Unbounded writers outran the
+    # fan-out to 40 clients on a loaded 2-core CI machine and a subscribe waited over 10 s.
+    budget = threading.Semaphore(0)
 
     def writer(n: int) -> None:
-        """Commits without pause, in a thread of its own (not waiting for this event loop);
-        at most about 80 live messages of its own, so the room stays under the snapshot's N."""
+        """Commits while the budget lasts, in a thread of its own (not waiting for this event
+        loop); at most about 80 live messages of its own, so the room stays under the
+        snapshot's N."""
         rng = random.Random(n)
         mine: list[str] = []
         with psycopg.connect(db_url, autocommit=True) as c:
             while not stop.is_set():
+                if not budget.acquire(timeout=0.05):
+                    continue
                 roll = rng.random()
                 if mine and roll < 0.3:
                     c.execute("UPDATE messages SET content = content || '+' WHERE id = %s",
@@ -141,12 +148,12 @@ async def test_every_message_once_under_concurrent_writers(conn: Conn, db_url: s
         writers = [asyncio.create_task(asyncio.to_thread(writer, n)) for n in range(4)]
         try:
             for _ in range(40):
+                budget.release(40)
                 # read nothing until the writers stop: the client buffers every frame
                 # (max_queue=None), or the bridge would close it as too slow (4008) first
                 ws = await connect(bridge.port, user, max_queue=None)
                 _, snap = await snapshot_subscribe(ws, room, 1000)
                 clients.append((snap, ws))
-                await asyncio.sleep(0.005)
         finally:
             stop.set()
             await asyncio.gather(*writers)
