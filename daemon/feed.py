@@ -18,16 +18,17 @@ and the client's as for any subscription. What is the feed's own:
 * **Joins.** A ``channel_members`` row inserted or moved sends a signed hint naming the user
   (``{"access": "member", ...}``, sql/triggers/20_access.sql). :class:`Feeds` reads the
   memberships of the hinted users' feeds again, batched (:meth:`Feeds.recheck`), and each room
-  a feed does not cover yet is followed from its join event: the latest ``channel_members``
-  event of that membership in the room's last :data:`JOIN_LOOKBACK` events (an ``INSERT``, or
-  the ``UPDATE`` that moved the row there), read together with the membership and the head in
-  one statement; without one, from the head. After every listener reconnect (hints may have
-  been lost) and after a feed's room ended with ``membership_revoked`` (the user may be back
-  already), the same happens.
+  a feed does not cover yet is followed from its join event: the first ``channel_members``
+  event of that membership after its last ``DELETE`` in the room's last :data:`JOIN_LOOKBACK`
+  events (an ``INSERT``, or the ``UPDATE`` that moved the row there), read together with the
+  membership and the head in one statement; without one, from the head. After every
+  listener reconnect (hints may have been lost) and after a feed's room ended with
+  ``membership_revoked`` (the user may be back already), the same happens.
 * **Take-over and give-back.** A ``subscribe`` to a room the feed follows releases the feed's
   subscription (:meth:`daemon.hub.Subscription.release`, no frame) and takes the room over;
   its ``unsubscribe`` gives the room back (:meth:`Feed.ended`): the feed follows it again from
-  that subscription's cursor, after checking the membership as for a join.
+  that subscription's cursor, after checking the membership as for a join (from its join
+  event instead when the user left and came back after that cursor).
 
 Each feed's follows run in order in its own task (:meth:`Feed._work`), never in the shared
 recheck task, so that a client that reads slowly (a replay waits for room in its queue) holds
@@ -99,20 +100,29 @@ _MEMBERS = """
     WHERE m.user_id = ANY(%s::varchar[])
 """
 
-# For (user, room) pairs a feed will follow: the membership checked, the head and the join
-# event, in one snapshot. Pairs whose membership (or user, or room) is gone are left out.
+# For (user, room) pairs a feed will follow: the membership checked, the head, the last
+# DELETE event of the membership (the user left, or the row was moved away) and its join: the
+# first event of the membership after that DELETE (its INSERT, or the UPDATE that moved the row
+# there; never an earlier membership's, nor a later UPDATE of its role), in the room's last
+# JOIN_LOOKBACK events, in one snapshot. Pairs whose membership (or user, or room) is gone are
+# left out.
 _JOINS = f"""
-    SELECT a.user_id, a.room_id, COALESCE(h.last_seq, 0),
-           (SELECT COALESCE(max(e.seq) FILTER (WHERE e.op = 'INSERT'), max(e.seq))
-            FROM change_events e
+    SELECT a.user_id, a.room_id, COALESCE(h.last_seq, 0), d.left_at,
+           (SELECT min(e.seq) FROM change_events e
             WHERE e.room_id = a.room_id AND e.table_name = 'channel_members'
               AND e.row_id = a.room_id || ':' || a.user_id AND e.op <> 'DELETE'
-              AND e.seq > COALESCE(h.last_seq, 0) - {JOIN_LOOKBACK})
+              AND e.seq > GREATEST(COALESCE(h.last_seq, 0) - {JOIN_LOOKBACK},
+                                   COALESCE(d.left_at, 0)))
     FROM unnest(%s::varchar[], %s::varchar[]) AS a(user_id, room_id)
     JOIN channel_members m ON m.channel_id = a.room_id AND m.user_id = a.user_id
     JOIN channels c ON c.id = a.room_id AND c.deleted_at IS NULL
     JOIN users u ON u.id = a.user_id AND u.deleted_at IS NULL
     LEFT JOIN change_sequences h ON h.room_id = a.room_id
+    CROSS JOIN LATERAL (
+        SELECT max(e.seq) AS left_at FROM change_events e
+        WHERE e.room_id = a.room_id AND e.table_name = 'channel_members'
+          AND e.row_id = a.room_id || ':' || a.user_id AND e.op = 'DELETE'
+          AND e.seq > COALESCE(h.last_seq, 0) - {JOIN_LOOKBACK}) AS d
 """
 
 
@@ -405,16 +415,20 @@ class Feeds:
         checked = await self.store._all(
             _JOINS, ([u for u, _ in pairs], [r for _, r in pairs]),
             "reading the joins of feeds' new rooms", purpose="feed_members")
-        joins = {(str(u), str(r)): (int(head), None if join is None else int(join))
-                 for u, r, head, join in checked}
+        joins = {(str(u), str(r)): (int(head), None if left is None else int(left),
+                                    None if join is None else int(join))
+                 for u, r, head, left, join in checked}
         for feed, back in batch.items():
             # a room given back while these reads ran is not covered now: it comes back after
             # its subscription's cursor, never from its join event or this head
             back = {**back, **self._pending.get(feed, {})}
             starts = []
-            for (user, room), (head, join) in joins.items():
+            for (user, room), (head, left, join) in joins.items():
                 if user != feed.user or (room in feed.rooms and room not in back):
                     continue
-                after = back.get(room, head if join is None else join - 1)
+                if room in back and (left is None or left <= back[room]):
+                    after = back[room]  # given back, the user a member since
+                else:  # joined (again, after the cursor of a room given back: nothing between)
+                    after = head if join is None else join - 1
                 starts.append((room, min(after, head), head))
             feed.follow(sorted(starts))

@@ -9,10 +9,11 @@ from typing import Any
 import psycopg
 
 from daemon.app import Bridge
-from tests.integration.test_feed import join, open_feed
+from tests.integration.test_feed import join, leave, open_feed
 from tests.support.helpers import (
     connect,
     events,
+    head,
     make_room,
     make_user,
     notify_trust,
@@ -30,6 +31,15 @@ _MEMBERS_WAITING = """
     WHERE datname = current_database() AND wait_event_type = 'Lock'
       AND query LIKE '%%SELECT m.user_id, m.channel_id FROM channel_members m%%'
 """
+
+
+async def recheck_waiting(conn: Conn) -> None:
+    """Until a feed's recheck waits for a lock on channel_members (held by the test)."""
+    async def waiting() -> bool:
+        cur = await conn.execute(_MEMBERS_WAITING)
+        row = await cur.fetchone()
+        return row is not None and int(row[0]) > 0
+    await until(waiting, "the feed's recheck waiting for the memberships")
 
 
 async def test_a_room_given_back_while_a_recheck_reads_memberships_has_no_gap(
@@ -51,12 +61,7 @@ async def test_a_room_given_back_while_a_recheck_reads_memberships_has_no_gap(
         await holder.execute("LOCK TABLE channel_members IN ACCESS EXCLUSIVE MODE")
         hint = json.dumps({"access": "member", "user": me}, separators=(",", ":"))
         await conn.execute("SELECT pg_notify(%s, %s)", [channel, key.sign(hint)])
-
-        async def waiting() -> bool:
-            cur = await conn.execute(_MEMBERS_WAITING)
-            row = await cur.fetchone()
-            return row is not None and int(row[0]) > 0
-        await until(waiting, "the feed's recheck waiting for the memberships")
+        await recheck_waiting(conn)
         await send(ws, type="unsubscribe", room=room, ref="u")
         assert await recv(ws) == {"type": "unsubscribed", "room": room, "reason": "client",
                                   "ref": "u"}
@@ -68,3 +73,78 @@ async def test_a_room_given_back_while_a_recheck_reads_memberships_has_no_gap(
     assert [(e["seq"], e["data"].get("content", e["table"])) for e in got] == [
         (last["seq"] + 1, "after the unsubscribe"), (last["seq"] + 2, "later")], (
         "the room comes back to the feed after the last event its subscription sent")
+
+
+async def test_a_membership_moved_to_the_user_sends_nothing_from_before_it(
+        bridge: Bridge, conn: Conn) -> None:
+    """A user who left a room and is given a membership row later (``UPDATE channel_members
+    SET user_id``, which the log records as an ``UPDATE``, not an ``INSERT``) is followed from
+    that event: never from the user's earlier ``INSERT`` of the room, which would replay what
+    was said while the user was not a member."""
+    me, other, third = await make_user(conn), await make_user(conn), await make_user(conn)
+    room = await make_room(conn, me, other)
+    ws = await connect(bridge.port, me)
+    await open_feed(ws)
+    await leave(conn, room, me)
+    assert await recv(ws) == {"type": "unsubscribed", "room": room,
+                              "reason": "membership_revoked"}
+    await post(conn, room, other, "said while you were away")
+    await join(conn, room, third)
+    await conn.execute("UPDATE channel_members SET user_id = %s WHERE channel_id = %s "
+                       "AND user_id = %s", [me, room, third])
+    first = await recv(ws)
+    assert (first["room"], first["table"], first["op"], first["seq"]) == (
+        room, "channel_members", "UPDATE", await head(conn, room)), first
+    await post(conn, room, other, "said now")
+    (event,) = await events(ws, 1)
+    assert event["data"]["content"] == "said now"
+
+
+async def test_a_membership_moved_into_another_room_is_followed_from_that_move(
+        bridge: Bridge, conn: Conn) -> None:
+    """``UPDATE channel_members SET channel_id`` gives the user a room: followed from that
+    event (an ``UPDATE``), not from a later ``UPDATE`` of the row (its role)."""
+    me, other = await make_user(conn), await make_user(conn)
+    there, here = await make_room(conn, me, other), await make_room(conn, other)
+    ws = await connect(bridge.port, me)
+    await open_feed(ws)
+    async with conn.transaction():  # moved, then touched again before the hint is read
+        await conn.execute("UPDATE channel_members SET channel_id = %s WHERE channel_id = %s "
+                           "AND user_id = %s", [here, there, me])
+        moved_at = await head(conn, here)
+        await conn.execute("UPDATE channel_members SET role = 'admin' WHERE channel_id = %s "
+                           "AND user_id = %s", [here, me])
+    got = [await recv(ws), await recv(ws)]
+    assert {"type": "unsubscribed", "room": there, "reason": "membership_revoked"} in got
+    (joined,) = [f for f in got if f["type"] == "event"]
+    assert (joined["room"], joined["table"], joined["op"], joined["seq"]) == (
+        here, "channel_members", "UPDATE", moved_at), joined
+
+
+async def test_a_room_given_back_after_the_user_left_and_came_back_starts_at_the_return(
+        bridge: Bridge, conn: Conn, db_url: str) -> None:
+    """An ``unsubscribe`` gives a room back; before the feed reads the membership, the user
+    leaves the room, something is said, and the user is added again: the feed follows the
+    room from the new join event, never from the subscription's cursor (which would replay
+    what was said while the user was not a member)."""
+    me, other = await make_user(conn), await make_user(conn)
+    room = await make_room(conn, me, other)
+    ws = await connect(bridge.port, me)
+    rooms = await open_feed(ws)
+    await subscribe(ws, room, since=rooms[room]["head"])
+    async with await psycopg.AsyncConnection.connect(db_url) as holder:
+        await holder.execute("LOCK TABLE channel_members IN ACCESS EXCLUSIVE MODE")
+        await send(ws, type="unsubscribe", room=room, ref="u")
+        assert await recv(ws) == {"type": "unsubscribed", "room": room, "reason": "client",
+                                  "ref": "u"}
+        await recheck_waiting(conn)
+        await leave(holder, room, me)
+        await post(holder, room, other, "said while you were away")
+        await join(holder, room, me)
+        await holder.commit()
+    first = await recv(ws)
+    assert (first["room"], first["table"], first["op"], first["seq"]) == (
+        room, "channel_members", "INSERT", await head(conn, room)), first
+    await post(conn, room, other, "said now")
+    (event,) = await events(ws, 1)
+    assert event["data"]["content"] == "said now"
