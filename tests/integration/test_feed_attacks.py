@@ -3,12 +3,14 @@ database roles and bad luck: a real daemon and PostgreSQL, real WebSocket client
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import psycopg
 
 from daemon.app import Bridge
+from daemon.hub import Subscription
 from tests.integration.test_feed import join, leave, open_feed
 from tests.support.helpers import (
     connect,
@@ -148,3 +150,123 @@ async def test_a_room_given_back_after_the_user_left_and_came_back_starts_at_the
     await post(conn, room, other, "said now")
     (event,) = await events(ws, 1)
     assert event["data"]["content"] == "said now"
+
+
+async def many_rooms(conn: Conn, n: int, *members: str) -> list[str]:
+    cur = await conn.execute("INSERT INTO channels (id, name) SELECT gen_ulid(), 'r' || i "
+                             "FROM generate_series(1, %s) AS i RETURNING id", [n])
+    rooms = sorted(str(r) for (r,) in await cur.fetchall())
+    await conn.execute("INSERT INTO channel_members (channel_id, user_id) "
+                       "SELECT r, u FROM unnest(%s::varchar[]) AS r, unnest(%s::varchar[]) AS u",
+                       [rooms, list(members)])
+    return rooms
+
+
+async def test_a_client_gone_while_its_feed_starts_leaves_nothing_tracked(
+        bridge: Bridge, conn: Conn) -> None:
+    """Clients that ask for a feed of 1,000 rooms and close at once, or never read: once they
+    are gone, the hub tracks no room and counts no subscription."""
+    me, other = await make_user(conn), await make_user(conn)
+    await many_rooms(conn, 1000, me, other)
+    for _ in range(5):
+        ws = await connect(bridge.port, me)
+        await send(ws, type="feed", ref="f")
+        await ws.close()
+    mute = await connect(bridge.port, me, max_queue=None)
+    await send(mute, type="feed", ref="f")
+
+    async def started() -> bool:
+        return len(bridge.hub.rooms()) == 1000
+    await until(started, "the mute client's feed registered")
+    await mute.close()
+
+    async def nothing_left() -> bool:
+        return bridge.hub.rooms() == [] and len(bridge.feeds) == 0
+    await until(nothing_left, "every feed's rooms left the hub")
+
+
+async def test_subscribe_and_unsubscribe_in_a_loop_lose_nothing(
+        bridge: Bridge, conn: Conn) -> None:
+    """A client takes a feed room over and gives it back again and again while the room is
+    written: every event of the room arrives, in order (at least once: a take-over may meet
+    events of the feed in flight)."""
+    me, other = await make_user(conn), await make_user(conn)
+    room = await make_room(conn, me, other)
+    ws = await connect(bridge.port, me)
+    held = (await open_feed(ws))[room]["head"]
+    seen: list[int] = []
+    for i in range(15):
+        await send(ws, type="subscribe", room=room, since=held, ref=f"s{i}")
+        await post(conn, room, other, f"a{i}")
+        await send(ws, type="unsubscribe", room=room, ref=f"u{i}")
+        await post(conn, room, other, f"b{i}")
+        want = await head(conn, room)
+        while held < want:
+            frame = await recv(ws)
+            assert frame["type"] in {"event", "subscribed", "unsubscribed"}, frame
+            if frame["type"] == "event":
+                assert frame["seq"] <= held + 1, f"a gap: {held} then {frame['seq']}"
+                held = max(held, frame["seq"])
+                seen.append(frame["seq"])
+    assert sorted(set(seen)) == list(range(seen[0], held + 1))
+
+
+class Recorder:
+    """A subscription's sink that keeps what it is sent (the feed's connection stands here:
+    what is tested is the rooms' processor registering a feed's subscriptions)."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.frames: list[bytes | str] = []
+
+    @property
+    def correlation_id(self) -> str:
+        return "recorder"
+
+    def send(self, frame: bytes | str) -> None:
+        self.frames.append(frame)
+
+    def overflow(self, why: str) -> None:
+        raise AssertionError(why)
+
+    def subscription_ended(self, sub: Subscription) -> None:
+        raise AssertionError(sub.room)
+
+
+async def test_a_room_left_by_its_last_subscriber_while_a_feed_registers_is_tracked_again(
+        bridge: Bridge, conn: Conn, db_url: str) -> None:
+    """A feed's rooms are registered in one turn of the rooms' processor, after one read of
+    the heads of the rooms nobody here followed yet. A room that someone else followed when
+    that turn began, and whose last subscriber left during the read, was no longer tracked
+    when the feed's subscription was added to it: a KeyError, and the whole feed failed with
+    ``internal`` (logged as a crash of the listener)."""
+    me, other = await make_user(conn), await make_user(conn)
+    shared, fresh = await make_room(conn, me, other), await make_room(conn, me)
+    await post(conn, shared, other, "before")
+    theirs = await connect(bridge.port, other)
+    await subscribe(theirs, shared)
+    assert shared in bridge.hub.rooms()
+    sink = Recorder(me)
+    subs = [Subscription(sink, room, pending_limit=100, feed=True) for room in (shared, fresh)]
+    async with await psycopg.AsyncConnection.connect(db_url) as holder:
+        await holder.execute("LOCK TABLE change_sequences IN ACCESS EXCLUSIVE MODE")
+        adding = asyncio.create_task(bridge.rooms.add_many(subs))
+
+        async def reading_heads() -> bool:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE '%%FROM change_sequences%%'")
+            row = await cur.fetchone()
+            return row is not None and int(row[0]) > 0
+        await until(reading_heads, "the feed's read of the heads waiting")
+        await theirs.close()
+
+        async def untracked() -> bool:
+            return shared not in bridge.hub.rooms()
+        await until(untracked, "the last subscriber of the shared room gone")
+        await holder.rollback()
+    lasts = await asyncio.wait_for(adding, 10)
+    assert lasts == [await head(conn, shared), await head(conn, fresh)]
+    assert bridge.hub.subscribers(shared) == bridge.hub.subscribers(fresh) == 1
+    for sub in subs:
+        bridge.hub.remove(sub)
