@@ -270,3 +270,76 @@ async def test_a_room_left_by_its_last_subscriber_while_a_feed_registers_is_trac
     assert bridge.hub.subscribers(shared) == bridge.hub.subscribers(fresh) == 1
     for sub in subs:
         bridge.hub.remove(sub)
+
+
+async def test_a_bulk_insert_of_10000_memberships_is_followed_by_every_feed(
+        bridge: Bridge, conn: Conn) -> None:
+    """One statement adds 20 users with feeds to 500 rooms each: every feed follows each of
+    its new rooms from its join event, once."""
+    users = [await make_user(conn) for _ in range(20)]
+    writer = await make_user(conn)
+    rooms = await many_rooms(conn, 500, writer)
+    feeds = [await connect(bridge.port, user, max_queue=None) for user in users]
+    for ws in feeds:
+        assert await open_feed(ws) == {}
+    await conn.execute("INSERT INTO channel_members (channel_id, user_id) "
+                       "SELECT r, u FROM unnest(%s::varchar[]) AS r, unnest(%s::varchar[]) AS u",
+                       [rooms, users])
+    cur = await conn.execute("SELECT split_part(row_id, ':', 2), room_id, seq, (SELECT "
+                             "last_seq FROM change_sequences s WHERE s.room_id = e.room_id) "
+                             "FROM change_events e WHERE table_name = 'channel_members' "
+                             "AND room_id = ANY(%s) AND split_part(row_id, ':', 2) = ANY(%s)",
+                             [rooms, users])
+    want: dict[str, set[tuple[str, int]]] = {user: set() for user in users}
+    for user, room, joined, last in await cur.fetchall():  # from the join to the head
+        want[user] |= {(room, seq) for seq in range(joined, last + 1)}
+    for user, ws in zip(users, feeds, strict=True):
+        got = await events(ws, len(want[user]), timeout=60)
+        assert sorted((e["room"], e["seq"]) for e in got) == sorted(want[user])
+        firsts = {e["room"]: e for e in reversed(got)}
+        assert {(e["table"], e["op"], e["data"]["user_id"]) for e in firsts.values()} == {
+            ("channel_members", "INSERT", user)}, "each room starts with the user's join"
+    await post(conn, rooms[0], writer, "to all")
+    for ws in feeds:
+        (event,) = await events(ws, 1)
+        assert event["data"]["content"] == "to all"
+        await send(ws, type="ping", ref="p")
+        assert await recv(ws) == {"type": "pong", "ref": "p"}, "nothing twice"
+
+
+async def test_a_user_removed_and_added_again_and_again_is_followed_once(
+        bridge: Bridge, conn: Conn) -> None:
+    me, other = await make_user(conn), await make_user(conn)
+    room = await make_room(conn, me, other)
+    ws = await connect(bridge.port, me)
+    await open_feed(ws)
+    for _ in range(10):
+        await leave(conn, room, me)
+        await join(conn, room, me)
+    await post(conn, room, other, "last")
+    got = []
+    while not got or got[-1].get("data", {}).get("content") != "last":
+        got.append(await recv(ws))
+    seqs = [f["seq"] for f in got if f["type"] == "event"]
+    assert len(seqs) == len(set(seqs)), "no event twice"
+    await send(ws, type="ping", ref="p")
+    assert await recv(ws) == {"type": "pong", "ref": "p"}, "nothing after the last event"
+    assert bridge.hub.subscribers(room) == 1
+
+
+async def test_forged_membership_hints_cost_no_recheck_and_joins_still_follow(
+        bridge: Bridge, conn: Conn) -> None:
+    """Any role may NOTIFY on any channel it can name: unsigned membership hints, however
+    many, are dropped; a real join after them is still followed from its join event."""
+    me, other = await make_user(conn), await make_user(conn)
+    ws = await connect(bridge.port, me)
+    await open_feed(ws)
+    channel, _ = await notify_trust(conn)
+    forged = json.dumps({"access": "member", "user": me}, separators=(",", ":"))
+    await conn.execute("SELECT pg_notify(%s, %s) FROM generate_series(1, 500) AS i",
+                       [channel, forged])
+    await conn.execute("SELECT pg_notify('pgbridge', %s)", [forged])
+    room = await make_room(conn, other)
+    await join(conn, room, me)
+    joined = await recv(ws, 30)
+    assert (joined["room"], joined["table"], joined["op"]) == (room, "channel_members", "INSERT")
