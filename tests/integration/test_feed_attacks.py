@@ -12,6 +12,7 @@ import psycopg
 from daemon.app import Bridge
 from daemon.hub import Subscription
 from tests.integration.test_feed import join, leave, open_feed
+from tests.integration.test_presence import watch
 from tests.support.helpers import (
     connect,
     events,
@@ -343,3 +344,34 @@ async def test_forged_membership_hints_cost_no_recheck_and_joins_still_follow(
     await join(conn, room, me)
     joined = await recv(ws, 30)
     assert (joined["room"], joined["table"], joined["op"]) == (room, "channel_members", "INSERT")
+
+
+async def test_rooms_deleted_while_followed_end_and_typing_goes_to_feed_rooms(
+        bridge: Bridge, conn: Conn) -> None:
+    """A feed room soft-deleted or deleted ends with ``room_deleted`` before any later event
+    of it; ``typing`` in a room the feed follows reaches the room's presence subscribers; in a
+    room it no longer follows, it is refused."""
+    me, other = await make_user(conn), await make_user(conn)
+    soft, hard, talk = (await make_room(conn, me, other), await make_room(conn, me, other),
+                        await make_room(conn, me, other))
+    ws = await connect(bridge.port, me)
+    await open_feed(ws)
+    watcher, _ = await watch(bridge.port, other, talk)
+    await send(ws, type="typing", room=talk)
+
+    async def typing_frame() -> dict[str, Any]:
+        while (frame := await recv(watcher))["type"] != "typing":
+            pass
+        return frame
+    assert await typing_frame() == {"type": "typing", "room": talk, "user": me}
+    await conn.execute("UPDATE channels SET deleted_at = now() WHERE id = %s", [soft])
+    await conn.execute("DELETE FROM channels WHERE id = %s", [hard])
+    got = [await recv(ws) for _ in range(4)]  # each room: its channels event, then the end
+    ends = [f for f in got if f["type"] == "unsubscribed"]
+    assert sorted((f["room"], f["reason"]) for f in ends) == sorted(
+        [(soft, "room_deleted"), (hard, "room_deleted")]), got
+    await post(conn, soft, other, "in a deleted room")
+    await send(ws, type="typing", room=soft, ref="t")
+    refused = await recv(ws)
+    assert (refused["type"], refused["code"], refused["ref"]) == ("error", "forbidden", "t")
+    assert soft not in bridge.hub.rooms() and hard not in bridge.hub.rooms()
