@@ -250,15 +250,19 @@ class Feed:
                 self._task = asyncio.create_task(self._work(), name=f"feed-{id(self):x}")
 
     async def _work(self) -> None:
+        starts: list[_Start] = []
         try:
             while self._queued and not self.owner.outgoing.closing:
-                await self._follow(self._queued.pop(0))
-        except BridgeError as exc:  # the rooms it could not follow are found again later
+                starts = self._queued.pop(0)
+                await self._follow(starts)
+        except BridgeError as exc:  # the rooms it could not follow are tried again later,
             log.warning("could not follow new rooms of user %s's feed (%s); reading its "
                         "memberships again", self.user, exc,
                         extra={"event": "feed_follow_failed",
                                "correlation_id": self.owner.correlation_id})
-            self.feeds.recheck(self, later=True)
+            # from where each was to start (a room given back keeps its cursor)
+            self.feeds.recheck(self, {room: after for part in (starts, *self._queued)
+                                      for room, after, _ in part}, later=True)
         except Exception:  # a bug: it ends this connection, never the feeds of others
             with logs.correlated(self.owner.correlation_id):
                 self.owner.crashed("following a feed's new rooms")

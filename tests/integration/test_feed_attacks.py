@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import psycopg
+import pytest
 
 from daemon.app import Bridge
 from daemon.hub import Subscription
@@ -375,3 +376,37 @@ async def test_rooms_deleted_while_followed_end_and_typing_goes_to_feed_rooms(
     refused = await recv(ws)
     assert (refused["type"], refused["code"], refused["ref"]) == ("error", "forbidden", "t")
     assert soft not in bridge.hub.rooms() and hard not in bridge.hub.rooms()
+
+
+async def test_a_room_given_back_whose_follow_failed_keeps_its_cursor(
+        bridge: Bridge, conn: Conn, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A room given back by an ``unsubscribe`` whose follow fails (the database failed while
+    replaying what it missed) is tried again later from the same cursor, not found again as
+    a join (from its join event: events the subscription sent came twice; without one in the
+    log, from the head: a gap)."""
+    me, other = await make_user(conn), await make_user(conn)
+    room = await make_room(conn, me, other)
+    ws = await connect(bridge.port, me)
+    rooms = await open_feed(ws)
+    await subscribe(ws, room, since=rooms[room]["head"])
+    await post(conn, room, other, "through the subscription")
+    (last,) = await events(ws, 1)
+    bridge.feeds.retry_delay = 2.0  # the failure is over before the second try
+    async with await psycopg.AsyncConnection.connect(db_url) as holder:
+        await holder.execute("LOCK TABLE channel_members IN ACCESS EXCLUSIVE MODE")
+        await send(ws, type="unsubscribe", room=room, ref="u")
+        assert (await recv(ws))["type"] == "unsubscribed"
+        await recheck_waiting(conn)
+        await post(holder, room, other, "missed while given back")
+        # the replay of what the room missed fails: its reads name this column
+        await holder.execute("ALTER TABLE change_events RENAME COLUMN payload TO payload_gone")
+        await holder.commit()
+
+    async def failed() -> bool:
+        return any(getattr(r, "event", None) == "feed_follow_failed" for r in caplog.records)
+    await until(failed, "the feed's follow of the room failed")
+    await conn.execute("ALTER TABLE change_events RENAME COLUMN payload_gone TO payload")
+    await post(conn, room, other, "after the failure")
+    got = await events(ws, 2, timeout=30)
+    assert [(e["seq"], e["data"].get("content", e["table"])) for e in got] == [
+        (last["seq"] + 1, "missed while given back"), (last["seq"] + 2, "after the failure")]
