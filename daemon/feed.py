@@ -305,8 +305,8 @@ class Feed:
         for sub in subs:
             if sub.ended or owner.outgoing.closing or owner.subs.get(sub.room) is not sub:
                 self._drop(sub)
-            else:
-                sub.go_live()
+            elif sub.go_live():  # an event buffered meanwhile ended it (and told the owner)
+                parts.hub.remove(sub)
 
     def _drop(self, sub: Subscription) -> None:
         self.parts.hub.remove(sub)

@@ -311,11 +311,14 @@ async def test_a_bulk_insert_of_10000_memberships_is_followed_by_every_feed(
 
 async def test_a_user_removed_and_added_again_and_again_is_followed_once(
         bridge: Bridge, conn: Conn) -> None:
+    """A membership deleted while the feed's subscription of the room was being registered
+    (its DELETE buffered until the subscription went live) ended that subscription, which
+    stayed in the hub: the room was then followed twice, and tracked after the client left."""
     me, other = await make_user(conn), await make_user(conn)
     room = await make_room(conn, me, other)
     ws = await connect(bridge.port, me)
     await open_feed(ws)
-    for _ in range(10):
+    for _ in range(30):
         await leave(conn, room, me)
         await join(conn, room, me)
     await post(conn, room, other, "last")
@@ -327,6 +330,32 @@ async def test_a_user_removed_and_added_again_and_again_is_followed_once(
     await send(ws, type="ping", ref="p")
     assert await recv(ws) == {"type": "pong", "ref": "p"}, "nothing after the last event"
     assert bridge.hub.subscribers(room) == 1
+    await ws.close()
+
+    async def untracked() -> bool:
+        return room not in bridge.hub.rooms()
+    await until(untracked, "the room left the hub with its only client")
+
+
+async def test_subscribes_racing_a_removal_leave_nothing_in_the_hub(
+        bridge: Bridge, conn: Conn) -> None:
+    """The same for a ``subscribe``: one ended by the membership's DELETE buffered while it
+    replayed stayed in the hub after the client left."""
+    me, other = await make_user(conn), await make_user(conn)
+    room = await make_room(conn, me, other)
+    ws = await connect(bridge.port, me, max_queue=None)
+    for i in range(30):
+        await send(ws, type="subscribe", room=room, ref=f"s{i}")
+        await leave(conn, room, me)
+        await join(conn, room, me)
+    await send(ws, type="ping", ref="p")
+    while await recv(ws) != {"type": "pong", "ref": "p"}:
+        pass
+    await ws.close()
+
+    async def untracked() -> bool:
+        return room not in bridge.hub.rooms()
+    await until(untracked, "the room left the hub with its only client", timeout=5)
 
 
 async def test_forged_membership_hints_cost_no_recheck_and_joins_still_follow(
