@@ -108,20 +108,18 @@ _MEMBERS = """
 # left out.
 _JOINS = f"""
     SELECT a.user_id, a.room_id, COALESCE(h.last_seq, 0), d.left_at,
-           (SELECT min(e.seq) FROM change_events e
-            WHERE e.room_id = a.room_id AND e.table_name = 'channel_members'
-              AND e.row_id = a.room_id || ':' || a.user_id AND e.op <> 'DELETE'
-              AND e.seq > GREATEST(COALESCE(h.last_seq, 0) - {JOIN_LOOKBACK},
-                                   COALESCE(d.left_at, 0)))
+           (SELECT min(k) FROM unnest(d.kept) AS k WHERE k > COALESCE(d.left_at, 0))
     FROM unnest(%s::varchar[], %s::varchar[]) AS a(user_id, room_id)
     JOIN channel_members m ON m.channel_id = a.room_id AND m.user_id = a.user_id
     JOIN channels c ON c.id = a.room_id AND c.deleted_at IS NULL
     JOIN users u ON u.id = a.user_id AND u.deleted_at IS NULL
     LEFT JOIN change_sequences h ON h.room_id = a.room_id
-    CROSS JOIN LATERAL (
-        SELECT max(e.seq) AS left_at FROM change_events e
+    CROSS JOIN LATERAL (  -- one pass over the window
+        SELECT max(e.seq) FILTER (WHERE e.op = 'DELETE') AS left_at,
+               array_agg(e.seq) FILTER (WHERE e.op <> 'DELETE') AS kept
+        FROM change_events e
         WHERE e.room_id = a.room_id AND e.table_name = 'channel_members'
-          AND e.row_id = a.room_id || ':' || a.user_id AND e.op = 'DELETE'
+          AND e.row_id = a.room_id || ':' || a.user_id
           AND e.seq > COALESCE(h.last_seq, 0) - {JOIN_LOOKBACK}) AS d
 """
 
