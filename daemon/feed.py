@@ -103,8 +103,9 @@ _MEMBERS = """
 """
 
 # For (user, room) pairs a feed will follow: the membership checked, the head, the last
-# DELETE event of the membership (the user left, or the row was moved away) and its join: the
-# first event of the membership after that DELETE (its INSERT, or the UPDATE that moved the row
+# DELETE event of the membership (the user left, or the row was moved away) or soft delete of
+# the room (a room restored since: what came before is not the user's to replay) and its join:
+# the first event of the membership after that (its INSERT, or the UPDATE that moved the row
 # there; never an earlier membership's, nor a later UPDATE of its role), in the room's last
 # JOIN_LOOKBACK events, in one snapshot. Pairs whose membership (or user, or room) is gone are
 # left out.
@@ -117,12 +118,15 @@ _JOINS = f"""
     JOIN users u ON u.id = a.user_id AND u.deleted_at IS NULL
     LEFT JOIN change_sequences h ON h.room_id = a.room_id
     CROSS JOIN LATERAL (  -- one pass over the window
-        SELECT max(e.seq) FILTER (WHERE e.op = 'DELETE') AS left_at,
-               array_agg(e.seq) FILTER (WHERE e.op <> 'DELETE') AS kept
+        SELECT max(e.seq) FILTER (WHERE e.op = 'DELETE' OR e.table_name = 'channels')
+                   AS left_at,
+               array_agg(e.seq) FILTER (WHERE e.table_name = 'channel_members'
+                                          AND e.op <> 'DELETE') AS kept
         FROM change_events e
-        WHERE e.room_id = a.room_id AND e.table_name = 'channel_members'
-          AND e.row_id = a.room_id || ':' || a.user_id
-          AND e.seq > COALESCE(h.last_seq, 0) - {JOIN_LOOKBACK}) AS d
+        WHERE e.room_id = a.room_id
+          AND e.seq > COALESCE(h.last_seq, 0) - {JOIN_LOOKBACK}
+          AND (e.table_name = 'channel_members' AND e.row_id = a.room_id || ':' || a.user_id
+               OR e.table_name = 'channels' AND e.payload->>'deleted_at' IS NOT NULL)) AS d
 """
 
 
@@ -395,7 +399,8 @@ class Feeds:
                                 "again in %.1f s", len(batch), exc, self.retry_delay,
                                 extra={"event": "feed_recheck_failed"})
                     for feed, rooms in batch.items():
-                        self._pending.setdefault(feed, {}).update(rooms)
+                        if feed in self._by_user.get(feed.user, ()):  # still open
+                            self._pending.setdefault(feed, {}).update(rooms)
                     await asyncio.sleep(self.retry_delay)
         except Exception:  # a bug: logged once; the next hint or reconnect starts over
             logs.incident(log, "feed_recheck_crashed", "reading feeds' memberships failed")
