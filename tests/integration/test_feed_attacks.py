@@ -9,11 +9,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from websockets.asyncio.client import ClientConnection
 
 from daemon.app import Bridge
 from daemon.hub import Subscription
+from daemon.schema import apply_schema_sync
 from tests.integration.test_feed import join, leave, open_feed
 from tests.integration.test_presence import watch
+from tests.support.fixtures import running_bridge
 from tests.support.helpers import (
     connect,
     events,
@@ -37,6 +40,18 @@ _MEMBERS_WAITING = """
 """
 
 
+async def taken_over(bridge: Bridge, conn: Conn) -> tuple[str, str, str, ClientConnection]:
+    """A user and another member of a new room; the user's connection with a feed, and a
+    ``subscribe`` (live, ``since`` = its head) that took the room over from it. Returns
+    ``(user, other, room, ws)``."""
+    me, other = await make_user(conn), await make_user(conn)
+    room = await make_room(conn, me, other)
+    ws = await connect(bridge.port, me)
+    rooms = await open_feed(ws)
+    await subscribe(ws, room, since=rooms[room]["head"])
+    return me, other, room, ws
+
+
 async def recheck_waiting(conn: Conn) -> None:
     """Until a feed's recheck waits for a lock on channel_members (held by the test)."""
     async def waiting() -> bool:
@@ -52,11 +67,7 @@ async def test_a_room_given_back_while_a_recheck_reads_memberships_has_no_gap(
     membership hint) is reading the memberships: the feed must follow the room again after
     the last event that subscription sent, not from the head the recheck then reads (a gap)
     nor from the join event (events sent twice)."""
-    me, other = await make_user(conn), await make_user(conn)
-    room = await make_room(conn, me, other)
-    ws = await connect(bridge.port, me)
-    rooms = await open_feed(ws)
-    await subscribe(ws, room, since=rooms[room]["head"])
+    me, other, room, ws = await taken_over(bridge, conn)
     await post(conn, room, other, "through the subscription")
     (last,) = await events(ws, 1)
     channel, key = await notify_trust(conn)
@@ -132,11 +143,7 @@ async def test_a_room_given_back_after_the_user_left_and_came_back_starts_at_the
     leaves the room, something is said, and the user is added again: the feed follows the
     room from the new join event, never from the subscription's cursor (which would replay
     what was said while the user was not a member)."""
-    me, other = await make_user(conn), await make_user(conn)
-    room = await make_room(conn, me, other)
-    ws = await connect(bridge.port, me)
-    rooms = await open_feed(ws)
-    await subscribe(ws, room, since=rooms[room]["head"])
+    me, other, room, ws = await taken_over(bridge, conn)
     async with await psycopg.AsyncConnection.connect(db_url) as holder:
         await holder.execute("LOCK TABLE channel_members IN ACCESS EXCLUSIVE MODE")
         await send(ws, type="unsubscribe", room=room, ref="u")
@@ -409,34 +416,34 @@ async def test_rooms_deleted_while_followed_end_and_typing_goes_to_feed_rooms(
 
 
 async def test_a_room_given_back_whose_follow_failed_keeps_its_cursor(
-        bridge: Bridge, conn: Conn, db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+        fresh_db: str, caplog: pytest.LogCaptureFixture) -> None:
     """A room given back by an ``unsubscribe`` whose follow fails (the database failed while
     replaying what it missed) is tried again later from the same cursor, not found again as
     a join (from its join event: events the subscription sent came twice; without one in the
-    log, from the head: a gap)."""
-    me, other = await make_user(conn), await make_user(conn)
-    room = await make_room(conn, me, other)
-    ws = await connect(bridge.port, me)
-    rooms = await open_feed(ws)
-    await subscribe(ws, room, since=rooms[room]["head"])
-    await post(conn, room, other, "through the subscription")
-    (last,) = await events(ws, 1)
-    bridge.feeds.retry_delay = 2.0  # the failure is over before the second try
-    async with await psycopg.AsyncConnection.connect(db_url) as holder:
-        await holder.execute("LOCK TABLE channel_members IN ACCESS EXCLUSIVE MODE")
-        await send(ws, type="unsubscribe", room=room, ref="u")
-        assert (await recv(ws))["type"] == "unsubscribed"
-        await recheck_waiting(conn)
-        await post(holder, room, other, "missed while given back")
-        # the replay of what the room missed fails: its reads name this column
-        await holder.execute("ALTER TABLE change_events RENAME COLUMN payload TO payload_gone")
-        await holder.commit()
+    log, from the head: a gap). On a database of its own: it renames a column of the log."""
+    apply_schema_sync(fresh_db, schema="public")
+    async with (await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn,
+                running_bridge(fresh_db) as bridge):
+        _, other, room, ws = await taken_over(bridge, conn)
+        await post(conn, room, other, "through the subscription")
+        (last,) = await events(ws, 1)
+        bridge.feeds.retry_delay = 2.0  # the failure is over before the second try
+        async with await psycopg.AsyncConnection.connect(fresh_db) as holder:
+            await holder.execute("LOCK TABLE channel_members IN ACCESS EXCLUSIVE MODE")
+            await send(ws, type="unsubscribe", room=room, ref="u")
+            assert (await recv(ws))["type"] == "unsubscribed"
+            await recheck_waiting(conn)
+            await post(holder, room, other, "missed while given back")
+            # the replay of what the room missed fails: its reads name this column
+            await holder.execute("ALTER TABLE change_events RENAME COLUMN payload TO payload_gone")
+            await holder.commit()
 
-    async def failed() -> bool:
-        return any(getattr(r, "event", None) == "feed_follow_failed" for r in caplog.records)
-    await until(failed, "the feed's follow of the room failed")
-    await conn.execute("ALTER TABLE change_events RENAME COLUMN payload_gone TO payload")
-    await post(conn, room, other, "after the failure")
-    got = await events(ws, 2, timeout=30)
-    assert [(e["seq"], e["data"].get("content", e["table"])) for e in got] == [
-        (last["seq"] + 1, "missed while given back"), (last["seq"] + 2, "after the failure")]
+        async def failed() -> bool:
+            return any(getattr(r, "event", None) == "feed_follow_failed"
+                       for r in caplog.records)
+        await until(failed, "the feed's follow of the room failed")
+        await conn.execute("ALTER TABLE change_events RENAME COLUMN payload_gone TO payload")
+        await post(conn, room, other, "after the failure")
+        got = await events(ws, 2, timeout=30)
+        assert [(e["seq"], e["data"].get("content", e["table"])) for e in got] == [
+            (last["seq"] + 1, "missed while given back"), (last["seq"] + 2, "after the failure")]
