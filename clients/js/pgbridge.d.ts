@@ -281,8 +281,8 @@ export declare class Feed {
   /** False once ended (a fatal refusal, or the bridge closed). */
   readonly active: boolean;
   /** Acknowledge a room up to `seq` (0 to its `head`, else RangeError): `acked` at once,
-   * `unread` 0 when `seq` reaches `head`; sent batched (`ackInterval`). At or below `acked`:
-   * nothing. */
+   * `unread` 0 when `seq` reaches `head`; sent batched (`ackInterval`). At or below `acked`,
+   * or once the feed ended: nothing. */
   ack(room: string, seq: number): void;
 }
 

@@ -251,9 +251,10 @@ export class Feed {
 
   /** Acknowledge a room's events up to `seq` (0 to the room's `head`, else RangeError); sent
    * batched, at most one ack per room per `ackInterval`. Sets the room's `acked` at once, and
-   * its `unread` to 0 when `seq` reaches `head`. An ack at or below `acked` changes nothing.
-   * @param {string} room @param {number} seq */
+   * its `unread` to 0 when `seq` reaches `head`. An ack at or below `acked`, or once the feed
+   * ended, changes nothing. @param {string} room @param {number} seq */
   ack(room, seq) {
+    if (!this.active) return;
     const entry = this._rooms.get(room);
     if (!entry || !Number.isSafeInteger(seq) || seq < 0 || seq > entry.head) {
       throw new RangeError(`pgbridge: cannot ack ${seq} in ${room} (feed head: `

@@ -223,6 +223,8 @@ test("one feed per bridge; a refusal that passes is sent again, another ends it"
     answer(ws(), room("roomA", 1));
     assert.equal(g.feed.rooms.size, 1);
     assert.equal(f.feed.rooms.size, 0);
+    f.feed.ack("roomA", 1); // the ended feed's: nothing, to the new one neither
+    assert.equal(g.feed.rooms.get("roomA").acked, 0);
     bridge.close();
   });
 
@@ -259,4 +261,29 @@ test("a throwing callback breaks neither the feed nor the bridge", async (t) => 
   assert.deepEqual(seen, [1, 2]);
   assert.deepEqual(thrown, ["update bug", "event bug", "update bug", "event bug"]);
   bridge.close();
+});
+
+test("a subscribe with `snapshot` to a room of the feed asks for it, not for `since`",
+  async () => {
+    const { bridge, ws } = await connect();
+    withFeed(bridge);
+    ws().welcome();
+    answer(ws(), room("roomA", 5));
+    follow(bridge, "roomA", { snapshot: 20 });
+    const sent = ws().frames("subscribe").at(-1);
+    assert.equal(sent.snapshot, 20);
+    assert.ok(!("since" in sent));
+    bridge.close();
+  });
+
+test("close() sends the feed's pending acks first", async () => {
+  const { bridge, ws } = await connect({ ackInterval: 60_000 });
+  const f = withFeed(bridge);
+  ws().welcome();
+  answer(ws(), room("roomA", 5, 0, 5));
+  f.feed.ack("roomA", 5);
+  const socket = ws();
+  bridge.close();
+  assert.deepEqual(socket.frames("ack"), [{ type: "ack", room: "roomA", seq: 5 }]);
+  assert.equal(f.feed.active, false);
 });
