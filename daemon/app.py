@@ -30,11 +30,20 @@ from .db import database, describe
 from .demo import banner, ensure_demo
 from .doorbell import Doorbell
 from .errors import BridgeError, DatabaseError, SchemaError
+from .feed import Feeds
 from .handshake import Health
 from .hub import Hub
 from .listener import Listener
 from .metrics import Metrics
-from .notes import Change, DoorbellHint, PresenceHint, Typing, Unreadable, UserHint
+from .notes import (
+    Change,
+    DoorbellHint,
+    MemberHint,
+    PresenceHint,
+    Typing,
+    Unreadable,
+    UserHint,
+)
 from .periodic import every
 from .presence_feed import PresenceFeed
 from .presence_writer import PresenceWriter
@@ -92,8 +101,9 @@ class Bridge:
                             poll_interval=settings.poll_interval, now=time.monotonic())
         self.rooms = Rooms(self.hub, self.store, self.metrics, self.access,
                            joined=self.presence_feed.joined, doorbell=doorbell)
+        self.feeds = Feeds(self.store, self.rooms, self.hub, self.metrics, settings)
         self.listener = Listener(conninfo, self.store, self.metrics,
-                                 followers=(self.rooms, self.presence_feed),
+                                 followers=(self.rooms, self.presence_feed, self.feeds),
                                  probe_interval=settings.probe_interval,
                                  probe_timeout=max(2.0, min(settings.probe_interval, 10.0)))
         listen = self.listener.on
@@ -102,6 +112,7 @@ class Bridge:
         listen(Unreadable, self.rooms.unreadable)
         listen(DoorbellHint, self.rooms.polls.hinted)
         listen(PresenceHint, self.presence_feed.hinted)
+        listen(MemberHint, self.feeds.hinted)
         listen(Typing, self.presence_feed.typing)
         self.acks = AckBuffer()
         self.ack_writer = AckWriter(self.acks, self.store, self.metrics,
@@ -114,7 +125,8 @@ class Bridge:
         self.server = Server(settings=settings, metrics=self.metrics, hub=self.hub,
                              rooms=self.rooms, store=self.store, acks=self.acks,
                              access=self.access, limits=self.limits, presence=self.presence,
-                             presence_feed=self.presence_feed, health=self.health,
+                             presence_feed=self.presence_feed, feeds=self.feeds,
+                             health=self.health,
                              verify_token=self.verify_token)
         self.started = asyncio.Event()
         self._schema_lost = False  # rolled back (and maybe applied again) under the bridge

@@ -19,19 +19,18 @@ caught up (:mod:`daemon.replay`: its missed events, its room's presence) before 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
-from . import logs
+from .answers import fault_boundary
 from .auth import AuthError, Claims
 from .closes import Close
 from .collaborators import Collaborators
 from .connection import Connection, contained
 from .cursor import resolve_from
-from .errors import BridgeError
+from .feed import Feed
 from .hub import Subscription
 from .outgoing import OutgoingQueue
 from .protocol import (
@@ -48,6 +47,9 @@ from .protocol import (
     pong,
     subscribed,
     welcome,
+)
+from .protocol import (
+    Feed as FeedRequest,
 )
 from .ratelimit import TokenBucket
 from .replay import replay, send_snapshot
@@ -69,7 +71,7 @@ class Client:
     ``batch``: the client's ``?batch=`` wait in milliseconds, ``None`` when not coalescing."""
 
     __slots__ = ("__weakref__", "_batch_ms", "_bucket", "_expiry", "_inbox", "_page", "_parts",
-                 "_requests", "_strikes", "_subscribe_bucket", "outgoing", "subs", "user",
+                 "_requests", "_strikes", "_subscribe_bucket", "feed", "outgoing", "subs", "user",
                  "ws")
 
     def __init__(self, parts: Collaborators, ws: Connection, claims: Claims, *,
@@ -78,7 +80,8 @@ class Client:
         settings = parts.settings
         self.ws = ws
         self.user = claims.sub
-        self.subs: dict[str, Subscription] = {}
+        self.subs: dict[str, Subscription] = {}  # a feed's (daemon.feed) and subscribes'
+        self.feed: Feed | None = None
         self._batch_ms = batch
         # replay and snapshots go out in pages that leave half the queue to live frames: a page
         # larger than the queue would close a client that is only catching up with 4008
@@ -130,6 +133,8 @@ class Client:
                           extra={"event": "subscription_ended", "room": sub.room,
                                  "reason": sub.end_reason,
                                  "correlation_id": self.ws.correlation_id})
+            if self.feed is not None:
+                self.feed.ended(sub)
 
     # --- Session ----------------------------------------------------------------------------
 
@@ -179,7 +184,7 @@ class Client:
             inbox.extend(messages)
         else:
             first = self._parse(messages[0])
-            if first is not None and not isinstance(first, Subscribe | Refresh):
+            if first is not None and not isinstance(first, Subscribe | Refresh | FeedRequest):
                 with self._fault_boundary(first):
                     self._answer_now(first)
                 first = None
@@ -202,6 +207,8 @@ class Client:
         self._leave_rooms()
         self._parts.metrics.subscriptions.dec(len(self.subs))
         self.subs.clear()
+        if self.feed is not None:
+            self.feed.close()
         if self._expiry is not None:
             self._expiry.cancel()
         # a request waiting for the database finds the client closing when it resumes, and
@@ -262,6 +269,8 @@ class Client:
                             await self._subscribe(request)
                         elif isinstance(request, Refresh):
                             await self._refresh(request)
+                        elif isinstance(request, FeedRequest):
+                            await self._feed(request)
                         else:
                             self._answer_now(request)
                 if not inbox or self.outgoing.closing:
@@ -288,34 +297,9 @@ class Client:
         elif isinstance(request, Typing):
             self._typing(request)
 
-    @contextlib.contextmanager
-    def _fault_boundary(self, request: Request | None) -> Iterator[None]:
-        """Whatever answering ``request`` (or parsing a frame, ``None``) raises ends there:
-        a refusal is an ``error`` frame; a database failure an ``internal`` error the client
-        may retry; a bug is logged once with an incident id, never with the client's bytes."""
-        try:
-            yield
-        except ProtocolError as exc:
-            self._parts.metrics.refusals.labels(exc.code).inc()
-            # ref and room were checked by daemon.protocol (printable, at most 128 characters;
-            # a channels.id); the message is the bridge's own
-            log.debug("%s of user %s refused: %s", _kind(request), self.user, exc.code,
-                      extra={"event": "request_refused", "code": exc.code, "ref": exc.ref,
-                             "room": exc.room, "correlation_id": self.ws.correlation_id})
-            self.send(exc.frame())
-        except BridgeError as exc:  # the database failed: the client may retry
-            log.error("%s of user %s failed: %s", _kind(request), self.user, exc,
-                      extra={"event": "request_failed", "ref": _ref(request),
-                             "room": _room(request), "correlation_id": self.ws.correlation_id})
-            self.send(error("internal", "temporary failure; retry", ref=_ref(request),
-                            room=_room(request)))
-        except Exception:  # a bug: it ends this request, not the connection or the bridge
-            with logs.correlated(self.ws.correlation_id):
-                incident = logs.incident(log, "request_crashed", "%s (ref %r, room %s) of "
-                                         "user %s crashed", _kind(request), _ref(request),
-                                         _room(request), self.user)
-            self.send(error("internal", f"internal error (incident {incident}); retry",
-                            ref=_ref(request), room=_room(request)))
+    def _fault_boundary(self, request: Request | None) -> AbstractContextManager[None]:
+        return fault_boundary(request, log=log, user=self.user, metrics=self._parts.metrics,
+                              correlation_id=self.ws.correlation_id, send=self.send)
 
     async def _subscribe(self, request: Subscribe) -> None:
         room, ref = request.room, request.ref
@@ -323,10 +307,10 @@ class Client:
         if not self._may_ask_database():
             raise ProtocolError("rate_limited", "too many subscribe attempts; slow down",
                                 ref=ref, room=room)
-        if room in self.subs:
+        if room in self.subs and not self.subs[room].feed:  # a feed's is taken over
             raise ProtocolError("bad_request", "already subscribed to this room", ref=ref,
                                 room=room)
-        if len(self.subs) >= settings.max_subscriptions:
+        if sum(not sub.feed for sub in self.subs.values()) >= settings.max_subscriptions:
             raise ProtocolError("rate_limited", f"at most {settings.max_subscriptions} "
                                 "subscriptions per connection", ref=ref, room=room)
         # Membership first: a room the user may not read never reaches the listener.
@@ -345,6 +329,9 @@ class Client:
         sub = Subscription(self, room, pending_limit=settings.queue_size, checked_at=info.head,
                            presence=request.presence)
         sub.from_seq = from_seq
+        if (held := self.subs.get(room)) is not None:  # the feed's: released, no frame
+            held.release()
+            self._drop(held)
         self.subs[room] = sub
         self._parts.metrics.subscriptions.inc()
         try:
@@ -396,9 +383,10 @@ class Client:
 
     def _unsubscribe(self, request: Unsubscribe) -> None:
         sub = self.subs.get(request.room)
-        if sub is None:
-            raise ProtocolError("not_found", "not subscribed to this room", ref=request.ref,
-                                room=request.room)
+        if sub is None or sub.feed:
+            raise ProtocolError("bad_request" if sub else "not_found", "followed by the feed, "
+                                "which follows every room of the user" if sub else "not "
+                                "subscribed to this room", ref=request.ref, room=request.room)
         self._drop(sub)
         sub.end("client", request.ref)
         log.debug("user %s unsubscribed from room %s", self.user, request.room,
@@ -419,6 +407,20 @@ class Client:
                                        "seq": request.seq, "ref": request.ref,
                                        "correlation_id": self.ws.correlation_id})
 
+    async def _feed(self, request: FeedRequest) -> None:
+        if self.feed is not None:
+            raise ProtocolError("bad_request", "this connection's feed is open", ref=request.ref)
+        if not self._may_ask_database():
+            raise ProtocolError("rate_limited", "too many subscribe attempts; slow down",
+                                ref=request.ref)
+        self.feed = Feed(self, self._parts.feeds, page=self._page)
+        try:
+            await self.feed.start(request.ref)
+        except BaseException:
+            self.feed.close()
+            self.feed = None
+            raise
+
     async def _refresh(self, request: Refresh) -> None:
         try:
             claims = self._parts.verify_token(request.token)
@@ -437,14 +439,3 @@ class Client:
             return
         self._set_expiry(claims.exp)
 
-
-def _kind(request: Request | None) -> str:
-    return type(request).__name__.lower() if request is not None else "a frame"
-
-
-def _ref(request: Request | None) -> str | None:
-    return request.ref if request is not None else None
-
-
-def _room(request: Request | None) -> str | None:
-    return getattr(request, "room", None)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from .acks import AckBuffer
 from .auth import Claims
+from .feed import Feeds
 from .hub import Hub, Subscription
 from .metrics import Metrics
 from .outbox import Flusher
@@ -32,6 +33,10 @@ class Rooms(Protocol):
         be delivered to it live; ``(from, L]`` is the caller's to replay."""
         ...
 
+    async def add_many(self, subs: list[Subscription]) -> list[int]:
+        """:meth:`add` for many at once, in order (a feed's rooms)."""
+        ...
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Collaborators:
@@ -42,8 +47,8 @@ class Collaborators:
     ``rooms``: where a subscription goes live; ``hub``: where it is removed; ``store``: the
     membership check, the replay and the liveness of the user; ``acks``: where acks are
     recorded; ``limits``: the per-user subscribe budget; ``presence_feed``: snapshots and
-    typing; ``flusher``: the coalescing waits; ``verify_token``: checks a refreshed JWT
-    (raises :class:`daemon.auth.AuthError`)."""
+    typing; ``feeds``: the connections' feeds (daemon.feed); ``flusher``: the coalescing
+    waits; ``verify_token``: checks a refreshed JWT (raises :class:`daemon.auth.AuthError`)."""
 
     settings: DaemonSettings
     metrics: Metrics
@@ -53,5 +58,6 @@ class Collaborators:
     acks: AckBuffer
     limits: ClientLimits
     presence_feed: PresenceFeed
+    feeds: Feeds
     flusher: Flusher
     verify_token: Callable[[str], Claims]

@@ -12,7 +12,7 @@ from typing import Any
 
 from .protocol import is_id, load_json
 
-__all__ = ["Event", "Pointer", "PresenceHint", "Probe", "UserHint", "capture_time",
+__all__ = ["Event", "MemberHint", "Pointer", "PresenceHint", "Probe", "UserHint", "capture_time",
            "parse_notify"]
 
 
@@ -63,6 +63,15 @@ class UserHint:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberHint:
+    """A ``channel_members`` row of ``user`` was inserted or moved (``{"access": "member",
+    "user": ...}``, sql/triggers/20_access.sql): the user's feeds read the user's memberships
+    again (daemon/feed.py). A hint only: it carries nothing to believe."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
 class PresenceHint:
     """``user_status`` row of ``user`` changed (``{"presence": "user", "user": ...}``,
     sql/triggers/40_presence.sql): read it again. Carries nothing to believe."""
@@ -84,7 +93,8 @@ def _effects(table: str, op: str, data: Any) -> tuple[str | None, bool, str | No
 MAX_NOTIFY_DEPTH = 256
 
 
-def parse_notify(payload: str) -> Event | Pointer | Probe | UserHint | PresenceHint | None:
+def parse_notify(payload: str) -> (Event | Pointer | Probe | UserHint | MemberHint | PresenceHint
+                                    | None):
     """Interpret a payload of the ``pgbridge`` channel; ``None`` for anything unrecognised
     (any role may NOTIFY, so this is untrusted text: invalid or deeply nested JSON included)."""
     try:
@@ -96,8 +106,10 @@ def parse_notify(payload: str) -> Event | Pointer | Probe | UserHint | PresenceH
     if "probe" in obj:
         return Probe(str(obj["probe"]))
     if "access" in obj:
-        user = obj.get("user")
-        return UserHint(user) if obj["access"] == "user" and is_id(user) else None
+        user, kind = obj.get("user"), obj["access"]
+        if not is_id(user):
+            return None
+        return UserHint(user) if kind == "user" else MemberHint(user) if kind == "member" else None
     if "presence" in obj:
         user = obj.get("user")
         return PresenceHint(user) if obj["presence"] == "user" and is_id(user) else None

@@ -58,14 +58,16 @@ class Sink(Protocol):
 class Subscription:
     """One client's subscription to one room."""
 
-    __slots__ = ("checked_at", "end_reason", "ended", "from_seq", "last_sent", "live", "pending",
-                 "pending_limit", "presence", "presence_pending", "presence_ready", "room", "sink",
-                 "watching")
+    __slots__ = ("checked_at", "end_reason", "ended", "feed", "from_seq", "last_sent", "live",
+                 "pending", "pending_limit", "presence", "presence_pending", "presence_ready",
+                 "room", "sink", "watching")
 
     def __init__(self, sink: Sink, room: str, *, pending_limit: int,
-                 checked_at: int | None = None, presence: bool = False) -> None:
+                 checked_at: int | None = None, presence: bool = False,
+                 feed: bool = False) -> None:
         self.sink = sink
         self.room = room
+        self.feed = feed  # one of the connection's feed (daemon.feed), not a subscribe's
         self.checked_at = checked_at  # None: no check to account for (every replay is history)
         self.from_seq = 0
         self.last_sent = 0
@@ -141,6 +143,13 @@ class Subscription:
             return False
         self.sink.send(frame)
         return True
+
+    def release(self) -> None:
+        """End without a frame (``end_reason`` stays ``None``): another subscription of the
+        same connection takes the room over from here (a ``subscribe`` of a feed's room)."""
+        self.ended = True
+        self.pending.clear()
+        self.presence_pending.clear()
 
     def end(self, reason: str, ref: str | None = None) -> None:
         if not self.ended:

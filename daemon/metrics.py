@@ -56,6 +56,8 @@ QueryPurpose = Literal[
     "cursor_info",      # what a subscribe needs (batched)
     "read_events",      # one room's events: a gap fill, a replay
     "snapshot",         # a subscribe's snapshot of the room's recent messages
+    "feed",             # a feed's rooms, heads, acks and unread counts (once per feed)
+    "feed_members",     # the memberships of feeds' users (a join's hint, a reconnect; batched)
     "read_rooms",       # many rooms' events: a catch-up, a poll
     "doorbell",         # pgbridge_doorbell(): the doorbell lease
     "ack_flush",        # sync_state upserts

@@ -9,7 +9,8 @@ channels"), whose names and keys a :class:`Keys` holds:
 
 * the **capture** channel, from the capture triggers: signed payloads (:mod:`daemon.signing`)
   that are a change of a room (:class:`Change`: an event, or a pointer to one too large for
-  NOTIFY), a user hint (:class:`~daemon.events.UserHint`, sql/triggers/20_access.sql) or a
+  NOTIFY), a user hint or a membership hint (:class:`~daemon.events.UserHint`,
+  :class:`~daemon.events.MemberHint`, sql/triggers/20_access.sql) or a
   presence hint (:class:`~daemon.events.PresenceHint`, sql/triggers/40_presence.sql); and two
   unsigned ones, recognised by their exact start without parsing (a flood of them costs a
   prefix comparison each): the daemons' own probe (:class:`ProbeEcho`) and the doorbell's hint
@@ -30,12 +31,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .events import Event, Pointer, PresenceHint, Probe, UserHint, parse_notify
+from .events import Event, MemberHint, Pointer, PresenceHint, Probe, UserHint, parse_notify
 from .protocol import is_id, load_json
 from .signing import NotifyKey
 
-__all__ = ["Change", "DoorbellHint", "Forged", "Ignored", "Keys", "Note", "PresenceHint",
-           "ProbeEcho", "Shed", "Typing", "Unreadable", "UserHint", "classify", "read_typing"]
+__all__ = ["Change", "DoorbellHint", "Forged", "Ignored", "Keys", "MemberHint", "Note",
+           "PresenceHint", "ProbeEcho", "Shed", "Typing", "Unreadable", "UserHint", "classify",
+           "read_typing"]
 
 PROBE_PREFIX = '{"probe"'  # the daemon's own probe, unsigned (daemon.listener)
 DOORBELL_PREFIX = '{"doorbell"'  # pgbridge_doorbell's hint to read the lease, unsigned
@@ -118,8 +120,8 @@ class Ignored:
     why: str
 
 
-Note = (Change | UserHint | PresenceHint | Typing | ProbeEcho | DoorbellHint | Forged | Shed
-        | Unreadable | Ignored)
+Note = (Change | UserHint | MemberHint | PresenceHint | Typing | ProbeEcho | DoorbellHint | Forged
+        | Shed | Unreadable | Ignored)
 
 
 def classify(channel: str, payload: str, keys: Keys, *, shedding: bool = False) -> Note:
@@ -143,7 +145,7 @@ def classify(channel: str, payload: str, keys: Keys, *, shedding: bool = False) 
     note = parse_notify(text)
     if isinstance(note, Event | Pointer):
         return Change(note)
-    if isinstance(note, UserHint | PresenceHint):
+    if isinstance(note, UserHint | MemberHint | PresenceHint):
         return note
     if isinstance(note, Probe):
         return Ignored("signed probe")

@@ -29,9 +29,10 @@ _ID = re.compile(rf"[0-9A-Za-z_-]{{1,{MAX_ID_LENGTH}}}")
 _TOKEN = re.compile(rf"[0-9A-Za-z_.=-]{{1,{MAX_TOKEN_LENGTH}}}")
 
 __all__ = [
-    "MAX_TOKEN_LENGTH", "Ack", "Ping", "ProtocolError", "Refresh", "Request", "Subscribe",
-    "Typing", "Unsubscribe", "error", "is_id", "is_token", "load_json", "parse_frame", "pong",
-    "presence", "snapshot", "subscribed", "typing", "unsubscribed", "welcome",
+    "MAX_TOKEN_LENGTH", "Ack", "Feed", "FeedRoom", "Ping", "ProtocolError", "Refresh", "Request",
+    "Subscribe", "Typing", "Unsubscribe", "error", "feed_frame", "is_id", "is_token", "load_json",
+    "parse_frame", "pong", "presence", "snapshot", "subscribed", "typing", "unsubscribed",
+    "welcome",
 ]
 
 
@@ -91,7 +92,25 @@ class Typing:
     ref: str | None = None
 
 
-Request = Subscribe | Unsubscribe | Ack | Ping | Refresh | Typing
+@dataclass(frozen=True, slots=True)
+class Feed:
+    """Follow every room of the user on this connection ("One feed per user")."""
+
+    ref: str | None = None
+
+
+Request = Subscribe | Unsubscribe | Ack | Ping | Refresh | Typing | Feed
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRoom:
+    """One room of a ``feed`` frame: its latest seq, the user's acknowledged seq (0: never) and
+    the messages of other users after it (at most the count the feed reads)."""
+
+    room: str
+    head: int
+    acked: int
+    unread: int
 
 
 def is_id(value: object) -> TypeGuard[str]:
@@ -204,6 +223,8 @@ def parse_frame(data: str | bytes) -> Request:
         raise ProtocolError("bad_request", "field 'type' missing or not a string", ref=ref)
     if kind == "ping":
         return Ping(ref=ref)
+    if kind == "feed":
+        return Feed(ref=ref)
     if kind == "refresh":
         token = obj.get("token")
         if not isinstance(token, str):
@@ -263,6 +284,13 @@ def snapshot(room: str, seq: int, messages: str, *, truncated: bool, ref: str | 
     head = _dump({"type": "snapshot", "room": room, "seq": seq, "truncated": truncated,
                   "ref": ref})
     return f'{head[:-1]},"messages":{messages}}}'
+
+
+def feed_frame(rooms: list[FeedRoom], ref: str | None) -> str:
+    """The answer to ``feed`` ("One feed per user"): ``rooms`` in the order given."""
+    listed = [{"room": r.room, "head": r.head, "acked": r.acked, "unread": r.unread}
+              for r in rooms]
+    return _dump({"type": "feed", "ref": ref, "rooms": listed})
 
 
 def unsubscribed(room: str, reason: str, ref: str | None = None) -> str:

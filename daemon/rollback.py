@@ -75,10 +75,7 @@ PGBRIDGE_TABLES = {
     "applied_at", "schema_extensions": "name created_at"}
 PGBRIDGE_SEQUENCES = ("change_doorbell",)
 # (table, trigger) of sql/triggers/, dropped when their function is a pgbridge_* one
-PGBRIDGE_TRIGGERS = (*((t, f"{t}_capture") for t in check.PUBLISHED),
-                     *(("users", t) for t in check.USERS_TRIGGERS),
-                     *(("user_status", t) for t in check.USER_STATUS_TRIGGERS),
-                     *(("sync_state", t) for t in check.SYNC_STATE_TRIGGERS))
+PGBRIDGE_TRIGGERS = (*((t, f"{t}_capture") for t in check.PUBLISHED), *check.TABLE_TRIGGERS)
 EXTENSIONS = ("uuid-ossp", "pgcrypto", "citext")  # sql/schema.sql's
 
 

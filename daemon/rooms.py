@@ -73,6 +73,12 @@ class _Track:
     future: asyncio.Future[int]
 
 
+@dataclass(slots=True)
+class _TrackMany:
+    subs: list[Subscription]
+    future: asyncio.Future[list[int]]
+
+
 class _CatchUp:
     """Read every tracked room to the end of its log: after a (re)connect, a failed read or a
     rotated key, and as the poll while writers do not ring. ``done`` gets the number of events
@@ -86,7 +92,7 @@ class _CheckUsers:
     """Check the users hinted since this item was queued (``Rooms._hinted``)."""
 
 
-_Item = Event | Pointer | _Track | _CatchUp | _CheckUsers
+_Item = Event | Pointer | _Track | _TrackMany | _CatchUp | _CheckUsers
 
 
 class Rooms:
@@ -141,6 +147,14 @@ class Rooms:
         :class:`BridgeError` when the room's head cannot be read."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Track(sub, future))
+        return await future
+
+    async def add_many(self, subs: list[Subscription]) -> list[int]:
+        """:meth:`add` for many subscriptions at once (a feed's rooms): one turn of the
+        processor, and one query for the heads of the rooms not tracked yet, however many;
+        returns each one's ``L``, in order. Raises :class:`BridgeError` as :meth:`add`."""
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_TrackMany(subs, future))
         return await future
 
     async def catch_up(self, done: asyncio.Future[int] | None = None) -> None:
@@ -198,6 +212,8 @@ class Rooms:
                     await self._on_change(item)
                 elif isinstance(item, _Track):
                     await self._on_track(item)
+                elif isinstance(item, _TrackMany):
+                    await self._on_track_many(item)
                 elif isinstance(item, _CheckUsers):
                     await self._check_hinted()
                 else:
@@ -219,7 +235,7 @@ class Rooms:
             del item
 
     def _failed(self, item: _Item, exc: BridgeError) -> None:
-        if isinstance(item, _Track):
+        if isinstance(item, _Track | _TrackMany):
             if not item.future.done():
                 item.future.set_exception(exc)
             return
@@ -266,6 +282,15 @@ class Rooms:
             self.hub.track(room, head)
         if not item.future.done():
             item.future.set_result(self.hub.add(item.sub))
+
+    async def _on_track_many(self, item: _TrackMany) -> None:
+        new = sorted({sub.room for sub in item.subs if sub.room not in self.hub})
+        heads = await self.store.heads(new) if new else {}
+        if item.future.done():  # the subscriber went away while we read
+            return
+        for room in new:
+            self.hub.track(room, heads.get(room, 0))
+        item.future.set_result([self.hub.add(sub) for sub in item.subs])
 
     async def _catch_up(self, *, poll: bool = False) -> int:
         """Read every tracked room to the end of its log, in as few queries as the sequencer's

@@ -40,25 +40,34 @@ FUNCTIONS = ("gen_ulid", "touch_updated_at", "pgbridge_channel", "pgbridge_chann
              "pgbridge_presence_set", "pgbridge_presence_sync", "pgbridge_presence_reap",
              "pgbridge_presence_retire", "pgbridge_status_truth", "pgbridge_presence_hint",
              "pgbridge_doorbell", "pgbridge_status_guard", "pgbridge_resume_guard",
-             "pgbridge_receipt")
+             "pgbridge_receipt", "pgbridge_member_joined")
 # Functions that run as the owner: SECURITY DEFINER, search_path pinned with pg_temp last, and
 # no EXECUTE for PUBLIC (sql/triggers/10_change_capture.sql, "Trust").
 DEFINER_FUNCTIONS = ("pgbridge_capture", "pgbridge_user_gone", "pgbridge_lock_rooms",
                      "pgbridge_lock_user_rooms", "pgbridge_presence_set", "pgbridge_presence_sync",
                      "pgbridge_presence_reap", "pgbridge_presence_retire", "pgbridge_status_truth",
-                     "pgbridge_presence_hint", "pgbridge_doorbell", "pgbridge_listen")
+                     "pgbridge_presence_hint", "pgbridge_doorbell", "pgbridge_listen",
+                     "pgbridge_member_joined")
 # Functions that name the secret NOTIFY channels (sql/triggers/10_change_capture.sql, "Secret
 # channels"): no EXECUTE for PUBLIC (the bridge role is granted pgbridge_listen only).
 CHANNEL_FUNCTIONS = ("pgbridge_channel", "pgbridge_channels", "pgbridge_listen")
 # the triggers on users: that tell the daemon a user lost access (sql/triggers/20_access.sql),
 # and that take a deleted user's rooms in a fixed order (sql/triggers/30_room_lock_order.sql)
 USERS_TRIGGERS = ("users_access_update", "users_access_delete", "users_lock_rooms")
+# the triggers on channel_members that tell the daemon's feeds a user joined a room
+# (sql/triggers/20_access.sql)
+MEMBERS_TRIGGERS = ("channel_members_joined", "channel_members_moved")
 # the triggers on user_status that keep 'online'/'offline' true and tell the daemon to read a
 # user's presence again (sql/triggers/40_presence.sql)
 USER_STATUS_TRIGGERS = ("user_status_guard", "user_status_truth", "user_status_hint",
                         "user_status_hint_update")
 # the trigger that keeps sync_state's resume rows the bridge's (sql/triggers/50_resume_state.sql)
 SYNC_STATE_TRIGGERS = ("sync_state_resume_guard",)
+# (table, trigger) of the ones above
+TABLE_TRIGGERS = (*(("users", t) for t in USERS_TRIGGERS),
+                  *(("channel_members", t) for t in MEMBERS_TRIGGERS),
+                  *(("user_status", t) for t in USER_STATUS_TRIGGERS),
+                  *(("sync_state", t) for t in SYNC_STATE_TRIGGERS))
 
 
 async def catalog_problems(conn: psycopg.AsyncConnection[TupleRow], schema: str, *,
@@ -85,6 +94,8 @@ async def catalog_problems(conn: psycopg.AsyncConnection[TupleRow], schema: str,
                  for t in PUBLISHED if f"{t}_capture" not in triggers]
     problems += [f"trigger {t} on {schema}.users is missing or disabled"
                  for t in USERS_TRIGGERS if t not in triggers]
+    problems += [f"trigger {t} on {schema}.channel_members is missing or disabled"
+                 for t in MEMBERS_TRIGGERS if t not in triggers]
     problems += [f"trigger {t} on {schema}.user_status is missing or disabled"
                  for t in USER_STATUS_TRIGGERS if t not in triggers]
     problems += [f"trigger {t} on {schema}.sync_state is missing or disabled"

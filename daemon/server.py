@@ -24,6 +24,7 @@ from .closes import Close
 from .collaborators import Collaborators, Rooms
 from .connection import Connection
 from .errors import ConfigError
+from .feed import Feeds
 from .handshake import Gate, Health, process_request
 from .heartbeat import Heartbeat
 from .hub import Hub
@@ -57,7 +58,7 @@ class Server:
     def __init__(self, *, settings: DaemonSettings, metrics: Metrics, hub: Hub,
                  rooms: Rooms, store: Store, acks: AckBuffer, access: Access,
                  limits: ClientLimits, presence: PresenceWriter, presence_feed: PresenceFeed,
-                 health: Health, verify_token: Callable[[str], Claims]) -> None:
+                 feeds: Feeds, health: Health, verify_token: Callable[[str], Claims]) -> None:
         self.settings = settings
         self.metrics = metrics
         self.hub = hub
@@ -72,7 +73,7 @@ class Server:
         # what each connection's Client works with, the same for all
         self._client_parts = Collaborators(
             settings=settings, metrics=metrics, hub=hub, rooms=rooms, store=store, acks=acks,
-            limits=limits, presence_feed=presence_feed, flusher=self.flusher,
+            limits=limits, presence_feed=presence_feed, feeds=feeds, flusher=self.flusher,
             verify_token=verify_token)
         self.heartbeat = Heartbeat(settings.heartbeat)
         self.clients: set[Client] = set()

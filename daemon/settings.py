@@ -290,6 +290,7 @@ class DaemonSettings:
     max_connections_per_user: int = _DEFAULTS["PGBRIDGE_MAX_CONNECTIONS_PER_USER"]
     snapshot_max: int = _DEFAULTS["PGBRIDGE_SNAPSHOT_MAX"]
     snapshot_max_bytes: int = _DEFAULTS["PGBRIDGE_SNAPSHOT_MAX_BYTES"]
+    feed_max_rooms: int = _DEFAULTS["PGBRIDGE_FEED_MAX_ROOMS"]
     max_frame_bytes: int = 64 * 1024
     heartbeat: float = _DEFAULTS["PGBRIDGE_HEARTBEAT"]
     retention: float = _DEFAULTS["PGBRIDGE_RETENTION"]

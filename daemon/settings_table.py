@@ -225,6 +225,10 @@ SETTINGS: tuple[Setting, ...] = (
             "bytes of message rows one `snapshot` frame holds at most; older messages that do not "
             "fit are left out (`\"truncated\": true`)", unit="bytes", minimum=1024,
             maximum=64 * 1024 * 1024, see=_LIMITS),
+    Setting("PGBRIDGE_FEED_MAX_ROOMS", "daemon", "feed_max_rooms", "integer", "5000",
+            "rooms one `feed` follows at most: the `feed` of a user in more rooms is refused "
+            "(`rate_limited`), and its frame of 5,000 rooms is about 550 KB", unit="rooms",
+            minimum=1, maximum=100000, see=_LIMITS),
     Setting("PGBRIDGE_RATE_LIMIT", "daemon", "rate_limit", "rate", "50",
             "client frames (WebSocket pings included) per second, per connection; a client that "
             "keeps sending past the limit (more than `PGBRIDGE_RATE_BURST` refusals beyond one a "

@@ -196,6 +196,14 @@ class Store(Pooled):
                                (room,), "reading a room's head", purpose="room_head")
         return int(rows[0][0]) if rows else 0
 
+    async def heads(self, rooms: Sequence[str]) -> dict[str, int]:
+        """The last seq of each of ``rooms`` that has one (a room with no event is left out),
+        in one statement."""
+        rows = await self._all("SELECT room_id, last_seq FROM change_sequences "
+                               "WHERE room_id = ANY(%s)", (list(rooms),),
+                               "reading rooms' heads", purpose="room_head")
+        return {str(room): int(seq) for room, seq in rows}
+
     async def cursor_info(self, user_id: str, room: str) -> RoomCursorInfo:
         """What subscribing ``user_id`` to ``room`` needs; concurrent subscribes share one
         query."""

@@ -32,3 +32,35 @@ CREATE OR REPLACE TRIGGER users_access_update
 CREATE OR REPLACE TRIGGER users_access_delete
     AFTER DELETE ON users
     FOR EACH ROW EXECUTE FUNCTION pgbridge_user_gone();
+
+-- Membership hints: a user's feed (PROTOCOL.md, "One feed per user"; daemon/feed.py) follows
+-- every room of the user, and learns of a room the user joins from this hint, sent when a
+-- channel_members row is inserted or given to another user or room:
+--
+--     {"access": "member", "user": "<users.id>"}
+--
+-- signed and sent as the access hint above, always: also while the doorbell's lease keeps the
+-- capture triggers quiet (memberships change seldom; a NOTIFY per membership write is what
+-- following a join within milliseconds costs). A hint only: the daemon reads channel_members,
+-- and reads every feed's memberships again after each listener reconnect.
+CREATE OR REPLACE FUNCTION pgbridge_member_joined() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    v_hint text := json_build_object('access', 'member', 'user', NEW.user_id)::text;
+BEGIN
+    PERFORM pg_notify(pgbridge_channel(k.ipad, k.opad, 'capture', TG_TABLE_SCHEMA),
+                      pgbridge_hmac(k.ipad, k.opad, v_hint) || v_hint)
+    FROM change_notify_key k;
+    RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION pgbridge_member_joined() FROM PUBLIC;
+
+CREATE OR REPLACE TRIGGER channel_members_joined
+    AFTER INSERT ON channel_members
+    FOR EACH ROW EXECUTE FUNCTION pgbridge_member_joined();
+CREATE OR REPLACE TRIGGER channel_members_moved
+    AFTER UPDATE OF channel_id, user_id ON channel_members
+    FOR EACH ROW
+    WHEN (NEW.channel_id IS DISTINCT FROM OLD.channel_id OR NEW.user_id IS DISTINCT FROM OLD.user_id)
+    EXECUTE FUNCTION pgbridge_member_joined();
