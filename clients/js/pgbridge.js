@@ -515,7 +515,7 @@ export class PgBridge extends EventTarget {
     for (const name of ["stable", "ping", "refresh"]) this._clear(name);
     for (const sub of this._subs.values()) {
       clearTimeout(sub._retryTimer);
-      Object.assign(sub, { _ref: null, _confirmed: false, _retryTimer: null });
+      Object.assign(sub, { _ref: null, _confirmed: false, _retryTimer: null, _feedHeld: null });
     }
     if (this._feed) {
       clearTimeout(this._feed._retryTimer);
@@ -656,7 +656,7 @@ export class PgBridge extends EventTarget {
     if (!entry || entry.sub !== sub || sub._confirmed) return;
     this._refs.delete(f.ref);
     clearTimeout(sub._retryTimer);
-    Object.assign(sub, { _confirmed: true, _retries: 0, _retryTimer: null });
+    Object.assign(sub, { _confirmed: true, _retries: 0, _retryTimer: null, _feedHeld: null });
     // a snapshot's seq is held once the snapshot is: a drop before it asks for it again
     if (sub.lastSeq === null && !sub._snapshotDue && Number.isSafeInteger(f.from)) {
       sub.lastSeq = f.from;
@@ -674,7 +674,10 @@ export class PgBridge extends EventTarget {
     if (!Number.isSafeInteger(f.seq)) return;
     const sub = this._subs.get(f.room);
     if (!sub) return this._onFeedEvent(f);
-    if (!sub._confirmed) return; // not (yet) ours
+    if (!sub._confirmed) { // not (yet) ours: the feed's, held in case the subscribe is refused
+      if (this._feed?._rooms.has(f.room)) (sub._feedHeld ??= []).push(f);
+      return;
+    }
     if (sub.lastSeq !== null && f.seq <= sub.lastSeq) return; // held already: a resend
     sub.lastSeq = f.seq;
     this._feedTrack(f, sub._autoAck);
@@ -763,6 +766,11 @@ export class PgBridge extends EventTarget {
     clearTimeout(sub._retryTimer);
     this._clearTypists(sub);
     if (this._subs.get(sub.room) === sub) this._subs.delete(sub.room);
+    // ended before its `subscribed`: the events the feed sent meanwhile are the feed's again
+    for (const f of sub._feedHeld ?? []) {
+      if (this._feed?._rooms.has(sub.room) && !this._subs.has(sub.room)) this._onFeedEvent(f);
+    }
+    sub._feedHeld = null;
     if (err) this._error(err, sub);
     failAllInserts(sub, "unsubscribed", `pgbridge: ${sub.room} is no longer followed`);
   }

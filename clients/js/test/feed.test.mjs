@@ -287,3 +287,40 @@ test("close() sends the feed's pending acks first", async () => {
   assert.deepEqual(socket.frames("ack"), [{ type: "ack", room: "roomA", seq: 5 }]);
   assert.equal(f.feed.active, false);
 });
+
+test("events the feed sent while a subscribe was pending are the feed's if it is refused",
+  async () => {
+    const { bridge, ws } = await connect();
+    const f = withFeed(bridge);
+    ws().welcome();
+    answer(ws(), room("roomA", 5));
+    const s = follow(bridge, "roomA", { since: 0 });
+    const sent = ws().frames("subscribe").at(-1);
+    ws().recv(post("roomA", 6)).recv(post("roomA", 7)); // the feed's: the subscribe waits
+    assert.deepEqual(f.events, []);
+    ws().recv({ type: "error", code: "cursor_expired", message: "gone", ref: sent.ref,
+      room: "roomA" });
+    assert.equal(s.sub.active, false);
+    assert.deepEqual(f.events, [["roomA", 6], ["roomA", 7]], "no gap in the feed");
+    ws().recv(post("roomA", 7)).recv(post("roomA", 8));
+    assert.deepEqual(f.events, [["roomA", 6], ["roomA", 7], ["roomA", 8]]);
+    assert.deepEqual(s.events, []);
+    bridge.close();
+  });
+
+test("a subscribe confirmed after the feed's events: they come once, through it", async () => {
+  const { bridge, ws } = await connect();
+  const f = withFeed(bridge);
+  ws().welcome();
+  answer(ws(), room("roomA", 5));
+  const s = follow(bridge, "roomA");
+  ws().recv(post("roomA", 6)); // sent by the feed before the server took the room over
+  ws().confirmAll(6);
+  ws().recv(post("roomA", 6)).recv(post("roomA", 7)); // the subscription's replay, then live
+  assert.deepEqual(s.events, [6, 7]);
+  assert.deepEqual(f.events, []);
+  s.sub.unsubscribe(); // nothing held is handed over twice
+  ws().recv(post("roomA", 8));
+  assert.deepEqual(f.events, [["roomA", 8]]);
+  bridge.close();
+});
