@@ -383,10 +383,12 @@ class Client:
 
     def _unsubscribe(self, request: Unsubscribe) -> None:
         sub = self.subs.get(request.room)
-        if sub is None or sub.feed:
-            raise ProtocolError("bad_request" if sub else "not_found", "followed by the feed, "
-                                "which follows every room of the user" if sub else "not "
-                                "subscribed to this room", ref=request.ref, room=request.room)
+        if sub is None:
+            raise ProtocolError("not_found", "not subscribed to this room", ref=request.ref,
+                                room=request.room)
+        if sub.feed:
+            raise ProtocolError("bad_request", "the feed follows this room, as every room of "
+                                "the user", ref=request.ref, room=request.room)
         self._drop(sub)
         sub.end("client", request.ref)
         log.debug("user %s unsubscribed from room %s", self.user, request.room,
@@ -409,7 +411,8 @@ class Client:
 
     async def _feed(self, request: FeedRequest) -> None:
         if self.feed is not None:
-            raise ProtocolError("bad_request", "this connection's feed is open", ref=request.ref)
+            raise ProtocolError("bad_request", "a feed is already open on this connection",
+                                ref=request.ref)
         if not self._may_ask_database():
             raise ProtocolError("rate_limited", "too many subscribe attempts; slow down",
                                 ref=request.ref)

@@ -244,6 +244,11 @@ async def test_each_row_change_of_a_published_table_is_one_event_and_one_notify(
                 assert previous is not None
                 assert payload[case["changed"]] != previous[case["changed"]]
             notes = await drain(listener, conn, schema)
+            # a membership inserted also tells the feeds whose it is (sql/triggers/20_access.sql)
+            hints = [n for n in notes if n.startswith('{"access"')]
+            assert hints == ([f'{{"access" : "member", "user" : "{other}"}}']
+                             if (table, op) == ("channel_members", "INSERT") else []), hints
+            notes = [n for n in notes if n not in hints]
             assert len(notes) == 1, (op, notes)
             check_frame(notes[0], events[0])
             previous = expected
@@ -292,7 +297,10 @@ async def test_membership_given_to_another_user_is_deleted_for_the_old_user(
         assert (gone[3], gone[4]) == ("DELETE", f"{room}:{new_user_}")
         assert (given[3], given[4]) == ("UPDATE", f"{other_room}:{old_user}")
         notes = [json.loads(n) for n in await drain(listener, conn, schema)]
-        assert [(n["room"], n["op"]) for n in notes] == [
+        # each membership moved to a user tells that user's feeds (sql/triggers/20_access.sql)
+        assert [n for n in notes if "access" in n] == [
+            {"access": "member", "user": new_user_}, {"access": "member", "user": old_user}]
+        assert [(n["room"], n["op"]) for n in notes if "access" not in n] == [
             (room, "DELETE"), (room, "UPDATE"), (room, "DELETE"), (other_room, "UPDATE")]
 
 

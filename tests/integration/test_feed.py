@@ -112,6 +112,7 @@ async def test_acks_through_the_feed_move_acked_and_unread(bridge: Bridge, conn:
 
 
 async def test_unread_is_counted_up_to_its_cap(bridge: Bridge, conn: Conn) -> None:
+    """UNREAD_MAX per room, however many more there are."""
     me, other = await make_user(conn), await make_user(conn)
     room = await make_room(conn, me, other)
     await conn.execute(

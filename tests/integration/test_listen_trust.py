@@ -317,7 +317,8 @@ async def test_setup_db_moves_an_install_from_before_onto_the_secret_channels(
     try:
         async with connected(url) as owner:  # back to the version before
             for function in ("pgbridge_listen()", "pgbridge_channels()",
-                             "pgbridge_channel(bytea, bytea, text, text)"):
+                             "pgbridge_channel(bytea, bytea, text, text)",
+                             "pgbridge_member_joined() CASCADE"):  # and the feed's triggers
                 await owner.execute(f"DROP FUNCTION public.{function}")
             await owner.execute("SET search_path TO public, pg_temp")
             for name in sorted(p.name for p in BEFORE.iterdir()):
