@@ -164,7 +164,7 @@ def _dropped(exc: InvalidStatus | ConnectionClosed | OSError) -> None:
 
 def feed_summary(frame: dict[str, Any]) -> str:
     """The stderr line of a ``feed`` answer: ``pgbridge tail: feed of N rooms, U unread``
-    (U: the sum of the rooms' ``unread``, each counted up to 10,000 by the bridge)."""
+    (U: the sum of the rooms' ``unread``, each counted up to 100 by the bridge)."""
     rooms = frame.get("rooms")
     rooms = rooms if isinstance(rooms, list) else []
     unread = sum(r["unread"] for r in rooms

@@ -7,7 +7,7 @@ import { PgBridge } from "/client.js";
 
 const $ = (id) => document.getElementById(id);
 const SHOWN_MEMBERS = 50; // online members listed per room; the rest are counted
-const MAX_UNREAD = 10000; // the bridge counts up to this many: "10000+"
+const MAX_UNREAD = 100; // the bridge counts up to this many: 100 means "100 or more"
 const params = new URLSearchParams(location.hash.slice(1));
 const token = params.get("token");
 const rooms = params.getAll("room").flatMap((r) => r.split(",")).map((r) => r.trim())
@@ -174,7 +174,7 @@ class Inbox {
     if (this.isOpen(room) && entry.acked < entry.head) return this.feed.ack(room, entry.head);
     const badge = item.querySelector(".badge");
     badge.textContent = !entry.unread ? ""
-      : entry.unread >= MAX_UNREAD ? `${MAX_UNREAD}+` : String(entry.unread);
+      : entry.unread >= MAX_UNREAD ? `${MAX_UNREAD - 1}+` : String(entry.unread);
     badge.title = `${entry.unread} unread`;
     item.dataset.unread = String(entry.unread);
   }

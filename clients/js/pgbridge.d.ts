@@ -246,9 +246,10 @@ export interface FeedRoom {
   /** The seq the user acknowledged (`sync_state`; 0: never): from the answer, then each ack
    * (`feed.ack()`, or a subscription's). */
   readonly acked: number;
-  /** Messages of other users after `acked`: the answer's count (at most 10,000: show
-   * "10000+"), + 1 for each messages INSERT of another user (not soft-deleted) since; 0 once
-   * an ack reaches `head`. */
+  /** Messages of other users after `acked`: the answer's count (at most 100, which means
+   * "100 or more": show "99+"), + 1 for each messages INSERT of another user (not
+   * soft-deleted) since, - 1 when one of those is deleted or soft-deleted or an ack reaches
+   * it; 0 once an ack reaches `head`. */
   readonly unread: number;
 }
 

@@ -230,13 +230,20 @@ function unreadBy(event, user) {
     && typeof row === "object" && row.user_id !== user && !row.deleted_at;
 }
 
+/** Whether an event removes a message: deleted, or soft-deleted (`deleted_at` set). */
+function removes(event) {
+  return event.table === "messages" && (event.op === "DELETE"
+    || (event.op === "UPDATE" && Boolean(event.data?.deleted_at)));
+}
+
 /** The user's rooms followed by a {@link PgBridge}; made by `bridge.feed(options)`. */
 export class Feed {
   constructor(bridge, options) {
     const rooms = new Map(); // room -> frozen {head, acked, unread}
     /** room -> `{head, acked, unread}` (read-only, each entry frozen and replaced on change):
      * the last `feed` answer, kept current by the rooms' events (`head`; `unread` + 1 for each
-     * message another user wrote), acks (`acked`; `unread` 0 once `acked` reaches `head`),
+     * message another user wrote, - 1 when one of those is deleted), acks (`acked`; `unread`
+     * less the messages it counted up to there, 0 once `acked` reaches `head`),
      * joins (added, `acked` 0) and leaves (removed). Replaced by the answer to each re-sent
      * `feed` after a reconnect; empty before the first; as last known while reconnecting. */
     this.rooms = new MapView(rooms);
@@ -246,7 +253,8 @@ export class Feed {
       _ref: null, // ref of the `feed` sent on the current connection, if any
       _confirmed: false, // its answer received
       _retries: 0, _retryTimer: null,
-      _acks: new Map() }); // room -> seq to send (batched, as a subscription's)
+      _acks: new Map(), // room -> seq to send (batched, as a subscription's)
+      _counted: new Map() }); // room -> Map(message id -> seq) counted in unread since the answer
   }
 
   /** Acknowledge a room's events up to `seq` (0 to the room's `head`, else RangeError); sent
@@ -803,6 +811,7 @@ export class PgBridge extends EventTarget {
     Object.assign(feed, { _confirmed: true, _retries: 0, _retryTimer: null });
     const count = (v) => (Number.isSafeInteger(v) && v >= 0 ? v : 0);
     feed._rooms.clear();
+    feed._counted.clear();
     for (const r of f.rooms) {
       if (typeof r?.room !== "string") continue;
       const head = count(r.head);
@@ -822,17 +831,28 @@ export class PgBridge extends EventTarget {
     this._feedTrack(f, false, true);
   }
 
-  /** Keep the feed's entry of the event's room current: `head`, `unread` (or, `acked`: the
-   * event is acknowledged, read); an unknown room is one the user joined. With `deliver`, the
-   * event is the feed's: onEvent. */
+  /** Keep the feed's entry of the event's room current: `head`, `unread` (+ 1 for a message
+   * of another user, - 1 when one it counted is deleted; or, `acked`: the event is
+   * acknowledged, read: 0); an unknown room is one the user joined. With `deliver`, the event
+   * is the feed's: onEvent. */
   _feedTrack(f, acked, deliver = false) {
     const feed = this._feed;
     if (!feed?._confirmed || typeof f.room !== "string") return; // the answer comes first
     const old = feed._rooms.get(f.room);
     if (old && f.seq <= old.head) return; // a subscription's replay of what the feed knows
-    const state = Object.freeze(acked ? { head: f.seq, acked: f.seq, unread: 0 }
-      : { head: f.seq, acked: old?.acked ?? 0,
-        unread: (old?.unread ?? 0) + (unreadBy(f, this.user) ? 1 : 0) });
+    let counted = feed._counted.get(f.room);
+    let unread = old?.unread ?? 0;
+    if (acked) {
+      feed._counted.delete(f.room);
+      unread = 0;
+    } else if (unreadBy(f, this.user) && typeof f.id === "string") {
+      if (!counted) feed._counted.set(f.room, (counted = new Map()));
+      counted.set(f.id, f.seq);
+      unread += 1;
+    } else if (removes(f) && counted?.delete(f.id)) {
+      unread = Math.max(0, unread - 1);
+    }
+    const state = Object.freeze({ head: f.seq, acked: acked ? f.seq : old?.acked ?? 0, unread });
     feed._rooms.set(f.room, state);
     if (!old) call(feed._options.onJoin, f.room, f);
     call(feed._options.onUpdate, f.room, state);
@@ -848,8 +868,20 @@ export class PgBridge extends EventTarget {
       feed._acks.set(room, seq);
       this._scheduleAcks();
     }
-    const state = Object.freeze({ head: old.head, acked: seq,
-      unread: seq >= old.head ? 0 : old.unread });
+    // read: every message up to `seq`; of those before the answer, only the count is known
+    let unread = 0;
+    const counted = feed._counted.get(room);
+    if (seq < old.head) {
+      unread = old.unread;
+      for (const [id, at] of counted ?? []) {
+        if (at > seq) continue;
+        counted.delete(id);
+        unread = Math.max(0, unread - 1);
+      }
+    } else {
+      feed._counted.delete(room);
+    }
+    const state = Object.freeze({ head: old.head, acked: seq, unread });
     feed._rooms.set(room, state);
     call(feed._options.onUpdate, room, state);
   }
@@ -858,6 +890,7 @@ export class PgBridge extends EventTarget {
     const feed = this._feed;
     if (!feed?._rooms.delete(room)) return;
     feed._acks.delete(room);
+    feed._counted.delete(room);
     call(feed._options.onLeave, room, reason);
   }
 

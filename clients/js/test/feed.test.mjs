@@ -324,3 +324,29 @@ test("a subscribe confirmed after the feed's events: they come once, through it"
   assert.deepEqual(f.events, [["roomA", 8]]);
   bridge.close();
 });
+
+test("unread: a message it counted that is deleted or soft-deleted counts no more; a partial "
+  + "ack reads the ones it counted up to there", async () => {
+  const { bridge, ws } = await connect();
+  const f = withFeed(bridge);
+  ws().welcome();
+  answer(ws(), room("roomA", 10, 4, 3)); // three unread before seq 10, which ones unknown
+  ws().recv(post("roomA", 11)).recv(post("roomA", 12)).recv(post("roomA", 13))
+    .recv(post("roomA", 14));
+  assert.equal(f.feed.rooms.get("roomA").unread, 7);
+  ws().recv(eventFrame("roomA", 15, { op: "UPDATE", id: "m12",
+    data: { id: "m12", user_id: "u2", deleted_at: "2026-01-01T00:00:01+00:00" } }));
+  ws().recv(eventFrame("roomA", 16, { op: "DELETE", id: "m13", data: { id: "m13" } }));
+  assert.equal(f.feed.rooms.get("roomA").unread, 5, "two of its own counted no more");
+  ws().recv(eventFrame("roomA", 17, { op: "DELETE", id: "m8", data: { id: "m8" } }))
+    .recv(eventFrame("roomA", 18, { op: "UPDATE", id: "m11", data: { id: "m11", user_id: "u2",
+      content: "edited" } }));
+  assert.equal(f.feed.rooms.get("roomA").unread, 5, "one counted by the server: unknown; an edit");
+  f.feed.ack("roomA", 12); // reads m11 (its own count); the three before 10 stay unknown
+  assert.deepEqual(entries(f.feed).roomA, { head: 18, acked: 12, unread: 4 });
+  f.feed.ack("roomA", 18);
+  assert.deepEqual(entries(f.feed).roomA, { head: 18, acked: 18, unread: 0 });
+  ws().recv(eventFrame("roomA", 19, { op: "DELETE", id: "m14", data: { id: "m14" } }));
+  assert.equal(f.feed.rooms.get("roomA").unread, 0, "read already: nothing to take back");
+  bridge.close();
+});
