@@ -362,8 +362,8 @@ class Client:
             raise
         if sub.ended:
             self._drop(sub)
-        elif not self.outgoing.closing:
-            sub.go_live()
+        elif not self.outgoing.closing and sub.go_live():  # ended by an event it buffered
+            self._parts.hub.remove(sub)
 
     def _typing(self, request: Typing) -> None:
         sub = self.subs.get(request.room)

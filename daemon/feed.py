@@ -18,16 +18,17 @@ and the client's as for any subscription. What is the feed's own:
 * **Joins.** A ``channel_members`` row inserted or moved sends a signed hint naming the user
   (``{"access": "member", ...}``, sql/triggers/20_access.sql). :class:`Feeds` reads the
   memberships of the hinted users' feeds again, batched (:meth:`Feeds.recheck`), and each room
-  a feed does not cover yet is followed from its join event: the latest ``channel_members``
-  event of that membership in the room's last :data:`JOIN_LOOKBACK` events (an ``INSERT``, or
-  the ``UPDATE`` that moved the row there), read together with the membership and the head in
-  one statement; without one, from the head. After every listener reconnect (hints may have
-  been lost) and after a feed's room ended with ``membership_revoked`` (the user may be back
-  already), the same happens.
+  a feed does not cover yet is followed from its join event: the first ``channel_members``
+  event of that membership after its last ``DELETE`` in the room's last :data:`JOIN_LOOKBACK`
+  events (an ``INSERT``, or the ``UPDATE`` that moved the row there), read together with the
+  membership and the head in one statement; without one, from the head. After every
+  listener reconnect (hints may have been lost) and after a feed's room ended with
+  ``membership_revoked`` (the user may be back already), the same happens.
 * **Take-over and give-back.** A ``subscribe`` to a room the feed follows releases the feed's
   subscription (:meth:`daemon.hub.Subscription.release`, no frame) and takes the room over;
   its ``unsubscribe`` gives the room back (:meth:`Feed.ended`): the feed follows it again from
-  that subscription's cursor, after checking the membership as for a join.
+  that subscription's cursor, after checking the membership as for a join (from its join
+  event instead when the user left and came back after that cursor).
 
 Each feed's follows run in order in its own task (:meth:`Feed._work`), never in the shared
 recheck task, so that a client that reads slowly (a replay waits for room in its queue) holds
@@ -101,20 +102,31 @@ _MEMBERS = """
     WHERE m.user_id = ANY(%s::varchar[])
 """
 
-# For (user, room) pairs a feed will follow: the membership checked, the head and the join
-# event, in one snapshot. Pairs whose membership (or user, or room) is gone are left out.
+# For (user, room) pairs a feed will follow: the membership checked, the head, the last
+# DELETE event of the membership (the user left, or the row was moved away) or soft delete of
+# the room (a room restored since: what came before is not the user's to replay) and its join:
+# the first event of the membership after that (its INSERT, or the UPDATE that moved the row
+# there; never an earlier membership's, nor a later UPDATE of its role), in the room's last
+# JOIN_LOOKBACK events, in one snapshot. Pairs whose membership (or user, or room) is gone are
+# left out.
 _JOINS = f"""
-    SELECT a.user_id, a.room_id, COALESCE(h.last_seq, 0),
-           (SELECT COALESCE(max(e.seq) FILTER (WHERE e.op = 'INSERT'), max(e.seq))
-            FROM change_events e
-            WHERE e.room_id = a.room_id AND e.table_name = 'channel_members'
-              AND e.row_id = a.room_id || ':' || a.user_id AND e.op <> 'DELETE'
-              AND e.seq > COALESCE(h.last_seq, 0) - {JOIN_LOOKBACK})
+    SELECT a.user_id, a.room_id, COALESCE(h.last_seq, 0), d.left_at,
+           (SELECT min(k) FROM unnest(d.kept) AS k WHERE k > COALESCE(d.left_at, 0))
     FROM unnest(%s::varchar[], %s::varchar[]) AS a(user_id, room_id)
     JOIN channel_members m ON m.channel_id = a.room_id AND m.user_id = a.user_id
     JOIN channels c ON c.id = a.room_id AND c.deleted_at IS NULL
     JOIN users u ON u.id = a.user_id AND u.deleted_at IS NULL
     LEFT JOIN change_sequences h ON h.room_id = a.room_id
+    CROSS JOIN LATERAL (  -- one pass over the window
+        SELECT max(e.seq) FILTER (WHERE e.op = 'DELETE' OR e.table_name = 'channels')
+                   AS left_at,
+               array_agg(e.seq) FILTER (WHERE e.table_name = 'channel_members'
+                                          AND e.op <> 'DELETE') AS kept
+        FROM change_events e
+        WHERE e.room_id = a.room_id
+          AND e.seq > COALESCE(h.last_seq, 0) - {JOIN_LOOKBACK}
+          AND (e.table_name = 'channel_members' AND e.row_id = a.room_id || ':' || a.user_id
+               OR e.table_name = 'channels' AND e.payload->>'deleted_at' IS NOT NULL)) AS d
 """
 
 
@@ -242,15 +254,19 @@ class Feed:
                 self._task = asyncio.create_task(self._work(), name=f"feed-{id(self):x}")
 
     async def _work(self) -> None:
+        starts: list[_Start] = []
         try:
             while self._queued and not self.owner.outgoing.closing:
-                await self._follow(self._queued.pop(0))
-        except BridgeError as exc:  # the rooms it could not follow are found again later
+                starts = self._queued.pop(0)
+                await self._follow(starts)
+        except BridgeError as exc:  # the rooms it could not follow are tried again later,
             log.warning("could not follow new rooms of user %s's feed (%s); reading its "
                         "memberships again", self.user, exc,
                         extra={"event": "feed_follow_failed",
                                "correlation_id": self.owner.correlation_id})
-            self.feeds.recheck(self, later=True)
+            # from where each was to start (a room given back keeps its cursor)
+            self.feeds.recheck(self, {room: after for part in (starts, *self._queued)
+                                      for room, after, _ in part}, later=True)
         except Exception:  # a bug: it ends this connection, never the feeds of others
             with logs.correlated(self.owner.correlation_id):
                 self.owner.crashed("following a feed's new rooms")
@@ -293,8 +309,8 @@ class Feed:
         for sub in subs:
             if sub.ended or owner.outgoing.closing or owner.subs.get(sub.room) is not sub:
                 self._drop(sub)
-            else:
-                sub.go_live()
+            elif sub.go_live():  # an event buffered meanwhile ended it (and told the owner)
+                parts.hub.remove(sub)
 
     def _drop(self, sub: Subscription) -> None:
         self.parts.hub.remove(sub)
@@ -383,7 +399,8 @@ class Feeds:
                                 "again in %.1f s", len(batch), exc, self.retry_delay,
                                 extra={"event": "feed_recheck_failed"})
                     for feed, rooms in batch.items():
-                        self._pending.setdefault(feed, {}).update(rooms)
+                        if feed in self._by_user.get(feed.user, ()):  # still open
+                            self._pending.setdefault(feed, {}).update(rooms)
                     await asyncio.sleep(self.retry_delay)
         except Exception:  # a bug: logged once; the next hint or reconnect starts over
             logs.incident(log, "feed_recheck_crashed", "reading feeds' memberships failed")
@@ -407,15 +424,22 @@ class Feeds:
         checked = await self.store._all(
             _JOINS, ([u for u, _ in pairs], [r for _, r in pairs]),
             "reading the joins of feeds' new rooms", purpose="feed_members")
-        found: dict[str, list[tuple[str, int, int | None]]] = {}
-        for user, room, head, join in checked:
+        found: dict[str, list[tuple[str, int, int | None, int | None]]] = {}
+        for user, room, head, left, join in checked:
             found.setdefault(str(user), []).append(
-                (str(room), int(head), None if join is None else int(join)))
+                (str(room), int(head), None if left is None else int(left),
+                 None if join is None else int(join)))
         for feed, back in batch.items():
+            # a room given back while these reads ran is not covered now: it comes back after
+            # its subscription's cursor, never from its join event or this head
+            back = {**back, **self._pending.get(feed, {})}
             starts = []
-            for room, head, join in found.get(feed.user, ()):
+            for room, head, left, join in found.get(feed.user, ()):
                 if room in feed.rooms and room not in back:
                     continue
-                after = back.get(room, head if join is None else join - 1)
+                if room in back and (left is None or left <= back[room]):
+                    after = back[room]  # given back, the user a member since
+                else:  # joined (again, after the cursor of a room given back: nothing between)
+                    after = head if join is None else join - 1
                 starts.append((room, min(after, head), head))
             feed.follow(sorted(starts))

@@ -284,12 +284,17 @@ class Rooms:
             item.future.set_result(self.hub.add(item.sub))
 
     async def _on_track_many(self, item: _TrackMany) -> None:
-        new = sorted({sub.room for sub in item.subs if sub.room not in self.hub})
-        heads = await self.store.heads(new) if new else {}
-        if item.future.done():  # the subscriber went away while we read
-            return
-        for room in new:
-            self.hub.track(room, heads.get(room, 0))
+        # a room tracked when this began may lose its last subscriber while the heads are
+        # read: its head is read too, in one more query
+        heads: dict[str, int] = {}
+        while new := sorted({sub.room for sub in item.subs
+                             if sub.room not in self.hub and sub.room not in heads}):
+            got = await self.store.heads(new)
+            heads.update((room, got.get(room, 0)) for room in new)
+            if item.future.done():  # the subscriber went away while we read
+                return
+        for sub in item.subs:
+            self.hub.track(sub.room, heads.get(sub.room, 0))  # no-op for a tracked room
         item.future.set_result([self.hub.add(sub) for sub in item.subs])
 
     async def _catch_up(self, *, poll: bool = False) -> int:

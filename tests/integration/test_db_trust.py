@@ -176,7 +176,8 @@ async def test_the_application_role_cannot_attach_the_capture_function_to_its_ow
     write any room's log and sign what it sends. Nobody but the owner may EXECUTE it."""
     async with connected(trust_db.as_role(attacker)) as evil:
         await evil.execute("CREATE TEMP TABLE bait (id varchar(26), channel_id varchar(26))")
-        for function in ("pgbridge_capture('channel_id')", "pgbridge_user_gone()"):
+        for function in ("pgbridge_capture('channel_id')", "pgbridge_user_gone()",
+                         "pgbridge_member_joined()"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 await evil.execute(f"CREATE TRIGGER bait_capture AFTER INSERT ON bait FOR EACH "
                                    f"ROW EXECUTE FUNCTION public.{function}")
