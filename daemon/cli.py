@@ -348,9 +348,12 @@ def _token_command(argv: Sequence[str], prog: str) -> int:
 # --- tail ----------------------------------------------------------------------------------
 
 def _tail_command(argv: Sequence[str], prog: str) -> int:
-    parser = _parser(prog, "Subscribe to a room and print its events as JSON lines "
-                     "(reconnects and resumes).")
-    parser.add_argument("room", help="channels.id")
+    parser = _parser(prog, "Subscribe to a room (or, with --feed, every room of the user) and "
+                     "print its events as JSON lines (reconnects and resumes).")
+    parser.add_argument("room", nargs="?", help="channels.id (not with --feed)")
+    parser.add_argument("--feed", action="store_true", help="follow every room of the user "
+                        "instead: first the `feed` frame (each room's head, acked, unread) on one "
+                        "line, then the events of all of them")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--since", type=int, help="last seq you hold (default: sync_state or "
                        "live only)")
@@ -368,8 +371,13 @@ def _tail_command(argv: Sequence[str], prog: str) -> int:
     args = parser.parse_args(list(argv))
     if not -1 <= args.batch <= 1000:
         parser.error("--batch must be from -1 to 1000 (ms)")
+    if args.feed and (args.room is not None or args.since is not None
+                      or args.snapshot is not None):
+        parser.error("--feed follows every room of the user: no ROOM, --since nor --snapshot")
+    if not args.feed and args.room is None:
+        parser.error("give a ROOM, or --feed")
     from .settings import DaemonSettings, DatabaseSettings, load_environment
-    from .tail import tail
+    from .tail import tail, tail_feed
 
     env = load_environment()
     _tool_logging(env, "WARNING")
@@ -381,6 +389,9 @@ def _tail_command(argv: Sequence[str], prog: str) -> int:
         token = mint_token(_secret(settings, DatabaseSettings.from_env(env)), args.user,
                            audience=settings.jwt_audience, issuer=settings.jwt_issuer)
     url = args.url or f"ws://{settings.host}:{settings.port}/ws"
+    if args.feed:
+        return asyncio.run(tail_feed(url, token, ack=args.ack, max_events=args.count,
+                                     batch=None if args.batch < 0 else args.batch))
     return asyncio.run(tail(url, token, args.room, since=args.since, ack=args.ack,
                             max_events=args.count, snapshot=args.snapshot,
                             batch=None if args.batch < 0 else args.batch))
@@ -392,7 +403,8 @@ COMMANDS = {
     "run": "run the bridge daemon (same as python -m daemon)",
     "setup": "apply the schema (same as python setup_db.py)",
     "token": "mint a token for a user",
-    "tail": "subscribe to a room and print its events as JSON lines",
+    "tail": "subscribe to a room (or --feed: all the user's rooms) and print its events as "
+            "JSON lines",
 }
 
 

@@ -1,11 +1,13 @@
 // The demo page (served at / while PGBRIDGE_DEMO is on): a live timeline of one or more rooms,
-// with who is online and who is typing, built on client.js. Everything a message or a member's
-// status holds is untrusted text: it is only ever put into the page with textContent, never as
-// HTML.
+// with who is online and who is typing, and the list of the user's rooms (the feed) with the
+// count of messages of others not read yet, built on client.js. Opening a room reads it (an
+// ack). Everything a message or a member's status holds is untrusted text: it is only ever put
+// into the page with textContent, never as HTML.
 import { PgBridge } from "/client.js";
 
 const $ = (id) => document.getElementById(id);
 const SHOWN_MEMBERS = 50; // online members listed per room; the rest are counted
+const MAX_UNREAD = 100; // the bridge counts up to this many: 100 means "100 or more"
 const params = new URLSearchParams(location.hash.slice(1));
 const token = params.get("token");
 const rooms = params.getAll("room").flatMap((r) => r.split(",")).map((r) => r.trim())
@@ -128,8 +130,63 @@ class RoomView {
   }
 }
 
-if (!token || rooms.length === 0) {
-  problem("Give a token and at least one room in the address: /#token=…&room=…");
+// The list of the user's rooms from the feed, each with a badge of its unread messages, kept
+// current by client.js as messages arrive and acks are made. A room open on the page is read:
+// the feed is told so (an ack up to the room's head), whatever arrives in it.
+class Inbox {
+  constructor(bridge, open, isOpen) {
+    this.items = new Map(); // room -> <li>
+    this.isOpen = isOpen;
+    this.open = open;
+    this.feed = bridge.feed({
+      onFeed: (all) => {
+        this.items.clear();
+        $("feed").replaceChildren();
+        for (const [room, entry] of all) this.show(room, entry);
+        $("inbox-state").textContent = `${all.size} room${all.size === 1 ? "" : "s"}`;
+      },
+      onUpdate: (room, entry) => this.show(room, entry),
+      onJoin: (room) => logLine(`joined room ${room}`),
+      onLeave: (room, reason) => {
+        this.items.get(room)?.remove();
+        this.items.delete(room);
+        logLine(`left room ${room}: ${reason}`);
+      },
+      onError: (err) => {
+        if (err.fatal) $("inbox-state").textContent = `no feed: ${err.code}: ${err.message}`;
+      },
+    });
+  }
+
+  show(room, entry) {
+    let item = this.items.get(room);
+    if (!item) {
+      item = el("li");
+      item.dataset.room = room;
+      const button = el("button", "", room);
+      button.type = "button";
+      button.addEventListener("click", () => this.open(room));
+      item.append(button, el("span", "badge"));
+      this.items.set(room, item);
+      $("feed").append(item);
+    }
+    item.classList.toggle("open", this.isOpen(room));
+    if (this.isOpen(room) && entry.acked < entry.head) return this.feed.ack(room, entry.head);
+    const badge = item.querySelector(".badge");
+    badge.textContent = !entry.unread ? ""
+      : entry.unread >= MAX_UNREAD ? `${MAX_UNREAD - 1}+` : String(entry.unread);
+    badge.title = `${entry.unread} unread`;
+    item.dataset.unread = String(entry.unread);
+  }
+
+  read(room) { // the room was opened
+    const entry = this.feed.rooms.get(room);
+    if (entry) this.show(room, entry);
+  }
+}
+
+if (!token) {
+  problem("Give a token in the address: /#token=…, and the rooms to open: &room=…");
 } else {
   const bridge = new PgBridge("/ws", { token });
   let reconnects = 0;
@@ -145,9 +202,14 @@ if (!token || rooms.length === 0) {
   });
   bridge.addEventListener("error", ({ detail }) => {
     logLine(`error ${detail.code}${detail.room ? ` in room ${detail.room}` : ""}: ${detail.message}`);
-    if (detail.fatal && !detail.room) problem(`stopped: ${detail.code}: ${detail.message}`);
+    if (detail.fatal && !detail.room && !detail.feed) {
+      problem(`stopped: ${detail.code}: ${detail.message}`);
+    }
   });
-  for (const room of rooms) {
+  const opened = new Map(); // room -> its Subscription, once open
+  let inbox = null;
+  const open = (room) => {
+    if (opened.has(room)) return opened.get(room).section?.scrollIntoView();
     let sub;
     const view = new RoomView(room);
     try { // the address is the user's to type: subscribe() refuses what is not a room id
@@ -169,9 +231,13 @@ if (!token || rooms.length === 0) {
           if (err.fatal) view.typists([]); // ended: no more typing signals, nor their expiry
         },
       });
+      opened.set(room, { sub, section: view.section });
     } catch (err) {
       view.cursor(null, ` — not followed: ${err.message}`);
     }
-  }
-  window.pgbridgeDemo = { bridge }; // for a look from the browser's console
+    inbox?.read(room);
+  };
+  for (const room of rooms) open(room);
+  inbox = new Inbox(bridge, open, (room) => opened.get(room)?.sub.active === true);
+  window.pgbridgeDemo = { bridge, feed: inbox.feed }; // for a look from the browser's console
 }

@@ -82,7 +82,11 @@ export interface BridgeError {
   message: string;
   /** The room concerned, if any. */
   room?: string;
-  /** With a room: the subscription ended. Without: the bridge gave up and is "closed". */
+  /** True: the refusal of `bridge.feed()`'s `feed` request (`fatal`: the feed ended;
+   * else, `rate_limited` or `internal`, it is sent again after a backoff delay). */
+  feed?: boolean;
+  /** With a room: the subscription ended. With `feed`: the feed ended. Without either: the
+   * bridge gave up and is "closed". */
   fatal: boolean;
   /** The close code behind a fatal close. */
   closeCode?: number;
@@ -148,7 +152,8 @@ export interface PgBridgeOptions {
 
 export interface SubscribeOptions {
   /** The first subscribe starts after this seq; later ones after `lastSeq`. Omitted: the
-   * server resumes from the user's acknowledged seq, else from the head. */
+   * server resumes from the user's acknowledged seq, else from the head; in a room of the
+   * bridge's feed (without `snapshot`), after the feed's `head` of the room. */
   since?: number;
   /** Each event once, seq strictly increasing. */
   onEvent?(event: BridgeEvent): void;
@@ -233,6 +238,55 @@ export interface PendingError extends Error {
   id: string;
 }
 
+/** A room of the feed: how far it goes and how far the user has read it. */
+export interface FeedRoom {
+  /** The room's latest seq known (0: no event yet): from the `feed` answer, then each event
+   * of the room (through the feed or a subscription). */
+  readonly head: number;
+  /** The seq the user acknowledged (`sync_state`; 0: never): from the answer, then each ack
+   * (`feed.ack()`, or a subscription's). */
+  readonly acked: number;
+  /** Messages of other users after `acked`: the answer's count (at most 100, which means
+   * "100 or more": show "99+"), + 1 for each messages INSERT of another user (not
+   * soft-deleted) since, - 1 when one of those is deleted or soft-deleted or an ack reaches
+   * it; 0 once an ack reaches `head`. */
+  readonly unread: number;
+}
+
+export interface FeedOptions {
+  /** Each answer to `feed` (the first, and one per reconnect): `feed.rooms`, replaced. */
+  onFeed?(rooms: ReadonlyMap<string, FeedRoom>): void;
+  /** Each event of a room no Subscription of this bridge holds, once, in order per room
+   * (after onJoin and onUpdate of it). */
+  onEvent?(event: BridgeEvent): void;
+  /** A room not in `rooms` got an event (a room the user joined: usually its
+   * `channel_members` INSERT): it is added with `acked` 0, before onUpdate and onEvent. */
+  onJoin?(room: string, event: BridgeEvent): void;
+  /** The room is no longer followed and was removed from `rooms`: `membership_revoked`,
+   * `room_deleted`, or `cursor_expired` (its events are gone from the log; a reconnect's
+   * answer brings it back). */
+  onLeave?(room: string, reason: string): void;
+  /** A room's entry changed (an event, an ack, a join; not with onFeed, which replaces all). */
+  onUpdate?(room: string, entry: FeedRoom): void;
+  /** The `feed` refused (`feed: true`; `fatal`: the feed ended, else sent again after a
+   * backoff delay), or an `error` frame about a room only the feed follows (not fatal). */
+  onError?(error: BridgeError): void;
+}
+
+/** "One feed per user" (PROTOCOL.md): every room of the user, with `head`, `acked` and
+ * `unread`, kept current, then the rooms' events; re-sent on every reconnect. */
+export declare class Feed {
+  /** room -> its entry (frozen; replaced on each change). Empty before the first answer; as
+   * last known while reconnecting; replaced by each answer. */
+  readonly rooms: ReadonlyMap<string, FeedRoom>;
+  /** False once ended (a fatal refusal, or the bridge closed). */
+  readonly active: boolean;
+  /** Acknowledge a room up to `seq` (0 to its `head`, else RangeError): `acked` at once,
+   * `unread` 0 when `seq` reaches `head`; sent batched (`ackInterval`). At or below `acked`,
+   * or once the feed ended: nothing. */
+  ack(room: string, seq: number): void;
+}
+
 export declare class PgBridge extends EventTarget {
   /** Connects at once. `url`: ws:, wss:, http:, https:, or relative in a browser. TypeError
    * for an unusable `url`, a missing `token` or WebSocket, or a bad `batch`. */
@@ -244,6 +298,13 @@ export declare class PgBridge extends EventTarget {
    * connection ends, until the next welcome; null before the first or from a server that does
    * not send it. */
   readonly correlationId: string | null;
+  /** The `user` of the last welcome (null before the first). */
+  readonly user: string | null;
+  /** Follow every room of the user (PROTOCOL.md, "One feed per user"), across reconnects.
+   * Events of a room a Subscription holds go to that subscription only; a subscribe to a room
+   * of the feed without `since` nor `snapshot` resumes after the feed's `head` of it (nothing
+   * twice). Error if this bridge already has an active feed or is closed. */
+  feed(options?: FeedOptions): Feed;
   /** Throws TypeError for a bad room id, since, snapshot, presence or typingTimeout, Error if already
    * subscribed or closed. */
   subscribe(room: string, options?: SubscribeOptions): Subscription;

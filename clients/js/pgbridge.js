@@ -4,6 +4,7 @@
 // capped jittered backoff, renews the token, batches acks, stops on refusals a retry can't fix.
 // Asks the server to coalesce frames (`batch`); every message is split into its frames.
 // Opt-in per room: the members' presence (rebuilt from each new snapshot) and typing signals.
+// One feed per user: every room of the user with its unread count, kept current, then live.
 
 /** Close codes a retry cannot fix (PROTOCOL.md, "Close codes"), with the error code reported. */
 const FATAL_CLOSE = { 1007: "invalid_payload", 1008: "policy_violation",
@@ -29,9 +30,9 @@ export function tokenExpiry(token) {
   }
 }
 
-function call(fn, arg) { // a throwing application callback must not break the client
+function call(fn, ...args) { // a throwing application callback must not break the client
   if (typeof fn !== "function") return;
-  try { fn(arg); } catch (err) { // browsers: reported; Node: uncaught, as from a listener
+  try { fn(...args); } catch (err) { // browsers: reported; Node: uncaught, as from a listener
     if (typeof globalThis.reportError === "function") globalThis.reportError(err);
     else queueMicrotask(() => { throw err; });
   }
@@ -217,6 +218,60 @@ function failAllInserts(sub, code, message) { // the subscription ended
   }
 }
 
+// --- the feed ------------------------------------------------------------------------------
+// "One feed per user" (PROTOCOL.md): every room of the user, with how far the user has read
+// it, then the rooms' events. A room a Subscription holds on the connection gets its events
+// through that subscription (the feed's entry still follows them); the others through the feed.
+
+/** Whether an event is a message another user wrote: what `unread` counts (PROTOCOL.md). */
+function unreadBy(event, user) {
+  const row = event.data;
+  return event.table === "messages" && event.op === "INSERT" && row !== null
+    && typeof row === "object" && row.user_id !== user && !row.deleted_at;
+}
+
+/** Whether an event removes a message: deleted, or soft-deleted (`deleted_at` set). */
+function removes(event) {
+  return event.table === "messages" && (event.op === "DELETE"
+    || (event.op === "UPDATE" && Boolean(event.data?.deleted_at)));
+}
+
+/** The user's rooms followed by a {@link PgBridge}; made by `bridge.feed(options)`. */
+export class Feed {
+  constructor(bridge, options) {
+    const rooms = new Map(); // room -> frozen {head, acked, unread}
+    /** room -> `{head, acked, unread}` (read-only, each entry frozen and replaced on change):
+     * the last `feed` answer, kept current by the rooms' events (`head`; `unread` + 1 for each
+     * message another user wrote, - 1 when one of those is deleted), acks (`acked`; `unread`
+     * less the messages it counted up to there, 0 once `acked` reaches `head`),
+     * joins (added, `acked` 0) and leaves (removed). Replaced by the answer to each re-sent
+     * `feed` after a reconnect; empty before the first; as last known while reconnecting. */
+    this.rooms = new MapView(rooms);
+    /** False once ended: a fatal refusal, or the bridge closed. */
+    this.active = true;
+    Object.assign(this, { _bridge: bridge, _options: options, _rooms: rooms,
+      _ref: null, // ref of the `feed` sent on the current connection, if any
+      _confirmed: false, // its answer received
+      _retries: 0, _retryTimer: null,
+      _acks: new Map(), // room -> seq to send (batched, as a subscription's)
+      _counted: new Map() }); // room -> Map(message id -> seq) counted in unread since the answer
+  }
+
+  /** Acknowledge a room's events up to `seq` (0 to the room's `head`, else RangeError); sent
+   * batched, at most one ack per room per `ackInterval`. Sets the room's `acked` at once, and
+   * its `unread` to 0 when `seq` reaches `head`. An ack at or below `acked`, or once the feed
+   * ended, changes nothing. @param {string} room @param {number} seq */
+  ack(room, seq) {
+    if (!this.active) return;
+    const entry = this._rooms.get(room);
+    if (!entry || !Number.isSafeInteger(seq) || seq < 0 || seq > entry.head) {
+      throw new RangeError(`pgbridge: cannot ack ${seq} in ${room} (feed head: `
+        + `${entry?.head ?? "not a room of the feed"})`);
+    }
+    this._bridge._feedAck(room, seq, true);
+  }
+}
+
 /**
  * A connection to a pgbridge daemon that follows rooms across reconnects. Connects at once.
  *
@@ -226,11 +281,13 @@ function failAllInserts(sub, code, message) { // the subscription ended
  *   attempts since the last connection that stayed open 5 s (1 = first retry); `delay` the ms
  *   before the next attempt when "reconnecting", else null; with "open", also
  *   `correlationId` (the new connection's, as `bridge.correlationId`).
- * - `error` `{code, message, room?, fatal, closeCode?, status?}`: `fatal` without a room: the
- *   bridge gave up and is "closed" (`unauthorized`, `forbidden_origin`, `user_deleted` (4003),
- *   `policy_violation` (1008), `message_too_big` (1009), `invalid_payload` (1007),
- *   `connect_failed`); `fatal` with a room: that subscription ended (also its onError). Not
- *   fatal: informative (an `error` frame, `token_unavailable`, ...), the bridge carries on.
+ * - `error` `{code, message, room?, feed?, fatal, closeCode?, status?}`: `fatal` without a
+ *   room nor `feed`: the bridge gave up and is "closed" (`unauthorized`, `forbidden_origin`,
+ *   `user_deleted` (4003), `policy_violation` (1008), `message_too_big` (1009),
+ *   `invalid_payload` (1007), `connect_failed`); `fatal` with a room: that subscription ended
+ *   (also its onError); with `feed: true`: the refusal of the feed (also its onError), ended
+ *   when `fatal`. Not fatal: informative (an `error` frame, `token_unavailable`, ...), the
+ *   bridge carries on.
  * - `reconnect` `{attempt}`: each successful re-open after the first.
  */
 export class PgBridge extends EventTarget {
@@ -265,6 +322,9 @@ export class PgBridge extends EventTarget {
      * it ends until the next welcome; null before the first, or from a server without it.
      * @type {string | null} */
     this.correlationId = null;
+    /** The user of the last welcomed connection (its `welcome`'s `user`); null before the
+     * first. The feed counts as unread the messages of every other user. @type {string | null} */
+    this.user = null;
     Object.assign(this, { _tokenSource: token, _WebSocket: WS, _batch: batch,
       _fetch: options.fetch === undefined ? globalThis.fetch?.bind(globalThis) ?? null
         : options.fetch || null,
@@ -272,6 +332,7 @@ export class PgBridge extends EventTarget {
       _refreshBefore: options.refreshBefore ?? 60, _ackInterval: options.ackInterval ?? 1000,
       _pingInterval: options.pingInterval, _random: options.random ?? Math.random,
       _subs: new Map(), // room -> active Subscription
+      _feed: null, // the Feed, while active
       _refs: new Map(), // ref -> {kind, sub?} of requests sent on the current connection
       _nextRef: 0, _rx: 0,
       _gen: 0, // bumped by each connection attempt and by close(): stale async work returns
@@ -282,8 +343,10 @@ export class PgBridge extends EventTarget {
   }
 
   /**
-   * Follow a room; sent now if open, else on the next welcome. TypeError for a bad room id or
-   * `since`; Error if this bridge already follows the room or is closed.
+   * Follow a room; sent now if open, else on the next welcome. A room of the feed: taken over
+   * from it (its events come here only until unsubscribe() gives it back), and without
+   * `since` nor `snapshot` resumed after the feed's `head` of it. TypeError for a bad room id
+   * or `since`; Error if this bridge already follows the room or is closed.
    * @param {string} room a `channels.id` (1 to 26 of A-Z a-z 0-9 _ -)
    * @param {object} [options] `since` (integer), `onEvent(event)`, `onError(error)`,
    *   `onSubscribed(frame)`, `autoAck` (default true); `snapshot` (N, first subscribe only),
@@ -309,10 +372,36 @@ export class PgBridge extends EventTarget {
       throw new TypeError(`pgbridge: typingTimeout must be ms > 0, not ${typingTimeout}`);
     }
     if (this._subs.has(room)) throw new Error(`pgbridge: already subscribed to ${room}`);
+    const held = this._feed?._rooms.get(room);
+    if (held && since == null && snapshot == null) { // the last seq the feed delivered
+      options = { ...options, since: held.head };
+    }
     const sub = new Subscription(this, room, options);
     this._subs.set(room, sub);
     this._sendSubscribe(sub);
     return sub;
+  }
+
+  /**
+   * Follow every room of the user, now and later (PROTOCOL.md, "One feed per user"); sent now
+   * if open, else on the next welcome, and again on every reconnect (each answer replaces
+   * `feed.rooms`). Events of a room held by a Subscription of this bridge go to that
+   * subscription only (a subscribe to a feed room without `since` nor `snapshot` resumes after
+   * the feed's `head` of the room: nothing twice); the others to `onEvent`. Error if this
+   * bridge already has an active feed or is closed.
+   * @param {object} [options] `onFeed(rooms)` (each answer: the new `feed.rooms`),
+   *   `onEvent(event)`, `onJoin(room, event)` (a room the user joined: its first event,
+   *   before onEvent of it), `onLeave(room, reason)` (`membership_revoked`, `room_deleted`,
+   *   `cursor_expired`: the room is no longer followed), `onUpdate(room, entry)` (a room's
+   *   head, acked or unread changed), `onError(error)`. See pgbridge.d.ts.
+   * @returns {Feed}
+   */
+  feed(options = {}) {
+    if (this.state === "closed") throw new Error("pgbridge: the bridge is closed");
+    if (this._feed) throw new Error("pgbridge: this bridge already has a feed");
+    const feed = (this._feed = new Feed(this, options));
+    this._sendFeed();
+    return feed;
   }
 
   /** Send pending acks, close with 1000, end every subscription, clear every timer; never
@@ -434,7 +523,11 @@ export class PgBridge extends EventTarget {
     for (const name of ["stable", "ping", "refresh"]) this._clear(name);
     for (const sub of this._subs.values()) {
       clearTimeout(sub._retryTimer);
-      Object.assign(sub, { _ref: null, _confirmed: false, _retryTimer: null });
+      Object.assign(sub, { _ref: null, _confirmed: false, _retryTimer: null, _feedHeld: null });
+    }
+    if (this._feed) {
+      clearTimeout(this._feed._retryTimer);
+      Object.assign(this._feed, { _ref: null, _confirmed: false, _retryTimer: null });
     }
   }
 
@@ -459,6 +552,8 @@ export class PgBridge extends EventTarget {
       failAllInserts(sub, "closed", "pgbridge: the bridge is closed");
     }
     this._subs.clear();
+    if (this._feed) this._feed.active = false;
+    this._feed = null;
   }
 
   _later(name, ms, fn) { // one named timer
@@ -520,6 +615,7 @@ export class PgBridge extends EventTarget {
     else if (f.type === "error") this._onError(f);
     else if (f.type === "presence") this._onPresence(f);
     else if (f.type === "typing") this._onTyping(f);
+    else if (f.type === "feed") this._onFeed(f);
   }
 
   _onWelcome(f) {
@@ -531,7 +627,10 @@ export class PgBridge extends EventTarget {
     this._later("stable", STABLE_MS, () => { this._attempt = 0; });
     this._startPing(this._pingInterval ?? (Number(f.heartbeat) || 0) * 1000);
     this._scheduleRefresh();
+    this.user = typeof f.user === "string" ? f.user : null;
+    // subscriptions first: each resumes its room after what it delivered, the feed the rest
     for (const sub of this._subs.values()) this._sendSubscribe(sub);
+    this._sendFeed();
     const reconnected = this._everWelcomed;
     this._everWelcomed = true;
     this.correlationId = typeof f.correlation_id === "string" ? f.correlation_id : null;
@@ -565,7 +664,7 @@ export class PgBridge extends EventTarget {
     if (!entry || entry.sub !== sub || sub._confirmed) return;
     this._refs.delete(f.ref);
     clearTimeout(sub._retryTimer);
-    Object.assign(sub, { _confirmed: true, _retries: 0, _retryTimer: null });
+    Object.assign(sub, { _confirmed: true, _retries: 0, _retryTimer: null, _feedHeld: null });
     // a snapshot's seq is held once the snapshot is: a drop before it asks for it again
     if (sub.lastSeq === null && !sub._snapshotDue && Number.isSafeInteger(f.from)) {
       sub.lastSeq = f.from;
@@ -577,11 +676,19 @@ export class PgBridge extends EventTarget {
     call(sub._options.onSubscribed, f);
   }
 
+  /** An event goes to the room's Subscription if there is one (before its `subscribed`: not
+   * ours yet, its replay brings it), else to the feed. */
   _onEvent(f) {
+    if (!Number.isSafeInteger(f.seq)) return;
     const sub = this._subs.get(f.room);
-    if (!sub?._confirmed || !Number.isSafeInteger(f.seq)) return; // not (yet) ours
+    if (!sub) return this._onFeedEvent(f);
+    if (!sub._confirmed) { // not (yet) ours: the feed's, held in case the subscribe is refused
+      if (this._feed?._rooms.has(f.room)) (sub._feedHeld ??= []).push(f);
+      return;
+    }
     if (sub.lastSeq !== null && f.seq <= sub.lastSeq) return; // held already: a resend
     sub.lastSeq = f.seq;
+    this._feedTrack(f, sub._autoAck);
     if (sub._autoAck) this._ack(sub, f.seq);
     call(sub._options.onEvent, f);
     confirmInsert(sub, f);
@@ -606,10 +713,14 @@ export class PgBridge extends EventTarget {
 
   _onUnsubscribed(f) {
     this._refs.delete(f.ref); // the answer to our unsubscribe, if it is one
+    if (f.reason === "client") return;
     const sub = this._subs.get(f.room);
-    if (!sub?._confirmed || f.reason === "client") return;
-    this._end(sub, { code: String(f.reason), room: sub.room, fatal: true,
-      message: `subscription ended by the server: ${f.reason}` });
+    if (sub?._confirmed) {
+      this._end(sub, { code: String(f.reason), room: sub.room, fatal: true,
+        message: `subscription ended by the server: ${f.reason}` });
+      if (f.reason === "cursor_expired") return; // the subscription's hole, not the feed's
+    }
+    this._feedLeave(f.room, String(f.reason));
   }
 
   _onError(f) {
@@ -626,6 +737,7 @@ export class PgBridge extends EventTarget {
       return this._end(sub, { ...err, room: sub.room, fatal: true });
     }
     if (entry?.kind === "unsubscribe") return; // about a room we left
+    if (entry?.kind === "feed") return this._onFeedError(entry.feed, f, err);
     if (entry?.kind === "refresh" || (!entry && f.code === "unauthorized")) { // only refresh
       this._error(err);
       if (f.code !== "unauthorized") return this._refreshLater(true);
@@ -638,8 +750,12 @@ export class PgBridge extends EventTarget {
       for (const sub of this._subs.values()) {
         if (sub._ref && !sub._confirmed) this._retrySubscribe(sub);
       }
+      if (this._feed?._ref && !this._feed._confirmed) this._retryFeed(this._feed);
     }
     const sub = f.room != null ? this._subs.get(f.room) : undefined;
+    if (!sub?._confirmed && this._feed?._rooms.has(f.room)) { // e.g. a feed room's ack
+      call(this._feed._options.onError, { fatal: false, ...err });
+    }
     this._error(err, sub?._confirmed ? sub : undefined);
   }
 
@@ -658,8 +774,140 @@ export class PgBridge extends EventTarget {
     clearTimeout(sub._retryTimer);
     this._clearTypists(sub);
     if (this._subs.get(sub.room) === sub) this._subs.delete(sub.room);
+    // ended before its `subscribed`: the events the feed sent meanwhile are the feed's again
+    for (const f of sub._feedHeld ?? []) {
+      if (this._feed?._rooms.has(sub.room) && !this._subs.has(sub.room)) this._onFeedEvent(f);
+    }
+    sub._feedHeld = null;
     if (err) this._error(err, sub);
     failAllInserts(sub, "unsubscribed", `pgbridge: ${sub.room} is no longer followed`);
+  }
+
+  // --- the feed ---------------------------------------------------------------------------
+
+  _sendFeed() {
+    const feed = this._feed;
+    if (!this._welcomed || !feed?.active || feed._ref) return;
+    feed._ref = this._ref("f", { kind: "feed", feed });
+    this._send({ type: "feed", ref: feed._ref });
+  }
+
+  _retryFeed(feed) {
+    if (feed._retryTimer) return;
+    feed._retryTimer = setTimeout(() => {
+      feed._retryTimer = null;
+      feed._ref = null;
+      this._sendFeed();
+    }, this._backoff(++feed._retries));
+  }
+
+  /** The answer to `feed` replaces the rooms; an ack not sent yet still holds. */
+  _onFeed(f) {
+    const feed = this._feed;
+    if (!feed || this._refs.get(f.ref)?.feed !== feed || feed._confirmed
+      || !Array.isArray(f.rooms)) return;
+    this._refs.delete(f.ref);
+    clearTimeout(feed._retryTimer);
+    Object.assign(feed, { _confirmed: true, _retries: 0, _retryTimer: null });
+    const count = (v) => (Number.isSafeInteger(v) && v >= 0 ? v : 0);
+    feed._rooms.clear();
+    feed._counted.clear();
+    for (const r of f.rooms) {
+      if (typeof r?.room !== "string") continue;
+      const head = count(r.head);
+      const ack = feed._acks.get(r.room) ?? -1;
+      feed._rooms.set(r.room, Object.freeze(ack > count(r.acked)
+        ? { head, acked: ack, unread: ack >= head ? 0 : count(r.unread) }
+        : { head, acked: count(r.acked), unread: count(r.unread) }));
+    }
+    for (const room of feed._acks.keys()) if (!feed._rooms.has(room)) feed._acks.delete(room);
+    if (feed._acks.size) this._scheduleAcks();
+    call(feed._options.onFeed, feed.rooms);
+  }
+
+  _onFeedEvent(f) {
+    const known = this._feed?._rooms.get(f.room);
+    if (known && f.seq <= known.head) return; // held already: a resend
+    this._feedTrack(f, false, true);
+  }
+
+  /** Keep the feed's entry of the event's room current: `head`, `unread` (+ 1 for a message
+   * of another user, - 1 when one it counted is deleted; or, `acked`: the event is
+   * acknowledged, read: 0); an unknown room is one the user joined. With `deliver`, the event
+   * is the feed's: onEvent. */
+  _feedTrack(f, acked, deliver = false) {
+    const feed = this._feed;
+    if (!feed?._confirmed || typeof f.room !== "string") return; // the answer comes first
+    const old = feed._rooms.get(f.room);
+    if (old && f.seq <= old.head) return; // a subscription's replay of what the feed knows
+    let counted = feed._counted.get(f.room);
+    let unread = old?.unread ?? 0;
+    if (acked) {
+      feed._counted.delete(f.room);
+      unread = 0;
+    } else if (unreadBy(f, this.user) && typeof f.id === "string") {
+      if (!counted) feed._counted.set(f.room, (counted = new Map()));
+      counted.set(f.id, f.seq);
+      unread += 1;
+    } else if (removes(f) && counted?.delete(f.id)) {
+      unread = Math.max(0, unread - 1);
+    }
+    const state = Object.freeze({ head: f.seq, acked: acked ? f.seq : old?.acked ?? 0, unread });
+    feed._rooms.set(f.room, state);
+    if (!old) call(feed._options.onJoin, f.room, f);
+    call(feed._options.onUpdate, f.room, state);
+    if (deliver) call(feed._options.onEvent, f);
+  }
+
+  /** A room acknowledged up to `seq` (by the feed: `send`; else by its subscription). */
+  _feedAck(room, seq, send) {
+    const feed = this._feed;
+    const old = feed?._rooms.get(room);
+    if (!old || seq <= old.acked) return;
+    if (send) {
+      feed._acks.set(room, seq);
+      this._scheduleAcks();
+    }
+    // read: every message up to `seq`; of those before the answer, only the count is known
+    let unread = 0;
+    const counted = feed._counted.get(room);
+    if (seq < old.head) {
+      unread = old.unread;
+      for (const [id, at] of counted ?? []) {
+        if (at > seq) continue;
+        counted.delete(id);
+        unread = Math.max(0, unread - 1);
+      }
+    } else {
+      feed._counted.delete(room);
+    }
+    const state = Object.freeze({ head: old.head, acked: seq, unread });
+    feed._rooms.set(room, state);
+    call(feed._options.onUpdate, room, state);
+  }
+
+  _feedLeave(room, reason) {
+    const feed = this._feed;
+    if (!feed?._rooms.delete(room)) return;
+    feed._acks.delete(room);
+    feed._counted.delete(room);
+    call(feed._options.onLeave, room, reason);
+  }
+
+  /** A refusal of `feed`: sent again after a backoff delay when it passes, else the feed
+   * ends. Reported with `feed: true`, to its onError and as the bridge's `error`. */
+  _onFeedError(feed, f, err) {
+    if (feed !== this._feed || feed._confirmed) return; // stale, or a duplicate's refusal
+    const fatal = !RETRIED_SUBSCRIBE.has(f.code);
+    const detail = { ...err, feed: true, fatal };
+    if (fatal) {
+      clearTimeout(feed._retryTimer);
+      feed.active = false;
+      this._feed = null;
+    }
+    call(feed._options.onError, detail);
+    this._emit("error", detail);
+    if (!fatal) this._retryFeed(feed);
   }
 
   // --- presence and typing ----------------------------------------------------------------
@@ -739,6 +987,7 @@ export class PgBridge extends EventTarget {
   _ack(sub, seq) {
     if (!sub.active || seq <= sub._acked || seq <= sub._ackPending) return;
     sub._ackPending = seq;
+    this._feedAck(sub.room, seq, false);
     this._scheduleAcks();
   }
 
@@ -755,6 +1004,12 @@ export class PgBridge extends EventTarget {
       if (!sub._confirmed || sub._ackPending <= sub._acked) continue;
       if (!this._send({ type: "ack", room: sub.room, seq: sub._ackPending })) return;
       sub._acked = sub._ackPending;
+    }
+    const feed = this._feed;
+    if (!feed?._confirmed) return; // sent once the re-sent `feed` is answered
+    for (const [room, seq] of feed._acks) {
+      if (!this._send({ type: "ack", room, seq })) return;
+      feed._acks.delete(room);
     }
   }
 

@@ -26,7 +26,7 @@ import websockets
 
 from daemon.embedded import start_embedded
 from tests.support.fixtures import ROOT, conninfo_env, running_bridge
-from tests.support.helpers import SECRET, make_room, make_user, token
+from tests.support.helpers import SECRET, head, make_room, make_user, post, token
 from tests.support.procs import PGBRIDGE, DaemonProcess, free_port, human_lines, run_cli, until
 
 SETUP_DB = str(ROOT / "setup_db.py")
@@ -314,6 +314,76 @@ async def test_tail_reconnect_lines_are_progress_and_ctrl_c_exits_130(tmp_path: 
             proc.kill()
             await proc.wait()
 
+
+async def test_tail_feed_prints_the_rooms_then_the_events_of_all_of_them(
+        conn: Conn, db_url: str, tmp_path: Path) -> None:
+    """``pgbridge tail --feed``: the ``feed`` frame (unread counts only other users' messages)
+    on the first stdout line, then the events of every room, a room joined from its membership
+    event on, and a room left with its ``unsubscribed``; ``--ack`` records each in sync_state."""
+    user, other = await make_user(conn), await make_user(conn)
+    a, b = await make_room(conn, user, other), await make_room(conn, user, other)
+    for text in ("one", "two"):
+        await post(conn, a, other, text)
+    await post(conn, a, user, "mine")
+    async with running_bridge(db_url) as bridge:
+        proc = await asyncio.create_subprocess_exec(
+            str(PGBRIDGE), "tail", "--feed", "--ack", "--count", "4", "--url",
+            f"ws://127.0.0.1:{bridge.port}/ws", "--token", token(user), env=clean_env(),
+            cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout, stderr = proc.stdout, proc.stderr
+        assert stdout is not None and stderr is not None
+        lines: list[dict[str, Any]] = []
+
+        async def line() -> dict[str, Any]:
+            text = await asyncio.wait_for(stdout.readline(), 30)
+            assert text, f"tail exited: {lines} {(await stderr.read()).decode()}"
+            lines.append(json.loads(text))
+            return lines[-1]
+
+        try:
+            feed = await line()
+            assert feed["type"] == "feed", feed
+            assert {r["room"]: (r["head"], r["acked"], r["unread"]) for r in feed["rooms"]} == {
+                a: (await head(conn, a), 0, 2), b: (await head(conn, b), 0, 0)}
+            await post(conn, b, other, "in b")
+            assert (await line())["room"] == b
+            c = await make_room(conn, other)
+            await conn.execute("INSERT INTO channel_members (channel_id, user_id) "
+                               "VALUES (%s, %s)", (c, user))
+            joined = await line()
+            assert (joined["room"], joined["table"], joined["op"]) == (
+                c, "channel_members", "INSERT"), joined
+            assert joined["data"]["user_id"] == user
+            await post(conn, a, other, "three")
+            assert (await line())["room"] == a
+            await conn.execute("DELETE FROM channel_members WHERE channel_id = %s AND "
+                               "user_id = %s", (b, user))
+            await post(conn, b, other, "after the leave")
+            left = await line()
+            assert (left["type"], left["room"], left["reason"]) == (
+                "unsubscribed", b, "membership_revoked"), left
+            last = await post(conn, c, other, "in c")
+            assert (await line())["id"] == last
+            code = await asyncio.wait_for(proc.wait(), 30)
+            err = (await stderr.read()).decode()
+            assert code == 0, err
+            assert await stdout.read() == b""
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert "pgbridge tail: feed of 2 rooms, 2 unread" in human_lines(err)
+        # the last event's ack leaves just before the close, which may arrive with it: the
+        # bridge drops what comes in the read of a close frame, so the join's ack stands for c
+        want = {a: await head(conn, a), c: joined["seq"]}
+
+        async def acked() -> bool:  # written by the bridge in batches
+            cur = await conn.execute("SELECT room_id, last_seq FROM sync_state WHERE user_id = "
+                                     "%s AND sync_type = 'events'", [user])
+            got = {r: s for r, s in await cur.fetchall() if r in want}
+            return got.keys() == want.keys() and got[a] == want[a] and got[c] >= want[c]
+
+        await until(acked, "the acks of tail --feed in sync_state")
 
 
 # --- first contact: ./dev run with nothing configured ---------------------------------------
