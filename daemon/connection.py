@@ -289,14 +289,26 @@ class Connection(Opening):
         try:
             while offset < len(data) and frames < FRAMES_PER_TURN and not self._ending \
                     and not self._paused:
+                # the protocol parses the whole chunk at once: a close frame in it makes its
+                # state CLOSING before the messages sent ahead of the close are handled, and
+                # those are the peer's last words (an ack before closing), not to be dropped
+                peer_open = protocol.state is State.OPEN
                 protocol.receive_data(data if len(data) <= FEED_CHUNK else
                                       data[offset:offset + FEED_CHUNK])
+                close_sent = protocol.close_sent  # the echo of a close in this chunk, if any
                 offset += FEED_CHUNK
                 events = protocol.events_received()
                 frames += len(events)
                 for event in events:
                     if isinstance(event, Frame):
-                        self._frame(event, messages)
+                        self._frame(event, messages, peer_open)
+                        # after the peer's close, or once this side failed the connection
+                        if event.opcode is Opcode.CLOSE or protocol.close_sent is not close_sent:
+                            peer_open = False
+                if messages and not peer_open and self.receiver is not None:
+                    # handed over before the echo of the close ends the connection (_send_data)
+                    self.receiver.received(messages)
+                    messages = []
                 self._send_data()  # pongs, the echo of a close frame
             if messages and self.receiver is not None:
                 self.receiver.received(messages)
@@ -310,12 +322,13 @@ class Connection(Opening):
                 asyncio.get_running_loop().call_soon(self._parse_frames)
         self._update_reading()
 
-    def _frame(self, frame: Frame, messages: list[str | bytes]) -> None:
-        """Act on one frame; a message it completes is appended to ``messages``."""
+    def _frame(self, frame: Frame, messages: list[str | bytes], peer_open: bool) -> None:
+        """Act on one frame; a message it completes is appended to ``messages`` when
+        ``peer_open`` (the peer's close did not come before it)."""
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if frame.fin:
-                self._message(opcode is Opcode.TEXT, frame.data, messages)
+                self._message(opcode is Opcode.TEXT, frame.data, messages, peer_open)
             else:  # the protocol checks the continuations and their total size
                 self._fragments = [frame.data]
                 self._text = opcode is Opcode.TEXT
@@ -326,7 +339,7 @@ class Connection(Opening):
             fragments.append(frame.data)
             if frame.fin:
                 self._fragments = None
-                self._message(self._text, b"".join(fragments), messages)
+                self._message(self._text, b"".join(fragments), messages, peer_open)
             elif len(fragments) >= MAX_FRAGMENTS:
                 self._fragments = None
                 self._fail(Close.TOO_BIG, f"a message may have at most {MAX_FRAGMENTS} "
@@ -338,8 +351,9 @@ class Connection(Opening):
             if frame.data == self._ping:
                 self._ping = None
 
-    def _message(self, text: bool, payload: BytesLike, messages: list[str | bytes]) -> None:
-        if self.receiver is None or self.protocol.state is not State.OPEN:
+    def _message(self, text: bool, payload: BytesLike, messages: list[str | bytes],
+                 peer_open: bool) -> None:
+        if self.receiver is None or not peer_open:
             return  # closing: what the peer sent after the close is dropped
         data = bytes(payload)  # the same object when it is bytes already
         if not text:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import socket
 import struct
@@ -35,6 +36,7 @@ from tests.support.helpers import (
     subscribe,
     token,
 )
+from tests.support.helpers import head as room_head
 from tests.support.procs import until
 
 Conn = psycopg.AsyncConnection[Any]
@@ -421,3 +423,41 @@ def test_every_entry_point_shared_tasks_call_is_behind_the_boundary() -> None:
                        (Connection, connection_entry_points)):
         for name in names:
             assert hasattr(getattr(cls, name), "__contained__"), f"{cls.__name__}.{name}"
+
+
+async def test_an_ack_in_the_same_write_as_the_close_frame_is_recorded(bridge: Bridge,
+                                                                       conn: Conn) -> None:
+    """A client acks what it read and closes at once: both frames arrive in one read. The
+    close frame makes websockets' state CLOSING as the read is parsed, before the ack that
+    came ahead of it is handled; the ack is still the client's and is recorded."""
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    await post(conn, room, user)
+    seq = await room_head(conn, room)
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    try:
+        writer.write(upgrade(user))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        request = json.dumps({"type": "subscribe", "room": room, "since": 0})
+        writer.write(client_frame(Opcode.TEXT, request.encode()))
+        received = b""
+        while not any(op is Opcode.TEXT and json.loads(data)["type"] == "event"
+                      for op, data in server_frames(received)):
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk, f"the connection ended before the event: {received!r}"
+            received += chunk
+        ack = json.dumps({"type": "ack", "room": room, "seq": seq})
+        writer.write(client_frame(Opcode.TEXT, ack.encode()) + close_frame())
+        async with asyncio.timeout(10):
+            while await reader.read(65536):  # until the server ends the connection
+                pass
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    async def recorded() -> bool:
+        cur = await conn.execute("SELECT last_seq FROM sync_state WHERE user_id = %s AND "
+                                 "room_id = %s AND sync_type = 'events'", [user, room])
+        return await cur.fetchone() == (seq,)
+    await until(recorded, "the ack sent with the close frame in sync_state")

@@ -13,7 +13,7 @@ from websockets.asyncio.client import ClientConnection
 
 from daemon.app import Bridge
 from daemon.hub import Subscription
-from daemon.schema import apply_schema_sync
+from daemon.schema import apply_schema
 from tests.integration.test_feed import join, leave, open_feed
 from tests.integration.test_presence import watch
 from tests.support.fixtures import running_bridge
@@ -421,7 +421,7 @@ async def test_a_room_given_back_whose_follow_failed_keeps_its_cursor(
     replaying what it missed) is tried again later from the same cursor, not found again as
     a join (from its join event: events the subscription sent came twice; without one in the
     log, from the head: a gap). On a database of its own: it renames a column of the log."""
-    apply_schema_sync(fresh_db, schema="public")
+    await apply_schema(fresh_db, schema="public")
     async with (await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn,
                 running_bridge(fresh_db) as bridge):
         _, other, room, ws = await taken_over(bridge, conn)
@@ -434,15 +434,16 @@ async def test_a_room_given_back_whose_follow_failed_keeps_its_cursor(
             assert (await recv(ws))["type"] == "unsubscribed"
             await recheck_waiting(conn)
             await post(holder, room, other, "missed while given back")
-            # the replay of what the room missed fails: its reads name this column
-            await holder.execute("ALTER TABLE change_events RENAME COLUMN payload TO payload_gone")
+            # the replay of what the room missed fails: its reads name this column (and the
+            # feed's own statements do not)
+            await holder.execute("ALTER TABLE change_events RENAME COLUMN created_at TO gone")
             await holder.commit()
 
         async def failed() -> bool:
             return any(getattr(r, "event", None) == "feed_follow_failed"
                        for r in caplog.records)
         await until(failed, "the feed's follow of the room failed")
-        await conn.execute("ALTER TABLE change_events RENAME COLUMN payload_gone TO payload")
+        await conn.execute("ALTER TABLE change_events RENAME COLUMN gone TO created_at")
         await post(conn, room, other, "after the failure")
         got = await events(ws, 2, timeout=30)
         assert [(e["seq"], e["data"].get("content", e["table"])) for e in got] == [
