@@ -169,8 +169,7 @@ class Feed:
 
     def __init__(self, owner: FeedOwner, feeds: Feeds, *, page: int) -> None:
         self.owner = owner
-        self.parts = feeds  # what every feed works with
-        self.feeds = feeds
+        self.feeds = feeds  # the registry, and what every feed works with
         self.page = page
         self.rooms: set[str] = set()
         self.ready = False
@@ -190,8 +189,8 @@ class Feed:
         began = time.perf_counter()
         self.feeds.register(self)
         try:
-            rows = await self.parts.store._all(  # the Store's pool; this module holds the query
-                _FEED, {"user": self.user, "max_rooms": self.parts.settings.feed_max_rooms,
+            rows = await self.feeds.store._all(  # the Store's pool; this module holds the query
+                _FEED, {"user": self.user, "max_rooms": self.feeds.settings.feed_max_rooms,
                         "cap": UNREAD_MAX}, "reading a feed's rooms", purpose="feed")
         except BaseException:
             self.feeds.unregister(self)
@@ -202,10 +201,10 @@ class Feed:
             if not live:
                 self.owner.user_gone()
             return
-        if count > self.parts.settings.feed_max_rooms:
+        if count > self.feeds.settings.feed_max_rooms:
             self.feeds.unregister(self)
             raise ProtocolError("rate_limited", f"a feed follows at most "
-                                f"{self.parts.settings.feed_max_rooms} rooms; this user is in "
+                                f"{self.feeds.settings.feed_max_rooms} rooms; this user is in "
                                 f"{count}", ref=ref)
         listed = [FeedRoom(str(room), int(head), int(acked), int(unread))
                   for _, _, room, head, acked, unread in rows if room is not None]
@@ -278,7 +277,7 @@ class Feed:
         """Register a subscription per start not covered yet, send ``first`` (the ``feed``
         frame), replay what each missed and let it go live. Raises
         :class:`daemon.errors.BridgeError`."""
-        owner, parts = self.owner, self.parts
+        owner, parts = self.owner, self.feeds
         subs = []
         for room, from_seq, checked_at in starts:
             self.rooms.add(room)
@@ -313,7 +312,7 @@ class Feed:
                 parts.hub.remove(sub)
 
     def _drop(self, sub: Subscription) -> None:
-        self.parts.hub.remove(sub)
+        self.feeds.hub.remove(sub)
         if self.owner.subs.get(sub.room) is sub:
             self.owner.subscription_ended(sub)
 
@@ -324,6 +323,9 @@ class Feeds:
     reads the memberships of the feeds that need it, :data:`RECHECK_BATCH` at a time; what a
     feed then follows, it follows in its own task (:meth:`Feed.follow`).
 
+    What every feed works with: ``store`` (its statements, the replays), ``rooms``
+    (:meth:`daemon.rooms.Rooms.add_many`), ``hub`` (where its subscriptions are removed),
+    ``metrics`` and ``settings`` (``PGBRIDGE_QUEUE_SIZE``, ``PGBRIDGE_FEED_MAX_ROOMS``).
     :attr:`retry_delay`: seconds before a failed read is tried again."""
 
     def __init__(self, store: Store, rooms: FeedRooms, hub: Hub, metrics: Metrics,
