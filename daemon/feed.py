@@ -442,6 +442,8 @@ class Feeds:
                 if room in back and (left is None or left <= back[room]):
                     after = back[room]  # given back, the user a member since
                 else:  # joined (again, after the cursor of a room given back: nothing between)
-                    after = head if join is None else join - 1
+                    # without a join since the last leave or soft delete: a room restored,
+                    # followed from its restoring event (or a membership the log misses)
+                    after = (head if left is None else left) if join is None else join - 1
                 starts.append((room, min(after, head), head))
             feed.follow(sorted(starts))

@@ -54,9 +54,10 @@ CHANNEL_FUNCTIONS = ("pgbridge_channel", "pgbridge_channels", "pgbridge_listen")
 # the triggers on users: that tell the daemon a user lost access (sql/triggers/20_access.sql),
 # and that take a deleted user's rooms in a fixed order (sql/triggers/30_room_lock_order.sql)
 USERS_TRIGGERS = ("users_access_update", "users_access_delete", "users_lock_rooms")
-# the triggers on channel_members that tell the daemon's feeds a user joined a room
-# (sql/triggers/20_access.sql)
+# the triggers on channel_members and channels that tell the daemon's feeds a user joined a room
+# or a room of the user was restored (sql/triggers/20_access.sql)
 MEMBERS_TRIGGERS = ("channel_members_joined", "channel_members_moved")
+CHANNELS_TRIGGERS = ("channels_restored",)
 # the triggers on user_status that keep 'online'/'offline' true and tell the daemon to read a
 # user's presence again (sql/triggers/40_presence.sql)
 USER_STATUS_TRIGGERS = ("user_status_guard", "user_status_truth", "user_status_hint",
@@ -66,6 +67,7 @@ SYNC_STATE_TRIGGERS = ("sync_state_resume_guard",)
 # (table, trigger) of the ones above
 TABLE_TRIGGERS = (*(("users", t) for t in USERS_TRIGGERS),
                   *(("channel_members", t) for t in MEMBERS_TRIGGERS),
+                  *(("channels", t) for t in CHANNELS_TRIGGERS),
                   *(("user_status", t) for t in USER_STATUS_TRIGGERS),
                   *(("sync_state", t) for t in SYNC_STATE_TRIGGERS))
 
@@ -94,8 +96,9 @@ async def catalog_problems(conn: psycopg.AsyncConnection[TupleRow], schema: str,
                  for t in PUBLISHED if f"{t}_capture" not in triggers]
     problems += [f"trigger {t} on {schema}.users is missing or disabled"
                  for t in USERS_TRIGGERS if t not in triggers]
-    problems += [f"trigger {t} on {schema}.channel_members is missing or disabled"
-                 for t in MEMBERS_TRIGGERS if t not in triggers]
+    problems += [f"trigger {t} on {schema}.{table} is missing or disabled"
+                 for table, t in TABLE_TRIGGERS if t not in triggers and table in (
+                     "channel_members", "channels")]
     problems += [f"trigger {t} on {schema}.user_status is missing or disabled"
                  for t in USER_STATUS_TRIGGERS if t not in triggers]
     problems += [f"trigger {t} on {schema}.sync_state is missing or disabled"

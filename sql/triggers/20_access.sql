@@ -35,7 +35,8 @@ CREATE OR REPLACE TRIGGER users_access_delete
 
 -- Membership hints: a user's feed (PROTOCOL.md, "One feed per user"; daemon/feed.py) follows
 -- every room of the user, and learns of a room the user joins from this hint, sent when a
--- channel_members row is inserted or given to another user or room:
+-- channel_members row is inserted or given to another user or room, and for every member of a
+-- room restored after a soft delete (its deleted_at set back to null):
 --
 --     {"access": "member", "user": "<users.id>"}
 --
@@ -45,12 +46,19 @@ CREATE OR REPLACE TRIGGER users_access_delete
 -- and reads every feed's memberships again after each listener reconnect.
 CREATE OR REPLACE FUNCTION pgbridge_member_joined() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-DECLARE
-    v_hint text := json_build_object('access', 'member', 'user', NEW.user_id)::text;
 BEGIN
-    PERFORM pg_notify(pgbridge_channel(k.ipad, k.opad, 'capture', TG_TABLE_SCHEMA),
-                      pgbridge_hmac(k.ipad, k.opad, v_hint) || v_hint)
-    FROM change_notify_key k;
+    IF TG_TABLE_NAME = 'channels' THEN  -- restored: each member's feeds read their rooms again
+        PERFORM pg_notify(pgbridge_channel(k.ipad, k.opad, 'capture', TG_TABLE_SCHEMA),
+                          pgbridge_hmac(k.ipad, k.opad, h.hint) || h.hint)
+        FROM change_notify_key k,
+             (SELECT json_build_object('access', 'member', 'user', m.user_id)::text AS hint
+              FROM channel_members m WHERE m.channel_id = NEW.id) AS h;
+    ELSE
+        PERFORM pg_notify(pgbridge_channel(k.ipad, k.opad, 'capture', TG_TABLE_SCHEMA),
+                          pgbridge_hmac(k.ipad, k.opad, h.hint) || h.hint)
+        FROM change_notify_key k,
+             (SELECT json_build_object('access', 'member', 'user', NEW.user_id)::text) AS h(hint);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -63,4 +71,8 @@ CREATE OR REPLACE TRIGGER channel_members_moved
     AFTER UPDATE OF channel_id, user_id ON channel_members
     FOR EACH ROW
     WHEN (NEW.channel_id IS DISTINCT FROM OLD.channel_id OR NEW.user_id IS DISTINCT FROM OLD.user_id)
+    EXECUTE FUNCTION pgbridge_member_joined();
+CREATE OR REPLACE TRIGGER channels_restored
+    AFTER UPDATE OF deleted_at ON channels
+    FOR EACH ROW WHEN (OLD.deleted_at IS NOT NULL AND NEW.deleted_at IS NULL)
     EXECUTE FUNCTION pgbridge_member_joined();
