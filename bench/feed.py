@@ -294,10 +294,10 @@ class Run:
 
 def feed_alone(db: str, user: str, n: int) -> float:
     """The feed statement run ``n`` times from here: EXPLAIN ANALYZE's execution time, p50 ms."""
-    from daemon.feed import _FEED, UNREAD_MAX
+    from daemon.feed_queries import FEED_ROOMS, UNREAD_MAX
 
     with psycopg.connect(db) as conn:
-        times = [conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + _FEED,
+        times = [conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + FEED_ROOMS,
                               {"user": user, "max_rooms": 5000, "cap": UNREAD_MAX})
                  .fetchone()[0][0]["Execution Time"]  # type: ignore[index]
                  for _ in range(n)]

@@ -6,7 +6,7 @@ A :class:`Feed` is a set of ordinary :class:`daemon.hub.Subscription` objects of
 revocation (``membership_revoked``, ``room_deleted``), ``cursor_expired`` and acks are the hub's
 and the client's as for any subscription. What is the feed's own:
 
-* **The start** (:meth:`Feed.start`): ONE statement, :data:`_FEED`, reads in one MVCC snapshot
+* **The start** (:meth:`Feed.start`): ONE statement, :data:`FEED_ROOMS`, reads in one MVCC snapshot
   whether the user is live, every room the user is a member of, each one's head H and the
   user's acked seq, and the unread count (messages of other users, not soft-deleted, whose
   ``INSERT`` event is after the acked seq, counted up to :data:`UNREAD_MAX`). Each room's
@@ -15,15 +15,14 @@ and the client's as for any subscription. What is the feed's own:
   (:meth:`daemon.rooms.Rooms.add_many`: one more query, for the heads of the rooms nobody here
   followed yet). The ``feed`` frame leaves before any event; events in (H, L] committed
   between the read and the registration are replayed from the log, the rest arrive live.
-* **Joins.** A ``channel_members`` row inserted or moved sends a signed hint naming the user
-  (``{"access": "member", ...}``, sql/triggers/20_access.sql). :class:`Feeds` reads the
-  memberships of the hinted users' feeds again, batched (:meth:`Feeds.recheck`), and each room
-  a feed does not cover yet is followed from its join event: the first ``channel_members``
-  event of that membership after its last ``DELETE`` in the room's last :data:`JOIN_LOOKBACK`
-  events (an ``INSERT``, or the ``UPDATE`` that moved the row there), read together with the
-  membership and the head in one statement; without one, from the head. After every
-  listener reconnect (hints may have been lost) and after a feed's room ended with
-  ``membership_revoked`` (the user may be back already), the same happens.
+* **Joins.** A ``channel_members`` row inserted or moved, or a room restored, sends a signed
+  hint naming the user (``{"access": "member", ...}``, sql/triggers/20_access.sql).
+  :class:`Feeds` reads the memberships of the hinted users' feeds again, batched
+  (:meth:`Feeds.recheck`), and follows each room a feed does not cover yet from its join event
+  (:data:`JOINS`; without one, after the room's restore, else from the head), up to
+  ``PGBRIDGE_FEED_MAX_ROOMS`` rooms: past it, an ``error`` ``rate_limited`` names each room not
+  followed, once. After every listener reconnect (hints may have been lost) and after a feed's
+  room ended with ``membership_revoked`` (the user may be back already), the same happens.
 * **Take-over and give-back.** A ``subscribe`` to a room the feed follows releases the feed's
   subscription (:meth:`daemon.hub.Subscription.release`, no frame) and takes the room over;
   its ``unsubscribe`` gives the room back (:meth:`Feed.ended`): the feed follows it again from
@@ -45,11 +44,12 @@ from typing import Protocol
 from . import logs
 from .errors import BridgeError
 from .events import MemberHint
-from .hub import Hub, Subscription
+from .feed_queries import FEED_ROOMS, JOIN_LOOKBACK, JOINS, MEMBERSHIPS, UNREAD_MAX
+from .hub import Hub, Sink, Subscription
 from .metrics import Metrics
 from .notes import Keys
 from .outgoing import OutgoingQueue
-from .protocol import FeedRoom, ProtocolError, feed_frame
+from .protocol import FeedRoom, ProtocolError, error, feed_frame
 from .replay import replay
 from .settings import DaemonSettings
 from .store import Store
@@ -58,76 +58,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["JOIN_LOOKBACK", "UNREAD_MAX", "Feed", "FeedOwner", "FeedRooms", "Feeds"]
 
-# messages one room's unread count reads at most (PROTOCOL.md): each costs a lookup of its row
-# (about 4 µs, docs/benchmarks/feed.md), so at most 0.4 s for 1,000 rooms with 100+ unread each
-UNREAD_MAX = 100
-JOIN_LOOKBACK = 10000  # events of a room searched back from its head for a join event
 RECHECK_BATCH = 500  # feeds whose memberships one statement reads
-
-# One statement, one MVCC snapshot: the user's liveness, the number of rooms, and (when within
-# max_rooms) each room with its head, the user's acked seq and its unread count. The unread
-# count walks the room's log after the acked seq by its primary key (room_id, seq) and each
-# message by its own, and stops at UNREAD_MAX. Parameters: user, max_rooms, cap.
-_FEED = """
-    WITH me AS (
-        SELECT u.id FROM users u WHERE u.id = %(user)s AND u.deleted_at IS NULL
-    ), mine AS (
-        SELECT m.channel_id AS room, COALESCE(h.last_seq, 0) AS head,
-               COALESCE(s.last_seq, 0) AS acked
-        FROM me JOIN channel_members m ON m.user_id = me.id
-        JOIN channels c ON c.id = m.channel_id AND c.deleted_at IS NULL
-        LEFT JOIN change_sequences h ON h.room_id = m.channel_id
-        LEFT JOIN sync_state s ON s.user_id = me.id AND s.room_id = m.channel_id
-                              AND s.sync_type = 'events'
-    ), n AS (SELECT count(*) AS rooms FROM mine)
-    SELECT EXISTS (SELECT 1 FROM me), n.rooms, r.room, r.head, r.acked, r.unread
-    FROM n LEFT JOIN LATERAL (
-        SELECT mine.room, mine.head, mine.acked,
-               (SELECT count(*) FROM (
-                    SELECT 1 FROM change_events e JOIN messages msg ON msg.id = e.row_id
-                    WHERE e.room_id = mine.room AND e.seq > mine.acked
-                      AND e.table_name = 'messages' AND e.op = 'INSERT'
-                      AND msg.channel_id = mine.room AND msg.user_id <> %(user)s
-                      AND msg.deleted_at IS NULL
-                    LIMIT %(cap)s) AS x) AS unread
-        FROM mine WHERE n.rooms <= %(max_rooms)s
-    ) AS r ON true
-    ORDER BY r.room
-"""
-
-# The rooms of the given users (not deleted): what a recheck compares with what feeds cover.
-_MEMBERS = """
-    SELECT m.user_id, m.channel_id FROM channel_members m
-    JOIN channels c ON c.id = m.channel_id AND c.deleted_at IS NULL
-    WHERE m.user_id = ANY(%s::varchar[])
-"""
-
-# For (user, room) pairs a feed will follow: the membership checked, the head, the last
-# DELETE event of the membership (the user left, or the row was moved away) or soft delete of
-# the room (a room restored since: what came before is not the user's to replay) and its join:
-# the first event of the membership after that (its INSERT, or the UPDATE that moved the row
-# there; never an earlier membership's, nor a later UPDATE of its role), in the room's last
-# JOIN_LOOKBACK events, in one snapshot. Pairs whose membership (or user, or room) is gone are
-# left out.
-_JOINS = f"""
-    SELECT a.user_id, a.room_id, COALESCE(h.last_seq, 0), d.left_at,
-           (SELECT min(k) FROM unnest(d.kept) AS k WHERE k > COALESCE(d.left_at, 0))
-    FROM unnest(%s::varchar[], %s::varchar[]) AS a(user_id, room_id)
-    JOIN channel_members m ON m.channel_id = a.room_id AND m.user_id = a.user_id
-    JOIN channels c ON c.id = a.room_id AND c.deleted_at IS NULL
-    JOIN users u ON u.id = a.user_id AND u.deleted_at IS NULL
-    LEFT JOIN change_sequences h ON h.room_id = a.room_id
-    CROSS JOIN LATERAL (  -- one pass over the window
-        SELECT max(e.seq) FILTER (WHERE e.op = 'DELETE' OR e.table_name = 'channels')
-                   AS left_at,
-               array_agg(e.seq) FILTER (WHERE e.table_name = 'channel_members'
-                                          AND e.op <> 'DELETE') AS kept
-        FROM change_events e
-        WHERE e.room_id = a.room_id
-          AND e.seq > COALESCE(h.last_seq, 0) - {JOIN_LOOKBACK}
-          AND (e.table_name = 'channel_members' AND e.row_id = a.room_id || ':' || a.user_id
-               OR e.table_name = 'channels' AND e.payload->>'deleted_at' IS NOT NULL)) AS d
-"""
 
 
 class FeedRooms(Protocol):
@@ -136,22 +67,12 @@ class FeedRooms(Protocol):
     async def add_many(self, subs: list[Subscription]) -> list[int]: ...
 
 
-class FeedOwner(Protocol):
+class FeedOwner(Sink, Protocol):
     """The connection a feed belongs to (:class:`daemon.client.Client`): the sink of its
     subscriptions, and where they are kept (``subs``, room -> subscription)."""
 
-    user: str
     subs: dict[str, Subscription]
     outgoing: OutgoingQueue
-
-    @property
-    def correlation_id(self) -> str: ...
-
-    def send(self, frame: bytes | str) -> None: ...
-
-    def overflow(self, why: str) -> None: ...
-
-    def subscription_ended(self, sub: Subscription) -> None: ...
 
     def user_gone(self) -> None: ...
 
@@ -174,6 +95,7 @@ class Feed:
         self.rooms: set[str] = set()
         self.ready = False
         self.dirty = False  # a recheck was asked for while starting
+        self.refused: set[str] = set()  # rooms not followed, past PGBRIDGE_FEED_MAX_ROOMS
         self._queued: list[list[_Start]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -190,7 +112,7 @@ class Feed:
         self.feeds.register(self)
         try:
             rows = await self.feeds.store._all(  # the Store's pool; this module holds the query
-                _FEED, {"user": self.user, "max_rooms": self.feeds.settings.feed_max_rooms,
+                FEED_ROOMS, {"user": self.user, "max_rooms": self.feeds.settings.feed_max_rooms,
                         "cap": UNREAD_MAX}, "reading a feed's rooms", purpose="feed")
         except BaseException:
             self.feeds.unregister(self)
@@ -412,7 +334,7 @@ class Feeds:
 
     async def _recheck(self, batch: dict[Feed, dict[str, int]]) -> None:
         users = sorted({feed.user for feed in batch})
-        rows = await self.store._all(_MEMBERS, (users,), "reading feeds' memberships",
+        rows = await self.store._all(MEMBERSHIPS, (users,), "reading feeds' memberships",
                                      purpose="feed_members")
         member: dict[str, set[str]] = {}
         for user, room in rows:
@@ -424,7 +346,7 @@ class Feeds:
             return
         pairs = sorted(wanted)
         checked = await self.store._all(
-            _JOINS, ([u for u, _ in pairs], [r for _, r in pairs]),
+            JOINS, ([u for u, _ in pairs], [r for _, r in pairs]),
             "reading the joins of feeds' new rooms", purpose="feed_members")
         found: dict[str, list[tuple[str, int, int | None, int | None]]] = {}
         for user, room, head, left, join in checked:
@@ -446,4 +368,24 @@ class Feeds:
                     # followed from its restoring event (or a membership the log misses)
                     after = (head if left is None else left) if join is None else join - 1
                 starts.append((room, min(after, head), head))
-            feed.follow(sorted(starts))
+            feed.follow(self._within_cap(feed, sorted(starts), back))
+
+    def _within_cap(self, feed: Feed, starts: list[_Start], back: dict[str, int]
+                    ) -> list[_Start]:
+        """``starts`` that keep ``feed`` within ``PGBRIDGE_FEED_MAX_ROOMS`` (rooms given back
+        first: they were followed before); each room left out is named once, in an ``error``
+        ``rate_limited`` frame and a log line."""
+        given = [s for s in starts if s[0] in back]
+        fresh = [s for s in starts if s[0] not in back]
+        room_left = max(0, self.settings.feed_max_rooms - len(feed.rooms) - len(given))
+        for room, _, _ in fresh[room_left:]:
+            if room not in feed.refused:
+                feed.refused.add(room)
+                log.warning("the feed of user %s follows %d rooms, PGBRIDGE_FEED_MAX_ROOMS: "
+                            "room %s is not followed", feed.user, len(feed.rooms), room,
+                            extra={"event": "feed_full", "room": room,
+                                   "correlation_id": feed.owner.correlation_id})
+                feed.owner.send(error("rate_limited", f"a feed follows at most "
+                                      f"{self.settings.feed_max_rooms} rooms: this one is "
+                                      "not followed", room=room))
+        return given + fresh[:room_left]

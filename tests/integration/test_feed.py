@@ -299,3 +299,27 @@ async def test_a_restored_room_is_followed_from_its_restore_not_from_its_old_joi
     (event,) = await events(ws, 1)
     assert event["data"]["content"] == "after the restore"
     assert event["seq"] == restored_at + 1
+
+
+async def test_rooms_joined_past_the_limit_are_refused_once_and_not_followed(
+        db_url: str, conn: Conn) -> None:
+    """PGBRIDGE_FEED_MAX_ROOMS bounds the rooms joined after the start too: each room past it
+    is named once in an error frame, and its events never come (an application role that
+    adds memberships without end cannot grow one connection's feed without end)."""
+    me, other = await make_user(conn), await make_user(conn)
+    rooms = [await make_room(conn, me, other) for _ in range(2)]
+    async with running_bridge(db_url, feed_max_rooms=2) as bridge:
+        ws = await connect(bridge.port, me)
+        assert set(await open_feed(ws)) == set(rooms)
+        extra = await make_room(conn, other)
+        await join(conn, extra, me)
+        refused = await recv(ws)
+        assert (refused["type"], refused["code"], refused["room"]) == (
+            "error", "rate_limited", extra), refused
+        await join(conn, await make_room(conn, other), me)  # a hint: the memberships again
+        second = await recv(ws)
+        assert second["type"] == "error" and second["room"] != extra, "named once"
+        await post(conn, extra, other, "not followed")
+        await post(conn, rooms[0], other, "followed")
+        (event,) = await events(ws, 1)
+        assert event["room"] == rooms[0] and event["data"]["content"] == "followed"
