@@ -143,7 +143,14 @@ async def _open_pool(conninfo: str, schema: str, where: str, *, min_size: int, m
             # The pool retried in the background, logging each failure as a warning, and has
             # closed what it made: connect once more, so that a server that now refuses
             # outright (gone, or its connections taken by others) is named with its SQLSTATE.
-            await _check_connection(pool_conninfo, schema, where, kwargs)
+            # Except 53300: the server counts a closed connection until its backend has exited,
+            # so that refusal may be the pool's own connections; the line below names the same
+            # limits.
+            try:
+                await _check_connection(pool_conninfo, schema, where, kwargs)
+            except DatabaseError as refused:
+                if refused.sqlstate != "53300":
+                    raise
             raise DatabaseError(f"{where}: the pool could not open {min_size} connection(s) in "
                                 f"{timeout:g} s; lower min_size, or check the server's "
                                 "max_connections and the role's CONNECTION LIMIT") from exc
