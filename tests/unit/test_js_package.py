@@ -27,7 +27,8 @@ def test_the_npm_package_is_an_esm_package_without_runtime_dependencies() -> Non
     exports = PACKAGE["exports"]
     assert exports["."] == {"types": "./pgbridge.d.ts", "default": "./pgbridge.js"}
     assert exports["./react"] == {"types": "./react.d.ts", "default": "./react.js"}
-    assert list(exports["."])[0] == "types"  # `types` must come first to be seen
+    assert all(next(iter(e)) == "types" for e in (exports["."], exports["./react"])), (
+        "`types` must come first in each entry to be seen")
     shipped = {re.sub(r"^\./", "", p) for entry in exports.values()
                for p in (entry.values() if isinstance(entry, dict) else [entry])}
     assert shipped - {"package.json"} <= set(PACKAGE["files"])

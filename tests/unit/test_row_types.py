@@ -54,19 +54,20 @@ def test_a_row_is_typed_as_to_jsonb_sends_it() -> None:
 
 
 @pytest.fixture
-def sql_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def sql_copy(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "sql", tmp_path / "sql")
     return tmp_path / "sql"
 
 
-def test_a_column_added_to_the_schema_or_by_a_migration_shows(sql_copy: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_column_added_to_the_schema_or_by_a_migration_shows(
+        sql_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     row_types = load()
     monkeypatch.setattr(row_types, "SQL", sql_copy)
     schema = sql_copy / "schema.sql"
     schema.write_text(schema.read_text().replace(
-        "    metadata JSONB\n);", "    metadata JSONB,\n    pinned BOOLEAN NOT NULL DEFAULT false\n);"))
-    (sql_copy / "migrations" / "9999_reply_to.sql").write_text(
+        "    metadata JSONB\n);",
+        "    metadata JSONB,\n    pinned BOOLEAN NOT NULL DEFAULT false\n);"))
+    (sql_copy / "migrations" / "9999_weight.sql").write_text(
         "ALTER TABLE reactions ADD COLUMN IF NOT EXISTS weight BIGINT;\n")
     block = row_types.generated_block()
     assert "  pinned: boolean;" in block and "  weight: number | null;" in block

@@ -193,25 +193,31 @@ def type_name(table: str) -> str:
     return "".join(part.capitalize() for part in table.split("_")) + "Row"
 
 
-def generated_block() -> str:
-    """The text between the markers of pgbridge.d.ts, markers included."""
+def published_rows() -> dict[str, dict[str, Column]]:
+    """Published table -> its columns (name -> Column) in order, after the migrations; in the
+    order of the capture triggers. RowTypesError for what cannot be typed."""
     text = strip_comments((SQL / "schema.sql").read_text())
-    bodies = table_bodies(text)
-    tables = {name: parse_table(name, body) for name, body in bodies.items()}
+    tables = {name: parse_table(name, body) for name, body in table_bodies(text).items()}
     published = published_tables(SQL / "triggers")
     missing = [t for t in published if t not in tables]
     if missing:
         raise RowTypesError(f"published but not created by sql/schema.sql: {missing}")
     apply_migrations(tables, published, SQL / "migrations")
+    return {table: tables[table] for table in published}
+
+
+def generated_block() -> str:
+    """The text between the markers of pgbridge.d.ts, markers included."""
+    rows = published_rows()
     out = [BEGIN, f"// by clients/js/scripts/row_types.py from sql/: run `{COMMAND}`",
            "// after changing the tables; tests/unit/test_row_types.py fails while stale.", "",
            "/** A JSON value (a `jsonb` column). */",
            "export type Json = string | number | boolean | null | Json[] "
            "| { [key: string]: Json };", ""]
-    for table in published:
+    for table, columns in rows.items():
         out.append(f"/** A row of `{table}` as an event's `data` carries it (`to_jsonb`). */")
         out.append(f"export interface {type_name(table)} {{")
-        for col in tables[table].values():
+        for col in columns.values():
             null = " | null" if col.nullable else ""
             out.append(f"  /** {col.note}{'' if col.nullable else ' NOT NULL'} */")
             out.append(f"  {col.name}: {col.ts_type}{null};")
@@ -219,7 +225,7 @@ def generated_block() -> str:
         out.append("")
     out.append("/** The published tables (those with a capture trigger) and their rows. */")
     out.append("export interface Rows {")
-    out += [f"  {table}: {type_name(table)};" for table in published]
+    out += [f"  {table}: {type_name(table)};" for table in rows]
     out.append("}")
     out.append("")
     out.append("/** The name of a published table: an event's `table`. */")
