@@ -256,8 +256,9 @@ export interface BridgeError {
  * on the port; "unreachable": no route or no such host (in a browser, which hides the
  * reason: any network failure of the probe); "timeout"; "reset": the connection was cut
  * during the handshake; "tls": the certificate or the TLS handshake was refused; "http": the
- * server answered with `status` instead of upgrading (e.g. 503, 429, or 426 from a proxy that
- * drops the upgrade); "unknown": the transport said nothing and no probe was possible
+ * server answered with `status` instead of upgrading (503 or 429: busy; 426: the bridge takes
+ * the token, but the upgrade failed on the way, e.g. a proxy that drops it); "unknown": the
+ * transport said nothing and no probe was possible
  * (`fetch: null`); "websocket": the WebSocket constructor threw (fatal). */
 export type ConnectFailure = "refused" | "unreachable" | "timeout" | "reset" | "tls" | "http"
   | "unknown" | "websocket";

@@ -1,7 +1,8 @@
 // pgbridge.js: the browser/Node (>= 20) client of the pgbridge WebSocket protocol
 // (docs/PROTOCOL.md). One dependency-free ES module, no build step; types in pgbridge.d.ts.
 // Resumes rooms after drops with `since`, delivers each seq once and in order, reconnects with
-// capped jittered backoff, renews the token, batches acks, stops on refusals a retry can't fix.
+// capped jittered backoff (each attempt that fails says why: `connect_failed` and its cause),
+// renews the token, batches acks, stops on refusals a retry can't fix.
 // Asks the server to coalesce frames (`batch`); every message is split into its frames.
 // Opt-in per room: the members' presence (rebuilt from each new snapshot) and typing signals.
 // One feed per user: every room of the user with its unread count, kept current, then live.
