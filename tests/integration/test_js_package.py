@@ -2,7 +2,9 @@
 tarball of the client's files only; installed with ``ws`` into an empty project, its types pass
 ``tsc --strict`` (an event narrowed on ``table`` has the row's columns) and a Node program that
 imports it receives the events of a room from a real daemon, including after starting against a
-port nobody listened on yet (``error`` ``connect_failed`` ``refused`` first).
+port nobody listened on yet (``error`` ``connect_failed`` ``refused`` first); a certificate it
+does not trust and a host that does not resolve are ``connect_failed`` ``tls`` and
+``unreachable``.
 
 Needs Node >= 20 and npm, and the npm registry (``ws`` and ``typescript`` are installed from
 it): without them the tests skip, and fail under ``CI=true``.
@@ -11,9 +13,12 @@ it): without them the tests skip, and fail under ``CI=true``.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 import os
 import shutil
+import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +26,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.integration.test_js_client import node
 from tests.support.fixtures import ROOT, running_bridge
@@ -207,3 +216,60 @@ async def test_a_bridge_not_listening_is_error_refused_then_connects_once_it_sta
         if proc.returncode is None:
             proc.kill()
     assert (event["table"], event["content"]) == ("messages", "after the outage"), (event, mid)
+
+
+def self_signed(directory: Path) -> ssl.SSLContext:
+    """A server TLS context with a certificate for 127.0.0.1 that nobody trusts."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pgbridge test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
+
+
+async def serve_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("failure", ["tls", "unreachable"])
+async def test_a_connection_that_cannot_be_made_says_why(
+        project: tuple[Path, list[str]], tmp_path: Path, failure: str) -> None:
+    """A certificate the client does not trust: ``tls``; a host name that does not resolve
+    (``.invalid``, RFC 2606): ``unreachable``. Not fatal: it goes on retrying."""
+    app, _files = project
+    server = None
+    if failure == "tls":
+        server = await asyncio.start_server(serve_nothing, "127.0.0.1", 0,
+                                            ssl=self_signed(tmp_path))
+        url = f"wss://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws"
+    else:
+        url = "ws://pgbridge-test.invalid/ws"
+    proc = await start_client(app, url, "01JD3V6Z7W2Q4X8Y9A0B1C2D3E", "01JD3V6Z7W2Q4X8Y9A0B1C2D3E",
+                              1)
+    try:
+        stream = lines(proc)
+        first, second = [await next_line(stream, "error") for _ in range(2)]
+    finally:
+        proc.kill()
+        await proc.wait()
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+    assert (first["code"], first["cause"], first["fatal"]) == ("connect_failed", failure,
+                                                               False), first
+    assert (second["cause"], second["attempt"]) == (failure, 1), second
+    assert first["errno"], first  # the system error code the `ws` package gave
