@@ -257,8 +257,9 @@ export interface BridgeError {
  * reason: any network failure of the probe); "timeout"; "reset": the connection was cut
  * during the handshake; "tls": the certificate or the TLS handshake was refused; "http": the
  * server answered with `status` instead of upgrading (503 or 429: busy; 426: the bridge takes
- * the token, but the upgrade failed on the way, e.g. a proxy that drops it); "unknown": the
- * transport said nothing and no probe was possible
+ * the token, but the upgrade failed on the way, e.g. a proxy that drops it), or, without
+ * `status`, answered a page of another origin, which the browser may not read (most often: the
+ * origin is not allowed); "unknown": the transport said nothing and no probe was possible
  * (`fetch: null`); "websocket": the WebSocket constructor threw (fatal). */
 export type ConnectFailure = "refused" | "unreachable" | "timeout" | "reset" | "tls" | "http"
   | "unknown" | "websocket";

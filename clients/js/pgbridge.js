@@ -86,7 +86,9 @@ function responseStatus(err) {
 function describeCause({ cause, errno, status }) {
   const what = { refused: "connection refused", unreachable: "host unreachable",
     timeout: "timed out", reset: "connection reset", tls: "TLS failed",
-    http: `HTTP ${status} instead of an upgrade`, unknown: "handshake failed" }[cause] ?? cause;
+    http: status ? `HTTP ${status} instead of an upgrade`
+      : "the server answered without an upgrade (its answer is hidden from this origin)",
+    unknown: "handshake failed" }[cause] ?? cause;
   return errno ? `${what} (${errno})` : what;
 }
 
@@ -334,8 +336,9 @@ export class Feed {
  *   before the WebSocket opened (a retry follows, after the backoff delay of the `state`
  *   event): `attempt` (0: the first connection, n: the n-th retry), `cause` "refused",
  *   "unreachable" (no route, DNS; in a browser: any network failure), "timeout", "reset",
- *   "tls", "http" (the server answered `status` instead of upgrading) or "unknown"; `errno`
- *   the system error code when the transport gives one (Node's `ws`).
+ *   "tls", "http" (the server answered `status` instead of upgrading; no `status`: an answer
+ *   the browser hides from a page of another origin) or "unknown"; `errno` the system error
+ *   code when the transport gives one (Node's `ws`).
  * - `reconnect` `{attempt}`: each successful re-open after the first.
  */
 export class PgBridge extends EventTarget {
@@ -536,13 +539,23 @@ export class PgBridge extends EventTarget {
     let status = 0;
     let retryAfter = NaN;
     let rejected = null;
+    let hidden = false; // an answer the browser hides from this page (another origin)
+    const url = withToken(this.url, this._token, this._batch, true);
+    const init = { cache: "no-store", credentials: "omit", signal: ctl.signal };
     try {
-      const res = await this._fetch(withToken(this.url, this._token, this._batch, true),
-        { cache: "no-store", credentials: "omit", signal: ctl.signal });
+      const res = await this._fetch(url, init);
       status = res.status;
       retryAfter = Number.parseFloat(res.headers?.get?.("Retry-After"));
       res.body?.cancel?.().catch?.(() => {});
     } catch (err) { rejected = err; } // network, CORS, abort: plain backoff
+    if (rejected && !timedOut && !networkCause(rejected) && gen === this._gen) {
+      // A page of another origin cannot read the answer (no CORS on /ws): a "no-cors" request
+      // tells an answer it may not read (resolves, opaque) from no answer (rejects).
+      try {
+        await this._fetch(url, { ...init, mode: "no-cors" });
+        hidden = true;
+      } catch { /* no answer either */ }
+    }
     clearTimeout(timer);
     if (gen !== this._gen) return;
     this._probe = null;
@@ -556,8 +569,8 @@ export class PgBridge extends EventTarget {
     }
     const busy = (status === 429 || status === 503) && retryAfter > 0;
     status = status || responseStatus(failure);
-    this._connectFailed(status ? { cause: "http", status } : timedOut ? { cause: "timeout" }
-      : networkCause(rejected) ?? { cause: "unreachable" });
+    this._connectFailed(status ? { cause: "http", status } : hidden ? { cause: "http" }
+      : timedOut ? { cause: "timeout" } : networkCause(rejected) ?? { cause: "unreachable" });
     this._retry(code, reason, { min: busy ? Math.min(retryAfter, 300) * 1000 : 0 });
   }
 

@@ -67,17 +67,21 @@ test("ws's refused upgrade (Unexpected server response: 503) without fetch: http
 
 test("a browser (no detail): the probe tells http with its status from unreachable", async () => {
   const fetch = fakeFetch(426, { status: 503, headers: { "Retry-After": "2" } },
-    new TypeError("Failed to fetch"),
+    new TypeError("Failed to fetch"), new TypeError("Failed to fetch"), // then no-cors: none
+    new TypeError("Failed to fetch"), 0, // then no-cors: an opaque answer (another origin)
     Object.assign(new TypeError("fetch failed"), { cause: systemError("ECONNREFUSED") }));
   const { bridge, ws, log } = await connect({ fetch });
-  for (let i = 0; i < 4; i++) {
+  for (let i = 0; i < 5; i++) {
     ws().refuse();
     await advance(0);
     await advance(log.state.at(-1).delay);
   }
   assert.deepEqual(failures(log).map((e) => [e.cause, e.status ?? null, e.fatal]), [
     ["http", 426, false], ["http", 503, false], ["unreachable", null, false],
-    ["refused", null, false]]);
+    ["http", null, false], ["refused", null, false]]);
+  assert.deepEqual(fetch.calls.map((c) => c.init.mode ?? "cors"),
+    ["cors", "cors", "cors", "no-cors", "cors", "no-cors", "cors"]);
+  assert.match(failures(log)[3].message, /its answer is hidden from this origin/);
   assert.equal(bridge.state, "reconnecting");
   bridge.close();
 });
