@@ -13,8 +13,8 @@ from types import ModuleType
 import pytest
 
 from daemon.schema_check import PUBLISHED
-from tests.support.fixtures import ROOT
 
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "clients" / "js" / "scripts" / "row_types.py"
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import re
 import tomllib
+from pathlib import Path
 
 from daemon.web import ROUTES
-from tests.support.fixtures import ROOT
 
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = json.loads((ROOT / "clients/js/package.json").read_text())
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
