@@ -1,7 +1,168 @@
 // Type declarations of pgbridge.js, the browser/Node client of the pgbridge protocol
-// (docs/PROTOCOL.md).
+// (docs/PROTOCOL.md). The row types below are generated from sql/ (see the block's header).
 
-/** A protocol `event` frame: one change of a room, delivered once per seq, in order. */
+// BEGIN GENERATED ROWS
+// by clients/js/scripts/row_types.py from sql/: run `.venv/bin/python clients/js/scripts/row_types.py --write`
+// after changing the tables; tests/unit/test_row_types.py fails while stale.
+
+/** A JSON value (a `jsonb` column). */
+export type Json = string | number | boolean | null | Json[] | { [key: string]: Json };
+
+/** A row of `channels` as an event's `data` carries it (`to_jsonb`). */
+export interface ChannelsRow {
+  /** VARCHAR(26) NOT NULL */
+  id: string;
+  /** VARCHAR(255) NOT NULL */
+  name: string;
+  /** TEXT */
+  description: string | null;
+  /** TIMESTAMPTZ NOT NULL */
+  created_at: string;
+  /** TIMESTAMPTZ NOT NULL */
+  updated_at: string;
+  /** TIMESTAMPTZ */
+  deleted_at: string | null;
+}
+
+/** A row of `messages` as an event's `data` carries it (`to_jsonb`). */
+export interface MessagesRow {
+  /** VARCHAR(26) NOT NULL */
+  id: string;
+  /** VARCHAR(26) NOT NULL */
+  channel_id: string;
+  /** VARCHAR(26) NOT NULL */
+  user_id: string;
+  /** TEXT NOT NULL */
+  content: string;
+  /** TIMESTAMPTZ NOT NULL */
+  created_at: string;
+  /** TIMESTAMPTZ NOT NULL */
+  updated_at: string;
+  /** TIMESTAMPTZ */
+  deleted_at: string | null;
+  /** JSONB */
+  metadata: Json | null;
+}
+
+/** A row of `channel_members` as an event's `data` carries it (`to_jsonb`). */
+export interface ChannelMembersRow {
+  /** VARCHAR(26) NOT NULL */
+  channel_id: string;
+  /** VARCHAR(26) NOT NULL */
+  user_id: string;
+  /** VARCHAR(50) NOT NULL */
+  role: "owner" | "admin" | "member" | "guest";
+  /** TIMESTAMPTZ NOT NULL */
+  joined_at: string;
+}
+
+/** A row of `reactions` as an event's `data` carries it (`to_jsonb`). */
+export interface ReactionsRow {
+  /** VARCHAR(26) NOT NULL */
+  id: string;
+  /** VARCHAR(26) NOT NULL */
+  message_id: string;
+  /** VARCHAR(26) NOT NULL */
+  user_id: string;
+  /** VARCHAR(50) NOT NULL */
+  emoji: string;
+  /** TIMESTAMPTZ NOT NULL */
+  created_at: string;
+}
+
+/** A row of `files` as an event's `data` carries it (`to_jsonb`). */
+export interface FilesRow {
+  /** VARCHAR(26) NOT NULL */
+  id: string;
+  /** VARCHAR(26) */
+  message_id: string | null;
+  /** VARCHAR(255) NOT NULL */
+  name: string;
+  /** VARCHAR(100) NOT NULL */
+  type: string;
+  /** BIGINT NOT NULL */
+  size: number;
+  /** TEXT NOT NULL */
+  url: string;
+  /** TIMESTAMPTZ NOT NULL */
+  created_at: string;
+}
+
+/** A row of `message_reads` as an event's `data` carries it (`to_jsonb`). */
+export interface MessageReadsRow {
+  /** VARCHAR(26) NOT NULL */
+  message_id: string;
+  /** VARCHAR(26) NOT NULL */
+  user_id: string;
+  /** TIMESTAMPTZ NOT NULL */
+  read_at: string;
+}
+
+/** The published tables (those with a capture trigger) and their rows. */
+export interface Rows {
+  channels: ChannelsRow;
+  messages: MessagesRow;
+  channel_members: ChannelMembersRow;
+  reactions: ReactionsRow;
+  files: FilesRow;
+  message_reads: MessageReadsRow;
+}
+
+/** The name of a published table: an event's `table`. */
+export type TableName = keyof Rows;
+// END GENERATED ROWS
+
+/** A row of a published table, as an event's `data` carries it: `Row<"messages">`. */
+export type Row<T extends TableName> = Rows[T];
+
+/** What every `event` frame of table `T` carries. */
+interface EventFields<T extends TableName> {
+  type: "event";
+  room: string;
+  /** 1, 2, 3, … per room in commit order. */
+  seq: number;
+  table: T;
+  /** The row's id (`a:b` for a two-column key: `channel_id:user_id`, `message_id:user_id`). */
+  id: string;
+  /** Commit-time ISO 8601. */
+  ts: string;
+}
+
+/** A row written: `data` is the row as it is after the INSERT or UPDATE. */
+export interface WriteEvent<T extends TableName> extends EventFields<T> {
+  op: "INSERT" | "UPDATE";
+  data: Rows[T];
+}
+
+/** A row deleted: `data` is the row as it was before the DELETE (an UPDATE that moves a row to
+ * another room, or changes its key, is a DELETE in the old room first). */
+export interface DeleteEvent<T extends TableName> extends EventFields<T> {
+  op: "DELETE";
+  data: Rows[T];
+}
+
+/** A protocol `event` frame of table `T`. */
+export type EventOf<T extends TableName> = WriteEvent<T> | DeleteEvent<T>;
+
+/** A protocol `event` frame: one change of a room, delivered once per seq, in order. A union
+ * discriminated on `table` (then `op`): after `if (event.table === "messages")`, `event.data`
+ * is a {@link MessagesRow}. The tables are those this version of pgbridge publishes (the same
+ * version as the daemon, which sends no other); code that must also take events of tables a
+ * newer daemon adds can widen an event to {@link AnyBridgeEvent} first. */
+export type BridgeEvent = { [T in TableName]: EventOf<T> }[TableName];
+
+/** Any `event` frame, whatever its table, as docs/PROTOCOL.md defines it. */
+export interface AnyBridgeEvent {
+  type: "event";
+  room: string;
+  seq: number;
+  table: string;
+  op: "INSERT" | "UPDATE" | "DELETE";
+  id: string;
+  data: Record<string, unknown>;
+  ts: string;
+}
+
 /** What `pending(id)` resolves with when the row was already in the room's snapshot. */
 export interface SnapshotInsert {
   type: "snapshot";
@@ -12,22 +173,7 @@ export interface SnapshotInsert {
   op: "INSERT";
   id: string;
   /** The row, as in the snapshot. */
-  data: Record<string, unknown>;
-}
-
-export interface BridgeEvent {
-  type: "event";
-  room: string;
-  /** 1, 2, 3, … per room in commit order. */
-  seq: number;
-  table: string;
-  op: "INSERT" | "UPDATE" | "DELETE";
-  /** The row's id (`a:b` for a two-column key). */
-  id: string;
-  /** The row as JSON: the new row, or the old row for DELETE. */
-  data: Record<string, unknown>;
-  /** Commit-time ISO 8601. */
-  ts: string;
+  data: MessagesRow;
 }
 
 /** A protocol `subscribed` frame: events with `seq > from` follow; `head` is the room's latest. */
@@ -39,19 +185,19 @@ export interface SubscribedFrame {
   ref: string | null;
 }
 
-/** A room member's presence, from a protocol `presence` frame (subscriptions with
- * `presence: true` only); the last one received for a user is their current state. */
 /** The `snapshot` frame (PROTOCOL.md, "Snapshot then live"): the room's most recent messages
  * as of `seq`, oldest first; events after `seq` follow. */
 export interface Snapshot {
   room: string;
   seq: number;
   /** Rows of `messages` not soft-deleted, shaped like an event's `data`, oldest first. */
-  messages: Array<Record<string, unknown>>;
+  messages: MessagesRow[];
   /** Older messages of the N asked for were left out (PGBRIDGE_SNAPSHOT_MAX_BYTES). */
   truncated: boolean;
 }
 
+/** A room member's presence, from a protocol `presence` frame (subscriptions with
+ * `presence: true` only); the last one received for a user is their current state. */
 export interface Presence {
   readonly room: string;
   /** The member's `users.id`. */
@@ -77,7 +223,8 @@ export interface BridgeError {
    * `internal`, `bad_request`, `unauthorized`, …), an `unsubscribed` reason
    * (`membership_revoked`, `room_deleted`), or one of the client's: `unauthorized`,
    * `forbidden_origin`, `user_deleted` (close 4003), `policy_violation` (1008),
-   * `message_too_big` (1009), `invalid_payload` (1007), `connect_failed`, `token_unavailable`. */
+   * `message_too_big` (1009), `invalid_payload` (1007), `connect_failed` (see `cause`),
+   * `token_unavailable`. */
   code: string;
   message: string;
   /** The room concerned, if any. */
@@ -90,9 +237,32 @@ export interface BridgeError {
   fatal: boolean;
   /** The close code behind a fatal close. */
   closeCode?: number;
-  /** The HTTP status of a refused handshake (found by asking the URL without upgrade). */
+  /** The HTTP status of a refused handshake (found by asking the URL without upgrade, or
+   * as Node's `ws` reports it); with `cause` "http". */
   status?: number;
+  /** With `connect_failed`: why the attempt failed. Not fatal (a retry follows after the
+   * `state` event's `delay`), once per failed attempt, except "websocket" (fatal: the
+   * WebSocket constructor threw, e.g. on an unusable URL). */
+  cause?: ConnectFailure;
+  /** With `connect_failed`: the system error code when the transport gives one (Node's `ws`:
+   * `ECONNREFUSED`, `ENOTFOUND`, `CERT_HAS_EXPIRED`, …; browsers give none). */
+  errno?: string;
+  /** With `connect_failed`: the attempt that failed (0: the first connection, n: the n-th
+   * retry since the last connection that stayed open 5 s). */
+  attempt?: number;
 }
+
+/** Why a connection attempt failed before the WebSocket opened. "refused": nothing listens
+ * on the port; "unreachable": no route or no such host (in a browser, which hides the
+ * reason: any network failure of the probe); "timeout"; "reset": the connection was cut
+ * during the handshake; "tls": the certificate or the TLS handshake was refused; "http": the
+ * server answered with `status` instead of upgrading (503 or 429: busy; 426: the bridge takes
+ * the token, but the upgrade failed on the way, e.g. a proxy that drops it), or, without
+ * `status`, answered a page of another origin, which the browser may not read (most often: the
+ * origin is not allowed); "unknown": the transport said nothing and no probe was possible
+ * (`fetch: null`); "websocket": the WebSocket constructor threw (fatal). */
+export type ConnectFailure = "refused" | "unreachable" | "timeout" | "reset" | "tls" | "http"
+  | "unknown" | "websocket";
 
 /** What the client needs of a WebSocket (browsers', Node's, the `ws` package's). */
 export interface WebSocketLike {
@@ -218,7 +388,7 @@ export declare class Subscription {
    * snapshot's `seq`, at or after the row's, and no `ts`). Rejects with a
    * {@link PendingError}. Twice for one id: the same promise. TypeError for an empty id or a
    * bad timeout. */
-  pending(id: string, options?: PendingOptions): Promise<BridgeEvent | SnapshotInsert>;
+  pending(id: string, options?: PendingOptions): Promise<EventOf<"messages"> | SnapshotInsert>;
   /** Give up on a pending id (the request that was to write it failed): its promise rejects
    * with code `failed` and `cause` = `reason`. Returns whether the id was pending. */
   fail(id: string, reason?: unknown): boolean;

@@ -1,7 +1,8 @@
 // pgbridge.js: the browser/Node (>= 20) client of the pgbridge WebSocket protocol
 // (docs/PROTOCOL.md). One dependency-free ES module, no build step; types in pgbridge.d.ts.
 // Resumes rooms after drops with `since`, delivers each seq once and in order, reconnects with
-// capped jittered backoff, renews the token, batches acks, stops on refusals a retry can't fix.
+// capped jittered backoff (each attempt that fails says why: `connect_failed` and its cause),
+// renews the token, batches acks, stops on refusals a retry can't fix.
 // Asks the server to coalesce frames (`batch`); every message is split into its frames.
 // Opt-in per room: the members' presence (rebuilt from each new snapshot) and typing signals.
 // One feed per user: every room of the user with its unread count, kept current, then live.
@@ -46,6 +47,49 @@ function resolveUrl(url) {
   }
   u.hash = "";
   return u.href;
+}
+
+// Why a connection attempt failed, from the error a transport gives (Node's `ws` package: an
+// Error with a system `code`; Node's fetch: a TypeError whose `cause` has one). Browsers give
+// nothing: the handshake probe (fetch) tells "http" (with the status) from "unreachable".
+const NETWORK_CAUSES = { ECONNREFUSED: "refused", ENOTFOUND: "unreachable",
+  EAI_AGAIN: "unreachable", EAI_FAIL: "unreachable", EHOSTUNREACH: "unreachable",
+  ENETUNREACH: "unreachable", EHOSTDOWN: "unreachable", ENETDOWN: "unreachable",
+  EADDRNOTAVAIL: "unreachable", ETIMEDOUT: "timeout", UND_ERR_CONNECT_TIMEOUT: "timeout",
+  ECONNRESET: "reset", EPIPE: "reset", UND_ERR_SOCKET: "reset", EPROTO: "tls" };
+const TLS_CODE = /CERT|^ERR_TLS_|^ERR_SSL_|^SSL_|^UNABLE_TO_/;
+
+/** The system error code in a transport's error (or its `cause`, or the first of an
+ * AggregateError's), if any. */
+function errorCode(err, depth = 0) {
+  if (err === null || typeof err !== "object" || depth > 3) return null;
+  if (typeof err.code === "string" && err.code) return err.code;
+  return errorCode(err.error ?? err.cause ?? err.errors?.[0], depth + 1);
+}
+
+/** `{cause, errno?}` when the error names a network or TLS failure, else null. */
+function networkCause(err) {
+  const errno = errorCode(err);
+  if (!errno) return null;
+  const cause = NETWORK_CAUSES[errno] ?? (TLS_CODE.test(errno) ? "tls" : null);
+  return cause && { cause, errno };
+}
+
+/** The HTTP status of a refused upgrade as Node's `ws` reports it ("Unexpected server
+ * response: 503"), else 0. */
+function responseStatus(err) {
+  const text = String(err?.error?.message ?? err?.message ?? "");
+  const m = /Unexpected server response: (\d{3})/.exec(text);
+  return m ? Number(m[1]) : 0;
+}
+
+function describeCause({ cause, errno, status }) {
+  const what = { refused: "connection refused", unreachable: "host unreachable",
+    timeout: "timed out", reset: "connection reset", tls: "TLS failed",
+    http: status ? `HTTP ${status} instead of an upgrade`
+      : "the server answered without an upgrade (its answer is hidden from this origin)",
+    unknown: "handshake failed" }[cause] ?? cause;
+  return errno ? `${what} (${errno})` : what;
 }
 
 function paramName(param) { // as the server decodes it
@@ -281,13 +325,20 @@ export class Feed {
  *   attempts since the last connection that stayed open 5 s (1 = first retry); `delay` the ms
  *   before the next attempt when "reconnecting", else null; with "open", also
  *   `correlationId` (the new connection's, as `bridge.correlationId`).
- * - `error` `{code, message, room?, feed?, fatal, closeCode?, status?}`: `fatal` without a
- *   room nor `feed`: the bridge gave up and is "closed" (`unauthorized`, `forbidden_origin`,
- *   `user_deleted` (4003), `policy_violation` (1008), `message_too_big` (1009),
- *   `invalid_payload` (1007), `connect_failed`); `fatal` with a room: that subscription ended
+ * - `error` `{code, message, room?, feed?, fatal, closeCode?, status?, cause?, errno?,
+ *   attempt?}`: `fatal` without a room nor `feed`: the bridge gave up and is "closed"
+ *   (`unauthorized`, `forbidden_origin`, `user_deleted` (4003), `policy_violation` (1008),
+ *   `message_too_big` (1009), `invalid_payload` (1007), `connect_failed` with `cause`
+ *   "websocket": the WebSocket constructor threw); `fatal` with a room: that subscription ended
  *   (also its onError); with `feed: true`: the refusal of the feed (also its onError), ended
  *   when `fatal`. Not fatal: informative (an `error` frame, `token_unavailable`, ...), the
- *   bridge carries on.
+ *   bridge carries on; among them `connect_failed`, once per connection attempt that failed
+ *   before the WebSocket opened (a retry follows, after the backoff delay of the `state`
+ *   event): `attempt` (0: the first connection, n: the n-th retry), `cause` "refused",
+ *   "unreachable" (no route, DNS; in a browser: any network failure), "timeout", "reset",
+ *   "tls", "http" (the server answered `status` instead of upgrading; no `status`: an answer
+ *   the browser hides from a page of another origin) or "unknown"; `errno` the system error
+ *   code when the transport gives one (Node's `ws`).
  * - `reconnect` `{attempt}`: each successful re-open after the first.
  */
 export class PgBridge extends EventTarget {
@@ -439,16 +490,18 @@ export class PgBridge extends EventTarget {
       ws = this._ws = new this._WebSocket(withToken(this.url, token, this._batch));
     } catch (err) {
       const message = String(err?.message ?? err);
-      return this._fail({ code: "connect_failed", message }, null, null);
+      return this._fail({ code: "connect_failed", cause: "websocket", message }, null, null);
     }
     ws.onopen = () => { if (ws === this._ws) this._opened = true; };
     ws.onmessage = (e) => { if (ws === this._ws) this._onMessage(ws, e.data); };
     ws.onclose = (e) => { if (ws === this._ws) this._onClose(e.code, e.reason); };
-    // A failed handshake is close 1006 before open; Node 20's WebSocket fires only `error`.
-    ws.onerror = () => { if (ws === this._ws && !this._opened) this._onClose(1006, ""); };
+    // A failed handshake is close 1006 before open, after `error` (which, from Node's `ws`,
+    // says why); Node 20's WebSocket fires only `error`.
+    ws.onerror = (e) => { if (ws === this._ws && !this._opened) this._onClose(1006, "", e); };
   }
 
-  _onClose(code, reason) {
+  /** @param {object} [failure] the transport's `error` event of a failed handshake */
+  _onClose(code, reason, failure) {
     const opened = this._opened;
     this._detach();
     if (FATAL_CLOSE[code]) {
@@ -460,25 +513,49 @@ export class PgBridge extends EventTarget {
         message: "the token expired (4001) and option `token` is a fixed string" }, code, reason);
     }
     if (code === 4001) return this._retry(code, reason, { now: this._attempt === 0 });
-    if (!opened && this._fetch) return this._probeHandshake(code, reason);
+    if (!opened) {
+      const known = networkCause(failure);
+      if (!known && this._fetch) return this._probeHandshake(code, reason, failure);
+      const status = responseStatus(failure);
+      this._connectFailed(known ?? (status ? { cause: "http", status } : { cause: "unknown" }));
+    }
     this._retry(code, reason);
+  }
+
+  /** A connection attempt failed: the `error` event `connect_failed` (not fatal: a retry
+   * follows), once per failed attempt. */
+  _connectFailed(found) {
+    this._error({ code: "connect_failed", ...found, attempt: this._attempt,
+      message: `cannot connect to ${this.url}: ${describeCause(found)}; retrying` });
   }
 
   /** A browser cannot see why a handshake was refused: ask the same URL without upgrade
    * headers (426: the token is fine; 401, 403, 429, 503 as in PROTOCOL.md). */
-  async _probeHandshake(code, reason) {
+  async _probeHandshake(code, reason, failure) {
     const gen = this._gen;
     const ctl = (this._probe = new AbortController());
-    const timer = setTimeout(() => ctl.abort(), PROBE_TIMEOUT_MS);
+    let timedOut = false;
+    const timer = setTimeout(() => { timedOut = true; ctl.abort(); }, PROBE_TIMEOUT_MS);
     let status = 0;
     let retryAfter = NaN;
+    let rejected = null;
+    let hidden = false; // an answer the browser hides from this page (another origin)
+    const url = withToken(this.url, this._token, this._batch, true);
+    const init = { cache: "no-store", credentials: "omit", signal: ctl.signal };
     try {
-      const res = await this._fetch(withToken(this.url, this._token, this._batch, true),
-        { cache: "no-store", credentials: "omit", signal: ctl.signal });
+      const res = await this._fetch(url, init);
       status = res.status;
       retryAfter = Number.parseFloat(res.headers?.get?.("Retry-After"));
       res.body?.cancel?.().catch?.(() => {});
-    } catch { /* network, CORS, abort: plain backoff */ }
+    } catch (err) { rejected = err; } // network, CORS, abort: plain backoff
+    if (rejected && !timedOut && !networkCause(rejected) && gen === this._gen) {
+      // A page of another origin cannot read the answer (no CORS on /ws): a "no-cors" request
+      // tells an answer it may not read (resolves, opaque) from no answer (rejects).
+      try {
+        await this._fetch(url, { ...init, mode: "no-cors" });
+        hidden = true;
+      } catch { /* no answer either */ }
+    }
     clearTimeout(timer);
     if (gen !== this._gen) return;
     this._probe = null;
@@ -491,6 +568,9 @@ export class PgBridge extends EventTarget {
         message: `the bridge refused ${fatal[status][1]} (HTTP ${status})` }, code, reason);
     }
     const busy = (status === 429 || status === 503) && retryAfter > 0;
+    status = status || responseStatus(failure);
+    this._connectFailed(status ? { cause: "http", status } : hidden ? { cause: "http" }
+      : timedOut ? { cause: "timeout" } : networkCause(rejected) ?? { cause: "unreachable" });
     this._retry(code, reason, { min: busy ? Math.min(retryAfter, 300) * 1000 : 0 });
   }
 

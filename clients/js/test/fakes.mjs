@@ -6,7 +6,7 @@ import { PgBridge } from "../pgbridge.js";
 export const NOW = 1_700_000_000_000; // the mocked clock starts here (ms)
 
 /** A fresh WebSocket class whose instances are recorded in `instances`; each instance is
- * driven from the test: open(), welcome(), recv(frame), drop(code), refuse(). */
+ * driven from the test: open(), welcome(), recv(frame), drop(code), refuse(error). */
 export function fakeWebSocket() {
   class FakeWS {
     static instances = [];
@@ -49,7 +49,13 @@ export function fakeWebSocket() {
       this.readyState = 3;
       this.onclose?.({ code, reason, wasClean: code !== 1006 });
     }
-    refuse() { this.readyState = 3; this.onerror?.({}); this.onclose?.({ code: 1006, reason: "" }); }
+    /** A failed handshake: `error` (with `error`, as the `ws` package gives it: an Error with
+     * a system `code`; a browser gives none), then close 1006. */
+    refuse(error) {
+      this.readyState = 3;
+      this.onerror?.(error ? { type: "error", message: error.message, error } : {});
+      this.onclose?.({ code: 1006, reason: "" });
+    }
     refuseNode20() { this.onerror?.({}); } // Node 20's WebSocket: `error`, no `close`
     frames(type) { return this.sent.filter((f) => f.type === type); }
     /** Answer every subscribe sent so far with `subscribed` (from = since ?? head). */
@@ -76,6 +82,11 @@ export function fakeWebSocket() {
 export function eventFrame(room, seq, extra = {}) {
   return { type: "event", room, seq, table: "messages", op: "INSERT", id: `m${seq}`,
     data: { n: seq }, ts: "2026-01-01T00:00:00+00:00", ...extra };
+}
+
+/** An Error as Node gives it for a failed system call: `code` set (ECONNREFUSED, ...). */
+export function systemError(code, message = `connect ${code} 127.0.0.1:9`) {
+  return Object.assign(new Error(message), { code });
 }
 
 /** A fetch answering each call with the next scripted status (a number, {status, headers},
