@@ -235,13 +235,67 @@ async def test_the_hooks_keep_a_room_current_in_chromium(react: str, site: Site,
             assert subscriptions(bridge) == 1
 
             # unmounted: the subscription ends on the server; the bridge stays open
-            await page_value(driver, "app.show(false)")
+            await page_value(driver, "app.show([])")
 
             async def unsubscribed() -> bool:
                 return subscriptions(bridge) == 0
 
             await until(unsubscribed, "the subscription to end on the server")
             state = await page_value(driver, "return {state: app.bridge.state, fatal: "
-                                             "app.errors.filter(e => e.fatal)}")
-            assert state == {"state": "open", "fatal": []}
+                                             "app.errors.filter(e => e.fatal), warnings: "
+                                             "app.warnings}")
+            assert state == {"state": "open", "fatal": [], "warnings": []}
             await page_value(driver, "app.bridge.close()")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("react", REACTS)
+async def test_a_hook_mounted_later_or_another_room_moves_the_shared_subscription(
+        react: str, site: Site, db_url: str, conn: AsyncConn) -> None:
+    """useRoom alone subscribes without presence; a usePresence mounted later makes the room
+    subscribe again with presence, resuming after the seq held (the messages stay, none is
+    lost or repeated); a new room replaces the old on the server; a room the user may not read
+    is the hooks' error ``forbidden``."""
+    viewer, peer = await make_user(conn, "viewer"), await make_user(conn, "peer")
+    room, other = await make_room(conn, viewer, peer), await make_room(conn, viewer)
+    closed = await make_room(conn, peer)
+    ids = [await post(conn, room, peer, f"m{i}") for i in range(1, 5)]
+    theirs = await post(conn, other, viewer, "elsewhere")
+    async with (running_bridge(db_url, allowed_origins=parse_allowlist(site.origin)) as bridge,
+                async_chromium() as driver):
+        await asyncio.to_thread(driver.get, (
+            f"{site.origin}/{react}/index.html#ws=ws://127.0.0.1:{bridge.port}/ws"
+            f"&token={mint_token(SECRET, viewer, ttl=3600)}&room={room}&parts=room"))
+        await page_until(driver, f"{STATUS} === 'live'", "useRoom live")
+        await shows(driver, [(ids[1], "m2"), (ids[2], "m3"), (ids[3], "m4")], "the snapshot")
+        ids.append(await post(conn, room, peer, "m5"))
+        await shows(driver, [(ids[1], "m2"), (ids[2], "m3"), (ids[3], "m4"), (ids[4], "m5")],
+                    "the message posted")
+
+        await page_value(driver, "app.show(['room', 'members'])")
+        await page_until(driver, f"document.querySelector('#members li[data-user=\"{viewer}\"]"
+                                 "')?.dataset.online === 'true'", "the viewer online")
+        ids.append(await post(conn, room, peer, "m6"))
+        await shows(driver, [(ids[1], "m2"), (ids[2], "m3"), (ids[3], "m4"), (ids[4], "m5"),
+                             (ids[5], "m6")], "the message posted after the resubscribe")
+        seqs = await page_value(driver, "return app.events.map(e => e[0])")
+        assert seqs == sorted(set(seqs)) and len(seqs) == 2, seqs
+        subscribes = await page_value(driver, "return app.subscribes")
+        assert subscribes == [
+            {"room": room, "snapshot": 3, "since": None, "presence": False},
+            {"room": room, "snapshot": None, "since": seqs[0], "presence": True}]
+        assert subscriptions(bridge) == 1
+
+        await page_value(driver, f"app.setRoom('{other}')")
+        await shows(driver, [(theirs, "elsewhere")], "the other room's snapshot")
+        assert subscriptions(bridge) == 1
+
+        await page_value(driver, f"app.setRoom('{closed}')")
+        await page_until(driver, f"{STATUS} === 'error'", "the room refused")
+        assert await page_value(driver, "return document.querySelector('#room').dataset.error"
+                                ) == "forbidden"
+        assert await page_value(driver, "return document.querySelector('#members').dataset"
+                                ".status") == "error"
+        assert subscriptions(bridge) == 0
+        assert await page_value(driver, "return app.warnings") == []
+        await page_value(driver, "app.bridge.close()")

@@ -1,17 +1,22 @@
-// Parameters in the fragment: ws (the bridge's WebSocket URL), token, room.
+// Parameters in the fragment: ws (the bridge's WebSocket URL), token, room, parts (the
+// components shown, default "room,members,typists").
 // window.app: the bridge, React's version, the effects StrictMode ran, each bridge.subscribe()
-// the hooks made, and controls.
+// the hooks made, what was logged as a warning or an error, and controls.
 import { StrictMode, useEffect, useState, version } from "react";
 import { createRoot } from "react-dom/client";
 import { PgBridge } from "@pgbridge/client";
 import { usePresence, useRoom, useTypists } from "@pgbridge/client/react";
 
 const params = new URLSearchParams(location.hash.slice(1));
-const room = params.get("room");
+const parts = (params.get("parts") ?? "room,members,typists").split(",");
 const bridge = new PgBridge(params.get("ws"), { token: params.get("token"),
   backoff: { base: 100, cap: 500 } });
 const app = (window.app = { bridge, react: version, expected: __REACT_EXPECTED__, mounts: 0,
-  events: [], errors: [], subscribes: [] });
+  events: [], errors: [], subscribes: [], warnings: [] });
+for (const level of ["error", "warn"]) { // React's warnings in development (uncached snapshot, ...)
+  const log = console[level].bind(console);
+  console[level] = (...args) => { app.warnings.push(args.map(String).join(" ")); log(...args); };
+}
 bridge.addEventListener("error", (e) => app.errors.push(e.detail));
 const subscribe = bridge.subscribe.bind(bridge); // what the hooks ask of the client
 bridge.subscribe = (name, options) => {
@@ -20,7 +25,7 @@ bridge.subscribe = (name, options) => {
   return subscribe(name, options);
 };
 
-function Messages() {
+function Messages({ room }) {
   const { messages, status, error } = useRoom(bridge, room, { snapshot: 3,
     onEvent: (event) => app.events.push([event.seq, event.table, event.op]) });
   return (
@@ -30,7 +35,7 @@ function Messages() {
   );
 }
 
-function Members() {
+function Members({ room }) {
   const { members, status } = usePresence(bridge, room);
   return (
     <ul id="members" data-status={status}>
@@ -40,7 +45,7 @@ function Members() {
   );
 }
 
-function Typists() {
+function Typists({ room }) {
   const { typists, typing } = useTypists(bridge, room);
   app.typing = typing;
   return (
@@ -52,10 +57,17 @@ function Typists() {
 }
 
 function App() {
-  const [shown, setShown] = useState(true);
-  app.show = setShown;
+  const [shown, setShown] = useState(parts);
+  const [room, setRoom] = useState(params.get("room"));
+  Object.assign(app, { show: setShown, setRoom });
   useEffect(() => { app.mounts += 1; }, []);
-  return shown ? <main><Messages /><Members /><Typists /></main> : <p id="unmounted">gone</p>;
+  return (
+    <main>
+      {shown.includes("room") && <Messages room={room} />}
+      {shown.includes("members") && <Members room={room} />}
+      {shown.includes("typists") && <Typists room={room} />}
+    </main>
+  );
 }
 
 createRoot(document.getElementById("root")).render(<StrictMode><App /></StrictMode>);
