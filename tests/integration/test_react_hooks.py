@@ -9,7 +9,10 @@ PostgreSQL (tests/support/browser.py).
   member typing, and its ``typing()`` reaches the other member.
 * Three hooks of one room under StrictMode (a development build: every effect mounts, unmounts
   and mounts again) make one ``subscribe``, and the server holds one subscription; unmounting
-  them ends it on the server.
+  them ends it on the server. A ``usePresence`` mounted after ``useRoom`` subscribes again with
+  presence, from the seq held; another room replaces the first; a forbidden room is an error.
+* A message moved into the room takes its place by ``created_at``; an edit of one older than
+  the snapshot stays out. React logs no warning.
 
 The page is built once per module into a temporary directory: ``npm ci`` of the app's
 package-lock.json (npm is ``PGBRIDGE_NPM``, default ``npm`` on PATH; without it the test skips,
@@ -254,13 +257,15 @@ async def test_a_hook_mounted_later_or_another_room_moves_the_shared_subscriptio
         react: str, site: Site, db_url: str, conn: AsyncConn) -> None:
     """useRoom alone subscribes without presence; a usePresence mounted later makes the room
     subscribe again with presence, resuming after the seq held (the messages stay, none is
-    lost or repeated); a new room replaces the old on the server; a room the user may not read
-    is the hooks' error ``forbidden``."""
+    lost or repeated); a message moved into the room takes its place by created_at, an edit
+    of one older than the snapshot stays out; a new room replaces the old on the server; a
+    room the user may not read is the hooks' error ``forbidden``."""
     viewer, peer = await make_user(conn, "viewer"), await make_user(conn, "peer")
     room, other = await make_room(conn, viewer, peer), await make_room(conn, viewer)
     closed = await make_room(conn, peer)
     ids = [await post(conn, room, peer, f"m{i}") for i in range(1, 5)]
     theirs = await post(conn, other, viewer, "elsewhere")
+    moved = await post(conn, other, viewer, "moved")
     async with (running_bridge(db_url, allowed_origins=parse_allowlist(site.origin)) as bridge,
                 async_chromium() as driver):
         await asyncio.to_thread(driver.get, (
@@ -285,6 +290,13 @@ async def test_a_hook_mounted_later_or_another_room_moves_the_shared_subscriptio
             {"room": room, "snapshot": 3, "since": None, "presence": False},
             {"room": room, "snapshot": None, "since": seqs[0], "presence": True}]
         assert subscriptions(bridge) == 1
+
+        # an edit of a message older than the snapshot stays out; a message moved into the
+        # room from another comes in at its place by created_at
+        await conn.execute("UPDATE messages SET content = 'm1 edited' WHERE id = %s", [ids[0]])
+        await conn.execute("UPDATE messages SET channel_id = %s WHERE id = %s", (room, moved))
+        await shows(driver, [(ids[1], "m2"), (ids[2], "m3"), (ids[3], "m4"), (moved, "moved"),
+                             (ids[4], "m5"), (ids[5], "m6")], "the message moved in")
 
         await page_value(driver, f"app.setRoom('{other}')")
         await shows(driver, [(theirs, "elsewhere")], "the other room's snapshot")
