@@ -62,7 +62,9 @@ export interface RoomState {
   /** Set with `status` "error", else null. */
   readonly error: RoomError | null;
   /** The shared Subscription (to `ack`, `pending(id)` for optimistic sends, ...); null while
-   * none. Do not `unsubscribe()` it: the hooks do, when the last of them unmounts. */
+   * none. A new one when the hooks subscribe again (a usePresence or useTypists mounted after
+   * useRoom): the old one's pending ids reject with `unsubscribed`. Do not `unsubscribe()`
+   * it: the hooks do, when the last of them unmounts. */
   readonly subscription: Subscription | null;
 }
 
