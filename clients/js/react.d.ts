@@ -2,26 +2,13 @@
 // (docs/clients/react.md; the protocol: docs/PROTOCOL.md).
 
 import type {
-  BridgeError, BridgeEvent, PgBridge, Presence, Subscription,
+  BridgeError, BridgeEvent, PgBridge, Presence, Row, Subscription,
 } from "./pgbridge.js";
 
-/** A row of `messages` as snapshots and events carry it (sql/schema.sql; timestamps are
- * ISO 8601 strings). Declared here until pgbridge.d.ts exports the generated rows; then
- * `Row<"messages">`. */
-export interface MessageRow {
-  /** ULID (26 characters). */
-  id: string;
-  /** The room (`channels.id`). */
-  channel_id: string;
-  /** The author (`users.id`). */
-  user_id: string;
-  content: string;
-  created_at: string;
-  updated_at: string;
-  /** Always null in `useRoom`'s messages: a soft-deleted row leaves the list. */
-  deleted_at: string | null;
-  metadata: unknown;
-}
+/** A row of `messages` as snapshots and events carry it (the generated row type of
+ * pgbridge.d.ts, from sql/schema.sql; timestamps are ISO 8601 strings). In `useRoom`'s
+ * messages `deleted_at` is always null: a soft-deleted row leaves the list. */
+export type MessageRow = Row<"messages">;
 
 /** Where a hook's subscription stands:
  * - `idle`: no bridge or no room given (nothing is subscribed);

@@ -122,6 +122,15 @@ bridge.subscribe("room", {
 });
 const table: TableName = "reactions";
 void table;
+
+// the ./react entry's types resolve from the tarball too (type-checked only: React is not
+// installed, react.d.ts needs none of its types)
+import { useRoom, type MessageRow } from "@pgbridge/client/react";
+export function lastContent(b: PgBridge): string | undefined {
+  const { messages } = useRoom(b, "room", { snapshot: 20 });
+  const last: MessageRow | undefined = messages[messages.length - 1];
+  return last?.content;
+}
 """
 
 
