@@ -1,0 +1,721 @@
+"""The connection to a bridge, shared by the rooms it follows, and the subscriptions.
+
+One task per :class:`Bridge` owns the WebSocket: it connects (a fresh token each attempt),
+sends every room's ``subscribe`` on each ``welcome`` (``since`` = the last seq held), reads the
+frames and routes each to its room's queue, refreshes the token before it expires, sends the
+acks, and, when the connection ends, decides with :mod:`pgbridge_client.rules` whether to
+reconnect after a backoff delay or to end the bridge with a :class:`RefusedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Generic, TypeVar, overload
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .errors import (
+    ClosedError,
+    CursorExpired,
+    Forbidden,
+    NotFound,
+    PgBridgeError,
+    RefusedError,
+    SubscriptionEnded,
+    Unauthorized,
+)
+from .frames import Event, FrameError, Snapshot, Subscribed, Welcome, split
+from .rules import (
+    RETRIED_ERRORS,
+    TOKEN_EXPIRED,
+    Backoff,
+    close_refusal,
+    retry_after,
+    status_refusal,
+    token_expiry,
+)
+
+log = logging.getLogger("pgbridge_client")
+
+TokenSource = str | Callable[[], str | Awaitable[str]]
+T = TypeVar("T")
+
+STABLE = 5.0  # seconds welcomed: the next drop's backoff starts again from `base`
+RECONNECT = 4000  # the close code of a connection the client ends to start a new one
+_ERRORS: dict[str, type[RefusedError]] = {
+    "forbidden": Forbidden, "not_found": NotFound, "cursor_expired": CursorExpired,
+    "unauthorized": Unauthorized}
+
+
+class _Reconnect(Exception):  # control flow: never leaves this module
+    """End the current connection and open a new one (after ``delay`` seconds)."""
+
+    def __init__(self, why: str, delay: float | None = 0.0) -> None:
+        super().__init__(why)
+        self.delay = delay
+
+
+class _Room:
+    """The state of one followed room: its queue (events not yet taken by the consumer) and
+    where it stands on the current connection."""
+
+    def __init__(self, room: str, since: int | None, snapshot: int | None, ack: bool,
+                 max_queue: int, backoff: Backoff) -> None:
+        self.room = room
+        self.since = since  # last seq held (queued or delivered); resumes start after it
+        self.snapshot = snapshot  # asked for and not received yet
+        self.ack = ack
+        self.max_queue = max_queue
+        self.backoff = backoff
+        self.items: deque[Event | Snapshot] = deque()
+        self.error: BaseException | None = None  # raised once the items are taken
+        self.readable = asyncio.Event()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.ref: str | None = None  # of the subscribe sent on the current connection
+        self.confirmed = False  # its `subscribed` received
+        self.retry: asyncio.TimerHandle | None = None
+        self.acked = -1  # sent
+        self.to_ack = -1  # to send
+
+    async def put(self, item: Event | Snapshot) -> None:
+        """Queue ``item``; waits while ``max_queue`` items wait (the connection is not read
+        meanwhile: the bridge's send timeout then closes it, 4008, and it is resumed)."""
+        while len(self.items) >= self.max_queue and self.error is None:
+            self.writable.clear()
+            await self.writable.wait()
+        if self.error is None:
+            self.items.append(item)
+            self.readable.set()
+
+    def end(self, error: BaseException) -> None:
+        """No more items: ``error`` is raised (``StopAsyncIteration``: the end) once the
+        queued ones are taken."""
+        if self.error is None:
+            self.error = error
+        if self.retry is not None:
+            self.retry.cancel()
+        self.readable.set()
+        self.writable.set()
+
+    async def get(self) -> Event | Snapshot:
+        while not self.items and self.error is None:
+            self.readable.clear()
+            await self.readable.wait()
+        if self.items:
+            self.writable.set()
+            return self.items.popleft()
+        assert self.error is not None
+        raise self.error
+
+
+class Subscription(Generic[T]):
+    """One room followed by a :class:`Bridge` (made by :meth:`Bridge.subscribe`): an async
+    iterator of its events, each once and in order (seq strictly increasing), across
+    reconnects. With ``snapshot``, a :class:`Snapshot` comes first.
+
+    Iterating raises a :class:`RefusedError` when the bridge refuses the room for good
+    (``Forbidden``, ``NotFound``, ``CursorExpired``, ``SubscriptionEnded``) or ends the
+    connection for good, after the events received before; :class:`ClosedError` once the
+    bridge is closed. The iteration ends (``StopAsyncIteration``) after :meth:`aclose`. The
+    subscription is closed when its ``async with`` block ends, or when it is no longer
+    referenced (a ``break`` out of ``async for bridge.subscribe(...)``)."""
+
+    def __init__(self, bridge: Bridge, state: _Room) -> None:
+        self._bridge = bridge
+        self._state = state
+        self._last: int | None = None  # seq of the last event handed out, not yet acked
+        weakref.finalize(self, bridge._release, state)
+
+    @property
+    def room(self) -> str:
+        """The room (``channels.id``)."""
+        return self._state.room
+
+    @property
+    def last_seq(self) -> int | None:
+        """The last seq received (queued or handed out), where a resume starts; ``None``
+        before the first ``subscribed`` (or snapshot, when one was asked for)."""
+        return self._state.since
+
+    def ack(self, seq: int) -> None:
+        """Acknowledge the room's events up to ``seq`` (recorded in ``sync_state`` by the
+        bridge; sent batched, at most one ack per room per ``ack_interval``). Only needed with
+        ``ack=False``. ValueError past the last seq received."""
+        state = self._state
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or (
+                state.since is None or seq > state.since):
+            raise ValueError(f"cannot ack {seq!r} in {state.room} (held: {state.since})")
+        state.to_ack = max(state.to_ack, seq)
+
+    def __aiter__(self) -> Subscription[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        state = self._state
+        if self._last is not None and state.ack:  # the consumer is done with it
+            state.to_ack = max(state.to_ack, self._last)
+            self._last = None
+        item = await state.get()
+        if isinstance(item, Event):
+            self._last = item.seq
+        return item  # type: ignore[return-value]  # T is Event unless a snapshot was asked
+
+    async def aclose(self) -> None:
+        """Stop following the room: the pending ack is sent, then ``unsubscribe``; the
+        iteration ends. Idempotent."""
+        if self._last is not None and self._state.ack:
+            self._state.to_ack = max(self._state.to_ack, self._last)
+            self._last = None
+        await self._bridge._unsubscribe(self._state)
+
+    async def __aenter__(self) -> Subscription[T]:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if exc is not None:
+            self._last = None  # the event being handled failed: not acknowledged
+        await self.aclose()
+
+
+class Bridge:
+    """A connection to a pgbridge daemon following rooms across reconnects; made by
+    :func:`connect` (its arguments are documented there)."""
+
+    def __init__(self, url: str, *, token: TokenSource, batch: int | None = 0,
+                 backoff_base: float = 0.25, backoff_cap: float = 10.0,
+                 refresh_before: float = 60.0, ack_interval: float = 1.0,
+                 max_size: int = 2**24, max_queue: int = 1024, open_timeout: float = 10.0,
+                 on_frame: Callable[[Mapping[str, Any]], None] | None = None) -> None:
+        if not isinstance(token, str) and not callable(token):
+            raise TypeError("token must be a string or a callable returning one")
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)
+                                  or not 0 <= batch <= 1000):
+            raise ValueError(f"batch must be an integer from 0 to 1000 (ms) or None: {batch!r}")
+        self.url = _with_batch(url, batch)
+        websockets.uri.parse_uri(self.url)  # InvalidURI (a ValueError) now, not at connect
+        self._token_source = token
+        self._backoff = Backoff(backoff_base, backoff_cap)
+        self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
+        self._refresh_before = refresh_before
+        self._ack_interval = ack_interval
+        self._max_size = max_size
+        self._max_queue = max_queue
+        self._open_timeout = open_timeout
+        self._on_frame = on_frame
+        self._rooms: dict[str, _Room] = {}
+        self._ws: ClientConnection | None = None
+        self._welcomed = False
+        self._refs: dict[str, _Room | str] = {}  # ref -> its room, or "refresh", "unsubscribe"
+        self._welcomed_at: float | None = None
+        self._next_ref = 0
+        self._token: str | None = None
+        self._exp: float | None = None
+        self._error: BaseException | None = None  # set once ended
+        self._connected = asyncio.Event()  # the first welcome, or the end
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._ack_factor = 1
+        self.user: str | None = None
+        """The user of the last welcomed connection (its ``welcome``'s ``user``)."""
+        self.correlation_id: str | None = None
+        """The id of the last welcomed connection in the bridge's log (``welcome``'s
+        ``correlation_id``): name it when reporting a problem; ``None`` if not sent."""
+
+    @property
+    def closed(self) -> bool:
+        """True once the bridge ended: closed, or refused for good."""
+        return self._error is not None
+
+    # --- public API ---------------------------------------------------------------------
+
+    @overload
+    def subscribe(self, room: str, *, since: int | None = None, snapshot: None = None,
+                  ack: bool = True) -> Subscription[Event]: ...
+
+    @overload
+    def subscribe(self, room: str, *, since: None = None, snapshot: int,
+                  ack: bool = True) -> Subscription[Event | Snapshot]: ...
+
+    def subscribe(self, room: str, *, since: int | None = None, snapshot: int | None = None,
+                  ack: bool = True) -> Subscription[Event] | Subscription[Event | Snapshot]:
+        """Follow ``room`` (a ``channels.id``) on this bridge's connection; sent at once.
+
+        ``since``: the last seq you hold (events after it follow; ``None``: after the seq the
+        user acknowledged, else live only). ``snapshot``: first the room's N most recent
+        messages as a :class:`Snapshot` (PROTOCOL.md "Snapshot then live"), not with
+        ``since``. ``ack``: acknowledge each event once the loop asks for the next one (or the
+        subscription closes). Raises ValueError for a bad argument or a room this bridge
+        already follows, :class:`ClosedError` once the bridge is closed."""
+        if self._error is not None:
+            raise ClosedError("the bridge is closed") from self._error
+        if not isinstance(room, str) or not 1 <= len(room) <= 26 or not all(
+                c.isascii() and (c.isalnum() or c in "_-") for c in room):
+            raise ValueError(f"not a room id (1 to 26 of A-Z a-z 0-9 _ -): {room!r}")
+        for name, value, low in (("since", since, 0), ("snapshot", snapshot, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not low <= value < 2**63):
+                raise ValueError(f"{name} must be an integer >= {low}: {value!r}")
+        if since is not None and snapshot is not None:
+            raise ValueError("since and snapshot exclude each other")
+        if room in self._rooms:
+            raise ValueError(f"this bridge already follows {room}")
+        state = _Room(room, since, snapshot, ack, self._max_queue,
+                      Backoff(self._backoff_base, self._backoff_cap))
+        self._rooms[room] = state
+        self._spawn(self._send_subscribe(state))
+        return Subscription(self, state)
+
+    async def close(self) -> None:
+        """Send the pending acks, close the connection (1000), end every subscription
+        (:class:`ClosedError`). Idempotent."""
+        if self._error is None:
+            await self._flush_acks()
+            self._end(ClosedError("the bridge is closed"))
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        for task in list(self._tasks):
+            task.cancel()
+
+    # --- the connection -----------------------------------------------------------------
+
+    def _start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    async def _wait_connected(self) -> None:
+        await self._connected.wait()
+        if self._error is not None and not isinstance(self._error, ClosedError):
+            raise self._error
+
+    async def _run(self) -> None:
+        auth_retried = False  # 401 with a callable token: once more at once, with a new one
+        attempt = 0
+        while self._error is None:
+            delay: float | None = None
+            welcomed_at: float | None = None
+            try:
+                token = await self._get_token()
+                self._token, self._exp = token, token_expiry(token)
+                async with websockets.connect(
+                        self.url, additional_headers={"Authorization": f"Bearer {token}"},
+                        max_size=self._max_size, open_timeout=self._open_timeout,
+                        user_agent_header=f"pgbridge_client {websockets.version.version}",
+                ) as ws:
+                    try:
+                        await self._serve(ws)
+                    finally:
+                        welcomed_at = self._welcomed_at
+                        self._detach()
+            except _Reconnect as exc:
+                log.info("reconnecting: %s", exc, extra={"event": "reconnect"})
+                delay = exc.delay
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                body = " ".join((exc.response.body or b"").decode(errors="replace").split())
+                refusal = status_refusal(status, body[:300])
+                if status == 401 and callable(self._token_source) and not auth_retried:
+                    auth_retried, delay = True, 0.0
+                elif refusal is not None:
+                    self._end(refusal)
+                    return
+                else:
+                    delay = max(retry_after(exc.response.headers.get("Retry-After")), 0.0)
+                    log.warning("refused: HTTP %s %s", status, body[:300],
+                                extra={"event": "refused", "status": status})
+                    delay = max(delay, self._backoff.next())
+            except ConnectionClosed as exc:
+                code, reason = _close_of(exc)
+                refusal = close_refusal(code, reason)
+                if refusal is None and code == TOKEN_EXPIRED and not callable(self._token_source):
+                    refusal = Unauthorized("the token expired (4001) and token is a fixed "
+                                           "string", code="unauthorized", close_code=code)
+                if refusal is not None:
+                    self._end(refusal)
+                    return
+                log.warning("connection closed: %s %s", code, reason or "(no reason)",
+                            extra={"event": "closed", "code": code})
+                if code == TOKEN_EXPIRED:
+                    delay = 0.0
+            except (OSError, InvalidHandshake, TimeoutError, _TokenUnavailable) as exc:
+                log.warning("cannot connect to %s: %s", _shown_url(self.url), _cause(exc),
+                            extra={"event": "connect_failed", "cause": type(exc).__name__})
+            if welcomed_at is not None:
+                auth_retried = False
+                if time.monotonic() - welcomed_at >= STABLE:
+                    self._backoff.reset()
+                    attempt = 0
+            if delay is None:
+                delay = self._backoff.next()
+            attempt += 1
+            log.warning("reconnecting in %.1f s (attempt %d)%s", delay, attempt, self._held(),
+                        extra={"event": "reconnecting", "delay": delay, "attempt": attempt})
+            await asyncio.sleep(delay)
+
+    async def _get_token(self) -> str:
+        source = self._token_source
+        try:
+            value = source() if callable(source) else source
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as exc:
+            raise _TokenUnavailable(f"the token callable raised {_cause(exc)}") from exc
+        if not isinstance(value, str) or not value:
+            raise _TokenUnavailable(f"the token callable returned {type(value).__name__}, "
+                                    "not a non-empty string")
+        return value
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        """Read the connection until it ends (raises what ended it)."""
+        self._ws = ws
+        self._welcomed_at = None
+        async with asyncio.timeout(self._open_timeout):
+            while not self._welcomed:
+                await self._on_message(await ws.recv())
+        side = [asyncio.create_task(self._ack_loop()), asyncio.create_task(self._refresh_loop())]
+        try:
+            while True:
+                await self._on_message(await ws.recv())
+        finally:
+            for task in side:
+                task.cancel()
+
+    def _detach(self) -> None:
+        """Forget the connection: its refs, and each room's standing on it."""
+        self._ws = None
+        self._welcomed = False
+        self._welcomed_at = None
+        self._refs.clear()
+        for state in self._rooms.values():
+            if state.retry is not None:
+                state.retry.cancel()
+            state.ref, state.confirmed, state.retry = None, False, None
+
+    def _end(self, error: BaseException) -> None:
+        """The bridge is over: every subscription raises ``error``."""
+        if self._error is not None:
+            return
+        self._error = error
+        if isinstance(error, RefusedError):
+            log.error("%s", error, extra={"event": "refused", "code": error.code})
+        for state in self._rooms.values():
+            state.end(error)
+        self._rooms.clear()
+        self._connected.set()
+        if self._ws is not None:
+            self._spawn(self._ws.close(1000, "client closed"))
+
+    def _held(self) -> str:
+        rooms = [f"{s.room} since={s.since}" for s in self._rooms.values()]
+        return f" ({', '.join(rooms)})" if rooms else ""
+
+    # --- frames -------------------------------------------------------------------------
+
+    async def _on_message(self, message: str | bytes) -> None:
+        frames, problems = split(message)
+        for problem in problems:
+            log.warning("dropped a frame from the bridge: %s", problem,
+                        extra={"event": "bad_frame"})
+        for frame in frames:
+            if self._on_frame is not None:
+                try:
+                    self._on_frame(frame)
+                except Exception:
+                    log.exception("on_frame raised", extra={"event": "on_frame_failed"})
+            try:
+                await self._on_frame_parsed(frame)
+            except FrameError as exc:
+                log.warning("dropped a frame from the bridge: %s", exc,
+                            extra={"event": "bad_frame"})
+
+    async def _on_frame_parsed(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "welcome":
+            if self._welcomed:
+                return
+            welcome = Welcome.from_frame(frame)
+            self._welcomed, self._welcomed_at = True, time.monotonic()
+            self._ack_factor = 1
+            self.user, self.correlation_id = welcome.user, welcome.correlation_id
+            log.info("connected as user %s, correlation id %s", welcome.user,
+                     welcome.correlation_id, extra={"event": "connected"})
+            self._connected.set()
+            for state in list(self._rooms.values()):
+                await self._send_subscribe(state)
+        elif not self._welcomed:
+            return  # nothing before the welcome is ours
+        elif kind == "event":
+            await self._on_event(frame)
+        elif kind == "subscribed":
+            self._on_subscribed(frame)
+        elif kind == "snapshot":
+            await self._on_snapshot(frame)
+        elif kind == "unsubscribed":
+            self._on_unsubscribed(frame)
+        elif kind == "error":
+            self._on_error(frame)
+        elif kind not in ("pong", "presence", "typing", "feed"):
+            log.debug("ignored a frame of unknown type %r", kind, extra={"event": "unknown"})
+
+    def _confirmed(self, room: object) -> _Room | None:
+        state = self._rooms.get(room) if isinstance(room, str) else None
+        return state if state is not None and state.confirmed else None
+
+    async def _on_event(self, frame: dict[str, Any]) -> None:
+        state = self._confirmed(frame.get("room"))
+        if state is None:
+            return  # not ours, or not yet (its replay brings it)
+        if state.snapshot is not None:
+            raise _Reconnect(f"an event of {state.room} before its snapshot")
+        event = Event.from_frame(frame)  # FrameError: dropped, then seen as a gap
+        assert state.since is not None
+        if event.seq <= state.since:
+            log.debug("ignored event %s of %s: held already", event.seq, state.room)
+            return
+        if event.seq != state.since + 1:
+            log.error("event %s of %s after %s: a gap (a frame lost or malformed); resuming "
+                      "from %s", event.seq, state.room, state.since, state.since,
+                      extra={"event": "gap", "room": state.room})
+            raise _Reconnect(f"a gap in {state.room}", None)
+        state.since = event.seq
+        await state.put(event)
+
+    def _on_subscribed(self, frame: dict[str, Any]) -> None:
+        state = self._refs.get(str(frame.get("ref")))
+        if not isinstance(state, _Room) or self._rooms.get(state.room) is not state or (
+                state.confirmed):
+            return
+        answer = Subscribed.from_frame(frame)
+        if answer.room != state.room:
+            raise FrameError(f"subscribed frame: room {answer.room!r} for {state.room}")
+        del self._refs[str(frame.get("ref"))]
+        state.confirmed = True
+        state.backoff.reset()
+        if state.since is None and state.snapshot is None:
+            state.since = answer.from_seq
+        log.info("subscribed to %s from %s (head %s)", state.room, answer.from_seq,
+                 answer.head, extra={"event": "subscribed", "room": state.room})
+
+    async def _on_snapshot(self, frame: dict[str, Any]) -> None:
+        state = self._confirmed(frame.get("room"))
+        if state is None or state.snapshot is None:
+            return
+        snapshot = Snapshot.from_frame(frame)
+        state.since, state.snapshot = snapshot.seq, None
+        await state.put(snapshot)
+
+    def _on_unsubscribed(self, frame: dict[str, Any]) -> None:
+        reason = frame.get("reason")
+        state = self._confirmed(frame.get("room"))
+        if state is None or reason == "client":
+            return
+        shown = _shown(reason)
+        kind = CursorExpired if reason == "cursor_expired" else SubscriptionEnded
+        self._end_room(state, kind(f"unsubscribed from room {state.room}: {shown}",
+                                   code=shown, room=state.room))
+
+    def _on_error(self, frame: dict[str, Any]) -> None:
+        code, message = _shown(frame.get("code")), _shown(frame.get("message"))
+        ref = frame.get("ref")
+        state = self._refs.pop(ref, None) if isinstance(ref, str) else None
+        if state == "unsubscribe":
+            return  # about a room we left
+        if state == "refresh" or (state is None and code == "unauthorized"):
+            if code == "unauthorized":
+                raise _Reconnect("the refreshed token was refused")
+            log.warning("refresh failed: %s: %s", code, message, extra={"event": "refresh"})
+            return
+        if isinstance(state, _Room):
+            if self._rooms.get(state.room) is not state or state.confirmed:
+                return
+            if code in RETRIED_ERRORS:
+                self._retry_subscribe(state, code)
+            else:
+                kind = _ERRORS.get(code, RefusedError)
+                self._end_room(state, kind(f"refused: {code}: {message} (room {state.room})",
+                                           code=code, room=state.room))
+            return
+        log.warning("error from the bridge: %s: %s%s", code, message,
+                    f" (room {_shown(frame.get('room'))})" if "room" in frame else "",
+                    extra={"event": "error_frame", "code": code})
+        if code == "rate_limited" and ref is None and "room" not in frame:
+            # a frame was dropped unanswered: slow acks down, ask again what is unanswered
+            self._ack_factor = min(self._ack_factor * 2, 32)
+            for waiting in self._rooms.values():
+                if waiting.ref is not None and not waiting.confirmed:
+                    self._retry_subscribe(waiting, code)
+
+    def _end_room(self, state: _Room, error: RefusedError) -> None:
+        log.error("%s", error, extra={"event": "refused", "code": error.code,
+                                      "room": state.room})
+        state.end(error)
+        if self._rooms.get(state.room) is state:
+            del self._rooms[state.room]
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _ref(self, prefix: str, state: _Room | str) -> str:
+        self._next_ref += 1
+        ref = f"{prefix}{self._next_ref}"
+        self._refs[ref] = state
+        return ref
+
+    async def _send(self, frame: dict[str, Any]) -> bool:
+        ws = self._ws
+        if ws is None or not self._welcomed:
+            return False
+        try:
+            await ws.send(json.dumps(frame, separators=(",", ":")))
+        except ConnectionClosed:
+            return False  # the reader sees it end
+        return True
+
+    async def _send_subscribe(self, state: _Room) -> None:
+        if not self._welcomed or self._rooms.get(state.room) is not state or state.confirmed:
+            return
+        if state.ref is not None:
+            self._refs.pop(state.ref, None)
+        state.ref = self._ref("s", state)
+        frame: dict[str, Any] = {"type": "subscribe", "room": state.room, "ref": state.ref}
+        if state.since is not None:
+            frame["since"] = state.since
+        elif state.snapshot is not None:
+            frame["snapshot"] = state.snapshot  # until one arrives
+        await self._send(frame)
+
+    def _retry_subscribe(self, state: _Room, code: str) -> None:
+        if state.retry is not None:
+            return
+        delay = state.backoff.next()
+        log.warning("subscribe failed (%s); trying again in %.1f s (room %s, since=%s)", code,
+                    delay, state.room, state.since, extra={"event": "subscribe_retry",
+                                                           "room": state.room, "delay": delay})
+
+        def again() -> None:
+            state.retry = None
+            self._spawn(self._send_subscribe(state))
+
+        state.retry = asyncio.get_running_loop().call_later(delay, again)
+
+    async def _unsubscribe(self, state: _Room) -> None:
+        if self._rooms.get(state.room) is not state:
+            state.end(StopAsyncIteration())
+            return
+        del self._rooms[state.room]
+        state.end(StopAsyncIteration())
+        if state.confirmed:
+            if state.to_ack > state.acked:
+                await self._send({"type": "ack", "room": state.room, "seq": state.to_ack})
+            await self._send({"type": "unsubscribe", "room": state.room,
+                              "ref": self._ref("u", "unsubscribe")})
+
+    def _release(self, state: _Room) -> None:
+        """A subscription no longer referenced: unsubscribe (from a finalizer: scheduled)."""
+        if self._rooms.get(state.room) is not state:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to tell
+            asyncio.get_running_loop().call_soon(self._spawn, self._unsubscribe(state))
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- acks and token refresh ---------------------------------------------------------
+
+    async def _flush_acks(self) -> None:
+        for state in list(self._rooms.values()):
+            if state.confirmed and state.to_ack > state.acked:
+                seq = state.to_ack
+                if await self._send({"type": "ack", "room": state.room, "seq": seq}):
+                    state.acked = seq
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._ack_interval * self._ack_factor)
+            await self._flush_acks()
+
+    async def _refresh_loop(self) -> None:
+        """Send ``refresh`` with a new token ``refresh_before`` seconds before ``exp``."""
+        if not callable(self._token_source):
+            return
+        while self._exp is not None:
+            await asyncio.sleep(max(self._exp - self._refresh_before - time.time(), 0.0))
+            try:
+                token = await self._get_token()
+            except _TokenUnavailable as exc:
+                log.warning("cannot refresh the token: %s", exc, extra={"event": "refresh"})
+                token = None
+            exp = token_expiry(token) if token is not None else None
+            if token is None or exp is None or exp <= self._exp:
+                left = self._exp - time.time()
+                if left <= 0:
+                    return  # expired: the bridge closes with 4001, and a new token connects
+                await asyncio.sleep(min(max(left / 2, 1.0), 30.0))
+                continue
+            if await self._send({"type": "refresh", "token": token,
+                                 "ref": self._ref("r", "refresh")}):
+                self._token, self._exp = token, exp
+                log.info("token refreshed (expires in %.0f s)", exp - time.time(),
+                         extra={"event": "refreshed"})
+
+
+class _TokenUnavailable(PgBridgeError):
+    """The token callable raised or returned no string: retried with backoff."""
+
+
+def _close_of(exc: ConnectionClosed) -> tuple[int, str]:
+    if exc.rcvd is not None:
+        return exc.rcvd.code, exc.rcvd.reason
+    if exc.sent is not None and exc.sent.code == 1009:  # we refused a frame over max_size
+        return 1009, exc.sent.reason
+    return 1006, ""
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _shown(value: object) -> str:
+    """A value the server sent, fit for a log line: a short printable string as it is, else
+    JSON (escapes keep control characters out of a terminal), cut at 128 characters."""
+    if isinstance(value, str) and value.isprintable() and len(value) <= 128:
+        return value
+    return json.dumps(value)[:128]
+
+
+def _with_batch(url: str, batch: int | None) -> str:
+    """``url`` asking for coalesced messages (``batch=`` replaced: a repeated one is HTTP
+    400); http(s) URLs become ws(s)."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if batch is None or k != "batch"]
+    if batch is not None:
+        query.append(("batch", str(batch)))
+    return urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+def _shown_url(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+__all__ = ["Bridge", "Subscription", "TokenSource"]
