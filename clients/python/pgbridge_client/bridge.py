@@ -89,6 +89,13 @@ class _Room:
         self.retry: asyncio.TimerHandle | None = None
         self.acked = -1  # sent
         self.to_ack = -1  # to send
+        self.handed: int | None = None  # seq of the event the consumer holds, not yet acked
+
+    def done_with_handed(self) -> None:
+        """The consumer is done with the event it was handed: acknowledge it (with ``ack``)."""
+        if self.handed is not None and self.ack:
+            self.to_ack = max(self.to_ack, self.handed)
+        self.handed = None
 
     async def put(self, item: Event | Snapshot) -> None:
         """Queue ``item``; waits while ``max_queue`` items wait (the connection is not read
@@ -136,7 +143,6 @@ class Subscription(Generic[T]):
     def __init__(self, bridge: Bridge, state: _Room) -> None:
         self._bridge = bridge
         self._state = state
-        self._last: int | None = None  # seq of the last event handed out, not yet acked
         weakref.finalize(self, bridge._release, state)
 
     @property
@@ -165,20 +171,15 @@ class Subscription(Generic[T]):
 
     async def __anext__(self) -> T:
         state = self._state
-        if self._last is not None and state.ack:  # the consumer is done with it
-            state.to_ack = max(state.to_ack, self._last)
-            self._last = None
+        state.done_with_handed()  # the consumer asks for the next one: done with the last
         item = await state.get()
         if isinstance(item, Event):
-            self._last = item.seq
+            state.handed = item.seq
         return item  # type: ignore[return-value]  # T is Event unless a snapshot was asked
 
     async def aclose(self) -> None:
         """Stop following the room: the pending ack is sent, then ``unsubscribe``; the
         iteration ends. Idempotent."""
-        if self._last is not None and self._state.ack:
-            self._state.to_ack = max(self._state.to_ack, self._last)
-            self._last = None
         await self._bridge._unsubscribe(self._state)
 
     async def __aenter__(self) -> Subscription[T]:
@@ -187,7 +188,7 @@ class Subscription(Generic[T]):
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         if exc is not None:
-            self._last = None  # the event being handled failed: not acknowledged
+            self._state.handed = None  # the event being handled failed: not acknowledged
         await self.aclose()
 
 
@@ -250,6 +251,10 @@ class Bridge:
     def subscribe(self, room: str, *, since: None = None, snapshot: int,
                   ack: bool = True) -> Subscription[Event | Snapshot]: ...
 
+    @overload
+    def subscribe(self, room: str, *, since: int | None = None, snapshot: int | None = None,
+                  ack: bool = True) -> Subscription[Event | Snapshot]: ...
+
     def subscribe(self, room: str, *, since: int | None = None, snapshot: int | None = None,
                   ack: bool = True) -> Subscription[Event] | Subscription[Event | Snapshot]:
         """Follow ``room`` (a ``channels.id``) on this bridge's connection; sent at once.
@@ -279,10 +284,15 @@ class Bridge:
         self._spawn(self._send_subscribe(state))
         return Subscription(self, state)
 
-    async def close(self) -> None:
-        """Send the pending acks, close the connection (1000), end every subscription
-        (:class:`ClosedError`). Idempotent."""
+    async def close(self, *, failed: bool = False) -> None:
+        """Send the pending acks (with the events the consumers hold, unless ``failed``: an
+        exception is on its way out of the ``async with`` block), close the connection
+        (1000), end every subscription (:class:`ClosedError`). Idempotent."""
         if self._error is None:
+            for state in self._rooms.values():
+                if failed:
+                    state.handed = None
+                state.done_with_handed()
             await self._flush_acks()
             self._end(ClosedError("the bridge is closed"))
         if self._runner is not None:
@@ -295,7 +305,18 @@ class Bridge:
     # --- the connection -----------------------------------------------------------------
 
     def _start(self) -> None:
-        self._runner = asyncio.get_running_loop().create_task(self._run())
+        self._runner = asyncio.get_running_loop().create_task(self._run_guarded())
+
+    async def _run_guarded(self) -> None:
+        """:meth:`_run`, whose unexpected failure (a bug) ends the bridge rather than leave
+        its consumers waiting forever."""
+        try:
+            await self._run()
+        except Exception as exc:
+            log.exception("the connection task failed", extra={"event": "internal"})
+            error = PgBridgeError(f"internal error of pgbridge_client: {_cause(exc)}")
+            error.__cause__ = exc
+            self._end(error)
 
     async def _wait_connected(self) -> None:
         await self._connected.wait()
@@ -303,6 +324,9 @@ class Bridge:
             raise self._error
 
     async def _run(self) -> None:
+        """Connect, serve, and on each end either reconnect after a delay (logged as one
+        WARNING line naming the cause, the delay and where each room resumes) or end the
+        bridge with the refusal."""
         auth_retried = False  # 401 with a callable token: once more at once, with a new one
         attempt = 0
         while self._error is None:
@@ -322,22 +346,21 @@ class Bridge:
                         welcomed_at = self._welcomed_at
                         self._detach()
             except _Reconnect as exc:
-                log.info("reconnecting: %s", exc, extra={"event": "reconnect"})
-                delay = exc.delay
+                cause, delay = str(exc), exc.delay
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 body = " ".join((exc.response.body or b"").decode(errors="replace").split())
                 refusal = status_refusal(status, body[:300])
+                cause = f"refused: HTTP {status} {body[:300]}".rstrip()
                 if status == 401 and callable(self._token_source) and not auth_retried:
-                    auth_retried, delay = True, 0.0
+                    auth_retried, delay = True, 0.0  # once, with a fresh token
                 elif refusal is not None:
+                    refusal.__cause__ = exc
                     self._end(refusal)
                     return
                 else:
-                    delay = max(retry_after(exc.response.headers.get("Retry-After")), 0.0)
-                    log.warning("refused: HTTP %s %s", status, body[:300],
-                                extra={"event": "refused", "status": status})
-                    delay = max(delay, self._backoff.next())
+                    delay = max(retry_after(exc.response.headers.get("Retry-After")),
+                                self._backoff.next())
             except ConnectionClosed as exc:
                 code, reason = _close_of(exc)
                 refusal = close_refusal(code, reason)
@@ -345,15 +368,14 @@ class Bridge:
                     refusal = Unauthorized("the token expired (4001) and token is a fixed "
                                            "string", code="unauthorized", close_code=code)
                 if refusal is not None:
+                    refusal.__cause__ = exc
                     self._end(refusal)
                     return
-                log.warning("connection closed: %s %s", code, reason or "(no reason)",
-                            extra={"event": "closed", "code": code})
+                cause = f"connection closed with {code} ({_shown(reason or 'no reason given')})"
                 if code == TOKEN_EXPIRED:
-                    delay = 0.0
+                    delay = 0.0  # with a new token
             except (OSError, InvalidHandshake, TimeoutError, _TokenUnavailable) as exc:
-                log.warning("cannot connect to %s: %s", _shown_url(self.url), _cause(exc),
-                            extra={"event": "connect_failed", "cause": type(exc).__name__})
+                cause = f"cannot connect to {_shown_url(self.url)}: {_cause(exc)}"
             if welcomed_at is not None:
                 auth_retried = False
                 if time.monotonic() - welcomed_at >= STABLE:
@@ -362,8 +384,9 @@ class Bridge:
             if delay is None:
                 delay = self._backoff.next()
             attempt += 1
-            log.warning("reconnecting in %.1f s (attempt %d)%s", delay, attempt, self._held(),
-                        extra={"event": "reconnecting", "delay": delay, "attempt": attempt})
+            log.warning("%s; reconnecting in %.1f s (attempt %d%s)", cause, delay, attempt,
+                        self._held(), extra={"event": "reconnecting", "cause": cause,
+                                             "delay": delay, "attempt": attempt})
             await asyncio.sleep(delay)
 
     async def _get_token(self) -> str:
@@ -410,8 +433,8 @@ class Bridge:
         if self._error is not None:
             return
         self._error = error
-        if isinstance(error, RefusedError):
-            log.error("%s", error, extra={"event": "refused", "code": error.code})
+        if isinstance(error, RefusedError):  # raised to every consumer: INFO here
+            log.info("%s", error, extra={"event": "refused", "code": error.code})
         for state in self._rooms.values():
             state.end(error)
         self._rooms.clear()
@@ -420,8 +443,9 @@ class Bridge:
             self._spawn(self._ws.close(1000, "client closed"))
 
     def _held(self) -> str:
-        rooms = [f"{s.room} since={s.since}" for s in self._rooms.values()]
-        return f" ({', '.join(rooms)})" if rooms else ""
+        """``; room R since=S, ...``: where each room resumes (for the reconnect line)."""
+        rooms = [f"room {s.room} since={s.since}" for s in self._rooms.values()]
+        return f"; {', '.join(rooms)}" if rooms else ""
 
     # --- frames -------------------------------------------------------------------------
 
@@ -560,8 +584,8 @@ class Bridge:
                     self._retry_subscribe(waiting, code)
 
     def _end_room(self, state: _Room, error: RefusedError) -> None:
-        log.error("%s", error, extra={"event": "refused", "code": error.code,
-                                      "room": state.room})
+        log.info("%s", error, extra={"event": "refused", "code": error.code,
+                                     "room": state.room})
         state.end(error)
         if self._rooms.get(state.room) is state:
             del self._rooms[state.room]
@@ -617,6 +641,7 @@ class Bridge:
             return
         del self._rooms[state.room]
         state.end(StopAsyncIteration())
+        state.done_with_handed()
         if state.confirmed:
             if state.to_ack > state.acked:
                 await self._send({"type": "ack", "room": state.room, "seq": state.to_ack})
