@@ -17,7 +17,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -207,7 +207,10 @@ class Bridge:
                                   or not 0 <= batch <= 1000):
             raise ValueError(f"batch must be an integer from 0 to 1000 (ms) or None: {batch!r}")
         self.url = _with_batch(url, batch)
-        websockets.uri.parse_uri(self.url)  # InvalidURI (a ValueError) now, not at connect
+        try:
+            websockets.uri.parse_uri(self.url)  # now, not at each attempt
+        except websockets.exceptions.InvalidURI as exc:
+            raise ValueError(f"not a ws://, wss://, http:// or https:// URL: {url!r}") from exc
         self._token_source = token
         self._backoff = Backoff(backoff_base, backoff_cap)
         self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
@@ -653,13 +656,10 @@ class Bridge:
         if self._rooms.get(state.room) is not state:
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to tell
-            asyncio.get_running_loop().call_soon(self._spawn, self._unsubscribe(state))
+            asyncio.get_running_loop().call_soon(lambda: self._spawn(self._unsubscribe(state)))
 
-    def _spawn(self, work: Awaitable[Any]) -> None:
-        async def run() -> None:
-            await work
-
-        task = asyncio.get_running_loop().create_task(run())
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
