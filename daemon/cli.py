@@ -394,8 +394,7 @@ def _tail_command(argv: Sequence[str], prog: str) -> int:
 
     url = args.url or f"ws://{settings.host}:{settings.port}/ws"
     if args.feed:
-        return asyncio.run(tail_feed(url, token if isinstance(token, str) else token(),
-                                     ack=args.ack, max_events=args.count,
+        return asyncio.run(tail_feed(url, token, ack=args.ack, max_events=args.count,
                                      batch=None if args.batch < 0 else args.batch))
     return asyncio.run(tail(url, token, args.room, since=args.since, ack=args.ack,
                             max_events=args.count, snapshot=args.snapshot,

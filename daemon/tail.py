@@ -4,56 +4,38 @@
 ``tail ROOM`` runs on the Python client, :mod:`pgbridge_client` (clients/python,
 docs/clients/python.md), and shows what it does: each ``event`` of the room as one JSON line on
 stdout (with ``--snapshot N``, the ``snapshot`` frame of its N most recent messages first); the
-other frames on stderr, and, on each ``welcome``, ``pgbridge tail: connected as user U,
-correlation id C`` (C names the connection's lines in the bridge's log). The client reconnects
-with backoff when the bridge goes away (1001, 1006, 1011, 1013, 4008, the network, HTTP 429 or
-5xx) and resumes with ``since`` = the last seq printed, so nothing is missed or printed twice;
-it subscribes again after a refusal that passes (``internal``, ``rate_limited``). Its log lines
-(the ``pgbridge_client`` logger) are the progress on stderr: ``pgbridge tail: reconnecting in
-0.4 s (attempt 1; room R since=12)``, ``pgbridge tail: subscribe failed (internal); trying again
-in 0.4 s (room R, since=12)``. Refusals a retry cannot fix (401, 403, ``forbidden``,
-``not_found``, ``unsubscribed``, 1007, 1008, 1009, 4003; 4001 with ``--token``: a fixed token)
-raise :class:`RefusedError`, which the CLI's error boundary (:mod:`daemon.cli`) reports as one
-line, exit code 1. The command line itself (``pgbridge tail ROOM --user ...``) is parsed in
-:mod:`daemon.cli`.
+other frames on stderr, and, on each ``welcome``, ``pgbridge tail: connected as user U, correlation
+id C`` (C names the connection's lines in the bridge's log). The client reconnects with backoff when
+the bridge goes away (1001, 1006, 1011, 1013, 4008, the network, HTTP 429 or 5xx) and resumes with
+``since`` = the last seq printed, so nothing is missed or printed twice; it subscribes again after a
+refusal that passes (``internal``, ``rate_limited``). Its log lines (the ``pgbridge_client`` logger)
+are the progress on stderr: ``pgbridge tail: connection closed with 1001 (going away); reconnecting
+in 0.4 s (attempt 1; room R since=12)``, ``pgbridge tail: subscribe failed (internal); trying again
+in 0.4 s (room R, since=12)``. Refusals a retry cannot fix (401, 403, ``forbidden``, ``not_found``,
+``unsubscribed``, 1007, 1008, 1009, 4003; 4001 with ``--token``: a fixed token) raise
+:class:`RefusedError`, which the CLI's error boundary (:mod:`daemon.cli`) reports as one line, exit
+code 1. The command line itself (``pgbridge tail ROOM --user ...``) is parsed in :mod:`daemon.cli`.
 
-With ``--feed`` (:func:`tail_feed`, PROTOCOL.md "One feed per user") it follows every room of
-the user instead: the ``feed`` frame (the rooms with ``head``, ``acked``, ``unread``) as one
-JSON line on stdout, with ``pgbridge tail: feed of N rooms, U unread`` on stderr, then each
-event of any of the rooms, and each ``unsubscribed`` (a room left or deleted), on stdout. A
-reconnect sends ``feed`` again and prints its answer, the rooms as they are then: the events in
+With ``--feed`` (:func:`tail_feed`, the client's ``feed()``, PROTOCOL.md "One feed per user") it
+follows every room of the user instead: the ``feed`` frame (the rooms with ``head``, ``acked``,
+``unread``) as one JSON line on stdout, with ``pgbridge tail: feed of N rooms, U unread`` on stderr,
+then each event of any of the rooms, and each ``unsubscribed`` (a room left or deleted), on stdout.
+A reconnect sends ``feed`` again and prints its answer, the rooms as they are then: the events in
 between are not printed (a feed is an inbox, not a log: ``tail ROOM --since`` replays a room).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pgbridge_client
-import websockets
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .backoff import Backoff
 from .errors import EXIT_OK, RefusedError
-
-RESUMABLE = {1001, 1006, 1011, 1012, 1013, 4008}  # close codes worth a reconnect (--feed)
-RETRIED_STATUS = {429, 503}  # handshake refusals that pass (--feed)
-RETRIED_ERRORS = {"internal", "rate_limited"}  # feed refusals that pass
-
-
-async def _frames(ws: ClientConnection) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """Each frame the bridge sends, as text and parsed: one per message, or several
-    newline-separated (``?batch=``; PROTOCOL.md, "Coalesced messages")."""
-    async for raw in ws:
-        for text in (raw if isinstance(raw, str) else raw.decode()).split("\n"):
-            yield text, json.loads(text)
 
 
 def _shown(value: object) -> str:
@@ -72,15 +54,19 @@ def _line(frame: Mapping[str, Any]) -> str:
     return json.dumps(frame, separators=(",", ":"))
 
 
-def _on_frame(frame: Mapping[str, Any]) -> None:
-    """Every frame but the room's events and snapshot (printed on stdout) goes to stderr."""
-    if frame.get("type") in ("event", "snapshot"):
+def _on_frame(frame: Mapping[str, Any], stdout: tuple[str, ...] = ("event", "snapshot")) -> None:
+    """Every frame but those printed on stdout (by type) goes to stderr."""
+    if frame.get("type") in stdout:
         return
     print(json.dumps(frame), file=sys.stderr, flush=True)
     if frame.get("type") == "welcome":
         print(f"pgbridge tail: connected as user {_shown(frame.get('user'))}, "
               f"correlation id {_shown(frame.get('correlation_id'))}", file=sys.stderr,
               flush=True)
+
+
+def _on_frame_of_feed(frame: Mapping[str, Any]) -> None:
+    _on_frame(frame, ("event", "feed", "unsubscribed"))
 
 
 @contextlib.contextmanager
@@ -100,12 +86,6 @@ def _client_progress() -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.propagate, logger.level = propagate, level
-
-
-def _with_batch(url: str, batch: int | None) -> str:
-    if batch is None:
-        return url
-    return f"{url}{'&' if '?' in url else '?'}batch={batch}"
 
 
 async def tail(url: str, token: str | Callable[[], str], room: str, *, since: int | None,
@@ -138,29 +118,7 @@ async def tail(url: str, token: str | Callable[[], str], room: str, *, since: in
     raise RefusedError(f"the subscription to {room} ended")  # never: it ends by raising
 
 
-def _dropped(exc: InvalidStatus | ConnectionClosed | OSError) -> None:
-    """A connection refused or lost: returns when a reconnect may help (said on stderr);
-    raises :class:`RefusedError` when it cannot, and ``BrokenPipeError`` as it is (our stdout
-    was closed, ``| head``: the CLI exits quietly, no reconnect)."""
-    if isinstance(exc, InvalidStatus):
-        status = exc.response.status_code
-        body = " ".join(exc.response.body.decode(errors="replace").split())[:300]
-        if status not in RETRIED_STATUS:
-            raise RefusedError(f"refused: HTTP {status} {body}") from None
-        print(f"pgbridge tail: refused: HTTP {status} {body}", file=sys.stderr)
-    elif isinstance(exc, ConnectionClosed):
-        code = exc.rcvd.code if exc.rcvd else 1006
-        if code not in RESUMABLE:
-            reason = exc.rcvd.reason if exc.rcvd and exc.rcvd.reason else "no reason given"
-            raise RefusedError(f"the bridge closed the connection with {code} "
-                               f"({reason})") from None
-    elif isinstance(exc, BrokenPipeError):
-        raise exc
-    else:
-        print(f"pgbridge tail: {exc}", file=sys.stderr)
-
-
-def feed_summary(frame: dict[str, Any]) -> str:
+def feed_summary(frame: Mapping[str, Any]) -> str:
     """The stderr line of a ``feed`` answer: ``pgbridge tail: feed of N rooms, U unread``
     (U: the sum of the rooms' ``unread``, each counted up to 100 by the bridge)."""
     rooms = frame.get("rooms")
@@ -170,65 +128,28 @@ def feed_summary(frame: dict[str, Any]) -> str:
     return f"pgbridge tail: feed of {len(rooms)} rooms, {unread} unread"
 
 
-async def tail_feed(url: str, token: str, *, ack: bool, max_events: int | None = None,
-                    batch: int | None = 0) -> int:
+async def tail_feed(url: str, token: str | Callable[[], str], *, ack: bool,
+                    max_events: int | None = None, batch: int | None = 0) -> int:
     """Follow every room of the token's user at ``url`` (PROTOCOL.md, "One feed per user";
     module docstring for what is printed); returns 0 after ``max_events`` events (``None``:
-    until interrupted). ``ack``: acknowledge each event printed. ``batch`` as for
-    :func:`tail`. A ``feed`` refused with ``internal`` or ``rate_limited`` is sent again after
-    a backoff delay.
+    until interrupted). ``ack``: acknowledge each event printed. ``token`` and ``batch`` as
+    for :func:`tail`. A ``feed`` refused with ``internal`` or ``rate_limited`` is sent again
+    after a backoff delay.
 
     Raises :class:`RefusedError` on a refusal a retry cannot fix (module docstring)."""
-    backoff = Backoff(base=0.2, cap=10.0)
-    request = json.dumps({"type": "feed", "ref": "tail"})
     printed = 0
-    while True:
-        heads: dict[str, int] = {}  # room -> last seq printed (or the answer's head)
-        try:
-            async with websockets.connect(_with_batch(url, batch), additional_headers={
-                    "Authorization": f"Bearer {token}"}, max_size=2**24) as ws:
-                await ws.send(request)
-                async for text, frame in _frames(ws):
-                    kind = frame.get("type")
-                    if kind == "event" and heads.get(frame["room"], -1) < frame["seq"]:
-                        print(text, flush=True)
-                        heads[frame["room"]] = frame["seq"]
+    try:
+        with _client_progress():
+            async with pgbridge_client.connect(url, token=token, batch=batch, backoff_base=0.2,
+                                               on_frame=_on_frame_of_feed) as bridge:
+                async for item in bridge.feed(ack=ack):
+                    print(_line(item.frame), flush=True)
+                    if isinstance(item, pgbridge_client.FeedRooms):
+                        print(feed_summary(item.frame), file=sys.stderr, flush=True)
+                    elif isinstance(item, pgbridge_client.Event):
                         printed += 1
-                        if ack:
-                            await ws.send(json.dumps({"type": "ack", "room": frame["room"],
-                                                      "seq": frame["seq"]}))
                         if max_events is not None and printed >= max_events:
                             return EXIT_OK
-                    elif kind == "feed":
-                        backoff.reset()
-                        print(text, flush=True)
-                        print(feed_summary(frame), file=sys.stderr, flush=True)
-                        heads = {str(r.get("room")): r.get("head", 0)
-                                 for r in frame.get("rooms") or [] if isinstance(r, dict)}
-                    elif kind == "unsubscribed":
-                        print(text, flush=True)
-                        heads.pop(str(frame.get("room")), None)
-                    elif kind == "event":
-                        continue  # held already
-                    elif kind == "welcome":
-                        print(json.dumps(frame), file=sys.stderr, flush=True)
-                        print(f"pgbridge tail: connected as user {_shown(frame.get('user'))}, "
-                              f"correlation id {_shown(frame.get('correlation_id'))}",
-                              file=sys.stderr, flush=True)
-                    elif kind == "error" and frame.get("ref") == "tail":
-                        print(json.dumps(frame), file=sys.stderr, flush=True)
-                        if frame.get("code") not in RETRIED_ERRORS:
-                            raise RefusedError(f"refused: {frame.get('code')}: "
-                                               f"{frame.get('message')} (feed)")
-                        delay = backoff.next()
-                        print(f"pgbridge tail: feed failed ({frame.get('code')}); trying "
-                              f"again in {delay:.1f} s", file=sys.stderr)
-                        await asyncio.sleep(delay)
-                        await ws.send(request)
-                    else:
-                        print(json.dumps(frame), file=sys.stderr, flush=True)
-        except (InvalidStatus, ConnectionClosed, OSError) as exc:
-            _dropped(exc)
-        delay = backoff.next()
-        print(f"pgbridge tail: reconnecting in {delay:.1f} s (feed)", file=sys.stderr)
-        await asyncio.sleep(delay)
+    except pgbridge_client.PgBridgeError as exc:
+        raise RefusedError(str(exc)) from exc
+    raise RefusedError("the feed ended")  # never: it ends by raising

@@ -313,3 +313,55 @@ async def test_a_bridge_not_listening_is_waited_for_with_progress_in_the_log(
         finally:
             await connecting.__aexit__(None, None, None)
     assert records(caplog, "connected")
+
+
+# --- the feed ---------------------------------------------------------------------------------
+
+async def test_the_feed_gives_the_rooms_then_their_events_joins_and_leaves(
+        bridge: Bridge, conn: Conn) -> None:
+    user, other = await make_user(conn), await make_user(conn)
+    a, b = await make_room(conn, user, other), await make_room(conn, user, other)
+    for text in ("one", "two"):
+        await post(conn, a, other, text)
+    await post(conn, a, user, "mine")
+    async with pgbridge_client.connect(url(bridge.port), token=token(user),
+                                       ack_interval=0.05) as client:
+        feed = client.feed()
+        with pytest.raises(ValueError):
+            client.feed()
+        rooms = await asyncio.wait_for(anext(feed), 20)
+        assert isinstance(rooms, pgbridge_client.FeedRooms)
+        assert {r.room: (r.head, r.acked, r.unread) for r in rooms.rooms} == {
+            a: (await head(conn, a), 0, 2), b: (await head(conn, b), 0, 0)}
+        in_b = await post(conn, b, other, "in b")
+        event = await asyncio.wait_for(anext(feed), 20)
+        assert isinstance(event, pgbridge_client.Event) and (event.room, event.id) == (b, in_b)
+        c = await make_room(conn, other)
+        await conn.execute("INSERT INTO channel_members (channel_id, user_id) VALUES (%s, %s)",
+                           (c, user))
+        joined = await asyncio.wait_for(anext(feed), 20)
+        assert isinstance(joined, pgbridge_client.Event)
+        assert (joined.room, joined.table, joined.op) == (c, "channel_members", "INSERT")
+        await conn.execute("DELETE FROM channel_members WHERE channel_id = %s AND user_id = %s",
+                           (b, user))
+        left = await asyncio.wait_for(anext(feed), 20)
+        assert isinstance(left, pgbridge_client.RoomLeft)
+        assert (left.room, left.reason) == (b, "membership_revoked")
+        # a room subscribed to is taken over from the feed: its events come there only
+        sub = client.subscribe(a)
+        assert sub.last_seq == await head(conn, a)
+        in_a = await post(conn, a, other, "in a")
+        in_c = await post(conn, c, other, "in c")
+        assert (await next_item(sub)).id == in_a
+        after = await asyncio.wait_for(anext(feed), 20)
+        assert isinstance(after, pgbridge_client.Event) and after.id == in_c
+        last_c = after.seq
+        await sub.aclose()
+        await feed.aclose()
+
+    async def acked() -> bool:  # the feed's events, acknowledged once the loop went on
+        cur = await conn.execute("SELECT room_id, last_seq FROM sync_state WHERE user_id = "
+                                 "%s AND sync_type = 'events'", [user])
+        return dict(await cur.fetchall()).get(c) == last_c
+
+    await until(acked, "the feed's acks in sync_state")

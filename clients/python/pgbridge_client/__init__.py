@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
 
-from .bridge import Bridge, Subscription, TokenSource
+from .bridge import Bridge, TokenSource
 from .errors import (
     ClosedError,
     CursorExpired,
@@ -30,13 +30,15 @@ from .errors import (
     Unauthorized,
     UserDeleted,
 )
-from .frames import Event, Snapshot, Welcome
+from .frames import Event, FeedRoom, FeedRooms, RoomLeft, Snapshot, Welcome
 from .rules import token_expiry
+from .streams import Feed, Subscription
 
 __all__ = [
-    "Bridge", "ClosedError", "CursorExpired", "Event", "Forbidden", "NotFound",
-    "PgBridgeError", "RefusedError", "Snapshot", "Subscription", "SubscriptionEnded",
-    "TokenSource", "Unauthorized", "UserDeleted", "Welcome", "connect", "token_expiry",
+    "Bridge", "ClosedError", "CursorExpired", "Event", "Feed", "FeedRoom", "FeedRooms",
+    "Forbidden", "NotFound", "PgBridgeError", "RefusedError", "RoomLeft", "Snapshot",
+    "Subscription", "SubscriptionEnded", "TokenSource", "Unauthorized", "UserDeleted",
+    "Welcome", "connect", "token_expiry",
 ]
 
 

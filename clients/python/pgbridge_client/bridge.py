@@ -1,10 +1,12 @@
-"""The connection to a bridge, shared by the rooms it follows, and the subscriptions.
+"""The connection to a bridge, shared by the rooms it follows and the user's feed.
 
 One task per :class:`Bridge` owns the WebSocket: it connects (a fresh token each attempt),
-sends every room's ``subscribe`` on each ``welcome`` (``since`` = the last seq held), reads the
-frames and routes each to its room's queue, refreshes the token before it expires, sends the
-acks, and, when the connection ends, decides with :mod:`pgbridge_client.rules` whether to
-reconnect after a backoff delay or to end the bridge with a :class:`RefusedError`.
+sends every room's ``subscribe`` on each ``welcome`` (``since`` = the last seq held), then the
+``feed`` if there is one, reads the frames and routes each to its room's queue (an event of a
+room no subscription of this connection holds is the feed's), refreshes the token before it
+expires, sends the acks, and, when the connection ends, decides with
+:mod:`pgbridge_client.rules` whether to reconnect after a backoff delay or to end the bridge
+with a :class:`RefusedError`.
 """
 
 from __future__ import annotations
@@ -15,11 +17,8 @@ import inspect
 import json
 import logging
 import time
-import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from types import TracebackType
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import websockets
@@ -36,7 +35,16 @@ from .errors import (
     SubscriptionEnded,
     Unauthorized,
 )
-from .frames import Event, FrameError, Snapshot, Subscribed, Welcome, split
+from .frames import (
+    Event,
+    FeedRooms,
+    FrameError,
+    RoomLeft,
+    Snapshot,
+    Subscribed,
+    Welcome,
+    split,
+)
 from .rules import (
     RETRIED_ERRORS,
     TOKEN_EXPIRED,
@@ -46,14 +54,13 @@ from .rules import (
     status_refusal,
     token_expiry,
 )
+from .streams import Feed, Subscription, _Feed, _Room, _Stream
 
 log = logging.getLogger("pgbridge_client")
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
-T = TypeVar("T")
 
 STABLE = 5.0  # seconds welcomed: the next drop's backoff starts again from `base`
-RECONNECT = 4000  # the close code of a connection the client ends to start a new one
 _ERRORS: dict[str, type[RefusedError]] = {
     "forbidden": Forbidden, "not_found": NotFound, "cursor_expired": CursorExpired,
     "unauthorized": Unauthorized}
@@ -65,131 +72,6 @@ class _Reconnect(Exception):  # control flow: never leaves this module
     def __init__(self, why: str, delay: float | None = 0.0) -> None:
         super().__init__(why)
         self.delay = delay
-
-
-class _Room:
-    """The state of one followed room: its queue (events not yet taken by the consumer) and
-    where it stands on the current connection."""
-
-    def __init__(self, room: str, since: int | None, snapshot: int | None, ack: bool,
-                 max_queue: int, backoff: Backoff) -> None:
-        self.room = room
-        self.since = since  # last seq held (queued or delivered); resumes start after it
-        self.snapshot = snapshot  # asked for and not received yet
-        self.ack = ack
-        self.max_queue = max_queue
-        self.backoff = backoff
-        self.items: deque[Event | Snapshot] = deque()
-        self.error: BaseException | None = None  # raised once the items are taken
-        self.readable = asyncio.Event()
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self.ref: str | None = None  # of the subscribe sent on the current connection
-        self.confirmed = False  # its `subscribed` received
-        self.retry: asyncio.TimerHandle | None = None
-        self.acked = -1  # sent
-        self.to_ack = -1  # to send
-        self.handed: int | None = None  # seq of the event the consumer holds, not yet acked
-
-    def done_with_handed(self) -> None:
-        """The consumer is done with the event it was handed: acknowledge it (with ``ack``)."""
-        if self.handed is not None and self.ack:
-            self.to_ack = max(self.to_ack, self.handed)
-        self.handed = None
-
-    async def put(self, item: Event | Snapshot) -> None:
-        """Queue ``item``; waits while ``max_queue`` items wait (the connection is not read
-        meanwhile: the bridge's send timeout then closes it, 4008, and it is resumed)."""
-        while len(self.items) >= self.max_queue and self.error is None:
-            self.writable.clear()
-            await self.writable.wait()
-        if self.error is None:
-            self.items.append(item)
-            self.readable.set()
-
-    def end(self, error: BaseException) -> None:
-        """No more items: ``error`` is raised (``StopAsyncIteration``: the end) once the
-        queued ones are taken."""
-        if self.error is None:
-            self.error = error
-        if self.retry is not None:
-            self.retry.cancel()
-        self.readable.set()
-        self.writable.set()
-
-    async def get(self) -> Event | Snapshot:
-        while not self.items and self.error is None:
-            self.readable.clear()
-            await self.readable.wait()
-        if self.items:
-            self.writable.set()
-            return self.items.popleft()
-        assert self.error is not None
-        raise self.error
-
-
-class Subscription(Generic[T]):
-    """One room followed by a :class:`Bridge` (made by :meth:`Bridge.subscribe`): an async
-    iterator of its events, each once and in order (seq strictly increasing), across
-    reconnects. With ``snapshot``, a :class:`Snapshot` comes first.
-
-    Iterating raises a :class:`RefusedError` when the bridge refuses the room for good
-    (``Forbidden``, ``NotFound``, ``CursorExpired``, ``SubscriptionEnded``) or ends the
-    connection for good, after the events received before; :class:`ClosedError` once the
-    bridge is closed. The iteration ends (``StopAsyncIteration``) after :meth:`aclose`. The
-    subscription is closed when its ``async with`` block ends, or when it is no longer
-    referenced (a ``break`` out of ``async for bridge.subscribe(...)``)."""
-
-    def __init__(self, bridge: Bridge, state: _Room) -> None:
-        self._bridge = bridge
-        self._state = state
-        weakref.finalize(self, bridge._release, state)
-
-    @property
-    def room(self) -> str:
-        """The room (``channels.id``)."""
-        return self._state.room
-
-    @property
-    def last_seq(self) -> int | None:
-        """The last seq received (queued or handed out), where a resume starts; ``None``
-        before the first ``subscribed`` (or snapshot, when one was asked for)."""
-        return self._state.since
-
-    def ack(self, seq: int) -> None:
-        """Acknowledge the room's events up to ``seq`` (recorded in ``sync_state`` by the
-        bridge; sent batched, at most one ack per room per ``ack_interval``). Only needed with
-        ``ack=False``. ValueError past the last seq received."""
-        state = self._state
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or (
-                state.since is None or seq > state.since):
-            raise ValueError(f"cannot ack {seq!r} in {state.room} (held: {state.since})")
-        state.to_ack = max(state.to_ack, seq)
-
-    def __aiter__(self) -> Subscription[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        state = self._state
-        state.done_with_handed()  # the consumer asks for the next one: done with the last
-        item = await state.get()
-        if isinstance(item, Event):
-            state.handed = item.seq
-        return item  # type: ignore[return-value]  # T is Event unless a snapshot was asked
-
-    async def aclose(self) -> None:
-        """Stop following the room: the pending ack is sent, then ``unsubscribe``; the
-        iteration ends. Idempotent."""
-        await self._bridge._unsubscribe(self._state)
-
-    async def __aenter__(self) -> Subscription[T]:
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        if exc is not None:
-            self._state.handed = None  # the event being handled failed: not acknowledged
-        await self.aclose()
 
 
 class Bridge:
@@ -221,9 +103,13 @@ class Bridge:
         self._open_timeout = open_timeout
         self._on_frame = on_frame
         self._rooms: dict[str, _Room] = {}
+        self._feed: _Feed | None = None
+        self._pong: tuple[str, asyncio.Event] | None = None  # awaited by _answered()
+        self._fed = False  # feed() was called: one per bridge
         self._ws: ClientConnection | None = None
         self._welcomed = False
-        self._refs: dict[str, _Room | str] = {}  # ref -> its room, or "refresh", "unsubscribe"
+        # ref -> its request's stream (a room's subscribe, the feed), or "refresh", "unsubscribe"
+        self._refs: dict[str, _Room | _Feed | str] = {}
         self._welcomed_at: float | None = None
         self._next_ref = 0
         self._token: str | None = None
@@ -266,8 +152,11 @@ class Bridge:
         user acknowledged, else live only). ``snapshot``: first the room's N most recent
         messages as a :class:`Snapshot` (PROTOCOL.md "Snapshot then live"), not with
         ``since``. ``ack``: acknowledge each event once the loop asks for the next one (or the
-        subscription closes). Raises ValueError for a bad argument or a room this bridge
-        already follows, :class:`ClosedError` once the bridge is closed."""
+        subscription closes). A room of this bridge's :meth:`feed` is taken over from it
+        (without ``since`` nor ``snapshot``: after the last event the feed delivered); its
+        events come here only, until the subscription closes. Raises ValueError for a bad
+        argument or a room this bridge already follows, :class:`ClosedError` once the bridge
+        is closed."""
         if self._error is not None:
             raise ClosedError("the bridge is closed") from self._error
         if not isinstance(room, str) or not 1 <= len(room) <= 26 or not all(
@@ -281,23 +170,46 @@ class Bridge:
             raise ValueError("since and snapshot exclude each other")
         if room in self._rooms:
             raise ValueError(f"this bridge already follows {room}")
+        held = self._feed.heads.get(room) if self._feed is not None else None
+        if held is not None and since is None and snapshot is None:
+            since = held  # a room of the feed: taken over after the last event it delivered
         state = _Room(room, since, snapshot, ack, self._max_queue,
                       Backoff(self._backoff_base, self._backoff_cap))
         self._rooms[room] = state
         self._spawn(self._send_subscribe(state))
         return Subscription(self, state)
 
+    def feed(self, *, ack: bool = True) -> Feed:
+        """Follow every room of the user, now and later, on this bridge's connection
+        (PROTOCOL.md "One feed per user"); sent at once, and again after each reconnect. See
+        :class:`Feed` for what it yields. ``ack``: acknowledge each event once the loop asks
+        for the next one. One per bridge (ValueError for a second);
+        :class:`ClosedError` once the bridge is closed."""
+        if self._error is not None:
+            raise ClosedError("the bridge is closed") from self._error
+        if self._fed:
+            raise ValueError("this bridge already has a feed (one per connection)")
+        self._fed = True
+        self._feed = _Feed(ack, self._max_queue, Backoff(self._backoff_base, self._backoff_cap))
+        self._spawn(self._send_feed())
+        return Feed(self, self._feed)
+
     async def close(self, *, failed: bool = False) -> None:
         """Send the pending acks (with the events the consumers hold, unless ``failed``: an
         exception is on its way out of the ``async with`` block), close the connection
         (1000), end every subscription (:class:`ClosedError`). Idempotent."""
         if self._error is None:
-            for state in self._rooms.values():
+            for stream in self._streams():
                 if failed:
-                    state.handed = None
-                state.done_with_handed()
-            await self._flush_acks()
+                    stream.forget_handed()
+                stream.done_with_handed()
+            if await self._flush_acks():
+                await self._answered()
+            ws = self._ws
             self._end(ClosedError("the bridge is closed"))
+            if ws is not None:  # the closing handshake: what was sent before it is read
+                with contextlib.suppress(Exception):
+                    await ws.close(1000, "client closed")
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -306,6 +218,10 @@ class Bridge:
             task.cancel()
 
     # --- the connection -----------------------------------------------------------------
+
+    def _streams(self) -> list[_Stream[Any]]:
+        """The rooms followed, then the feed if there is one."""
+        return [*self._rooms.values(), *([self._feed] if self._feed is not None else [])]
 
     def _start(self) -> None:
         self._runner = asyncio.get_running_loop().create_task(self._run_guarded())
@@ -379,6 +295,8 @@ class Bridge:
                     delay = 0.0  # with a new token
             except (OSError, InvalidHandshake, TimeoutError, _TokenUnavailable) as exc:
                 cause = f"cannot connect to {_shown_url(self.url)}: {_cause(exc)}"
+            if self._error is not None:
+                return  # closed meanwhile
             if welcomed_at is not None:
                 auth_retried = False
                 if time.monotonic() - welcomed_at >= STABLE:
@@ -426,10 +344,12 @@ class Bridge:
         self._welcomed = False
         self._welcomed_at = None
         self._refs.clear()
+        for stream in self._streams():
+            if stream.retry is not None:
+                stream.retry.cancel()
+            stream.ref, stream.confirmed, stream.retry = None, False, None
         for state in self._rooms.values():
-            if state.retry is not None:
-                state.retry.cancel()
-            state.ref, state.confirmed, state.retry = None, False, None
+            state.feed_held.clear()
 
     def _end(self, error: BaseException) -> None:
         """The bridge is over: every subscription raises ``error``."""
@@ -441,9 +361,10 @@ class Bridge:
         for state in self._rooms.values():
             state.end(error)
         self._rooms.clear()
+        if self._feed is not None:
+            self._feed.end(error)
+            self._feed = None
         self._connected.set()
-        if self._ws is not None:
-            self._spawn(self._ws.close(1000, "client closed"))
 
     def _held(self) -> str:
         """``; room R since=S, ...``: where each room resumes (for the reconnect line)."""
@@ -483,6 +404,7 @@ class Bridge:
             self._connected.set()
             for state in list(self._rooms.values()):
                 await self._send_subscribe(state)
+            await self._send_feed()
         elif not self._welcomed:
             return  # nothing before the welcome is ours
         elif kind == "event":
@@ -492,10 +414,15 @@ class Bridge:
         elif kind == "snapshot":
             await self._on_snapshot(frame)
         elif kind == "unsubscribed":
-            self._on_unsubscribed(frame)
+            await self._on_unsubscribed(frame)
         elif kind == "error":
-            self._on_error(frame)
-        elif kind not in ("pong", "presence", "typing", "feed"):
+            await self._on_error(frame)
+        elif kind == "feed":
+            await self._on_feed(frame)
+        elif kind == "pong":
+            if self._pong is not None and frame.get("ref") == self._pong[0]:
+                self._pong[1].set()
+        elif kind not in ("presence", "typing"):
             log.debug("ignored a frame of unknown type %r", kind, extra={"event": "unknown"})
 
     def _confirmed(self, room: object) -> _Room | None:
@@ -503,9 +430,15 @@ class Bridge:
         return state if state is not None and state.confirmed else None
 
     async def _on_event(self, frame: dict[str, Any]) -> None:
-        state = self._confirmed(frame.get("room"))
+        room = frame.get("room")
+        state = self._rooms.get(room) if isinstance(room, str) else None
+        if state is not None and not state.confirmed:
+            if self._feed is not None and room in self._feed.heads:
+                state.feed_held.append(frame)  # the feed's, unless the subscribe is answered
+            return
         if state is None:
-            return  # not ours, or not yet (its replay brings it)
+            await self._on_feed_event(frame)  # the feed's, else not ours (yet)
+            return
         if state.snapshot is not None:
             raise _Reconnect(f"an event of {state.room} before its snapshot")
         event = Event.from_frame(frame)  # FrameError: dropped, then seen as a gap
@@ -531,6 +464,7 @@ class Bridge:
             raise FrameError(f"subscribed frame: room {answer.room!r} for {state.room}")
         del self._refs[str(frame.get("ref"))]
         state.confirmed = True
+        state.feed_held.clear()  # its replay brings them
         state.backoff.reset()
         if state.since is None and state.snapshot is None:
             state.since = answer.from_seq
@@ -545,17 +479,20 @@ class Bridge:
         state.since, state.snapshot = snapshot.seq, None
         await state.put(snapshot)
 
-    def _on_unsubscribed(self, frame: dict[str, Any]) -> None:
+    async def _on_unsubscribed(self, frame: dict[str, Any]) -> None:
         reason = frame.get("reason")
+        if reason == "client":
+            return  # the answer to our unsubscribe
         state = self._confirmed(frame.get("room"))
-        if state is None or reason == "client":
+        if state is None:
+            await self._on_feed_left(frame)
             return
         shown = _shown(reason)
         kind = CursorExpired if reason == "cursor_expired" else SubscriptionEnded
-        self._end_room(state, kind(f"unsubscribed from room {state.room}: {shown}",
+        await self._end_room(state, kind(f"unsubscribed from room {state.room}: {shown}",
                                    code=shown, room=state.room))
 
-    def _on_error(self, frame: dict[str, Any]) -> None:
+    async def _on_error(self, frame: dict[str, Any]) -> None:
         code, message = _shown(frame.get("code")), _shown(frame.get("message"))
         ref = frame.get("ref")
         state = self._refs.pop(ref, None) if isinstance(ref, str) else None
@@ -566,6 +503,9 @@ class Bridge:
                 raise _Reconnect("the refreshed token was refused")
             log.warning("refresh failed: %s: %s", code, message, extra={"event": "refresh"})
             return
+        if isinstance(state, _Feed):
+            self._on_feed_error(state, code, message)
+            return
         if isinstance(state, _Room):
             if self._rooms.get(state.room) is not state or state.confirmed:
                 return
@@ -573,7 +513,7 @@ class Bridge:
                 self._retry_subscribe(state, code)
             else:
                 kind = _ERRORS.get(code, RefusedError)
-                self._end_room(state, kind(f"refused: {code}: {message} (room {state.room})",
+                await self._end_room(state, kind(f"refused: {code}: {message} (room {state.room})",
                                            code=code, room=state.room))
             return
         log.warning("error from the bridge: %s: %s%s", code, message,
@@ -585,17 +525,23 @@ class Bridge:
             for waiting in self._rooms.values():
                 if waiting.ref is not None and not waiting.confirmed:
                     self._retry_subscribe(waiting, code)
+            if self._feed is not None and self._feed.ref is not None and (
+                    not self._feed.confirmed):
+                self._retry_feed(self._feed, code)
 
-    def _end_room(self, state: _Room, error: RefusedError) -> None:
+    async def _end_room(self, state: _Room, error: RefusedError) -> None:
         log.info("%s", error, extra={"event": "refused", "code": error.code,
                                      "room": state.room})
         state.end(error)
         if self._rooms.get(state.room) is state:
             del self._rooms[state.room]
+        held, state.feed_held = state.feed_held, []
+        for frame in held:  # refused before its `subscribed`: the feed's events again
+            await self._on_feed_event(frame)
 
     # --- requests -----------------------------------------------------------------------
 
-    def _ref(self, prefix: str, state: _Room | str) -> str:
+    def _ref(self, prefix: str, state: _Room | _Feed | str) -> str:
         self._next_ref += 1
         ref = f"{prefix}{self._next_ref}"
         self._refs[ref] = state
@@ -663,14 +609,110 @@ class Bridge:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # --- the feed -----------------------------------------------------------------------
+
+    async def _send_feed(self) -> None:
+        feed = self._feed
+        if not self._welcomed or feed is None or feed.error is not None or feed.confirmed:
+            return
+        if feed.ref is not None:
+            self._refs.pop(feed.ref, None)
+        feed.ref = self._ref("f", feed)
+        await self._send({"type": "feed", "ref": feed.ref})
+
+    def _retry_feed(self, feed: _Feed, code: str) -> None:
+        if feed.retry is not None:
+            return
+        delay = feed.backoff.next()
+        log.warning("feed failed (%s); trying again in %.1f s", code, delay,
+                    extra={"event": "feed_retry", "delay": delay})
+
+        def again() -> None:
+            feed.retry = None
+            self._spawn(self._send_feed())
+
+        feed.retry = asyncio.get_running_loop().call_later(delay, again)
+
+    async def _on_feed(self, frame: dict[str, Any]) -> None:
+        feed = self._feed
+        ref = frame.get("ref")
+        if feed is None or feed.confirmed or not isinstance(ref, str) or (
+                self._refs.get(ref) is not feed):
+            return
+        answer = FeedRooms.from_frame(frame)
+        del self._refs[ref]
+        feed.confirmed = True
+        feed.backoff.reset()
+        feed.heads = {r.room: r.head for r in answer.rooms}
+        for room in list(feed.to_ack):  # an ack not sent yet still holds, for its rooms
+            if room not in feed.heads:
+                del feed.to_ack[room]
+        log.info("feed of %d rooms", len(answer.rooms), extra={"event": "feed"})
+        await feed.put(answer)
+
+    async def _on_feed_event(self, frame: dict[str, Any]) -> None:
+        feed = self._feed
+        if feed is None or not feed.confirmed or feed.error is not None:
+            return
+        event = Event.from_frame(frame)  # FrameError: dropped and logged
+        if event.seq <= feed.heads.get(event.room, -1):
+            return  # held already: a resend, or a subscription's replay
+        if event.room not in feed.heads:
+            log.info("feed: room %s joined", event.room, extra={"event": "feed_join"})
+        feed.heads[event.room] = event.seq
+        await feed.put(event)
+
+    async def _on_feed_left(self, frame: dict[str, Any]) -> None:
+        feed = self._feed
+        room = frame.get("room")
+        if feed is None or not feed.confirmed or not isinstance(room, str) or (
+                room not in feed.heads):
+            return
+        del feed.heads[room]
+        feed.to_ack.pop(room, None)
+        await feed.put(RoomLeft(room=room, reason=_shown(frame.get("reason")), frame=frame))
+
+    def _on_feed_error(self, feed: _Feed, code: str, message: str) -> None:
+        if feed is not self._feed or feed.confirmed:
+            return
+        if code in RETRIED_ERRORS:
+            self._retry_feed(feed, code)
+            return
+        kind = _ERRORS.get(code, RefusedError)
+        error = kind(f"refused: {code}: {message} (feed)", code=code)
+        log.info("%s", error, extra={"event": "refused", "code": code})
+        feed.end(error)
+        self._feed = None
+
     # --- acks and token refresh ---------------------------------------------------------
 
-    async def _flush_acks(self) -> None:
+    async def _flush_acks(self) -> bool:
+        """Send the acks due (one per room); true if any was sent."""
+        sent = False
         for state in list(self._rooms.values()):
             if state.confirmed and state.to_ack > state.acked:
                 seq = state.to_ack
                 if await self._send({"type": "ack", "room": state.room, "seq": seq}):
-                    state.acked = seq
+                    state.acked, sent = seq, True
+        feed = self._feed
+        if feed is not None and feed.confirmed:
+            for room, seq in list(feed.to_ack.items()):
+                if await self._send({"type": "ack", "room": room, "seq": seq}):
+                    feed.acked[room], sent = seq, True
+                    if feed.to_ack.get(room) == seq:
+                        del feed.to_ack[room]
+        return sent
+
+    async def _answered(self) -> None:
+        """Wait (at most ``open_timeout``) for the answer to a ``ping`` sent now: the bridge
+        answers frames in order, so it has then read the ones sent before (the acks sent
+        before closing; a close frame right behind them could overtake their handling)."""
+        ref = self._ref("c", "ping")
+        self._pong = (ref, asyncio.Event())
+        if await self._send({"type": "ping", "ref": ref}):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._open_timeout):
+                    await self._pong[1].wait()
 
     async def _ack_loop(self) -> None:
         while True:
@@ -743,4 +785,4 @@ def _shown_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
-__all__ = ["Bridge", "Subscription", "TokenSource"]
+__all__ = ["Bridge", "Feed", "Subscription", "TokenSource"]

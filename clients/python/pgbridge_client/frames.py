@@ -158,3 +158,52 @@ class Subscribed:
     def from_frame(cls, frame: Mapping[str, Any]) -> Subscribed:
         return cls(room=_str(frame, "room"), from_seq=_seq(frame, "from"),
                    head=_seq(frame, "head"))
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and (
+        0 <= value <= MAX_SEQ) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRoom:
+    """A room of the feed: ``head``, its latest seq (0: no event yet); ``acked``, the seq the
+    user acknowledged (0: never); ``unread``, the messages of other users after ``acked``,
+    counted up to 100 ("100 or more")."""
+
+    room: str
+    head: int
+    acked: int
+    unread: int
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRooms:
+    """The answer to ``feed``: every room of the user, ordered by room. ``frame``: the whole
+    frame as received."""
+
+    rooms: Sequence[FeedRoom]
+    frame: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_frame(cls, frame: Mapping[str, Any]) -> FeedRooms:
+        """Entries that are not an object with a string ``room`` are left out; a count that
+        is not an integer reads as 0."""
+        rooms = frame.get("rooms")
+        if not isinstance(rooms, list):
+            raise FrameError("feed frame: rooms is not an array")
+        return cls(rooms=tuple(
+            FeedRoom(room=r["room"], head=_count(r.get("head")), acked=_count(r.get("acked")),
+                     unread=_count(r.get("unread")))
+            for r in rooms if isinstance(r, dict) and isinstance(r.get("room"), str)),
+            frame=frame)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomLeft:
+    """A room of the feed ended (an ``unsubscribed`` frame): ``reason`` is
+    ``membership_revoked``, ``room_deleted`` or ``cursor_expired``. It is no longer followed."""
+
+    room: str
+    reason: str
+    frame: Mapping[str, Any] = field(repr=False, compare=False)
