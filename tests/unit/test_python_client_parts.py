@@ -21,7 +21,7 @@ from pgbridge_client.rules import (
     token_expiry,
 )
 
-from tests.support.helpers import token
+from daemon.auth import mint_token
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENT = {"type": "event", "room": "r1", "seq": 7, "table": "messages", "op": "INSERT",
@@ -134,7 +134,7 @@ def test_backoff_grows_to_its_cap_and_resets() -> None:
 
 
 def test_token_expiry() -> None:
-    assert token_expiry(token("u", ttl=60)) is not None
+    assert token_expiry(mint_token("s" * 40, "u", ttl=60)) is not None
     claims = base64.urlsafe_b64encode(json.dumps({"exp": "soon"}).encode()).decode()
     for bad in ("", "a.b.c", f"x.{claims}.y", "x." + "W" * 8 + ".y", "only.two"):
         assert token_expiry(bad) is None, bad
