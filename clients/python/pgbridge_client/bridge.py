@@ -60,6 +60,7 @@ log = logging.getLogger("pgbridge_client")
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
 
+USER_AGENT = f"pgbridge-client websockets/{websockets.version.version}"
 STABLE = 5.0  # seconds welcomed: the next drop's backoff starts again from `base`
 _ERRORS: dict[str, type[RefusedError]] = {
     "forbidden": Forbidden, "not_found": NotFound, "cursor_expired": CursorExpired,
@@ -67,11 +68,7 @@ _ERRORS: dict[str, type[RefusedError]] = {
 
 
 class _Reconnect(Exception):  # control flow: never leaves this module
-    """End the current connection and open a new one (after ``delay`` seconds)."""
-
-    def __init__(self, why: str, delay: float | None = 0.0) -> None:
-        super().__init__(why)
-        self.delay = delay
+    """End the current connection and open a new one after a backoff delay."""
 
 
 class Bridge:
@@ -203,10 +200,11 @@ class Bridge:
                 if failed:
                     stream.forget_handed()
                 stream.done_with_handed()
-            if await self._flush_acks():
-                await self._answered()
+            sent = await self._flush_acks()
             ws = self._ws
-            self._end(ClosedError("the bridge is closed"))
+            self._end(ClosedError("the bridge is closed"))  # a full queue holds the reader no more
+            if sent:
+                await self._answered()
             if ws is not None:  # the closing handshake: what was sent before it is read
                 with contextlib.suppress(Exception):
                     await ws.close(1000, "client closed")
@@ -251,13 +249,14 @@ class Bridge:
         while self._error is None:
             delay: float | None = None
             welcomed_at: float | None = None
+            now = False
             try:
                 token = await self._get_token()
                 self._token, self._exp = token, token_expiry(token)
                 async with websockets.connect(
                         self.url, additional_headers={"Authorization": f"Bearer {token}"},
                         max_size=self._max_size, open_timeout=self._open_timeout,
-                        user_agent_header=f"pgbridge_client {websockets.version.version}",
+                        user_agent_header=USER_AGENT,
                 ) as ws:
                     try:
                         await self._serve(ws)
@@ -265,7 +264,7 @@ class Bridge:
                         welcomed_at = self._welcomed_at
                         self._detach()
             except _Reconnect as exc:
-                cause, delay = str(exc), exc.delay
+                cause = str(exc)
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 body = " ".join((exc.response.body or b"").decode(errors="replace").split())
@@ -291,8 +290,7 @@ class Bridge:
                     self._end(refusal)
                     return
                 cause = f"connection closed with {code} ({_shown(reason or 'no reason given')})"
-                if code == TOKEN_EXPIRED:
-                    delay = 0.0  # with a new token
+                now = code == TOKEN_EXPIRED  # with a new token, at once unless it happens again
             except (OSError, InvalidHandshake, TimeoutError, _TokenUnavailable) as exc:
                 cause = f"cannot connect to {_shown_url(self.url)}: {_cause(exc)}"
             if self._error is not None:
@@ -302,6 +300,8 @@ class Bridge:
                 if time.monotonic() - welcomed_at >= STABLE:
                     self._backoff.reset()
                     attempt = 0
+            if now and attempt == 0:
+                delay = 0.0
             if delay is None:
                 delay = self._backoff.next()
             attempt += 1
@@ -450,7 +450,7 @@ class Bridge:
             log.error("event %s of %s after %s: a gap (a frame lost or malformed); resuming "
                       "from %s", event.seq, state.room, state.since, state.since,
                       extra={"event": "gap", "room": state.room})
-            raise _Reconnect(f"a gap in {state.room}", None)
+            raise _Reconnect(f"a gap in {state.room}")
         state.since = event.seq
         await state.put(event)
 
