@@ -37,6 +37,11 @@ def test_the_client_is_versioned_with_the_project() -> None:
         ROOT / "pyproject.toml")
 
 
+def test_the_server_depends_on_the_client_of_its_own_version() -> None:
+    root = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert f"pgbridge-client=={root['project']['version']}" in root["project"]["dependencies"]
+
+
 def test_the_client_depends_on_websockets_only() -> None:
     config = tomllib.loads((ROOT / "clients" / "python" / "pyproject.toml").read_text())
     assert [d.split(">")[0] for d in config["project"]["dependencies"]] == ["websockets"]
