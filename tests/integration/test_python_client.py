@@ -275,6 +275,43 @@ async def test_a_forbidden_and_a_missing_room_raise_and_the_connection_goes_on(
     assert not records(caplog, "reconnecting") and not records(caplog, "subscribe_retry")
 
 
+async def test_a_revoked_membership_ends_the_subscription_and_a_deleted_user_the_bridge(
+        bridge: Bridge, conn: Conn) -> None:
+    user, owner = await make_user(conn), await make_user(conn)
+    room, other = await make_room(conn, user, owner), await make_room(conn, user)
+    async with pgbridge_client.connect(url(bridge.port), token=token(user)) as client:
+        sub = client.subscribe(room, since=await head(conn, room))
+        still = client.subscribe(other, since=await head(conn, other))
+        await post(conn, room, owner, "before")
+        assert (await next_item(sub)).data["content"] == "before"
+        await conn.execute("DELETE FROM channel_members WHERE channel_id = %s AND user_id = %s",
+                           (room, user))
+        with pytest.raises(pgbridge_client.SubscriptionEnded) as ended:
+            await next_item(sub)
+        assert (ended.value.code, ended.value.room) == ("membership_revoked", room)
+        await conn.execute("UPDATE users SET deleted_at = now() WHERE id = %s", [user])
+        with pytest.raises(pgbridge_client.UserDeleted) as deleted:
+            await next_item(still)
+        assert deleted.value.close_code == 4003
+        assert client.closed
+
+
+async def test_a_room_left_with_break_can_be_subscribed_again_at_once(
+        bridge: Bridge, conn: Conn) -> None:
+    user = await make_user(conn)
+    room = await make_room(conn, user)
+    base = await head(conn, room)
+    async with pgbridge_client.connect(url(bridge.port), token=token(user)) as client:
+        await post(conn, room, user, "one")
+        async for event in client.subscribe(room, since=base):
+            assert event.seq == base + 1
+            break  # no longer referenced: unsubscribed, and its room free again
+        again = client.subscribe(room, since=base + 1)
+        await post(conn, room, user, "two")
+        assert (await next_item(again)).seq == base + 2
+        assert bridge.hub.subscribers(room) == 1
+
+
 @pytest.mark.slow
 async def test_a_fixed_token_that_expires_raises_unauthorized(bridge: Bridge,
                                                               conn: Conn) -> None:

@@ -172,9 +172,11 @@ async def test_bad_subscribe_arguments_raise(kwargs: dict[str, object]) -> None:
     bridge = Bridge("ws://127.0.0.1:1/ws", token="t")
     with pytest.raises(ValueError):
         bridge.subscribe(**({"room": "r1"} | kwargs))  # type: ignore[call-overload]
-    bridge.subscribe("r1")
+    held = bridge.subscribe("r1")
     with pytest.raises(ValueError):
         bridge.subscribe("r1")
+    del held  # no longer referenced: its room is free again
+    bridge.subscribe("r1")
     await bridge.close()
     with pytest.raises(pgbridge_client.ClosedError):
         bridge.subscribe("r2")

@@ -102,6 +102,7 @@ class Bridge:
         self._rooms: dict[str, _Room] = {}
         self._feed: _Feed | None = None
         self._pong: tuple[str, asyncio.Event] | None = None  # awaited by _answered()
+        self._order = asyncio.Lock()  # requests of several frames leave in the order made
         self._fed = False  # feed() was called: one per bridge
         self._ws: ClientConnection | None = None
         self._welcomed = False
@@ -568,7 +569,8 @@ class Bridge:
             frame["since"] = state.since
         elif state.snapshot is not None:
             frame["snapshot"] = state.snapshot  # until one arrives
-        await self._send(frame)
+        async with self._order:
+            await self._send(frame)
 
     def _retry_subscribe(self, state: _Room, code: str) -> None:
         if state.retry is not None:
@@ -584,25 +586,35 @@ class Bridge:
 
         state.retry = asyncio.get_running_loop().call_later(delay, again)
 
-    async def _unsubscribe(self, state: _Room) -> None:
-        if self._rooms.get(state.room) is not state:
-            state.end(StopAsyncIteration())
-            return
-        del self._rooms[state.room]
+    def _drop(self, state: _Room) -> bool:
+        """Stop following ``state``'s room at once (a new subscribe of it may follow); true
+        when the bridge must be told (a subscribe of it was sent on this connection)."""
         state.end(StopAsyncIteration())
+        if self._rooms.get(state.room) is not state:
+            return False
+        del self._rooms[state.room]
         state.done_with_handed()
-        if state.confirmed:
-            if state.to_ack > state.acked:
+        return state.ref is not None
+
+    async def _send_unsubscribe(self, state: _Room) -> None:
+        """Its pending ack, then ``unsubscribe``: in this order, and before any frame of a
+        request made later (:attr:`_order`), a new subscribe of the room included."""
+        async with self._order:
+            if state.confirmed and state.to_ack > state.acked:
                 await self._send({"type": "ack", "room": state.room, "seq": state.to_ack})
             await self._send({"type": "unsubscribe", "room": state.room,
                               "ref": self._ref("u", "unsubscribe")})
 
+    async def _unsubscribe(self, state: _Room) -> None:
+        if self._drop(state):
+            await self._send_unsubscribe(state)
+
     def _release(self, state: _Room) -> None:
-        """A subscription no longer referenced: unsubscribe (from a finalizer: scheduled)."""
-        if self._rooms.get(state.room) is not state:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to tell
-            asyncio.get_running_loop().call_soon(lambda: self._spawn(self._unsubscribe(state)))
+        """A subscription no longer referenced (from its finalizer): unsubscribe."""
+        with contextlib.suppress(RuntimeError):  # no loop running here: nothing to tell
+            asyncio.get_running_loop()
+            if self._drop(state):
+                self._spawn(self._send_unsubscribe(state))
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(work)
