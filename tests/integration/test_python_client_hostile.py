@@ -60,6 +60,8 @@ async def read(ws: ServerConnection, into: list[dict[str, Any]]) -> None:
     try:
         async for message in ws:
             into.append(json.loads(message))
+            if into[-1].get("type") == "ping":
+                await ws.send(json.dumps({"type": "pong", "ref": into[-1].get("ref")}))
     except ConnectionClosed:
         pass
 

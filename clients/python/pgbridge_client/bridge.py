@@ -61,6 +61,7 @@ log = logging.getLogger("pgbridge_client")
 TokenSource = str | Callable[[], str | Awaitable[str]]
 
 USER_AGENT = f"pgbridge-client websockets/{websockets.version.version}"
+CLOSE_WAIT = 2.0  # seconds closing waits for the bridge to have read the last acks
 STABLE = 5.0  # seconds welcomed: the next drop's backoff starts again from `base`
 _ERRORS: dict[str, type[RefusedError]] = {
     "forbidden": Forbidden, "not_found": NotFound, "cursor_expired": CursorExpired,
@@ -716,14 +717,14 @@ class Bridge:
         return sent
 
     async def _answered(self) -> None:
-        """Wait (at most ``open_timeout``) for the answer to a ``ping`` sent now: the bridge
+        """Wait (at most :data:`CLOSE_WAIT`) for the answer to a ``ping`` sent now: the bridge
         answers frames in order, so it has then read the ones sent before (the acks sent
         before closing; a close frame right behind them could overtake their handling)."""
         ref = self._ref("c", "ping")
         self._pong = (ref, asyncio.Event())
         if await self._send({"type": "ping", "ref": ref}):
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._open_timeout):
+                async with asyncio.timeout(CLOSE_WAIT):
                     await self._pong[1].wait()
 
     async def _ack_loop(self) -> None:
