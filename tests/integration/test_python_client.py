@@ -283,7 +283,9 @@ async def test_a_revoked_membership_ends_the_subscription_and_a_deleted_user_the
         sub = client.subscribe(room, since=await head(conn, room))
         still = client.subscribe(other, since=await head(conn, other))
         await post(conn, room, owner, "before")
+        await post(conn, other, user, "before too")
         assert (await next_item(sub)).data["content"] == "before"
+        assert (await next_item(still)).data["content"] == "before too"  # both subscribed
         await conn.execute("DELETE FROM channel_members WHERE channel_id = %s AND user_id = %s",
                            (room, user))
         with pytest.raises(pgbridge_client.SubscriptionEnded) as ended:
