@@ -204,3 +204,21 @@ async def test_an_event_before_its_snapshot_is_not_delivered() -> None:
         assert isinstance(snapshot, pgbridge_client.Snapshot) and snapshot.seq == 3
         assert (await asyncio.wait_for(anext(sub), 20)).seq == 4
     assert len(received) == 2
+
+
+async def test_a_full_queue_holds_the_connection_and_loses_nothing() -> None:
+    sent = asyncio.Event()
+
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        for seq in range(1, 41):
+            await ws.send(event(seq))
+        sent.set()
+
+    async with scripted(script) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t", max_queue=2) as bridge:
+        sub = bridge.subscribe(ROOM, since=0)
+        await asyncio.wait_for(sent.wait(), 20)  # the consumer has taken nothing yet
+        assert len(sub._state.items) <= 2
+        assert await take(sub, 40) == list(range(1, 41))
+    assert len(received) == 1
