@@ -27,8 +27,6 @@ from tests.support.procs import daemon_process, free_port, until
 Conn = psycopg.AsyncConnection[Any]
 CLIENT = ROOT / "clients" / "python"
 
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
 
 def url(port: int) -> str:
     return f"ws://127.0.0.1:{port}/ws"
