@@ -382,12 +382,16 @@ def _tail_command(argv: Sequence[str], prog: str) -> int:
     env = load_environment()
     _tool_logging(env, "WARNING")
     settings = DaemonSettings.from_env(env)
-    token = args.token
-    if token is None:
+    token: str | Callable[[], str] = args.token
+    if args.token is None:
         from .auth import mint_token
 
-        token = mint_token(_secret(settings, DatabaseSettings.from_env(env)), args.user,
-                           audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+        secret = _secret(settings, DatabaseSettings.from_env(env))
+
+        def token() -> str:  # a fresh one for each connection and before each expires
+            return mint_token(secret, args.user, audience=settings.jwt_audience,
+                              issuer=settings.jwt_issuer)
+
     url = args.url or f"ws://{settings.host}:{settings.port}/ws"
     if args.feed:
         return asyncio.run(tail_feed(url, token, ack=args.ack, max_events=args.count,

@@ -1,0 +1,224 @@
+"""The Python client (clients/python) against a hostile or broken server: a real WebSocket
+server over loopback whose every connection follows a script. Malformed JSON, unknown frame
+types and ill-typed frames are dropped and logged; a seq going backwards is ignored; a gap (an
+event lost or malformed) is resumed over with ``since``, never skipped; a message over
+``max_size`` ends the bridge with a clear error; a server that never says ``welcome`` is left
+after ``open_timeout`` and tried again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pgbridge_client
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+ROOM = "01JD3V6Z7W2Q4X8Y9A0B1C2D3E"
+Script = Callable[[ServerConnection, list[dict[str, Any]]], Awaitable[None]]
+
+
+def event(seq: int, room: str = ROOM) -> str:
+    return json.dumps({"type": "event", "room": room, "seq": seq, "table": "messages",
+                       "op": "INSERT", "id": f"m{seq}", "data": {"id": f"m{seq}"},
+                       "ts": "2026-11-21T10:15:02+00:00"})
+
+
+WELCOME = json.dumps({"type": "welcome", "user": "u1", "protocol": 1, "heartbeat": 20,
+                      "correlation_id": "c0ffee"})
+
+
+@asynccontextmanager
+async def scripted(*scripts: Script) -> AsyncIterator[tuple[int, list[list[dict[str, Any]]]]]:
+    """A server on a free port whose n-th connection runs ``scripts[n]`` (the last one for
+    any after) with the list of the frames it has received (filled as they arrive); yields
+    the port and those lists, one per connection."""
+    received: list[list[dict[str, Any]]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        frames: list[dict[str, Any]] = []
+        received.append(frames)
+        script = scripts[min(len(received) - 1, len(scripts) - 1)]
+        pump = asyncio.create_task(read(ws, frames))
+        try:
+            await script(ws, frames)
+            await ws.wait_closed()
+        finally:
+            pump.cancel()
+
+    async with serve(handler, "127.0.0.1", 0, max_size=None, compression=None) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield port, received
+
+
+async def read(ws: ServerConnection, into: list[dict[str, Any]]) -> None:
+    try:
+        async for message in ws:
+            into.append(json.loads(message))
+            if into[-1].get("type") == "ping":
+                await ws.send(json.dumps({"type": "pong", "ref": into[-1].get("ref")}))
+    except ConnectionClosed:
+        pass
+
+
+async def subscribe_frame(frames: list[dict[str, Any]]) -> dict[str, Any]:
+    """The next ``subscribe`` the client sent on this connection."""
+    for _ in range(2000):
+        found = [f for f in frames if f.get("type") == "subscribe"]
+        if found:
+            return found[-1]
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"no subscribe: {frames}")
+
+
+async def welcome_and_subscribed(ws: ServerConnection, frames: list[dict[str, Any]],
+                                 head: int) -> dict[str, Any]:
+    await ws.send(WELCOME)
+    request = await subscribe_frame(frames)
+    since = request.get("since", head)
+    await ws.send(json.dumps({"type": "subscribed", "room": ROOM, "from": since, "head": head,
+                              "ref": request["ref"]}))
+    return request
+
+
+async def take(sub: pgbridge_client.Subscription[Any], n: int) -> list[int]:
+    seqs = []
+    while len(seqs) < n:
+        item = await asyncio.wait_for(anext(sub), 20)
+        seqs.append(item.seq)
+    return seqs
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "pgbridge_client" and getattr(r, "event", None) == event]
+
+
+async def test_junk_frames_are_dropped_and_logged_and_events_go_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        await ws.send(event(1))
+        await ws.send("{not json")
+        await ws.send("[" * 50_000)  # nested too deep for the parser
+        await ws.send(b"\xff\xfe\x00")  # a binary message, not UTF-8
+        await ws.send(json.dumps({"type": "from_the_future", "room": ROOM, "seq": 99}))
+        await ws.send(json.dumps([1, 2, 3]))
+        await ws.send(event(5, room="01JD3V6Z7W2Q4X8Y9A0B1C2D3F"))  # a room not followed
+        await ws.send(event(2) + "\n" + "\x1b[2J" + "\n" + event(3))  # coalesced, one bad
+
+    async with scripted(script) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t") as bridge:
+        assert await take(bridge.subscribe(ROOM, since=0), 3) == [1, 2, 3]
+    assert len(received) == 1  # no reconnect: nothing was lost
+    assert len(warnings_of(caplog, "bad_frame")) == 5, caplog.text
+    assert all("\x1b" not in line for line in warnings_of(caplog, "bad_frame"))
+
+
+async def test_a_seq_going_backwards_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        for seq in (1, 2, 1, 2, 0, 3):
+            await ws.send(event(seq))
+
+    async with scripted(script) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t") as bridge:
+        assert await take(bridge.subscribe(ROOM, since=0), 3) == [1, 2, 3]
+    assert len(received) == 1
+
+
+@pytest.mark.parametrize("lost", ["missing", "malformed"])
+async def test_a_gap_is_resumed_over_never_skipped(caplog: pytest.LogCaptureFixture,
+                                                   lost: str) -> None:
+    async def first(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 4)
+        await ws.send(event(1))
+        await ws.send(event(2))
+        if lost == "malformed":
+            await ws.send(event(3).replace('"op": "INSERT"', '"op": 7'))
+        await ws.send(event(4))
+
+    async def second(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        request = await welcome_and_subscribed(ws, frames, 4)
+        for seq in range(request["since"] + 1, 5):
+            await ws.send(event(seq))
+
+    async with scripted(first, second) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t", backoff_base=0.01) as bridge:
+        assert await take(bridge.subscribe(ROOM, since=0), 4) == [1, 2, 3, 4]
+    assert [c[0].get("since") for c in received] == [0, 2]
+    assert any("a gap" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+
+async def test_a_message_over_max_size_ends_the_bridge_with_a_clear_error() -> None:
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        await ws.send(json.dumps({"type": "pong", "pad": "x" * 200_000}))
+
+    async with scripted(script) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t", max_size=100_000) as bridge:
+        with pytest.raises(pgbridge_client.RefusedError) as refused:
+            await take(bridge.subscribe(ROOM, since=0), 1)
+    assert (refused.value.code, refused.value.close_code) == ("message_too_big", 1009)
+    assert len(received) == 1  # not retried: the same message would come again
+
+
+async def test_a_server_that_never_welcomes_is_left_and_tried_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def silent(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await ws.send(event(1))  # before a welcome: not ours
+
+    async def honest(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        await ws.send(event(1))
+
+    async with scripted(silent, honest) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t", open_timeout=0.3,
+            backoff_base=0.01) as bridge:
+        assert await take(bridge.subscribe(ROOM, since=0), 1) == [1]
+    assert len(received) == 2
+    assert "TimeoutError" in warnings_of(caplog, "reconnecting")[0]
+
+
+async def test_an_event_before_its_snapshot_is_not_delivered() -> None:
+    async def first(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 3)
+        await ws.send(event(4))  # the snapshot should have come first
+
+    async def second(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        request = await welcome_and_subscribed(ws, frames, 3)
+        assert request["snapshot"] == 2  # asked again: none arrived
+        await ws.send(json.dumps({"type": "snapshot", "room": ROOM, "seq": 3,
+                                  "messages": [{"id": "a"}, {"id": "b"}], "truncated": False}))
+        await ws.send(event(4))
+
+    async with scripted(first, second) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t", backoff_base=0.01) as bridge:
+        sub = bridge.subscribe(ROOM, snapshot=2)
+        snapshot = await asyncio.wait_for(anext(sub), 20)
+        assert isinstance(snapshot, pgbridge_client.Snapshot) and snapshot.seq == 3
+        assert (await asyncio.wait_for(anext(sub), 20)).seq == 4
+    assert len(received) == 2
+
+
+async def test_a_full_queue_holds_the_connection_and_loses_nothing() -> None:
+    sent = asyncio.Event()
+
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        for seq in range(1, 41):
+            await ws.send(event(seq))
+        sent.set()
+
+    async with scripted(script) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t", max_queue=2) as bridge:
+        sub = bridge.subscribe(ROOM, since=0)
+        await asyncio.wait_for(sent.wait(), 20)  # the consumer has taken nothing yet
+        assert len(sub._state.items) <= 2
+        assert await take(sub, 40) == list(range(1, 41))
+    assert len(received) == 1
