@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 
 from .answers import fault_boundary
@@ -128,11 +129,10 @@ class Client:
             del self.subs[sub.room]
             self._parts.metrics.subscriptions.dec()
             if sub.ended:  # by the bridge (the client's own unsubscribe logs its own line)
-                log.debug("subscription of user %s to room %s ended: %s", self.user,
-                          sub.room, sub.end_reason,
-                          extra={"event": "subscription_ended", "room": sub.room,
-                                 "reason": sub.end_reason,
-                                 "correlation_id": self.ws.correlation_id})
+                log.debug("subscription of user %s to room %s ended: %s", self.user, sub.room,
+                          sub.end_reason, extra={"event": "subscription_ended", "room": sub.room,
+                                                 "reason": sub.end_reason,
+                                                 "correlation_id": self.ws.correlation_id})
             if self.feed is not None:
                 self.feed.ended(sub)
 
@@ -178,6 +178,7 @@ class Client:
         waiting, the connection stops reading (TCP pushes back on the client) until
         :data:`INBOX_LOW` are left."""
         if self.outgoing.closing:
+            self._last_acks(messages)
             return
         inbox = self._inbox
         if inbox is not None:
@@ -202,8 +203,10 @@ class Client:
             self._parts.metrics.refusals.labels("rate_limited").inc()
 
     def lost(self) -> None:
-        """The connection ended: leave the rooms, stop the timers and the writer."""
+        """The connection ended: record its last acks, leave the rooms, stop the writer."""
         self.outgoing.lost()
+        with self._fault_boundary(None):  # the request task, if any, ends as it resumes
+            self._last_acks(self._inbox or ())
         self._leave_rooms()
         self._parts.metrics.subscriptions.dec(len(self.subs))
         self.subs.clear()
@@ -213,6 +216,13 @@ class Client:
             self._expiry.cancel()
         # a request waiting for the database finds the client closing when it resumes, and
         # ends there (a cancelled query would wait for PostgreSQL anyway)
+
+    def _last_acks(self, messages: Iterable[str | bytes]) -> None:
+        """Record the acks among frames left unanswered: a client's last words before a close."""
+        for message in messages:
+            if isinstance(request := self._parse(message), Ack):
+                with self._fault_boundary(request):
+                    self._ack(request)
 
     def _leave_rooms(self) -> None:
         """Nothing more is sent: the hub stops offering this client its rooms' events (its
@@ -366,8 +376,7 @@ class Client:
             self._parts.hub.remove(sub)
 
     def _typing(self, request: Typing) -> None:
-        sub = self.subs.get(request.room)
-        if sub is None or sub.ended:
+        if (sub := self.subs.get(request.room)) is None or sub.ended:
             raise ProtocolError("forbidden", "typing in a room you are not subscribed to",
                                 ref=request.ref, room=request.room)
         self._parts.presence_feed.typing_sent(self.user, request.room)
@@ -382,8 +391,7 @@ class Client:
         self.subscription_ended(sub)
 
     def _unsubscribe(self, request: Unsubscribe) -> None:
-        sub = self.subs.get(request.room)
-        if sub is None:
+        if (sub := self.subs.get(request.room)) is None:
             raise ProtocolError("not_found", "not subscribed to this room", ref=request.ref,
                                 room=request.room)
         if sub.feed:
@@ -396,18 +404,16 @@ class Client:
                          "correlation_id": self.ws.correlation_id})
 
     def _ack(self, request: Ack) -> None:
-        sub = self.subs.get(request.room)
-        if sub is None:
+        if (sub := self.subs.get(request.room)) is None:
             raise ProtocolError("bad_request", "ack for a room you are not subscribed to",
                                 ref=request.ref, room=request.room)
         if request.seq > sub.cursor:
             raise ProtocolError("bad_request", f"seq {request.seq} was not delivered yet "
                                 f"(latest: {sub.cursor})", ref=request.ref, room=request.room)
         self._parts.acks.record(self.user, request.room, request.seq)
-        log.debug("user %s acknowledged seq %d of room %s", self.user, request.seq,
-                  request.room, extra={"event": "ack", "room": request.room,
-                                       "seq": request.seq, "ref": request.ref,
-                                       "correlation_id": self.ws.correlation_id})
+        log.debug("user %s acknowledged seq %d of room %s", self.user, request.seq, request.room,
+                  extra={"event": "ack", "room": request.room, "seq": request.seq,
+                         "ref": request.ref, "correlation_id": self.ws.correlation_id})
 
     async def _feed(self, request: FeedRequest) -> None:
         if self.feed is not None:
