@@ -6,9 +6,10 @@
 // Subscription: a store per (bridge, room), held by every mounted hook of it (a ref count).
 // The store subscribes with what its holders need (`snapshot` for useRoom, `presence` for the
 // other two), subscribes again (resuming after the last seq held) when a hook that needs more
-// mounts, and unsubscribes once the last one unmounts. Both are decided a microtask after the
-// effects that change them, so the unmount and mount again of StrictMode (and a hook moving
-// between components in one commit) change nothing on the wire.
+// mounts, or without the rows when the last useRoom unmounts and the others stay (acks
+// nothing more), and unsubscribes once the last one unmounts. Both are decided a microtask
+// after the effects that change them, so the unmount and mount again of StrictMode (and a hook
+// moving between components in one commit) change nothing on the wire.
 
 import { useCallback, useEffect, useRef, useSyncExternalStore } from "react";
 
@@ -152,7 +153,9 @@ class RoomStore {
       rows = Math.max(rows, need.rows);
       presence ||= need.presence;
     }
-    if (this.sub?.active && (this.has.rows || !rows) && (this.has.presence || !presence)) return;
+    // Rows asked for and no useRoom left: subscribe again without them, so that what nobody
+    // shows is not acknowledged (autoAck).
+    if (this.sub?.active && this.has.rows === rows > 0 && (this.has.presence || !presence)) return;
     if (this.status === "error" || this.status === "closed") return; // until all let go
     this.start(rows, presence);
   }
