@@ -5,6 +5,8 @@
 import { test, beforeEach, afterEach, mock } from "node:test";
 import assert from "node:assert/strict";
 import { register } from "node:module";
+import { setFlagsFromString } from "node:v8";
+import { runInNewContext } from "node:vm";
 import { advance, connect, settle, useFakeTime } from "./fakes.mjs";
 
 const fakeReact = new URL("./fake_react.mjs", import.meta.url).href;
@@ -59,5 +61,23 @@ test("useRoom unmounted, usePresence stays: the room is no longer acknowledged",
   assert.deepEqual(ws().frames("ack").map((f) => f.seq), [11]);
   assert.equal(members.value.status, "live");
   members.unmount();
+  bridge.close();
+});
+
+test("once no hook holds a room, the store keeps none of its rows", async () => {
+  setFlagsFromString("--expose-gc");
+  const gc = runInNewContext("gc");
+  const { bridge, ws, parts: [room] } = await mounted(
+    (b) => useRoom(b, "roomA", { snapshot: 2 }));
+  ws().event("roomA", 11, { id: "m11", data: row("m11") });
+  await settle();
+  const held = new WeakRef(room.value.messages.at(-1));
+  assert.equal(held.deref().id, "m11");
+  room.unmount();
+  room.value = null;
+  await settle();
+  gc();
+  await settle();
+  assert.equal(held.deref(), undefined, "the rows of a room no hook holds are kept");
   bridge.close();
 });
