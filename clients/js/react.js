@@ -51,7 +51,6 @@ class RoomStore {
     this.notifyDue = false;
     this.watching = false; // listening to the bridge's `state`
     this.reset();
-    this.cache = { room: null, presence: null, typists: null };
     this.listen = (fn) => {
       this.listeners.add(fn);
       return () => this.listeners.delete(fn);
@@ -76,6 +75,7 @@ class RoomStore {
     this.typists = NO_TYPISTS;
     this.version = { rows: 1, presence: 1, typists: 1, status: 1 };
     this.frozen = { rows: EMPTY_ROWS, rowsAt: 0, members: EMPTY_MEMBERS, membersAt: 0 };
+    this.cache = { room: null, presence: null, typists: null }; // the views last built
   }
 
   // --- views: immutable, rebuilt only when a part they show changed (useSyncExternalStore) ---
