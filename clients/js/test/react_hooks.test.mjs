@@ -81,3 +81,15 @@ test("once no hook holds a room, the store keeps none of its rows", async () => 
   assert.equal(held.deref(), undefined, "the rows of a room no hook holds are kept");
   bridge.close();
 });
+
+test("an event whose row has no string id is left out of useRoom, as the snapshot's are", async () => {
+  const { bridge, ws, parts: [room] } = await mounted(
+    (b) => useRoom(b, "roomA", { snapshot: 2 }));
+  ws().event("roomA", 11, { id: "m11", data: [1] });
+  ws().event("roomA", 12, { id: "m12", data: { ...row("m12"), id: 12 } });
+  ws().event("roomA", 13, { id: "m13", data: row("m13") });
+  await settle();
+  assert.deepEqual(room.value.messages.map((m) => m.id), ["m9", "m10", "m13"]);
+  room.unmount();
+  bridge.close();
+});
