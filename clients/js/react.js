@@ -31,11 +31,12 @@ function storeFor(bridge, room) {
   return store;
 }
 
-/** Whether an event takes a message out of the room: deleted, soft-deleted, moved away. */
+/** Whether an event takes a message out of the room: deleted, soft-deleted, moved away; or
+ * not a row useRoom can hold (no string id: left out, as from the snapshot). */
 function gone(event, room) {
   const row = event.data;
-  return event.op === "DELETE" || !row || typeof row !== "object" || Boolean(row.deleted_at)
-    || (typeof row.channel_id === "string" && row.channel_id !== room);
+  return event.op === "DELETE" || !row || typeof row !== "object" || typeof row.id !== "string"
+    || Boolean(row.deleted_at) || (typeof row.channel_id === "string" && row.channel_id !== room);
 }
 
 class RoomStore {
