@@ -1,7 +1,8 @@
 // The React hooks' shared store (react.js) driven through a stand-in for React
 // (fake_react.mjs) and the scripted WebSocket: what each hook asks of the wire, and what the
 // store keeps once no hook holds it. Their behaviour in React 18 and 19, in Chromium, against
-// a real daemon: tests/integration/test_react_hooks.py.
+// a real daemon: tests/integration/test_react_hooks.py. (The "react" import is mapped with
+// module.register, Node >= 20.6; the mocked Date of fakes.mjs already needs 20.11.)
 import { test, beforeEach, afterEach, mock } from "node:test";
 import assert from "node:assert/strict";
 import { register } from "node:module";
@@ -32,8 +33,9 @@ async function mounted(...hooks) {
   const parts = hooks.map((hook) => render(() => hook(conn.bridge)));
   await settle();
   conn.answer = () => {
-    for (const f of conn.ws().frames("subscribe").filter((f) => !f.answered)) {
-      conn.ws().confirmAll(10);
+    const asked = conn.ws().frames("subscribe").filter((f) => !f.answered);
+    conn.ws().confirmAll(10);
+    for (const f of asked) {
       if (f.snapshot) {
         conn.ws().recv({ type: "snapshot", room: "roomA", seq: 10, truncated: false, ref: f.ref,
           messages: [row("m9"), row("m10")] });
