@@ -6,9 +6,10 @@
 // Subscription: a store per (bridge, room), held by every mounted hook of it (a ref count).
 // The store subscribes with what its holders need (`snapshot` for useRoom, `presence` for the
 // other two), subscribes again (resuming after the last seq held) when a hook that needs more
-// mounts, and unsubscribes once the last one unmounts. Both are decided a microtask after the
-// effects that change them, so the unmount and mount again of StrictMode (and a hook moving
-// between components in one commit) change nothing on the wire.
+// mounts, or without the rows when the last useRoom unmounts and the others stay (acks
+// nothing more), and unsubscribes once the last one unmounts. Both are decided a microtask
+// after the effects that change them, so the unmount and mount again of StrictMode (and a hook
+// moving between components in one commit) change nothing on the wire.
 
 import { useCallback, useEffect, useRef, useSyncExternalStore } from "react";
 
@@ -30,11 +31,12 @@ function storeFor(bridge, room) {
   return store;
 }
 
-/** Whether an event takes a message out of the room: deleted, soft-deleted, moved away. */
+/** Whether an event takes a message out of the room: deleted, soft-deleted, moved away; or
+ * not a row useRoom can hold (no string id: left out, as from the snapshot). */
 function gone(event, room) {
   const row = event.data;
-  return event.op === "DELETE" || !row || typeof row !== "object" || Boolean(row.deleted_at)
-    || (typeof row.channel_id === "string" && row.channel_id !== room);
+  return event.op === "DELETE" || !row || typeof row !== "object" || typeof row.id !== "string"
+    || Boolean(row.deleted_at) || (typeof row.channel_id === "string" && row.channel_id !== room);
 }
 
 class RoomStore {
@@ -50,7 +52,6 @@ class RoomStore {
     this.notifyDue = false;
     this.watching = false; // listening to the bridge's `state`
     this.reset();
-    this.cache = { room: null, presence: null, typists: null };
     this.listen = (fn) => {
       this.listeners.add(fn);
       return () => this.listeners.delete(fn);
@@ -75,6 +76,7 @@ class RoomStore {
     this.typists = NO_TYPISTS;
     this.version = { rows: 1, presence: 1, typists: 1, status: 1 };
     this.frozen = { rows: EMPTY_ROWS, rowsAt: 0, members: EMPTY_MEMBERS, membersAt: 0 };
+    this.cache = { room: null, presence: null, typists: null }; // the views last built
   }
 
   // --- views: immutable, rebuilt only when a part they show changed (useSyncExternalStore) ---
@@ -152,7 +154,9 @@ class RoomStore {
       rows = Math.max(rows, need.rows);
       presence ||= need.presence;
     }
-    if (this.sub?.active && (this.has.rows || !rows) && (this.has.presence || !presence)) return;
+    // Rows asked for and no useRoom left: subscribe again without them, so that what nobody
+    // shows is not acknowledged (autoAck).
+    if (this.sub?.active && this.has.rows === rows > 0 && (this.has.presence || !presence)) return;
     if (this.status === "error" || this.status === "closed") return; // until all let go
     this.start(rows, presence);
   }

@@ -82,3 +82,30 @@ def test_a_migration_that_changes_a_published_row_stops_the_generator(
         "ALTER TABLE messages ALTER COLUMN content TYPE jsonb USING to_jsonb(content);\n")
     with pytest.raises(row_types.RowTypesError, match="changes the rows of messages"):
         row_types.generated_block()
+
+
+@pytest.mark.parametrize("statement", [
+    "ALTER TABLE reactions ADD weight BIGINT;",  # COLUMN is optional in PostgreSQL
+    "ALTER TABLE public.reactions ADD COLUMN weight BIGINT;",
+    'ALTER TABLE "reactions" ADD COLUMN IF NOT EXISTS weight BIGINT;',
+])
+def test_a_column_added_in_any_spelling_of_alter_table_shows(
+        sql_copy: Path, monkeypatch: pytest.MonkeyPatch, statement: str) -> None:
+    row_types = load()
+    monkeypatch.setattr(row_types, "SQL", sql_copy)
+    (sql_copy / "migrations" / "9999_weight.sql").write_text(statement + "\n")
+    assert "  weight: number | null;" in row_types.generated_block()
+
+
+@pytest.mark.parametrize("statement", [
+    "ALTER TABLE messages DROP metadata;",  # COLUMN is optional here too
+    "ALTER TABLE public.messages DROP COLUMN metadata;",
+])
+def test_a_column_dropped_in_any_spelling_stops_the_generator(
+        sql_copy: Path, monkeypatch: pytest.MonkeyPatch, statement: str) -> None:
+    row_types = load()
+    monkeypatch.setattr(row_types, "SQL", sql_copy)
+    monkeypatch.setattr(row_types, "ROOT", sql_copy.parent)
+    (sql_copy / "migrations" / "9999_drop.sql").write_text(statement + "\n")
+    with pytest.raises(row_types.RowTypesError, match="changes the rows of messages"):
+        row_types.generated_block()

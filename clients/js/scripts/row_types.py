@@ -172,19 +172,22 @@ def apply_migrations(tables: dict[str, dict[str, Column]], published: list[str],
         if path.name.endswith(".down.sql"):
             continue
         text = strip_comments(path.read_text())
-        for m in re.finditer(r"ALTER TABLE (?:IF EXISTS )?(?:ONLY )?(\w+)\s+([^;]*);", text,
-                             re.IGNORECASE):
+        # the table as PostgreSQL takes it: x, "x", public.x; COLUMN is optional after ADD
+        # and DROP
+        for m in re.finditer(r'ALTER TABLE (?:IF EXISTS )?(?:ONLY )?(?:"?public"?\.)?"?(\w+)"?'
+                             r"\s+([^;]*);", text, re.IGNORECASE):
             table, action = m.group(1).lower(), " ".join(m.group(2).split())
             if table not in tables:
                 continue
             for clause in split_top(action):
-                add = re.match(r"ADD COLUMN (?:IF NOT EXISTS )?(.*)", clause, re.IGNORECASE)
+                add = re.match(r"ADD (?!(?:CONSTRAINT|PRIMARY|UNIQUE|CHECK|FOREIGN|EXCLUDE)\b)"
+                               r"(?:COLUMN )?(?:IF NOT EXISTS )?(.*)", clause, re.IGNORECASE)
                 if add:
                     column = parse_column(table, add.group(1))
                     tables[table].setdefault(column.name, column)
                 elif table in published and re.match(
-                        r"(DROP COLUMN|RENAME|ALTER (COLUMN )?\w+ (TYPE|SET DATA TYPE|SET NOT NULL"
-                        r"|DROP NOT NULL))", clause, re.IGNORECASE):
+                        r"(DROP (?!CONSTRAINT\b)|RENAME|ALTER (COLUMN )?\w+ (TYPE|SET DATA TYPE"
+                        r"|SET NOT NULL|DROP NOT NULL))", clause, re.IGNORECASE):
                     raise RowTypesError(f"{path.relative_to(ROOT)}: {clause!r} changes the rows "
                                         f"of {table}: teach clients/js/scripts/row_types.py it")
 
