@@ -222,3 +222,48 @@ async def test_a_full_queue_holds_the_connection_and_loses_nothing() -> None:
         assert len(sub._state.items) <= 2
         assert await take(sub, 40) == list(range(1, 41))
     assert len(received) == 1
+
+
+async def frame_of(frames: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The first frame of type ``kind`` the client sent on this connection."""
+    for _ in range(2000):
+        found = [f for f in frames if f.get("type") == kind]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"no {kind}: {frames}")
+
+
+async def test_an_exception_in_the_loop_body_does_not_ack_the_event_that_failed() -> None:
+    """The subscription, no longer referenced once the exception left its ``async for``,
+    unsubscribed with an ack of the event whose handling failed: it was never redelivered to
+    the next subscription resuming from ``sync_state``. Only the events handled are acked."""
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        for seq in (1, 2, 3):
+            await ws.send(event(seq))
+
+    async with scripted(script) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t") as bridge:
+        with pytest.raises(RuntimeError):
+            async for item in bridge.subscribe(ROOM, since=0):
+                if item.seq == 2:
+                    raise RuntimeError("the handling of 2 failed")
+        await frame_of(received[0], "unsubscribe")
+    assert [f["seq"] for f in received[0] if f["type"] == "ack"] == [1]
+
+
+async def test_a_subscription_left_cleanly_acks_the_event_it_handled_last() -> None:
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        for seq in (1, 2, 3):
+            await ws.send(event(seq))
+
+    async with scripted(script) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t") as bridge:
+        async with bridge.subscribe(ROOM, since=0) as sub:
+            async for item in sub:
+                if item.seq == 2:
+                    break
+        await frame_of(received[0], "unsubscribe")
+    assert [f["seq"] for f in received[0] if f["type"] == "ack"] == [2]
