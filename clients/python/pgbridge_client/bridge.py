@@ -611,7 +611,10 @@ class Bridge:
             await self._send_unsubscribe(state)
 
     def _release(self, state: _Room) -> None:
-        """A subscription no longer referenced (from its finalizer): unsubscribe."""
+        """A subscription no longer referenced (from its finalizer): unsubscribe, without
+        acknowledging the event its consumer was handed (an exception out of the loop's body
+        and a ``break`` look the same here: the event is delivered again rather than lost)."""
+        state.forget_handed()
         with contextlib.suppress(RuntimeError):  # no loop running here: nothing to tell
             asyncio.get_running_loop()
             if self._drop(state):

@@ -4,7 +4,9 @@ user's feed, each an async iterator over a bounded queue that the connection's t
 The queue is the backpressure: while one is full the connection is not read (the bridge's send
 timeout then closes it, 4008, and the client resumes), so a slow consumer loses nothing and
 holds at most ``max_queue`` items. An item is acknowledged (``ack``) once the consumer asks
-for the next one, or the stream or the bridge closes without an exception from the loop.
+for the next one, or the stream or the bridge closes without an exception from the loop (an
+``async with`` block left cleanly, ``aclose()``); a subscription merely no longer referenced
+(a ``break`` or an exception out of a bare ``async for``) does not acknowledge the item in hand.
 """
 
 from __future__ import annotations
@@ -137,7 +139,8 @@ class Subscription(Generic[T]):
     connection for good, after the events received before; :class:`ClosedError` once the
     bridge is closed. The iteration ends (``StopAsyncIteration``) after :meth:`aclose`. The
     subscription is closed when its ``async with`` block ends, or when it is no longer
-    referenced (a ``break`` out of ``async for bridge.subscribe(...)``)."""
+    referenced (a ``break`` out of ``async for bridge.subscribe(...)``; the event in hand is
+    then not acknowledged, as an exception cannot be told from a ``break`` there)."""
 
     def __init__(self, bridge: Bridge, state: _Room) -> None:
         self._bridge = bridge
