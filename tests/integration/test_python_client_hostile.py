@@ -267,3 +267,22 @@ async def test_a_subscription_left_cleanly_acks_the_event_it_handled_last() -> N
                     break
         await frame_of(received[0], "unsubscribe")
     assert [f["seq"] for f in received[0] if f["type"] == "ack"] == [2]
+
+
+async def test_the_token_is_not_in_the_debug_log(caplog: pytest.LogCaptureFixture) -> None:
+    """websockets logs the handshake's headers and request line at DEBUG: the bearer token
+    and a ``?token=`` in the URL were written to the log of any application logging DEBUG
+    (``PGBRIDGE_LOG_LEVEL=DEBUG pgbridge tail``)."""
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        await ws.send(event(1))
+
+    caplog.set_level(logging.DEBUG)
+    async with scripted(script) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws?token=url.secret.token", token="header.secret.token"
+    ) as bridge:
+        assert await take(bridge.subscribe(ROOM, since=0), 1) == [1]
+    client = [r.getMessage() for r in caplog.records if r.name != "websockets.server"]
+    assert any("Authorization" in line for line in client), "nothing logged"
+    assert not [line for line in client if "secret" in line]
+
