@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, overload
@@ -90,7 +91,8 @@ class Bridge:
         try:
             websockets.uri.parse_uri(self.url)  # now, not at each attempt
         except websockets.exceptions.InvalidURI as exc:
-            raise ValueError(f"not a ws://, wss://, http:// or https:// URL: {url!r}") from exc
+            raise ValueError(f"not a ws://, wss://, http:// or https:// URL: "
+                             f"{_redact(url)!r}") from exc
         self._token_source = token
         self._backoff = Backoff(backoff_base, backoff_cap)
         self._backoff_base, self._backoff_cap = backoff_base, backoff_cap
@@ -258,7 +260,7 @@ class Bridge:
                 async with websockets.connect(
                         self.url, additional_headers={"Authorization": f"Bearer {token}"},
                         max_size=self._max_size, open_timeout=self._open_timeout,
-                        user_agent_header=USER_AGENT,
+                        user_agent_header=USER_AGENT, logger=_WEBSOCKETS_LOG,
                 ) as ws:
                     try:
                         await self._serve(ws)
@@ -794,6 +796,27 @@ def _with_batch(url: str, batch: int | None) -> str:
     if batch is not None:
         query.append(("batch", str(batch)))
     return urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+_CREDENTIALS = re.compile(r"(?i)(\bBearer\s+|[?&]token=)[^&#\s]+")
+
+
+def _redact(text: str) -> str:
+    """``text`` with the token of a ``Bearer`` header value or a ``?token=`` taken out."""
+    return _CREDENTIALS.sub(r"\1[redacted]", text)
+
+
+class _Redacting(logging.LoggerAdapter[logging.Logger]):
+    """The logger handed to websockets: its DEBUG lines of the handshake (the request line
+    and each header) without the token (:func:`_redact`)."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            self.logger.log(level, msg, *(_redact(a) if isinstance(a, str) else a
+                                          for a in args), **kwargs)
+
+
+_WEBSOCKETS_LOG = _Redacting(logging.getLogger("websockets.client"))
 
 
 def _shown_url(url: str) -> str:
