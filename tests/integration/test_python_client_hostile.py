@@ -286,3 +286,26 @@ async def test_the_token_is_not_in_the_debug_log(caplog: pytest.LogCaptureFixtur
     assert any("Authorization" in line for line in client), "nothing logged"
     assert not [line for line in client if "secret" in line]
 
+
+async def test_a_token_callable_that_hangs_is_given_up_after_open_timeout(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A token callable that never answered held ``async with connect()`` forever, silently
+    (``open_timeout`` did not cover it)."""
+    calls = 0
+
+    async def get_token() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.Event().wait()  # never
+        return "t"
+
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        await ws.send(event(1))
+
+    async with scripted(script) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token=get_token, open_timeout=0.2,
+            backoff_base=0.01) as bridge:
+        assert await take(bridge.subscribe(ROOM, since=0), 1) == [1]
+    assert "the token callable did not answer" in warnings_of(caplog, "reconnecting")[0]
