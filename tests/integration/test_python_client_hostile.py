@@ -278,7 +278,7 @@ async def test_the_token_is_not_in_the_debug_log(caplog: pytest.LogCaptureFixtur
         await ws.send(event(1))
 
     caplog.set_level(logging.DEBUG)
-    async with scripted(script) as (port, received), pgbridge_client.connect(
+    async with scripted(script) as (port, _), pgbridge_client.connect(
             f"ws://127.0.0.1:{port}/ws?token=url.secret.token", token="header.secret.token"
     ) as bridge:
         assert await take(bridge.subscribe(ROOM, since=0), 1) == [1]
@@ -304,7 +304,7 @@ async def test_a_token_callable_that_hangs_is_given_up_after_open_timeout(
         await welcome_and_subscribed(ws, frames, 0)
         await ws.send(event(1))
 
-    async with scripted(script) as (port, received), pgbridge_client.connect(
+    async with scripted(script) as (port, _), pgbridge_client.connect(
             f"ws://127.0.0.1:{port}/ws", token=get_token, open_timeout=0.2,
             backoff_base=0.01) as bridge:
         assert await take(bridge.subscribe(ROOM, since=0), 1) == [1]

@@ -83,7 +83,8 @@ def connect(url: str, *, token: TokenSource, batch: int | None = 0,
     connection ends with :class:`RefusedError` ``message_too_big``). ``max_queue``: events
     each subscription holds that the consumer has not taken; when full, the connection is not
     read (the bridge eventually closes it, 4008, and the client resumes). ``open_timeout``:
-    seconds for the opening handshake and the ``welcome``. ``on_frame``: called with every
+    seconds for the opening handshake and the ``welcome``, and for an awaitable token's
+    answer (then retried with backoff). ``on_frame``: called with every
     frame received (parsed, as a dict), before the client acts on it (for tools that show
     them).
 

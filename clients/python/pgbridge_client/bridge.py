@@ -319,7 +319,11 @@ class Bridge:
         try:
             value = source() if callable(source) else source
             if inspect.isawaitable(value):
-                value = await value
+                async with asyncio.timeout(self._open_timeout):
+                    value = await value
+        except TimeoutError as exc:
+            raise _TokenUnavailable(f"the token callable did not answer within "
+                                    f"{self._open_timeout} s") from exc
         except Exception as exc:
             raise _TokenUnavailable(f"the token callable raised {_cause(exc)}") from exc
         if not isinstance(value, str) or not value:
