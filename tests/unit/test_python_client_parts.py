@@ -99,6 +99,12 @@ def test_snapshot_and_welcome_parse_what_may_be_missing() -> None:
         Welcome.from_frame({"type": "welcome"})
 
 
+def test_a_welcome_with_a_heartbeat_too_big_for_a_float_is_read() -> None:
+    """It raised OverflowError, which ended the bridge as an internal error of the client."""
+    welcome = Welcome.from_frame({"type": "welcome", "user": "u", "heartbeat": 10**400})
+    assert welcome.heartbeat == 0.0
+
+
 # --- stop rules, backoff, token ----------------------------------------------------------------
 
 @pytest.mark.parametrize(("code", "name"), [
