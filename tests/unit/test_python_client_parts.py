@@ -166,6 +166,18 @@ def test_bad_connect_arguments_raise_at_once(kwargs: dict[str, object]) -> None:
         pgbridge_client.connect("ws://127.0.0.1:1/ws", **({"token": "t"} | kwargs))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("kwargs", [
+    {"backoff_base": 0}, {"backoff_base": -1.0}, {"backoff_cap": 0}, {"ack_interval": 0},
+    {"ack_interval": float("nan")}, {"open_timeout": 0}, {"refresh_before": -1},
+    {"max_queue": 0}, {"max_size": 0}])
+def test_connect_arguments_that_would_spin_or_stall_raise_at_once(
+        kwargs: dict[str, object]) -> None:
+    """They were taken: a backoff of 0 reconnected in a hot loop, an ``ack_interval`` of 0
+    flushed acks in one, a ``max_queue`` of 0 held the connection's reader forever."""
+    with pytest.raises(ValueError):
+        pgbridge_client.connect("ws://127.0.0.1:1/ws", **({"token": "t"} | kwargs))  # type: ignore[arg-type]
+
+
 def test_an_unusable_url_raises_at_once() -> None:
     with pytest.raises(ValueError):
         pgbridge_client.connect("ftp://host/ws", token="t")
