@@ -90,7 +90,8 @@ def connect(url: str, *, token: TokenSource, batch: int | None = 0,
 
     Raises, from ``async with``: :class:`Unauthorized` (HTTP 401), :class:`Forbidden` (HTTP
     403), :class:`RefusedError` (another refusal a retry cannot fix); ValueError or TypeError
-    at once for a bad argument (an unusable URL included)."""
+    at once for a bad argument (an unusable URL, a duration that is not a finite number of
+    seconds > 0 (``refresh_before``: >= 0), a ``max_size`` or ``max_queue`` < 1 included)."""
     return _Connecting(Bridge(url, token=token, batch=batch, backoff_base=backoff_base,
                               backoff_cap=backoff_cap, refresh_before=refresh_before,
                               ack_interval=ack_interval, max_size=max_size, max_queue=max_queue,

@@ -87,6 +87,18 @@ class Bridge:
         if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)
                                   or not 0 <= batch <= 1000):
             raise ValueError(f"batch must be an integer from 0 to 1000 (ms) or None: {batch!r}")
+        for name, seconds, low in (
+                ("backoff_base", backoff_base, 0.0), ("backoff_cap", backoff_cap, 0.0),
+                ("ack_interval", ack_interval, 0.0), ("open_timeout", open_timeout, 0.0),
+                ("refresh_before", refresh_before, None)):
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not (
+                    (low is None or seconds > low) and 0 <= seconds < float("inf")):
+                more = ">= 0" if low is None else "> 0"
+                raise ValueError(f"{name} must be a finite number of seconds {more}: "
+                                 f"{seconds!r}")
+        for name, count in (("max_size", max_size), ("max_queue", max_queue)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be an integer >= 1: {count!r}")
         self.url = _with_batch(url, batch)
         try:
             websockets.uri.parse_uri(self.url)  # now, not at each attempt
