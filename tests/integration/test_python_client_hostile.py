@@ -309,3 +309,21 @@ async def test_a_token_callable_that_hangs_is_given_up_after_open_timeout(
             backoff_base=0.01) as bridge:
         assert await take(bridge.subscribe(ROOM, since=0), 1) == [1]
     assert "the token callable did not answer" in warnings_of(caplog, "reconnecting")[0]
+
+
+async def test_leaving_the_bridge_right_after_a_break_sends_the_acks_pending() -> None:
+    """The subscription, dropped by the ``break``, sent its ack from a task that ran only once
+    the bridge was closing: the acks of the events handled since the last ``ack_interval``
+    were lost at every exit, and delivered again to the next run."""
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        for seq in (1, 2, 3):
+            await ws.send(event(seq))
+
+    async with scripted(script) as (port, received):
+        async with pgbridge_client.connect(f"ws://127.0.0.1:{port}/ws", token="t") as bridge:
+            async for item in bridge.subscribe(ROOM, since=0):
+                if item.seq == 3:
+                    break
+        await frame_of(received[0], "ack")
+    assert [f["seq"] for f in received[0] if f["type"] == "ack"] == [2]
