@@ -209,14 +209,20 @@ class Bridge:
 
     async def close(self, *, failed: bool = False) -> None:
         """Send the pending acks (with the events the consumers hold, unless ``failed``: an
-        exception is on its way out of the ``async with`` block), close the connection
+        exception is on its way out of the ``async with`` block) and the requests not sent yet
+        (an ``unsubscribe``; waiting at most 2 s for them), close the connection
         (1000), end every subscription (:class:`ClosedError`). Idempotent."""
         if self._error is None:
             for stream in self._streams():
                 if failed:
                     stream.forget_handed()
                 stream.done_with_handed()
-            sent = await self._flush_acks()
+            # the requests made and not sent yet: a subscription dropped just before (its
+            # ack, then `unsubscribe`), before the close stops them
+            pending = list(self._tasks)
+            if pending:
+                await asyncio.wait(pending, timeout=CLOSE_WAIT)
+            sent = await self._flush_acks() or bool(pending)
             ws = self._ws
             self._end(ClosedError("the bridge is closed"))  # a full queue holds the reader no more
             if sent:
