@@ -327,3 +327,25 @@ async def test_leaving_the_bridge_right_after_a_break_sends_the_acks_pending() -
                     break
         await frame_of(received[0], "ack")
     assert [f["seq"] for f in received[0] if f["type"] == "ack"] == [2]
+
+
+async def test_strings_of_the_bridge_reach_the_log_escaped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The welcome's ``user`` and ``correlation_id``, and the room of a feed's new room, went
+    into INFO lines as they were: an escape sequence reached the terminal."""
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await ws.send(json.dumps({"type": "welcome", "user": "u\x1b[2J", "protocol": 1,
+                                  "correlation_id": "c\x1b]0;owned\x07"}))
+        request = await frame_of(frames, "feed")
+        await ws.send(json.dumps({"type": "feed", "rooms": [], "ref": request["ref"]}))
+        await ws.send(event(1, room="r\x1b[31m"))
+
+    caplog.set_level(logging.INFO, logger="pgbridge_client")
+    async with scripted(script) as (port, _), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t") as bridge:
+        feed = bridge.feed()
+        assert isinstance(await asyncio.wait_for(anext(feed), 20), pgbridge_client.FeedRooms)
+        assert (await asyncio.wait_for(anext(feed), 20)).seq == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "pgbridge_client"]
+    assert any("joined" in line for line in lines) and any("connected" in line for line in lines)
+    assert not [line for line in lines if "\x1b" in line or "\x07" in line]
