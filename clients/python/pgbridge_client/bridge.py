@@ -425,8 +425,8 @@ class Bridge:
             self._welcomed, self._welcomed_at = True, time.monotonic()
             self._ack_factor = 1
             self.user, self.correlation_id = welcome.user, welcome.correlation_id
-            log.info("connected as user %s, correlation id %s", welcome.user,
-                     welcome.correlation_id, extra={"event": "connected"})
+            log.info("connected as user %s, correlation id %s", _shown(welcome.user),
+                     _shown(welcome.correlation_id), extra={"event": "connected"})
             self._connected.set()
             for state in list(self._rooms.values()):
                 await self._send_subscribe(state)
@@ -698,7 +698,7 @@ class Bridge:
         if event.seq <= feed.heads.get(event.room, -1):
             return  # held already: a resend, or a subscription's replay
         if event.room not in feed.heads:
-            log.info("feed: room %s joined", event.room, extra={"event": "feed_join"})
+            log.info("feed: room %s joined", _shown(event.room), extra={"event": "feed_join"})
         feed.heads[event.room] = event.seq
         await feed.put(event)
 
