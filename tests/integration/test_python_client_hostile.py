@@ -349,3 +349,31 @@ async def test_strings_of_the_bridge_reach_the_log_escaped(
     lines = [r.getMessage() for r in caplog.records if r.name == "pgbridge_client"]
     assert any("joined" in line for line in lines) and any("connected" in line for line in lines)
     assert not [line for line in lines if "\x1b" in line or "\x07" in line]
+
+
+async def test_an_http_refusal_body_reaches_the_log_escaped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The body of an HTTP 503 went into the WARNING line (shown by ``pgbridge tail``) as it
+    was, an escape sequence included."""
+    answered = 0
+
+    def refuse_once(connection: ServerConnection, request: Any) -> Any:
+        nonlocal answered
+        answered += 1
+        return connection.respond(503, "busy\x1b[2J\n") if answered == 1 else None
+
+    async def handler(ws: ServerConnection) -> None:
+        frames: list[dict[str, Any]] = []
+        pump = asyncio.create_task(read(ws, frames))
+        await welcome_and_subscribed(ws, frames, 0)
+        await ws.send(event(1))
+        await ws.wait_closed()
+        pump.cancel()
+
+    async with serve(handler, "127.0.0.1", 0, process_request=refuse_once) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with pgbridge_client.connect(f"ws://127.0.0.1:{port}/ws", token="t",
+                                           backoff_base=0.01) as bridge:
+            assert await take(bridge.subscribe(ROOM, since=0), 1) == [1]
+    lines = warnings_of(caplog, "reconnecting")
+    assert "503" in lines[0] and "busy" in lines[0] and "\x1b" not in lines[0]
