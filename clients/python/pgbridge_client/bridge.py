@@ -289,9 +289,10 @@ class Bridge:
                 cause = str(exc)
             except InvalidStatus as exc:
                 status = exc.response.status_code
-                body = " ".join((exc.response.body or b"").decode(errors="replace").split())
-                refusal = status_refusal(status, body[:300])
-                cause = f"refused: HTTP {status} {body[:300]}".rstrip()
+                body = _escaped(" ".join((exc.response.body or b"").decode(
+                    errors="replace").split())[:300])
+                refusal = status_refusal(status, body)
+                cause = f"refused: HTTP {status} {body}".rstrip()
                 if status == 401 and callable(self._token_source) and not auth_retried:
                     auth_retried, delay = True, 0.0  # once, with a fresh token
                 elif refusal is not None:
@@ -806,6 +807,12 @@ def _shown(value: object) -> str:
     if isinstance(value, str) and value.isprintable() and len(value) <= 128:
         return value
     return json.dumps(value)[:128]
+
+
+def _escaped(text: str) -> str:
+    """``text`` as it is when printable, else with JSON's escapes (no control character
+    reaches a terminal)."""
+    return text if text.isprintable() else json.dumps(text)[1:-1]
 
 
 def _with_batch(url: str, batch: int | None) -> str:
