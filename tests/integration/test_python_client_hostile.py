@@ -377,3 +377,26 @@ async def test_an_http_refusal_body_reaches_the_log_escaped(
             assert await take(bridge.subscribe(ROOM, since=0), 1) == [1]
     lines = warnings_of(caplog, "reconnecting")
     assert "503" in lines[0] and "busy" in lines[0] and "\x1b" not in lines[0]
+
+
+async def test_a_token_that_cannot_be_a_header_is_refused_without_showing_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A token with a newline (read from a file) was put in the ``Authorization`` header, which
+    websockets refused with an error naming the header's value: each reconnect (forever, for a
+    fixed token) logged the token at WARNING."""
+    with pytest.raises(ValueError) as refused:
+        pgbridge_client.connect("ws://127.0.0.1:1/ws", token="fixed.secret.token\n")
+    assert "secret" not in str(refused.value)
+
+    tokens = iter(["called.secret.token\r\nX-Injected: 1", "t"])
+
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        await ws.send(event(1))
+
+    async with scripted(script) as (port, received), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token=lambda: next(tokens),
+            backoff_base=0.01) as bridge:
+        assert await take(bridge.subscribe(ROOM, since=0), 1) == [1]
+    assert len(received) == 1 and "not a token" in warnings_of(caplog, "reconnecting")[0]
+    assert "secret" not in caplog.text
