@@ -47,10 +47,12 @@ from .frames import (
     split,
 )
 from .rules import (
+    JWT_SHAPE,
     RETRIED_ERRORS,
     TOKEN_EXPIRED,
     Backoff,
     close_refusal,
+    is_token,
     retry_after,
     status_refusal,
     token_expiry,
@@ -84,6 +86,8 @@ class Bridge:
                  on_frame: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         if not isinstance(token, str) and not callable(token):
             raise TypeError("token must be a string or a callable returning one")
+        if isinstance(token, str) and not is_token(token):  # not shown: it is a secret
+            raise ValueError(f"token is not a JWT ({JWT_SHAPE}; a trailing newline?)")
         if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)
                                   or not 0 <= batch <= 1000):
             raise ValueError(f"batch must be an integer from 0 to 1000 (ms) or None: {batch!r}")
@@ -345,9 +349,11 @@ class Bridge:
                                     f"{self._open_timeout} s") from exc
         except Exception as exc:
             raise _TokenUnavailable(f"the token callable raised {_cause(exc)}") from exc
-        if not isinstance(value, str) or not value:
-            raise _TokenUnavailable(f"the token callable returned {type(value).__name__}, "
-                                    "not a non-empty string")
+        if not is_token(value):  # not shown: it is a secret
+            raise _TokenUnavailable(f"the token callable returned {type(value).__name__} of "
+                                    f"length {len(value) if isinstance(value, str) else '-'}, "
+                                    f"not a token ({JWT_SHAPE})")
+        assert isinstance(value, str)
         return value
 
     async def _serve(self, ws: ClientConnection) -> None:
