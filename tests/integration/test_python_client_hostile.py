@@ -400,3 +400,30 @@ async def test_a_token_that_cannot_be_a_header_is_refused_without_showing_it(
         assert await take(bridge.subscribe(ROOM, since=0), 1) == [1]
     assert len(received) == 1 and "not a token" in warnings_of(caplog, "reconnecting")[0]
     assert "secret" not in caplog.text
+
+
+async def test_two_tasks_waiting_on_one_subscription_is_an_error() -> None:
+    """Both waited, and the second one's wait acknowledged the event the first one was still
+    handling (an ack means: handled): one consumer per subscription, as websockets allows one
+    ``recv()`` at a time."""
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await welcome_and_subscribed(ws, frames, 0)
+        await ws.send(event(1))
+
+    async with scripted(script) as (port, _), pgbridge_client.connect(
+            f"ws://127.0.0.1:{port}/ws", token="t") as bridge:
+        sub = bridge.subscribe(ROOM, since=0)
+        assert await take(sub, 1) == [1]
+        first = asyncio.create_task(anext(sub))
+        await asyncio.sleep(0)  # it waits for event 2
+        with pytest.raises(RuntimeError, match="another task"):
+            await asyncio.wait_for(anext(sub), 20)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        feed = bridge.feed()
+        waiting = asyncio.create_task(anext(feed))
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="another task"):
+            await asyncio.wait_for(anext(feed), 20)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
