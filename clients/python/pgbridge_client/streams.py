@@ -43,6 +43,21 @@ class _Stream(Generic[Item]):
         self.ref: str | None = None  # of the request sent on the current connection
         self.confirmed = False  # its answer received
         self.retry: asyncio.TimerHandle | None = None
+        self.waiting = False  # a consumer waits in get(): one at a time
+
+    async def next_for_consumer(self) -> Item:
+        """The next item for the one consumer: done with the item it was handed (acknowledged
+        with ``ack``), then waits for the next. RuntimeError when another task waits already
+        (its wait would acknowledge the item the other one handles)."""
+        if self.waiting:
+            raise RuntimeError("another task is already waiting for the next item of this "
+                               "stream: one consumer per subscription or feed")
+        self.done_with_handed()
+        self.waiting = True
+        try:
+            return await self.get()
+        finally:
+            self.waiting = False
 
     async def put(self, item: Item) -> None:
         """Queue ``item``; waits while ``max_queue`` items wait (module docstring)."""
@@ -137,7 +152,8 @@ class Subscription(Generic[T]):
     Iterating raises a :class:`RefusedError` when the bridge refuses the room for good
     (``Forbidden``, ``NotFound``, ``CursorExpired``, ``SubscriptionEnded``) or ends the
     connection for good, after the events received before; :class:`ClosedError` once the
-    bridge is closed. The iteration ends (``StopAsyncIteration``) after :meth:`aclose`. The
+    bridge is closed; RuntimeError while another task waits for its next event (one
+    consumer). The iteration ends (``StopAsyncIteration``) after :meth:`aclose`. The
     subscription is closed when its ``async with`` block ends, or when it is no longer
     referenced (a ``break`` out of ``async for bridge.subscribe(...)``; the event in hand is
     then not acknowledged, as an exception cannot be told from a ``break`` there)."""
@@ -173,8 +189,7 @@ class Subscription(Generic[T]):
 
     async def __anext__(self) -> T:
         state = self._state
-        state.done_with_handed()  # the consumer asks for the next one: done with the last
-        item = await state.get()
+        item = await state.next_for_consumer()  # done with the last one, then the next
         if isinstance(item, Event):
             state.handed = item.seq
         return item  # type: ignore[return-value]  # T is Event unless a snapshot was asked
@@ -227,8 +242,7 @@ class Feed:
 
     async def __anext__(self) -> FeedRooms | Event | RoomLeft:
         state = self._state
-        state.done_with_handed()
-        item = await state.get()
+        item = await state.next_for_consumer()
         if isinstance(item, Event):
             state.handed = (item.room, item.seq)
         return item
