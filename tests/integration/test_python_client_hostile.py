@@ -427,3 +427,32 @@ async def test_two_tasks_waiting_on_one_subscription_is_an_error() -> None:
             await asyncio.wait_for(anext(feed), 20)
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
+
+
+@pytest.mark.parametrize("stream", ["subscription", "feed"])
+async def test_a_clean_close_of_the_bridge_does_not_ack_an_event_whose_handling_raised(
+        stream: str) -> None:
+    """The loop raised on event 2, the application caught it and left the bridge cleanly:
+    closing acknowledged the event each stream had handed out last, 2 included."""
+    async def script(ws: ServerConnection, frames: list[dict[str, Any]]) -> None:
+        await ws.send(WELCOME)
+        if stream == "feed":
+            request = await frame_of(frames, "feed")
+            await ws.send(json.dumps({"type": "feed", "ref": request["ref"], "rooms": [
+                {"room": ROOM, "head": 0, "acked": 0, "unread": 0}]}))
+        else:
+            request = await subscribe_frame(frames)
+            await ws.send(json.dumps({"type": "subscribed", "room": ROOM, "from": 0,
+                                      "head": 0, "ref": request["ref"]}))
+        for seq in (1, 2, 3):
+            await ws.send(event(seq))
+
+    async with scripted(script) as (port, received):
+        async with pgbridge_client.connect(f"ws://127.0.0.1:{port}/ws", token="t") as bridge:
+            items = bridge.feed() if stream == "feed" else bridge.subscribe(ROOM, since=0)
+            with pytest.raises(RuntimeError):
+                async for item in items:
+                    if isinstance(item, pgbridge_client.Event) and item.seq == 2:
+                        raise RuntimeError("the handling of 2 failed")
+        await frame_of(received[0], "ack")
+    assert [f["seq"] for f in received[0] if f["type"] == "ack"] == [1]
