@@ -57,7 +57,7 @@ class _Connecting(AbstractAsyncContextManager[Bridge]):
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self._bridge.close(failed=exc is not None)
+        await self._bridge.close()
 
 
 def connect(url: str, *, token: TokenSource, batch: int | None = 0,

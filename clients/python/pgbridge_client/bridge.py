@@ -137,16 +137,15 @@ class Bridge(_Connection):
         self._spawn(self._send_feed())
         return Feed(self, self._feed)
 
-    async def close(self, *, failed: bool = False) -> None:
-        """Send the pending acks (with the events the consumers hold, unless ``failed``: an
-        exception is on its way out of the ``async with`` block) and the requests not sent yet
-        (an ``unsubscribe``; waiting at most 2 s for them), close the connection
-        (1000), end every subscription (:class:`ClosedError`). Idempotent."""
+    async def close(self) -> None:
+        """Send the pending acks (not of the event each consumer was handed last: closing
+        cannot tell whether its handling succeeded; leave the subscription's own ``async with``
+        first to have it acknowledged) and the requests not sent yet (an ``unsubscribe``;
+        waiting at most 2 s for them), close the connection (1000), end every subscription
+        (:class:`ClosedError`). Idempotent."""
         if self._error is None:
             for stream in self._streams():
-                if failed:
-                    stream.forget_handed()
-                stream.done_with_handed()
+                stream.forget_handed()
             # the requests made and not sent yet: a subscription dropped just before (its
             # ack, then `unsubscribe`), before the close stops them
             pending = list(self._tasks)

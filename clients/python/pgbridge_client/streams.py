@@ -4,9 +4,10 @@ user's feed, each an async iterator over a bounded queue that the connection's t
 The queue is the backpressure: while one is full the connection is not read (the bridge's send
 timeout then closes it, 4008, and the client resumes), so a slow consumer loses nothing and
 holds at most ``max_queue`` items. An item is acknowledged (``ack``) once the consumer asks
-for the next one, or the stream or the bridge closes without an exception from the loop (an
-``async with`` block left cleanly, ``aclose()``); a subscription merely no longer referenced
-(a ``break`` or an exception out of a bare ``async for``) does not acknowledge the item in hand.
+for the next one, or when the stream's own ``async with`` block is left without an exception,
+or ``aclose()`` is called; not when the bridge closes, nor when a subscription is merely no
+longer referenced (a ``break`` or an exception out of a bare ``async for``): neither can tell
+whether the handling of the item in hand succeeded.
 """
 
 from __future__ import annotations
