@@ -106,13 +106,15 @@ async def tail(url: str, token: str | Callable[[], str], room: str, *, since: in
         with _client_progress():
             async with pgbridge_client.connect(url, token=token, batch=batch, backoff_base=0.2,
                                                on_frame=_on_frame) as bridge:
-                async for item in bridge.subscribe(room, since=since, snapshot=snapshot,
-                                                   ack=ack):
-                    print(_line(item.frame), flush=True)
-                    if isinstance(item, pgbridge_client.Event):
-                        printed += 1
-                        if max_events is not None and printed >= max_events:
-                            return EXIT_OK
+                # in `async with`: leaving after the last event printed acknowledges it
+                async with bridge.subscribe(room, since=since, snapshot=snapshot,
+                                            ack=ack) as subscription:
+                    async for item in subscription:
+                        print(_line(item.frame), flush=True)
+                        if isinstance(item, pgbridge_client.Event):
+                            printed += 1
+                            if max_events is not None and printed >= max_events:
+                                return EXIT_OK
     except pgbridge_client.PgBridgeError as exc:
         raise RefusedError(str(exc)) from exc
     raise RefusedError(f"the subscription to {room} ended")  # never: it ends by raising
@@ -142,14 +144,16 @@ async def tail_feed(url: str, token: str | Callable[[], str], *, ack: bool,
         with _client_progress():
             async with pgbridge_client.connect(url, token=token, batch=batch, backoff_base=0.2,
                                                on_frame=_on_frame_of_feed) as bridge:
-                async for item in bridge.feed(ack=ack):
-                    print(_line(item.frame), flush=True)
-                    if isinstance(item, pgbridge_client.FeedRooms):
-                        print(feed_summary(item.frame), file=sys.stderr, flush=True)
-                    elif isinstance(item, pgbridge_client.Event):
-                        printed += 1
-                        if max_events is not None and printed >= max_events:
-                            return EXIT_OK
+                # in `async with`: leaving after the last event printed acknowledges it
+                async with bridge.feed(ack=ack) as feed:
+                    async for item in feed:
+                        print(_line(item.frame), flush=True)
+                        if isinstance(item, pgbridge_client.FeedRooms):
+                            print(feed_summary(item.frame), file=sys.stderr, flush=True)
+                        elif isinstance(item, pgbridge_client.Event):
+                            printed += 1
+                            if max_events is not None and printed >= max_events:
+                                return EXIT_OK
     except pgbridge_client.PgBridgeError as exc:
         raise RefusedError(str(exc)) from exc
     raise RefusedError("the feed ended")  # never: it ends by raising

@@ -384,6 +384,30 @@ async def test_tail_feed_prints_the_rooms_then_the_events_of_all_of_them(
         await until(acked, "the acks of tail --feed in sync_state")
 
 
+async def test_tail_ack_records_the_last_event_printed(conn: Conn, db_url: str,
+                                                      tmp_path: Path) -> None:
+    """``pgbridge tail ROOM --ack --count N`` acknowledges the N-th event too (it leaves the
+    subscription's ``async with`` cleanly after printing it), as when it sent an ack per event."""
+    user, other = await make_user(conn), await make_user(conn)
+    room = await make_room(conn, user, other)
+    for text in ("one", "two"):
+        await post(conn, room, other, text)
+    async with running_bridge(db_url) as bridge:
+        code, out, err = await run_cli(
+            str(PGBRIDGE), "tail", room, "--since", "0", "--ack", "--count", "2", "--url",
+            f"ws://127.0.0.1:{bridge.port}/ws", "--token", token(user), env=clean_env(),
+            cwd=tmp_path)
+        assert code == 0, err
+        assert [json.loads(line)["seq"] for line in out.splitlines()] == [1, 2]
+
+        async def acked() -> bool:  # written by the bridge in batches
+            cur = await conn.execute("SELECT last_seq FROM sync_state WHERE user_id = %s AND "
+                                     "room_id = %s AND sync_type = 'events'", [user, room])
+            return await cur.fetchone() == (2,)
+
+        await until(acked, "the ack of tail's last event in sync_state")
+
+
 # --- first contact: ./dev run with nothing configured ---------------------------------------
 
 @pytest.mark.slow

@@ -99,6 +99,12 @@ def test_snapshot_and_welcome_parse_what_may_be_missing() -> None:
         Welcome.from_frame({"type": "welcome"})
 
 
+def test_a_welcome_with_a_heartbeat_too_big_for_a_float_is_read() -> None:
+    """It raised OverflowError, which ended the bridge as an internal error of the client."""
+    welcome = Welcome.from_frame({"type": "welcome", "user": "u", "heartbeat": 10**400})
+    assert welcome.heartbeat == 0.0
+
+
 # --- stop rules, backoff, token ----------------------------------------------------------------
 
 @pytest.mark.parametrize(("code", "name"), [
@@ -157,6 +163,18 @@ def test_the_url_asks_for_batch_once() -> None:
                                     {"token": 5}])
 def test_bad_connect_arguments_raise_at_once(kwargs: dict[str, object]) -> None:
     with pytest.raises((ValueError, TypeError)):
+        pgbridge_client.connect("ws://127.0.0.1:1/ws", **({"token": "t"} | kwargs))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"backoff_base": 0}, {"backoff_base": -1.0}, {"backoff_cap": 0}, {"ack_interval": 0},
+    {"ack_interval": float("nan")}, {"open_timeout": 0}, {"refresh_before": -1},
+    {"max_queue": 0}, {"max_size": 0}])
+def test_connect_arguments_that_would_spin_or_stall_raise_at_once(
+        kwargs: dict[str, object]) -> None:
+    """They were taken: a backoff of 0 reconnected in a hot loop, an ``ack_interval`` of 0
+    flushed acks in one, a ``max_queue`` of 0 held the connection's reader forever."""
+    with pytest.raises(ValueError):
         pgbridge_client.connect("ws://127.0.0.1:1/ws", **({"token": "t"} | kwargs))  # type: ignore[arg-type]
 
 

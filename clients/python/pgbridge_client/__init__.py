@@ -57,7 +57,7 @@ class _Connecting(AbstractAsyncContextManager[Bridge]):
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self._bridge.close(failed=exc is not None)
+        await self._bridge.close()
 
 
 def connect(url: str, *, token: TokenSource, batch: int | None = 0,
@@ -83,13 +83,15 @@ def connect(url: str, *, token: TokenSource, batch: int | None = 0,
     connection ends with :class:`RefusedError` ``message_too_big``). ``max_queue``: events
     each subscription holds that the consumer has not taken; when full, the connection is not
     read (the bridge eventually closes it, 4008, and the client resumes). ``open_timeout``:
-    seconds for the opening handshake and the ``welcome``. ``on_frame``: called with every
+    seconds for the opening handshake and the ``welcome``, and for an awaitable token's
+    answer (then retried with backoff). ``on_frame``: called with every
     frame received (parsed, as a dict), before the client acts on it (for tools that show
     them).
 
     Raises, from ``async with``: :class:`Unauthorized` (HTTP 401), :class:`Forbidden` (HTTP
     403), :class:`RefusedError` (another refusal a retry cannot fix); ValueError or TypeError
-    at once for a bad argument (an unusable URL included)."""
+    at once for a bad argument (an unusable URL, a duration that is not a finite number of
+    seconds > 0 (``refresh_before``: >= 0), a ``max_size`` or ``max_queue`` < 1 included)."""
     return _Connecting(Bridge(url, token=token, batch=batch, backoff_base=backoff_base,
                               backoff_cap=backoff_cap, refresh_before=refresh_before,
                               ack_interval=ack_interval, max_size=max_size, max_queue=max_queue,

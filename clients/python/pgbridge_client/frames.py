@@ -68,6 +68,17 @@ def optional_str(frame: Mapping[str, Any], name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _seconds(value: object) -> float:
+    """A duration the bridge sent, in seconds; 0.0 when it is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer past 1.8e308
+        return 0.0
+    return seconds if 0.0 <= seconds < float("inf") else 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Welcome:
     """The first frame of a connection. ``heartbeat``: the bridge's ping interval, seconds;
@@ -87,8 +98,7 @@ class Welcome:
         protocol = frame.get("protocol")
         return cls(user=_str(frame, "user"),
                    protocol=protocol if isinstance(protocol, int) else 1,
-                   heartbeat=float(heartbeat) if isinstance(heartbeat, int | float)
-                   and not isinstance(heartbeat, bool) else 0.0,
+                   heartbeat=_seconds(heartbeat),
                    correlation_id=optional_str(frame, "correlation_id"),
                    batch=batch if isinstance(batch, int) and not isinstance(batch, bool)
                    else None)

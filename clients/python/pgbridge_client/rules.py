@@ -9,6 +9,7 @@ import base64
 import binascii
 import json
 import random
+import re
 from dataclasses import dataclass
 
 from .errors import Forbidden, RefusedError, Unauthorized, UserDeleted
@@ -76,6 +77,16 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9_.=-]{1,4096}")
+JWT_SHAPE = "1 to 4,096 of A-Z a-z 0-9 - _ . ="  # PROTOCOL.md "Limits", `token`
+
+
+def is_token(value: object) -> bool:
+    """Whether ``value`` can be a token the bridge takes (:data:`JWT_SHAPE`): anything
+    else is refused by it, and may not even fit in an HTTP header (a newline)."""
+    return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
 
 
 def token_expiry(token: str) -> float | None:

@@ -4,7 +4,10 @@ user's feed, each an async iterator over a bounded queue that the connection's t
 The queue is the backpressure: while one is full the connection is not read (the bridge's send
 timeout then closes it, 4008, and the client resumes), so a slow consumer loses nothing and
 holds at most ``max_queue`` items. An item is acknowledged (``ack``) once the consumer asks
-for the next one, or the stream or the bridge closes without an exception from the loop.
+for the next one, or when the stream's own ``async with`` block is left without an exception,
+or ``aclose()`` is called; not when the bridge closes, nor when a subscription is merely no
+longer referenced (a ``break`` or an exception out of a bare ``async for``): neither can tell
+whether the handling of the item in hand succeeded.
 """
 
 from __future__ import annotations
@@ -41,6 +44,21 @@ class _Stream(Generic[Item]):
         self.ref: str | None = None  # of the request sent on the current connection
         self.confirmed = False  # its answer received
         self.retry: asyncio.TimerHandle | None = None
+        self.waiting = False  # a consumer waits in get(): one at a time
+
+    async def next_for_consumer(self) -> Item:
+        """The next item for the one consumer: done with the item it was handed (acknowledged
+        with ``ack``), then waits for the next. RuntimeError when another task waits already
+        (its wait would acknowledge the item the other one handles)."""
+        if self.waiting:
+            raise RuntimeError("another task is already waiting for the next item of this "
+                               "stream: one consumer per subscription or feed")
+        self.done_with_handed()
+        self.waiting = True
+        try:
+            return await self.get()
+        finally:
+            self.waiting = False
 
     async def put(self, item: Item) -> None:
         """Queue ``item``; waits while ``max_queue`` items wait (module docstring)."""
@@ -135,9 +153,11 @@ class Subscription(Generic[T]):
     Iterating raises a :class:`RefusedError` when the bridge refuses the room for good
     (``Forbidden``, ``NotFound``, ``CursorExpired``, ``SubscriptionEnded``) or ends the
     connection for good, after the events received before; :class:`ClosedError` once the
-    bridge is closed. The iteration ends (``StopAsyncIteration``) after :meth:`aclose`. The
+    bridge is closed; RuntimeError while another task waits for its next event (one
+    consumer). The iteration ends (``StopAsyncIteration``) after :meth:`aclose`. The
     subscription is closed when its ``async with`` block ends, or when it is no longer
-    referenced (a ``break`` out of ``async for bridge.subscribe(...)``)."""
+    referenced (a ``break`` out of ``async for bridge.subscribe(...)``; the event in hand is
+    then not acknowledged, as an exception cannot be told from a ``break`` there)."""
 
     def __init__(self, bridge: Bridge, state: _Room) -> None:
         self._bridge = bridge
@@ -170,8 +190,7 @@ class Subscription(Generic[T]):
 
     async def __anext__(self) -> T:
         state = self._state
-        state.done_with_handed()  # the consumer asks for the next one: done with the last
-        item = await state.get()
+        item = await state.next_for_consumer()  # done with the last one, then the next
         if isinstance(item, Event):
             state.handed = item.seq
         return item  # type: ignore[return-value]  # T is Event unless a snapshot was asked
@@ -224,8 +243,7 @@ class Feed:
 
     async def __anext__(self) -> FeedRooms | Event | RoomLeft:
         state = self._state
-        state.done_with_handed()
-        item = await state.get()
+        item = await state.next_for_consumer()
         if isinstance(item, Event):
             state.handed = (item.room, item.seq)
         return item
