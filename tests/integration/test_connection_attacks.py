@@ -425,50 +425,15 @@ def test_every_entry_point_shared_tasks_call_is_behind_the_boundary() -> None:
             assert hasattr(getattr(cls, name), "__contained__"), f"{cls.__name__}.{name}"
 
 
-async def test_an_ack_in_the_same_write_as_the_close_frame_is_recorded(bridge: Bridge,
-                                                                       conn: Conn) -> None:
-    """A client acks what it read and closes at once: both frames arrive in one read. The
-    close frame makes websockets' state CLOSING as the read is parsed, before the ack that
-    came ahead of it is handled; the ack is still the client's and is recorded."""
-    user = await make_user(conn)
-    room = await make_room(conn, user)
-    await post(conn, room, user)
-    seq = await room_head(conn, room)
-    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-    try:
-        writer.write(upgrade(user))
-        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        request = json.dumps({"type": "subscribe", "room": room, "since": 0})
-        writer.write(client_frame(Opcode.TEXT, request.encode()))
-        received = b""
-        while not any(op is Opcode.TEXT and json.loads(data)["type"] == "event"
-                      for op, data in server_frames(received)):
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            assert chunk, f"the connection ended before the event: {received!r}"
-            received += chunk
-        ack = json.dumps({"type": "ack", "room": room, "seq": seq})
-        writer.write(client_frame(Opcode.TEXT, ack.encode()) + close_frame())
-        async with asyncio.timeout(10):
-            while await reader.read(65536):  # until the server ends the connection
-                pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-    async def recorded() -> bool:
-        cur = await conn.execute("SELECT last_seq FROM sync_state WHERE user_id = %s AND "
-                                 "room_id = %s AND sync_type = 'events'", [user, room])
-        return await cur.fetchone() == (seq,)
-    await until(recorded, "the ack sent with the close frame in sync_state")
-
-
-async def test_an_ack_waiting_behind_a_subscribe_when_the_client_closes_is_recorded(
-        bridge: Bridge, conn: Conn) -> None:
-    """A subscribe (answered by a task: it reads the database), an ack and the close frame in
-    one write: the ack waits in the inbox behind the subscribe, and the connection ends before
-    the task reaches it. The frames the client sent before its close are its last words: the
-    ack is recorded even so (the subscribe is not answered: no one would read it)."""
+@pytest.mark.parametrize("behind", [False, True], ids=["alone", "behind-a-subscribe"])
+async def test_an_ack_in_the_same_write_as_the_close_frame_is_recorded(
+        bridge: Bridge, conn: Conn, behind: bool) -> None:
+    """A client acks what it read and closes at once: the frames arrive in one read. The close
+    frame makes websockets' state CLOSING as the read is parsed, before the ack that came ahead
+    of it is handled; the ack is still the client's and is recorded. ``behind``: a subscribe
+    (answered by a task: it reads the database) comes first, so the ack waits in the inbox and
+    the connection ends before the task reaches it; the ack is recorded even so (the subscribe
+    is not answered: no one would read it)."""
     user = await make_user(conn)
     room = await make_room(conn, user)
     other = await make_room(conn, user)
@@ -486,10 +451,10 @@ async def test_an_ack_waiting_behind_a_subscribe_when_the_client_closes_is_recor
             chunk = await asyncio.wait_for(reader.read(65536), 10)
             assert chunk, f"the connection ended before the event: {received!r}"
             received += chunk
-        second = json.dumps({"type": "subscribe", "room": other, "ref": "late"})
-        ack = json.dumps({"type": "ack", "room": room, "seq": seq})
-        writer.write(client_frame(Opcode.TEXT, second.encode())
-                     + client_frame(Opcode.TEXT, ack.encode()) + close_frame())
+        last = [{"type": "subscribe", "room": other, "ref": "late"}] if behind else []
+        last.append({"type": "ack", "room": room, "seq": seq})
+        writer.write(b"".join(client_frame(Opcode.TEXT, json.dumps(frame).encode())
+                              for frame in last) + close_frame())
         async with asyncio.timeout(10):
             while await reader.read(65536):  # until the server ends the connection
                 pass
@@ -502,4 +467,4 @@ async def test_an_ack_waiting_behind_a_subscribe_when_the_client_closes_is_recor
         cur = await conn.execute("SELECT last_seq FROM sync_state WHERE user_id = %s AND "
                                  "room_id = %s AND sync_type = 'events'", [user, room])
         return await cur.fetchone() == (seq,)
-    await until(recorded, "the ack that waited behind a subscribe in sync_state")
+    await until(recorded, "the ack sent with the close frame in sync_state")
