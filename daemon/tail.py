@@ -30,12 +30,16 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterable, Callable, Iterator, Mapping
 from typing import Any
 
 import pgbridge_client
 
 from .errors import EXIT_OK, RefusedError
+
+# what a subscription or a feed yields
+Item = (pgbridge_client.Event | pgbridge_client.Snapshot | pgbridge_client.FeedRooms
+        | pgbridge_client.RoomLeft)
 
 
 def _shown(value: object) -> str:
@@ -101,7 +105,6 @@ async def tail(url: str, token: str | Callable[[], str], room: str, *, since: in
     "Snapshot then live"), then the events after it.
 
     Raises :class:`RefusedError` on a refusal a retry cannot fix (module docstring)."""
-    printed = 0
     try:
         with _client_progress():
             async with pgbridge_client.connect(url, token=token, batch=batch, backoff_base=0.2,
@@ -109,15 +112,26 @@ async def tail(url: str, token: str | Callable[[], str], room: str, *, since: in
                 # in `async with`: leaving after the last event printed acknowledges it
                 async with bridge.subscribe(room, since=since, snapshot=snapshot,
                                             ack=ack) as subscription:
-                    async for item in subscription:
-                        print(_line(item.frame), flush=True)
-                        if isinstance(item, pgbridge_client.Event):
-                            printed += 1
-                            if max_events is not None and printed >= max_events:
-                                return EXIT_OK
+                    if await _print_items(subscription, max_events):
+                        return EXIT_OK
     except pgbridge_client.PgBridgeError as exc:
         raise RefusedError(str(exc)) from exc
     raise RefusedError(f"the subscription to {room} ended")  # never: it ends by raising
+
+
+async def _print_items(items: AsyncIterable[Item], max_events: int | None) -> bool:
+    """Print each item of a subscription or a feed as one JSON line on stdout (a feed's rooms
+    also as their summary on stderr); true once ``max_events`` events were printed."""
+    printed = 0
+    async for item in items:
+        print(_line(item.frame), flush=True)
+        if isinstance(item, pgbridge_client.FeedRooms):
+            print(feed_summary(item.frame), file=sys.stderr, flush=True)
+        elif isinstance(item, pgbridge_client.Event):
+            printed += 1
+            if max_events is not None and printed >= max_events:
+                return True
+    return False
 
 
 def feed_summary(frame: Mapping[str, Any]) -> str:
@@ -139,21 +153,14 @@ async def tail_feed(url: str, token: str | Callable[[], str], *, ack: bool,
     after a backoff delay.
 
     Raises :class:`RefusedError` on a refusal a retry cannot fix (module docstring)."""
-    printed = 0
     try:
         with _client_progress():
             async with pgbridge_client.connect(url, token=token, batch=batch, backoff_base=0.2,
                                                on_frame=_on_frame_of_feed) as bridge:
                 # in `async with`: leaving after the last event printed acknowledges it
                 async with bridge.feed(ack=ack) as feed:
-                    async for item in feed:
-                        print(_line(item.frame), flush=True)
-                        if isinstance(item, pgbridge_client.FeedRooms):
-                            print(feed_summary(item.frame), file=sys.stderr, flush=True)
-                        elif isinstance(item, pgbridge_client.Event):
-                            printed += 1
-                            if max_events is not None and printed >= max_events:
-                                return EXIT_OK
+                    if await _print_items(feed, max_events):
+                        return EXIT_OK
     except pgbridge_client.PgBridgeError as exc:
         raise RefusedError(str(exc)) from exc
     raise RefusedError("the feed ended")  # never: it ends by raising
