@@ -49,7 +49,7 @@ from .broker_wire import (
 from .errors import BridgeError
 from .leadership import Leadership
 from .listener import Follower, Listener
-from .logs import Throttled
+from .logs import Throttled, incident
 from .metrics import Metrics
 from .notes import Keys
 from .signing import NotifyKey
@@ -208,7 +208,12 @@ class Broker:
             self._start_capture()
             self.relay.leading = True
             self.rooms.relay = self.relay.event
-            await self.interest.serve(epoch)
+            try:
+                await self.interest.serve(epoch)
+            except Exception as exc:  # nats: the connection closed meanwhile; let another lead
+                log.warning("could not answer track requests (%s); stepping down", exc,
+                            extra={"event": "broker_track_failed"})
+                self.leadership.resign()
             log.info("this instance is the capture reader (epoch %d): it reads the log and "
                      "publishes every room's events to the broker", epoch,
                      extra={"event": "broker_leader", "epoch": epoch})
@@ -283,10 +288,14 @@ class Broker:
         self.leadership.allowed.set()
 
     async def _on_disconnected(self) -> None:
+        # nats-py awaits this in its reconnect task: whatever fails here must not end it
         self.leadership.allowed.clear()
         log.warning("lost the broker; reconnecting", extra={"event": "broker_lost"})
         self.leadership.resign()
-        await self._fall_back("the broker connection was lost")
+        try:
+            await self._fall_back("the broker connection was lost")
+        except Exception:
+            incident(log, "broker_crashed", "falling back after the broker was lost failed")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to the broker", extra={"event": "broker_connected"})
@@ -294,8 +303,12 @@ class Broker:
         self.leadership.allowed.set()
 
     async def _on_error(self, exc: Exception) -> None:
-        from nats.errors import SlowConsumerError
+        """nats-py's errors, and what a subscription's callback raised (a bug of ours)."""
+        from nats.errors import Error, SlowConsumerError
 
+        if not isinstance(exc, Error | OSError):
+            incident(log, "broker_crashed", "a broker message's handler failed", exc_info=exc)
+            return
         if isinstance(exc, SlowConsumerError):  # messages for us were dropped: the log has them
             self._errors.warning("slow", "the broker dropped messages to this instance (slow "
                                  "consumer); reading the log of every room",

@@ -33,6 +33,7 @@ import psycopg
 
 from .backoff import Backoff
 from .db import describe
+from .logs import incident
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,11 @@ class Leadership:
                             "%.2f s", describe(self.conninfo),
                             str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__,
                             delay, extra={"event": "broker_campaign_failed"})
+                await asyncio.sleep(delay)
+            except Exception:  # a bug: the lock is released (its connection closed); go on
+                delay = backoff.next()
+                incident(log, "broker_campaign_crashed", "leadership failed; campaigning "
+                         "again in %.2f s", delay)
                 await asyncio.sleep(delay)
 
     async def _campaign(self, backoff: Backoff) -> None:
