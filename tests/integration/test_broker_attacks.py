@@ -1,0 +1,153 @@
+"""Attacks on the broker mode (issue 29, docs/topics/broker.md): what a client of the same NATS
+server can do (docs/design.md, "Trust boundaries": the broker is not trusted), and faults of
+the one capture reader that the other instances depend on.
+
+Real parts only: a nats-server of this file's own on a free port (never the machine's 4222),
+a fresh database per test, ``python -m daemon`` subprocesses with ``PGBRIDGE_BROKER``, and an
+attacker that is a plain ``nats-py`` client of the same server (it may subscribe to anything,
+``>`` included, and publish anything) or a database session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed
+
+from daemon.schema import apply_schema
+from tests.support.helpers import connect, make_room, make_user, post, recv, subscribe
+from tests.support.pgcluster import unavailable
+from tests.support.procs import daemon_process, free_port, until
+
+Conn = psycopg.AsyncConnection[Any]
+CLOSE_USER_GONE = 4003
+
+
+# --- a NATS server of our own ---------------------------------------------------------------
+
+def _nats_server_path() -> str:
+    found = shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin")
+    if found is None:
+        unavailable("nats-server not found (Debian: apt-get install nats-server)")
+    return found
+
+
+@pytest.fixture
+async def broker_url() -> AsyncIterator[str]:
+    """``nats://127.0.0.1:PORT`` of a nats-server started for this test, killed after it."""
+    port = free_port()
+    assert port != 4222
+    proc = await asyncio.create_subprocess_exec(
+        _nats_server_path(), "-a", "127.0.0.1", "-p", str(port),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(20):
+            async for line in proc.stderr:
+                if b"Server is ready" in line:
+                    break
+            else:
+                pytest.fail("nats-server exited before it was ready")
+        drain = asyncio.create_task(proc.stderr.read())  # keep its pipe from filling
+        yield f"nats://127.0.0.1:{port}"
+        drain.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+# --- the instances' states, as /metrics tells them ------------------------------------------
+
+async def broker_state(port: int) -> str | None:
+    """The state ``GET /metrics`` on ``port`` reports (``pgbridge_broker_state`` at 1)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
+    body = raw.partition(b"\r\n\r\n")[2].decode()
+    on = [s.labels["state"] for family in text_string_to_metric_families(body)
+          for s in family.samples if s.name == "pgbridge_broker_state" and s.value == 1]
+    return on[0] if len(on) == 1 else None
+
+
+async def await_state(port: int, state: str, timeout: float = 30.0) -> None:
+    async def reached() -> bool:
+        return await broker_state(port) == state
+
+    await until(reached, f"the instance on port {port} to be {state}", timeout=timeout,
+                every=0.05)
+
+
+def instance(db: str, port: int, cwd: Path, broker: str, **extra: str) -> Any:
+    return daemon_process(db, port, cwd, PGBRIDGE_BROKER=broker, PGBRIDGE_POOL_SIZE="4",
+                          **extra)
+
+
+async def listening_pids(conn: Conn) -> list[int]:
+    """Backends of the database that LISTEN through ``pgbridge_listen()`` (the capture
+    readers': a follower has none)."""
+    cur = await conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND backend_type = 'client backend' AND query LIKE '%%pgbridge_listen\"()%%' "
+        "AND state = 'idle' AND pid <> pg_backend_pid()")
+    return [int(row[0]) for row in await cur.fetchall()]
+
+
+# --- the leader's LISTEN reconnect ------------------------------------------------------------
+
+async def test_a_user_deleted_while_the_leaders_listen_reconnects_is_closed_on_a_follower(
+        fresh_db: str, broker_url: str, tmp_path: Path) -> None:
+    """A hint NOTIFYed while the capture reader's LISTEN connection is away is lost; without a
+    broker the reconnect makes the instance check every connected user before it publishes
+    anything more (docs/topics/authorization.md). The followers must get the same: the
+    deleted user's socket on a follower closes with 4003 before an event committed after the
+    deletion reaches it. (The periodic access check is set to an hour: not what saves it.)"""
+    await apply_schema(fresh_db, schema="public")
+    async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn:
+        pa, pb = free_port(), free_port()
+        slow_sweep = {"PGBRIDGE_ACCESS_CHECK_INTERVAL": "3600"}
+        async with instance(fresh_db, pa, tmp_path, broker_url, **slow_sweep) as leader:
+            await await_state(pa, "leader")
+            async with instance(fresh_db, pb, tmp_path, broker_url, **slow_sweep):
+                await await_state(pb, "follower")
+                victim, other = await make_user(conn), await make_user(conn)
+                room = await make_room(conn, victim, other)
+                ws = await connect(pb, victim)
+                await subscribe(ws, room)
+                await post(conn, room, other, "before")  # the room flows through the broker
+                frame = await recv(ws)
+                assert frame["type"] == "event" and frame["data"]["content"] == "before", frame
+                (pid,) = await listening_pids(conn)
+                connected = leader.count("listener_connected")
+                # the leader's LISTEN connection dies; its reconnect (pgbridge_listen reads the
+                # key) waits for this transaction, whose user hint is NOTIFYed at its commit
+                async with conn.transaction():
+                    await conn.execute("LOCK TABLE change_notify_key IN ACCESS EXCLUSIVE MODE")
+                    await conn.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+                    await conn.execute("UPDATE users SET deleted_at = now() WHERE id = %s",
+                                       [victim])
+                await leader.wait_event("listener_connected", connected + 1)
+                await post(conn, room, other, "after the deletion")
+                try:
+                    frame = await recv(ws, timeout=10)
+                except ConnectionClosed as exc:
+                    assert exc.rcvd is not None and exc.rcvd.code == CLOSE_USER_GONE, exc
+                else:
+                    pytest.fail(f"the deleted user's socket on the follower got {frame}")
