@@ -11,16 +11,21 @@ attacker that is a plain ``nats-py`` client of the same server (it may subscribe
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import psycopg
 import pytest
+from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed
 
+from daemon.leadership import LOCK_CLASS
 from daemon.schema import apply_schema
 from tests.support.helpers import connect, make_room, make_user, post, recv, subscribe
 from tests.support.pgcluster import unavailable
@@ -151,3 +156,117 @@ async def test_a_user_deleted_while_the_leaders_listen_reconnects_is_closed_on_a
                     assert exc.rcvd is not None and exc.rcvd.code == CLOSE_USER_GONE, exc
                 else:
                     pytest.fail(f"the deleted user's socket on the follower got {frame}")
+
+
+# --- replays of what the leader said --------------------------------------------------------
+
+def _text(data: bytes) -> dict[str, Any]:
+    """The JSON of a signed broker message (64 hex digits of signature, then the text)."""
+    obj = json.loads(data[64:].decode())
+    assert isinstance(obj, dict)
+    return obj
+
+
+async def test_replayed_heartbeats_and_track_reply_do_not_make_an_instance_follow_a_dead_leader(
+        fresh_db: str, broker_url: str, tmp_path: Path) -> None:
+    """An attacker on the NATS server records a leader's heartbeats and one of its (signed)
+    answers to a track request. The leader dies and a database role holds the lock, so every
+    instance must read the log itself (docs/topics/broker.md, "Trust"). A new instance hears
+    the recorded heartbeats replayed (newer than the none it heard) and asks their epoch for
+    its rooms; the attacker answers on the track subject with the recorded reply, which names
+    no request nor epoch: the instance must not stop reading the log on that word. Its client
+    must get an event committed meanwhile (with a fallback: within about a second; behind a
+    ghost: only at the 30 s sweep)."""
+    await apply_schema(fresh_db, schema="public")
+    spy = await nats.connect(broker_url)
+    beats: list[tuple[str, bytes]] = []  # (subject, data) of the leader's heartbeats
+    replies: list[bytes] = []  # signed answers on request inboxes
+
+    async def record(msg: Msg) -> None:
+        if msg.subject.endswith(".leader"):
+            beats.append((msg.subject, msg.data))
+        elif msg.subject.startswith("_INBOX."):
+            replies.append(msg.data)
+
+    await spy.subscribe(">", cb=record)
+    holder = await psycopg.AsyncConnection.connect(fresh_db, autocommit=True)
+    try:
+        async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn:
+            user, other = await make_user(conn), await make_user(conn)
+            room = await make_room(conn, user, other)
+            pa, pb, pc = free_port(), free_port(), free_port()
+            async with contextlib.AsyncExitStack() as stack:
+                leader = await stack.enter_async_context(
+                    instance(fresh_db, pa, tmp_path, broker_url))
+                await await_state(pa, "leader")
+                follower = await stack.enter_async_context(
+                    instance(fresh_db, pb, tmp_path, broker_url))
+                await await_state(pb, "follower")
+                ws = await connect(pb, user)
+                await subscribe(ws, room)  # the follower asks the leader for the room
+
+                async def recorded() -> bool:
+                    return len(beats) >= 30 and any(room in r.decode() for r in replies)
+
+                await until(recorded, "30 heartbeats and a track reply naming the room")
+                (reply,) = [r for r in replies if room in r.decode()][:1]
+                epoch = _text(beats[0][1])["epoch"]
+                replay = [(s, d) for s, d in beats if _text(d)["epoch"] == epoch]
+                await ws.close()
+                await follower.kill()
+                # a database role takes the bridges' lock as soon as the leader is gone
+                lock = asyncio.create_task(holder.execute(
+                    "SELECT pg_advisory_lock(%s, hashtext('public'))", (LOCK_CLASS,)))
+                await until(lambda: _waiting(conn, holder.info.backend_pid),
+                            "the role to wait for the lock")
+                await leader.kill()
+                await lock
+                await stack.enter_async_context(instance(fresh_db, pc, tmp_path, broker_url))
+                await await_state(pc, "fallback")
+                ws = await connect(pc, user)
+                await subscribe(ws, room)
+                await post(conn, room, other, "read by the instance itself")
+                assert (await recv(ws))["data"]["content"] == "read by the instance itself"
+
+                answered = 0
+
+                async def answer(msg: Msg) -> None:
+                    nonlocal answered
+                    await msg.respond(reply)
+                    answered += 1
+
+                prefix = replay[0][0].rpartition(".")[0]
+                await spy.subscribe(f"{prefix}.track.{epoch}", cb=answer)
+
+                async def replaying() -> None:
+                    for subject, data in replay:
+                        await spy.publish(subject, data)
+                        await asyncio.sleep(0.5)
+
+                replays = asyncio.create_task(replaying())
+                try:
+                    async def took_or_refused() -> bool:
+                        return answered >= 3 or await broker_state(pc) == "follower"
+
+                    await until(took_or_refused, "the new instance to ask the replayed epoch")
+                    await post(conn, room, other, "while no instance is the leader")
+                    try:
+                        frame = await recv(ws, timeout=8)
+                    except TimeoutError:
+                        pytest.fail(f"no event within 8 s; the new instance is "
+                                    f"{await broker_state(pc)} of the replayed epoch {epoch} "
+                                    f"({answered} track requests answered by the attacker)")
+                    assert frame["data"]["content"] == "while no instance is the leader"
+                finally:
+                    replays.cancel()
+    finally:
+        await holder.close()
+        await spy.close()
+
+
+async def _waiting(conn: Conn, pid: int) -> bool:
+    """Backend ``pid`` waits for the bridges' advisory lock."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND classid::bigint = %s AND pid = %s", (LOCK_CLASS, pid))
+    return int((await cur.fetchone() or (0,))[0]) >= 1
