@@ -270,3 +270,72 @@ async def _waiting(conn: Conn, pid: int) -> bool:
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
         "AND classid::bigint = %s AND pid = %s", (LOCK_CLASS, pid))
     return int((await cur.fetchone() or (0,))[0]) >= 1
+
+
+# --- two databases, one key ---------------------------------------------------------------------
+
+async def test_a_database_restored_with_the_same_key_does_not_feed_the_other_ones_bridges(
+        fresh_db: str, create_database: Any, broker_url: str, tmp_path: Path) -> None:
+    """A copy of a database (a backup restored for staging) holds the same
+    ``change_notify_key``; its bridges on the same NATS servers use the same subjects. The
+    docs promise that two installs on one NATS never mix (docs/topics/broker.md, "Trust"): an
+    instance of the first database must never follow the copy's capture reader, nor hand its
+    clients the copy's events. Here the first database has no leader (a role holds its lock),
+    so its instance reads the log itself until the copy's bridge starts."""
+    first, copy = fresh_db, create_database()
+    await apply_schema(first, schema="public")
+    await apply_schema(copy, schema="public")
+    async with await psycopg.AsyncConnection.connect(first, autocommit=True) as conn, \
+            await psycopg.AsyncConnection.connect(copy, autocommit=True) as twin:
+        cur = await conn.execute("SELECT key, ipad, opad FROM change_notify_key")
+        await twin.execute("UPDATE change_notify_key SET key = %s, ipad = %s, opad = %s",
+                           await cur.fetchone())
+        user, other = await make_user(conn), await make_user(conn)
+        room = await make_room(conn, user, other)
+        for table in ("users", "channels", "channel_members"):  # the same rows, the same seqs
+            rows = await (await conn.execute(f"SELECT * FROM {table}")).fetchall()
+            marks = ", ".join(["%s"] * len(rows[0]))
+            for row in rows:
+                await twin.execute(f"INSERT INTO {table} VALUES ({marks})", row)
+        holder = await psycopg.AsyncConnection.connect(first, autocommit=True)
+        try:
+            await holder.execute("SELECT pg_advisory_lock(%s, hashtext('public'))", (LOCK_CLASS,))
+            pb, px = free_port(), free_port()
+            async with instance(first, pb, tmp_path, broker_url):
+                await await_state(pb, "fallback")
+                ws = await connect(pb, user)
+                await subscribe(ws, room)
+                await post(conn, room, other, "first database, 1")
+                assert (await recv(ws))["data"]["content"] == "first database, 1"
+                async with instance(copy, px, tmp_path, broker_url):
+                    await await_state(px, "leader")
+
+                    async def moved() -> bool:  # it follows the copy's leader, or never will
+                        return await broker_state(pb) == "follower" or (
+                            await broker_state(px) == "leader" and await _leader_beats(
+                                broker_url, 8))
+
+                    await until(moved, "the first database's instance to hear the copy")
+                    await post(twin, room, other, "the copy, 1")  # the seqs the first has
+                    await post(twin, room, other, "the copy, 2")  # the first's next seq
+                    await post(conn, room, other, "first database, 2")
+                    try:
+                        frame = await recv(ws, timeout=10)
+                    except TimeoutError:
+                        pytest.fail(f"no event of the first database within 10 s: its instance "
+                                    f"is {await broker_state(pb)}, fed by the copy's leader")
+                    assert frame.get("data", {}).get("content") == "first database, 2", frame
+        finally:
+            await holder.close()
+
+
+async def _leader_beats(url: str, count: int) -> bool:
+    """``count`` heartbeats were heard on the server at ``url`` (any install)."""
+    spy = await nats.connect(url)
+    try:
+        sub = await spy.subscribe("pgbridge.*.leader", max_msgs=count)
+        for _ in range(count):
+            await sub.next_msg(timeout=2)
+        return True
+    finally:
+        await spy.close()
