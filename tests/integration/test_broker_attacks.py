@@ -339,3 +339,47 @@ async def _leader_beats(url: str, count: int) -> bool:
         return True
     finally:
         await spy.close()
+
+
+# --- answers to track requests --------------------------------------------------------------
+
+async def test_a_forged_answer_to_a_track_request_is_dropped_not_a_reason_to_fall_back(
+        fresh_db: str, broker_url: str, tmp_path: Path) -> None:
+    """Anyone on the NATS server hears a follower's track request (``<prefix>.track.<epoch>``,
+    a request with an inbox) and can answer it before the leader does. A message that fails
+    its check is dropped and counted (docs/topics/broker.md, "Trust"); a forged answer must
+    not make the follower give up on its leader and read the log itself (which an attacker
+    would then do to every follower, for every new room: the load the broker mode saves)."""
+    await apply_schema(fresh_db, schema="public")
+    spy = await nats.connect(broker_url)
+    asked: list[str] = []  # the JSON texts of the requests answered
+
+    async def forge(msg: Msg) -> None:
+        await msg.respond(b"0" * 64 + b'{"heads":{}}')
+        asked.append(msg.data[64:].decode())
+
+    await spy.subscribe("pgbridge.*.track.*", cb=forge)
+    try:
+        async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn:
+            pa, pb = free_port(), free_port()
+            async with instance(fresh_db, pa, tmp_path, broker_url):
+                await await_state(pa, "leader")
+                async with instance(fresh_db, pb, tmp_path, broker_url) as follower:
+                    user, other = await make_user(conn), await make_user(conn)
+                    for n in range(5):  # the leader answers too: one forged answer first is enough
+                        await await_state(pb, "follower")
+                        room = await make_room(conn, user, other)
+                        ws = await connect(pb, user)
+                        await subscribe(ws, room)  # a new room: a track request for it
+
+                        async def forged(room: str = room) -> bool:
+                            return any(room in text for text in asked)
+
+                        await until(forged, "the attacker to answer the request for the room")
+                        await post(conn, room, other, f"room {n}")
+                        assert (await recv(ws))["data"]["content"] == f"room {n}"
+                        await ws.close()
+                        why = [r.get("reason", "") for r in follower.with_event("broker_fallback")]
+                        assert not [w for w in why if "take our rooms" in w], why
+    finally:
+        await spy.close()
