@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from daemon.leadership import LOCK_CLASS
 from daemon.schema import apply_schema
-from tests.support.helpers import connect, make_room, make_user, post, recv, subscribe
+from tests.support.helpers import connect, make_room, make_user, post, recv, send, subscribe
 from tests.support.pgcluster import unavailable
 from tests.support.procs import daemon_process, free_port, until
 
@@ -383,3 +383,58 @@ async def test_a_forged_answer_to_a_track_request_is_dropped_not_a_reason_to_fal
                         assert not [w for w in why if "take our rooms" in w], why
     finally:
         await spy.close()
+
+
+# --- typing signals -------------------------------------------------------------------------
+
+async def test_a_replayed_typing_signal_is_not_shown_again(
+        fresh_db: str, broker_url: str, tmp_path: Path) -> None:
+    """Typing signals cross instances on ``<prefix>.typing``, where anyone on the NATS server
+    hears them. Without a broker they travel on a secret channel that only the bridge role can
+    name; on NATS, a recorded signal replayed within its ten seconds of life must not show
+    the user typing again to the room's watchers."""
+    await apply_schema(fresh_db, schema="public")
+    spy = await nats.connect(broker_url)
+    signals: list[tuple[str, bytes]] = []
+
+    async def record(msg: Msg) -> None:
+        signals.append((msg.subject, msg.data))
+
+    await spy.subscribe("pgbridge.*.typing", cb=record)
+    try:
+        async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn:
+            pa, pb = free_port(), free_port()
+            async with instance(fresh_db, pa, tmp_path, broker_url):
+                await await_state(pa, "leader")
+                async with instance(fresh_db, pb, tmp_path, broker_url):
+                    await await_state(pb, "follower")
+                    typist, watcher = await make_user(conn), await make_user(conn)
+                    room = await make_room(conn, typist, watcher)
+                    seen = await connect(pb, watcher)
+                    await subscribe(seen, room, presence=True)
+                    sock = await connect(pa, typist)
+                    await subscribe(sock, room)
+                    await send(sock, type="typing", room=room)
+                    assert await _next(seen, {"typing"}) == {
+                        "type": "typing", "room": room, "user": typist}
+
+                    async def heard() -> bool:
+                        return len(signals) == 1
+
+                    await until(heard, "the attacker to hear the signal")
+                    subject, data = signals[0]
+                    await spy.publish(subject, data)  # the same signal, again
+                    await spy.flush()
+                    await post(conn, room, watcher, "fence")
+                    frame = await _next(seen, {"typing", "event"})
+                    assert frame["type"] == "event", f"the replay was shown again: {frame}"
+    finally:
+        await spy.close()
+
+
+async def _next(ws: Any, kinds: set[str]) -> dict[str, Any]:
+    """The next frame of one of ``kinds`` (presence frames and others skipped)."""
+    while True:
+        frame = await recv(ws)
+        if frame["type"] in kinds:
+            return frame
