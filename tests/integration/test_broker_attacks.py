@@ -438,3 +438,111 @@ async def _next(ws: Any, kinds: set[str]) -> dict[str, Any]:
         frame = await recv(ws)
         if frame["type"] in kinds:
             return frame
+
+
+# --- epochs across clusters -----------------------------------------------------------------
+
+class _Switch:
+    """A TCP proxy on 127.0.0.1 to ``target`` (a port of 127.0.0.1) that can be pointed at
+    another server, dropping every connection it carries (what a DNS switch to a migrated
+    database does to the bridges)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        link = (writer, up_writer)
+        self._links.add(link)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        finally:
+            self._links.discard(link)
+
+    def switch(self, target: int) -> None:
+        self.target = target
+        for client, server in list(self._links):
+            client.transport.abort()
+            server.transport.abort()
+
+    async def close(self) -> None:
+        self.switch(self.target)
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_instances_follow_a_leader_after_the_database_moved_to_another_cluster(
+        fresh_db: str, broker_url: str, tmp_path: Path) -> None:
+    """The epoch is a transaction id, which only grows within one PostgreSQL cluster. A
+    database dumped and restored into another cluster (its key with it: the same subjects),
+    and the bridges' address pointed at it while they run: the new cluster's transaction ids
+    are smaller than the old leader's epoch, and an instance that heard that epoch must still
+    follow the leader elected on the new cluster, not read the log itself for ever."""
+    from tests.support.pgcluster import primary_cluster, server_bindir, work_dir
+
+    await apply_schema(fresh_db, schema="public")
+    dbname = str(psycopg.conninfo.conninfo_to_dict(fresh_db)["dbname"])
+    old_port = int(psycopg.conninfo.conninfo_to_dict(fresh_db).get("port") or 5432)
+    with work_dir("pgbridge-broker-move-") as base, primary_cluster(base, server_bindir()) as new:
+        async with await psycopg.AsyncConnection.connect(new.conninfo(), autocommit=True) as c:
+            await c.execute(f'CREATE DATABASE "{dbname}"')
+        moved = new.conninfo(dbname)
+        await apply_schema(moved, schema="public")
+        async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn, \
+                await psycopg.AsyncConnection.connect(moved, autocommit=True) as twin:
+            cur = await conn.execute("SELECT key, ipad, opad, pg_current_xact_id()::text::bigint"
+                                     " FROM change_notify_key")
+            key, ipad, opad, old_xid = await cur.fetchone() or (None,) * 4
+            await twin.execute("UPDATE change_notify_key SET key = %s, ipad = %s, opad = %s",
+                               (key, ipad, opad))
+            cur = await twin.execute("SELECT pg_current_xact_id()::text::bigint")
+            new_xid = (await cur.fetchone() or (0,))[0]
+            assert new_xid < old_xid, (new_xid, old_xid)  # a new cluster counts from the start
+        switch = _Switch(old_port)
+        await switch.start()
+        through = psycopg.conninfo.make_conninfo(fresh_db, host="127.0.0.1", port=switch.port)
+        try:
+            pa, pb = free_port(), free_port()
+            async with instance(through, pa, tmp_path, broker_url) as a, \
+                    instance(through, pb, tmp_path, broker_url) as b:
+                async def settled() -> bool:
+                    states = {await broker_state(pa), await broker_state(pb)}
+                    return states == {"leader", "follower"}
+
+                await until(settled, "a leader and a follower on the old cluster")
+                switch.switch(new.port)  # the database moved: every connection drops
+
+                async def elected_again() -> bool:
+                    return bool(a.count("broker_leader") + b.count("broker_leader") >= 2)
+
+                await until(elected_again, "a leader elected on the new cluster")
+                try:
+                    await until(settled, "a leader and a follower on the new cluster", timeout=20)
+                except pytest.fail.Exception:
+                    pytest.fail(f"no leader and follower on the new cluster: the instances are "
+                                f"{await broker_state(pa)} and {await broker_state(pb)} "
+                                f"(epochs: old cluster's transaction {old_xid}, new {new_xid})")
+        finally:
+            await switch.close()
