@@ -546,3 +546,72 @@ async def test_instances_follow_a_leader_after_the_database_moved_to_another_clu
                                 f"(epochs: old cluster's transaction {old_xid}, new {new_xid})")
         finally:
             await switch.close()
+
+
+# --- the states' own races --------------------------------------------------------------------
+
+async def test_an_instance_elected_while_it_asks_a_silent_leader_keeps_leading(
+        fresh_db: str, broker_url: str, tmp_path: Path) -> None:
+    """An instance that asks a leader for its rooms waits for the answer up to 2 s, holding
+    its change of state; if it wins the lock meanwhile, its election waits, then runs, and
+    the failed request must not then depose the leader just elected (it is elected once).
+    Here the asked leader is a replayed heartbeat of a dead one, whose track subject the
+    attacker holds without answering; the lock is freed while the request waits."""
+    await apply_schema(fresh_db, schema="public")
+    spy = await nats.connect(broker_url)
+    beats: list[tuple[str, bytes]] = []
+    asked: list[bytes] = []
+
+    async def record(msg: Msg) -> None:
+        beats.append((msg.subject, msg.data))
+
+    async def hold(msg: Msg) -> None:  # hears the request, answers nothing
+        asked.append(msg.data)
+
+    await spy.subscribe("pgbridge.*.leader", cb=record)
+    holder = await psycopg.AsyncConnection.connect(fresh_db, autocommit=True)
+    try:
+        async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn:
+            pa, pc = free_port(), free_port()
+            async with contextlib.AsyncExitStack() as stack:
+                dead = await stack.enter_async_context(instance(fresh_db, pa, tmp_path,
+                                                                broker_url))
+                await await_state(pa, "leader")
+
+                async def beating() -> bool:
+                    return len(beats) >= 2
+
+                await until(beating, "the first leader's heartbeats")
+                subject, data = beats[-1]
+                epoch = _text(data)["epoch"]
+                lock = asyncio.create_task(holder.execute(
+                    "SELECT pg_advisory_lock(%s, hashtext('public'))", (LOCK_CLASS,)))
+                await until(lambda: _waiting(conn, holder.info.backend_pid),
+                            "the role to wait for the lock")
+                await dead.kill()
+                await lock
+                await spy.subscribe(f"{subject.rpartition('.')[0]}.track.{epoch}", cb=hold)
+                new = await stack.enter_async_context(instance(fresh_db, pc, tmp_path,
+                                                               broker_url))
+                await await_state(pc, "fallback")
+                await spy.publish(subject, data)  # newer than anything it heard
+
+                async def waiting() -> bool:
+                    return bool(asked)
+
+                await until(waiting, "the new instance to ask the replayed epoch")
+                await holder.execute("SELECT pg_advisory_unlock(%s, hashtext('public'))",
+                                     (LOCK_CLASS,))  # it wins the lock while it waits
+                beats.clear()
+
+                async def led_3_s() -> bool:  # 12 heartbeats: past the request's 2 s
+                    return len(beats) >= 12
+
+                await until(led_3_s, "12 heartbeats of the new leader")
+                seen = [(r.get("event"), r.get("reason") or r.get("epoch"))
+                        for r in new.records if str(r.get("event", "")).startswith("broker_")]
+                assert new.count("broker_leader") == 1, (
+                    f"the new leader stepped down and came back: {seen}")
+    finally:
+        await holder.close()
+        await spy.close()
