@@ -1,0 +1,560 @@
+#!/usr/bin/env python3
+"""What N bridge instances cost the database, with and without a shared broker (issue 29):
+transactions per second the bridges cause, the backend connections they hold, and the delivery
+latency, for 1, 2, 4 and 8 instances.
+
+    python -m bench.broker --dsn postgresql://postgres@127.0.0.1:5432/postgres
+                           [--instances 1,2,4,8] [--seconds 15] [--warmup 5]
+                           [--broker both|no|yes] [--modes light,polling]
+
+One run, one fresh database (``pgbridge_bench_broker_*``, the schema applied, dropped at the
+end). For every instance count, broker setting and load mode ("configuration"), in this order:
+
+* N daemons (``python -m daemon``, each on its own port, default settings but
+  ``PGBRIDGE_LOG_LEVEL=INFO``), plus ``PGBRIDGE_DOORBELL=off`` for "polling" (the bridges keep
+  writers quiet and read the log every ``PGBRIDGE_POLL_INTERVAL``, 10 ms) and
+  ``PGBRIDGE_BROKER=nats://127.0.0.1:PORT`` for "broker" (a ``nats-server`` this bench starts on
+  a free port);
+* ``--clients`` WebSocket clients per instance (20: user ``i`` subscribed to room ``i % 10`` of
+  ``--rooms`` 10), every instance holding the same rooms;
+* ready when every client is subscribed, every instance's ``pgbridge_doorbell_polling`` says the
+  mode, and (broker) exactly one instance reports ``pgbridge_broker_state{state="leader"} 1`` and
+  every other one ``follower``;
+* a writer inserting ``--rate`` messages per second (20) round-robin over the rooms, one
+  autocommit ``INSERT`` each, for ``--warmup`` seconds (5), then the measurement window
+  (``--seconds``, 15), then until every client has every message of its room (10 s at most).
+
+The transactions the bridges cause: the change of ``xact_commit + xact_rollback`` of the bench
+database in ``pg_stat_database`` over the window, minus the writer's transactions in the window
+(counted: one per ``INSERT``) and this bench's own statements on its statistics connection
+(counted: autocommit, one transaction each). PostgreSQL 15 publishes a backend's counts when it
+goes idle, at most once a second (a backend idle again within the second publishes them
+10 s later at the latest), so a window's edges are fuzzy by up to that much; steady traffic makes
+the error average out, and the window is meant to be >= 10 s. What else touches the database
+(autovacuum, mostly) is measured first in a window of the same length with the writer and no
+daemon, printed as "background", and not subtracted.
+
+The backend connections: ``pg_stat_activity`` of the bench database, client backends that are
+not this bench's (it names its own sessions ``pgbridge-bench-*``), at the end of the window.
+
+Latency: each message carries ``bench_t``, ``clock_timestamp()`` in the writer's transaction
+(before its commit); a client's receive time (``time.time()``, same machine) minus it, for the
+messages written in the window, every delivery; p50 and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    ROOT,
+    SECRET,
+    STAMP,
+    WRITE,
+    Scenario,
+    WsClient,
+    clean_env,
+    free_port,
+    open_clients,
+    scratch_database,
+    setup_pgbridge,
+)
+
+BENCH_APP = "pgbridge-bench"  # application_name prefix of this bench's own sessions
+READY_WAIT = 60.0  # seconds for the daemons, clients, doorbell mode and broker roles
+DRAIN_WAIT = 10.0  # seconds for the last deliveries after the writer stops
+
+
+@dataclass
+class Config:
+    instances: int
+    broker: bool
+    mode: str  # "light" (PGBRIDGE_DOORBELL default) or "polling" (PGBRIDGE_DOORBELL=off)
+
+    @property
+    def name(self) -> str:
+        return f"{self.instances} x {'broker' if self.broker else 'no broker'}, {self.mode}"
+
+
+@dataclass
+class Outcome:
+    config: Config
+    tps: float = 0.0  # the bridges' transactions per second
+    xacts: int = 0  # the bridges' transactions in the window
+    total: int = 0  # every transaction of the database in the window
+    writer: int = 0
+    own: int = 0
+    window: float = 0.0
+    backends: int = 0  # client backends of the bridges at the end of the window
+    latencies: list[float] = field(default_factory=list)  # seconds
+    expected: int = 0  # deliveries expected (every message written, to every client of its room)
+    delivered: int = 0
+    duplicates: int = 0
+    roles: str = ""  # broker states at the end of the window, e.g. "1 leader, 3 follower"
+    broker_notes: str = ""  # counters read on /metrics after the window
+
+
+class Client(WsClient):
+    """Keeps, per message number ``n``, the latency of its first receipt; counts repeats."""
+
+    def __init__(self, url: str, subscribe: bytes | None, room: str) -> None:
+        super().__init__(url, subscribe)
+        self.room = room
+        self.got: dict[int, float] = {}
+        self.duplicates = 0
+
+    def on_text(self, data: bytes, now: float) -> None:
+        for line in data.split(b"\n"):
+            match = STAMP.search(line)
+            if match is None:
+                continue
+            n = int(match.group(1))
+            if n in self.got:
+                self.duplicates += 1
+            else:
+                self.got[n] = now - float(match.group(2))
+
+
+class Stats:
+    """This bench's connection for ``pg_stat_database`` and ``pg_stat_activity``; every
+    statement it runs is one transaction, counted in ``statements``."""
+
+    def __init__(self, conn: Any, dbname: str) -> None:
+        self.conn = conn
+        self.dbname = dbname
+        self.statements = 0
+
+    async def one(self, query: str, *params: Any) -> Any:
+        self.statements += 1
+        cur = await self.conn.execute(query, params or None)
+        row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def xacts(self) -> int:
+        return int(await self.one("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                                  "WHERE datname = %s", self.dbname))
+
+    async def backends(self) -> int:
+        return int(await self.one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type = "
+            "'client backend' AND application_name NOT LIKE %s", self.dbname, BENCH_APP + "%"))
+
+
+class Writer:
+    """``rate`` inserts per second over ``rooms`` (round-robin) until stopped; ``written`` holds
+    each message's room by its number ``n``, ``sent`` the wall time the insert was sent."""
+
+    def __init__(self, conn: Any, rooms: list[tuple[str, str]], rate: float) -> None:
+        self.conn = conn
+        self.rooms = rooms
+        self.rate = rate
+        self.written: dict[int, str] = {}
+        self.sent: dict[int, float] = {}
+        self.transactions = 0
+        self.next = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        t0 = time.monotonic()
+        k = 0
+        while True:
+            delay = t0 + k / self.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            n = self.next
+            room, user = self.rooms[n % len(self.rooms)]
+            self.sent[n] = time.time()
+            self.transactions += 1
+            await self.conn.execute(WRITE, (room, user, f"bench message {n}", n), prepare=True)
+            self.written[n] = room
+            self.next += 1
+            k += 1
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+
+class Daemon:
+    """One ``python -m daemon`` on ``port``, its stderr in ``log``."""
+
+    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
+        self.env = env | {"PGBRIDGE_PORT": str(port)}
+        self.port = port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "daemon"], env=self.env,
+                                         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+    async def healthy(self) -> None:
+        deadline = time.monotonic() + READY_WAIT
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon on port {self.port} exited with "
+                                   f"{self.proc.returncode}; see {self.log}")
+            status, _ = await http_get(self.port, "/healthz")
+            if status == 200:
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"daemon on port {self.port} not healthy within {READY_WAIT:g} s")
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(self.proc.wait, 20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            await asyncio.to_thread(self.proc.wait)
+
+
+async def http_get(port: int, path: str) -> tuple[int | None, str]:
+    """Status and body of ``GET path`` on 127.0.0.1:port (``None``: nothing answered)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+    except (OSError, TimeoutError):
+        return None, ""
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                     .encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+    except (OSError, TimeoutError):
+        return None, ""
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    parts = head.split(b"\r\n", 1)[0].split()
+    try:
+        return int(parts[1]), body.decode(errors="replace")
+    except (IndexError, ValueError):
+        return None, ""
+
+
+async def metrics(port: int) -> dict[str, float]:
+    """The samples of /metrics on ``port``, by their name with labels as written."""
+    _, body = await http_get(port, "/metrics")
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
+def role(sample: dict[str, float]) -> str:
+    """The broker state an instance reports as 1 (``?`` when none, ``-`` without the gauge)."""
+    states = [k.split('"')[1] for k in sample if k.startswith("pgbridge_broker_state{")]
+    if not states:
+        return "-"
+    return next((s for s in states if sample[f'pgbridge_broker_state{{state="{s}"}}'] == 1),
+                "?")
+
+
+def roles_text(samples: list[dict[str, float]]) -> str:
+    names = [role(s) for s in samples]
+    return ", ".join(f"{names.count(r)} {r}" for r in sorted(set(names)))
+
+
+def counter(samples: list[dict[str, float]], name: str) -> float:
+    return sum(v for s in samples for k, v in s.items() if k == name or k.startswith(name + "{"))
+
+
+async def wait_ready(daemons: list[Daemon], config: Config) -> None:
+    """Until every instance's doorbell says ``config.mode`` and, with the broker, exactly one
+    is the leader and every other one a follower."""
+    deadline = time.monotonic() + READY_WAIT
+    want_polling = 1.0 if config.mode == "polling" else 0.0
+    last: list[dict[str, float]] = []
+    while time.monotonic() < deadline:
+        last = list(await asyncio.gather(*(metrics(d.port) for d in daemons)))
+        polling_ok = all(s.get("pgbridge_doorbell_polling") == want_polling for s in last)
+        names = [role(s) for s in last]
+        broker_ok = (not config.broker or (names.count("leader") == 1 and
+                                           names.count("follower") == len(daemons) - 1))
+        if polling_ok and broker_ok:
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(
+        f"{config.name}: not ready within {READY_WAIT:g} s: doorbell_polling "
+        f"{[s.get('pgbridge_doorbell_polling') for s in last]}, broker states "
+        f"{[role(s) for s in last]} (want {config.mode}"
+        f"{', 1 leader and the rest followers' if config.broker else ''})")
+
+
+async def delivered_all(clients: list[Client], writer: Writer) -> None:
+    deadline = time.monotonic() + DRAIN_WAIT
+    while time.monotonic() < deadline:
+        if all(n in c.got for c in clients for n, room in writer.written.items()
+               if room == c.room):
+            return
+        await asyncio.sleep(0.1)
+
+
+async def measure(config: Config, db: str, stats: Stats, writer_conn: Any,
+                  rooms: list[tuple[str, str]], members: list[tuple[str, str]],
+                  args: argparse.Namespace, nats: str | None, logs: Path) -> Outcome:
+    from daemon.auth import mint_token
+
+    env = clean_env() | {"DATABASE_URL": db, "PGBRIDGE_JWT_SECRET": SECRET,
+                         "PGBRIDGE_LOG_LEVEL": "INFO"}
+    if config.mode == "polling":
+        env["PGBRIDGE_DOORBELL"] = "off"
+    if config.broker:
+        assert nats is not None
+        env["PGBRIDGE_BROKER"] = nats
+    slug = f"{config.instances}-{'broker' if config.broker else 'plain'}-{config.mode}"
+    daemons = [Daemon(env, free_port(), logs / f"{slug}-{k}.log")
+               for k in range(config.instances)]
+    clients: list[Client] = []
+    writer = Writer(writer_conn, rooms, args.rate)
+    out = Outcome(config)
+    try:
+        for d in daemons:
+            d.start()
+        await asyncio.gather(*(d.healthy() for d in daemons))
+        specs = [(f"ws://127.0.0.1:{d.port}/ws?token={mint_token(SECRET, user, ttl=3600)}",
+                  f'{{"type":"subscribe","room":"{room}"}}'.encode(), room)
+                 for d in daemons for user, room in members]
+        by_url: dict[tuple[str, bytes | None], str] = {(u, s): r for u, s, r in specs}
+        clients = await open_clients([(u, s) for u, s, _ in specs],
+                                     lambda u, s: Client(u, s, by_url[(u, s)]))
+        await wait_ready(daemons, config)
+        writer.start()
+        await asyncio.sleep(args.warmup)
+        first_n = writer.next
+        w0 = writer.transactions
+        own0 = stats.statements
+        t0 = time.monotonic()
+        x0 = await stats.xacts()
+        await asyncio.sleep(args.seconds)
+        own1 = stats.statements
+        x1 = await stats.xacts()
+        t1 = time.monotonic()
+        w1 = writer.transactions
+        last_n = writer.next
+        out.backends = await stats.backends()
+        samples = list(await asyncio.gather(*(metrics(d.port) for d in daemons)))
+        await writer.stop()
+        await delivered_all(clients, writer)
+    finally:
+        await writer.stop()
+        for c in clients:
+            if c.transport is not None:
+                c.transport.abort()
+        await asyncio.gather(*(d.stop() for d in daemons))
+    out.window = t1 - t0
+    out.total = x1 - x0
+    out.writer = w1 - w0
+    out.own = own1 - own0
+    out.xacts = out.total - out.writer - out.own
+    out.tps = out.xacts / out.window
+    for c in clients:
+        mine = [n for n, room in writer.written.items() if room == c.room]
+        out.expected += len(mine)
+        out.delivered += sum(1 for n in mine if n in c.got)
+        out.duplicates += c.duplicates
+        out.latencies += [c.got[n] for n in mine if first_n <= n < last_n and n in c.got]
+    if config.broker:
+        out.roles = roles_text(samples)
+        out.broker_notes = (
+            f"relayed {counter(samples, 'pgbridge_broker_relayed_total'):.0f}, fallbacks "
+            f"{counter(samples, 'pgbridge_broker_fallbacks_total'):.0f}, forged "
+            f"{counter(samples, 'pgbridge_broker_forged_total'):.0f}")
+    return out
+
+
+async def background(stats: Stats, writer_conn: Any, rooms: list[tuple[str, str]],
+                     args: argparse.Namespace) -> tuple[float, int]:
+    """Transactions per second with the writer and no daemon, besides the writer's and this
+    bench's own (autovacuum and the like), and their count."""
+    writer = Writer(writer_conn, rooms, args.rate)
+    writer.start()
+    try:
+        await asyncio.sleep(min(args.warmup, 2.0))
+        w0, own0, t0 = writer.transactions, stats.statements, time.monotonic()
+        x0 = await stats.xacts()
+        await asyncio.sleep(args.seconds)
+        own1 = stats.statements
+        x1 = await stats.xacts()
+        t1, w1 = time.monotonic(), writer.transactions
+    finally:
+        await writer.stop()
+    rest = (x1 - x0) - (w1 - w0) - (own1 - own0)
+    return rest / (t1 - t0), rest
+
+
+@contextlib.contextmanager
+def nats_server(log: Path) -> Any:
+    """``nats-server -a 127.0.0.1 -p PORT`` on a free port: yields ``nats://127.0.0.1:PORT``."""
+    exe = shutil.which("nats-server")
+    if exe is None:
+        raise RuntimeError("nats-server is not on PATH (needed for the broker configurations)")
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([exe, "-a", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        import socket
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nats-server did not start; see {log}") from None
+                time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def report(outcomes: list[Outcome], args: argparse.Namespace, bg: tuple[float, int]) -> None:
+    print(f"\nbackground (writer alone, no daemon; not subtracted): {bg[0]:.2f} "
+          f"transactions/s ({bg[1]} in {args.seconds:g} s)")
+    print("\ntransactions per second caused by the bridges (window "
+          f"{args.seconds:g} s after {args.warmup:g} s of warm-up; writer {args.rate:g} "
+          f"inserts/s; {args.clients} clients per instance in {args.rooms} rooms)")
+    by = {(o.config.instances, o.config.broker, o.config.mode): o for o in outcomes}
+    cols = [(b, m) for b in (False, True) for m in args.modes if b in args.brokers]
+    head = "".join(f"{('broker' if b else 'no broker') + ', ' + m:>22}" for b, m in cols)
+    print(f"{'instances':>9}{head}")
+    for n in args.instances:
+        cells = []
+        for b, m in cols:
+            o = by.get((n, b, m))
+            cells.append(f"{o.tps:>10.2f} ({o.xacts:>5} tx)" if o else f"{'-':>22}")
+        print(f"{n:>9}" + "".join(f"{c:>22}" for c in cells))
+    print("\nratio to 1 instance of the same mode")
+    print(f"{'instances':>9}{head}")
+    for n in args.instances:
+        cells = []
+        for b, m in cols:
+            o, one = by.get((n, b, m)), by.get((1, b, m))
+            cells.append(f"{o.tps / one.tps:>10.2f}x" if o and one and one.tps > 0 else "-")
+        print(f"{n:>9}" + "".join(f"{c:>22}" for c in cells))
+    print("\nbackend connections the bridges held (pg_stat_activity, end of the window)")
+    print(f"{'instances':>9}{head}")
+    for n in args.instances:
+        cells = [str(by[(n, b, m)].backends) if (n, b, m) in by else "-" for b, m in cols]
+        print(f"{n:>9}" + "".join(f"{c:>22}" for c in cells))
+    print("\ndelivery, commit (bench_t, in the writer's transaction) to client receipt")
+    print(f"{'configuration':34} {'p50 ms':>8} {'p99 ms':>8} {'delivered':>17} {'dup':>4}  "
+          "broker")
+    for o in outcomes:
+        print(f"{o.config.name:34} {pct(o.latencies, 0.5) * 1000:>8.1f} "
+              f"{pct(o.latencies, 0.99) * 1000:>8.1f} {o.delivered:>8}/{o.expected:<8} "
+              f"{o.duplicates:>4}  {o.roles}{'; ' if o.roles else ''}{o.broker_notes}")
+    if 1 in args.instances and 4 in args.instances and True in args.brokers:
+        for m in args.modes:
+            one, four = by.get((1, True, m)), by.get((4, True, m))
+            pone, pfour = by.get((1, False, m)), by.get((4, False, m))
+            if one and four and pone and pfour and one.tps > 0 and pone.tps > 0:
+                print(f"\n{m}: 4 instances / 1 instance: broker {four.tps / one.tps:.2f}x "
+                      f"(goal <= 1.5x), no broker {pfour.tps / pone.tps:.2f}x")
+
+
+async def run(args: argparse.Namespace) -> int:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    started = time.monotonic()
+    logs = Path(tempfile.mkdtemp(prefix="pgbridge-broker-bench-"))
+    sc = Scenario("broker", clients=args.clients, rooms=args.rooms, rate=args.rate)
+    print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores; logs in {logs}",
+          flush=True)
+    with contextlib.ExitStack() as stack:
+        db = stack.enter_context(scratch_database(args.dsn, "broker"))
+        rooms, members = await asyncio.to_thread(setup_pgbridge, db, sc)
+        nats = stack.enter_context(nats_server(logs / "nats.log")) if True in args.brokers \
+            else None
+        dbname = str(conninfo_to_dict(db)["dbname"])
+        async with await psycopg.AsyncConnection.connect(
+                make_conninfo(db, application_name=BENCH_APP + "-stats"),
+                autocommit=True) as sconn, await psycopg.AsyncConnection.connect(
+                make_conninfo(db, application_name=BENCH_APP + "-writer"),
+                autocommit=True) as wconn:
+            stats = Stats(sconn, dbname)
+            bg = await background(stats, wconn, rooms, args)
+            print(f"background: {bg[0]:.2f} transactions/s", flush=True)
+            outcomes: list[Outcome] = []
+            for n in args.instances:
+                for broker in args.brokers:
+                    for mode in args.modes:
+                        config = Config(n, broker, mode)
+                        o = await measure(config, db, stats, wconn, rooms, members, args, nats,
+                                          logs)
+                        outcomes.append(o)
+                        print(f"{config.name:34} {o.tps:8.2f} tx/s  backends {o.backends:3}  "
+                              f"p50 {pct(o.latencies, 0.5) * 1000:6.1f} ms  p99 "
+                              f"{pct(o.latencies, 0.99) * 1000:6.1f} ms  delivered "
+                              f"{o.delivered}/{o.expected}  {o.roles}", flush=True)
+    report(outcomes, args, bg)
+    print(f"\ntook {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dsn", required=True, help="a PostgreSQL superuser's conninfo")
+    parser.add_argument("--instances", default="1,2,4,8", help="instance counts (1,2,4,8)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measurement window (15)")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before it (5)")
+    parser.add_argument("--broker", choices=["both", "no", "yes"], default="both",
+                        help="without the broker, with it, or both (both)")
+    parser.add_argument("--modes", default="light,polling", help="light,polling")
+    parser.add_argument("--clients", type=int, default=20, help="clients per instance (20)")
+    parser.add_argument("--rooms", type=int, default=10, help="rooms (10)")
+    parser.add_argument("--rate", type=float, default=20.0, help="inserts per second (20)")
+    args = parser.parse_args()
+    args.instances = [int(s) for s in args.instances.split(",") if s.strip()]
+    args.modes = [s.strip() for s in args.modes.split(",") if s.strip()]
+    if not set(args.modes) <= {"light", "polling"}:
+        parser.error("--modes: light and/or polling")
+    args.brokers = {"both": [False, True], "no": [False], "yes": [True]}[args.broker]
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
