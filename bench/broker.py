@@ -29,10 +29,15 @@ database in ``pg_stat_database`` over the window, minus the writer's transaction
 (counted: one per ``INSERT``) and this bench's own statements on its statistics connection
 (counted: autocommit, one transaction each). PostgreSQL 15 publishes a backend's counts when it
 goes idle, at most once a second (a backend idle again within the second publishes them
-10 s later at the latest), so a window's edges are fuzzy by up to that much; steady traffic makes
-the error average out, and the window is meant to be >= 10 s. What else touches the database
-(autovacuum, mostly) is measured first in a window of the same length with the writer and no
-daemon, printed as "background", and not subtracted.
+10 s later at the latest). The bench's own two sessions call ``pg_stat_force_next_flush()``
+right before each read, so their counts are exact at the window's edges; the bridges' backends
+cannot be made to, so the edges are fuzzy by what they had not yet published (up to a second of
+a busy backend's transactions, a few of a quiet one's): steady traffic makes the error average
+out, and the window is meant to be >= 10 s. What else touches the database (autovacuum, mostly)
+is measured first in a window of the same length with the writer and no daemon, printed as
+"background", and not subtracted. The bridges' own count of their statements (their /metrics:
+``pgbridge_query_duration_seconds{purpose}`` and ``pgbridge_log_read_seconds``) is printed per
+configuration, to tell what the transactions are.
 
 The backend connections: ``pg_stat_activity`` of the bench database, client backends that are
 not this bench's (it names its own sessions ``pgbridge-bench-*``), at the end of the window.
@@ -95,8 +100,7 @@ class Outcome:
     tps: float = 0.0  # the bridges' transactions per second
     xacts: int = 0  # the bridges' transactions in the window
     total: int = 0  # every transaction of the database in the window
-    writer: int = 0
-    own: int = 0
+    own: int = 0  # the writer's and this bench's own
     window: float = 0.0
     backends: int = 0  # client backends of the bridges at the end of the window
     latencies: list[float] = field(default_factory=list)  # seconds
@@ -105,6 +109,7 @@ class Outcome:
     duplicates: int = 0
     roles: str = ""  # broker states at the end of the window, e.g. "1 leader, 3 follower"
     broker_notes: str = ""  # counters read on /metrics after the window
+    purposes: str = ""  # the bridges' statements per second by purpose, from /metrics
 
 
 class Client(WsClient):
@@ -128,6 +133,55 @@ class Client(WsClient):
                 self.got[n] = now - float(match.group(2))
 
 
+class Writer:
+    """``rate`` inserts per second over ``rooms`` (round-robin) until stopped; ``written`` holds
+    each message's room by its number ``n``; ``transactions`` counts every statement it ran on
+    its connection (autocommit: one transaction each)."""
+
+    def __init__(self, conn: Any, rooms: list[tuple[str, str]], rate: float) -> None:
+        self.conn = conn
+        self.rooms = rooms
+        self.rate = rate
+        self.written: dict[int, str] = {}
+        self.transactions = 0
+        self.next = 0
+        self.lock = asyncio.Lock()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        t0 = time.monotonic()
+        k = 0
+        while True:
+            delay = t0 + k / self.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            n = self.next
+            room, user = self.rooms[n % len(self.rooms)]
+            async with self.lock:
+                self.transactions += 1
+                await self.conn.execute(WRITE, (room, user, f"bench message {n}", n),
+                                        prepare=True)
+            self.written[n] = room
+            self.next += 1
+            k += 1
+
+    async def flush(self) -> None:
+        """Between two inserts, make the writer's backend publish its counts."""
+        async with self.lock:
+            self.transactions += 1
+            await self.conn.execute("SELECT pg_stat_force_next_flush()")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+
 class Stats:
     """This bench's connection for ``pg_stat_database`` and ``pg_stat_activity``; every
     statement it runs is one transaction, counted in ``statements``."""
@@ -143,55 +197,23 @@ class Stats:
         row = await cur.fetchone()
         return row[0] if row else None
 
-    async def xacts(self) -> int:
-        return int(await self.one("SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                                  "WHERE datname = %s", self.dbname))
+    async def snapshot(self, writer: Writer) -> tuple[int, int]:
+        """``(xact_commit + xact_rollback of the database, this bench's own transactions so
+        far)``. The writer and this connection publish their counts first
+        (``pg_stat_force_next_flush()``: a backend publishes them before it answers
+        ReadyForQuery), so every transaction of theirs before the read is in it and every
+        later one is not: the bench's own are exact at the window's edges."""
+        await writer.flush()
+        await self.one("SELECT pg_stat_force_next_flush()")
+        own = self.statements + writer.transactions
+        total = int(await self.one("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                                   "WHERE datname = %s", self.dbname))
+        return total, own
 
     async def backends(self) -> int:
         return int(await self.one(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND backend_type = "
             "'client backend' AND application_name NOT LIKE %s", self.dbname, BENCH_APP + "%"))
-
-
-class Writer:
-    """``rate`` inserts per second over ``rooms`` (round-robin) until stopped; ``written`` holds
-    each message's room by its number ``n``, ``sent`` the wall time the insert was sent."""
-
-    def __init__(self, conn: Any, rooms: list[tuple[str, str]], rate: float) -> None:
-        self.conn = conn
-        self.rooms = rooms
-        self.rate = rate
-        self.written: dict[int, str] = {}
-        self.sent: dict[int, float] = {}
-        self.transactions = 0
-        self.next = 0
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        t0 = time.monotonic()
-        k = 0
-        while True:
-            delay = t0 + k / self.rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            n = self.next
-            room, user = self.rooms[n % len(self.rooms)]
-            self.sent[n] = time.time()
-            self.transactions += 1
-            await self.conn.execute(WRITE, (room, user, f"bench message {n}", n), prepare=True)
-            self.written[n] = room
-            self.next += 1
-            k += 1
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-            self.task = None
 
 
 class Daemon:
@@ -269,11 +291,30 @@ async def metrics(port: int) -> dict[str, float]:
 
 def role(sample: dict[str, float]) -> str:
     """The broker state an instance reports as 1 (``?`` when none, ``-`` without the gauge)."""
-    states = [k.split('"')[1] for k in sample if k.startswith("pgbridge_broker_state{")]
+    states = {k.split('state="', 1)[1].split('"', 1)[0]: v for k, v in sample.items()
+              if k.startswith("pgbridge_broker_state{") and 'state="' in k}
     if not states:
         return "-"
-    return next((s for s in states if sample[f'pgbridge_broker_state{{state="{s}"}}'] == 1),
-                "?")
+    return next((s for s, v in states.items() if v == 1), "?")
+
+
+def purposes(before: list[dict[str, float]], after: list[dict[str, float]],
+              seconds: float) -> str:
+    """The statements the instances ran between two scrapes, per second, by
+    ``pgbridge_query_duration_seconds{purpose}`` (pool) and ``pgbridge_log_read_seconds``
+    (reads of the log), most frequent first."""
+    rates: dict[str, float] = {}
+    for b, a in zip(before, after, strict=True):
+        for key, value in a.items():
+            if key.startswith("pgbridge_query_duration_seconds_count{"):
+                name = key.split('purpose="', 1)[1].split('"', 1)[0]
+            elif key.startswith("pgbridge_log_read_seconds_count"):
+                name = "log reads"
+            else:
+                continue
+            rates[name] = rates.get(name, 0.0) + (value - b.get(key, 0.0)) / seconds
+    return ", ".join(f"{k} {v:.2f}" for k, v in sorted(rates.items(), key=lambda kv: -kv[1])
+                     if v > 0)
 
 
 def roles_text(samples: list[dict[str, float]]) -> str:
@@ -347,19 +388,16 @@ async def measure(config: Config, db: str, stats: Stats, writer_conn: Any,
         await wait_ready(daemons, config)
         writer.start()
         await asyncio.sleep(args.warmup)
+        before = list(await asyncio.gather(*(metrics(d.port) for d in daemons)))
         first_n = writer.next
-        w0 = writer.transactions
-        own0 = stats.statements
         t0 = time.monotonic()
-        x0 = await stats.xacts()
+        x0, own0 = await stats.snapshot(writer)
         await asyncio.sleep(args.seconds)
-        own1 = stats.statements
-        x1 = await stats.xacts()
+        x1, own1 = await stats.snapshot(writer)
         t1 = time.monotonic()
-        w1 = writer.transactions
         last_n = writer.next
-        out.backends = await stats.backends()
         samples = list(await asyncio.gather(*(metrics(d.port) for d in daemons)))
+        out.backends = await stats.backends()
         await writer.stop()
         await delivered_all(clients, writer)
     finally:
@@ -370,9 +408,9 @@ async def measure(config: Config, db: str, stats: Stats, writer_conn: Any,
         await asyncio.gather(*(d.stop() for d in daemons))
     out.window = t1 - t0
     out.total = x1 - x0
-    out.writer = w1 - w0
     out.own = own1 - own0
-    out.xacts = out.total - out.writer - out.own
+    out.xacts = out.total - out.own
+    out.purposes = purposes(before, samples, out.window)
     out.tps = out.xacts / out.window
     for c in clients:
         mine = [n for n, room in writer.written.items() if room == c.room]
@@ -397,15 +435,14 @@ async def background(stats: Stats, writer_conn: Any, rooms: list[tuple[str, str]
     writer.start()
     try:
         await asyncio.sleep(min(args.warmup, 2.0))
-        w0, own0, t0 = writer.transactions, stats.statements, time.monotonic()
-        x0 = await stats.xacts()
+        t0 = time.monotonic()
+        x0, own0 = await stats.snapshot(writer)
         await asyncio.sleep(args.seconds)
-        own1 = stats.statements
-        x1 = await stats.xacts()
-        t1, w1 = time.monotonic(), writer.transactions
+        x1, own1 = await stats.snapshot(writer)
+        t1 = time.monotonic()
     finally:
         await writer.stop()
-    rest = (x1 - x0) - (w1 - w0) - (own1 - own0)
+    rest = (x1 - x0) - (own1 - own0)
     return rest / (t1 - t0), rest
 
 
@@ -484,6 +521,10 @@ def report(outcomes: list[Outcome], args: argparse.Namespace, bg: tuple[float, i
         print(f"{o.config.name:34} {pct(o.latencies, 0.5) * 1000:>8.1f} "
               f"{pct(o.latencies, 0.99) * 1000:>8.1f} {o.delivered:>8}/{o.expected:<8} "
               f"{o.duplicates:>4}  {o.roles}{'; ' if o.roles else ''}{o.broker_notes}")
+    print("\nstatements per second the bridges counted (all instances; their /metrics: "
+          "pool statements by purpose, and reads of the log)")
+    for o in outcomes:
+        print(f"{o.config.name:34} {o.purposes or '-'}")
     if 1 in args.instances and 4 in args.instances and True in args.brokers:
         for m in args.modes:
             one, four = by.get((1, True, m)), by.get((4, True, m))
