@@ -326,6 +326,22 @@ def counter(samples: list[dict[str, float]], name: str) -> float:
     return sum(v for s in samples for k, v in s.items() if k == name or k.startswith(name + "{"))
 
 
+def slug(config: Config) -> str:
+    return f"{config.instances}-{'broker' if config.broker else 'plain'}-{config.mode}"
+
+
+def broker_events(logs: Path, config: Config, last: int = 6) -> str:
+    """The last ``broker_*`` (and error) log lines of each instance of ``config``."""
+    out = []
+    for k in range(config.instances):
+        path = logs / f"{slug(config)}-{k}.log"
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines()
+                 if '"broker_' in line or '"level": "error"' in line] if path.exists() else []
+        out.append(f"  instance {k} ({path.name}): " + (
+            "\n    ".join(["", *lines[-last:]]) if lines else "no broker_* or ERROR line"))
+    return "\n".join(out)
+
+
 async def wait_ready(daemons: list[Daemon], config: Config) -> None:
     """Until every instance's doorbell says ``config.mode`` and, with the broker, exactly one
     is the leader and every other one a follower."""
@@ -340,9 +356,13 @@ async def wait_ready(daemons: list[Daemon], config: Config) -> None:
                                            names.count("follower") == len(daemons) - 1))
         if polling_ok and broker_ok:
             return
+        if (config.broker and time.monotonic() > deadline - READY_WAIT + 15
+                and all(n == "-" for n in names)):
+            raise RuntimeError("no instance has pgbridge_broker_state on its "
+                               "/metrics after 15 s: this daemon has no broker mode")
         await asyncio.sleep(0.2)
     raise RuntimeError(
-        f"{config.name}: not ready within {READY_WAIT:g} s: doorbell_polling "
+        f"not ready within {READY_WAIT:g} s: doorbell_polling "
         f"{[s.get('pgbridge_doorbell_polling') for s in last]}, broker states "
         f"{[role(s) for s in last]} (want {config.mode}"
         f"{', 1 leader and the rest followers' if config.broker else ''})")
@@ -369,8 +389,7 @@ async def measure(config: Config, db: str, stats: Stats, writer_conn: Any,
     if config.broker:
         assert nats is not None
         env["PGBRIDGE_BROKER"] = nats
-    slug = f"{config.instances}-{'broker' if config.broker else 'plain'}-{config.mode}"
-    daemons = [Daemon(env, free_port(), logs / f"{slug}-{k}.log")
+    daemons = [Daemon(env, free_port(), logs / f"{slug(config)}-{k}.log")
                for k in range(config.instances)]
     clients: list[Client] = []
     writer = Writer(writer_conn, rooms, args.rate)
@@ -378,6 +397,7 @@ async def measure(config: Config, db: str, stats: Stats, writer_conn: Any,
     try:
         for d in daemons:
             d.start()
+        await asyncio.sleep(0)
         await asyncio.gather(*(d.healthy() for d in daemons))
         specs = [(f"ws://127.0.0.1:{d.port}/ws?token={mint_token(SECRET, user, ttl=3600)}",
                   f'{{"type":"subscribe","room":"{room}"}}'.encode(), room)
@@ -558,18 +578,27 @@ async def run(args: argparse.Namespace) -> int:
             bg = await background(stats, wconn, rooms, args)
             print(f"background: {bg[0]:.2f} transactions/s", flush=True)
             outcomes: list[Outcome] = []
+            failed: list[str] = []
             for n in args.instances:
                 for broker in args.brokers:
                     for mode in args.modes:
                         config = Config(n, broker, mode)
-                        o = await measure(config, db, stats, wconn, rooms, members, args, nats,
-                                          logs)
+                        try:
+                            o = await measure(config, db, stats, wconn, rooms, members, args,
+                                              nats, logs)
+                        except RuntimeError as exc:
+                            failed.append(f"{config.name}: {exc}")
+                            print(f"{config.name:34} FAILED: {exc}", flush=True)
+                            print(broker_events(logs, config), flush=True)
+                            continue
                         outcomes.append(o)
                         print(f"{config.name:34} {o.tps:8.2f} tx/s  backends {o.backends:3}  "
                               f"p50 {pct(o.latencies, 0.5) * 1000:6.1f} ms  p99 "
                               f"{pct(o.latencies, 0.99) * 1000:6.1f} ms  delivered "
                               f"{o.delivered}/{o.expected}  {o.roles}", flush=True)
     report(outcomes, args, bg)
+    for line in failed:
+        print(f"FAILED {line}")
     print(f"\ntook {time.monotonic() - started:.0f} s")
     return 0
 
