@@ -4,11 +4,12 @@ transactions per second the bridges cause, the backend connections they hold, an
 latency, for 1, 2, 4 and 8 instances.
 
     python -m bench.broker --dsn postgresql://postgres@127.0.0.1:5432/postgres
-                           [--instances 1,2,4,8] [--seconds 15] [--warmup 5]
+                           [--instances 1,2,4,8] [--seconds 15] [--warmup 3]
                            [--broker both|no|yes] [--modes light,polling]
 
-One run, one fresh database (``pgbridge_bench_broker_*``, the schema applied, dropped at the
-end). For every instance count, broker setting and load mode ("configuration"), in this order:
+One run, one fresh database (``pgbridge_bench_broker_*``, the schema applied, autovacuum off
+on its tables, dropped at the end). For every instance count, broker setting and load mode
+("configuration"), in this order:
 
 * N daemons (``python -m daemon``, each on its own port, default settings but
   ``PGBRIDGE_LOG_LEVEL=INFO``), plus ``PGBRIDGE_DOORBELL=off`` for "polling" (the bridges keep
@@ -21,30 +22,34 @@ end). For every instance count, broker setting and load mode ("configuration"), 
   mode, and (broker) exactly one instance reports ``pgbridge_broker_state{state="leader"} 1`` and
   every other one ``follower``;
 * a writer inserting ``--rate`` messages per second (20) round-robin over the rooms, one
-  autocommit ``INSERT`` each, for ``--warmup`` seconds (5), then the measurement window
-  (``--seconds``, 15), then until every client has every message of its room (10 s at most).
+  autocommit ``INSERT`` each, for ``--warmup`` (3) + ``--seconds`` (15) seconds, then until
+  every client has every message of its room (10 s at most); then SIGTERM to every daemon.
 
-The transactions the bridges cause: the change of ``xact_commit + xact_rollback`` of the bench
-database in ``pg_stat_database`` over the window, minus the writer's transactions in the window
-(counted: one per ``INSERT``) and this bench's own statements on its statistics connection
-(counted: autocommit, one transaction each). PostgreSQL 15 publishes a backend's counts when it
-goes idle, at most once a second (a backend idle again within the second publishes them
-10 s later at the latest). The bench's own two sessions call ``pg_stat_force_next_flush()``
-right before each read, so their counts are exact at the window's edges; the bridges' backends
-cannot be made to, so the edges are fuzzy by what they had not yet published (up to a second of
-a busy backend's transactions, a few of a quiet one's): steady traffic makes the error average
-out, and the window is meant to be >= 10 s. What else touches the database (autovacuum, mostly)
-is measured first in a window of the same length with the writer and no daemon, printed as
-"background", and not subtracted. The bridges' own count of their statements (their /metrics:
-``pgbridge_query_duration_seconds{purpose}`` and ``pgbridge_log_read_seconds``) is printed per
-configuration, to tell what the transactions are.
+The transactions the bridges cause come from ``xact_commit + xact_rollback`` of the bench
+database in ``pg_stat_database``. A backend publishes its counts only now and then: PostgreSQL 15
+does it when the backend goes idle after a statement, at most once a second, and a LISTEN
+backend, which runs no statement, keeps the transaction each notification costs it (it reads
+the notification queue in one) unpublished for tens of seconds, until it exits. So a window
+within a run cannot be counted; a whole lifetime can: a read before the daemons start and one
+after their last backend has left ``pg_stat_activity`` (a backend publishes everything as it
+exits). Each configuration runs twice: a short lifetime (ready, then stopped at once) and the
+long one with the writer; the rate is the difference of their transactions over the difference
+of their durations (from ready to SIGTERM), so starting and stopping (connections, subscribes,
+presence) drop out. Left out of the counts: the writer's transactions (counted: one per
+``INSERT``) and this bench's own statements (counted, autocommit: one transaction each; both of
+its sessions call ``pg_stat_force_next_flush()`` before each read, so their counts are exact).
+What else touches the database is measured first in a window with the writer and no daemon,
+printed as "background", and not subtracted. The bridges' own count of their statements (their
+/metrics: ``pgbridge_query_duration_seconds{purpose}`` and ``pgbridge_log_read_seconds``) is
+printed per configuration, to tell what the transactions are.
 
 The backend connections: ``pg_stat_activity`` of the bench database, client backends that are
-not this bench's (it names its own sessions ``pgbridge-bench-*``), at the end of the window.
+not this bench's (it names its own sessions ``pgbridge-bench-*``), half-way through the writer's
+run.
 
 Latency: each message carries ``bench_t``, ``clock_timestamp()`` in the writer's transaction
 (before its commit); a client's receive time (``time.time()``, same machine) minus it, for the
-messages written in the window, every delivery; p50 and p99.
+messages written after the warm-up, every delivery; p50 and p99.
 """
 
 from __future__ import annotations
@@ -98,11 +103,11 @@ class Config:
 class Outcome:
     config: Config
     tps: float = 0.0  # the bridges' transactions per second
-    xacts: int = 0  # the bridges' transactions in the window
-    total: int = 0  # every transaction of the database in the window
-    own: int = 0  # the writer's and this bench's own
-    window: float = 0.0
-    backends: int = 0  # client backends of the bridges at the end of the window
+    xacts: int = 0  # the long lifetime's transactions less the short one's
+    window: float = 0.0  # the long lifetime's seconds less the short one's
+    short: Life | None = None
+    long: Life | None = None
+    backends: int = 0  # client backends of the bridges while the writer ran
     latencies: list[float] = field(default_factory=list)  # seconds
     expected: int = 0  # deliveries expected (every message written, to every client of its room)
     delivered: int = 0
@@ -186,9 +191,10 @@ class Stats:
     """This bench's connection for ``pg_stat_database`` and ``pg_stat_activity``; every
     statement it runs is one transaction, counted in ``statements``."""
 
-    def __init__(self, conn: Any, dbname: str) -> None:
+    def __init__(self, conn: Any, dbname: str, writer_conn: Any) -> None:
         self.conn = conn
         self.dbname = dbname
+        self.writer_conn = writer_conn  # the writer's session (Writer)
         self.statements = 0
 
     async def one(self, query: str, *params: Any) -> Any:
@@ -377,9 +383,30 @@ async def delivered_all(clients: list[Client], writer: Writer) -> None:
         await asyncio.sleep(0.1)
 
 
-async def measure(config: Config, db: str, stats: Stats, writer_conn: Any,
-                  rooms: list[tuple[str, str]], members: list[tuple[str, str]],
-                  args: argparse.Namespace, nats: str | None, logs: Path) -> Outcome:
+@dataclass
+class Life:
+    """One lifetime of a configuration's daemons, from before they start to after their last
+    backend is gone."""
+
+    xacts: int  # the database's transactions over it, the bench's own left out
+    seconds: float  # from ready (every client subscribed, the roles settled) to SIGTERM
+    backends: int = 0  # the bridges' client backends while the writer ran
+    before: list[dict[str, float]] = field(default_factory=list)  # /metrics as the writer starts
+    after: list[dict[str, float]] = field(default_factory=list)  # and as it stops
+    first_n: int = 0  # the first message written after the warm-up
+    last_n: int = 0  # the first message written after the window
+    vacuums: int = 0  # autovacuum and autoanalyze runs on the bench database during it
+
+
+async def lifetime(config: Config, db: str, stats: Stats, writer: Writer | None,
+                   members: list[tuple[str, str]], args: argparse.Namespace, nats: str | None,
+                   logs: Path, clients: list[Client], tag: str) -> Life:
+    """Start ``config``'s daemons and clients, wait until ready, run ``writer`` for
+    ``--warmup`` + ``--seconds`` (``None``: no writer, stop at once), stop every daemon and wait
+    until PostgreSQL has no backend of theirs left (a backend publishes its counts as it exits).
+    The database's transactions over it come from two ``pg_stat_database`` reads with no daemon
+    backend alive, so every one of the bridges' is in it, whenever their backends would
+    otherwise have published them. ``clients`` receives the clients."""
     from daemon.auth import mint_token
 
     env = clean_env() | {"DATABASE_URL": db, "PGBRIDGE_JWT_SECRET": SECRET,
@@ -389,69 +416,99 @@ async def measure(config: Config, db: str, stats: Stats, writer_conn: Any,
     if config.broker:
         assert nats is not None
         env["PGBRIDGE_BROKER"] = nats
-    daemons = [Daemon(env, free_port(), logs / f"{slug(config)}-{k}.log")
+    daemons = [Daemon(env, free_port(), logs / f"{slug(config)}{tag}-{k}.log")
                for k in range(config.instances)]
-    clients: list[Client] = []
-    writer = Writer(writer_conn, rooms, args.rate)
-    out = Outcome(config)
+    flush = writer or Writer(stats.writer_conn, [], 1.0)
+    vacuums = await autovacuums(stats)
+    x0, own0 = await stats.snapshot(flush)
+    life = Life(0, 0.0)
+    stopped = ready = 0.0
     try:
         for d in daemons:
             d.start()
-        await asyncio.sleep(0)
         await asyncio.gather(*(d.healthy() for d in daemons))
         specs = [(f"ws://127.0.0.1:{d.port}/ws?token={mint_token(SECRET, user, ttl=3600)}",
                   f'{{"type":"subscribe","room":"{room}"}}'.encode(), room)
                  for d in daemons for user, room in members]
         by_url: dict[tuple[str, bytes | None], str] = {(u, s): r for u, s, r in specs}
-        clients = await open_clients([(u, s) for u, s, _ in specs],
-                                     lambda u, s: Client(u, s, by_url[(u, s)]))
+        clients += await open_clients([(u, s) for u, s, _ in specs],
+                                      lambda u, s: Client(u, s, by_url[(u, s)]))
         await wait_ready(daemons, config)
-        writer.start()
-        await asyncio.sleep(args.warmup)
-        before = list(await asyncio.gather(*(metrics(d.port) for d in daemons)))
-        first_n = writer.next
-        t0 = time.monotonic()
-        x0, own0 = await stats.snapshot(writer)
-        await asyncio.sleep(args.seconds)
-        x1, own1 = await stats.snapshot(writer)
-        t1 = time.monotonic()
-        last_n = writer.next
-        samples = list(await asyncio.gather(*(metrics(d.port) for d in daemons)))
-        out.backends = await stats.backends()
-        await writer.stop()
-        await delivered_all(clients, writer)
+        ready = time.monotonic()
+        if writer is not None:
+            life.before = list(await asyncio.gather(*(metrics(d.port) for d in daemons)))
+            writer.start()
+            await asyncio.sleep(args.warmup)
+            life.first_n = writer.next
+            await asyncio.sleep(args.seconds / 2)
+            life.backends = await stats.backends()
+            await asyncio.sleep(args.seconds / 2)
+            life.last_n = writer.next
+            await writer.stop()
+            life.after = list(await asyncio.gather(*(metrics(d.port) for d in daemons)))
+            await delivered_all(clients, writer)
     finally:
-        await writer.stop()
+        if writer is not None:
+            await writer.stop()
+        stopped = time.monotonic()
+        await asyncio.gather(*(d.stop() for d in daemons))
         for c in clients:
             if c.transport is not None:
                 c.transport.abort()
-        await asyncio.gather(*(d.stop() for d in daemons))
-    out.window = t1 - t0
-    out.total = x1 - x0
-    out.own = own1 - own0
-    out.xacts = out.total - out.own
-    out.purposes = purposes(before, samples, out.window)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not await stats.backends():
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # a backend leaves pg_stat_activity just before it publishes
+    x1, own1 = await stats.snapshot(flush)
+    life.vacuums = await autovacuums(stats) - vacuums
+    life.xacts = (x1 - x0) - (own1 - own0)
+    life.seconds = stopped - ready
+    return life
+
+
+async def measure(config: Config, db: str, stats: Stats, rooms: list[tuple[str, str]],
+                  members: list[tuple[str, str]], args: argparse.Namespace, nats: str | None,
+                  logs: Path) -> Outcome:
+    """Two lifetimes of ``config``: a short one (ready, then stopped at once) and a long one
+    (the writer for ``--warmup`` + ``--seconds``); the bridges' rate is the difference of their
+    transactions over the difference of their durations, so what starting and stopping cost
+    (connections, subscribes, presence, the first reads) drops out."""
+    out = Outcome(config)
+    short = await lifetime(config, db, stats, None, members, args, nats, logs, [], "-short")
+    writer = Writer(stats.writer_conn, rooms, args.rate)
+    clients: list[Client] = []
+    long = await lifetime(config, db, stats, writer, members, args, nats, logs, clients, "")
+    out.short, out.long = short, long
+    out.window = long.seconds - short.seconds
+    out.xacts = long.xacts - short.xacts
     out.tps = out.xacts / out.window
+    out.backends = long.backends
+    out.purposes = purposes(long.before, long.after, long.seconds)
     for c in clients:
         mine = [n for n, room in writer.written.items() if room == c.room]
         out.expected += len(mine)
         out.delivered += sum(1 for n in mine if n in c.got)
         out.duplicates += c.duplicates
-        out.latencies += [c.got[n] for n in mine if first_n <= n < last_n and n in c.got]
+        out.latencies += [c.got[n] for n in mine
+                          if long.first_n <= n < long.last_n and n in c.got]
     if config.broker:
-        out.roles = roles_text(samples)
+        out.roles = roles_text(long.after)
         out.broker_notes = (
-            f"relayed {counter(samples, 'pgbridge_broker_relayed_total'):.0f}, fallbacks "
-            f"{counter(samples, 'pgbridge_broker_fallbacks_total'):.0f}, forged "
-            f"{counter(samples, 'pgbridge_broker_forged_total'):.0f}")
+            f"relayed {counter(long.after, 'pgbridge_broker_relayed_total'):.0f}, fallbacks "
+            f"{counter(long.after, 'pgbridge_broker_fallbacks_total'):.0f}, forged "
+            f"{counter(long.after, 'pgbridge_broker_forged_total'):.0f}")
+    if config.mode == "polling":
+        await asyncio.sleep(2.5)  # the doorbell lease the bridges held runs out (2 s)
     return out
 
 
-async def background(stats: Stats, writer_conn: Any, rooms: list[tuple[str, str]],
+async def background(stats: Stats, rooms: list[tuple[str, str]],
                      args: argparse.Namespace) -> tuple[float, int]:
     """Transactions per second with the writer and no daemon, besides the writer's and this
     bench's own (autovacuum and the like), and their count."""
-    writer = Writer(writer_conn, rooms, args.rate)
+    writer = Writer(stats.writer_conn, rooms, args.rate)
     writer.start()
     try:
         await asyncio.sleep(min(args.warmup, 2.0))
@@ -464,6 +521,32 @@ async def background(stats: Stats, writer_conn: Any, rooms: list[tuple[str, str]
         await writer.stop()
     rest = (x1 - x0) - (own1 - own0)
     return rest / (t1 - t0), rest
+
+
+def no_autovacuum(db: str) -> None:
+    """Autovacuum off for every table of the bench database (``autovacuum_enabled``, a storage
+    parameter of each table: the server's settings are left alone), and the catalogs, which the
+    schema just churned, vacuumed and analyzed now: autovacuum's transactions, caused by the
+    writer and the setup rather than the bridges, stay out of the counts (:func:`autovacuums`
+    tells whether any ran)."""
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
+        tables = conn.execute("SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+                              "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = "
+                              "'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+                              ).fetchall()
+        for (table,) in tables:
+            conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = off, "
+                         "toast.autovacuum_enabled = off)")
+
+
+async def autovacuums(stats: Stats) -> int:
+    """Autovacuum and autoanalyze runs on the bench database's tables, catalogs included, so
+    far (``pg_stat_all_tables``)."""
+    return int(await stats.one("SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0) "
+                               "FROM pg_stat_all_tables"))
 
 
 @contextlib.contextmanager
@@ -508,9 +591,9 @@ def pct(values: list[float], q: float) -> float:
 def report(outcomes: list[Outcome], args: argparse.Namespace, bg: tuple[float, int]) -> None:
     print(f"\nbackground (writer alone, no daemon; not subtracted): {bg[0]:.2f} "
           f"transactions/s ({bg[1]} in {args.seconds:g} s)")
-    print("\ntransactions per second caused by the bridges (window "
-          f"{args.seconds:g} s after {args.warmup:g} s of warm-up; writer {args.rate:g} "
-          f"inserts/s; {args.clients} clients per instance in {args.rooms} rooms)")
+    print("\ntransactions per second caused by the bridges (long lifetime less short one: "
+          f"writer {args.rate:g} inserts/s for {args.warmup:g} + {args.seconds:g} s; "
+          f"{args.clients} clients per instance in {args.rooms} rooms)")
     by = {(o.config.instances, o.config.broker, o.config.mode): o for o in outcomes}
     cols = [(b, m) for b in (False, True) for m in args.modes if b in args.brokers]
     head = "".join(f"{('broker' if b else 'no broker') + ', ' + m:>22}" for b, m in cols)
@@ -529,18 +612,27 @@ def report(outcomes: list[Outcome], args: argparse.Namespace, bg: tuple[float, i
             o, one = by.get((n, b, m)), by.get((1, b, m))
             cells.append(f"{o.tps / one.tps:>10.2f}x" if o and one and one.tps > 0 else "-")
         print(f"{n:>9}" + "".join(f"{c:>22}" for c in cells))
-    print("\nbackend connections the bridges held (pg_stat_activity, end of the window)")
+    print("\nbackend connections the bridges held (pg_stat_activity, mid-window)")
     print(f"{'instances':>9}{head}")
     for n in args.instances:
         cells = [str(by[(n, b, m)].backends) if (n, b, m) in by else "-" for b, m in cols]
         print(f"{n:>9}" + "".join(f"{c:>22}" for c in cells))
-    print("\ndelivery, commit (bench_t, in the writer's transaction) to client receipt")
+    print("\ndelivery, commit (bench_t, in the writer's transaction) to client receipt, "
+          f"messages written in the {args.seconds:g} s after the warm-up; delivered: every "
+          "message written, to every client of its room")
     print(f"{'configuration':34} {'p50 ms':>8} {'p99 ms':>8} {'delivered':>17} {'dup':>4}  "
           "broker")
     for o in outcomes:
         print(f"{o.config.name:34} {pct(o.latencies, 0.5) * 1000:>8.1f} "
               f"{pct(o.latencies, 0.99) * 1000:>8.1f} {o.delivered:>8}/{o.expected:<8} "
               f"{o.duplicates:>4}  {o.roles}{'; ' if o.roles else ''}{o.broker_notes}")
+    print("\nthe two lifetimes of each configuration (the bridges' transactions, seconds from "
+          "ready to stop)")
+    for o in outcomes:
+        if o.short and o.long:
+            print(f"{o.config.name:34} short {o.short.xacts:>6} tx in {o.short.seconds:5.1f} s, "
+                  f"long {o.long.xacts:>6} tx in {o.long.seconds:5.1f} s; autovacuum runs "
+                  f"{o.short.vacuums + o.long.vacuums}")
     print("\nstatements per second the bridges counted (all instances; their /metrics: "
           "pool statements by purpose, and reads of the log)")
     for o in outcomes:
@@ -566,6 +658,7 @@ async def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         db = stack.enter_context(scratch_database(args.dsn, "broker"))
         rooms, members = await asyncio.to_thread(setup_pgbridge, db, sc)
+        await asyncio.to_thread(no_autovacuum, db)
         nats = stack.enter_context(nats_server(logs / "nats.log")) if True in args.brokers \
             else None
         dbname = str(conninfo_to_dict(db)["dbname"])
@@ -574,8 +667,9 @@ async def run(args: argparse.Namespace) -> int:
                 autocommit=True) as sconn, await psycopg.AsyncConnection.connect(
                 make_conninfo(db, application_name=BENCH_APP + "-writer"),
                 autocommit=True) as wconn:
-            stats = Stats(sconn, dbname)
-            bg = await background(stats, wconn, rooms, args)
+            stats = Stats(sconn, dbname, wconn)
+            vacuums = await autovacuums(stats)
+            bg = await background(stats, rooms, args)
             print(f"background: {bg[0]:.2f} transactions/s", flush=True)
             outcomes: list[Outcome] = []
             failed: list[str] = []
@@ -584,8 +678,8 @@ async def run(args: argparse.Namespace) -> int:
                     for mode in args.modes:
                         config = Config(n, broker, mode)
                         try:
-                            o = await measure(config, db, stats, wconn, rooms, members, args,
-                                              nats, logs)
+                            o = await measure(config, db, stats, rooms, members, args, nats,
+                                              logs)
                         except RuntimeError as exc:
                             failed.append(f"{config.name}: {exc}")
                             print(f"{config.name:34} FAILED: {exc}", flush=True)
@@ -596,7 +690,9 @@ async def run(args: argparse.Namespace) -> int:
                               f"p50 {pct(o.latencies, 0.5) * 1000:6.1f} ms  p99 "
                               f"{pct(o.latencies, 0.99) * 1000:6.1f} ms  delivered "
                               f"{o.delivered}/{o.expected}  {o.roles}", flush=True)
+            vacuums = await autovacuums(stats) - vacuums
     report(outcomes, args, bg)
+    print(f"autovacuum/autoanalyze runs in the bench database during the run: {vacuums}")
     for line in failed:
         print(f"FAILED {line}")
     print(f"\ntook {time.monotonic() - started:.0f} s")
@@ -608,8 +704,9 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dsn", required=True, help="a PostgreSQL superuser's conninfo")
     parser.add_argument("--instances", default="1,2,4,8", help="instance counts (1,2,4,8)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measurement window (15)")
-    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before it (5)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="seconds of writes after the warm-up (15)")
+    parser.add_argument("--warmup", type=float, default=3.0,
+                        help="seconds of writes before latencies count (3)")
     parser.add_argument("--broker", choices=["both", "no", "yes"], default="both",
                         help="without the broker, with it, or both (both)")
     parser.add_argument("--modes", default="light,polling", help="light,polling")
