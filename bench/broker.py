@@ -6,6 +6,7 @@ latency, for 1, 2, 4 and 8 instances.
     python -m bench.broker --dsn postgresql://postgres@127.0.0.1:5432/postgres
                            [--instances 1,2,4,8] [--seconds 15] [--warmup 3]
                            [--broker both|no|yes] [--modes light,polling]
+                           [--takeover ROUNDS [--takeover-instances 4]]
 
 One run, one fresh database (``pgbridge_bench_broker_*``, the schema applied, autovacuum off
 on its tables, dropped at the end). For every instance count, broker setting and load mode
@@ -46,6 +47,14 @@ printed per configuration, to tell what the transactions are.
 The backend connections: ``pg_stat_activity`` of the bench database, client backends that are
 not this bench's (it names its own sessions ``pgbridge-bench-*``), half-way through the writer's
 run.
+
+``--takeover ROUNDS`` (``--instances ''`` for it alone): ``--takeover-instances`` (4)
+instances on the broker at light load with the writer running; the leader is SIGKILLed and
+the bench times, from the kill, a new leader (exactly one surviving instance reports ``leader``
+on its /metrics, polled every 20 ms) and the events flowing again (the first message committed
+after the kill is at every surviving client of its room), takes the worst commit-to-receipt
+latency of the messages around the kill, checks that the surviving clients miss no message, starts a new instance with new clients in the dead one's place, waits until it
+follows, and again.
 
 Latency: each message carries ``bench_t``, ``clock_timestamp()`` in the writer's transaction
 (before its commit); a client's receive time (``time.time()``, same machine) minus it, for the
@@ -124,6 +133,7 @@ class Client(WsClient):
         super().__init__(url, subscribe)
         self.room = room
         self.got: dict[int, float] = {}
+        self.at: dict[int, float] = {}  # receive time (time.time()) by n
         self.duplicates = 0
 
     def on_text(self, data: bytes, now: float) -> None:
@@ -136,6 +146,7 @@ class Client(WsClient):
                 self.duplicates += 1
             else:
                 self.got[n] = now - float(match.group(2))
+                self.at[n] = now
 
 
 class Writer:
@@ -383,6 +394,147 @@ async def delivered_all(clients: list[Client], writer: Writer) -> None:
         await asyncio.sleep(0.1)
 
 
+def daemon_env(config: Config, db: str, nats: str | None) -> dict[str, str]:
+    env = clean_env() | {"DATABASE_URL": db, "PGBRIDGE_JWT_SECRET": SECRET,
+                         "PGBRIDGE_LOG_LEVEL": "INFO"}
+    if config.mode == "polling":
+        env["PGBRIDGE_DOORBELL"] = "off"
+    if config.broker:
+        assert nats is not None
+        env["PGBRIDGE_BROKER"] = nats
+    return env
+
+
+async def clients_of(daemon: Daemon, members: list[tuple[str, str]]) -> list[Client]:
+    """One subscribed client per ``(user, room)`` of ``members`` on ``daemon``."""
+    from daemon.auth import mint_token
+
+    specs = [(f"ws://127.0.0.1:{daemon.port}/ws?token={mint_token(SECRET, user, ttl=3600)}",
+              f'{{"type":"subscribe","room":"{room}"}}'.encode(), room)
+             for user, room in members]
+    by_url: dict[tuple[str, bytes | None], str] = {(u, s): r for u, s, r in specs}
+    return await open_clients([(u, s) for u, s, _ in specs],
+                              lambda u, s: Client(u, s, by_url[(u, s)]))
+
+
+@dataclass
+class Takeover:
+    """One round: the leader SIGKILLed; seconds from the kill."""
+
+    leader: float | None  # until exactly one surviving instance reports leader on /metrics
+    flowing: float | None  # until the first message committed after the kill is at every
+    # surviving client of its room
+    missing: int  # deliveries to surviving clients missing 10 s after the round's messages
+    expected: int
+    fallbacks: float  # pgbridge_broker_fallbacks_total of the survivors, during the round
+    worst: float  # the largest commit-to-receipt latency of the round's messages, seconds
+
+
+async def takeover(db: str, stats: Stats, rooms: list[tuple[str, str]],
+                   members: list[tuple[str, str]], args: argparse.Namespace, nats: str,
+                   logs: Path) -> list[Takeover]:
+    """``--takeover`` rounds with ``--takeover-instances`` instances on the broker at light
+    load and the writer running: SIGKILL the leader, time a new leader and the events flowing
+    again to the survivors' clients, check that they miss nothing, start a new instance in the
+    dead one's place (new clients), wait until it follows, and again."""
+    config = Config(args.takeover_instances, True, "light")
+    env = daemon_env(config, db, nats)
+    daemons = [Daemon(env, free_port(), logs / f"takeover-{k}.log")
+               for k in range(config.instances)]
+    held: list[list[Client]] = []
+    writer = Writer(stats.writer_conn, rooms, args.rate)
+    out: list[Takeover] = []
+    try:
+        for d in daemons:
+            d.start()
+        await asyncio.gather(*(d.healthy() for d in daemons))
+        held = [await clients_of(d, members) for d in daemons]
+        await wait_ready(daemons, config)
+        writer.start()
+        await asyncio.sleep(2)
+        for r in range(args.takeover):
+            samples = list(await asyncio.gather(*(metrics(d.port) for d in daemons)))
+            lead = [role(x) for x in samples].index("leader")
+            survivors = [k for k in range(len(daemons)) if k != lead]
+            fallbacks0 = counter([samples[k] for k in survivors],
+                                 "pgbridge_broker_fallbacks_total")
+            proc = daemons[lead].proc
+            assert proc is not None
+            first_n = writer.next + 1  # the one in flight may have begun before the kill
+            killed = time.time()
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            leader = flowing = None
+            deadline = time.monotonic() + 15
+            clients = [c for k in survivors for c in held[k]]
+            room = rooms[first_n % len(rooms)][0]  # that of the first message after the kill
+            watch = [c for c in clients if c.room == room]
+            while time.monotonic() < deadline and (leader is None or flowing is None):
+                if leader is None:
+                    now = list(await asyncio.gather(*(metrics(daemons[k].port)
+                                                      for k in survivors)))
+                    names = [role(x) for x in now]
+                    if names.count("leader") == 1 and names.count("follower") == len(now) - 1:
+                        leader = time.time() - killed
+                if flowing is None and all(first_n in c.at for c in watch):
+                    flowing = max(c.at[first_n] for c in watch) - killed
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(1)
+            last_n = writer.next
+            span = [n for n in range(first_n - 2 * len(rooms), last_n) if n in writer.written]
+            await delivered_all(clients, writer)
+            expected = sum(1 for c in clients for n in span if writer.written[n] == c.room)
+            missing = sum(1 for c in clients for n in span
+                          if writer.written[n] == c.room and n not in c.got)
+            worst = max((c.got[n] for c in clients for n in span if n in c.got), default=0.0)
+            now = list(await asyncio.gather(*(metrics(daemons[k].port) for k in survivors)))
+            out.append(Takeover(leader, flowing, missing, expected,
+                                counter(now, "pgbridge_broker_fallbacks_total") - fallbacks0,
+                                worst))
+            t = out[-1]
+            print(f"  takeover {r + 1}: new leader after {fmt_s(t.leader)}, the first message "
+                  f"after the kill at every surviving client of its room after "
+                  f"{fmt_s(t.flowing)}, worst latency {t.worst * 1000:.0f} ms, missing "
+                  f"{t.missing} of {t.expected}, fallbacks {t.fallbacks:.0f}", flush=True)
+            for c in held[lead]:
+                if c.transport is not None:
+                    c.transport.abort()
+            daemons[lead] = Daemon(env, free_port(), logs / f"takeover-{len(out)}-new.log")
+            daemons[lead].start()
+            await daemons[lead].healthy()
+            held[lead] = await clients_of(daemons[lead], members)
+            await wait_ready(daemons, config)
+            await asyncio.sleep(1)
+    finally:
+        await writer.stop()
+        await asyncio.gather(*(d.stop() for d in daemons))
+        for c in (c for h in held for c in h):
+            if c.transport is not None:
+                c.transport.abort()
+    return out
+
+
+def report_takeover(rounds: list[Takeover], args: argparse.Namespace) -> None:
+    print(f"\ntakeover, {args.takeover_instances} instances on the broker at light load "
+          f"({args.rate:g} inserts/s), the leader SIGKILLed, {len(rounds)} rounds (seconds "
+          "from the kill)")
+    for name, values in (("a new leader (exactly one on /metrics)", [t.leader for t in rounds]),
+                         ("the first message after the kill received",
+                          [t.flowing for t in rounds]),
+                         ("worst commit-to-receipt latency", [t.worst for t in rounds])):
+        known = sorted(v for v in values if v is not None)
+        worst = "-" if len(known) < len(values) else fmt_s(known[-1])
+        median = fmt_s(known[len(known) // 2]) if known else "-"
+        print(f"{name:42} median {median:>8}, worst {worst:>8}")
+    print(f"deliveries to surviving clients missing: {sum(t.missing for t in rounds)} of "
+          f"{sum(t.expected for t in rounds)}; fallbacks meanwhile: "
+          f"{sum(t.fallbacks for t in rounds):.0f}")
+
+
+def fmt_s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f} s"
+
+
 @dataclass
 class Life:
     """One lifetime of a configuration's daemons, from before they start to after their last
@@ -407,15 +559,7 @@ async def lifetime(config: Config, db: str, stats: Stats, writer: Writer | None,
     The database's transactions over it come from two ``pg_stat_database`` reads with no daemon
     backend alive, so every one of the bridges' is in it, whenever their backends would
     otherwise have published them. ``clients`` receives the clients."""
-    from daemon.auth import mint_token
-
-    env = clean_env() | {"DATABASE_URL": db, "PGBRIDGE_JWT_SECRET": SECRET,
-                         "PGBRIDGE_LOG_LEVEL": "INFO"}
-    if config.mode == "polling":
-        env["PGBRIDGE_DOORBELL"] = "off"
-    if config.broker:
-        assert nats is not None
-        env["PGBRIDGE_BROKER"] = nats
+    env = daemon_env(config, db, nats)
     daemons = [Daemon(env, free_port(), logs / f"{slug(config)}{tag}-{k}.log")
                for k in range(config.instances)]
     flush = writer or Writer(stats.writer_conn, [], 1.0)
@@ -427,12 +571,8 @@ async def lifetime(config: Config, db: str, stats: Stats, writer: Writer | None,
         for d in daemons:
             d.start()
         await asyncio.gather(*(d.healthy() for d in daemons))
-        specs = [(f"ws://127.0.0.1:{d.port}/ws?token={mint_token(SECRET, user, ttl=3600)}",
-                  f'{{"type":"subscribe","room":"{room}"}}'.encode(), room)
-                 for d in daemons for user, room in members]
-        by_url: dict[tuple[str, bytes | None], str] = {(u, s): r for u, s, r in specs}
-        clients += await open_clients([(u, s) for u, s, _ in specs],
-                                      lambda u, s: Client(u, s, by_url[(u, s)]))
+        for d in daemons:
+            clients += await clients_of(d, members)
         await wait_ready(daemons, config)
         ready = time.monotonic()
         if writer is not None:
@@ -690,8 +830,16 @@ async def run(args: argparse.Namespace) -> int:
                               f"p50 {pct(o.latencies, 0.5) * 1000:6.1f} ms  p99 "
                               f"{pct(o.latencies, 0.99) * 1000:6.1f} ms  delivered "
                               f"{o.delivered}/{o.expected}  {o.roles}", flush=True)
+            rounds: list[Takeover] = []
+            if args.takeover and nats is not None:
+                print(f"takeover: {args.takeover_instances} instances on the broker, light "
+                      "load, the leader SIGKILLed", flush=True)
+                rounds = await takeover(db, stats, rooms, members, args, nats, logs)
             vacuums = await autovacuums(stats) - vacuums
-    report(outcomes, args, bg)
+    if outcomes:
+        report(outcomes, args, bg)
+    if rounds:
+        report_takeover(rounds, args)
     print(f"autovacuum/autoanalyze runs in the bench database during the run: {vacuums}")
     for line in failed:
         print(f"FAILED {line}")
@@ -713,8 +861,14 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=20, help="clients per instance (20)")
     parser.add_argument("--rooms", type=int, default=10, help="rooms (10)")
     parser.add_argument("--rate", type=float, default=20.0, help="inserts per second (20)")
+    parser.add_argument("--takeover", type=int, default=0,
+                        help="rounds of SIGKILLing the leader, after the rest (0)")
+    parser.add_argument("--takeover-instances", type=int, default=4,
+                        help="instances for --takeover (4)")
     args = parser.parse_args()
     args.instances = [int(s) for s in args.instances.split(",") if s.strip()]
+    if args.takeover and args.broker == "no":
+        parser.error("--takeover needs the broker")
     args.modes = [s.strip() for s in args.modes.split(",") if s.strip()]
     if not set(args.modes) <= {"light", "polling"}:
         parser.error("--modes: light and/or polling")
