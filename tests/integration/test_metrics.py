@@ -299,12 +299,28 @@ async def exported_names(bridge: Bridge) -> set[str]:
 
 
 
+def broker_names() -> set[str]:
+    """The names a bridge with a broker (``PGBRIDGE_BROKER``) exports besides the others."""
+    from daemon.broker import STATES
+    from daemon.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.export_broker(states=STATES, state=lambda: "leader", up=lambda: True,
+                          lag=lambda: 0.0)
+    names = set()
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        if family.name.startswith("pgbridge_broker"):
+            names.add(family.name)
+            names.update(family.name + suffix for suffix in SUFFIXES.get(family.type, ("",)))
+    return names
+
+
 async def test_alert_rules_and_dashboard_parse_and_use_exported_metrics(bridge: Bridge,
                                                                         conn: Conn) -> None:
     user, room, ws, _ = await subscribed_member(conn, bridge.port)
     await post(conn, room, user)
     await events(ws, 1)
-    exported = await exported_names(bridge)
+    exported = await exported_names(bridge) | broker_names()
 
     dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
@@ -332,8 +348,12 @@ def test_docs_list_every_metric() -> None:
     from daemon.metrics import Metrics
 
     section = (ROOT / "docs" / "reference" / "metrics.md").read_text()
+    from daemon.broker import STATES
+
     metrics = Metrics()
     metrics.watch_pool(dict)
+    metrics.export_broker(states=STATES, state=lambda: "leader", up=lambda: True,
+                          lag=lambda: 0.0)
     names = {m.name for m in metrics.registry.collect()}
     missing = sorted(n for n in names if n not in section)
     assert not missing, missing
