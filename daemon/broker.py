@@ -213,7 +213,7 @@ class Broker:
                     self.state != "follower" or self.epoch != epoch)):
                 return
             if self.state == "leader":
-                await self._unlead()
+                await self._unlead(reason)
             self.state = "fallback"
             self.relay.stop()
             self.metrics.broker_fallbacks.inc()
@@ -233,7 +233,7 @@ class Broker:
             except Exception as exc:  # nats: the connection closed meanwhile; let another lead
                 log.warning("could not answer track requests (%s); stepping down", exc,
                             extra={"event": "broker_track_failed"})
-                self.leadership.resign()
+                self.leadership.resign("it could not answer the followers' track requests")
             log.info("this instance is the capture reader (epoch %d): it reads the log and "
                      "publishes every room's events to the broker", epoch,
                      extra={"event": "broker_leader", "epoch": epoch})
@@ -243,15 +243,15 @@ class Broker:
                     extra={"event": "broker_stepped_down"})
         await self.fall_back(f"this instance stopped leading ({why})")
 
-    async def _unlead(self) -> None:
+    async def _unlead(self, why: str) -> None:
         self.relay.stop()
         self.rooms.relay = None
         await self.interest.unserve()
-        self.leadership.resign()
+        self.leadership.resign(why)
 
     def _overflow(self) -> None:
         if self.state == "leader":  # the broker takes nothing: let another instance lead
-            self.leadership.resign()
+            self.leadership.resign("the broker takes no more messages from it")
 
     async def _follow(self, epoch: int) -> None:
         """The leader of ``epoch`` is heard: have it publish our rooms, then follow it (stop
@@ -327,7 +327,7 @@ class Broker:
         # nats-py awaits this in its reconnect task: whatever fails here must not end it
         self.leadership.allowed.clear()
         log.warning("lost the broker; reconnecting", extra={"event": "broker_lost"})
-        self.leadership.resign()
+        self.leadership.resign("the broker connection was lost")
         try:
             await self.fall_back("the broker connection was lost")
         except Exception:

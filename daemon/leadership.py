@@ -70,9 +70,11 @@ class Leadership:
         self.lost = lost
         self.allowed = asyncio.Event()  # set while this instance may lead (broker connected)
         self._resign = asyncio.Event()
+        self._why = ""
 
-    def resign(self) -> None:
-        """Step down now if leading (the broker was lost); campaign again once allowed."""
+    def resign(self, why: str) -> None:
+        """Step down now if leading (``why``: for the log); campaign again once allowed."""
+        self._why = why
         self._resign.set()
 
     async def run(self) -> None:
@@ -110,20 +112,20 @@ class Leadership:
                 await asyncio.wait({waiting, resigned}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 resigned.cancel()
-            if not waiting.done():  # resigned while waiting (psycopg cancels the query)
-                waiting.cancel()
-                await asyncio.wait({waiting}, timeout=HOLD_TIMEOUT)
+            if not waiting.done() or self._resign.is_set():  # resigned while waiting
+                waiting.cancel()  # psycopg cancels the query; closing the connection frees
+                await asyncio.wait({waiting}, timeout=HOLD_TIMEOUT)  # a lock just taken
                 return
             epoch = waiting.result()
             leading = True
             backoff.reset()
             await self.elected(epoch)
-            while not self._resign.is_set():
+            while True:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(HOLD_CHECK):
                         await self._resign.wait()
                 if self._resign.is_set():
-                    why = "the broker was lost"
+                    why = self._why
                     break
                 await asyncio.wait_for(conn.execute("SELECT 1"), HOLD_TIMEOUT)
         except TimeoutError:

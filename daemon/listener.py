@@ -127,6 +127,7 @@ class Listener:
         self._session: asyncio.Task[None] | None = None
         self._retry_now = asyncio.Event()
         self._rekeyed = False  # the LISTEN connection is being replaced for a new key
+        self._listened = False  # listen() ran before (the key may have changed since)
         self._forgeries = Throttled(log, interval=10.0)
         self._key_failures = Throttled(log, interval=60.0)
         self.rejects = RejectBudget()
@@ -174,8 +175,14 @@ class Listener:
 
     async def listen(self) -> None:
         """Run reader, probe and key re-read until cancelled (after :meth:`start`; again after
-        a cancel, as the broker's instances do, :mod:`daemon.broker`). Connection failures are
-        retried forever; ``ready`` tells whether LISTEN was ever proven to deliver."""
+        a cancel, as the broker's instances do, :mod:`daemon.broker`: the key is then read
+        again first, since ``pgbridge_listen()`` names the channels of the current one).
+        Connection failures are retried forever; ``ready`` tells whether LISTEN was ever proven
+        to deliver."""
+        if self._listened:
+            with contextlib.suppress(BridgeError):  # else the key task follows it
+                await self._reread_key()
+        self._listened = True
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._read_forever(), name="listener-reader")

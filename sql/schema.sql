@@ -265,8 +265,9 @@ CREATE SEQUENCE IF NOT EXISTS change_doorbell MINVALUE 0 MAXVALUE 25340230079999
 -- key's signature (daemon/signing.py). One row, created once with 32 random bytes
 -- (gen_random_uuid() is a CSPRNG; two UUIDs give 244 random bits); ipad and opad are the key
 -- padded to SHA-256's 64-byte block, XOR 0x36 and 0x5c, precomputed for the triggers. Readable
--- by the owner and the bridge role only. To rotate: DELETE the row and run setup_db.py again;
--- running daemons notice the new key on the next payload that fails to verify.
+-- by the owner and the bridge role only. To rotate: DELETE the row and run setup_db.py again
+-- (writes to the chat tables fail in between: pause the writers); running daemons re-read the
+-- key every 5 s (docs/topics/security.md).
 CREATE TABLE IF NOT EXISTS change_notify_key (
     id BOOLEAN PRIMARY KEY DEFAULT true CONSTRAINT change_notify_key_one_row CHECK (id),
     key BYTEA NOT NULL,
