@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,20 @@ def state_of(samples: Samples | None) -> str | None:
 
 def sample(samples: Samples | None, name: str) -> float | None:
     return None if samples is None else samples.get((name, ()))
+
+
+def settled(states: dict[str, str | None]) -> bool:
+    """One leader, every other instance a follower."""
+    found = list(states.values())
+    return found.count("leader") == 1 and found.count("follower") == len(found) - 1
+
+
+def a_leader(states: dict[str, str | None]) -> bool:
+    return "leader" in states.values()
+
+
+def all_fallback(states: dict[str, str | None]) -> bool:
+    return set(states.values()) == {"fallback"}
 
 
 # --- a cluster of restartable instances ---------------------------------------------------------
@@ -146,34 +160,41 @@ class Cluster:
         found = await asyncio.gather(*(i.state() for i in live))
         return {i.name: s for i, s in zip(live, found, strict=True)}
 
-    async def leader(self) -> Instance | None:
-        """The leader when the live instances are settled (one leader, the rest followers)."""
-        live = self.live()
-        found = await asyncio.gather(*(i.state() for i in live))
-        leaders = [i for i, s in zip(live, found, strict=True) if s == "leader"]
-        if len(leaders) != 1 or found.count("follower") != len(live) - 1:
-            return None
-        return leaders[0]
+    async def await_states(self, want: Callable[[dict[str, str | None]], bool], what: str,
+                           timeout: float = 30.0) -> tuple[dict[str, str | None], float]:
+        """Await live instances' states (name -> state) that satisfy ``want``; return them and
+        the seconds it took. On a timeout the last states seen are in the failure."""
+        started = time.monotonic()
+        seen: list[dict[str, str | None]] = [{}]
+
+        async def reached() -> bool:
+            seen[0] = await self.states()
+            return want(seen[0])
+
+        try:
+            await until(reached, what, timeout=timeout, every=0.05)
+        except BaseException as exc:
+            if isinstance(exc, pytest.fail.Exception):
+                pytest.fail(f"{exc.msg}; the last states seen: {seen[0]}")
+            raise
+        return seen[0], time.monotonic() - started
 
     async def settle(self, what: str, timeout: float = 30.0) -> tuple[Instance, float]:
         """Await one leader and followers among the live instances; return the leader and the
         seconds it took."""
-        started = time.monotonic()
-        found: list[Instance] = []
+        states, took = await self.await_states(
+            settled, f"one leader and followers ({what})", timeout)
+        (leader,) = [i for i in self.live() if states[i.name] == "leader"]
+        return leader, took
 
-        async def settled() -> bool:
-            leader = await self.leader()
-            if leader is not None:
-                found.append(leader)
-            return leader is not None
+    def broker_up(self, value: int) -> Callable[[], Awaitable[bool]]:
+        """A condition for :func:`until`: every live instance reports ``pgbridge_broker_up``
+        = ``value``."""
+        async def condition() -> bool:
+            found = await asyncio.gather(*(i.scrape() for i in self.live()))
+            return all(sample(s, "pgbridge_broker_up") == value for s in found)
 
-        try:
-            await until(settled, f"one leader and followers ({what})", timeout=timeout,
-                        every=0.05)
-        except BaseException:
-            print(f"states when giving up ({what}): {await self.states()}")
-            raise
-        return found[-1], time.monotonic() - started
+        return condition
 
     async def start(self) -> None:
         for instance in self.instances:
@@ -205,6 +226,15 @@ async def listening_backends(conn: Conn) -> int:
         "AND backend_type = 'client backend' AND query LIKE '%%pgbridge_listen\"()%%' "
         "AND state = 'idle' AND pid <> pg_backend_pid()")
     return int((await cur.fetchone() or (0,))[0])
+
+
+async def one_listener(conn: Conn, what: str) -> None:
+    """Await exactly one LISTENing connection in the database (the leader's: followers have
+    none)."""
+    async def one() -> bool:
+        return await listening_backends(conn) == 1
+
+    await until(one, f"exactly one LISTENing connection ({what})")
 
 
 async def schema_db(fresh_db: str) -> str:
@@ -450,10 +480,7 @@ async def test_one_leader_and_followers(fresh_db: str, nats_server: NatsServer,
         states = await cluster.states()
         assert sorted(states.values()) == ["follower", "follower", "leader"], states
 
-        async def one_listener() -> bool:
-            return await listening_backends(conn) == 1
-
-        await until(one_listener, "exactly one LISTENing connection (the leader's)")
+        await one_listener(conn, "three instances settled")
 
         users, (room,), writer = await members(conn, 3, 1)
         base = await head(conn, room)
@@ -508,22 +535,26 @@ async def test_every_seq_once_in_order_across_kills_and_a_broker_restart(
             order = [leader] + [i for i in cluster.instances if i is not leader]
             for step, victim in enumerate(order):
                 if step == 1:  # midway: the broker goes away and comes back on its port
+                    gone = time.monotonic()
                     await nats_server.kill()
-                    restarted = time.monotonic()
+                    await until(cluster.broker_up(0), "every instance seeing the broker gone")
                     await nats_server.start()
                     _, took = await cluster.settle("after the nats-server restart")
+                    await until(cluster.broker_up(1), "every instance connected to the broker")
                     print(f"settled {took:.2f} s after the nats-server restart "
-                          f"({time.monotonic() - restarted:.2f} s from its kill)")
+                          f"({time.monotonic() - gone:.2f} s from its kill)")
                     await caught_up(clients, conn, rooms, "after the nats-server restart")
                 was_leader = await victim.state() == "leader"
                 moved = [c for c in clients if c.instance is victim]
                 killed = time.monotonic()
                 await victim.kill()
                 if was_leader:
-                    new, took = await cluster.settle(f"a new leader after {victim} was killed")
+                    states, took = await cluster.await_states(
+                        a_leader, f"a new leader after {victim} was killed")
                     takeovers.append(took)
-                    assert new is not victim
-                    print(f"{victim} (leader) killed: {new} leader after {took:.2f} s")
+                    _, took_all = await cluster.settle(f"after {victim} was killed")
+                    print(f"{victim} (leader) killed: a new leader after {took:.2f} s "
+                          f"({states}), settled after {took + took_all:.2f} s")
 
                 async def resumed(moved: list[Resumer] = moved) -> bool:
                     return all(c.following() for c in moved)
@@ -538,6 +569,8 @@ async def test_every_seq_once_in_order_across_kills_and_a_broker_restart(
 
             await writer.stop()
             heads = await caught_up(clients, conn, rooms, "at the end", timeout=90.0)
+
+            await one_listener(conn, "at the end")
         finally:
             if writer.task is not None and not writer.task.done():
                 await writer.stop()
@@ -584,13 +617,8 @@ async def test_falls_back_when_the_broker_is_down(fresh_db: str, nats_server: Na
 
             await nats_server.kill()
 
-            async def all_fallback() -> bool:
-                return set((await cluster.states()).values()) == {"fallback"}
-
-            await until(all_fallback, "both instances in fallback with the broker down")
-            for instance in cluster.instances:
-                samples = await instance.scrape()
-                assert sample(samples, "pgbridge_broker_up") == 0, instance
+            await cluster.await_states(all_fallback, "both in fallback with the broker down")
+            await until(cluster.broker_up(0), "both instances reporting the broker down")
             now = sample(await follower.scrape(), "pgbridge_broker_fallbacks_total")
             assert now is not None and now > fell_back, (fell_back, now)
             await write(5, "with the broker down")
@@ -599,13 +627,9 @@ async def test_falls_back_when_the_broker_is_down(fresh_db: str, nats_server: Na
             await nats_server.start()
             _, took = await cluster.settle("the broker back")
             print(f"settled {took:.2f} s after the broker came back")
-            for instance in cluster.instances:
-                assert sample(await instance.scrape(), "pgbridge_broker_up") == 1, instance
+            await until(cluster.broker_up(1), "both instances connected to the broker again")
 
-            async def one_listener() -> bool:
-                return await listening_backends(conn) == 1
-
-            await until(one_listener, "exactly one LISTENing connection again")
+            await one_listener(conn, "the broker back")
             await write(5, "with the broker back")
             heads = {room: await head(conn, room) for room in rooms}
         finally:
