@@ -26,6 +26,7 @@ from . import systemd
 from .access import Access
 from .acks import AckBuffer, AckWriter
 from .auth import Claims, resolve_secret, verify_token
+from .broker import Broker, tee
 from .db import database, describe
 from .demo import banner, ensure_demo
 from .doorbell import Doorbell
@@ -106,14 +107,24 @@ class Bridge:
                                  followers=(self.rooms, self.presence_feed, self.feeds),
                                  probe_interval=settings.probe_interval,
                                  probe_timeout=max(2.0, min(settings.probe_interval, 10.0)))
+        self.broker: Broker | None = None
+        relay: Callable[[Any], None] = lambda note: None  # noqa: E731
+        if settings.broker:
+            self.broker = Broker(settings.broker, conninfo=conninfo, schema=settings.schema,
+                                 store=self.store, hub=self.hub, rooms=self.rooms,
+                                 listener=self.listener, presence_feed=self.presence_feed,
+                                 followers=(self.rooms, self.presence_feed, self.feeds),
+                                 metrics=self.metrics)
+            self.metrics.export_broker()
+            relay = self.broker.relay.note  # the leader relays what it hears on LISTEN
         listen = self.listener.on
         listen(Change, self.rooms.changed)
-        listen(UserHint, self.rooms.user_hinted)
+        listen(UserHint, tee(relay, self.rooms.user_hinted))
         listen(Unreadable, self.rooms.unreadable)
         listen(DoorbellHint, self.rooms.polls.hinted)
-        listen(PresenceHint, self.presence_feed.hinted)
-        listen(MemberHint, self.feeds.hinted)
-        listen(Typing, self.presence_feed.typing)
+        listen(PresenceHint, tee(relay, self.presence_feed.hinted))
+        listen(MemberHint, tee(relay, self.feeds.hinted))
+        listen(Typing, tee(relay, self.presence_feed.typing))
         self.acks = AckBuffer()
         self.ack_writer = AckWriter(self.acks, self.store, self.metrics,
                                     interval=settings.ack_flush_interval)
@@ -121,7 +132,8 @@ class Bridge:
                                    max_per_user=settings.max_connections_per_user,
                                    user_rate=settings.user_subscribe_rate,
                                    user_burst=settings.user_subscribe_burst)
-        self.health = Health(self.store, self.listener)
+        self.health = Health(self.store, self.listener,
+                             events=self.broker.health if self.broker else None)
         self.server = Server(settings=settings, metrics=self.metrics, hub=self.hub,
                              rooms=self.rooms, store=self.store, acks=self.acks,
                              access=self.access, limits=self.limits, presence=self.presence,
@@ -188,7 +200,10 @@ class Bridge:
             if await self.store.in_recovery():
                 raise DatabaseError(f"{describe(self.conninfo)} is a hot standby (read-only): "
                                     "LISTEN/NOTIFY needs the primary; point pgbridge at it")
-            tasks.add(asyncio.create_task(self.listener.run(), name="listener"))
+            if self.broker is not None:  # runs the listener while this instance reads the log
+                tasks.add(asyncio.create_task(self.broker.run(), name="broker"))
+            else:
+                tasks.add(asyncio.create_task(self.listener.run(), name="listener"))
             tasks.add(asyncio.create_task(self._schema_watch(), name="schema-watch"))
             tasks.add(asyncio.create_task(self._rooms_once_checked(), name="rooms"))
             tasks.add(asyncio.create_task(self.presence_feed.run(), name="presence-feed"))
@@ -299,25 +314,26 @@ class Bridge:
         """The rooms (and with them the doorbell) start once the listener read the key and may
         LISTEN: a bridge that cannot LISTEN never takes the doorbell's lease from the others."""
         await self.listener.checked.wait()
-        await self.rooms.run()
+        await self.rooms.run(capture=self.broker is None)
 
     async def _watchdog_forever(self, interval: float) -> None:
         """Every ``interval`` seconds, ``WATCHDOG=1`` if the last NOTIFY round trip is recent
         (:func:`daemon.watchdog.probe_fresh`); otherwise nothing, and systemd restarts the
         daemon once ``WatchdogSec`` passed without one."""
-        listener = self.listener
+        listener, broker = self.listener, self.broker
         max_age = probe_max_age(listener.probe_interval, listener.probe_timeout)
         withheld = False
         while True:
-            if probe_fresh(listener.probed_at, time.monotonic(), max_age):
+            # with a broker: the leader's last heartbeat while this instance follows it
+            alive_at = broker.alive_at if broker is not None else listener.probed_at
+            if probe_fresh(alive_at, time.monotonic(), max_age):
                 systemd.notify("WATCHDOG=1")
                 if withheld:
                     log.warning("NOTIFY round trips are back: petting the systemd watchdog "
                                 "again", extra={"event": "watchdog_resumed"})
                 withheld = False
             elif not withheld:
-                age = (time.monotonic() - listener.probed_at if listener.probed_at is not None
-                       else float("inf"))
+                age = time.monotonic() - alive_at if alive_at is not None else float("inf")
                 log.error("no NOTIFY round trip for %.1f s (more than %.1f s): withholding "
                           "WATCHDOG=1, systemd restarts the daemon if this lasts WatchdogSec",
                           age, max_age, extra={"event": "watchdog_withheld"})

@@ -125,9 +125,11 @@ class Health:
     """
 
     def __init__(self, store: Store, listener: Listener, *, timeout: float = 0.8,
-                 ttl: float = 0.5, stale: float = 5.0) -> None:
+                 ttl: float = 0.5, stale: float = 5.0,
+                 events: Callable[[], str | None] | None = None) -> None:
         self.store = store
         self.listener = listener
+        self.events = events  # with a broker: why events may not flow (daemon.broker)
         self.timeout = timeout
         self.ttl = ttl
         self.stale = stale
@@ -168,6 +170,8 @@ class Health:
         return reason
 
     def _listener(self) -> str | None:
+        if self.events is not None:
+            return self.events()
         if not self.listener.connected:
             return "not connected"
         if not self.listener.ready.is_set():

@@ -27,6 +27,7 @@ a membership DELETE of the subscriber (``membership_revoked``) or the room's del
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from .events import Event
@@ -176,19 +177,25 @@ class Subscription:
 
 
 class _Room:
-    __slots__ = ("last", "subs", "watchers")
+    __slots__ = ("last", "pinned", "subs", "watchers")
 
     def __init__(self, last: int) -> None:
         self.last = last
         self.subs: set[Subscription] = set()
         self.watchers: set[Subscription] = set()
+        self.pinned = False  # kept for the broker's followers (daemon.broker), subscribed or not
 
 
 class Hub:
-    """Rooms with subscribers, and the last seq published in each."""
+    """Rooms with subscribers (or pinned), and the last seq published in each.
+
+    ``observer`` (the broker, :mod:`daemon.broker`): called with ``(room, True)`` when a room
+    starts being tracked and ``(room, False)`` when it stops; it must not call back into the
+    hub."""
 
     def __init__(self) -> None:
         self._rooms: dict[str, _Room] = {}
+        self.observer: Callable[[str, bool], None] | None = None
 
     def __contains__(self, room: str) -> bool:
         return room in self._rooms
@@ -215,6 +222,26 @@ class Hub:
         """Start tracking ``room`` whose log currently ends at ``head``."""
         if room not in self._rooms:
             self._rooms[room] = _Room(head)
+            if self.observer is not None:
+                self.observer(room, True)
+
+    def pin(self, room: str) -> int:
+        """Keep the tracked ``room`` tracked without subscribers (the broker's leader publishes
+        it for the followers); return its last seq now."""
+        state = self._rooms[room]
+        state.pinned = True
+        return state.last
+
+    def unpin(self, room: str) -> None:
+        """Undo :meth:`pin`: a room left without subscribers is no longer tracked."""
+        state = self._rooms.get(room)
+        if state is not None:
+            state.pinned = False
+            self._drop_if_idle(room, state)
+
+    def pinned(self) -> list[str]:
+        """The pinned rooms."""
+        return [room for room, state in self._rooms.items() if state.pinned]
 
     def add(self, sub: Subscription) -> int:
         """Register ``sub`` in its (tracked) room; return ``L``, the room's last seq now."""
@@ -248,8 +275,13 @@ class Hub:
             return
         state.subs.discard(sub)
         state.watchers.discard(sub)
-        if not state.subs:
-            del self._rooms[sub.room]
+        self._drop_if_idle(sub.room, state)
+
+    def _drop_if_idle(self, room: str, state: _Room) -> None:
+        if not state.subs and not state.pinned:
+            del self._rooms[room]
+            if self.observer is not None:
+                self.observer(room, False)
 
     def hole(self, room: str, first: int, last: int) -> int:
         """Seqs ``first``..``last`` of ``room`` are gone from the log for good: end with

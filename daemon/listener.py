@@ -150,6 +150,13 @@ class Listener:
         Notes of a kind without a handler are dropped."""
         self._handlers[kind] = handler
 
+    def hand(self, note: Note) -> Awaitable[None] | None:
+        """Hand ``note`` to the handler registered for its kind (:meth:`on`), as if heard on
+        the LISTEN connection (the broker's followers, :mod:`daemon.broker`, hear their notes
+        from NATS); the caller awaits what it returns."""
+        handler = self._handlers.get(type(note))
+        return handler(note) if handler is not None else None
+
     async def run(self) -> None:
         """Run reader, probe and key re-read until cancelled. Connection failures are retried
         forever; ``ready`` tells whether LISTEN was ever proven to deliver. Raises

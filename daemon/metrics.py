@@ -192,6 +192,24 @@ class Metrics:
                                   "retried)", registry=r)
         self.listener_reconnects = Counter("pgbridge_listener_reconnects", "Listener "
                                            "(re)connections after a failure", registry=r)
+        # the broker mode (PGBRIDGE_BROKER, daemon/broker.py); exported with a broker only
+        self.broker_state = Gauge("pgbridge_broker_state", "1 for this instance's state in the "
+                                  "broker mode: leader (the capture reader), follower (fed by "
+                                  "the broker), fallback (reading the log itself)", ["state"],
+                                  registry=None)
+        self.broker_up = Gauge("pgbridge_broker_up", "1 while connected to the broker",
+                               registry=None)
+        self.broker_lag = Gauge("pgbridge_broker_lag_seconds", "Seconds since the capture "
+                                "reader's last heartbeat (0 on the capture reader itself)",
+                                registry=None)
+        self.broker_fallbacks = Counter("pgbridge_broker_fallbacks", "Times this instance "
+                                        "started reading the log itself (no heartbeat, broker "
+                                        "lost, stepped down)", registry=None)
+        self.broker_relayed = Counter("pgbridge_broker_relayed", "Events this instance "
+                                      "published to the broker as the capture reader",
+                                      registry=None)
+        self.broker_forged = Counter("pgbridge_broker_forged", "Broker messages dropped: "
+                                     "signature failed (or another key's)", registry=None)
         self.slow_closes = Counter("pgbridge_slow_client_closes", "Connections closed with 4008",
                                    registry=r)
         self.closes = Counter("pgbridge_closes", "WebSocket connections the bridge closed, by "
@@ -273,6 +291,12 @@ class Metrics:
         idx_scan)`` as read from ``pg_stat_user_indexes`` (the first
         :data:`MAX_INDEX_SERIES`)."""
         self._index_scans.rows = tuple(rows)[:MAX_INDEX_SERIES]
+
+    def export_broker(self) -> None:
+        """Export the ``pgbridge_broker_*`` metrics (a bridge with a broker). Call once."""
+        for metric in (self.broker_state, self.broker_up, self.broker_lag,
+                       self.broker_fallbacks, self.broker_relayed, self.broker_forged):
+            self.registry.register(metric)
 
     def watch_pool(self, stats: Callable[[], Mapping[str, int]]) -> None:
         """Export the connection pool's statistics (``pgbridge_pool_*``), read from ``stats``

@@ -17,7 +17,8 @@ after each reconnect every watched room is read again (:meth:`PresenceFeed.misse
 NOTIFYs it on the typing channel without waiting; every instance, this one included, hears it
 on its LISTEN connection, which checks it (:func:`daemon.notes.read_typing`) and hands it to
 :meth:`PresenceFeed.typing`, which sends a ``typing`` frame to the room's watchers but the
-typist.
+typist. With a broker (``PGBRIDGE_BROKER``), the signal goes through NATS instead while it is
+connected (:meth:`daemon.broker.Broker.broadcast_typing`), signed the same way.
 The channel is secret (derived from the schema's key, sql/triggers/10_change_capture.sql,
 "Secret channels"), so no role but the owner and the bridge role can LISTEN to the room and
 user ids it carries; the payload is signed like the capture triggers' (a key derived from
@@ -33,6 +34,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import BridgeError
@@ -73,6 +75,9 @@ class PresenceFeed:
         self.metrics = metrics
         self.typing_channel = ""
         self._typing_key: NotifyKey | None = None
+        # with a broker (daemon.broker): sends a signed typing payload to every instance, false
+        # when it cannot (then it is NOTIFYed)
+        self.broadcast: Callable[[str], bool] | None = None
         self.gate = TypingGate()
         self._hinted: dict[str, set[str] | None] = {}  # user -> rooms to read (None: all)
         self._all = False  # read every watched room (after a listener reconnect)
@@ -205,8 +210,11 @@ class PresenceFeed:
             return
         text = json.dumps({"room": room, "user": user, "at": round(time.time() * 1000)},
                           separators=(",", ":"))
-        task = asyncio.get_running_loop().create_task(
-            self._relay(self._typing_key.sign(text)))
+        payload = self._typing_key.sign(text)
+        if self.broadcast is not None and self.broadcast(payload):
+            self.metrics.typing.labels("relayed").inc()
+            return
+        task = asyncio.get_running_loop().create_task(self._relay(payload))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 

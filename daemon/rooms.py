@@ -79,6 +79,12 @@ class _TrackMany:
     future: asyncio.Future[list[int]]
 
 
+@dataclass(slots=True)
+class _Pin:
+    rooms: list[str]
+    future: asyncio.Future[dict[str, int]]
+
+
 class _CatchUp:
     """Read every tracked room to the end of its log: after a (re)connect, a failed read or a
     rotated key, and as the poll while writers do not ring. ``done`` gets the number of events
@@ -92,7 +98,7 @@ class _CheckUsers:
     """Check the users hinted since this item was queued (``Rooms._hinted``)."""
 
 
-_Item = Event | Pointer | _Track | _TrackMany | _CatchUp | _CheckUsers
+_Item = Event | Pointer | _Track | _TrackMany | _Pin | _CatchUp | _CheckUsers
 
 
 class Rooms:
@@ -119,6 +125,8 @@ class Rooms:
         self._retry: asyncio.Task[None] | None = None
         self._stopped = False  # run() ended: nothing may start a task of its own any more
         self.retry_delay = 1.0  # seconds before a failed log read is retried
+        # each published event, when set (the broker's leader relays it: daemon.broker)
+        self.relay: Callable[[Event], None] | None = None
         self.polls = Polls(doorbell if doorbell is not None else Doorbell(now=time.monotonic()),
                            store, metrics, self.catch_up)
 
@@ -129,17 +137,26 @@ class Rooms:
 
     # --- public ---------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Run the processor, the doorbell and the poll until cancelled."""
+    async def run(self, *, capture: bool = True) -> None:
+        """Run the processor, and with ``capture`` the doorbell and the poll
+        (:meth:`capture`), until cancelled. Without it (a broker's instance,
+        :mod:`daemon.broker`), whoever feeds the rooms runs :meth:`capture` while it reads the
+        log itself."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.process(), name="listener-processor")
-                tasks.create_task(self.polls.ring_forever(), name="listener-doorbell")
-                tasks.create_task(self.polls.poll_forever(), name="listener-poll")
+                if capture:
+                    tasks.create_task(self.capture(), name="listener-capture")
         finally:
             self._stopped = True
             if self._retry is not None:
                 self._retry.cancel()
+
+    async def capture(self) -> None:
+        """Run the doorbell and the poll (:mod:`daemon.polls`) until cancelled."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.polls.ring_forever(), name="listener-doorbell")
+            tasks.create_task(self.polls.poll_forever(), name="listener-poll")
 
     async def add(self, sub: Subscription) -> int:
         """Register ``sub`` (tracking its room if new) and return ``L``: events after ``L`` will
@@ -155,6 +172,15 @@ class Rooms:
         returns each one's ``L``, in order. Raises :class:`BridgeError` as :meth:`add`."""
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         await self._queue.put(_TrackMany(subs, future))
+        return await future
+
+    async def pin_many(self, rooms: list[str]) -> dict[str, int]:
+        """Track ``rooms`` without subscribers (for the broker's followers: the leader
+        publishes them, :mod:`daemon.broker`), through the queue like :meth:`add_many`; return
+        each room's last seq at that point: every later event is published (and relayed).
+        Raises :class:`BridgeError` when the heads cannot be read."""
+        future: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pin(rooms, future))
         return await future
 
     async def catch_up(self, done: asyncio.Future[int] | None = None) -> None:
@@ -214,6 +240,8 @@ class Rooms:
                     await self._on_track(item)
                 elif isinstance(item, _TrackMany):
                     await self._on_track_many(item)
+                elif isinstance(item, _Pin):
+                    await self._on_pin(item)
                 elif isinstance(item, _CheckUsers):
                     await self._check_hinted()
                 else:
@@ -235,7 +263,7 @@ class Rooms:
             del item
 
     def _failed(self, item: _Item, exc: BridgeError) -> None:
-        if isinstance(item, _Track | _TrackMany):
+        if isinstance(item, _Track | _TrackMany | _Pin):
             if not item.future.done():
                 item.future.set_exception(exc)
             return
@@ -296,6 +324,14 @@ class Rooms:
         for sub in item.subs:
             self.hub.track(sub.room, heads.get(sub.room, 0))  # no-op for a tracked room
         item.future.set_result([self.hub.add(sub) for sub in item.subs])
+
+    async def _on_pin(self, item: _Pin) -> None:
+        new = sorted({room for room in item.rooms if room not in self.hub})
+        heads = await self.store.heads(new) if new else {}
+        for room in new:
+            self.hub.track(room, heads.get(room, 0))
+        if not item.future.done():
+            item.future.set_result({room: self.hub.pin(room) for room in item.rooms})
 
     async def _catch_up(self, *, poll: bool = False) -> int:
         """Read every tracked room to the end of its log, in as few queries as the sequencer's
@@ -368,6 +404,8 @@ class Rooms:
             self.metrics.events.inc()
             self.metrics.captured(step.table, step.op)  # pgbridge_trigger_executions_total
             self.metrics.deliveries.inc(self.hub.publish(step))
+            if self.relay is not None:
+                self.relay(step)
             if debug:
                 self._log_sent(step)
             # once per event, not per subscriber: every live subscriber has it written or queued

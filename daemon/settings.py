@@ -105,6 +105,22 @@ def _bounded(setting: Setting, value: float, shown: str) -> None:
     raise ConfigError(f"{setting.name}={shown} must be {setting.bounds()}")
 
 
+def _servers(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated ``nats://`` or ``tls://`` URLs with a host; :class:`ConfigError` names
+    the first one that is not (without its credentials)."""
+    servers = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for server in servers:
+        scheme, sep, rest = server.partition("://")
+        host = rest.rpartition("@")[2].split("/")[0]
+        if not sep or scheme.lower() not in ("nats", "tls") or not host:
+            shown = f"{scheme}://{host}" if sep else server.rpartition("@")[2]
+            raise ConfigError(f"{name}: {shown!r} is not a NATS server URL (nats://host:port or "
+                              "tls://host:port)")
+    if not servers:
+        raise ConfigError(f"{name}={raw!r} names no server")
+    return servers
+
+
 def schema_name(value: str, *, variable: str = "PGBRIDGE_SCHEMA") -> str:
     """Validate a schema name (lower-case SQL identifier); raise :class:`ConfigError` if not."""
     if not _IDENTIFIER.match(value):
@@ -139,6 +155,8 @@ def _value(env: Mapping[str, str], setting: Setting) -> Any:
             return _bool(name, text)
         case "choice":
             return _choice(name, text, setting.choices)
+        case "servers":
+            return _servers(name, text)
         case "duration":
             seconds = _seconds(name, text)
             _bounded(setting, seconds, repr(text))
@@ -264,6 +282,8 @@ class DaemonSettings:
     (:mod:`daemon.origins`). ``public_origins``: the origins the bridge is published at, its own
     (empty: only pages on a loopback name or an IP literal are its own).
 
+    ``broker``: the NATS servers' URLs (``None``: no broker; docs/topics/broker.md).
+
     ``max_frame_bytes`` is no setting: the largest client frame, 64 KiB.
     """
 
@@ -306,6 +326,7 @@ class DaemonSettings:
     doorbell_quiet_above: float = _DEFAULTS["PGBRIDGE_DOORBELL_QUIET_ABOVE"]
     poll_interval: float = _DEFAULTS["PGBRIDGE_POLL_INTERVAL"]
     event_loop: str = _DEFAULTS["PGBRIDGE_EVENT_LOOP"]
+    broker: tuple[str, ...] | None = field(default=None, repr=False)  # credentials maybe
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DaemonSettings:

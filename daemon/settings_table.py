@@ -37,9 +37,10 @@ Group = Literal["database", "ssh", "daemon", "tests"]
 # reprs); path with ~ expanded; integer
 # (rate: an integer, given as a float); duration: seconds, or with a unit (500ms, 30s, 5m, 12h,
 # 7d); yes/no; choice (case-insensitive); schema: a lower-case SQL identifier; origins and
-# allowlist: comma-separated origins (daemon.origins).
+# allowlist: comma-separated origins (daemon.origins); servers: comma-separated nats:// or
+# tls:// URLs.
 Kind = Literal["text", "secret", "path", "integer", "rate", "duration", "yes/no", "choice",
-               "schema", "origins", "allowlist"]
+               "schema", "origins", "allowlist", "servers"]
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGBRIDGE_POLL_INTERVAL", "daemon", "poll_interval", "duration", "10ms",
             "how often a bridge reads the log of its rooms while writers do not ring: the added "
             "delivery delay at most", unit="seconds", minimum=0.001, maximum=1.0, see=_DOORBELL),
+    Setting("PGBRIDGE_BROKER", "daemon", "broker", "servers", None,
+            "the NATS servers the bridges share (`nats://host:port`, comma-separated; `tls://` "
+            "for TLS; credentials in the URL): one capture reader per database publishes the "
+            "rooms' events, the other bridges read no log while it runs",
+            unset="no broker: each bridge LISTENs and reads the log itself",
+            see="docs/topics/broker.md"),
     Setting("PGBRIDGE_EVENT_LOOP", "daemon", "event_loop", "choice", "auto",
             "`auto`: uvloop when it is installed (the `uvloop` extra; `./dev` installs it), else "
             "asyncio's own loop; `asyncio` or `uvloop` to choose (a missing uvloop is then a "

@@ -1,0 +1,511 @@
+"""The broker mode (``PGBRIDGE_BROKER``): bridges that share NATS instead of each reading the
+log (docs/topics/broker.md).
+
+One instance per database is the **leader** (:mod:`daemon.leadership`): it LISTENs and reads
+the log as a bridge without a broker does, keeps every room that any instance holds tracked
+(pinned in its hub), and relays each event it publishes to the room's subject, in seq order,
+and the hints and typing signals it hears to their own (:mod:`daemon.broker_wire`). The
+others are **followers**: no LISTEN connection, no polls, no doorbell calls; they subscribe
+to the subjects of the rooms their sockets hold, and hand what they hear to the same handlers
+as the listener would (:meth:`daemon.listener.Listener.hand`): a repeat is dropped by seq, a
+gap is read from the log, exactly as for a NOTIFY. The log stays the only truth, so core NATS
+(at most once) is enough.
+
+An instance follows a leader only while it hears its heartbeats: without one for
+:data:`~daemon.broker_wire.LEADER_TIMEOUT` seconds, or with the broker down, it **falls
+back**: it LISTENs and reads the log itself, as without a broker (the listener's reconnect
+reads every room's log after the last seq published). When a leader is heard again, the
+instance asks it to publish the rooms it holds (a track request: the leader pins them and
+answers with their last seqs), stops its own LISTEN, and reads every room's log once more
+(events after the pin arrive on the subjects, earlier ones are in the log). Every instance
+starts in fallback: its LISTEN is proven at start as without a broker.
+
+Metrics: ``pgbridge_broker_state``, ``pgbridge_broker_up``, ``pgbridge_broker_lag_seconds``,
+``pgbridge_broker_fallbacks_total``, ``pgbridge_broker_relayed_total``,
+``pgbridge_broker_forged_total`` (docs/reference/metrics.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from .broker_relay import Relay
+from .broker_wire import (
+    HEARTBEAT_INTERVAL,
+    INTEREST_REFRESH,
+    LEADER_TIMEOUT,
+    PIN_EXPIRY,
+    SWEEP_INTERVAL,
+    TRACK_CHUNK,
+    TRACK_TIMEOUT,
+    heartbeat,
+    read_heartbeat,
+    read_track_reply,
+    read_track_request,
+    track_reply,
+    track_request,
+)
+from .errors import BridgeError
+from .events import Pointer
+from .leadership import Leadership
+from .listener import Follower, Listener
+from .logs import Throttled
+from .metrics import Metrics
+from .notes import Change, Keys
+from .signing import NotifyKey
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from .hub import Hub
+    from .presence_feed import PresenceFeed
+    from .rooms import Rooms
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["STATES", "Broker"]
+
+STATES = ("leader", "follower", "fallback")
+RECONNECT_WAIT = 0.25  # seconds between two attempts to reach the broker
+
+
+class Broker:
+    """Run this instance's part of the broker mode over ``servers`` (``PGBRIDGE_BROKER``).
+    ``followers``: what the listener tells when notifications may have been lost (the rooms,
+    the presence feed, the feeds); the broker tells them the same of its own feed.
+
+    :attr:`state`: one of :data:`STATES`; :attr:`epoch`: the leader's that this instance
+    follows, or its own while it leads."""
+
+    def __init__(self, servers: tuple[str, ...], *, conninfo: str, schema: str, store: Store,
+                 hub: Hub, rooms: Rooms, listener: Listener, presence_feed: PresenceFeed,
+                 followers: tuple[Follower, ...], metrics: Metrics) -> None:
+        self.servers = servers
+        self.store, self.hub, self.rooms, self.listener = store, hub, rooms, listener
+        self.followers, self.metrics = followers, metrics
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.state = "fallback"
+        self.epoch = 0
+        self.heard_at: float | None = None  # time.monotonic() of its last heartbeat
+        self.failure: BaseException | None = None  # what stopped the capture (run raises it)
+        self.relay = Relay(rooms=rooms, listener=listener, presence_feed=presence_feed,
+                           metrics=metrics, overflow=self._overflow)
+        self.leadership = Leadership(conninfo, schema, ready=listener.ready,
+                                     elected=self._elected, lost=self._lost)
+        self._newest = (0, 0)  # (epoch, beat) of the newest heartbeat taken
+        self._beats = 0
+        self._subs: dict[str, Any] = {}  # room -> its NATS subscription
+        self._control: list[Any] = []  # the leader, signal and typing subscriptions
+        self._track_sub: Any = None  # leader: its track subject's subscription
+        self._pinned_at: dict[str, float] = {}  # leader: room -> when last requested
+        self._capture: asyncio.Task[None] | None = None
+        self._changes = asyncio.Lock()  # one change of state at a time
+        self._following: asyncio.Task[None] | None = None
+        self._retry_at = 0.0  # no attempt to follow before (after a failed track request)
+        self._rooms_dirty = asyncio.Event()
+        self._errors = Throttled(log, interval=30.0)
+        hub.observer = self._room_changed
+        for state in STATES:
+            metrics.broker_state.labels(state).set_function(self._is(state))
+        metrics.broker_up.set_function(lambda: 1.0 if self.relay.connected else 0.0)
+        metrics.broker_lag.set_function(self._lag)
+
+    def _is(self, state: str) -> Callable[[], float]:
+        return lambda: 1.0 if self.state == state else 0.0
+
+    # --- public ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until cancelled: start in fallback, connect, follow or lead. Raises what the
+        listener raises (:class:`daemon.errors.DatabaseError`: the key cannot be read, LISTEN
+        is not granted), as a bridge without a broker does."""
+        self.relay.rekey(NotifyKey(await self.store.notify_key()))
+        self._start_capture()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._connect(), name="broker-connect")
+                tasks.create_task(self.leadership.run(), name="broker-leadership")
+                tasks.create_task(self._watch_forever(), name="broker-watch")
+                tasks.create_task(self.relay.publish_forever(), name="broker-publish")
+                tasks.create_task(self._rooms_forever(), name="broker-rooms")
+                tasks.create_task(self._refresh_forever(), name="broker-refresh")
+                tasks.create_task(self._key_forever(), name="broker-key")
+        finally:
+            if self._capture is not None:
+                self._capture.cancel()
+            if self.relay.nc is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.relay.nc.close(), 2.0)
+
+    @property
+    def alive_at(self) -> float | None:
+        """When this instance last knew that events flow (``time.monotonic()``): the leader's
+        last heartbeat while it follows, else its listener's last NOTIFY round trip (for the
+        systemd watchdog)."""
+        return self.heard_at if self.state == "follower" else self.listener.probed_at
+
+    def health(self) -> str | None:
+        """Why events may not flow now (``/healthz``'s ``listener``), ``None`` when they do."""
+        if self.state == "follower":
+            return None if self._lag() < 2 * LEADER_TIMEOUT else "no heartbeat from the leader"
+        if not self.listener.connected:
+            return "not connected"
+        return None if self.listener.ready.is_set() else (
+            "LISTEN not yet proven by a NOTIFY round trip")
+
+    # --- states ---------------------------------------------------------------------------
+
+    def _start_capture(self) -> None:
+        """Read the log ourselves: the listener (LISTEN, its catch-up) and the polls."""
+        if self._capture is None or self._capture.done():
+            self._capture = asyncio.create_task(self._capture_run(), name="broker-capture")
+            self._capture.add_done_callback(self._capture_ended)
+
+    async def _capture_run(self) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.listener.run(), name="listener")
+            await self.listener.checked.wait()
+            tasks.create_task(self.rooms.capture(), name="listener-capture")
+
+    def _capture_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()  # the watch raises it: the bridge stops
+
+    async def _stop_capture(self) -> None:
+        """Stop reading the log ourselves (the listener tells its followers it is deaf)."""
+        task, self._capture = self._capture, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def _missed(self) -> None:
+        """Tell the followers that what the broker carried before may be lost: the rooms read
+        every room's log and check every connected user, the feeds read again."""
+        assert self.relay.key is not None
+        keys = Keys.of("", "", self.relay.key)  # no typing channel: typing takes the broker
+        for follower in self.followers:
+            await follower.missed(keys)
+
+    async def _fall_back(self, reason: str, *, epoch: int | None = None) -> None:
+        """Read the log ourselves (a follower, or a leader stepping down). With ``epoch``: only
+        if this instance still follows the leader of that epoch."""
+        async with self._changes:
+            if self.state == "fallback" or (epoch is not None and (
+                    self.state != "follower" or self.epoch != epoch)):
+                return
+            if self.state == "leader":
+                await self._unlead()
+            self.state = "fallback"
+            self.metrics.broker_fallbacks.inc()
+            log.warning("reading the log itself: %s", reason,
+                        extra={"event": "broker_fallback", "reason": reason})
+            self._start_capture()
+
+    async def _elected(self, epoch: int) -> None:
+        """Leadership: this instance holds the lock, with fencing token ``epoch``."""
+        async with self._changes:
+            self.epoch, self._newest, self.state = epoch, (epoch, 0), "leader"
+            self._start_capture()
+            self.relay.leading = True
+            self.rooms.relay = self.relay.event
+            nc, subjects = self.relay.nc, self.relay.subjects
+            if nc is not None and subjects is not None:
+                self._track_sub = await nc.subscribe(subjects.track(epoch), cb=self._on_track)
+            log.info("this instance is the capture reader (epoch %d): it reads the log and "
+                     "publishes every room's events to the broker", epoch,
+                     extra={"event": "broker_leader", "epoch": epoch})
+
+    async def _lost(self, why: str) -> None:
+        log.warning("no longer the capture reader: %s", why,
+                    extra={"event": "broker_stepped_down"})
+        await self._fall_back(f"this instance stopped leading ({why})")
+
+    async def _unlead(self) -> None:
+        self.relay.leading = False
+        self.rooms.relay = None
+        if self._track_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._track_sub.unsubscribe()
+            self._track_sub = None
+        for room in self.hub.pinned():
+            self.hub.unpin(room)
+        self._pinned_at.clear()
+        self.leadership.resign()
+
+    def _overflow(self) -> None:
+        if self.state == "leader":  # the broker takes nothing: let another instance lead
+            self.leadership.resign()
+
+    async def _follow(self, epoch: int) -> None:
+        """The leader of ``epoch`` is heard: have it publish our rooms, then follow it (stop
+        our LISTEN, read every room's log once: events after its answer come from it)."""
+        failed = None
+        async with self._changes:
+            if self.state == "leader" or (self.state == "follower" and self.epoch == epoch):
+                return
+            await self._subscribe_rooms()
+            try:
+                await self._track(epoch, self.hub.rooms())
+            except BridgeError as exc:
+                self._retry_at = time.monotonic() + 1.0
+                failed = f"the capture reader of epoch {epoch} did not take our rooms ({exc})"
+            else:
+                self.epoch, self.state = epoch, "follower"
+                self.heard_at = time.monotonic()
+                await self._stop_capture()  # the listener tells its followers: deaf
+                await self._missed()
+                log.info("following the capture reader of epoch %d: no LISTEN, no reads of "
+                         "the log but to fill a gap", epoch,
+                         extra={"event": "broker_following", "epoch": epoch})
+        if failed is not None:
+            await self._fall_back(failed)
+
+    # --- the broker connection ------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        """Connect; nats-py then reconnects for ever (``max_reconnect_attempts=-1``: the first
+        connection too), telling each failure to :meth:`_on_error`. It pings every second and
+        gives up after two unanswered: a broker cut off is noticed within about 3 s."""
+        import nats  # only with a broker configured
+
+        self.relay.nc = await nats.connect(
+            servers=list(self.servers), name=f"pgbridge {self.name}", no_echo=True,
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=RECONNECT_WAIT,
+            connect_timeout=2, ping_interval=1, max_outstanding_pings=2,
+            error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected)
+        await self._on_connected()
+
+    async def _on_connected(self) -> None:
+        nc, subjects = self.relay.nc, self.relay.subjects
+        assert nc is not None and subjects is not None
+        log.info("connected to the broker at %s", nc.connected_url.netloc.rpartition("@")[2]
+                 if nc.connected_url else "?", extra={"event": "broker_connected"})
+        for sub in self._control:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._control = [await nc.subscribe(subjects.leader, cb=self._on_heartbeat),
+                         await nc.subscribe(subjects.signal, cb=self.relay.on_signal),
+                         await nc.subscribe(subjects.typing, cb=self.relay.on_typing)]
+        self._rooms_dirty.set()
+        self.leadership.allowed.set()
+
+    async def _on_disconnected(self) -> None:
+        self.leadership.allowed.clear()
+        log.warning("lost the broker; reconnecting", extra={"event": "broker_lost"})
+        self.leadership.resign()
+        await self._fall_back("the broker connection was lost")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to the broker", extra={"event": "broker_connected"})
+        self._rooms_dirty.set()
+        self.leadership.allowed.set()
+
+    async def _on_error(self, exc: Exception) -> None:
+        from nats.errors import SlowConsumerError
+
+        if isinstance(exc, SlowConsumerError):  # messages for us were dropped: the log has them
+            self._errors.warning("slow", "the broker dropped messages to this instance (slow "
+                                 "consumer); reading the log of every room",
+                                 extra={"event": "broker_slow_consumer"})
+            if self.state == "follower":
+                await self.rooms.catch_up()
+            return
+        self._errors.warning("error", "broker: %s (reading the log ourselves until it is "
+                             "back)", str(exc) or type(exc).__name__,
+                             extra={"event": "broker_error"})
+
+    # --- heartbeats -----------------------------------------------------------------------
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        keys = self.relay.keys
+        beat = read_heartbeat(keys.control, msg.data) if keys is not None else None
+        if beat is None:
+            return self.relay.forged("leader")
+        if (beat.epoch, beat.beat) <= self._newest:
+            return None  # stale or replayed
+        self._newest = (beat.epoch, beat.beat)
+        if beat.epoch == self.epoch:
+            self.heard_at = time.monotonic()
+        if self.state == "leader":
+            if beat.epoch > self.epoch:  # a newer leader: the lock passed on, we were deposed
+                await self._fall_back(f"a newer capture reader (epoch {beat.epoch}) is heard")
+            return None
+        if ((self.state == "fallback" or beat.epoch != self.epoch)
+                and self.listener.ready.is_set()  # LISTEN proven once: the start waits for it
+                and time.monotonic() >= self._retry_at
+                and (self._following is None or self._following.done())):
+            self._following = asyncio.create_task(self._follow(beat.epoch))
+        return None
+
+    def _lag(self) -> float:
+        if self.state == "leader":
+            return 0.0
+        return time.monotonic() - self.heard_at if self.heard_at is not None else float("inf")
+
+    async def _watch_forever(self) -> None:
+        """Leader: beat (and unpin what nobody asks for). Follower: fall back when the leader
+        is silent. Raises what stopped the capture."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL if self.state == "leader" else 0.1)
+            if self.failure is not None:
+                raise self.failure
+            keys, subjects = self.relay.keys, self.relay.subjects
+            if self.state == "leader" and keys is not None and subjects is not None:
+                self._beats += 1
+                self.relay.put(subjects.leader,
+                               heartbeat(keys.control, self.epoch, self._beats, self.name))
+                self._expire_pins()
+            elif self.state == "follower" and self._lag() > LEADER_TIMEOUT:
+                await self._fall_back(f"no heartbeat from the capture reader for "
+                                      f"{LEADER_TIMEOUT:g} s", epoch=self.epoch)
+
+    # --- rooms ----------------------------------------------------------------------------
+
+    def _room_changed(self, room: str, tracked: bool) -> None:
+        del room, tracked
+        self._rooms_dirty.set()
+
+    async def _rooms_forever(self) -> None:
+        """Subscribe to the subjects of the rooms the hub tracks, and no other; a follower asks
+        the leader to publish the new ones."""
+        while True:
+            await self._rooms_dirty.wait()
+            self._rooms_dirty.clear()
+            async with self._changes:
+                new = await self._subscribe_rooms()
+                epoch, following = self.epoch, self.state == "follower"
+            if new and following:
+                await self._take_heads(epoch, new)
+
+    async def _subscribe_rooms(self) -> list[str]:
+        """Subscribe to the tracked rooms not subscribed yet, unsubscribe the others; return
+        the new ones."""
+        nc, subjects = self.relay.nc, self.relay.subjects
+        if nc is None or subjects is None or not nc.is_connected:
+            return []
+        wanted = set(self.hub.rooms())
+        for room in [room for room in self._subs if room not in wanted]:
+            with contextlib.suppress(Exception):
+                await self._subs.pop(room).unsubscribe()
+        new = [room for room in wanted if room not in self._subs]
+        for room in new:
+            self._subs[room] = await nc.subscribe(subjects.room(room), cb=self.relay.on_event)
+        return new
+
+    async def _take_heads(self, epoch: int, rooms: list[str]) -> None:
+        """Have the leader of ``epoch`` publish ``rooms`` (subscribed already); what it
+        published before its answer (up to each room's head) is read from the log as a gap.
+        Falls back when it does not answer."""
+        try:
+            heads = await self._track(epoch, rooms)
+        except BridgeError as exc:
+            await self._fall_back(f"the capture reader did not take our rooms ({exc})",
+                                  epoch=epoch)
+            return
+        for room, head in heads.items():
+            if head > 0 and room in self.hub:
+                await self.rooms.changed(Change(Pointer(room, head)))
+
+    async def _track(self, epoch: int, rooms: list[str]) -> dict[str, int]:
+        """Ask the leader of ``epoch`` to publish ``rooms``; their heads. Raises
+        :class:`BridgeError` when it does not answer within ``TRACK_TIMEOUT`` seconds."""
+        nc, keys, subjects = self.relay.nc, self.relay.keys, self.relay.subjects
+        if nc is None or keys is None or subjects is None:
+            raise BridgeError("not connected to the broker")
+        heads: dict[str, int] = {}
+        for start in range(0, len(rooms), TRACK_CHUNK) if rooms else (0,):
+            chunk = rooms[start:start + TRACK_CHUNK]
+            try:
+                reply = await nc.request(subjects.track(epoch),
+                                         track_request(keys.control, epoch, chunk),
+                                         timeout=TRACK_TIMEOUT)
+            except Exception as exc:  # nats: timeout, no responders, connection closed
+                raise BridgeError(f"track request: {str(exc) or type(exc).__name__}") from None
+            got = read_track_reply(keys.control, reply.data, chunk)
+            if got is None:
+                raise BridgeError("the track reply failed its signature check")
+            heads.update(got)
+        return heads
+
+    async def _on_track(self, msg: Msg) -> None:
+        """Leader: pin the rooms asked for and answer with their last seqs."""
+        keys = self.relay.keys
+        rooms = read_track_request(keys.control, self.epoch, msg.data) if keys else None
+        if rooms is None or keys is None:
+            return self.relay.forged("track")
+        try:
+            heads = await self.rooms.pin_many(rooms)
+        except BridgeError as exc:
+            log.warning("could not pin %d rooms for a follower (%s)", len(rooms), exc,
+                        extra={"event": "broker_pin_failed"})
+            return None
+        now = time.monotonic()
+        self._pinned_at.update((room, now) for room in rooms)
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(track_reply(keys.control, heads))
+        return None
+
+    def _expire_pins(self) -> None:
+        old = time.monotonic() - PIN_EXPIRY
+        for room in [room for room, at in self._pinned_at.items() if at < old]:
+            del self._pinned_at[room]
+            self.hub.unpin(room)
+
+    async def _refresh_forever(self) -> None:
+        """Follower: ask again for every room held (keeps them pinned on the leader) every
+        ``INTEREST_REFRESH`` seconds, and read their logs every ``SWEEP_INTERVAL`` (the safety
+        net for an event that NATS never brought, when no later one of its room follows)."""
+        swept = time.monotonic()
+        while True:
+            await asyncio.sleep(INTEREST_REFRESH)
+            epoch, rooms = self.epoch, self.hub.rooms()
+            if self.state != "follower" or not rooms:
+                continue
+            await self._take_heads(epoch, rooms)
+            if time.monotonic() - swept >= SWEEP_INTERVAL and self.state == "follower":
+                swept = time.monotonic()
+                await self.rooms.catch_up()
+
+    # --- key ------------------------------------------------------------------------------
+
+    async def _key_forever(self) -> None:
+        """Follow a rotated key (the listener does too, while it runs): its subjects."""
+        while True:
+            await asyncio.sleep(5.0)
+            try:
+                key = NotifyKey(await self.store.notify_key())
+            except BridgeError:
+                continue  # the database is away: its own lines say so
+            if self.relay.key is None or key.fingerprint == self.relay.key.fingerprint:
+                continue
+            await self._fall_back("the signing key changed: moving to its subjects")
+            async with self._changes:
+                self.relay.rekey(key)
+                for sub in self._subs.values():
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                self._subs.clear()
+            if self.relay.connected:
+                await self._on_connected()
+
+
+Handler = Callable[[Any], Awaitable[None] | None]
+
+
+def tee(relay: Callable[[Any], None], handler: Handler) -> Handler:
+    """A listener handler that also gives the note to ``relay`` (the leader relays the hints
+    and typing signals it hears: :meth:`daemon.broker_relay.Relay.note`)."""
+    def both(note: Any) -> Awaitable[None] | None:
+        relay(note)
+        return handler(note)
+    return both

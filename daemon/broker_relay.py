@@ -1,0 +1,173 @@
+"""The broker's messages (docs/topics/broker.md): what the leader publishes, and what every
+instance hears, checked and handed on (:mod:`daemon.broker_wire` has their shapes).
+
+I/O over one NATS client (``nats-py``), which :class:`daemon.broker.Broker` connects and
+hands over (:attr:`Relay.nc`). Publishing never blocks the caller: messages wait in an
+outbox, which one task empties in order (a room's events leave in seq order). What an
+instance hears goes to the handlers the listener would use for the same note
+(:meth:`daemon.listener.Listener.hand`): an event to the rooms (a repeat is dropped by seq, a
+gap read from the log), a hint to its handler, a typing signal to the presence feed. A
+message whose signature fails is dropped and counted (``pgbridge_broker_forged_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .broker_wire import CAPTURE, BrokerKeys, Subjects
+from .events import Event, MemberHint, PresenceHint, UserHint
+from .listener import Listener
+from .logs import Throttled
+from .metrics import Metrics
+from .notes import Change, Typing, classify
+from .signing import NotifyKey
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NATS
+    from nats.aio.msg import Msg
+
+    from .presence_feed import PresenceFeed
+    from .rooms import Rooms
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OUTBOX_LIMIT", "Relay"]
+
+# Messages waiting to be published, past which ``overflow`` is called (the leader steps down:
+# its followers read the log meanwhile, and find the gaps of what it dropped).
+OUTBOX_LIMIT = 100_000
+
+
+class Relay:
+    """Publish and hear the broker's messages for ``rooms``, ``listener``'s handlers and
+    ``presence_feed``. ``overflow()`` is called when the outbox is full."""
+
+    def __init__(self, *, rooms: Rooms, listener: Listener, presence_feed: PresenceFeed,
+                 metrics: Metrics, overflow: Callable[[], None]) -> None:
+        self.rooms, self.listener, self.presence_feed = rooms, listener, presence_feed
+        self.metrics = metrics
+        self.overflow = overflow
+        self.nc: NATS | None = None  # set by the broker once connected
+        self.leading = False  # relay what this instance hears on LISTEN (the leader)
+        self.key: NotifyKey | None = None
+        self.keys: BrokerKeys | None = None
+        self.subjects: Subjects | None = None
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._forgeries = Throttled(log, interval=10.0)
+        self._failures = Throttled(log, interval=30.0)
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def rekey(self, key: NotifyKey) -> None:
+        """Use ``key`` (the schema's) and its subjects from now on."""
+        self.key, self.keys, self.subjects = key, BrokerKeys.of(key), Subjects.of(key)
+        self.presence_feed.configure(self.presence_feed.typing_channel, key)
+        self.presence_feed.broadcast = self.broadcast_typing
+
+    # --- out ------------------------------------------------------------------------------
+
+    def event(self, event: Event) -> None:
+        """Leader: publish a published event to its room's subject (``Rooms.relay``)."""
+        if self.subjects is not None and self.keys is not None:
+            self.put(self.subjects.room(event.room),
+                     self.keys.events.sign(event.frame.decode()).encode())
+            self.metrics.broker_relayed.inc()
+
+    def note(self, note: UserHint | MemberHint | PresenceHint | Typing) -> None:
+        """Leader: relay a hint or a typing signal heard on LISTEN (a registered handler's
+        :func:`daemon.broker.tee`); nothing on any other instance."""
+        if not self.leading or self.subjects is None or self.keys is None:
+            return
+        if isinstance(note, Typing):
+            text = json.dumps({"room": note.room, "user": note.user, "at": note.at},
+                              separators=(",", ":"))
+            self.put(self.subjects.typing, self.keys.typing.sign(text).encode())
+            return
+        kind = "presence" if isinstance(note, PresenceHint) else "access"
+        what = "member" if isinstance(note, MemberHint) else "user"
+        text = json.dumps({kind: what, "user": note.user}, separators=(",", ":"))
+        self.put(self.subjects.signal, self.keys.events.sign(text).encode())
+
+    def broadcast_typing(self, payload: str) -> bool:
+        """Send a typing signal (signed with the typing key) to every instance, this one's
+        watchers included (NATS does not echo it back to us); false when the broker is not
+        connected (the presence feed NOTIFYs it instead)."""
+        if not self.connected or self.subjects is None:
+            return False
+        self.put(self.subjects.typing, payload.encode())
+        self.presence_feed.typing_heard(payload)
+        return True
+
+    def put(self, subject: str, data: bytes) -> None:
+        if self._outbox.qsize() < OUTBOX_LIMIT:
+            self._outbox.put_nowait((subject, data))
+        else:
+            self.overflow()
+
+    async def publish_forever(self) -> None:
+        """Empty the outbox, in order, until cancelled. While the broker is down, messages are
+        dropped: every instance then reads the log itself."""
+        while True:
+            subject, data = await self._outbox.get()
+            nc = self.nc
+            if nc is None or not nc.is_connected:
+                continue
+            try:
+                await nc.publish(subject, data)
+            except Exception as exc:  # nats: outbound buffer full, connection closed
+                self._failures.warning("publish", "could not publish to the broker (%s)",
+                                       str(exc) or type(exc).__name__,
+                                       extra={"event": "broker_publish_failed"})
+
+    # --- in -------------------------------------------------------------------------------
+
+    def _note(self, msg: Msg, subject: str) -> Change | UserHint | MemberHint | PresenceHint | None:
+        keys = self.keys
+        try:
+            payload = msg.data.decode()
+        except UnicodeDecodeError:
+            payload = ""
+        note = classify(CAPTURE, payload, keys.notes) if keys is not None else None
+        if isinstance(note, Change | UserHint | MemberHint | PresenceHint):
+            return note
+        self.forged(subject)
+        return None
+
+    async def on_event(self, msg: Msg) -> None:
+        """A room's subject: its signed event, to the rooms."""
+        note = self._note(msg, "room")
+        if isinstance(note, Change) and msg.subject.endswith("." + note.event.room):
+            await self.rooms.changed(note)
+        elif note is not None:
+            self.forged("room")
+
+    async def on_signal(self, msg: Msg) -> None:
+        """The signal subject: a signed hint, to the listener's handler of its kind."""
+        note = self._note(msg, "signal")
+        if isinstance(note, UserHint | MemberHint | PresenceHint):
+            pending = self.listener.hand(note)
+            if pending is not None:
+                await pending
+        elif note is not None:
+            self.forged("signal")
+
+    async def on_typing(self, msg: Msg) -> None:
+        """The typing subject: a signed typing signal, to the presence feed."""
+        try:
+            payload = msg.data.decode()
+        except UnicodeDecodeError:
+            payload = ""
+        if not self.presence_feed.typing_heard(payload):
+            self.forged("typing")
+
+    def forged(self, subject: str) -> None:
+        self.metrics.broker_forged.inc()
+        self._forgeries.warning("forged", "ignored a message on the broker's %s subject that "
+                                "failed its signature check (or was signed with another key)",
+                                subject, extra={"event": "broker_forged"})

@@ -1,0 +1,178 @@
+"""What the bridges say to each other through the broker (docs/topics/broker.md): subjects,
+signed messages, and the timings they keep.
+
+Pure. Anyone who can reach the NATS servers can publish on any subject, so every message is
+signed, as a NOTIFY of the capture triggers is (:mod:`daemon.signing`), with keys derived
+from the schema's key (``change_notify_key.key``), which only the owner and the bridge role
+can read: a forged message is dropped and counted (``pgbridge_broker_forged_total``). The
+subjects are ``pgbridge.<key fingerprint>.*``, so installs that share NATS servers never mix,
+and a rotated key moves its bridges to new subjects.
+
+* ``<prefix>.room.<room id>``: the room's events, in seq order, each its frame signed with
+  :attr:`BrokerKeys.events` (a :mod:`daemon.notes` capture payload, read by
+  :func:`daemon.notes.classify`);
+* ``<prefix>.signal``: user, membership and presence hints, signed likewise;
+* ``<prefix>.typing``: typing signals, signed with the typing key as on the typing channel;
+* ``<prefix>.leader``: the leader's heartbeat, :func:`heartbeat`, every
+  :data:`HEARTBEAT_INTERVAL`;
+* ``<prefix>.track.<epoch>``: requests of the rooms an instance holds (:func:`track_request`),
+  which the leader of that epoch answers with their last seqs (:func:`track_reply`).
+
+A leader's epoch is a fencing token: a PostgreSQL transaction id taken after it won the
+advisory lock, so a later leader's is always larger. A heartbeat counts up within its epoch,
+so an instance takes only ever newer ``(epoch, beat)`` pairs: a replayed or stale heartbeat
+is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .notes import Keys
+from .protocol import is_id, load_json
+from .signing import NotifyKey
+
+__all__ = ["CAPTURE", "HEARTBEAT_INTERVAL", "LEADER_TIMEOUT", "TRACK_CHUNK", "BrokerKeys",
+           "Heartbeat", "Subjects", "heartbeat", "read_heartbeat", "read_track_reply",
+           "read_track_request", "track_reply", "track_request"]
+
+# Seconds between two heartbeats of the leader, and without one after which an instance reads
+# the log itself (the fallback): an event waits at most about this long for a dead leader.
+HEARTBEAT_INTERVAL = 0.25
+LEADER_TIMEOUT = 1.0
+# Seconds a track request may take; rooms per request (a reply of 1,000 heads is ~40 KB, well
+# under NATS's 1 MB payload limit).
+TRACK_TIMEOUT = 2.0
+TRACK_CHUNK = 1000
+# Seconds between two requests of every room an instance holds (which keep them pinned on the
+# leader), and after which the leader unpins a room nobody requested again.
+INTEREST_REFRESH = 10.0
+PIN_EXPIRY = 35.0
+# Seconds between two reads of the log of every room a follower holds: the safety net for a
+# relayed event that never arrived, when no later one of its room follows (NATS interest that
+# reached a cluster's other servers late). One query per 500 rooms.
+SWEEP_INTERVAL = 30.0
+
+CAPTURE = "capture"  # the channel name the broker's capture payloads are classified under
+TYPING = "typing"
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """The subjects of one install (``prefix``: ``pgbridge.<key fingerprint>``)."""
+
+    prefix: str
+
+    @classmethod
+    def of(cls, key: NotifyKey) -> Subjects:
+        return cls(f"pgbridge.{key.fingerprint}")
+
+    def room(self, room: str) -> str:
+        """The room's subject (a room id is 1 to 26 of ``A-Z a-z 0-9 _ -``: a valid token)."""
+        return f"{self.prefix}.room.{room}"
+
+    @property
+    def signal(self) -> str:
+        return f"{self.prefix}.signal"
+
+    @property
+    def typing(self) -> str:
+        return f"{self.prefix}.typing"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.prefix}.leader"
+
+    def track(self, epoch: int) -> str:
+        return f"{self.prefix}.track.{epoch}"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerKeys:
+    """The keys of the broker's messages, derived from the schema's ``key``."""
+
+    events: NotifyKey  # room events and hints
+    control: NotifyKey  # heartbeats and track requests and replies
+    typing: NotifyKey  # typing signals, as on the typing channel
+    notes: Keys  # for daemon.notes.classify, on the CAPTURE and TYPING "channels"
+
+    @classmethod
+    def of(cls, key: NotifyKey) -> BrokerKeys:
+        events = key.derive("broker")
+        return cls(events, key.derive("broker control"), key.derive("typing"),
+                   Keys(CAPTURE, TYPING, events, key.derive("typing")))
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    epoch: int
+    beat: int
+    leader: str
+
+
+def _dump(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _load(key: NotifyKey, data: bytes) -> dict[str, object] | None:
+    try:
+        text = key.open(data.decode())
+        obj = None if text is None else load_json(text, max_depth=2, max_brackets=None)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def heartbeat(key: NotifyKey, epoch: int, beat: int, leader: str) -> bytes:
+    """The leader's heartbeat number ``beat`` of ``epoch`` (``leader``: its name, for logs)."""
+    return key.sign(_dump({"epoch": epoch, "beat": beat, "leader": leader[:100]})).encode()
+
+
+def read_heartbeat(key: NotifyKey, data: bytes) -> Heartbeat | None:
+    """A heartbeat, or ``None`` when ``data`` is not one signed with ``key``."""
+    obj = _load(key, data)
+    if obj is None:
+        return None
+    epoch, beat, leader = _count(obj.get("epoch")), _count(obj.get("beat")), obj.get("leader")
+    if epoch is None or beat is None or not isinstance(leader, str):
+        return None
+    return Heartbeat(epoch, beat, leader)
+
+
+def track_request(key: NotifyKey, epoch: int, rooms: list[str]) -> bytes:
+    """Ask the leader of ``epoch`` to publish ``rooms`` (at most :data:`TRACK_CHUNK`)."""
+    return key.sign(_dump({"epoch": epoch, "rooms": rooms})).encode()
+
+
+def read_track_request(key: NotifyKey, epoch: int, data: bytes) -> list[str] | None:
+    """The rooms of a request to the leader of ``epoch``; ``None`` when ``data`` is not a valid
+    one (forged, another epoch's, too many rooms, or a room that is not an id)."""
+    obj = _load(key, data)
+    if obj is None or obj.get("epoch") != epoch:
+        return None
+    rooms = obj.get("rooms")
+    if (not isinstance(rooms, list) or len(rooms) > TRACK_CHUNK
+            or not all(is_id(room) for room in rooms)):
+        return None
+    return list(dict.fromkeys(rooms))
+
+
+def track_reply(key: NotifyKey, heads: dict[str, int]) -> bytes:
+    """The leader's answer: each room's last seq, after which it publishes every event."""
+    return key.sign(_dump({"heads": heads})).encode()
+
+
+def read_track_reply(key: NotifyKey, data: bytes, rooms: list[str]) -> dict[str, int] | None:
+    """The heads of the ``rooms`` asked for; ``None`` when ``data`` is not a valid reply."""
+    obj = _load(key, data)
+    heads = obj.get("heads") if obj is not None else None
+    if not isinstance(heads, dict):
+        return None
+    found = {room: _count(heads.get(room)) for room in rooms}
+    return None if any(head is None for head in found.values()) else {
+        room: head for room, head in found.items() if head is not None}
