@@ -35,6 +35,7 @@ from tests.support.nats import NatsServer
 from tests.support.procs import DaemonProcess, daemon_process, free_port, until
 
 Conn = psycopg.AsyncConnection[Any]
+PHASE = 45  # messages written in each state of the cluster (1.5 s at 30 a second)
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 STATES = ("leader", "follower", "fallback")
 
@@ -155,6 +156,14 @@ class Cluster:
     def live(self) -> list[Instance]:
         return [i for i in self.instances if i.up]
 
+    def check(self) -> None:
+        """Fail the test when an instance the test did not kill has exited."""
+        for i in self.live():
+            code = i.daemon.proc.returncode if i.daemon.proc is not None else None
+            if code is not None:
+                pytest.fail(f"{i} exited with {code} though the test did not kill it; its "
+                            f"last log lines:\n{i.daemon.tail()}")
+
     async def states(self) -> dict[str, str | None]:
         live = self.live()
         found = await asyncio.gather(*(i.state() for i in live))
@@ -168,6 +177,7 @@ class Cluster:
         seen: list[dict[str, str | None]] = [{}]
 
         async def reached() -> bool:
+            self.check()
             seen[0] = await self.states()
             return want(seen[0])
 
@@ -299,7 +309,11 @@ class Resumer:
         if self.ws is not None:
             await self.ws.close()
         if self.task is not None:
-            await asyncio.wait_for(self.task, 10)
+            done, _ = await asyncio.wait({self.task}, timeout=10)
+            if not done:  # still looking for a live instance
+                self.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.task
 
     def _targets(self, lost: Instance | None) -> list[Instance]:
         """Live instances to try, the one just lost excluded, fewest clients first."""
@@ -374,12 +388,13 @@ def check_exact(client: Resumer, heads: dict[str, int]) -> list[str]:
     return problems
 
 
-async def caught_up(clients: list[Resumer], conn: Conn, rooms: list[str], what: str,
-                    timeout: float = 60.0) -> dict[str, int]:
+async def caught_up(cluster: Cluster, clients: list[Resumer], conn: Conn, rooms: list[str],
+                    what: str, timeout: float = 60.0) -> dict[str, int]:
     """Await every client holding each room's head as of now; return those heads."""
     heads = {room: await head(conn, room) for room in rooms}
 
     async def holding() -> bool:
+        cluster.check()
         for client in clients:
             if client.task is not None and client.task.done():
                 client.task.result()
@@ -417,6 +432,21 @@ class Writer:
                 self.written += 1
                 with contextlib.suppress(TimeoutError):  # the pace of a steady stream
                     await asyncio.wait_for(self.stopping.wait(), 1 / self.rate)
+
+    async def more(self, n: int, what: str, cluster: Cluster) -> None:
+        """Await ``n`` more messages written (the stream flowing through a state of the
+        cluster for a while)."""
+        target = self.written + n
+
+        async def written() -> bool:
+            cluster.check()
+            assert self.task is not None
+            if self.task.done():
+                self.task.result()
+                pytest.fail("the writer stopped")
+            return self.written >= target
+
+        await until(written, f"{n} more messages written {what}")
 
     async def stop(self) -> None:
         self.stopping.set()
@@ -512,7 +542,8 @@ async def test_every_seq_once_in_order_across_kills_and_a_broker_restart(
     rooms) while a writer inserts ~30 messages a second: each instance is SIGKILLed in turn,
     the leader first (its clients resume on another instance with ``since``, a new leader is
     awaited, the instance is started again on its port), and the nats-server is SIGKILLed and
-    started again midway. Every client ends with every seq of each room once, in order."""
+    started again midway; :data:`PHASE` messages are written in each of these states. Every
+    client ends with every seq of each room once, in order; no broker message was forged."""
     db = await schema_db(fresh_db)
     takeovers: list[float] = []
     async with (await psycopg.AsyncConnection.connect(db, autocommit=True) as conn,
@@ -530,7 +561,8 @@ async def test_every_seq_once_in_order_across_kills_and_a_broker_restart(
             for client in clients:
                 await client.start()
             writer.start()
-            await caught_up(clients, conn, rooms, "with the writer running")
+            await writer.more(PHASE, "with every instance up", cluster)
+            await caught_up(cluster, clients, conn, rooms, "with the writer running")
 
             order = [leader] + [i for i in cluster.instances if i is not leader]
             for step, victim in enumerate(order):
@@ -538,12 +570,13 @@ async def test_every_seq_once_in_order_across_kills_and_a_broker_restart(
                     gone = time.monotonic()
                     await nats_server.kill()
                     await until(cluster.broker_up(0), "every instance seeing the broker gone")
+                    await writer.more(PHASE, "with the broker down", cluster)
                     await nats_server.start()
                     _, took = await cluster.settle("after the nats-server restart")
                     await until(cluster.broker_up(1), "every instance connected to the broker")
                     print(f"settled {took:.2f} s after the nats-server restart "
                           f"({time.monotonic() - gone:.2f} s from its kill)")
-                    await caught_up(clients, conn, rooms, "after the nats-server restart")
+                    await caught_up(cluster, clients, conn, rooms, "after the nats-server restart")
                 was_leader = await victim.state() == "leader"
                 moved = [c for c in clients if c.instance is victim]
                 killed = time.monotonic()
@@ -562,15 +595,20 @@ async def test_every_seq_once_in_order_across_kills_and_a_broker_restart(
                 await until(resumed, f"the clients of {victim} resumed elsewhere")
                 print(f"{len(moved)} clients of {victim} resumed elsewhere "
                       f"{time.monotonic() - killed:.2f} s after the kill")
-                await caught_up(clients, conn, rooms, f"with {victim} down")
+                await writer.more(PHASE, f"with {victim} down", cluster)
+                await caught_up(cluster, clients, conn, rooms, f"with {victim} down")
                 await victim.start()
                 await cluster.settle(f"{victim} started again")
-                await caught_up(clients, conn, rooms, f"after {victim} started again")
+                await writer.more(PHASE, f"after {victim} started again", cluster)
+                await caught_up(cluster, clients, conn, rooms, f"after {victim} started again")
 
             await writer.stop()
-            heads = await caught_up(clients, conn, rooms, "at the end", timeout=90.0)
+            heads = await caught_up(cluster, clients, conn, rooms, "at the end", timeout=90.0)
 
             await one_listener(conn, "at the end")
+            for instance in cluster.instances:
+                forged = sample(await instance.scrape(), "pgbridge_broker_forged_total")
+                assert forged == 0, (instance, forged)
         finally:
             if writer.task is not None and not writer.task.done():
                 await writer.stop()
@@ -610,7 +648,7 @@ async def test_falls_back_when_the_broker_is_down(fresh_db: str, nats_server: Na
             async def write(n: int, what: str) -> None:
                 for k in range(n):
                     await post(conn, rooms[0], writer, f"{what} {k}")
-                await caught_up(clients, conn, rooms, what, timeout=30.0)
+                await caught_up(cluster, clients, conn, rooms, what, timeout=30.0)
 
             await write(3, "with the broker up")
             fell_back = sample(await follower.scrape(), "pgbridge_broker_fallbacks_total") or 0.0
