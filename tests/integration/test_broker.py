@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -30,7 +31,17 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from daemon.schema import apply_schema
-from tests.support.helpers import connect, head, make_room, make_user, post, send, split_message
+from tests.support.helpers import (
+    connect,
+    events,
+    head,
+    make_room,
+    make_user,
+    post,
+    send,
+    split_message,
+    subscribe,
+)
 from tests.support.nats import NatsServer
 from tests.support.procs import DaemonProcess, daemon_process, free_port, until
 
@@ -501,7 +512,8 @@ async def test_nats_server_restarts_on_its_port(nats_server: NatsServer) -> None
 async def test_one_leader_and_followers(fresh_db: str, nats_server: NatsServer,
                                         tmp_path: Path) -> None:
     """Three instances, one database, one broker: one becomes the leader (the only one still
-    LISTENing), the others followers; an event reaches subscribers on all three."""
+    LISTENing), the others followers; an event reaches subscribers on all three, and an event
+    of a room only followers hold reaches them too (the leader relays both)."""
     db = await schema_db(fresh_db)
     async with (await psycopg.AsyncConnection.connect(db, autocommit=True) as conn,
                 cluster_of(3, db, tmp_path, nats_server) as cluster):
@@ -512,25 +524,26 @@ async def test_one_leader_and_followers(fresh_db: str, nats_server: NatsServer,
 
         await one_listener(conn, "three instances settled")
 
-        users, (room,), writer = await members(conn, 3, 1)
-        base = await head(conn, room)
-        sockets = []
-        for user, instance in zip(users, cluster.instances, strict=True):
-            ws = await connect(instance.port, user)
-            await send(ws, type="subscribe", room=room, since=base, ref="s")
-            sockets.append(ws)
-        for ws in sockets:
-            frames = split_message(await asyncio.wait_for(ws.recv(), 10))
-            assert [f["type"] for f in frames] == ["subscribed"], frames
+        # ``shared`` is held on every instance; ``followed`` on the followers only (the
+        # leader tracks it because they ask it to)
+        users, (shared, followed), writer = await members(conn, 3, 2)
+        base = {room: await head(conn, room) for room in (shared, followed)}
+        plan = {i: [shared] if i is leader else [shared, followed] for i in cluster.instances}
+        sockets = {}
+        for user, (instance, rooms) in zip(users, plan.items(), strict=True):
+            sockets[instance] = ws = await connect(instance.port, user)
+            for room in rooms:
+                await subscribe(ws, room, since=base[room])
         relayed = sample(await leader.scrape(), "pgbridge_broker_relayed_total") or 0.0
-        message = await post(conn, room, writer, "to every instance")
-        for ws, instance in zip(sockets, cluster.instances, strict=True):
-            frames = split_message(await asyncio.wait_for(ws.recv(), 10))
-            assert [(f["type"], f["seq"], f["id"]) for f in frames] == [
-                ("event", base + 1, message)], (instance, frames)
+        ids = {room: await post(conn, room, writer, "to every instance")
+               for room in (shared, followed)}
+        for instance, ws in sockets.items():
+            want = {(room, base[room] + 1, ids[room]) for room in plan[instance]}
+            got = {(e["room"], e["seq"], e["id"]) for e in await events(ws, len(want))}
+            assert got == want, (instance, got, want)
             await ws.close()
         after = sample(await leader.scrape(), "pgbridge_broker_relayed_total")
-        assert after is not None and after > relayed, (relayed, after)
+        assert after is not None and after >= relayed + 2, (relayed, after)
         assert await cluster.states() == states  # nobody fell back meanwhile
 
 
@@ -543,7 +556,8 @@ async def test_every_seq_once_in_order_across_kills_and_a_broker_restart(
     the leader first (its clients resume on another instance with ``since``, a new leader is
     awaited, the instance is started again on its port), and the nats-server is SIGKILLed and
     started again midway; :data:`PHASE` messages are written in each of these states. Every
-    client ends with every seq of each room once, in order; no broker message was forged."""
+    client ends with every seq of each room once, in order; no broker message was forged; each
+    new leader's epoch is larger than the earlier ones'."""
     db = await schema_db(fresh_db)
     takeovers: list[float] = []
     async with (await psycopg.AsyncConnection.connect(db, autocommit=True) as conn,
@@ -622,6 +636,12 @@ async def test_every_seq_once_in_order_across_kills_and_a_broker_restart(
         anomalies = [f"{c.name}: {a}" for c in clients for a in c.anomalies]
         assert not anomalies, "\n".join(anomalies[:30])
         assert takeovers, "no leader was killed"
+        # the fencing token: each new leader's epoch is larger than every earlier one's
+        leaders = sorted((r["ts"], r["epoch"], i.name) for i in cluster.instances
+                         for run in i.runs for r in run.with_event("broker_leader"))
+        assert len(leaders) >= 1 + len(takeovers), leaders
+        epochs = [epoch for _, epoch, _ in leaders]
+        assert all(a < b for a, b in itertools.pairwise(epochs)), leaders
         assert all(c.connections >= 2 for c in clients), [c.connections for c in clients]
 
 
