@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -698,3 +699,121 @@ async def test_falls_back_when_the_broker_is_down(fresh_db: str, nats_server: Na
         assert not problems, "\n".join(problems)
         anomalies = [f"{c.name}: {a}" for c in clients for a in c.anomalies]
         assert not anomalies, "\n".join(anomalies)
+
+
+async def streaming(cluster: Cluster, conn: Conn, n_rooms: int) -> tuple[
+        list[Resumer], list[str], Writer]:
+    """One resuming client per instance following ``n_rooms`` new rooms, subscribed, and a
+    writer started on them at 30 messages a second."""
+    users, rooms, writer_user = await members(conn, len(cluster.instances), n_rooms)
+    base = {room: await head(conn, room) for room in rooms}
+    clients: list[Resumer] = []
+    for user, home in zip(users, cluster.instances, strict=True):
+        clients.append(Resumer(f"c-{home.name}", user, base, cluster, home, clients))
+    writer = Writer(cluster.instances[0].db, writer_user, rooms, rate=30.0)
+    for client in clients:
+        await client.start()
+    writer.start()
+    return clients, rooms, writer
+
+
+async def finish(clients: list[Resumer], writer: Writer) -> None:
+    if writer.task is not None and not writer.task.done():
+        await writer.stop()
+    for client in clients:
+        await client.close()
+
+
+def assert_exact(clients: list[Resumer], heads: dict[str, int]) -> None:
+    problems = [p for c in clients for p in check_exact(c, heads)]
+    assert not problems, "\n".join(problems)
+    anomalies = [f"{c.name}: {a}" for c in clients for a in c.anomalies]
+    assert not anomalies, "\n".join(anomalies[:30])
+
+
+@pytest.mark.slow
+async def test_followers_fall_back_while_the_leader_is_frozen(
+        fresh_db: str, nats_server: NatsServer, tmp_path: Path) -> None:
+    """The leader SIGSTOPped (alive, its lock held, silent): the followers hear no heartbeat,
+    fall back, and their clients keep getting events; SIGCONT: the cluster settles again and
+    every client, the frozen leader's too, has every seq once, in order, on its one
+    connection."""
+    db = await schema_db(fresh_db)
+    async with (await psycopg.AsyncConnection.connect(db, autocommit=True) as conn,
+                cluster_of(3, db, tmp_path, nats_server) as cluster):
+        leader, _ = await cluster.settle("three instances started")
+        followers = [i for i in cluster.instances if i is not leader]
+        clients, rooms, writer = await streaming(cluster, conn, 2)
+        try:
+            await writer.more(PHASE, "with every instance up", cluster)
+            await caught_up(cluster, clients, conn, rooms, "with every instance up")
+            assert leader.daemon.proc is not None
+            leader.daemon.proc.send_signal(signal.SIGSTOP)
+            frozen = time.monotonic()
+            try:
+                async def fell_back() -> bool:
+                    found = await asyncio.gather(*(i.state() for i in followers))
+                    return set(found) == {"fallback"}
+
+                await until(fell_back, "both followers in fallback with the leader frozen")
+                print(f"followers in fallback {time.monotonic() - frozen:.2f} s after the "
+                      f"leader {leader} was frozen")
+                await writer.more(PHASE, "with the leader frozen", cluster)
+                await caught_up(cluster, [c for c in clients if c.instance is not leader],
+                                conn, rooms, "on the followers with the leader frozen")
+            finally:
+                leader.daemon.proc.send_signal(signal.SIGCONT)
+            new, took = await cluster.settle("the leader thawed")
+            print(f"settled {took:.2f} s after the thaw, leader {new}")
+            await writer.more(PHASE, "after the thaw", cluster)
+            await writer.stop()
+            heads = await caught_up(cluster, clients, conn, rooms, "at the end")
+        finally:
+            await finish(clients, writer)
+        assert_exact(clients, heads)
+        assert all(c.connections == 1 for c in clients), [c.connections for c in clients]
+
+
+@pytest.mark.slow
+async def test_a_leader_whose_lock_connection_is_terminated_steps_down(
+        fresh_db: str, nats_server: NatsServer, tmp_path: Path) -> None:
+    """The backend that holds the leader's advisory lock terminated (pg_terminate_backend):
+    the lock passes to a waiting instance, which leads with a larger epoch; the old leader
+    steps down; the cluster settles and every client has every seq once, in order."""
+    db = await schema_db(fresh_db)
+    async with (await psycopg.AsyncConnection.connect(db, autocommit=True) as conn,
+                cluster_of(3, db, tmp_path, nats_server) as cluster):
+        leader, _ = await cluster.settle("three instances started")
+        clients, rooms, writer = await streaming(cluster, conn, 2)
+        try:
+            await writer.more(PHASE, "with every instance up", cluster)
+            await caught_up(cluster, clients, conn, rooms, "with every instance up")
+            (epoch,) = [r["epoch"] for r in leader.daemon.with_event("broker_leader")]
+            cur = await conn.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+            (holder,) = await cur.fetchall()
+            terminated = time.monotonic()
+            await conn.execute("SELECT pg_terminate_backend(%s)", holder)
+            await leader.daemon.wait_event("broker_stepped_down")
+            stepped_down = time.monotonic() - terminated
+
+            def elected() -> list[tuple[str, int]]:
+                return [(r["ts"], r["epoch"]) for i in cluster.instances
+                        for r in i.daemon.with_event("broker_leader") if r["epoch"] > epoch]
+
+            async def a_new_epoch() -> bool:
+                return bool(elected())
+
+            await until(a_new_epoch, f"a leader with an epoch after {epoch}")
+            new, _ = await cluster.settle("the lock connection terminated")
+            print(f"the old leader {leader} stepped down {stepped_down:.2f} s after its lock "
+                  f"connection was terminated; new epochs {elected()}; settled with {new} "
+                  f"after {time.monotonic() - terminated:.2f} s")
+            await writer.more(PHASE, "after the lock passed on", cluster)
+            await writer.stop()
+            heads = await caught_up(cluster, clients, conn, rooms, "at the end")
+        finally:
+            await finish(clients, writer)
+        assert_exact(clients, heads)
+        assert all(c.connections == 1 for c in clients), [c.connections for c in clients]
