@@ -39,6 +39,7 @@ from tests.support.helpers import (
     make_room,
     make_user,
     post,
+    recv,
     send,
     split_message,
     subscribe,
@@ -817,3 +818,66 @@ async def test_a_leader_whose_lock_connection_is_terminated_steps_down(
             await finish(clients, writer)
         assert_exact(clients, heads)
         assert all(c.connections == 1 for c in clients), [c.connections for c in clients]
+
+
+@pytest.mark.slow
+async def test_forged_broker_messages_are_dropped_and_counted(
+        fresh_db: str, nats_server: NatsServer, tmp_path: Path) -> None:
+    """Anyone who can reach NATS can publish: on a room's subject, junk, a genuine event with
+    one byte changed, a genuine event of another room, and on the leader's subject junk, are
+    dropped and counted by the follower (``pgbridge_broker_forged_total``); a genuine event
+    replayed is a repeat, dropped. The follower keeps following, and its client gets each
+    event once."""
+    db = await schema_db(fresh_db)
+    async with (await psycopg.AsyncConnection.connect(db, autocommit=True) as conn,
+                cluster_of(2, db, tmp_path, nats_server) as cluster):
+        leader, _ = await cluster.settle("two instances started")
+        (follower,) = [i for i in cluster.instances if i is not leader]
+        (user, other_user), (room, other), writer = await members(conn, 2, 2)
+        base = await head(conn, room)
+        spy = await nats.connect(nats_server.url)
+        try:
+            heard = await spy.subscribe("pgbridge.*.room.*")
+            ws = await connect(follower.port, user)
+            await subscribe(ws, room, since=base)
+            # held on the leader too: it relays both rooms whether or not the follower's
+            # request to track ``room`` was answered yet
+            bystander = await connect(leader.port, other_user)
+            await subscribe(bystander, room)
+            await subscribe(bystander, other)
+            first = await post(conn, room, writer, "genuine")
+            assert [(e["seq"], e["id"]) for e in await events(ws, 1)] == [(base + 1, first)]
+            genuine = await heard.next_msg(10)
+            assert genuine.subject.endswith(f".room.{room}"), genuine.subject
+            await post(conn, other, writer, "another room")
+            elsewhere = await heard.next_msg(10)
+            assert elsewhere.subject.endswith(f".room.{other}"), elsewhere.subject
+            prefix = genuine.subject.rsplit(".room.", 1)[0]
+            forged_before = sample(await follower.scrape(), "pgbridge_broker_forged_total")
+            assert forged_before == 0, forged_before
+
+            data = genuine.data
+            tampered = data[:-2] + bytes([data[-2] ^ 1]) + data[-1:]
+            forgeries = [(genuine.subject, b"junk"), (genuine.subject, tampered),
+                         (genuine.subject, elsewhere.data), (f"{prefix}.leader", b"junk")]
+            for subject, payload in forgeries:
+                await spy.publish(subject, payload)
+            await spy.publish(genuine.subject, data)  # a replay: a repeat, not a forgery
+            await spy.flush()
+
+            async def counted() -> bool:
+                found = sample(await follower.scrape(), "pgbridge_broker_forged_total")
+                return found is not None and found >= len(forgeries)
+
+            await until(counted, f"{len(forgeries)} forgeries counted by the follower")
+            second = await post(conn, room, writer, "after the forgeries")
+            assert [(e["seq"], e["id"]) for e in await events(ws, 1)] == [(base + 2, second)]
+            await send(ws, type="ping", ref="p")
+            assert await recv(ws) == {"type": "pong", "ref": "p"}  # nothing else queued
+            assert await follower.state() == "follower"
+            forged = sample(await follower.scrape(), "pgbridge_broker_forged_total")
+            assert forged == len(forgeries), forged
+            await ws.close()
+            await bystander.close()
+        finally:
+            await spy.close()
