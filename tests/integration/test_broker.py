@@ -38,6 +38,7 @@ from tests.support.helpers import (
     head,
     make_room,
     make_user,
+    notify_trust,
     post,
     recv,
     send,
@@ -881,3 +882,71 @@ async def test_forged_broker_messages_are_dropped_and_counted(
             await bystander.close()
         finally:
             await spy.close()
+
+
+# A new signing key, made as sql/schema.sql makes the first one.
+NEW_KEY = """
+DO $$
+DECLARE
+    k bytea := uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid());
+    ipad bytea := k || decode(repeat('00', 32), 'hex');
+    opad bytea := ipad;
+BEGIN
+    FOR i IN 0..63 LOOP
+        ipad := set_byte(ipad, i, get_byte(ipad, i) # 54);
+        opad := set_byte(opad, i, get_byte(opad, i) # 92);
+    END LOOP;
+    INSERT INTO change_notify_key (key, ipad, opad) VALUES (k, ipad, opad);
+END
+$$"""
+
+
+@pytest.mark.slow
+async def test_a_rotated_key_moves_the_cluster_to_its_subjects(
+        fresh_db: str, nats_server: NatsServer, tmp_path: Path) -> None:
+    """The signing key rotated under a running cluster (its row replaced in one transaction, as
+    sql/schema.sql makes it) while a writer inserts: every instance reads the new key
+    (LISTENs on its channels), the leader beats and relays on the new key's subjects, the
+    cluster settles with one LISTENing connection, and every client has every seq once, in
+    order, on its one connection."""
+    db = await schema_db(fresh_db)
+    async with (await psycopg.AsyncConnection.connect(db, autocommit=True) as conn,
+                cluster_of(3, db, tmp_path, nats_server) as cluster):
+        await cluster.settle("three instances started")
+        clients, rooms, writer = await streaming(cluster, conn, 2)
+        spy = await nats.connect(nats_server.url)
+        try:
+            await writer.more(PHASE, "with the first key", cluster)
+            await caught_up(cluster, clients, conn, rooms, "with the first key")
+            _, old = await notify_trust(conn)
+            async with conn.transaction():  # writes in between would find no key: they fail
+                await conn.execute("DELETE FROM change_notify_key")
+                await conn.execute(NEW_KEY)
+            _, new = await notify_trust(conn)
+            assert new.fingerprint != old.fingerprint
+            prefix = f"pgbridge.{new.fingerprint}"
+            beats = await spy.subscribe(f"{prefix}.leader")
+            relayed = await spy.subscribe(f"{prefix}.room.*")
+            rotated = time.monotonic()
+
+            async def every_instance_rekeyed() -> bool:
+                cluster.check()
+                return all(any(r.get("event") == "listener_connected"
+                               and new.fingerprint in str(r.get("message"))
+                               for r in i.daemon.records) for i in cluster.instances)
+
+            await until(every_instance_rekeyed, "every instance LISTENing with the new key",
+                        timeout=30.0)
+            await beats.next_msg(10)
+            await cluster.settle("after the key rotation")
+            print(f"settled {time.monotonic() - rotated:.2f} s after the rotation")
+            await one_listener(conn, "after the key rotation")
+            await writer.more(PHASE, "with the new key", cluster)
+            await relayed.next_msg(10)
+            await writer.stop()
+            heads = await caught_up(cluster, clients, conn, rooms, "at the end")
+        finally:
+            await finish(clients, writer)
+            await spy.close()
+        assert_exact(clients, heads)
+        assert all(c.connections == 1 for c in clients), [c.connections for c in clients]
