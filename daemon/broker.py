@@ -37,28 +37,21 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .broker_relay import Relay
+from .broker_rooms import Interest
 from .broker_wire import (
     HEARTBEAT_INTERVAL,
     INTEREST_REFRESH,
     LEADER_TIMEOUT,
-    PIN_EXPIRY,
     SWEEP_INTERVAL,
-    TRACK_CHUNK,
-    TRACK_TIMEOUT,
     heartbeat,
     read_heartbeat,
-    read_track_reply,
-    read_track_request,
-    track_reply,
-    track_request,
 )
 from .errors import BridgeError
-from .events import Pointer
 from .leadership import Leadership
 from .listener import Follower, Listener
-from .logs import Throttled
+from .logs import Throttled, incident
 from .metrics import Metrics
-from .notes import Change, Keys
+from .notes import Keys
 from .signing import NotifyKey
 
 if TYPE_CHECKING:
@@ -75,6 +68,7 @@ __all__ = ["STATES", "Broker"]
 
 STATES = ("leader", "follower", "fallback")
 RECONNECT_WAIT = 0.25  # seconds between two attempts to reach the broker
+PING_INTERVAL, PINGS = 0.5, 3  # a ping every 0.5 s; the connection is lost after 3 unanswered
 
 
 class Broker:
@@ -102,10 +96,8 @@ class Broker:
                                      elected=self._elected, lost=self._lost)
         self._newest = (0, 0)  # (epoch, beat) of the newest heartbeat taken
         self._beats = 0
-        self._subs: dict[str, Any] = {}  # room -> its NATS subscription
+        self.interest = Interest(hub, rooms, self.relay)
         self._control: list[Any] = []  # the leader, signal and typing subscriptions
-        self._track_sub: Any = None  # leader: its track subject's subscription
-        self._pinned_at: dict[str, float] = {}  # leader: room -> when last requested
         self._capture: asyncio.Task[None] | None = None
         self._changes = asyncio.Lock()  # one change of state at a time
         self._following: asyncio.Task[None] | None = None
@@ -127,7 +119,9 @@ class Broker:
         """Run until cancelled: start in fallback, connect, follow or lead. Raises what the
         listener raises (:class:`daemon.errors.DatabaseError`: the key cannot be read, LISTEN
         is not granted), as a bridge without a broker does."""
-        self.relay.rekey(NotifyKey(await self.store.notify_key()))
+        await self.listener.start()
+        assert self.listener.key is not None
+        self.relay.rekey(self.listener.key)
         self._start_capture()
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -171,8 +165,7 @@ class Broker:
 
     async def _capture_run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.listener.run(), name="listener")
-            await self.listener.checked.wait()
+            tasks.create_task(self.listener.listen(), name="listener")
             tasks.create_task(self.rooms.capture(), name="listener-capture")
 
     def _capture_ended(self, task: asyncio.Task[None]) -> None:
@@ -216,9 +209,12 @@ class Broker:
             self._start_capture()
             self.relay.leading = True
             self.rooms.relay = self.relay.event
-            nc, subjects = self.relay.nc, self.relay.subjects
-            if nc is not None and subjects is not None:
-                self._track_sub = await nc.subscribe(subjects.track(epoch), cb=self._on_track)
+            try:
+                await self.interest.serve(epoch)
+            except Exception as exc:  # nats: the connection closed meanwhile; let another lead
+                log.warning("could not answer track requests (%s); stepping down", exc,
+                            extra={"event": "broker_track_failed"})
+                self.leadership.resign()
             log.info("this instance is the capture reader (epoch %d): it reads the log and "
                      "publishes every room's events to the broker", epoch,
                      extra={"event": "broker_leader", "epoch": epoch})
@@ -231,13 +227,7 @@ class Broker:
     async def _unlead(self) -> None:
         self.relay.leading = False
         self.rooms.relay = None
-        if self._track_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._track_sub.unsubscribe()
-            self._track_sub = None
-        for room in self.hub.pinned():
-            self.hub.unpin(room)
-        self._pinned_at.clear()
+        await self.interest.unserve()
         self.leadership.resign()
 
     def _overflow(self) -> None:
@@ -251,9 +241,9 @@ class Broker:
         async with self._changes:
             if self.state == "leader" or (self.state == "follower" and self.epoch == epoch):
                 return
-            await self._subscribe_rooms()
+            await self.interest.subscribe()
             try:
-                await self._track(epoch, self.hub.rooms())
+                await self.interest.track(epoch, self.hub.rooms())
             except BridgeError as exc:
                 self._retry_at = time.monotonic() + 1.0
                 failed = f"the capture reader of epoch {epoch} did not take our rooms ({exc})"
@@ -272,14 +262,15 @@ class Broker:
 
     async def _connect(self) -> None:
         """Connect; nats-py then reconnects for ever (``max_reconnect_attempts=-1``: the first
-        connection too), telling each failure to :meth:`_on_error`. It pings every second and
-        gives up after two unanswered: a broker cut off is noticed within about 3 s."""
+        connection too), telling each failure to :meth:`_on_error`. It pings every
+        ``PING_INTERVAL`` seconds and gives up after ``PINGS`` unanswered: a leader cut off from
+        the broker steps down within about 2 s."""
         import nats  # only with a broker configured
 
         self.relay.nc = await nats.connect(
             servers=list(self.servers), name=f"pgbridge {self.name}", no_echo=True,
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=RECONNECT_WAIT,
-            connect_timeout=2, ping_interval=1, max_outstanding_pings=2,
+            connect_timeout=2, ping_interval=PING_INTERVAL, max_outstanding_pings=PINGS,
             error_cb=self._on_error, disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected)
         await self._on_connected()
@@ -299,10 +290,14 @@ class Broker:
         self.leadership.allowed.set()
 
     async def _on_disconnected(self) -> None:
+        # nats-py awaits this in its reconnect task: whatever fails here must not end it
         self.leadership.allowed.clear()
         log.warning("lost the broker; reconnecting", extra={"event": "broker_lost"})
         self.leadership.resign()
-        await self._fall_back("the broker connection was lost")
+        try:
+            await self._fall_back("the broker connection was lost")
+        except Exception:
+            incident(log, "broker_crashed", "falling back after the broker was lost failed")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to the broker", extra={"event": "broker_connected"})
@@ -310,8 +305,12 @@ class Broker:
         self.leadership.allowed.set()
 
     async def _on_error(self, exc: Exception) -> None:
-        from nats.errors import SlowConsumerError
+        """nats-py's errors, and what a subscription's callback raised (a bug of ours)."""
+        from nats.errors import Error, SlowConsumerError
 
+        if not isinstance(exc, Error | OSError):
+            incident(log, "broker_crashed", "a broker message's handler failed", exc_info=exc)
+            return
         if isinstance(exc, SlowConsumerError):  # messages for us were dropped: the log has them
             self._errors.warning("slow", "the broker dropped messages to this instance (slow "
                                  "consumer); reading the log of every room",
@@ -363,7 +362,7 @@ class Broker:
                 self._beats += 1
                 self.relay.put(subjects.leader,
                                heartbeat(keys.control, self.epoch, self._beats, self.name))
-                self._expire_pins()
+                self.interest.expire()
             elif self.state == "follower" and self._lag() > LEADER_TIMEOUT:
                 await self._fall_back(f"no heartbeat from the capture reader for "
                                       f"{LEADER_TIMEOUT:g} s", epoch=self.epoch)
@@ -381,85 +380,15 @@ class Broker:
             await self._rooms_dirty.wait()
             self._rooms_dirty.clear()
             async with self._changes:
-                new = await self._subscribe_rooms()
+                new = await self.interest.subscribe()
                 epoch, following = self.epoch, self.state == "follower"
             if new and following:
                 await self._take_heads(epoch, new)
 
-    async def _subscribe_rooms(self) -> list[str]:
-        """Subscribe to the tracked rooms not subscribed yet, unsubscribe the others; return
-        the new ones."""
-        nc, subjects = self.relay.nc, self.relay.subjects
-        if nc is None or subjects is None or not nc.is_connected:
-            return []
-        wanted = set(self.hub.rooms())
-        for room in [room for room in self._subs if room not in wanted]:
-            with contextlib.suppress(Exception):
-                await self._subs.pop(room).unsubscribe()
-        new = [room for room in wanted if room not in self._subs]
-        for room in new:
-            self._subs[room] = await nc.subscribe(subjects.room(room), cb=self.relay.on_event)
-        return new
-
     async def _take_heads(self, epoch: int, rooms: list[str]) -> None:
-        """Have the leader of ``epoch`` publish ``rooms`` (subscribed already); what it
-        published before its answer (up to each room's head) is read from the log as a gap.
-        Falls back when it does not answer."""
-        try:
-            heads = await self._track(epoch, rooms)
-        except BridgeError as exc:
-            await self._fall_back(f"the capture reader did not take our rooms ({exc})",
-                                  epoch=epoch)
-            return
-        for room, head in heads.items():
-            if head > 0 and room in self.hub:
-                await self.rooms.changed(Change(Pointer(room, head)))
-
-    async def _track(self, epoch: int, rooms: list[str]) -> dict[str, int]:
-        """Ask the leader of ``epoch`` to publish ``rooms``; their heads. Raises
-        :class:`BridgeError` when it does not answer within ``TRACK_TIMEOUT`` seconds."""
-        nc, keys, subjects = self.relay.nc, self.relay.keys, self.relay.subjects
-        if nc is None or keys is None or subjects is None:
-            raise BridgeError("not connected to the broker")
-        heads: dict[str, int] = {}
-        for start in range(0, len(rooms), TRACK_CHUNK) if rooms else (0,):
-            chunk = rooms[start:start + TRACK_CHUNK]
-            try:
-                reply = await nc.request(subjects.track(epoch),
-                                         track_request(keys.control, epoch, chunk),
-                                         timeout=TRACK_TIMEOUT)
-            except Exception as exc:  # nats: timeout, no responders, connection closed
-                raise BridgeError(f"track request: {str(exc) or type(exc).__name__}") from None
-            got = read_track_reply(keys.control, reply.data, chunk)
-            if got is None:
-                raise BridgeError("the track reply failed its signature check")
-            heads.update(got)
-        return heads
-
-    async def _on_track(self, msg: Msg) -> None:
-        """Leader: pin the rooms asked for and answer with their last seqs."""
-        keys = self.relay.keys
-        rooms = read_track_request(keys.control, self.epoch, msg.data) if keys else None
-        if rooms is None or keys is None:
-            return self.relay.forged("track")
-        try:
-            heads = await self.rooms.pin_many(rooms)
-        except BridgeError as exc:
-            log.warning("could not pin %d rooms for a follower (%s)", len(rooms), exc,
-                        extra={"event": "broker_pin_failed"})
-            return None
-        now = time.monotonic()
-        self._pinned_at.update((room, now) for room in rooms)
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await msg.respond(track_reply(keys.control, heads))
-        return None
-
-    def _expire_pins(self) -> None:
-        old = time.monotonic() - PIN_EXPIRY
-        for room in [room for room, at in self._pinned_at.items() if at < old]:
-            del self._pinned_at[room]
-            self.hub.unpin(room)
+        failed = await self.interest.take_heads(epoch, rooms)
+        if failed is not None:
+            await self._fall_back(failed, epoch=epoch)
 
     async def _refresh_forever(self) -> None:
         """Follower: ask again for every room held (keeps them pinned on the leader) every
@@ -491,10 +420,7 @@ class Broker:
             await self._fall_back("the signing key changed: moving to its subjects")
             async with self._changes:
                 self.relay.rekey(key)
-                for sub in self._subs.values():
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
-                self._subs.clear()
+                await self.interest.forget()
             if self.relay.connected:
                 await self._on_connected()
 

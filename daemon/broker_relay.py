@@ -40,6 +40,8 @@ __all__ = ["OUTBOX_LIMIT", "Relay"]
 # Messages waiting to be published, past which ``overflow`` is called (the leader steps down:
 # its followers read the log meanwhile, and find the gaps of what it dropped).
 OUTBOX_LIMIT = 100_000
+# Bytes kept free under the server's max_payload (1 MB by default) for the subject and headers.
+PAYLOAD_MARGIN = 4096
 
 
 class Relay:
@@ -73,11 +75,16 @@ class Relay:
     # --- out ------------------------------------------------------------------------------
 
     def event(self, event: Event) -> None:
-        """Leader: publish a published event to its room's subject (``Rooms.relay``)."""
-        if self.subjects is not None and self.keys is not None:
-            self.put(self.subjects.room(event.room),
-                     self.keys.events.sign(event.frame.decode()).encode())
-            self.metrics.broker_relayed.inc()
+        """Leader: publish a published event to its room's subject (``Rooms.relay``); one
+        larger than the broker takes goes as a pointer (its followers read it from the log)."""
+        if self.subjects is None or self.keys is None:
+            return
+        data = self.keys.events.sign(event.frame.decode()).encode()
+        if self.nc is not None and len(data) > self.nc.max_payload - PAYLOAD_MARGIN:
+            pointer = json.dumps({"room": event.room, "seq": event.seq}, separators=(",", ":"))
+            data = self.keys.events.sign(pointer).encode()
+        self.put(self.subjects.room(event.room), data)
+        self.metrics.broker_relayed.inc()
 
     def note(self, note: UserHint | MemberHint | PresenceHint | Typing) -> None:
         """Leader: relay a hint or a typing signal heard on LISTEN (a registered handler's

@@ -12,10 +12,11 @@ cleared, it steps down (closing the connection releases the lock).
 How fast the lock passes on: when a leader's process dies, its server process sees the socket
 close and releases the lock at once; a waiting candidate's ``pg_advisory_lock`` returns. When
 the leader is cut off from the database without a closed socket, the server notices by the TCP
-keepalives its session set (:data:`KEEPALIVES`: about 2 s), and the leader by its next check
-(at most ``HOLD_CHECK + HOLD_TIMEOUT`` seconds). Whatever a deposed leader still publishes
-meanwhile is harmless: the events it read are the log's own (a repeat is dropped by seq, a
-later one is a gap healed from the log), and its heartbeats carry an older epoch.
+keepalives and user timeout its session set (:data:`KEEPALIVES`: 1 to 2 s), and the leader by
+its next check (at most ``HOLD_CHECK + HOLD_TIMEOUT`` seconds). Whatever a deposed leader
+still publishes meanwhile is harmless: the events it read are the log's own (a repeat is
+dropped by seq, a later one is a gap healed from the log), and its heartbeats carry an older
+epoch.
 
 Any role that can connect can take any advisory lock: one that holds this one keeps every
 bridge from leading, and they all read the log themselves, as without a broker (nothing is
@@ -33,6 +34,7 @@ import psycopg
 
 from .backoff import Backoff
 from .db import describe
+from .logs import incident
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,13 @@ LOCK_CLASS = 0x70676272  # "pgbr"
 HOLD_CHECK = 0.5  # seconds between two checks of the lock's connection
 HOLD_TIMEOUT = 1.0  # seconds a check may take
 CONNECT_TIMEOUT = 5.0
-# The lock session's own TCP keepalives, set on the server side: a leader cut off from the
-# database loses the lock about 2 s later (idle 1 s, then 1 probe of 1 s).
+# The lock session's own TCP keepalives and user timeout, set on the server side: a leader cut
+# off from the database loses the lock about 1 to 2 s later (its check every HOLD_CHECK seconds
+# leaves data unacknowledged for at most 1 s; idle, 1 s then one probe of 1 s).
 KEEPALIVES = ("SELECT set_config('tcp_keepalives_idle', '1', false), "
               "set_config('tcp_keepalives_interval', '1', false), "
               "set_config('tcp_keepalives_count', '1', false), "
+              "set_config('tcp_user_timeout', '1000', false), "
               "set_config('application_name', 'pgbridge leader', false)")
 
 
@@ -86,6 +90,11 @@ class Leadership:
                             "%.2f s", describe(self.conninfo),
                             str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__,
                             delay, extra={"event": "broker_campaign_failed"})
+                await asyncio.sleep(delay)
+            except Exception:  # a bug: the lock is released (its connection closed); go on
+                delay = backoff.next()
+                incident(log, "broker_campaign_crashed", "leadership failed; campaigning "
+                         "again in %.2f s", delay)
                 await asyncio.sleep(delay)
 
     async def _campaign(self, backoff: Backoff) -> None:

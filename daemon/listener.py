@@ -158,14 +158,24 @@ class Listener:
         return handler(note) if handler is not None else None
 
     async def run(self) -> None:
-        """Run reader, probe and key re-read until cancelled. Connection failures are retried
-        forever; ``ready`` tells whether LISTEN was ever proven to deliver. Raises
-        :class:`DatabaseError` when the signing key cannot be read or ``pgbridge_listen()`` may
-        not be called at the start (a bridge role without ``setup_db.py --grant-bridge``, or
-        granted before the channels were secret)."""
+        """:meth:`start`, then :meth:`listen` until cancelled. Raises what :meth:`start`
+        raises."""
+        await self.start()
+        await self.listen()
+
+    async def start(self) -> None:
+        """Read the signing key and check that ``pgbridge_listen()`` may be called; sets
+        :attr:`checked`. Raises :class:`DatabaseError` when the key cannot be read or the call
+        is not granted (a bridge role without ``setup_db.py --grant-bridge``, or granted before
+        the channels were secret)."""
         self.key = NotifyKey(await self.store.notify_key())
         await self.store.check_listen_grant()
         self.checked.set()
+
+    async def listen(self) -> None:
+        """Run reader, probe and key re-read until cancelled (after :meth:`start`; again after
+        a cancel, as the broker's instances do, :mod:`daemon.broker`). Connection failures are
+        retried forever; ``ready`` tells whether LISTEN was ever proven to deliver."""
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._read_forever(), name="listener-reader")
