@@ -115,7 +115,8 @@ class Bridge:
                                  listener=self.listener, presence_feed=self.presence_feed,
                                  followers=(self.rooms, self.presence_feed, self.feeds),
                                  metrics=self.metrics)
-            self.metrics.export_broker()
+            # the leader tells its followers what its LISTEN missed
+            self.listener.followers = (*self.listener.followers, self.broker)
             relay = self.broker.relay.note  # the leader relays what it hears on LISTEN
         listen = self.listener.on
         listen(Change, self.rooms.changed)

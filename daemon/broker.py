@@ -11,14 +11,11 @@ as the listener would (:meth:`daemon.listener.Listener.hand`): a repeat is dropp
 gap is read from the log, exactly as for a NOTIFY. The log stays the only truth, so core NATS
 (at most once) is enough.
 
-An instance follows a leader only while it hears its heartbeats: without one for
-:data:`~daemon.broker_wire.LEADER_TIMEOUT` seconds, or with the broker down, it **falls
-back**: it LISTENs and reads the log itself, as without a broker (the listener's reconnect
-reads every room's log after the last seq published). When a leader is heard again, the
-instance asks it to publish the rooms it holds (a track request: the leader pins them and
-answers with their last seqs), stops its own LISTEN, and reads every room's log once more
-(events after the pin arrive on the subjects, earlier ones are in the log). Every instance
-starts in fallback: its LISTEN is proven at start as without a broker.
+Without a heartbeat of its leader for :data:`~daemon.broker_wire.LEADER_TIMEOUT` seconds, or
+with the broker down, an instance **falls back**: it LISTENs and reads the log itself, as
+without a broker. Every instance starts there (its LISTEN proven as without a broker); when a
+leader is heard, it asks it to publish its rooms (:mod:`daemon.broker_rooms`), stops its LISTEN
+and reads every room's log once more: events after the leader's answer arrive on the subjects.
 
 Metrics: ``pgbridge_broker_state``, ``pgbridge_broker_up``, ``pgbridge_broker_lag_seconds``,
 ``pgbridge_broker_fallbacks_total``, ``pgbridge_broker_relayed_total``,
@@ -40,9 +37,7 @@ from .broker_relay import Relay
 from .broker_rooms import Interest
 from .broker_wire import (
     HEARTBEAT_INTERVAL,
-    INTEREST_REFRESH,
     LEADER_TIMEOUT,
-    SWEEP_INTERVAL,
     heartbeat,
     read_heartbeat,
 )
@@ -68,6 +63,8 @@ __all__ = ["STATES", "Broker"]
 
 STATES = ("leader", "follower", "fallback")
 RECONNECT_WAIT = 0.25  # seconds between two attempts to reach the broker
+# Seconds after which the newest epoch heard, silent, no longer keeps older ones out.
+STALE_EPOCH = 3 * LEADER_TIMEOUT
 PING_INTERVAL, PINGS = 0.5, 3  # a ping every 0.5 s; the connection is lost after 3 unanswered
 
 
@@ -95,23 +92,21 @@ class Broker:
         self.leadership = Leadership(conninfo, schema, ready=listener.ready,
                                      elected=self._elected, lost=self._lost)
         self._newest = (0, 0)  # (epoch, beat) of the newest heartbeat taken
+        self._newest_at = 0.0  # when its epoch last beat
+        self._database = ""  # the database's identity (its subjects)
+        self.relay.on_missed = self._on_missed
+        self.relay.on_shed = self._on_shed
         self._beats = 0
         self.interest = Interest(hub, rooms, self.relay)
         self._control: list[Any] = []  # the leader, signal and typing subscriptions
         self._capture: asyncio.Task[None] | None = None
         self._changes = asyncio.Lock()  # one change of state at a time
         self._following: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None  # a catch-up after a slow consumer's drop
         self._retry_at = 0.0  # no attempt to follow before (after a failed track request)
-        self._rooms_dirty = asyncio.Event()
         self._errors = Throttled(log, interval=30.0)
-        hub.observer = self._room_changed
-        for state in STATES:
-            metrics.broker_state.labels(state).set_function(self._is(state))
-        metrics.broker_up.set_function(lambda: 1.0 if self.relay.connected else 0.0)
-        metrics.broker_lag.set_function(self._lag)
-
-    def _is(self, state: str) -> Callable[[], float]:
-        return lambda: 1.0 if self.state == state else 0.0
+        metrics.export_broker(states=STATES, state=lambda: self.state,
+                              up=lambda: self.relay.connected, lag=self._lag)
 
     # --- public ---------------------------------------------------------------------------
 
@@ -121,7 +116,8 @@ class Broker:
         is not granted), as a bridge without a broker does."""
         await self.listener.start()
         assert self.listener.key is not None
-        self.relay.rekey(self.listener.key)
+        self._database = await self.store.database_identity()
+        self.relay.rekey(self.listener.key, self._database)
         self._start_capture()
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -129,8 +125,9 @@ class Broker:
                 tasks.create_task(self.leadership.run(), name="broker-leadership")
                 tasks.create_task(self._watch_forever(), name="broker-watch")
                 tasks.create_task(self.relay.publish_forever(), name="broker-publish")
-                tasks.create_task(self._rooms_forever(), name="broker-rooms")
-                tasks.create_task(self._refresh_forever(), name="broker-refresh")
+                tasks.create_task(self.interest.rooms_forever(self, self._changes),
+                                  name="broker-rooms")
+                tasks.create_task(self.interest.refresh_forever(self), name="broker-refresh")
                 tasks.create_task(self._key_forever(), name="broker-key")
         finally:
             if self._capture is not None:
@@ -154,6 +151,28 @@ class Broker:
             return "not connected"
         return None if self.listener.ready.is_set() else (
             "LISTEN not yet proven by a NOTIFY round trip")
+
+    # --- what the leader's LISTEN missed (daemon.listener.Follower) ------------------------
+
+    def deaf(self) -> None:
+        """The leader's LISTEN is down: the catch-up when it is back publishes what it missed
+        to the followers in order; hints are lost until :meth:`missed`."""
+
+    async def missed(self, keys: Keys) -> None:
+        """Leader: LISTEN is up again (or shed a flood), and hints sent before were lost for
+        every instance: tell the followers to check their users and read their rooms' logs."""
+        del keys
+        self.relay.missed()  # nothing unless leading
+
+    async def _on_missed(self) -> None:
+        """The leader's :meth:`missed`, heard by a follower (each one once: the relay checks)."""
+        if self.state == "follower":
+            await self._missed()
+
+    def _on_shed(self) -> None:
+        """A flood of forged messages was shed: what it hid is in the log."""
+        if self.state == "follower" and (self._sweep is None or self._sweep.done()):
+            self._sweep = asyncio.create_task(self._missed())
 
     # --- states ---------------------------------------------------------------------------
 
@@ -187,9 +206,9 @@ class Broker:
         for follower in self.followers:
             await follower.missed(keys)
 
-    async def _fall_back(self, reason: str, *, epoch: int | None = None) -> None:
+    async def fall_back(self, reason: str, *, epoch: int | None = None) -> None:
         """Read the log ourselves (a follower, or a leader stepping down). With ``epoch``: only
-        if this instance still follows the leader of that epoch."""
+        if this instance still follows the leader of that epoch (:class:`Following`)."""
         async with self._changes:
             if self.state == "fallback" or (epoch is not None and (
                     self.state != "follower" or self.epoch != epoch)):
@@ -197,6 +216,7 @@ class Broker:
             if self.state == "leader":
                 await self._unlead()
             self.state = "fallback"
+            self.relay.stop()
             self.metrics.broker_fallbacks.inc()
             log.warning("reading the log itself: %s", reason,
                         extra={"event": "broker_fallback", "reason": reason})
@@ -207,7 +227,7 @@ class Broker:
         async with self._changes:
             self.epoch, self._newest, self.state = epoch, (epoch, 0), "leader"
             self._start_capture()
-            self.relay.leading = True
+            self.relay.start(epoch, leading=True)
             self.rooms.relay = self.relay.event
             try:
                 await self.interest.serve(epoch)
@@ -222,10 +242,10 @@ class Broker:
     async def _lost(self, why: str) -> None:
         log.warning("no longer the capture reader: %s", why,
                     extra={"event": "broker_stepped_down"})
-        await self._fall_back(f"this instance stopped leading ({why})")
+        await self.fall_back(f"this instance stopped leading ({why})")
 
     async def _unlead(self) -> None:
-        self.relay.leading = False
+        self.relay.stop()
         self.rooms.relay = None
         await self.interest.unserve()
         self.leadership.resign()
@@ -236,27 +256,42 @@ class Broker:
 
     async def _follow(self, epoch: int) -> None:
         """The leader of ``epoch`` is heard: have it publish our rooms, then follow it (stop
-        our LISTEN, read every room's log once: events after its answer come from it)."""
-        failed = None
+        our LISTEN, read every room's log once: events after its answer come from it). The
+        request is made outside the lock of our state, which may change meanwhile: then this
+        gives way."""
         async with self._changes:
             if self.state == "leader" or (self.state == "follower" and self.epoch == epoch):
                 return
+            was = self.epoch if self.state == "follower" else None  # the epoch followed so far
             await self.interest.subscribe()
-            try:
-                await self.interest.track(epoch, self.hub.rooms())
-            except BridgeError as exc:
-                self._retry_at = time.monotonic() + 1.0
-                failed = f"the capture reader of epoch {epoch} did not take our rooms ({exc})"
+            rooms = self.hub.rooms()
+        try:
+            await self.interest.track(epoch, rooms)
+        except BridgeError as exc:
+            self._retry_at = time.monotonic() + 1.0
+            failed = f"the capture reader of epoch {epoch} did not take our rooms ({exc})"
+            if was is not None:  # still following the old one, which is gone: stop
+                await self.fall_back(failed, epoch=was)
             else:
-                self.epoch, self.state = epoch, "follower"
-                self.heard_at = time.monotonic()
-                await self._stop_capture()  # the listener tells its followers: deaf
-                await self._missed()
-                log.info("following the capture reader of epoch %d: no LISTEN, no reads of "
-                         "the log but to fill a gap", epoch,
-                         extra={"event": "broker_following", "epoch": epoch})
-        if failed is not None:
-            await self._fall_back(failed)
+                log.warning("%s; reading the log ourselves meanwhile", failed,
+                            extra={"event": "broker_track_failed"})
+            return
+        async with self._changes:
+            if self.state == "leader" or (self.state == "follower" and self.epoch != was):
+                return  # elected meanwhile, or following another leader already
+            self.epoch, self.state = epoch, "follower"
+            self.relay.start(epoch, leading=False)
+            self.heard_at = time.monotonic()
+            await self._stop_capture()  # the listener tells its followers: deaf
+            await self._missed()
+            log.info("following the capture reader of epoch %d: no LISTEN, no reads of the "
+                     "log but to fill a gap", epoch,
+                     extra={"event": "broker_following", "epoch": epoch})
+        # rooms tracked while we asked were not part of the request
+        if later := sorted(set(self.hub.rooms()) - set(rooms)):
+            why = await self.interest.take_heads(epoch, later)
+            if why is not None:
+                await self.fall_back(why, epoch=epoch)
 
     # --- the broker connection ------------------------------------------------------------
 
@@ -286,7 +321,7 @@ class Broker:
         self._control = [await nc.subscribe(subjects.leader, cb=self._on_heartbeat),
                          await nc.subscribe(subjects.signal, cb=self.relay.on_signal),
                          await nc.subscribe(subjects.typing, cb=self.relay.on_typing)]
-        self._rooms_dirty.set()
+        self.interest.dirty.set()
         self.leadership.allowed.set()
 
     async def _on_disconnected(self) -> None:
@@ -295,13 +330,13 @@ class Broker:
         log.warning("lost the broker; reconnecting", extra={"event": "broker_lost"})
         self.leadership.resign()
         try:
-            await self._fall_back("the broker connection was lost")
+            await self.fall_back("the broker connection was lost")
         except Exception:
             incident(log, "broker_crashed", "falling back after the broker was lost failed")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to the broker", extra={"event": "broker_connected"})
-        self._rooms_dirty.set()
+        self.interest.dirty.set()
         self.leadership.allowed.set()
 
     async def _on_error(self, exc: Exception) -> None:
@@ -315,8 +350,9 @@ class Broker:
             self._errors.warning("slow", "the broker dropped messages to this instance (slow "
                                  "consumer); reading the log of every room",
                                  extra={"event": "broker_slow_consumer"})
-            if self.state == "follower":
-                await self.rooms.catch_up()
+            if self.state == "follower" and (self._sweep is None or self._sweep.done()):
+                # not awaited here: nats-py calls this from its read loop, once per drop
+                self._sweep = asyncio.create_task(self.rooms.catch_up())
             return
         self._errors.warning("error", "broker: %s (reading the log ourselves until it is "
                              "back)", str(exc) or type(exc).__name__,
@@ -326,24 +362,36 @@ class Broker:
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         keys = self.relay.keys
+        if not self.relay.checking():
+            return None
         beat = read_heartbeat(keys.control, msg.data) if keys is not None else None
         if beat is None:
             return self.relay.forged("leader")
-        if (beat.epoch, beat.beat) <= self._newest:
-            return None  # stale or replayed
-        self._newest = (beat.epoch, beat.beat)
+        now = time.monotonic()
+        if (beat.epoch, beat.beat) <= self._newest and (
+                beat.epoch == self._newest[0] or now - self._newest_at < STALE_EPOCH):
+            return None  # replayed, or an older epoch's while the newest one beats
+        # (an older epoch is taken once the newest has been silent for STALE_EPOCH seconds:
+        # the database moved to another cluster, whose transaction ids are smaller)
+        self._newest, self._newest_at = (beat.epoch, beat.beat), now
         if beat.epoch == self.epoch:
             self.heard_at = time.monotonic()
         if self.state == "leader":
             if beat.epoch > self.epoch:  # a newer leader: the lock passed on, we were deposed
-                await self._fall_back(f"a newer capture reader (epoch {beat.epoch}) is heard")
+                await self.fall_back(f"a newer capture reader (epoch {beat.epoch}) is heard")
             return None
         if ((self.state == "fallback" or beat.epoch != self.epoch)
                 and self.listener.ready.is_set()  # LISTEN proven once: the start waits for it
                 and time.monotonic() >= self._retry_at
                 and (self._following is None or self._following.done())):
             self._following = asyncio.create_task(self._follow(beat.epoch))
+            self._following.add_done_callback(self._followed)
         return None
+
+    def _followed(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            incident(log, "broker_crashed", "following a capture reader failed",
+                     exc_info=task.exception() or True)
 
     def _lag(self) -> float:
         if self.state == "leader":
@@ -364,46 +412,8 @@ class Broker:
                                heartbeat(keys.control, self.epoch, self._beats, self.name))
                 self.interest.expire()
             elif self.state == "follower" and self._lag() > LEADER_TIMEOUT:
-                await self._fall_back(f"no heartbeat from the capture reader for "
+                await self.fall_back(f"no heartbeat from the capture reader for "
                                       f"{LEADER_TIMEOUT:g} s", epoch=self.epoch)
-
-    # --- rooms ----------------------------------------------------------------------------
-
-    def _room_changed(self, room: str, tracked: bool) -> None:
-        del room, tracked
-        self._rooms_dirty.set()
-
-    async def _rooms_forever(self) -> None:
-        """Subscribe to the subjects of the rooms the hub tracks, and no other; a follower asks
-        the leader to publish the new ones."""
-        while True:
-            await self._rooms_dirty.wait()
-            self._rooms_dirty.clear()
-            async with self._changes:
-                new = await self.interest.subscribe()
-                epoch, following = self.epoch, self.state == "follower"
-            if new and following:
-                await self._take_heads(epoch, new)
-
-    async def _take_heads(self, epoch: int, rooms: list[str]) -> None:
-        failed = await self.interest.take_heads(epoch, rooms)
-        if failed is not None:
-            await self._fall_back(failed, epoch=epoch)
-
-    async def _refresh_forever(self) -> None:
-        """Follower: ask again for every room held (keeps them pinned on the leader) every
-        ``INTEREST_REFRESH`` seconds, and read their logs every ``SWEEP_INTERVAL`` (the safety
-        net for an event that NATS never brought, when no later one of its room follows)."""
-        swept = time.monotonic()
-        while True:
-            await asyncio.sleep(INTEREST_REFRESH)
-            epoch, rooms = self.epoch, self.hub.rooms()
-            if self.state != "follower" or not rooms:
-                continue
-            await self._take_heads(epoch, rooms)
-            if time.monotonic() - swept >= SWEEP_INTERVAL and self.state == "follower":
-                swept = time.monotonic()
-                await self.rooms.catch_up()
 
     # --- key ------------------------------------------------------------------------------
 
@@ -417,9 +427,9 @@ class Broker:
                 continue  # the database is away: its own lines say so
             if self.relay.key is None or key.fingerprint == self.relay.key.fingerprint:
                 continue
-            await self._fall_back("the signing key changed: moving to its subjects")
+            await self.fall_back("the signing key changed: moving to its subjects")
             async with self._changes:
-                self.relay.rekey(key)
+                self.relay.rekey(key, self._database)
                 await self.interest.forget()
             if self.relay.connected:
                 await self._on_connected()

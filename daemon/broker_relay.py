@@ -15,16 +15,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from .broker_wire import CAPTURE, BrokerKeys, Subjects
-from .events import Event, MemberHint, PresenceHint, UserHint
+from .broker_wire import CAPTURE, BrokerKeys, Subjects, missed, read_missed
+from .events import Event, MemberHint, PresenceHint, UserHint, parse_notify
 from .listener import Listener
 from .logs import Throttled
 from .metrics import Metrics
 from .notes import Change, Typing, classify
-from .signing import NotifyKey
+from .protocol import load_json
+from .signing import NotifyKey, RejectBudget
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -44,6 +46,10 @@ OUTBOX_LIMIT = 100_000
 PAYLOAD_MARGIN = 4096
 
 
+async def _ignore() -> None:
+    pass
+
+
 class Relay:
     """Publish and hear the broker's messages for ``rooms``, ``listener``'s handlers and
     ``presence_feed``. ``overflow()`` is called when the outbox is full."""
@@ -55,9 +61,20 @@ class Relay:
         self.overflow = overflow
         self.nc: NATS | None = None  # set by the broker once connected
         self.leading = False  # relay what this instance hears on LISTEN (the leader)
+        self.following = False  # take the hints of the leader of `epoch` (a follower)
+        self.epoch = 0  # the leader's, or ours while we lead (:meth:`start`)
+        # the signal subject's messages are numbered in each epoch, so that a recorded one
+        # replayed is dropped: the last number sent (leader), taken (follower)
+        self._sent = self._taken = 0
+        self.rejects = RejectBudget()  # forged messages checked per window, then shed
+        self._shed = 0  # messages dropped unchecked in the current window
+        self._shed_timer: asyncio.TimerHandle | None = None
+        self.on_shed: Callable[[], None] = lambda: None  # a window of shedding ended
         self.key: NotifyKey | None = None
         self.keys: BrokerKeys | None = None
         self.subjects: Subjects | None = None
+        # the leader's missed() heard (set by the broker)
+        self.on_missed: Callable[[], Awaitable[None]] = _ignore
         self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._forgeries = Throttled(log, interval=10.0)
         self._failures = Throttled(log, interval=30.0)
@@ -66,9 +83,20 @@ class Relay:
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
 
-    def rekey(self, key: NotifyKey) -> None:
-        """Use ``key`` (the schema's) and its subjects from now on."""
-        self.key, self.keys, self.subjects = key, BrokerKeys.of(key), Subjects.of(key)
+    def start(self, epoch: int, *, leading: bool) -> None:
+        """Lead (``leading``) or follow the leader of ``epoch`` from now on."""
+        self.epoch, self.leading, self.following = epoch, leading, not leading
+        self._sent = self._taken = 0
+
+    def stop(self) -> None:
+        """Neither lead nor follow (the fallback)."""
+        self.leading = self.following = False
+
+    def rekey(self, key: NotifyKey, database: str) -> None:
+        """Use ``key`` (the schema's) and its subjects in ``database`` (its identity) from now
+        on."""
+        self.key, self.keys = key, BrokerKeys.of(key)
+        self.subjects = Subjects.of(key, database)
         self.presence_feed.configure(self.presence_feed.typing_channel, key)
         self.presence_feed.broadcast = self.broadcast_typing
 
@@ -98,8 +126,16 @@ class Relay:
             return
         kind = "presence" if isinstance(note, PresenceHint) else "access"
         what = "member" if isinstance(note, MemberHint) else "user"
-        text = json.dumps({kind: what, "user": note.user}, separators=(",", ":"))
+        self._sent += 1
+        text = json.dumps({kind: what, "user": note.user, "epoch": self.epoch, "n": self._sent},
+                          separators=(",", ":"))
         self.put(self.subjects.signal, self.keys.events.sign(text).encode())
+
+    def missed(self) -> None:
+        """Leader: tell the followers that hints may have been lost (:func:`missed`)."""
+        if self.leading and self.subjects is not None and self.keys is not None:
+            self._sent += 1
+            self.put(self.subjects.signal, missed(self.keys.control, self.epoch, self._sent))
 
     def broadcast_typing(self, payload: str) -> bool:
         """Send a typing signal (signed with the typing key) to every instance, this one's
@@ -134,47 +170,83 @@ class Relay:
 
     # --- in -------------------------------------------------------------------------------
 
-    def _note(self, msg: Msg, subject: str) -> Change | UserHint | MemberHint | PresenceHint | None:
-        keys = self.keys
-        try:
-            payload = msg.data.decode()
-        except UnicodeDecodeError:
-            payload = ""
-        note = classify(CAPTURE, payload, keys.notes) if keys is not None else None
-        if isinstance(note, Change | UserHint | MemberHint | PresenceHint):
-            return note
-        self.forged(subject)
-        return None
+    def checking(self) -> bool:
+        """False while a flood of forged messages is shed: the message is dropped unchecked
+        (what it may have carried is read from the log when the window ends, :meth:`forged`)."""
+        if self.rejects.shedding(time.monotonic()):
+            self._shed += 1
+            return False
+        return True
 
     async def on_event(self, msg: Msg) -> None:
         """A room's subject: its signed event, to the rooms."""
-        note = self._note(msg, "room")
+        if not self.checking():
+            return
+        note = classify(CAPTURE, _text(msg), self.keys.notes) if self.keys else None
         if isinstance(note, Change) and msg.subject.endswith("." + note.event.room):
             await self.rooms.changed(note)
-        elif note is not None:
+        else:
             self.forged("room")
 
     async def on_signal(self, msg: Msg) -> None:
-        """The signal subject: a signed hint, to the listener's handler of its kind."""
-        note = self._note(msg, "signal")
+        """The signal subject: a signed hint of the leader followed, newer than the last one
+        taken, to the listener's handler of its kind; its :func:`missed`, to
+        :attr:`on_missed`. A repeat, or another leader's, is dropped."""
+        keys = self.keys
+        if not self.checking() or keys is None:
+            return
+        lost = read_missed(keys.control, msg.data)
+        text = keys.events.open(_text(msg)) if lost is None else None
+        if lost is None and text is None:
+            self.forged("signal")
+            return
+        try:
+            obj = load_json(text, max_depth=1, max_brackets=1) if text is not None else {}
+        except ValueError:
+            obj = {}
+        epoch, n = lost if lost is not None else (obj.get("epoch"), obj.get("n"))
+        if not (self.following and epoch == self.epoch and isinstance(n, int)
+                and n > self._taken):
+            return  # replayed, a stale leader's, or not following
+        self._taken = n
+        if lost is not None:
+            await self.on_missed()
+            return
+        note = parse_notify(text) if text is not None else None
         if isinstance(note, UserHint | MemberHint | PresenceHint):
             pending = self.listener.hand(note)
             if pending is not None:
                 await pending
-        elif note is not None:
-            self.forged("signal")
 
     async def on_typing(self, msg: Msg) -> None:
         """The typing subject: a signed typing signal, to the presence feed."""
-        try:
-            payload = msg.data.decode()
-        except UnicodeDecodeError:
-            payload = ""
-        if not self.presence_feed.typing_heard(payload):
+        if self.checking() and not self.presence_feed.typing_heard(_text(msg)):
             self.forged("typing")
 
     def forged(self, subject: str) -> None:
+        """Count a message that failed its check; once :attr:`rejects` is spent, shed the
+        rest of its window."""
         self.metrics.broker_forged.inc()
         self._forgeries.warning("forged", "ignored a message on the broker's %s subject that "
                                 "failed its signature check (or was signed with another key)",
                                 subject, extra={"event": "broker_forged"})
+        now = time.monotonic()
+        if self.rejects.rejected(now) and self._shed_timer is None:
+            self._shed = 0
+            self._shed_timer = asyncio.get_running_loop().call_later(
+                max(0.0, self.rejects.until - now), self._shed_over)
+
+    def _shed_over(self) -> None:
+        self._shed_timer = None
+        self._forgeries.warning("shed", "%d broker messages failed their signature check "
+                                "within %g s; dropped %d more unchecked; reading every "
+                                "room's log", self.rejects.limit, self.rejects.window,
+                                self._shed, extra={"event": "broker_shed"})
+        self.on_shed()
+
+
+def _text(msg: Msg) -> str:
+    try:
+        return msg.data.decode()
+    except UnicodeDecodeError:
+        return ""

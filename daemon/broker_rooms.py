@@ -12,14 +12,18 @@ can pass it by; what came before it reads from the log as a gap. A room nobody a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .broker_relay import Relay
 from .broker_wire import (
+    INTEREST_REFRESH,
     PIN_EXPIRY,
+    SWEEP_INTERVAL,
     TRACK_CHUNK,
     TRACK_TIMEOUT,
     read_track_reply,
@@ -42,12 +46,25 @@ log = logging.getLogger(__name__)
 __all__ = ["Interest"]
 
 
+class Following(Protocol):
+    """The instance's state, as :class:`daemon.broker.Broker` keeps it."""
+
+    state: str  # "leader", "follower" or "fallback"
+    epoch: int  # the leader's followed (or its own)
+
+    async def fall_back(self, reason: str, *, epoch: int | None = None) -> None:
+        """Read the log ourselves; with ``epoch``, only if still following that leader."""
+
+
 class Interest:
     """The rooms of ``hub`` on the broker, through ``relay``'s client; ``rooms`` pins the
-    leader's and takes the follower's heads."""
+    leader's and takes the follower's heads. :attr:`dirty` is set whenever the hub starts or
+    stops tracking a room (:attr:`daemon.hub.Hub.observer`)."""
 
     def __init__(self, hub: Hub, rooms: Rooms, relay: Relay) -> None:
         self.hub, self.rooms, self.relay = hub, rooms, relay
+        self.dirty = asyncio.Event()
+        hub.observer = lambda room, tracked: self.dirty.set()
         self.epoch = 0  # leader: the epoch whose track requests it answers
         self._subs: dict[str, Any] = {}  # room -> its NATS subscription
         self._track_sub: Any = None  # leader: its track subject's subscription
@@ -78,6 +95,39 @@ class Interest:
                 await sub.unsubscribe()
         self._subs.clear()
 
+    async def rooms_forever(self, instance: Following, changes: asyncio.Lock) -> None:
+        """Subscribe to the subjects of the rooms the hub tracks, and no other, whenever they
+        change (under ``changes``, the instance's lock of its state); a follower asks its
+        leader to publish the new ones."""
+        while True:
+            await self.dirty.wait()
+            self.dirty.clear()
+            async with changes:
+                new = await self.subscribe()
+                epoch, following = instance.epoch, instance.state == "follower"
+            if new and following:
+                await self._take_heads(instance, epoch, new)
+
+    async def refresh_forever(self, instance: Following) -> None:
+        """Follower: ask again for every room held (keeps them pinned on the leader) every
+        ``INTEREST_REFRESH`` seconds, and read their logs every ``SWEEP_INTERVAL`` (the safety
+        net for an event that NATS never brought, when no later one of its room follows)."""
+        swept = time.monotonic()
+        while True:
+            await asyncio.sleep(INTEREST_REFRESH)
+            epoch, rooms = instance.epoch, self.hub.rooms()
+            if instance.state != "follower" or not rooms:
+                continue
+            await self._take_heads(instance, epoch, rooms)
+            if time.monotonic() - swept >= SWEEP_INTERVAL and instance.state == "follower":
+                swept = time.monotonic()
+                await self.rooms.catch_up()
+
+    async def _take_heads(self, instance: Following, epoch: int, rooms: list[str]) -> None:
+        failed = await self.take_heads(epoch, rooms)
+        if failed is not None:
+            await instance.fall_back(failed, epoch=epoch)
+
     # --- a follower -----------------------------------------------------------------------
 
     async def track(self, epoch: int, rooms: list[str]) -> dict[str, int]:
@@ -88,19 +138,44 @@ class Interest:
         if nc is None or keys is None or subjects is None:
             raise BridgeError("not connected to the broker")
         heads: dict[str, int] = {}
-        for start in range(0, len(rooms), TRACK_CHUNK) if rooms else (0,):
-            chunk = rooms[start:start + TRACK_CHUNK]
-            try:
-                reply = await nc.request(subjects.track(epoch),
-                                         track_request(keys.control, epoch, chunk),
-                                         timeout=TRACK_TIMEOUT)
-            except Exception as exc:  # nats: timeout, no responders, connection closed
-                raise BridgeError(f"track request: {str(exc) or type(exc).__name__}") from None
-            got = read_track_reply(keys.control, reply.data, chunk)
-            if got is None:
-                raise BridgeError("the track reply failed its signature check")
-            heads.update(got)
+        inbox = nc.new_inbox()
+        try:
+            replies = await nc.subscribe(inbox)
+        except Exception as exc:  # nats: the connection closed
+            raise BridgeError(f"track request: {str(exc) or type(exc).__name__}") from None
+        try:
+            for start in range(0, len(rooms), TRACK_CHUNK) if rooms else (0,):
+                chunk, nonce = rooms[start:start + TRACK_CHUNK], secrets.token_hex(12)
+                try:
+                    await nc.publish(subjects.track(epoch),
+                                     track_request(keys.control, epoch, chunk, nonce),
+                                     reply=inbox)
+                    heads.update(await self._reply(replies, epoch, nonce, chunk))
+                except BridgeError:
+                    raise
+                except Exception as exc:  # nats: timeout, connection closed
+                    raise BridgeError(
+                        f"track request to epoch {epoch}: {str(exc) or type(exc).__name__}"
+                    ) from None
+        finally:
+            with contextlib.suppress(Exception):
+                await replies.unsubscribe()
         return heads
+
+    async def _reply(self, replies: Any, epoch: int, nonce: str,
+                     rooms: list[str]) -> dict[str, int]:
+        """The first valid reply to the request ``nonce`` within ``TRACK_TIMEOUT`` seconds
+        (anyone who heard the request may answer it first: a forged or replayed answer is
+        dropped and counted, not taken for the leader's silence)."""
+        keys = self.relay.keys
+        assert keys is not None
+        async with asyncio.timeout(TRACK_TIMEOUT):
+            while True:
+                msg = await replies.next_msg(timeout=None)
+                heads = read_track_reply(keys.control, msg.data, epoch, nonce, rooms)
+                if heads is not None:
+                    return heads
+                self.relay.forged("track reply")
 
     async def take_heads(self, epoch: int, rooms: list[str]) -> str | None:
         """:meth:`track` ``rooms`` (subscribed already); what the leader published before its
@@ -137,21 +212,21 @@ class Interest:
     async def on_track(self, msg: Msg) -> None:
         """Pin the rooms asked for and answer with their last seqs."""
         keys = self.relay.keys
-        rooms = read_track_request(keys.control, self.epoch, msg.data) if keys else None
-        if rooms is None or keys is None:
+        request = read_track_request(keys.control, self.epoch, msg.data) if keys else None
+        if request is None or keys is None:
             self.relay.forged("track")
             return
         try:
-            heads = await self.rooms.pin_many(rooms)
+            heads = await self.rooms.pin_many(request.rooms)
         except BridgeError as exc:
-            log.warning("could not pin %d rooms for a follower (%s)", len(rooms), exc,
+            log.warning("could not pin %d rooms for a follower (%s)", len(request.rooms), exc,
                         extra={"event": "broker_pin_failed"})
             return
         now = time.monotonic()
-        self._pinned_at.update((room, now) for room in rooms)
+        self._pinned_at.update((room, now) for room in request.rooms)
         if msg.reply:
             with contextlib.suppress(Exception):
-                await msg.respond(track_reply(keys.control, heads))
+                await msg.respond(track_reply(keys.control, self.epoch, request.nonce, heads))
 
     def expire(self) -> None:
         """Unpin the rooms nobody asked for in ``PIN_EXPIRY`` seconds."""

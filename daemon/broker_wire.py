@@ -5,18 +5,21 @@ Pure. Anyone who can reach the NATS servers can publish on any subject, so every
 signed, as a NOTIFY of the capture triggers is (:mod:`daemon.signing`), with keys derived
 from the schema's key (``change_notify_key.key``), which only the owner and the bridge role
 can read: a forged message is dropped and counted (``pgbridge_broker_forged_total``). The
-subjects are ``pgbridge.<key fingerprint>.*``, so installs that share NATS servers never mix,
-and a rotated key moves its bridges to new subjects.
+subjects are ``pgbridge.<digest>.*``, a digest of the key's fingerprint and the database's
+identity, so installs that share NATS servers never mix, nor do copies of one database (which
+hold the same key), and a rotated key moves its bridges to new subjects.
 
 * ``<prefix>.room.<room id>``: the room's events, in seq order, each its frame signed with
   :attr:`BrokerKeys.events` (a :mod:`daemon.notes` capture payload, read by
   :func:`daemon.notes.classify`);
-* ``<prefix>.signal``: user, membership and presence hints, signed likewise;
+* ``<prefix>.signal``: user, membership and presence hints, signed likewise, and the leader's
+  :func:`missed` (hints may have been lost), signed with :attr:`BrokerKeys.control`;
 * ``<prefix>.typing``: typing signals, signed with the typing key as on the typing channel;
 * ``<prefix>.leader``: the leader's heartbeat, :func:`heartbeat`, every
   :data:`HEARTBEAT_INTERVAL`;
 * ``<prefix>.track.<epoch>``: requests of the rooms an instance holds (:func:`track_request`),
-  which the leader of that epoch answers with their last seqs (:func:`track_reply`).
+  which the leader of that epoch answers with their last seqs (:func:`track_reply`), naming
+  the request's epoch and nonce.
 
 A leader's epoch is a fencing token: a PostgreSQL transaction id taken after it won the
 advisory lock, so a later leader's is always larger. A heartbeat counts up within its epoch,
@@ -26,6 +29,7 @@ is ignored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -34,8 +38,9 @@ from .protocol import is_id, load_json
 from .signing import NotifyKey
 
 __all__ = ["CAPTURE", "HEARTBEAT_INTERVAL", "LEADER_TIMEOUT", "TRACK_CHUNK", "BrokerKeys",
-           "Heartbeat", "Subjects", "heartbeat", "read_heartbeat", "read_track_reply",
-           "read_track_request", "track_reply", "track_request"]
+           "Heartbeat", "Subjects", "TrackRequest", "heartbeat", "missed", "read_heartbeat",
+           "read_missed", "read_track_reply", "read_track_request", "track_reply",
+           "track_request"]
 
 # Seconds between two heartbeats of the leader, and without one after which an instance reads
 # the log itself (the fallback): an event waits at most about this long for a dead leader.
@@ -65,8 +70,12 @@ class Subjects:
     prefix: str
 
     @classmethod
-    def of(cls, key: NotifyKey) -> Subjects:
-        return cls(f"pgbridge.{key.fingerprint}")
+    def of(cls, key: NotifyKey, database: str = "") -> Subjects:
+        """The subjects of the install that ``key`` signs for, in ``database``
+        (:meth:`daemon.store.Store.database_identity`): a copy of the database that holds the
+        same key on the same cluster, or restored into another one, has subjects of its own."""
+        place = hashlib.sha256(f"{key.fingerprint}\0{database}".encode()).hexdigest()[:16]
+        return cls(f"pgbridge.{place}")
 
     def room(self, room: str) -> str:
         """The room's subject (a room id is 1 to 26 of ``A-Z a-z 0-9 _ -``: a valid token)."""
@@ -144,33 +153,62 @@ def read_heartbeat(key: NotifyKey, data: bytes) -> Heartbeat | None:
     return Heartbeat(epoch, beat, leader)
 
 
-def track_request(key: NotifyKey, epoch: int, rooms: list[str]) -> bytes:
-    """Ask the leader of ``epoch`` to publish ``rooms`` (at most :data:`TRACK_CHUNK`)."""
-    return key.sign(_dump({"epoch": epoch, "rooms": rooms})).encode()
+def missed(key: NotifyKey, epoch: int, count: int) -> bytes:
+    """The leader of ``epoch`` tells its followers, for the ``count``-th time, that hints may
+    have been lost (its LISTEN reconnected, or shed a flood): check every user, read every
+    room's log."""
+    return key.sign(_dump({"missed": epoch, "count": count})).encode()
 
 
-def read_track_request(key: NotifyKey, epoch: int, data: bytes) -> list[str] | None:
-    """The rooms of a request to the leader of ``epoch``; ``None`` when ``data`` is not a valid
-    one (forged, another epoch's, too many rooms, or a room that is not an id)."""
+def read_missed(key: NotifyKey, data: bytes) -> tuple[int, int] | None:
+    """``(epoch, count)`` of a :func:`missed` signal, ``None`` when ``data`` is not one."""
+    obj = _load(key, data)
+    if obj is None:
+        return None
+    epoch, count = _count(obj.get("missed")), _count(obj.get("count"))
+    return None if epoch is None or count is None else (epoch, count)
+
+
+@dataclass(frozen=True, slots=True)
+class TrackRequest:
+    rooms: list[str]
+    nonce: str
+
+
+def track_request(key: NotifyKey, epoch: int, rooms: list[str], nonce: str) -> bytes:
+    """Ask the leader of ``epoch`` to publish ``rooms`` (at most :data:`TRACK_CHUNK`);
+    ``nonce``: random, repeated in the reply, so that no recorded reply answers another
+    request."""
+    return key.sign(_dump({"epoch": epoch, "rooms": rooms, "nonce": nonce})).encode()
+
+
+def read_track_request(key: NotifyKey, epoch: int, data: bytes) -> TrackRequest | None:
+    """A request to the leader of ``epoch``; ``None`` when ``data`` is not a valid one
+    (forged, another epoch's, too many rooms, a room that is not an id, no nonce)."""
     obj = _load(key, data)
     if obj is None or obj.get("epoch") != epoch:
         return None
-    rooms = obj.get("rooms")
+    rooms, nonce = obj.get("rooms"), obj.get("nonce")
     if (not isinstance(rooms, list) or len(rooms) > TRACK_CHUNK
-            or not all(is_id(room) for room in rooms)):
+            or not all(is_id(room) for room in rooms) or not is_id(nonce)):
         return None
-    return list(dict.fromkeys(rooms))
+    return TrackRequest(list(dict.fromkeys(rooms)), nonce)
 
 
-def track_reply(key: NotifyKey, heads: dict[str, int]) -> bytes:
-    """The leader's answer: each room's last seq, after which it publishes every event."""
-    return key.sign(_dump({"heads": heads})).encode()
+def track_reply(key: NotifyKey, epoch: int, nonce: str, heads: dict[str, int]) -> bytes:
+    """The answer of the leader of ``epoch`` to the request ``nonce``: each room's last seq,
+    after which it publishes every event."""
+    return key.sign(_dump({"epoch": epoch, "nonce": nonce, "heads": heads})).encode()
 
 
-def read_track_reply(key: NotifyKey, data: bytes, rooms: list[str]) -> dict[str, int] | None:
-    """The heads of the ``rooms`` asked for; ``None`` when ``data`` is not a valid reply."""
+def read_track_reply(key: NotifyKey, data: bytes, epoch: int, nonce: str,
+                     rooms: list[str]) -> dict[str, int] | None:
+    """The heads of the ``rooms`` asked for in the request ``nonce`` to the leader of
+    ``epoch``; ``None`` when ``data`` is not that request's valid reply."""
     obj = _load(key, data)
-    heads = obj.get("heads") if obj is not None else None
+    if obj is None or obj.get("epoch") != epoch or obj.get("nonce") != nonce:
+        return None
+    heads = obj.get("heads")
     if not isinstance(heads, dict):
         return None
     found = {room: _count(heads.get(room)) for room in rooms}

@@ -253,7 +253,8 @@ class Metrics:
         self.typing = Counter("pgbridge_typing_signals", "Typing signals: relayed (accepted from "
                               "a client and sent to the other instances), dropped (over the "
                               "rate, or the database could not take it), delivered (frames "
-                              "queued to clients), stale (older than the replay window)",
+                              "queued to clients), stale (older than the replay window, or "
+                              "heard already)",
                               ["outcome"], registry=r)
         self.acks_saved = Counter("pgbridge_acks_saved", "sync_state rows upserted", registry=r)
         self.pruned = Counter("pgbridge_pruned_events", "change_events rows pruned", registry=r)
@@ -292,8 +293,15 @@ class Metrics:
         :data:`MAX_INDEX_SERIES`)."""
         self._index_scans.rows = tuple(rows)[:MAX_INDEX_SERIES]
 
-    def export_broker(self) -> None:
-        """Export the ``pgbridge_broker_*`` metrics (a bridge with a broker). Call once."""
+    def export_broker(self, *, states: tuple[str, ...], state: Callable[[], str],
+                      up: Callable[[], bool], lag: Callable[[], float]) -> None:
+        """Export the ``pgbridge_broker_*`` metrics (a bridge with a broker), the gauges read at
+        every scrape from ``state`` (one of ``states``), ``up`` and ``lag``. Call once."""
+        for name in states:
+            self.broker_state.labels(name).set_function(
+                lambda name=name: 1.0 if state() == name else 0.0)  # type: ignore[misc]
+        self.broker_up.set_function(lambda: 1.0 if up() else 0.0)
+        self.broker_lag.set_function(lag)
         for metric in (self.broker_state, self.broker_up, self.broker_lag,
                        self.broker_fallbacks, self.broker_relayed, self.broker_forged):
             self.registry.register(metric)

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PresenceFeed"]
 
+MAX_TYPING_SEEN = 10_000  # typing signals remembered to drop a repeat (bounded memory)
 TYPING_MAX_AGE = 10.0  # seconds a typing signal stays believable (clock skew between hosts)
 MAX_TYPING_IN_FLIGHT = 64  # NOTIFYs of typing signals awaiting the database; more are dropped
 RETRY_DELAY = 1.0  # seconds before a failed read of presence is retried
@@ -79,6 +80,7 @@ class PresenceFeed:
         # when it cannot (then it is NOTIFYed)
         self.broadcast: Callable[[str], bool] | None = None
         self.gate = TypingGate()
+        self._typing_seen: dict[tuple[str, str, int], float] = {}  # (room, user, at) -> heard
         self._hinted: dict[str, set[str] | None] = {}  # user -> rooms to read (None: all)
         self._all = False  # read every watched room (after a listener reconnect)
         self._snapshots: list[_Snapshot] = []
@@ -228,6 +230,19 @@ class PresenceFeed:
             return
         self.metrics.typing.labels("relayed").inc()
 
+    def _first_time(self, note: Typing, now: float) -> bool:
+        """Remember ``note`` for ``TYPING_MAX_AGE`` seconds (at most ``MAX_TYPING_SEEN``);
+        false when it was heard already."""
+        seen = self._typing_seen
+        while seen and (len(seen) >= MAX_TYPING_SEEN
+                        or next(iter(seen.values())) < now - TYPING_MAX_AGE):
+            del seen[next(iter(seen))]
+        key = (note.room, note.user, note.at)
+        if key in seen:
+            return False
+        seen[key] = now
+        return True
+
     def typing_heard(self, payload: str) -> bool:
         """A payload of the typing channel (from any instance, this one included); false when
         its signature fails (the caller treats it as a forgery)."""
@@ -240,8 +255,11 @@ class PresenceFeed:
 
     def typing(self, note: Typing) -> None:
         """A signed typing signal: send it to the room's watchers but the typist, unless it is
-        older than ``TYPING_MAX_AGE`` seconds (counted as stale)."""
-        if abs(time.time() - note.at / 1000) > TYPING_MAX_AGE:
+        older than ``TYPING_MAX_AGE`` seconds, or was heard already (a recorded signal replayed
+        within that age, or one heard both on LISTEN and through the broker): both counted as
+        stale."""
+        now = time.time()
+        if abs(now - note.at / 1000) > TYPING_MAX_AGE or not self._first_time(note, now):
             self.metrics.typing.labels("stale").inc()
             return
         frame = typing(note.room, note.user)

@@ -196,6 +196,23 @@ class Store(Pooled):
                                (room,), "reading a room's head", purpose="room_head")
         return int(rows[0][0]) if rows else 0
 
+    async def database_identity(self) -> str:
+        """Which database this is, among copies that hold the same key: the cluster's system
+        identifier (when the role may read ``pg_control_system()``) and the database's OID
+        (the broker's subjects: :class:`daemon.broker_wire.Subjects`). Raises
+        :class:`DatabaseError`."""
+        oid = ("SELECT oid::text FROM pg_database WHERE datname = current_database()")
+        try:
+            rows = await self._all(f"SELECT (SELECT system_identifier::text FROM "
+                                   f"pg_control_system()), ({oid})", (),
+                                   "reading the database's identity", purpose="startup_check")
+        except DatabaseError as exc:
+            if exc.sqlstate != "42501":  # pg_control_system() revoked: the OID alone
+                raise
+            rows = await self._all(f"SELECT '', ({oid})", (), "reading the database's identity",
+                                   purpose="startup_check")
+        return f"{rows[0][0]}:{rows[0][1]}"
+
     async def heads(self, rooms: Sequence[str]) -> dict[str, int]:
         """The last seq of each of ``rooms`` that has one (a room with no event is left out),
         in one statement."""

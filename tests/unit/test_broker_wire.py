@@ -12,8 +12,11 @@ from daemon.broker_wire import (
     BrokerKeys,
     Heartbeat,
     Subjects,
+    TrackRequest,
     heartbeat,
+    missed,
     read_heartbeat,
+    read_missed,
     read_track_reply,
     read_track_request,
     track_reply,
@@ -51,10 +54,15 @@ def test_hints_travel_signed() -> None:
 
 
 def test_subjects_are_the_installs_own() -> None:
-    """Two installs sharing one NATS never share a subject; a room id is one token."""
-    mine, theirs = Subjects.of(KEY), Subjects.of(OTHER)
-    assert mine.room("R_1-x") == f"pgbridge.{KEY.fingerprint}.room.R_1-x"
+    """Two installs sharing one NATS never share a subject, nor two copies of one database
+    (the same key); a room id is one token."""
+    mine, theirs = Subjects.of(KEY, "7:16384"), Subjects.of(OTHER, "7:16384")
+    assert mine.room("R_1-x").startswith("pgbridge.") and mine.room("R_1-x").endswith(
+        ".room.R_1-x") and mine.room("R_1-x").count(".") == 3
     assert mine.room("R") != theirs.room("R")
+    # a copy of the database (the same key) in the same cluster, or in another one
+    assert mine.room("R") != Subjects.of(KEY, "7:16385").room("R")
+    assert mine.room("R") != Subjects.of(KEY, "8:16384").room("R")
     assert mine.track(5) != mine.track(6)
     assert {mine.signal, mine.typing, mine.leader} & {theirs.signal, theirs.typing,
                                                       theirs.leader} == set()
@@ -74,24 +82,38 @@ def test_a_heartbeat_that_is_not_one_is_refused(data: bytes) -> None:
 
 
 def test_a_track_request_is_for_one_epoch_and_bounded() -> None:
-    request = track_request(KEYS.control, 9, ["A", "B", "A"])
-    assert read_track_request(KEYS.control, 9, request) == ["A", "B"]
+    request = track_request(KEYS.control, 9, ["A", "B", "A"], "n1")
+    assert read_track_request(KEYS.control, 9, request) == TrackRequest(["A", "B"], "n1")
     assert read_track_request(KEYS.control, 10, request) is None  # another leader's
     assert read_track_request(KEYS.events, 9, request) is None
-    too_many = track_request(KEYS.control, 9, [f"r{i}" for i in range(TRACK_CHUNK + 1)])
+    too_many = track_request(KEYS.control, 9, [f"r{i}" for i in range(TRACK_CHUNK + 1)], "n")
     assert read_track_request(KEYS.control, 9, too_many) is None
     for bad in (["a.b"], ["a b"], ["*"], [">"], [""], ["x" * 27], [1]):
         assert read_track_request(KEYS.control, 9, track_request(
-            KEYS.control, 9, bad)) is None, bad  # type: ignore[arg-type]
+            KEYS.control, 9, bad, "n")) is None, bad  # type: ignore[arg-type]
+    for nonce in ("", "a.b", "x" * 27):
+        assert read_track_request(KEYS.control, 9, track_request(
+            KEYS.control, 9, ["A"], nonce)) is None, nonce
 
 
-def test_a_track_reply_answers_exactly_what_was_asked() -> None:
-    reply = track_reply(KEYS.control, {"A": 3, "B": 0})
-    assert read_track_reply(KEYS.control, reply, ["A", "B"]) == {"A": 3, "B": 0}
-    assert read_track_reply(KEYS.control, reply, ["A", "C"]) is None  # C missing
-    assert read_track_reply(KEYS.events, reply, ["A"]) is None
-    negative = track_reply(KEYS.control, {"A": -1})
-    assert read_track_reply(KEYS.control, negative, ["A"]) is None
+def test_a_track_reply_answers_exactly_its_request() -> None:
+    """Anyone who hears a request may answer it: only the reply of that epoch, to that nonce,
+    with every room asked for, signed, is taken (a recorded reply answers no other request)."""
+    reply = track_reply(KEYS.control, 9, "n1", {"A": 3, "B": 0})
+    assert read_track_reply(KEYS.control, reply, 9, "n1", ["A", "B"]) == {"A": 3, "B": 0}
+    assert read_track_reply(KEYS.control, reply, 9, "n2", ["A", "B"]) is None  # replayed
+    assert read_track_reply(KEYS.control, reply, 8, "n1", ["A", "B"]) is None
+    assert read_track_reply(KEYS.control, reply, 9, "n1", ["A", "C"]) is None  # C missing
+    assert read_track_reply(KEYS.events, reply, 9, "n1", ["A"]) is None
+    negative = track_reply(KEYS.control, 9, "n1", {"A": -1})
+    assert read_track_reply(KEYS.control, negative, 9, "n1", ["A"]) is None
+
+
+def test_the_missed_signal_is_signed_for_control() -> None:
+    assert read_missed(KEYS.control, missed(KEYS.control, 4, 2)) == (4, 2)
+    assert read_missed(KEYS.events, missed(KEYS.control, 4, 2)) is None
+    assert read_missed(KEYS.control, heartbeat(KEYS.control, 4, 2, "x")) is None
+    assert read_missed(KEYS.control, KEYS.control.sign('{"missed":-1,"count":1}').encode()) is None
 
 
 def test_a_pinned_room_stays_tracked_without_subscribers() -> None:
