@@ -173,6 +173,8 @@ class Bridge:
 
         async def read() -> None:
             nonlocal failing
+            if self.broker is not None and self.broker.state == "follower":
+                return  # the database's figures: the leader reads them (one reader, not N)
             self.metrics.index_scans_read(await self.store.index_scans(
                 timeout=INDEX_STATS_TIMEOUT))
             failing = False

@@ -47,7 +47,6 @@ from .listener import Follower, Listener
 from .logs import Throttled, incident
 from .metrics import Metrics
 from .notes import Keys
-from .signing import NotifyKey
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -418,14 +417,15 @@ class Broker:
     # --- key ------------------------------------------------------------------------------
 
     async def _key_forever(self) -> None:
-        """Follow a rotated key (the listener does too, while it runs): its subjects."""
+        """Follow a rotated key to its subjects. The listener re-reads the key while it runs
+        (:data:`daemon.listener.KEY_RECHECK`); a follower reads nothing: once its leader moved
+        to the new key's subjects, no heartbeat comes, it falls back, and its listener reads
+        the new key."""
         while True:
-            await asyncio.sleep(5.0)
-            try:
-                key = NotifyKey(await self.store.notify_key())
-            except BridgeError:
-                continue  # the database is away: its own lines say so
-            if self.relay.key is None or key.fingerprint == self.relay.key.fingerprint:
+            await asyncio.sleep(1.0)
+            key = self.listener.key
+            if key is None or self.relay.key is None or (
+                    key.fingerprint == self.relay.key.fingerprint):
                 continue
             await self.fall_back("the signing key changed: moving to its subjects")
             async with self._changes:
