@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 INTEGRATION_ONLY = ("asyncssh", "selenium", "tests.support.fixtures", "tests.support.trust",
                     "tests.support.procs", "tests.support.helpers", "tests.support.browser",
                     "tests.support.pgcluster", "tests.support.proxy", "tests.support.sshd",
-                    "tests.support.fuzz_strategies")
+                    "tests.support.fuzz_strategies", "tests.support.nats",
+                    # the daemon imports nats-py only with a broker configured
+                    "nats")
 
 COLLECT = """
 import json, sys
