@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from nats.aio.msg import Msg
 
+from daemon.app import Bridge
 from daemon.schema import apply_schema
 from tests.integration.test_broker_attacks import (
     _nats_server_path,
@@ -27,6 +28,7 @@ from tests.integration.test_broker_attacks import (
     broker_url,
     instance,
 )
+from tests.support.fixtures import running_bridge
 from tests.support.procs import free_port, until
 
 __all__ = ["broker_url"]  # the fixture, shared with the first attacks
@@ -124,3 +126,66 @@ async def test_a_flood_of_junk_on_the_signal_subject_does_not_depose_a_live_lead
             assert not why, f"the follower fell back while its leader beat: {why}"
     finally:
         await spy.close()
+
+
+# --- a rotated key ----------------------------------------------------------------------------
+
+async def _rotate(url: str) -> str:
+    """Rotate the schema's key as docs/topics/security.md says (delete its row, run setup
+    again); the new key's fingerprint."""
+    from daemon.signing import NotifyKey
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as owner:
+        await owner.execute("DELETE FROM change_notify_key")
+    await apply_schema(url, schema="public")
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as owner:
+        cur = await owner.execute("SELECT key FROM change_notify_key")
+        return NotifyKey(bytes((await cur.fetchone() or (b"",))[0])).fingerprint
+
+
+def _broker(bridge: Bridge) -> Any:
+    assert bridge.broker is not None
+    return bridge.broker
+
+
+async def test_a_key_rotated_while_the_broker_is_down_moves_every_subject(
+        fresh_db: str, tmp_path: Path) -> None:
+    """The key is rotated while the NATS server is down (or the instances are cut off from
+    it): each instance, reading the log itself meanwhile, reads the new key and moves to its
+    subjects. Once the server is back, the instances must end as a leader and a follower on
+    the new subjects. ``Broker._key_forever`` subscribes the leader, signal and typing
+    subjects again only when connected at that moment; otherwise nats-py, reconnecting,
+    subscribes the old ones again, and an instance that does not win the lock never hears the
+    new leader's heartbeats (nor the other instances' typing signals): it reads the log
+    itself for ever."""
+    await apply_schema(fresh_db, schema="public")
+    async with nats_server() as server:
+        settings = {"broker": (server.url,), "pool_size": 4}
+        async with running_bridge(fresh_db, **settings) as a, \
+                running_bridge(fresh_db, **settings) as b:
+            async def settled() -> bool:
+                return {_broker(a).state, _broker(b).state} == {"leader", "follower"}
+
+            await until(settled, "a leader and a follower", timeout=30)
+            await server.stop()
+
+            async def both_fell_back() -> bool:
+                return _broker(a).state == _broker(b).state == "fallback"
+
+            await until(both_fell_back, "both instances to read the log themselves")
+            fingerprint = await _rotate(fresh_db)
+
+            async def rekeyed() -> bool:  # the listener re-reads the key every 5 s
+                return all(_broker(x).relay.key is not None
+                           and _broker(x).relay.key.fingerprint == fingerprint for x in (a, b))
+
+            await until(rekeyed, "both instances on the new key's subjects", timeout=30)
+            await server.start()
+            try:
+                await until(settled, "a leader and a follower on the new subjects", timeout=20)
+            except pytest.fail.Exception:
+                pytest.fail(f"no leader and follower after the server came back: "
+                            f"{_broker(a).state} and {_broker(b).state}; subscribed to "
+                            f"{sorted(s.subject for s in _broker(a)._control)} and "
+                            f"{sorted(s.subject for s in _broker(b)._control)}, the new "
+                            f"subjects are {_broker(a).relay.subjects.prefix}.*")
