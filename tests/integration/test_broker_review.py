@@ -21,6 +21,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from daemon.app import Bridge
+from daemon.leadership import LOCK_CLASS
 from daemon.schema import apply_schema
 from tests.integration.test_broker_attacks import (
     _nats_server_path,
@@ -189,3 +190,86 @@ async def test_a_key_rotated_while_the_broker_is_down_moves_every_subject(
                             f"{sorted(s.subject for s in _broker(a)._control)} and "
                             f"{sorted(s.subject for s in _broker(b)._control)}, the new "
                             f"subjects are {_broker(a).relay.subjects.prefix}.*")
+
+
+# --- the leader's pins ------------------------------------------------------------------------
+
+async def _advisory_waiters(conn: Conn) -> int:
+    cur = await conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND classid::bigint = %s", (LOCK_CLASS,))
+    return int((await cur.fetchone() or (0,))[0])
+
+
+async def _heads_waiting(conn: Conn) -> bool:
+    """A statement reading rooms' heads waits for a lock (:meth:`daemon.store.Store.heads`)."""
+    cur = await conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query LIKE 'SELECT room_id, last_seq FROM change_sequences%%'")
+    return int((await cur.fetchone() or (0,))[0]) >= 1
+
+
+async def test_a_room_its_own_client_leaves_while_the_leader_pins_it_is_pinned(
+        fresh_db: str, broker_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A follower asks for rooms R and S; the leader tracks R for a client of its own, not S,
+    so it reads S's head (``Rooms._on_pin``) and then pins both. Its client leaving R while
+    that read waits drops R from its hub (not pinned yet): the pin must track R again, as
+    ``_on_track_many`` does, not raise ``KeyError`` in the rooms' processor (an incident,
+    and no answer: the follower's request fails and it reads the log itself meanwhile)."""
+    from tests.support.helpers import connect, make_room, make_user, send, subscribe
+
+    await apply_schema(fresh_db, schema="public")
+    settings = {"broker": (broker_url,), "pool_size": 4}
+    async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn, \
+            await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as holder, \
+            await psycopg.AsyncConnection.connect(fresh_db) as locker:
+        reader, other = await make_user(conn), await make_user(conn)
+        r = await make_room(conn, reader, other)
+        s = await make_room(conn, reader)
+        await holder.execute("SELECT pg_advisory_lock(%s, hashtext('public'))", (LOCK_CLASS,))
+        async with running_bridge(fresh_db, **settings) as a:  # first in the lock's queue
+            async def one() -> bool:
+                return await _advisory_waiters(conn) == 1
+
+            await until(one, "the first instance to wait for the lock")
+            async with running_bridge(fresh_db, **settings) as b:
+                async def two() -> bool:
+                    return await _advisory_waiters(conn) == 2
+
+                await until(two, "the second instance to wait for the lock")
+                own = await connect(a.port, other)
+                await subscribe(own, r)  # the leader-to-be tracks R for its own client
+                feed = await connect(b.port, reader)
+                await send(feed, type="feed", ref="f")  # R and S, in one turn of its rooms
+                while (await _recv_json(feed))["type"] != "feed":
+                    pass
+                await locker.execute("LOCK TABLE change_sequences IN ACCESS EXCLUSIVE MODE")
+                caplog.clear()
+                await holder.execute("SELECT pg_advisory_unlock(%s, hashtext('public'))",
+                                     (LOCK_CLASS,))
+                await until(lambda: _heads_waiting(conn), "the leader to read S's head")
+                assert _broker(a).state == "leader" and r in a.hub
+                await own.close()
+
+                async def dropped() -> bool:
+                    return r not in a.hub
+
+                await until(dropped, "the leader to drop R (its client left)")
+                await locker.rollback()  # the read of S's head goes on
+
+                async def pinned() -> bool:
+                    return r in a.hub and s in a.hub or any(
+                        getattr(rec, "event", None) == "listener_crashed"
+                        for rec in caplog.records)
+
+                await until(pinned, "R and S pinned, or an incident")
+                crashed = [rec.getMessage() for rec in caplog.records
+                           if getattr(rec, "event", None) == "listener_crashed"]
+                assert not crashed, f"the leader's rooms failed on the pin: {crashed}"
+                await feed.close()
+
+
+async def _recv_json(ws: Any) -> dict[str, Any]:
+    from tests.support.helpers import recv
+
+    return await recv(ws, 30)
