@@ -258,7 +258,7 @@ async def test_a_room_its_own_client_leaves_while_the_leader_pins_it_is_pinned(
                 await locker.rollback()  # the read of S's head goes on
 
                 async def pinned() -> bool:
-                    return r in a.hub and s in a.hub or any(
+                    return (r in a.hub and s in a.hub) or any(
                         getattr(rec, "event", None) == "listener_crashed"
                         for rec in caplog.records)
 
