@@ -345,3 +345,53 @@ async def test_a_key_rotated_under_a_running_cluster_loses_nothing_and_settles(
         forged = [x.metrics.registry.get_sample_value("pgbridge_forged_notifies_total")
                   for x in (a, b)]
         assert forged == [0.0, 0.0], f"NOTIFYs of the new key counted as forged: {forged}"
+
+
+# --- what a follower may have missed ----------------------------------------------------------
+
+async def test_a_slow_consumers_drop_on_a_follower_checks_its_users_too(
+        fresh_db: str, broker_url: str) -> None:
+    """nats-py drops messages for a subscription whose callback falls behind, and reports it
+    (``error_cb(SlowConsumerError)``). On the signal subject a dropped message may be a user's
+    hint (deleted) or the leader's "missed": the follower cannot know, so it must do what a
+    LISTEN reconnect does, check every connected user and read every room's log (as
+    ``Broker._on_shed`` does), not only read the logs. Here the deletion sends no hint at all
+    (the triggers off for its transaction: the hint NATS dropped), and the drop is reported
+    as nats-py reports it (filling a subscription's 64 MB of pending messages is out of a
+    test's reach). The deleted user's socket on the follower must close with 4003 before an
+    event committed after the report reaches it (the periodic access check set to an hour:
+    not what saves it)."""
+    from nats.errors import SlowConsumerError
+    from websockets.exceptions import ConnectionClosed
+
+    from tests.support.helpers import connect, make_room, make_user, post, recv, subscribe
+
+    await apply_schema(fresh_db, schema="public")
+    settings = {"broker": (broker_url,), "pool_size": 4, "access_check_interval": 3600.0}
+    async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn, \
+            running_bridge(fresh_db, **settings) as a, running_bridge(fresh_db, **settings) as b:
+        async def settled() -> bool:
+            return {_broker(a).state, _broker(b).state} == {"leader", "follower"}
+
+        await until(settled, "a leader and a follower", timeout=30)
+        follower = a if _broker(a).state == "follower" else b
+        victim, other = await make_user(conn), await make_user(conn)
+        room = await make_room(conn, victim, other)
+        ws = await connect(follower.port, victim)
+        await subscribe(ws, room)
+        await post(conn, room, other, "before")
+        assert (await recv(ws))["data"]["content"] == "before"
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await conn.execute("UPDATE users SET deleted_at = now() WHERE id = %s", [victim])
+        signal = _broker(follower)._control[1]
+        assert signal.subject.endswith(".signal")
+        await _broker(follower)._on_error(SlowConsumerError(
+            subject=signal.subject, reply="", sid=signal._id, sub=signal))
+        await post(conn, room, other, "after the deletion")
+        try:
+            frame = await recv(ws, timeout=10)
+        except ConnectionClosed as exc:
+            assert exc.rcvd is not None and exc.rcvd.code == 4003, exc
+        else:
+            pytest.fail(f"the deleted user's socket on the follower got {frame}")
