@@ -395,3 +395,25 @@ async def test_a_slow_consumers_drop_on_a_follower_checks_its_users_too(
             assert exc.rcvd is not None and exc.rcvd.code == 4003, exc
         else:
             pytest.fail(f"the deleted user's socket on the follower got {frame}")
+
+
+# --- a clean stop -----------------------------------------------------------------------------
+
+async def test_a_leader_stopped_cleanly_does_not_say_its_database_connection_failed(
+        fresh_db: str, broker_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Stopping the leader cleanly (SIGTERM) cancels its campaign, whose ``finally`` tells
+    ``lost()`` its default reason: the log of every clean stop says "no longer the capture
+    reader: its connection to the database failed" and "reading the log itself" (a fallback
+    counted, a capture task started during the stop), which an operator reads as a database
+    fault."""
+    await apply_schema(fresh_db, schema="public")
+    async with running_bridge(fresh_db, broker=(broker_url,), pool_size=4) as a:
+        await until(lambda: _state_is(a, "leader"), "a leader")
+        caplog.clear()
+    said = [r.getMessage() for r in caplog.records
+            if getattr(r, "event", None) in {"broker_stepped_down", "broker_fallback"}]
+    assert not said, said
+
+
+async def _state_is(bridge: Bridge, state: str) -> bool:
+    return bool(_broker(bridge).state == state)
