@@ -129,6 +129,72 @@ async def test_a_flood_of_junk_on_the_signal_subject_does_not_depose_a_live_lead
         await spy.close()
 
 
+async def test_a_flood_of_junk_costs_the_database_a_bounded_number_of_catch_ups(
+        fresh_db: str, broker_url: str) -> None:
+    """Each window of shedding ends with ``Broker._on_shed``: every room's log read and every
+    connected user checked (docs/topics/broker.md, "Trust"). A steady flood of junk from any
+    NATS client ends a window four times a second, for as long as it lasts, on every
+    follower: the database reads every follower's rooms and checks its users four times a
+    second (plus a fallback's catch-up each time the heartbeats are shed too), far more than
+    the instances would cost it reading the log themselves. About 5 s of flood (20 heartbeats
+    of the leader) must cost a follower a bounded number of catch-ups, not one per window."""
+    from tests.support.helpers import connect, make_room, make_user, subscribe
+
+    await apply_schema(fresh_db, schema="public")
+    settings = {"broker": (broker_url,), "pool_size": 4}
+    spy = await nats.connect(broker_url)
+    beats: list[str] = []
+
+    async def beat(msg: Msg) -> None:
+        beats.append(msg.subject)
+
+    await spy.subscribe("pgbridge.*.leader", cb=beat)
+    try:
+        async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn, \
+                running_bridge(fresh_db, **settings) as a, \
+                running_bridge(fresh_db, **settings) as b:
+            async def settled() -> bool:
+                return {_broker(a).state, _broker(b).state} == {"leader", "follower"} and bool(
+                    beats)
+
+            await until(settled, "a leader and a follower", timeout=30)
+            follower = a if _broker(a).state == "follower" else b
+            user = await make_user(conn)
+            ws = await connect(follower.port, user)
+            await subscribe(ws, await make_room(conn, user))
+
+            def catch_ups() -> float:
+                return follower.metrics.registry.get_sample_value(
+                    "pgbridge_log_read_seconds_count", {"purpose": "catch_up"}) or 0.0
+
+            assert _broker(follower).state == "follower"
+            before = catch_ups()
+            signal = beats[-1].rpartition(".")[0] + ".signal"
+
+            async def flood() -> None:
+                while True:
+                    for _ in range(100):
+                        await spy.publish(signal, b"f" * 64 + b'{"junk":1}')
+                    await spy.flush()
+                    await asyncio.sleep(0.05)
+
+            flooding = asyncio.create_task(flood())
+            try:
+                start = len(beats)
+
+                async def five_seconds() -> bool:
+                    return len(beats) - start >= 20
+
+                await until(five_seconds, "20 heartbeats during the flood", timeout=60)
+            finally:
+                flooding.cancel()
+            spent = catch_ups() - before
+            await ws.close()
+            assert spent <= 3, f"{spent:g} catch-ups of the follower's rooms in 5 s of junk"
+    finally:
+        await spy.close()
+
+
 # --- a rotated key ----------------------------------------------------------------------------
 
 async def _rotate(url: str) -> str:
