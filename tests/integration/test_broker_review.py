@@ -335,6 +335,62 @@ async def test_a_room_its_own_client_leaves_while_the_leader_pins_it_is_pinned(
                 await feed.close()
 
 
+async def test_a_leader_that_steps_down_while_it_pins_leaves_no_room_tracked_for_nobody(
+        fresh_db: str, broker_url: str) -> None:
+    """The leader reads the head of a room a follower asks for (``Rooms._on_pin``); it steps
+    down meanwhile (its lock's connection fails), and unsubscribing its track subject cancels
+    the request's callback. The read then ends and ``_on_pin`` tracks the room, but pins it
+    only if the request still waits: the room stays tracked with no subscriber and no pin,
+    and nothing ever drops it (the instance reads its log on every catch-up, and, following
+    the next leader, subscribes to it and has it pinned there too, for ever)."""
+    from tests.support.helpers import connect, make_room, make_user, send
+
+    await apply_schema(fresh_db, schema="public")
+    settings = {"broker": (broker_url,), "pool_size": 4}
+    async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn, \
+            await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as holder, \
+            await psycopg.AsyncConnection.connect(fresh_db) as locker:
+        reader = await make_user(conn)
+        s = await make_room(conn, reader)
+        await holder.execute("SELECT pg_advisory_lock(%s, hashtext('public'))", (LOCK_CLASS,))
+        async with running_bridge(fresh_db, **settings) as a:  # first in the lock's queue
+            async def one() -> bool:
+                return await _advisory_waiters(conn) == 1
+
+            await until(one, "the first instance to wait for the lock")
+            async with running_bridge(fresh_db, **settings) as b:
+                async def two() -> bool:
+                    return await _advisory_waiters(conn) == 2
+
+                await until(two, "the second instance to wait for the lock")
+                feed = await connect(b.port, reader)
+                await send(feed, type="feed", ref="f")  # S, on the follower-to-be
+                while (await _recv_json(feed))["type"] != "feed":
+                    pass
+                await locker.execute("LOCK TABLE change_sequences IN ACCESS EXCLUSIVE MODE")
+                await holder.execute("SELECT pg_advisory_unlock(%s, hashtext('public'))",
+                                     (LOCK_CLASS,))
+                await until(lambda: _heads_waiting(conn), "the leader to read S's head")
+                assert _broker(a).state == "leader" and s not in a.hub
+                cur = await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = "
+                    "'advisory' AND granted AND classid::bigint = %s", (LOCK_CLASS,))
+                assert (await cur.fetchone() or (False,))[0]
+
+                async def stepped_down() -> bool:
+                    return _broker(a).state != "leader"
+
+                await until(stepped_down, "the leader to step down")
+                await locker.rollback()  # the read of S's head goes on
+                done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+                await a.rooms.catch_up(done)  # queued behind the pin: the pin is over
+                await done
+                await feed.close()
+                assert s not in a.hub, (
+                    f"S is tracked for nobody by the instance that stepped down (now "
+                    f"{_broker(a).state}; pinned: {a.hub.pinned()})")
+
+
 async def _recv_json(ws: Any) -> dict[str, Any]:
     from tests.support.helpers import recv
 
