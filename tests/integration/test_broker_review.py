@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -389,6 +390,63 @@ async def test_a_leader_that_steps_down_while_it_pins_leaves_no_room_tracked_for
                 assert s not in a.hub, (
                     f"S is tracked for nobody by the instance that stepped down (now "
                     f"{_broker(a).state}; pinned: {a.hub.pinned()})")
+
+
+async def test_a_followers_refresh_is_not_taken_for_writers_ringing(
+        fresh_db: str, broker_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A follower asks its leader for every room it holds every 10 s and takes each answered
+    head as a change (``Interest.take_heads``: ``Rooms.changed(Pointer)``), which also counts
+    a ring of the doorbell (``Polls.rang``): to the follower's doorbell, a follower of 60
+    rooms with events hears writers ring 6 times a second while nobody writes. Once it reads
+    the log itself (its leader gone), it asks every writer of the schema to stop ringing
+    (``doorbell_quiet``, "asked by this bridge"): every instance then polls. Here the doorbell
+    asks for quiet above 5 events a second, and nothing is written after the rooms' first
+    events."""
+    from tests.support.helpers import connect, make_room, make_user, post, send
+
+    await apply_schema(fresh_db, schema="public")
+    async with await psycopg.AsyncConnection.connect(fresh_db, autocommit=True) as conn:
+        reader = await make_user(conn)
+        rooms = [await make_room(conn, reader) for _ in range(60)]
+        for room in rooms:
+            await post(conn, room, reader, "one")
+        async with contextlib.AsyncExitStack() as later, contextlib.AsyncExitStack() as first:
+            a = await first.enter_async_context(
+                running_bridge(fresh_db, broker=(broker_url,), pool_size=4))
+            await until(lambda: _state_is(a, "leader"), "a leader")
+            b = await later.enter_async_context(running_bridge(
+                fresh_db, broker=(broker_url,), pool_size=4, doorbell_quiet_above=5.0))
+            await until(lambda: _state_is(b, "follower"), "a follower")
+            feed = await connect(b.port, reader)
+            await send(feed, type="feed", ref="f")
+            while (await _recv_json(feed))["type"] != "feed":
+                pass
+            pins = _broker(a).interest._pinned_at
+
+            async def pinned() -> bool:
+                return all(room in pins for room in rooms)
+
+            await until(pinned, "the leader to pin the follower's rooms")
+            asked_at = pins[rooms[0]]
+
+            async def refreshed() -> bool:  # the follower's refresh, 10 s later
+                return pins[rooms[-1]] > asked_at
+
+            await until(refreshed, "the follower's refresh", timeout=30)
+            caplog.set_level(logging.INFO, logger="daemon.polls")
+            caplog.clear()
+            bell = b.rooms.bell
+            called = bell._last_call
+            await first.aclose()  # the leader stops: the follower reads the log itself
+
+            async def rang_the_lease() -> bool:  # its doorbell's first call since
+                return bell._last_call > called
+
+            await until(rang_the_lease, "the follower's doorbell to call")
+            await feed.close()
+    asked = [r.getMessage() for r in caplog.records
+             if getattr(r, "event", None) == "doorbell_quiet"]
+    assert not asked, f"the follower asked writers to stop ringing: {asked}"
 
 
 async def _recv_json(ws: Any) -> dict[str, Any]:
