@@ -26,7 +26,8 @@ from . import systemd
 from .access import Access
 from .acks import AckBuffer, AckWriter
 from .auth import Claims, resolve_secret, verify_token
-from .broker import Broker, tee
+from .broker import Broker
+from .broker_relay import tee
 from .db import database, describe
 from .demo import banner, ensure_demo
 from .doorbell import Doorbell

@@ -30,7 +30,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .broker_relay import Relay
@@ -40,11 +39,12 @@ from .broker_wire import (
     LEADER_TIMEOUT,
     heartbeat,
     read_heartbeat,
+    takes,
 )
 from .errors import BridgeError
 from .leadership import Leadership
 from .listener import Follower, Listener
-from .logs import Throttled, incident
+from .logs import incident
 from .metrics import Metrics
 from .notes import Keys
 
@@ -62,8 +62,7 @@ __all__ = ["STATES", "Broker"]
 
 STATES = ("leader", "follower", "fallback")
 RECONNECT_WAIT = 0.25  # seconds between two attempts to reach the broker
-# Seconds after which the newest epoch heard, silent, no longer keeps older ones out.
-STALE_EPOCH = 3 * LEADER_TIMEOUT
+MISSED_EVERY = 5.0  # seconds between two catch-ups while a flood is shed (Broker._on_shed)
 PING_INTERVAL, PINGS = 0.5, 3  # a ping every 0.5 s; the connection is lost after 3 unanswered
 
 
@@ -101,9 +100,10 @@ class Broker:
         self._capture: asyncio.Task[None] | None = None
         self._changes = asyncio.Lock()  # one change of state at a time
         self._following: asyncio.Task[None] | None = None
-        self._sweep: asyncio.Task[None] | None = None  # a catch-up after a slow consumer's drop
+        self._sweep: asyncio.Task[None] | None = None  # the catch-up after a shed or a drop
+        self._missed_due = False
+        self._stopping = False
         self._retry_at = 0.0  # no attempt to follow before (after a failed track request)
-        self._errors = Throttled(log, interval=30.0)
         metrics.export_broker(states=STATES, state=lambda: self.state,
                               up=lambda: self.relay.connected, lag=self._lag)
 
@@ -124,11 +124,11 @@ class Broker:
                 tasks.create_task(self.leadership.run(), name="broker-leadership")
                 tasks.create_task(self._watch_forever(), name="broker-watch")
                 tasks.create_task(self.relay.publish_forever(), name="broker-publish")
-                tasks.create_task(self.interest.rooms_forever(self, self._changes),
-                                  name="broker-rooms")
+                tasks.create_task(self.interest.rooms_forever(self, self._changes))
                 tasks.create_task(self.interest.refresh_forever(self), name="broker-refresh")
                 tasks.create_task(self._key_forever(), name="broker-key")
         finally:
+            self._stopping = True  # closing the connection is no loss of the broker
             if self._capture is not None:
                 self._capture.cancel()
             if self.relay.nc is not None:
@@ -140,7 +140,11 @@ class Broker:
         """When this instance last knew that events flow (``time.monotonic()``): the leader's
         last heartbeat while it follows, else its listener's last NOTIFY round trip (for the
         systemd watchdog)."""
-        return self.heard_at if self.state == "follower" else self.listener.probed_at
+        if self.state == "follower":
+            return self.heard_at
+        # just fallen back: the leader's last heartbeat until LISTEN is proven again
+        return max((at for at in (self.heard_at, self.listener.probed_at) if at is not None),
+                   default=None)
 
     def health(self) -> str | None:
         """Why events may not flow now (``/healthz``'s ``listener``), ``None`` when they do."""
@@ -169,9 +173,28 @@ class Broker:
             await self._missed()
 
     def _on_shed(self) -> None:
-        """A flood of forged messages was shed: what it hid is in the log."""
-        if self.state == "follower" and (self._sweep is None or self._sweep.done()):
-            self._sweep = asyncio.create_task(self._missed())
+        """A flood of forged messages was shed, or the broker dropped messages for us (a slow
+        consumer): what they hid is in the log, and a hint may be lost. Coalesced: one catch-up
+        and check of every user once they stop for a second, or every ``MISSED_EVERY`` seconds
+        while they go on. Meanwhile nothing is published before that check (a hint may have
+        been dropped): :meth:`daemon.rooms.Rooms.deaf`, as while a LISTEN is down."""
+        if self.state == "follower":
+            self.rooms.deaf()
+        self._missed_due = True
+        if self._sweep is None or self._sweep.done():
+            self._sweep = asyncio.create_task(self._missed_while_due())
+
+    async def _missed_while_due(self) -> None:
+        started = time.monotonic()
+        while self._missed_due:
+            self._missed_due = False
+            await asyncio.sleep(1.0)
+            if self._missed_due and time.monotonic() - started < MISSED_EVERY:
+                continue  # still flooding
+            self._missed_due = False
+            if self.state == "follower":
+                await self._missed()
+            started = time.monotonic()
 
     # --- states ---------------------------------------------------------------------------
 
@@ -198,10 +221,11 @@ class Broker:
             await asyncio.wait({task})
 
     async def _missed(self) -> None:
-        """Tell the followers that what the broker carried before may be lost: the rooms read
-        every room's log and check every connected user, the feeds read again."""
+        """Tell the followers that what the broker carried may be lost: read every room's log,
+        check every connected user, read the feeds and presence again."""
         assert self.relay.key is not None
-        keys = Keys.of("", "", self.relay.key)  # no typing channel: typing takes the broker
+        # typing takes the broker while it is up; else the channel the listener last named
+        keys = Keys.of("", self.listener.typing_channel, self.relay.key)
         for follower in self.followers:
             await follower.missed(keys)
 
@@ -296,7 +320,7 @@ class Broker:
 
     async def _connect(self) -> None:
         """Connect; nats-py then reconnects for ever (``max_reconnect_attempts=-1``: the first
-        connection too), telling each failure to :meth:`_on_error`. It pings every
+        connection too), telling each failure to :meth:`Relay.on_error`. It pings every
         ``PING_INTERVAL`` seconds and gives up after ``PINGS`` unanswered: a leader cut off from
         the broker steps down within about 2 s."""
         import nats  # only with a broker configured
@@ -305,15 +329,23 @@ class Broker:
             servers=list(self.servers), name=f"pgbridge {self.name}", no_echo=True,
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=RECONNECT_WAIT,
             connect_timeout=2, ping_interval=PING_INTERVAL, max_outstanding_pings=PINGS,
-            error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+            error_cb=self.relay.on_error, disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected)
         await self._on_connected()
 
     async def _on_connected(self) -> None:
-        nc, subjects = self.relay.nc, self.relay.subjects
-        assert nc is not None and subjects is not None
+        nc = self.relay.nc
+        assert nc is not None
         log.info("connected to the broker at %s", nc.connected_url.netloc.rpartition("@")[2]
                  if nc.connected_url else "?", extra={"event": "broker_connected"})
+        await self._subscribe_control()
+        self.leadership.allowed.set()
+
+    async def _subscribe_control(self) -> None:
+        """Subscribe to the leader, signal and typing subjects of the current key (again: a
+        rotated key's), connected or not (nats-py sends them once it reconnects)."""
+        nc, subjects = self.relay.nc, self.relay.subjects
+        assert nc is not None and subjects is not None
         for sub in self._control:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -321,10 +353,11 @@ class Broker:
                          await nc.subscribe(subjects.signal, cb=self.relay.on_signal),
                          await nc.subscribe(subjects.typing, cb=self.relay.on_typing)]
         self.interest.dirty.set()
-        self.leadership.allowed.set()
 
     async def _on_disconnected(self) -> None:
         # nats-py awaits this in its reconnect task: whatever fails here must not end it
+        if self._stopping:
+            return
         self.leadership.allowed.clear()
         log.warning("lost the broker; reconnecting", extra={"event": "broker_lost"})
         self.leadership.resign("the broker connection was lost")
@@ -338,40 +371,18 @@ class Broker:
         self.interest.dirty.set()
         self.leadership.allowed.set()
 
-    async def _on_error(self, exc: Exception) -> None:
-        """nats-py's errors, and what a subscription's callback raised (a bug of ours)."""
-        from nats.errors import Error, SlowConsumerError
-
-        if not isinstance(exc, Error | OSError):
-            incident(log, "broker_crashed", "a broker message's handler failed", exc_info=exc)
-            return
-        if isinstance(exc, SlowConsumerError):  # messages for us were dropped: the log has them
-            self._errors.warning("slow", "the broker dropped messages to this instance (slow "
-                                 "consumer); reading the log of every room",
-                                 extra={"event": "broker_slow_consumer"})
-            if self.state == "follower" and (self._sweep is None or self._sweep.done()):
-                # not awaited here: nats-py calls this from its read loop, once per drop
-                self._sweep = asyncio.create_task(self.rooms.catch_up())
-            return
-        self._errors.warning("error", "broker: %s (reading the log ourselves until it is "
-                             "back)", str(exc) or type(exc).__name__,
-                             extra={"event": "broker_error"})
-
     # --- heartbeats -----------------------------------------------------------------------
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         keys = self.relay.keys
-        if not self.relay.checking():
+        if not self.relay.checking("leader", msg):
             return None
         beat = read_heartbeat(keys.control, msg.data) if keys is not None else None
         if beat is None:
             return self.relay.forged("leader")
         now = time.monotonic()
-        if (beat.epoch, beat.beat) <= self._newest and (
-                beat.epoch == self._newest[0] or now - self._newest_at < STALE_EPOCH):
+        if not takes(beat, self._newest, now - self._newest_at):
             return None  # replayed, or an older epoch's while the newest one beats
-        # (an older epoch is taken once the newest has been silent for STALE_EPOCH seconds:
-        # the database moved to another cluster, whose transaction ids are smaller)
         self._newest, self._newest_at = (beat.epoch, beat.beat), now
         if beat.epoch == self.epoch:
             self.heard_at = time.monotonic()
@@ -388,9 +399,8 @@ class Broker:
         return None
 
     def _followed(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            incident(log, "broker_crashed", "following a capture reader failed",
-                     exc_info=task.exception() or True)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            incident(log, "broker_crashed", "following a capture reader failed", exc_info=exc)
 
     def _lag(self) -> float:
         if self.state == "leader":
@@ -409,7 +419,8 @@ class Broker:
                 self._beats += 1
                 self.relay.put(subjects.leader,
                                heartbeat(keys.control, self.epoch, self._beats, self.name))
-                self.interest.expire()
+                if self._beats % 20 == 0:  # every 5 s: it walks every pin
+                    self.interest.expire()
             elif self.state == "follower" and self._lag() > LEADER_TIMEOUT:
                 await self.fall_back(f"no heartbeat from the capture reader for "
                                       f"{LEADER_TIMEOUT:g} s", epoch=self.epoch)
@@ -431,17 +442,9 @@ class Broker:
             async with self._changes:
                 self.relay.rekey(key, self._database)
                 await self.interest.forget()
-            if self.relay.connected:
-                await self._on_connected()
-
-
-Handler = Callable[[Any], Awaitable[None] | None]
-
-
-def tee(relay: Callable[[Any], None], handler: Handler) -> Handler:
-    """A listener handler that also gives the note to ``relay`` (the leader relays the hints
-    and typing signals it hears: :meth:`daemon.broker_relay.Relay.note`)."""
-    def both(note: Any) -> Awaitable[None] | None:
-        relay(note)
-        return handler(note)
-    return both
+                if self.relay.nc is not None:
+                    try:
+                        await self._subscribe_control()
+                    except Exception:  # nats: the connection closed (never, but at the stop)
+                        incident(log, "broker_crashed", "subscribing to the new key's subjects "
+                                 "failed")

@@ -17,12 +17,12 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .broker_wire import CAPTURE, BrokerKeys, Subjects, missed, read_missed
 from .events import Event, MemberHint, PresenceHint, UserHint, parse_notify
 from .listener import Listener
-from .logs import Throttled
+from .logs import Throttled, incident
 from .metrics import Metrics
 from .notes import Change, Typing, classify
 from .protocol import load_json
@@ -37,13 +37,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OUTBOX_LIMIT", "Relay"]
+__all__ = ["OUTBOX_LIMIT", "Relay", "tee"]
 
 # Messages waiting to be published, past which ``overflow`` is called (the leader steps down:
 # its followers read the log meanwhile, and find the gaps of what it dropped).
 OUTBOX_LIMIT = 100_000
 # Bytes kept free under the server's max_payload (1 MB by default) for the subject and headers.
 PAYLOAD_MARGIN = 4096
+# The subjects an instance hears, each with its own budget of forgeries (heartbeats, hints and
+# typing signals, track replies: under 1 KB; a track reply of 1,000 rooms about 40 KB).
+SUBJECTS = ("room", "signal", "typing", "leader", "track")
+CONTROL_MAX = 64 * 1024  # bytes: a larger message on a subject but a room's is dropped unchecked
 
 
 async def _ignore() -> None:
@@ -66,9 +70,11 @@ class Relay:
         # the signal subject's messages are numbered in each epoch, so that a recorded one
         # replayed is dropped: the last number sent (leader), taken (follower)
         self._sent = self._taken = 0
-        self.rejects = RejectBudget()  # forged messages checked per window, then shed
-        self._shed = 0  # messages dropped unchecked in the current window
-        self._shed_timer: asyncio.TimerHandle | None = None
+        # forged messages checked per window and subject, then shed: a flood on one subject
+        # (the signal's) does not drop another's messages (the leader's heartbeats)
+        self.rejects = {subject: RejectBudget() for subject in SUBJECTS}
+        self._shed = dict.fromkeys(SUBJECTS, 0)  # dropped unchecked in the current window
+        self._shed_timers: dict[str, asyncio.TimerHandle] = {}
         self.on_shed: Callable[[], None] = lambda: None  # a window of shedding ended
         self.key: NotifyKey | None = None
         self.keys: BrokerKeys | None = None
@@ -168,23 +174,46 @@ class Relay:
                                        str(exc) or type(exc).__name__,
                                        extra={"event": "broker_publish_failed"})
 
+    async def on_error(self, exc: Exception) -> None:
+        """nats-py's ``error_cb``: its errors, and what a subscription's callback raised (a bug
+        of ours); a slow consumer's drop is :attr:`on_shed`'s to recover."""
+        from nats.errors import Error, SlowConsumerError
+
+        if not isinstance(exc, Error | OSError):
+            incident(log, "broker_crashed", "a broker message's handler failed", exc_info=exc)
+            return
+        if isinstance(exc, SlowConsumerError):  # messages for us were dropped: the log has them
+            self._failures.warning("slow", "the broker dropped messages to this instance (slow "
+                                   "consumer); reading the log of every room",
+                                   extra={"event": "broker_slow_consumer"})
+            self.on_shed()  # not awaited: nats-py calls this in its read loop, once per drop
+            return
+        self._failures.warning("error", "broker: %s (reading the log ourselves until it is "
+                               "back)", str(exc) or type(exc).__name__,
+                               extra={"event": "broker_error"})
+
     # --- in -------------------------------------------------------------------------------
 
-    def checking(self) -> bool:
-        """False while a flood of forged messages is shed: the message is dropped unchecked
-        (what it may have carried is read from the log when the window ends, :meth:`forged`)."""
-        if self.rejects.shedding(time.monotonic()):
-            self._shed += 1
+    def checking(self, subject: str, msg: Msg) -> bool:
+        """Whether to check ``msg``, heard on ``subject`` (one of :data:`SUBJECTS`): false while
+        a flood of forged messages on that subject is shed (what it may have carried is read
+        from the log when the window ends, :meth:`forged`), and for a message on a control
+        subject larger than any real one (:data:`CONTROL_MAX`), counted as forged unchecked."""
+        if self.rejects[subject].shedding(time.monotonic()):
+            self._shed[subject] += 1
+            return False
+        if subject != "room" and len(msg.data) > CONTROL_MAX:
+            self.forged(subject)
             return False
         return True
 
     async def on_event(self, msg: Msg) -> None:
         """A room's subject: its signed event, to the rooms."""
-        if not self.checking():
+        if not self.checking("room", msg):
             return
         note = classify(CAPTURE, _text(msg), self.keys.notes) if self.keys else None
         if isinstance(note, Change) and msg.subject.endswith("." + note.event.room):
-            await self.rooms.changed(note)
+            await self.rooms.changed(note, rang=False)
         else:
             self.forged("room")
 
@@ -193,7 +222,7 @@ class Relay:
         taken, to the listener's handler of its kind; its :func:`missed`, to
         :attr:`on_missed`. A repeat, or another leader's, is dropped."""
         keys = self.keys
-        if not self.checking() or keys is None:
+        if not self.checking("signal", msg) or keys is None:
             return
         lost = read_missed(keys.control, msg.data)
         text = keys.events.open(_text(msg)) if lost is None else None
@@ -220,28 +249,30 @@ class Relay:
 
     async def on_typing(self, msg: Msg) -> None:
         """The typing subject: a signed typing signal, to the presence feed."""
-        if self.checking() and not self.presence_feed.typing_heard(_text(msg)):
+        if self.checking("typing", msg) and not self.presence_feed.typing_heard(_text(msg)):
             self.forged("typing")
 
     def forged(self, subject: str) -> None:
-        """Count a message that failed its check; once :attr:`rejects` is spent, shed the
-        rest of its window."""
+        """Count a message that failed its check on ``subject``; once its budget
+        (:attr:`rejects`) is spent, shed the rest of its window."""
         self.metrics.broker_forged.inc()
         self._forgeries.warning("forged", "ignored a message on the broker's %s subject that "
                                 "failed its signature check (or was signed with another key)",
                                 subject, extra={"event": "broker_forged"})
-        now = time.monotonic()
-        if self.rejects.rejected(now) and self._shed_timer is None:
-            self._shed = 0
-            self._shed_timer = asyncio.get_running_loop().call_later(
-                max(0.0, self.rejects.until - now), self._shed_over)
+        now, budget = time.monotonic(), self.rejects[subject]
+        if budget.rejected(now) and subject not in self._shed_timers:
+            self._shed[subject] = 0
+            self._shed_timers[subject] = asyncio.get_running_loop().call_later(
+                max(0.0, budget.until - now), self._shed_over, subject)
 
-    def _shed_over(self) -> None:
-        self._shed_timer = None
-        self._forgeries.warning("shed", "%d broker messages failed their signature check "
-                                "within %g s; dropped %d more unchecked; reading every "
-                                "room's log", self.rejects.limit, self.rejects.window,
-                                self._shed, extra={"event": "broker_shed"})
+    def _shed_over(self, subject: str) -> None:
+        del self._shed_timers[subject]
+        budget = self.rejects[subject]
+        self._forgeries.warning("shed", "%d messages on the broker's %s subject failed their "
+                                "signature check within %g s; dropped %d more unchecked; "
+                                "reading every room's log", budget.limit, subject,
+                                budget.window, self._shed[subject],
+                                extra={"event": "broker_shed"})
         self.on_shed()
 
 
@@ -250,3 +281,15 @@ def _text(msg: Msg) -> str:
         return msg.data.decode()
     except UnicodeDecodeError:
         return ""
+
+
+Handler = Callable[[Any], Awaitable[None] | None]
+
+
+def tee(relay: Callable[[Any], None], handler: Handler) -> Handler:
+    """A listener handler that also gives the note to ``relay`` (the leader relays the hints
+    and typing signals it hears: :meth:`Relay.note`)."""
+    def both(note: Any) -> Awaitable[None] | None:
+        relay(note)
+        return handler(note)
+    return both

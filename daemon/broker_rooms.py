@@ -43,6 +43,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Seconds a leader remembers the requests it answered (a replay within them is dropped; a later
+# one names an epoch's requests that a follower stopped waiting for long ago), and how many.
+NONCE_MEMORY = 60.0
+MAX_NONCES = 100_000
+
 __all__ = ["Interest"]
 
 
@@ -69,6 +74,7 @@ class Interest:
         self._subs: dict[str, Any] = {}  # room -> its NATS subscription
         self._track_sub: Any = None  # leader: its track subject's subscription
         self._pinned_at: dict[str, float] = {}  # leader: room -> when last asked for
+        self._nonces: dict[str, float] = {}  # leader: the requests answered lately -> when
 
     # --- every instance -------------------------------------------------------------------
 
@@ -172,10 +178,14 @@ class Interest:
         async with asyncio.timeout(TRACK_TIMEOUT):
             while True:
                 msg = await replies.next_msg(timeout=None)
+                if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                    # the server's own answer: nobody listens on that epoch's subject (its
+                    # leader is gone)
+                    raise BridgeError(f"no capture reader of epoch {epoch} answers")
                 heads = read_track_reply(keys.control, msg.data, epoch, nonce, rooms)
                 if heads is not None:
                     return heads
-                self.relay.forged("track reply")
+                self.relay.forged("track")
 
     async def take_heads(self, epoch: int, rooms: list[str]) -> str | None:
         """:meth:`track` ``rooms`` (subscribed already); what the leader published before its
@@ -187,7 +197,7 @@ class Interest:
             return f"the capture reader did not take our rooms ({exc})"
         for room, head in heads.items():
             if head > 0 and room in self.hub:
-                await self.rooms.changed(Change(Pointer(room, head)))
+                await self.rooms.changed(Change(Pointer(room, head)), rang=False)
         return None
 
     # --- the leader -----------------------------------------------------------------------
@@ -211,10 +221,12 @@ class Interest:
 
     async def on_track(self, msg: Msg) -> None:
         """Pin the rooms asked for and answer with their last seqs."""
-        keys = self.relay.keys
-        request = read_track_request(keys.control, self.epoch, msg.data) if keys else None
+        keys, epoch = self.relay.keys, self.epoch  # answered as the leader it was asked as
+        request = read_track_request(keys.control, epoch, msg.data) if keys else None
         if request is None or keys is None:
             self.relay.forged("track")
+            return
+        if not self._first_time(request.nonce):  # a recorded request replayed: answered once
             return
         try:
             heads = await self.rooms.pin_many(request.rooms)
@@ -226,7 +238,16 @@ class Interest:
         self._pinned_at.update((room, now) for room in request.rooms)
         if msg.reply:
             with contextlib.suppress(Exception):
-                await msg.respond(track_reply(keys.control, self.epoch, request.nonce, heads))
+                await msg.respond(track_reply(keys.control, epoch, request.nonce, heads))
+
+    def _first_time(self, nonce: str) -> bool:
+        now, seen = time.monotonic(), self._nonces
+        while seen and next(iter(seen.values())) < now - NONCE_MEMORY:
+            del seen[next(iter(seen))]
+        if nonce in seen or len(seen) >= MAX_NONCES:
+            return False
+        seen[nonce] = now
+        return True
 
     def expire(self) -> None:
         """Unpin the rooms nobody asked for in ``PIN_EXPIRY`` seconds."""

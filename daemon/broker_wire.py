@@ -39,13 +39,14 @@ from .signing import NotifyKey
 
 __all__ = ["CAPTURE", "HEARTBEAT_INTERVAL", "LEADER_TIMEOUT", "TRACK_CHUNK", "BrokerKeys",
            "Heartbeat", "Subjects", "TrackRequest", "heartbeat", "missed", "read_heartbeat",
-           "read_missed", "read_track_reply", "read_track_request", "track_reply",
+           "read_missed", "read_track_reply", "read_track_request", "takes", "track_reply",
            "track_request"]
 
 # Seconds between two heartbeats of the leader, and without one after which an instance reads
 # the log itself (the fallback): an event waits at most about this long for a dead leader.
 HEARTBEAT_INTERVAL = 0.25
 LEADER_TIMEOUT = 1.0
+STALE_EPOCH = 3 * LEADER_TIMEOUT  # seconds of silence after which an older epoch is taken
 # Seconds a track request may take; rooms per request (a reply of 1,000 heads is ~40 KB, well
 # under NATS's 1 MB payload limit).
 TRACK_TIMEOUT = 2.0
@@ -118,6 +119,15 @@ class Heartbeat:
     epoch: int
     beat: int
     leader: str
+
+
+def takes(beat: Heartbeat, newest: tuple[int, int], silent: float) -> bool:
+    """Whether an instance takes ``beat``, ``newest`` being the ``(epoch, beat)`` it took last,
+    ``silent`` seconds ago: a newer one; or, once the newest epoch has been silent for
+    :data:`STALE_EPOCH` seconds, one of another epoch (the database moved to another cluster,
+    whose transaction ids are smaller). A replayed heartbeat is never newer."""
+    return (beat.epoch, beat.beat) > newest or (
+        beat.epoch != newest[0] and silent >= STALE_EPOCH)
 
 
 def _dump(obj: object) -> str:

@@ -104,9 +104,11 @@ class Leadership:
             psycopg.AsyncConnection.connect(self.conninfo, autocommit=True), CONNECT_TIMEOUT)
         leading = False
         why = "its connection to the database failed"
+        waiting: asyncio.Task[int] | None = None
         try:
             await conn.execute(KEEPALIVES)
             waiting = asyncio.create_task(self._lock(conn))
+            waiting.add_done_callback(_retrieved)  # a wait the close ended is no error
             resigned = asyncio.create_task(self._resign.wait())
             try:
                 await asyncio.wait({waiting, resigned}, return_when=asyncio.FIRST_COMPLETED)
@@ -131,7 +133,12 @@ class Leadership:
         except TimeoutError:
             why = f"its connection to the database did not answer within {HOLD_TIMEOUT:g} s"
             raise
+        except asyncio.CancelledError:
+            leading = False  # the bridge stops: no step down to tell, no fallback to start
+            raise
         finally:
+            if waiting is not None and not waiting.done():
+                waiting.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 1.0)
             if leading:
@@ -143,3 +150,8 @@ class Leadership:
         row = await cur.fetchone()
         assert row is not None
         return int(str(row[0]))
+
+
+def _retrieved(task: asyncio.Task[int]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PresenceFeed"]
 
-MAX_TYPING_SEEN = 10_000  # typing signals remembered to drop a repeat (bounded memory)
+MAX_TYPING_SEEN = 50_000  # fresh typing signals remembered to drop a repeat (bounded memory)
 TYPING_MAX_AGE = 10.0  # seconds a typing signal stays believable (clock skew between hosts)
 MAX_TYPING_IN_FLIGHT = 64  # NOTIFYs of typing signals awaiting the database; more are dropped
 RETRY_DELAY = 1.0  # seconds before a failed read of presence is retried
@@ -80,7 +80,8 @@ class PresenceFeed:
         # when it cannot (then it is NOTIFYed)
         self.broadcast: Callable[[str], bool] | None = None
         self.gate = TypingGate()
-        self._typing_seen: dict[tuple[str, str, int], float] = {}  # (room, user, at) -> heard
+        # (room, user, at) -> until when it is fresh (time.time()), in the order heard
+        self._typing_seen: dict[tuple[str, str, int], float] = {}
         self._hinted: dict[str, set[str] | None] = {}  # user -> rooms to read (None: all)
         self._all = False  # read every watched room (after a listener reconnect)
         self._snapshots: list[_Snapshot] = []
@@ -231,16 +232,16 @@ class PresenceFeed:
         self.metrics.typing.labels("relayed").inc()
 
     def _first_time(self, note: Typing, now: float) -> bool:
-        """Remember ``note`` for ``TYPING_MAX_AGE`` seconds (at most ``MAX_TYPING_SEEN``);
-        false when it was heard already."""
+        """Remember ``note`` as long as it is fresh (until its ``at`` + ``TYPING_MAX_AGE``);
+        false when it was heard already, or when ``MAX_TYPING_SEEN`` fresh ones are remembered
+        (a flood: a signal then is dropped rather than a fresh one forgotten)."""
         seen = self._typing_seen
-        while seen and (len(seen) >= MAX_TYPING_SEEN
-                        or next(iter(seen.values())) < now - TYPING_MAX_AGE):
+        while seen and next(iter(seen.values())) < now:  # heard in order: roughly by expiry
             del seen[next(iter(seen))]
         key = (note.room, note.user, note.at)
-        if key in seen:
+        if key in seen or len(seen) >= MAX_TYPING_SEEN:
             return False
-        seen[key] = now
+        seen[key] = note.at / 1000 + TYPING_MAX_AGE
         return True
 
     def typing_heard(self, payload: str) -> bool:

@@ -204,9 +204,11 @@ class Rooms:
         self.polls.listening = True
         await self._queue.put(_CatchUp())
 
-    async def changed(self, note: Change) -> None:
-        """A signed change of a room, in the order heard."""
-        self.polls.rang()
+    async def changed(self, note: Change, *, rang: bool = True) -> None:
+        """A signed change of a room, in the order heard. ``rang``: a writer's NOTIFY (what the
+        doorbell measures); not for what the broker relays (:mod:`daemon.broker`)."""
+        if rang:
+            self.polls.rang()
         await self._queue.put(note.event)
 
     async def user_hinted(self, note: UserHint) -> None:
@@ -217,7 +219,13 @@ class Rooms:
         else:
             self._hinted_all = True
         if first:  # added before the put: the processor may take the item while we wait
-            await self._queue.put(_CheckUsers())
+            try:
+                await self._queue.put(_CheckUsers())
+            except asyncio.CancelledError:
+                # no check queued: forget, or no later hint would queue one (the listener or
+                # the broker being stopped: their next missed() checks every user)
+                self._hinted, self._hinted_all = set(), False
+                raise
 
     def unreadable(self, note: Unreadable) -> None:
         """A signed change this daemon cannot read: the log has it."""
@@ -326,12 +334,18 @@ class Rooms:
         item.future.set_result([self.hub.add(sub) for sub in item.subs])
 
     async def _on_pin(self, item: _Pin) -> None:
-        new = sorted({room for room in item.rooms if room not in self.hub})
-        heads = await self.store.heads(new) if new else {}
-        for room in new:
-            self.hub.track(room, heads.get(room, 0))
-        if not item.future.done():
-            item.future.set_result({room: self.hub.pin(room) for room in item.rooms})
+        # as _on_track_many: a room tracked when this began may lose its last subscriber while
+        # the heads are read, and the asker may be gone (a leader stepping down) after it
+        heads: dict[str, int] = {}
+        while new := sorted({room for room in item.rooms
+                             if room not in self.hub and room not in heads}):
+            got = await self.store.heads(new)
+            heads.update((room, got.get(room, 0)) for room in new)
+            if item.future.done():
+                return
+        for room in item.rooms:
+            self.hub.track(room, heads.get(room, 0))  # no-op for a tracked room
+        item.future.set_result({room: self.hub.pin(room) for room in item.rooms})
 
     async def _catch_up(self, *, poll: bool = False) -> int:
         """Read every tracked room to the end of its log, in as few queries as the sequencer's

@@ -206,9 +206,7 @@ class Store(Pooled):
             rows = await self._all(f"SELECT (SELECT system_identifier::text FROM "
                                    f"pg_control_system()), ({oid})", (),
                                    "reading the database's identity", purpose="startup_check")
-        except DatabaseError as exc:
-            if exc.sqlstate != "42501":  # pg_control_system() revoked: the OID alone
-                raise
+        except DatabaseError:  # pg_control_system() revoked, or not there: the OID alone
             rows = await self._all(f"SELECT '', ({oid})", (), "reading the database's identity",
                                    purpose="startup_check")
         return f"{rows[0][0]}:{rows[0][1]}"

@@ -566,7 +566,7 @@ async def test_a_slow_consumers_drop_on_a_follower_checks_its_users_too(
             await conn.execute("UPDATE users SET deleted_at = now() WHERE id = %s", [victim])
         signal = _broker(follower)._control[1]
         assert signal.subject.endswith(".signal")
-        await _broker(follower)._on_error(SlowConsumerError(
+        await _broker(follower).relay.on_error(SlowConsumerError(
             subject=signal.subject, reply="", sid=signal._id, sub=signal))
         await post(conn, room, other, "after the deletion")
         try:
