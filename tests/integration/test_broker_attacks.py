@@ -31,6 +31,8 @@ from tests.support.helpers import connect, make_room, make_user, post, recv, sen
 from tests.support.pgcluster import unavailable
 from tests.support.procs import daemon_process, free_port, until
 
+pytestmark = pytest.mark.slow  # each test runs instances and a nats-server of its own
+
 Conn = psycopg.AsyncConnection[Any]
 CLOSE_USER_GONE = 4003
 

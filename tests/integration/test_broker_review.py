@@ -33,6 +33,8 @@ from tests.integration.test_broker_attacks import (
 from tests.support.fixtures import running_bridge
 from tests.support.procs import free_port, until
 
+pytestmark = pytest.mark.slow  # each test runs instances and a nats-server of its own
+
 __all__ = ["broker_url"]  # the fixture, shared with the first attacks
 
 Conn = psycopg.AsyncConnection[Any]
