@@ -445,11 +445,11 @@ async def _next(ws: Any, kinds: set[str]) -> dict[str, Any]:
 # --- epochs across clusters -----------------------------------------------------------------
 
 class _Switch:
-    """A TCP proxy on 127.0.0.1 to ``target`` (a port of 127.0.0.1) that can be pointed at
-    another server, dropping every connection it carries (what a DNS switch to a migrated
-    database does to the bridges)."""
+    """A TCP proxy on 127.0.0.1 to ``target`` (a port of 127.0.0.1, or the path of a unix
+    socket: the embedded server's) that can be pointed at another server, dropping every
+    connection it carries (what a DNS switch to a migrated database does to the bridges)."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int | str) -> None:
         self.target = target
         self.port = 0
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -461,7 +461,10 @@ class _Switch:
 
     async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+            if isinstance(self.target, str):
+                up_reader, up_writer = await asyncio.open_unix_connection(self.target)
+            else:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
         except OSError:
             writer.close()
             return
@@ -483,7 +486,7 @@ class _Switch:
         finally:
             self._links.discard(link)
 
-    def switch(self, target: int) -> None:
+    def switch(self, target: int | str) -> None:
         self.target = target
         for client, server in list(self._links):
             client.transport.abort()
@@ -506,7 +509,10 @@ async def test_instances_follow_a_leader_after_the_database_moved_to_another_clu
 
     await apply_schema(fresh_db, schema="public")
     dbname = str(psycopg.conninfo.conninfo_to_dict(fresh_db)["dbname"])
-    old_port = int(psycopg.conninfo.conninfo_to_dict(fresh_db).get("port") or 5432)
+    parts = psycopg.conninfo.conninfo_to_dict(fresh_db)
+    old_port = int(parts.get("port") or 5432)
+    host = str(parts.get("host") or "")
+    old: int | str = f"{host}/.s.PGSQL.{old_port}" if host.startswith("/") else old_port
     with work_dir("pgbridge-broker-move-") as base, primary_cluster(base, server_bindir()) as new:
         async with await psycopg.AsyncConnection.connect(new.conninfo(), autocommit=True) as c:
             await c.execute(f'CREATE DATABASE "{dbname}"')
@@ -522,7 +528,7 @@ async def test_instances_follow_a_leader_after_the_database_moved_to_another_clu
             cur = await twin.execute("SELECT pg_current_xact_id()::text::bigint")
             new_xid = (await cur.fetchone() or (0,))[0]
             assert new_xid < old_xid, (new_xid, old_xid)  # a new cluster counts from the start
-        switch = _Switch(old_port)
+        switch = _Switch(old)
         await switch.start()
         through = psycopg.conninfo.make_conninfo(fresh_db, host="127.0.0.1", port=switch.port)
         try:
