@@ -2,14 +2,11 @@
 log (docs/topics/broker.md).
 
 One instance per database is the **leader** (:mod:`daemon.leadership`): it LISTENs and reads
-the log as a bridge without a broker does, keeps every room that any instance holds tracked
-(pinned in its hub), and relays each event it publishes to the room's subject, in seq order,
-and the hints and typing signals it hears to their own (:mod:`daemon.broker_wire`). The
-others are **followers**: no LISTEN connection, no polls, no doorbell calls; they subscribe
-to the subjects of the rooms their sockets hold, and hand what they hear to the same handlers
-as the listener would (:meth:`daemon.listener.Listener.hand`): a repeat is dropped by seq, a
-gap is read from the log, exactly as for a NOTIFY. The log stays the only truth, so core NATS
-(at most once) is enough.
+the log as a bridge without a broker does, pins every room any instance holds, and relays each
+event it publishes to the room's subject in seq order, and the hints and typing it hears
+(:mod:`daemon.broker_relay`). The **followers** neither LISTEN nor poll: they subscribe to the
+subjects of their sockets' rooms and hand what they hear to the listener's handlers
+(:meth:`daemon.listener.Listener.hand`): a repeat is dropped by seq, a gap read from the log.
 
 Without a heartbeat of its leader for :data:`~daemon.broker_wire.LEADER_TIMEOUT` seconds, or
 with the broker down, an instance **falls back**: it LISTENs and reads the log itself, as
@@ -17,10 +14,7 @@ without a broker. Every instance starts there (its LISTEN proven as without a br
 leader is heard, it asks it to publish its rooms (:mod:`daemon.broker_rooms`), stops its LISTEN
 and reads every room's log once more: events after the leader's answer arrive on the subjects.
 
-Metrics: ``pgbridge_broker_state``, ``pgbridge_broker_up``, ``pgbridge_broker_lag_seconds``,
-``pgbridge_broker_fallbacks_total``, ``pgbridge_broker_relayed_total``,
-``pgbridge_broker_forged_total`` (docs/reference/metrics.md).
-"""
+Metrics and logs: docs/reference/metrics.md ("The broker"), docs/reference/logs.md."""
 
 from __future__ import annotations
 
@@ -62,6 +56,7 @@ __all__ = ["STATES", "Broker"]
 
 STATES = ("leader", "follower", "fallback")
 RECONNECT_WAIT = 0.25  # seconds between two attempts to reach the broker
+STOP_WAIT = 12.0  # seconds a stopping capture may take (psycopg may wait 10 s on a cancel)
 MISSED_EVERY = 5.0  # seconds between two catch-ups while a flood is shed (Broker._on_shed)
 PING_INTERVAL, PINGS = 0.5, 3  # a ping every 0.5 s; the connection is lost after 3 unanswered
 
@@ -150,10 +145,9 @@ class Broker:
         """Why events may not flow now (``/healthz``'s ``listener``), ``None`` when they do."""
         if self.state == "follower":
             return None if self._lag() < 2 * LEADER_TIMEOUT else "no heartbeat from the leader"
-        if not self.listener.connected:
-            return "not connected"
-        return None if self.listener.ready.is_set() else (
-            "LISTEN not yet proven by a NOTIFY round trip")
+        listener = self.listener
+        return ("not connected" if not listener.connected else None if listener.ready.is_set()
+                else "LISTEN not yet proven by a NOTIFY round trip")
 
     # --- what the leader's LISTEN missed (daemon.listener.Follower) ------------------------
 
@@ -213,12 +207,15 @@ class Broker:
         if not task.cancelled() and task.exception() is not None:
             self.failure = task.exception()  # the watch raises it: the bridge stops
 
-    async def _stop_capture(self) -> None:
-        """Stop reading the log ourselves (the listener tells its followers it is deaf)."""
-        task, self._capture = self._capture, None
+    async def _stop_capture(self, task: asyncio.Task[None] | None) -> None:
+        """Stop reading the log ourselves: cancel ``task`` (the listener tells its followers it
+        is deaf), and wait ``STOP_WAIT`` seconds at most for it to end."""
         if task is not None:
             task.cancel()
-            await asyncio.wait({task})
+            _, pending = await asyncio.wait({task}, timeout=STOP_WAIT)
+            if pending:
+                log.error("the listener did not stop within %g s of being cancelled; going on "
+                          "without it", STOP_WAIT, extra={"event": "broker_stuck"})
 
     async def _missed(self) -> None:
         """Tell the followers that what the broker carried may be lost: read every room's log,
@@ -305,11 +302,14 @@ class Broker:
             self.epoch, self.state = epoch, "follower"
             self.relay.start(epoch, leading=False)
             self.heard_at = time.monotonic()
-            await self._stop_capture()  # the listener tells its followers: deaf
-            await self._missed()
-            log.info("following the capture reader of epoch %d: no LISTEN, no reads of the "
-                     "log but to fill a gap", epoch,
-                     extra={"event": "broker_following", "epoch": epoch})
+            capture, self._capture = self._capture, None
+        # not under the lock: a fallback or an election must never wait for the capture to
+        # stop, nor for the rooms' queue
+        await self._stop_capture(capture)  # the listener tells its followers: deaf
+        await self._missed()
+        if self.state == "follower" and self.epoch == epoch:
+            log.info("following the capture reader of epoch %d: no LISTEN, no log reads but "
+                     "gaps", epoch, extra={"event": "broker_following", "epoch": epoch})
         # rooms tracked while we asked were not part of the request
         if later := sorted(set(self.hub.rooms()) - set(rooms)):
             why = await self.interest.take_heads(epoch, later)
