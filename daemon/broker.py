@@ -87,12 +87,13 @@ class Broker:
         self._newest = (0, 0)  # (epoch, beat) of the newest heartbeat taken
         self._newest_at = 0.0  # when its epoch last beat
         self._database = ""  # the database's identity (its subjects)
-        self.relay.on_missed = self._on_missed
+        self.relay.on_missed = self._missed  # the leader's missed(), taken by followers only
         self.relay.on_shed = self._on_shed
         self._beats = 0
         self.interest = Interest(hub, rooms, self.relay)
         self._control: list[Any] = []  # the leader, signal and typing subscriptions
         self._capture: asyncio.Task[None] | None = None
+        self._old_capture: asyncio.Task[None] | None = None  # the last one stopped
         self._changes = asyncio.Lock()  # one change of state at a time
         self._following: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None  # the catch-up after a shed or a drop
@@ -161,11 +162,6 @@ class Broker:
         del keys
         self.relay.missed()  # nothing unless leading
 
-    async def _on_missed(self) -> None:
-        """The leader's :meth:`missed`, heard by a follower (each one once: the relay checks)."""
-        if self.state == "follower":
-            await self._missed()
-
     def _on_shed(self) -> None:
         """A flood of forged messages was shed, or the broker dropped messages for us (a slow
         consumer): what they hid is in the log, and a hint may be lost. Coalesced: one catch-up
@@ -199,6 +195,9 @@ class Broker:
             self._capture.add_done_callback(self._capture_ended)
 
     async def _capture_run(self) -> None:
+        old = self._old_capture  # one listener at a time: a capture still stopping ends first
+        if old is not None and not old.done():
+            await asyncio.wait({old}, timeout=STOP_WAIT)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.listener.listen(), name="listener")
             tasks.create_task(self.rooms.capture(), name="listener-capture")
@@ -211,6 +210,7 @@ class Broker:
         """Stop reading the log ourselves: cancel ``task`` (the listener tells its followers it
         is deaf), and wait ``STOP_WAIT`` seconds at most for it to end."""
         if task is not None:
+            self._old_capture = task
             task.cancel()
             _, pending = await asyncio.wait({task}, timeout=STOP_WAIT)
             if pending:
